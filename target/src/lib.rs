@@ -1,0 +1,1 @@
+//! The rvhost vhost-user storage target: reactors, bdevs, vhost-blk/scsi controllers, JSON-RPC.

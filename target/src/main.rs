@@ -1,0 +1,3 @@
+//! The rvhost target binary.
+
+fn main() {}

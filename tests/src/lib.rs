@@ -1,0 +1,1 @@
+//! Integration and property tests for rvhost, including real QEMU guests.
