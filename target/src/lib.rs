@@ -1,1 +1,8 @@
-//! The rvhost vhost-user storage target: reactors, bdevs, vhost-blk/scsi controllers, JSON-RPC.
+//! The rvhost target: vhost-user controllers served by poll-mode reactors, backed by bdevs and
+//! configured over SPDK-compatible JSON-RPC.
+//!
+//! Layering follows SPDK: a [`bdev`] knows nothing of virtio, a controller knows nothing of the
+//! bdev's backend, and the JSON-RPC layer talks to controllers only through [`ops::ControllerOps`].
+
+pub mod bdev;
+pub mod ops;

@@ -1,0 +1,136 @@
+//! Block devices ("bdevs"): the storage behind a controller, in SPDK's sense.
+//!
+//! A [`Bdev`] describes a device and is shared (`Arc`) between the control thread and the reactors.
+//! Each reactor that does I/O to it opens its own [`BdevChannel`] (SPDK's I/O channel), so the data
+//! path needs no locks: submissions and completions on a channel happen on one thread only.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rvhost_core::mem::MemError;
+
+/// The operations a bdev may support.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IoKind {
+    /// Read blocks into the I/O vectors.
+    Read,
+    /// Write blocks from the I/O vectors.
+    Write,
+    /// Make previously completed writes durable.
+    Flush,
+    /// Deallocate blocks (discard / TRIM / UNMAP); they may read back as anything, usually zeros.
+    Unmap,
+    /// Make blocks read back as zeros.
+    WriteZeroes,
+}
+
+/// A contiguous buffer by host virtual address, as validated by the guest memory table (or owned
+/// by the target itself). The bdev accesses it only through [`HostMemoryAccess`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoVec {
+    /// Host virtual address of the first byte.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// One I/O submitted to a channel. Offsets and lengths are in blocks of the bdev's block size.
+#[derive(Debug, Clone, Copy)]
+pub struct BdevIo<'a> {
+    /// What to do.
+    pub kind: IoKind,
+    /// First block.
+    pub offset_blocks: u64,
+    /// Number of blocks (0 for a flush of the whole device).
+    pub num_blocks: u64,
+    /// Data buffers for read/write; their total length is `num_blocks * block_size`.
+    pub iovs: &'a [IoVec],
+    /// Returned unchanged with the completion.
+    pub tag: u64,
+}
+
+/// How an I/O ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoStatus {
+    /// Done.
+    Success,
+    /// The device failed it (media error, backend error, bdev removed).
+    Failed,
+    /// The bdev does not support this kind of I/O.
+    Unsupported,
+}
+
+/// Errors from bdev management and submission.
+#[derive(Debug, thiserror::Error)]
+pub enum BdevError {
+    /// Invalid parameters (size, block size, name).
+    #[error("invalid bdev parameters: {0}")]
+    InvalidParams(String),
+    /// The I/O range lies past the end of the device or its buffers do not add up.
+    #[error("I/O out of range: blocks {offset}+{count} on a device of {capacity} blocks")]
+    OutOfRange {
+        /// First block.
+        offset: u64,
+        /// Number of blocks.
+        count: u64,
+        /// Device size in blocks.
+        capacity: u64,
+    },
+    /// A buffer did not lie in mapped memory.
+    #[error("bad I/O buffer: {0}")]
+    Memory(MemError),
+    /// The bdev has been removed; no new I/O is accepted.
+    #[error("bdev {0} has been removed")]
+    Removed(String),
+    /// Backend-specific failure (allocation, file, device).
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// Safe access to the host memory that [`IoVec`]s point at. Implemented by the mapped guest memory
+/// table (`rvhost_platform_linux`) and by the target's own DMA buffers; every call checks that the
+/// whole range lies inside memory the implementor keeps mapped.
+pub trait HostMemoryAccess {
+    /// Copies `src` to host address `addr`.
+    fn copy_to_host(&self, addr: u64, src: &[u8]) -> Result<(), MemError>;
+    /// Copies from host address `addr` into `dst`.
+    fn copy_from_host(&self, addr: u64, dst: &mut [u8]) -> Result<(), MemError>;
+    /// Sets `len` bytes at host address `addr` to `byte`.
+    fn fill_host(&self, addr: u64, len: usize, byte: u8) -> Result<(), MemError>;
+}
+
+/// A block device. Static properties plus a factory for per-reactor channels.
+pub trait Bdev: Send + Sync + fmt::Debug {
+    /// Unique name (`Malloc0`).
+    fn name(&self) -> &str;
+    /// Human-readable product name, as SPDK reports it (`Malloc disk`, `Null disk`).
+    fn product_name(&self) -> &str;
+    /// The module that created it (`malloc`, `null`), for `bdev_get_bdevs`' `driver_specific`.
+    fn module_name(&self) -> &'static str;
+    /// Logical block size in bytes (a power of two, at least 512).
+    fn block_size(&self) -> u32;
+    /// Size in blocks.
+    fn num_blocks(&self) -> u64;
+    /// Stable UUID (SCSI NAA identifiers and `bdev_get_bdevs` derive from it).
+    fn uuid(&self) -> [u8; 16];
+    /// Whether `kind` is supported.
+    fn supports(&self, kind: IoKind) -> bool;
+    /// Opens an I/O channel for the calling reactor.
+    fn open_channel(self: Arc<Self>) -> Result<Box<dyn BdevChannel>, BdevError>;
+    /// Module-specific JSON for `bdev_get_bdevs` (`driver_specific`).
+    fn driver_specific(&self) -> serde_json::Value {
+        serde_json::Value::Object(Default::default())
+    }
+}
+
+/// A per-reactor submission/completion context for one bdev. Owned by exactly one reactor thread.
+pub trait BdevChannel: Send {
+    /// Submits `io`. `mem` resolves the I/O vectors and must stay valid until the completion is
+    /// polled (the reactor holds the memory table for as long as requests are in flight).
+    /// An `Err` means the I/O was not accepted and no completion will follow.
+    fn submit(&mut self, io: &BdevIo<'_>, mem: &dyn HostMemoryAccess) -> Result<(), BdevError>;
+    /// Reports finished I/Os by calling `done(tag, status)` for each; returns how many.
+    fn poll(&mut self, done: &mut dyn FnMut(u64, IoStatus)) -> usize;
+    /// Number of submitted I/Os whose completion has not been polled yet.
+    fn in_flight(&self) -> usize;
+}

@@ -1,0 +1,78 @@
+//! The contract between the control plane (JSON-RPC, start-up config) and the data plane
+//! (vhost-user controllers and reactors). The RPC layer knows controllers only through
+//! [`ControllerOps`]; the data plane knows bdevs only through [`crate::bdev::Bdev`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::bdev::Bdev;
+
+/// Parameters of `vhost_create_blk_controller`.
+#[derive(Debug, Clone)]
+pub struct BlkControllerSpec {
+    /// Controller name; the socket is `<socket dir>/<name>`.
+    pub name: String,
+    /// The bdev it exports.
+    pub bdev: Arc<dyn Bdev>,
+    /// Reactors it may run on (bit i = core i); `None` means every reactor.
+    pub cpumask: Option<u64>,
+    /// Export read-only (`VIRTIO_BLK_F_RO`; writes fail with IOERR).
+    pub readonly: bool,
+}
+
+/// Errors the data plane reports to the control plane; the RPC layer maps them to JSON-RPC errors.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// A controller with that name exists.
+    #[error("controller {0} already exists")]
+    Exists(String),
+    /// No controller with that name.
+    #[error("no controller named {0}")]
+    NotFound(String),
+    /// The parameters cannot be served (cpumask selects no reactor, name not a valid socket name).
+    #[error("{0}")]
+    InvalidParams(String),
+    /// The controller is in use in a way that forbids the operation.
+    #[error("{0}")]
+    Busy(String),
+    /// Anything else (socket creation failed, reactor unreachable).
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// What `vhost_get_controllers` reports for one controller, in SPDK's shape.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ControllerInfo {
+    /// Controller name.
+    pub ctrlr: String,
+    /// Cpumask as SPDK prints it (`0x1`).
+    pub cpumask: String,
+    /// SPDK's coalescing parameters (always 0: rvhost does not coalesce interrupts yet).
+    pub delay_base_us: u64,
+    /// SPDK's coalescing parameter (always 0).
+    pub iops_threshold: u64,
+    /// The Unix socket path.
+    pub socket: PathBuf,
+    /// Number of connected frontends.
+    pub sessions: u32,
+    /// `{"block": {"readonly": .., "bdev": ..}}` or `{"scsi": [...]}`.
+    pub backend_specific: serde_json::Value,
+}
+
+/// The data plane as the control plane sees it. Every method is called from the control thread
+/// and returns once the change is in effect on the reactors.
+pub trait ControllerOps: Send + Sync {
+    /// Creates a vhost-user-blk controller and starts listening on its socket.
+    fn create_blk_controller(&self, spec: BlkControllerSpec) -> Result<(), OpsError>;
+    /// Stops and removes a controller (any type), closing its connection and socket.
+    fn delete_controller(&self, name: &str) -> Result<(), OpsError>;
+    /// Lists one controller or all.
+    fn controllers(&self, name: Option<&str>) -> Result<Vec<ControllerInfo>, OpsError>;
+    /// Whether any controller uses the bdev (bdev deletion then hot-detaches it).
+    fn bdev_in_use(&self, bdev_name: &str) -> bool;
+    /// Hot-detaches a bdev from every controller using it: later I/O to it fails (blk: IOERR)
+    /// and nothing crashes. Returns after in-flight I/O to it completed.
+    fn detach_bdev(&self, bdev_name: &str);
+    /// `framework_get_reactors`' result.
+    fn reactors_info(&self) -> serde_json::Value;
+}
