@@ -18,3 +18,5 @@
 extern crate std;
 
 pub mod mem;
+pub mod virtio;
+pub mod virtq;

@@ -41,6 +41,8 @@ impl core::fmt::Display for MemError {
     }
 }
 
+impl core::error::Error for MemError {}
+
 /// Whether the device reads a buffer (driver → device) or writes it (device → driver).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
