@@ -1,0 +1,247 @@
+//! The null bdev (SPDK's `null` module): completes reads and writes at once without moving any
+//! data, for measuring the rest of the stack.
+//!
+//! As in SPDK, a read leaves the caller's buffers as they were (they are not zeroed), writes and
+//! write-zeroes are discarded, and flush and unmap are not supported.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use super::malloc::{byte_range, check_iovs, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+use super::{Bdev, BdevChannel, BdevError, BdevIo, HostMemoryAccess, IoKind, IoStatus};
+
+/// Completions a channel can hold before its queue has to grow.
+const COMPLETION_CAPACITY: usize = 1024;
+
+/// A null bdev.
+#[derive(Debug)]
+pub struct NullBdev {
+    name: String,
+    block_size: u32,
+    num_blocks: u64,
+    uuid: [u8; 16],
+    removed: AtomicBool,
+}
+
+impl NullBdev {
+    /// Creates a null bdev of `num_blocks` blocks of `block_size` bytes.
+    pub fn new(
+        name: &str,
+        num_blocks: u64,
+        block_size: u32,
+        uuid: [u8; 16],
+    ) -> Result<Arc<Self>, BdevError> {
+        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
+        {
+            return Err(BdevError::InvalidParams(format!(
+                "block_size {block_size} must be a power of two from {MIN_BLOCK_SIZE} to \
+                 {MAX_BLOCK_SIZE}"
+            )));
+        }
+        if num_blocks == 0 {
+            return Err(BdevError::InvalidParams(
+                "num_blocks must be greater than 0".into(),
+            ));
+        }
+        if num_blocks.checked_mul(u64::from(block_size)).is_none() {
+            return Err(BdevError::InvalidParams(format!(
+                "{num_blocks} blocks of {block_size} bytes overflow a 64-bit size"
+            )));
+        }
+        Ok(Arc::new(NullBdev {
+            name: name.to_owned(),
+            block_size,
+            num_blocks,
+            uuid,
+            removed: AtomicBool::new(false),
+        }))
+    }
+
+    /// Refuses new I/O from now on (the bdev is being deleted).
+    pub fn mark_removed(&self) {
+        self.removed.store(true, Ordering::Release);
+    }
+}
+
+impl Bdev for NullBdev {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn product_name(&self) -> &str {
+        "Null disk"
+    }
+    fn module_name(&self) -> &'static str {
+        "null"
+    }
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    fn num_blocks(&self) -> u64 {
+        self.num_blocks
+    }
+    fn uuid(&self) -> [u8; 16] {
+        self.uuid
+    }
+    fn supports(&self, kind: IoKind) -> bool {
+        matches!(kind, IoKind::Read | IoKind::Write | IoKind::WriteZeroes)
+    }
+    fn open_channel(self: Arc<Self>) -> Result<Box<dyn BdevChannel>, BdevError> {
+        if self.removed.load(Ordering::Acquire) {
+            return Err(BdevError::Removed(self.name.clone()));
+        }
+        Ok(Box::new(NullChannel {
+            bdev: self,
+            completions: VecDeque::with_capacity(COMPLETION_CAPACITY),
+        }))
+    }
+}
+
+struct NullChannel {
+    bdev: Arc<NullBdev>,
+    completions: VecDeque<(u64, IoStatus)>,
+}
+
+impl BdevChannel for NullChannel {
+    fn submit(&mut self, io: &BdevIo<'_>, _mem: &dyn HostMemoryAccess) -> Result<(), BdevError> {
+        let bdev = &*self.bdev;
+        if bdev.removed.load(Ordering::Acquire) {
+            return Err(BdevError::Removed(bdev.name.clone()));
+        }
+        let (_, len) = byte_range(io, bdev.num_blocks, bdev.block_size)?;
+        if matches!(io.kind, IoKind::Read | IoKind::Write) {
+            check_iovs(io, len, bdev.num_blocks)?;
+        }
+        let status = if bdev.supports(io.kind) {
+            IoStatus::Success
+        } else {
+            IoStatus::Unsupported
+        };
+        self.completions.push_back((io.tag, status));
+        Ok(())
+    }
+
+    fn poll(&mut self, done: &mut dyn FnMut(u64, IoStatus)) -> usize {
+        let mut count = 0;
+        while let Some((tag, status)) = self.completions.pop_front() {
+            done(tag, status);
+            count += 1;
+        }
+        count
+    }
+
+    fn in_flight(&self) -> usize {
+        self.completions.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bdev::malloc::tests::TestMemory;
+    use crate::bdev::IoVec;
+
+    #[test]
+    fn completes_without_touching_buffers() {
+        let bdev = NullBdev::new("Null0", 1024, 4096, [9; 16]).unwrap();
+        let mut ch = Arc::clone(&bdev).open_channel().unwrap();
+        let mem = TestMemory::new(0x1000, 8192);
+        mem.fill_host(0x1000, 8192, 0x5a).unwrap();
+        let iov = [IoVec {
+            addr: 0x1000,
+            len: 8192,
+        }];
+        for (tag, kind) in [
+            (1, IoKind::Read),
+            (2, IoKind::Write),
+            (3, IoKind::WriteZeroes),
+        ] {
+            let iovs: &[IoVec] = if kind == IoKind::WriteZeroes {
+                &[]
+            } else {
+                &iov
+            };
+            ch.submit(
+                &BdevIo {
+                    kind,
+                    offset_blocks: 10,
+                    num_blocks: 2,
+                    iovs,
+                    tag,
+                },
+                &mem,
+            )
+            .unwrap();
+        }
+        for (tag, kind) in [(4, IoKind::Flush), (5, IoKind::Unmap)] {
+            ch.submit(
+                &BdevIo {
+                    kind,
+                    offset_blocks: 0,
+                    num_blocks: 1,
+                    iovs: &[],
+                    tag,
+                },
+                &mem,
+            )
+            .unwrap();
+        }
+        let mut seen = Vec::new();
+        assert_eq!(ch.poll(&mut |tag, status| seen.push((tag, status))), 5);
+        assert_eq!(
+            seen,
+            vec![
+                (1, IoStatus::Success),
+                (2, IoStatus::Success),
+                (3, IoStatus::Success),
+                (4, IoStatus::Unsupported),
+                (5, IoStatus::Unsupported),
+            ]
+        );
+        assert!(mem.bytes.borrow().iter().all(|b| *b == 0x5a));
+    }
+
+    #[test]
+    fn checks_ranges_and_removal() {
+        let bdev = NullBdev::new("Null0", 16, 512, [9; 16]).unwrap();
+        let mut ch = Arc::clone(&bdev).open_channel().unwrap();
+        let mem = TestMemory::new(0x1000, 512);
+        let iov = [IoVec {
+            addr: 0x1000,
+            len: 512,
+        }];
+        let past_end = BdevIo {
+            kind: IoKind::Read,
+            offset_blocks: 16,
+            num_blocks: 1,
+            iovs: &iov,
+            tag: 1,
+        };
+        assert!(matches!(
+            ch.submit(&past_end, &mem),
+            Err(BdevError::OutOfRange { .. })
+        ));
+        let short = BdevIo {
+            kind: IoKind::Read,
+            offset_blocks: 0,
+            num_blocks: 2,
+            iovs: &iov,
+            tag: 2,
+        };
+        assert!(matches!(
+            ch.submit(&short, &mem),
+            Err(BdevError::OutOfRange { .. })
+        ));
+        bdev.mark_removed();
+        let ok = BdevIo {
+            kind: IoKind::Read,
+            offset_blocks: 0,
+            num_blocks: 1,
+            iovs: &iov,
+            tag: 3,
+        };
+        assert!(matches!(ch.submit(&ok, &mem), Err(BdevError::Removed(_))));
+        assert!(NullBdev::new("n", 0, 512, [0; 16]).is_err());
+        assert!(NullBdev::new("n", 1, 520, [0; 16]).is_err());
+    }
+}
