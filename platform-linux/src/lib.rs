@@ -1,1 +1,62 @@
-//! Linux platform layer for rvhost: guest memory mapping, hugepage DMA memory, NUMA-aware reactor pinning, SPSC control rings, eventfds.
+//! # rvhost-platform-linux
+//!
+//! The Linux platform layer of rvhost: everything that needs `unsafe` or system calls, behind safe,
+//! checked APIs. The other crates (except the NVMe driver) contain no `unsafe`.
+//!
+//! ## API at a glance
+//!
+//! **Guest memory** ([`memory`]): a [`MemoryTable`] is an immutable, `Arc`-shared map of one
+//! vhost-user memory table.
+//! - `MemoryTable::empty()`, `MemoryTable::from_regions([(RegionSpec, OwnedFd), ..])` for
+//!   `SET_MEM_TABLE`; `table.with_region_added(spec, fd)` for `ADD_MEM_REG`;
+//!   `table.with_region_removed(&spec)` for `REM_MEM_REG`. Each returns a *new*
+//!   `Arc<MemoryTable>`; the old one stays valid (and mapped) until its last holder drops it, so a
+//!   reactor swaps tables between polls without stopping anything. At most [`MAX_MEM_SLOTS`] (509)
+//!   regions (answer `GET_MAX_MEM_SLOTS` with it).
+//! - implements [`rvhost_core::mem::GuestMemory`] (by guest physical address: `translate`,
+//!   `read`, `write`, atomic `load_u16`/`store_u16`), so it plugs into the core's `SplitQueue`.
+//! - `frontend_va_to_gpa(va)` / `frontend_va_to_host(va, len)`: `SET_VRING_ADDR` ring addresses are
+//!   frontend (QEMU) virtual addresses; convert them to GPAs for the core.
+//!
+//! **Copying by host address** ([`host`]): the object-safe trait [`HostMemory`]
+//! (`copy_to_host`, `copy_from_host`, `fill_host`, all range-checked) is what a bdev sees. It is
+//! implemented by `MemoryTable` (guest buffers), [`SharedDmaMemory`] and [`DmaBufferAccess`]
+//! (internal buffers), and by `&T`/`Arc<T>` of those. [`copy_between`] copies between two
+//! `HostMemory`s (a RAM bdev's store and a guest buffer) with one `memmove` when both are ours.
+//!
+//! **DMA memory** ([`dma`]): 2 MiB hugepages with a warned 4 KiB fallback ([`PagePolicy`]).
+//! [`DmaBuffer`] (exclusive, `as_slice`/`as_mut_slice`, `va()`, `len()`, `mapping()` for VFIO),
+//! [`SharedDmaMemory`] (shared between reactors, copy-only: a RAM bdev's backing store) and
+//! [`DmaPool`] (fixed-size, 4 KiB-aligned buffers from one mapping, returned on drop).
+//!
+//! **Reactor placement** ([`cpu`]): [`CpuSet`] parses SPDK masks (`0x3`, `3`, `[0,1]`,
+//! `[0-3,5]`) and prints them SPDK's way (`0x3`); [`allowed_cores`], [`online_cores`],
+//! [`pin_current_thread`], and [`pin_reactor`] which also binds the thread's memory to the core's
+//! NUMA node via hwloc ([`NumaTopology`], degrading to a warning when hwloc fails).
+//!
+//! **Control rings** ([`spsc`]): [`spsc::channel(capacity)`](spsc::channel) gives a
+//! lock-free single-producer single-consumer ring as a `Producer` (`try_push`) and a `Consumer`
+//! (`try_pop`); no allocation after creation.
+//!
+//! **Eventfds** ([`eventfd`]): [`EventFd::new`], [`EventFd::from_owned_fd`] (for kick/call fds
+//! received over vhost-user; checks it is an eventfd and makes it nonblocking), `signal()`,
+//! `consume()`, `AsRawFd`/`AsFd`.
+
+pub mod cpu;
+pub mod dma;
+pub mod eventfd;
+pub mod host;
+pub mod memory;
+pub mod spsc;
+
+pub use cpu::{
+    allowed_cores, online_cores, pin_current_thread, pin_reactor, CpuError, CpuMaskError, CpuSet,
+    NumaTopology, ReactorPlacement,
+};
+pub use dma::{
+    DmaBuffer, DmaBufferAccess, DmaError, DmaPool, PageKind, PagePolicy, SharedDmaMemory,
+};
+pub use eventfd::{EventFd, EventFdError};
+pub use host::{copy_between, HostMemory};
+pub use memory::{MemoryTable, MemoryTableError, RegionSpec, MAX_MEM_SLOTS};
+pub use rvhost_core::mem::MemError;
