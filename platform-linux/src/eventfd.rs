@@ -42,9 +42,8 @@ impl EventFd {
             return Err(EventFdError::Create(io::Error::last_os_error()));
         }
         // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
-        Ok(EventFd {
-            fd: unsafe { OwnedFd::from_raw_fd(raw) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(EventFd { fd })
     }
 
     /// Adopts a descriptor received from a frontend: checks that it is an eventfd and makes it
