@@ -17,6 +17,7 @@
 #[cfg(test)]
 extern crate std;
 
+pub mod blk;
 pub mod mem;
 pub mod virtio;
 pub mod virtq;
