@@ -6,3 +6,4 @@
 
 pub mod bdev;
 pub mod ops;
+pub mod rpc;

@@ -1,0 +1,1098 @@
+//! The JSON-RPC methods, under SPDK's current names and the older names of SPDK's vhost guide.
+//!
+//! Parameters are decoded strictly, as SPDK's `spdk_json_decode_object` does: a missing required
+//! member, a member of the wrong type or an unknown member is `-32602 Invalid parameters`, with a
+//! message naming the member. Failures of the operation itself are SPDK's `-errno` codes: `-17`
+//! (EEXIST) for a duplicate name, `-19` (ENODEV) for a missing bdev or controller, `-22` (EINVAL)
+//! for values SPDK would refuse, `-12` (ENOMEM) when memory runs out.
+
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use rvhost_platform_linux::cpu::CpuSet;
+
+use super::errno::{EBUSY, EEXIST, EINVAL, ENODEV, ENOMEM};
+use super::jsonrpc::Dispatch;
+use super::{RpcError, INTERNAL_ERROR, METHOD_NOT_FOUND};
+use crate::bdev::malloc::{MallocBdev, MemoryBudget};
+use crate::bdev::null::NullBdev;
+use crate::bdev::registry::{uuid_string, RegistryError};
+use crate::bdev::{Bdev, BdevError, BdevRegistry, IoKind};
+use crate::ops::{BlkControllerSpec, ControllerOps, OpsError};
+
+/// A signal `spdk_kill_instance` asked for, acted on once its reply has been sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillRequest {
+    /// SIGINT, SIGTERM, SIGQUIT, SIGHUP: shut down cleanly.
+    Shutdown(&'static str),
+    /// SIGKILL: die at once, as SPDK does (sockets are left behind).
+    Kill,
+}
+
+type Handler = fn(&mut RpcMethods, Option<Value>) -> Result<Value, RpcError>;
+
+struct Method {
+    name: &'static str,
+    /// The name SPDK's vhost guide (and SPDK before v19.10) used.
+    old_name: Option<&'static str>,
+    handler: Handler,
+}
+
+const METHODS: &[Method] = &[
+    Method {
+        name: "bdev_malloc_create",
+        old_name: Some("construct_malloc_bdev"),
+        handler: RpcMethods::bdev_malloc_create,
+    },
+    Method {
+        name: "bdev_malloc_delete",
+        old_name: Some("delete_malloc_bdev"),
+        handler: RpcMethods::bdev_malloc_delete,
+    },
+    Method {
+        name: "bdev_null_create",
+        old_name: Some("construct_null_bdev"),
+        handler: RpcMethods::bdev_null_create,
+    },
+    Method {
+        name: "bdev_null_delete",
+        old_name: Some("delete_null_bdev"),
+        handler: RpcMethods::bdev_null_delete,
+    },
+    Method {
+        name: "bdev_get_bdevs",
+        old_name: Some("get_bdevs"),
+        handler: RpcMethods::bdev_get_bdevs,
+    },
+    Method {
+        name: "delete_bdev",
+        old_name: None,
+        handler: RpcMethods::delete_bdev,
+    },
+    Method {
+        name: "vhost_create_blk_controller",
+        old_name: Some("construct_vhost_blk_controller"),
+        handler: RpcMethods::vhost_create_blk_controller,
+    },
+    Method {
+        name: "vhost_get_controllers",
+        old_name: Some("get_vhost_controllers"),
+        handler: RpcMethods::vhost_get_controllers,
+    },
+    Method {
+        name: "vhost_delete_controller",
+        old_name: Some("remove_vhost_controller"),
+        handler: RpcMethods::vhost_delete_controller,
+    },
+    Method {
+        name: "rpc_get_methods",
+        old_name: Some("get_rpc_methods"),
+        handler: RpcMethods::rpc_get_methods,
+    },
+    Method {
+        name: "spdk_get_version",
+        old_name: Some("get_spdk_version"),
+        handler: RpcMethods::spdk_get_version,
+    },
+    Method {
+        name: "framework_get_reactors",
+        old_name: None,
+        handler: RpcMethods::framework_get_reactors,
+    },
+    Method {
+        name: "spdk_kill_instance",
+        old_name: Some("kill_instance"),
+        handler: RpcMethods::spdk_kill_instance,
+    },
+];
+
+/// The control plane's state and its methods. Lives on the control thread; every method runs
+/// there, one at a time.
+pub struct RpcMethods {
+    bdevs: BdevRegistry,
+    ops: Arc<dyn ControllerOps>,
+    budget: Arc<MemoryBudget>,
+    app_cpumask: u64,
+    socket_dir: std::path::PathBuf,
+    /// SPDK names unnamed RAM bdevs `Malloc0`, `Malloc1`, ... from a counter that never goes back.
+    next_malloc: u32,
+    kill: Option<KillRequest>,
+}
+
+impl std::fmt::Debug for RpcMethods {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcMethods")
+            .field("bdevs", &self.bdevs)
+            .field("app_cpumask", &format_args!("{:#x}", self.app_cpumask))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Decodes `params` (absent means `{}`) into `T`, refusing positional (array) parameters.
+fn decode<T: DeserializeOwned>(params: Option<Value>) -> Result<T, RpcError> {
+    let params = match params {
+        None => Value::Object(Default::default()),
+        Some(Value::Array(_)) => {
+            return Err(RpcError::invalid_params(
+                "parameters must be passed by name (a JSON object), not as an array",
+            ))
+        }
+        Some(params) => params,
+    };
+    serde_json::from_value(params).map_err(RpcError::invalid_params)
+}
+
+/// For methods that take no parameters: absent, `{}` or `[]` are accepted, anything else is not.
+fn no_params(method: &str, params: Option<Value>) -> Result<(), RpcError> {
+    match params {
+        None => Ok(()),
+        Some(Value::Object(o)) if o.is_empty() => Ok(()),
+        Some(Value::Array(a)) if a.is_empty() => Ok(()),
+        Some(_) => Err(RpcError::invalid_params(format!(
+            "{method} takes no parameters"
+        ))),
+    }
+}
+
+fn bdev_error(err: BdevError) -> RpcError {
+    match err {
+        BdevError::InvalidParams(msg) => RpcError::errno(EINVAL, msg),
+        BdevError::Backend(msg) => RpcError::errno(ENOMEM, msg),
+        other => RpcError::new(INTERNAL_ERROR, other.to_string()),
+    }
+}
+
+fn registry_error(err: RegistryError) -> RpcError {
+    match err {
+        RegistryError::Exists(_) => RpcError::errno(EEXIST, err),
+        RegistryError::NotFound(_) => RpcError::errno(ENODEV, err),
+        RegistryError::InvalidName { .. } => RpcError::errno(EINVAL, err),
+    }
+}
+
+fn ops_error(err: OpsError) -> RpcError {
+    match err {
+        OpsError::Exists(_) => RpcError::errno(EEXIST, err),
+        OpsError::NotFound(_) => RpcError::errno(ENODEV, err),
+        OpsError::InvalidParams(_) => RpcError::errno(EINVAL, err),
+        OpsError::Busy(_) => RpcError::errno(EBUSY, err),
+        OpsError::Internal(_) => RpcError::new(INTERNAL_ERROR, err.to_string()),
+    }
+}
+
+fn parse_uuid(text: Option<&str>) -> Result<[u8; 16], RpcError> {
+    match text {
+        None => Ok(*uuid::Uuid::new_v4().as_bytes()),
+        Some(text) => uuid::Uuid::parse_str(text)
+            .map(|u| *u.as_bytes())
+            .map_err(|e| RpcError::errno(EINVAL, format!("uuid {text:?} is not a UUID: {e}"))),
+    }
+}
+
+/// Refuses SPDK features rvhost does not have (metadata, protection information) when a request
+/// asks for them; their "off" values are accepted so SPDK's client defaults work.
+fn refuse_metadata(md_size: Option<u32>, dif_type: Option<i32>) -> Result<(), RpcError> {
+    if md_size.is_some_and(|m| m != 0) {
+        return Err(RpcError::errno(
+            EINVAL,
+            "separate or interleaved metadata (md_size) is not supported",
+        ));
+    }
+    if dif_type.is_some_and(|d| d != 0) {
+        return Err(RpcError::errno(
+            EINVAL,
+            "protection information (dif_type) is not supported",
+        ));
+    }
+    Ok(())
+}
+
+fn check_physical_block_size(physical: Option<u32>, block_size: u32) -> Result<(), RpcError> {
+    match physical {
+        Some(p) if p != 0 && p != block_size => Err(RpcError::errno(
+            EINVAL,
+            format!("physical_block_size {p} differs from block_size {block_size}; rvhost exports one block size"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MallocCreate {
+    name: Option<String>,
+    uuid: Option<String>,
+    num_blocks: u64,
+    block_size: u32,
+    physical_block_size: Option<u32>,
+    /// A splitting hint for SPDK's bdev layer; rvhost does not split I/O, so it changes nothing.
+    #[allow(dead_code)]
+    optimal_io_boundary: Option<u32>,
+    md_size: Option<u32>,
+    md_interleave: Option<bool>,
+    dif_type: Option<i32>,
+    dif_is_head_of_md: Option<bool>,
+    dif_pi_format: Option<i32>,
+    /// Memory is not NUMA-placed yet; every node is accepted.
+    #[allow(dead_code)]
+    numa_id: Option<i32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NullCreate {
+    name: String,
+    uuid: Option<String>,
+    num_blocks: u64,
+    block_size: u32,
+    physical_block_size: Option<u32>,
+    md_size: Option<u32>,
+    dif_type: Option<i32>,
+    dif_is_head_of_md: Option<bool>,
+    dif_pi_format: Option<i32>,
+    // Alignment and granularity hints SPDK's null bdev only reports; rvhost has nothing to
+    // report them through, and they cannot change what a null device does.
+    #[allow(dead_code)]
+    preferred_write_alignment: Option<u32>,
+    #[allow(dead_code)]
+    preferred_write_granularity: Option<u32>,
+    #[allow(dead_code)]
+    optimal_write_size: Option<u32>,
+    #[allow(dead_code)]
+    preferred_unmap_alignment: Option<u32>,
+    #[allow(dead_code)]
+    preferred_unmap_granularity: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ByName {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetBdevs {
+    name: Option<String>,
+    /// Milliseconds SPDK waits for the bdev to appear. Bdevs appear only through this control
+    /// thread, so one that is missing now cannot appear while this request is served.
+    #[allow(dead_code)]
+    timeout: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBlk {
+    ctrlr: String,
+    dev_name: String,
+    cpumask: Option<String>,
+    readonly: Option<bool>,
+    packed_ring: Option<bool>,
+    transport: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OptionalName {
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ByCtrlr {
+    ctrlr: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetMethods {
+    current: Option<bool>,
+    include_aliases: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Kill {
+    sig_name: String,
+}
+
+impl RpcMethods {
+    /// The control plane over `ops`, with RAM bdevs limited to `budget`, for an application
+    /// running reactors on `app_cpumask` and putting controller sockets in `socket_dir`.
+    pub fn new(
+        ops: Arc<dyn ControllerOps>,
+        budget: Arc<MemoryBudget>,
+        app_cpumask: u64,
+        socket_dir: std::path::PathBuf,
+    ) -> Self {
+        RpcMethods {
+            bdevs: BdevRegistry::new(),
+            ops,
+            budget,
+            app_cpumask,
+            socket_dir,
+            next_malloc: 0,
+            kill: None,
+        }
+    }
+
+    /// The bdevs.
+    pub fn bdevs(&self) -> &BdevRegistry {
+        &self.bdevs
+    }
+
+    /// The data plane.
+    pub fn ops(&self) -> &Arc<dyn ControllerOps> {
+        &self.ops
+    }
+
+    /// Takes the pending `spdk_kill_instance` request, if any.
+    pub fn take_kill_request(&mut self) -> Option<KillRequest> {
+        self.kill.take()
+    }
+
+    /// Every method name: current names, then (if `include_aliases`) the old ones.
+    pub fn method_names(include_aliases: bool) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = METHODS.iter().map(|m| m.name).collect();
+        if include_aliases {
+            names.extend(METHODS.iter().filter_map(|m| m.old_name));
+        }
+        names
+    }
+
+    fn bdev_malloc_create(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: MallocCreate = decode(params)?;
+        refuse_metadata(p.md_size, p.dif_type)?;
+        if p.md_interleave == Some(true)
+            || p.dif_is_head_of_md == Some(true)
+            || p.dif_pi_format.is_some_and(|f| f != 0)
+        {
+            return Err(RpcError::errno(
+                EINVAL,
+                "metadata and protection information are not supported",
+            ));
+        }
+        check_physical_block_size(p.physical_block_size, p.block_size)?;
+        let name = match p.name {
+            Some(name) => name,
+            None => self.unused_malloc_name(),
+        };
+        let uuid = parse_uuid(p.uuid.as_deref())?;
+        self.check_new_name(&name, uuid)?;
+        let bdev = MallocBdev::new(&name, p.num_blocks, p.block_size, uuid, &self.budget)
+            .map_err(bdev_error)?;
+        let removed = Arc::clone(&bdev);
+        self.bdevs
+            .insert(bdev, Box::new(move || removed.mark_removed()))
+            .map_err(registry_error)?;
+        tracing::info!(bdev = %name, num_blocks = p.num_blocks, block_size = p.block_size, "created RAM bdev");
+        Ok(Value::String(name))
+    }
+
+    fn unused_malloc_name(&mut self) -> String {
+        loop {
+            let name = format!("Malloc{}", self.next_malloc);
+            self.next_malloc = self.next_malloc.wrapping_add(1);
+            if !self.bdevs.contains(&name) {
+                return name;
+            }
+        }
+    }
+
+    /// Duplicates are found before any memory is allocated.
+    fn check_new_name(&self, name: &str, uuid: [u8; 16]) -> Result<(), RpcError> {
+        crate::bdev::registry::validate_name(name).map_err(registry_error)?;
+        if self.bdevs.contains(name) {
+            return Err(registry_error(RegistryError::Exists(name.to_owned())));
+        }
+        let alias = uuid_string(uuid);
+        if self.bdevs.contains(&alias) {
+            return Err(registry_error(RegistryError::Exists(alias)));
+        }
+        Ok(())
+    }
+
+    fn bdev_null_create(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: NullCreate = decode(params)?;
+        refuse_metadata(p.md_size, p.dif_type)?;
+        if p.dif_is_head_of_md == Some(true) || p.dif_pi_format.is_some_and(|f| f != 0) {
+            return Err(RpcError::errno(
+                EINVAL,
+                "protection information is not supported",
+            ));
+        }
+        check_physical_block_size(p.physical_block_size, p.block_size)?;
+        let uuid = parse_uuid(p.uuid.as_deref())?;
+        self.check_new_name(&p.name, uuid)?;
+        let bdev = NullBdev::new(&p.name, p.num_blocks, p.block_size, uuid).map_err(bdev_error)?;
+        let removed = Arc::clone(&bdev);
+        self.bdevs
+            .insert(bdev, Box::new(move || removed.mark_removed()))
+            .map_err(registry_error)?;
+        tracing::info!(bdev = %p.name, num_blocks = p.num_blocks, block_size = p.block_size, "created null bdev");
+        Ok(Value::String(p.name))
+    }
+
+    /// Deletes a bdev, first hot-detaching it from every controller that uses it (their later
+    /// I/O to it fails), as SPDK's hot-remove does.
+    fn delete(&mut self, name: &str, module: Option<&str>) -> Result<Value, RpcError> {
+        let bdev = self
+            .bdevs
+            .get(name)
+            .ok_or_else(|| registry_error(RegistryError::NotFound(name.to_owned())))?;
+        if let Some(module) = module {
+            if bdev.module_name() != module {
+                return Err(RpcError::errno(
+                    ENODEV,
+                    format!(
+                        "{name} is a {} bdev, not a {module} bdev",
+                        bdev.module_name()
+                    ),
+                ));
+            }
+        }
+        let real_name = bdev.name().to_owned();
+        if self.ops.bdev_in_use(&real_name) {
+            tracing::info!(bdev = %real_name, "hot-detaching bdev from its controllers before deleting it");
+            self.ops.detach_bdev(&real_name);
+        }
+        self.bdevs.remove(&real_name).map_err(registry_error)?;
+        tracing::info!(bdev = %real_name, "deleted bdev");
+        Ok(Value::Bool(true))
+    }
+
+    fn bdev_malloc_delete(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: ByName = decode(params)?;
+        self.delete(&p.name, Some("malloc"))
+    }
+
+    fn bdev_null_delete(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: ByName = decode(params)?;
+        self.delete(&p.name, Some("null"))
+    }
+
+    fn delete_bdev(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: ByName = decode(params)?;
+        self.delete(&p.name, None)
+    }
+
+    fn bdev_json(&self, bdev: &Arc<dyn Bdev>) -> Value {
+        let uuid = uuid_string(bdev.uuid());
+        let claimed = self.ops.bdev_in_use(bdev.name());
+        let mut info = json!({
+            "name": bdev.name(),
+            "aliases": [uuid],
+            "product_name": bdev.product_name(),
+            "block_size": bdev.block_size(),
+            "num_blocks": bdev.num_blocks(),
+            "uuid": uuid,
+            "assigned_rate_limits": {
+                "rw_ios_per_sec": 0,
+                "rw_mbytes_per_sec": 0,
+                "r_mbytes_per_sec": 0,
+                "w_mbytes_per_sec": 0
+            },
+            "claimed": claimed,
+            "zoned": false,
+            "supported_io_types": {
+                "read": bdev.supports(IoKind::Read),
+                "write": bdev.supports(IoKind::Write),
+                "unmap": bdev.supports(IoKind::Unmap),
+                "flush": bdev.supports(IoKind::Flush),
+                "reset": false,
+                "nvme_admin": false,
+                "nvme_io": false,
+                "nvme_io_md": false,
+                "write_zeroes": bdev.supports(IoKind::WriteZeroes),
+                "zcopy": false,
+                "get_zone_info": false,
+                "zone_management": false,
+                "zone_append": false,
+                "compare": false,
+                "compare_and_write": false,
+                "abort": false,
+                "seek_hole": false,
+                "seek_data": false,
+                "copy": false,
+                "nvme_iov_md": false
+            },
+            "driver_specific": bdev.driver_specific()
+        });
+        if claimed {
+            if let Value::Object(map) = &mut info {
+                // vhost-blk opens its bdev for writing, which SPDK reports as this claim.
+                map.insert(
+                    "claim_type".into(),
+                    Value::String("read_many_write_one".into()),
+                );
+            }
+        }
+        info
+    }
+
+    fn bdev_get_bdevs(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: GetBdevs = decode(params)?;
+        let list: Vec<Value> = match p.name {
+            Some(name) => {
+                let bdev = self
+                    .bdevs
+                    .get(&name)
+                    .ok_or_else(|| registry_error(RegistryError::NotFound(name)))?;
+                vec![self.bdev_json(&bdev)]
+            }
+            None => self.bdevs.iter().map(|b| self.bdev_json(b)).collect(),
+        };
+        Ok(Value::Array(list))
+    }
+
+    fn vhost_create_blk_controller(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: CreateBlk = decode(params)?;
+        if let Some(transport) = p.transport.as_deref() {
+            if transport != "vhost_user_blk" {
+                return Err(RpcError::errno(
+                    EINVAL,
+                    format!("transport {transport:?} is not available; rvhost serves \"vhost_user_blk\""),
+                ));
+            }
+        }
+        let cpumask = match p.cpumask.as_deref() {
+            None => None,
+            Some(text) => Some(self.parse_controller_cpumask(text)?),
+        };
+        if p.packed_ring == Some(true) {
+            tracing::warn!(ctrlr = %p.ctrlr, "packed virtqueues are not supported; offering split virtqueues only");
+        }
+        let bdev = self
+            .bdevs
+            .get(&p.dev_name)
+            .ok_or_else(|| RpcError::errno(ENODEV, format!("no bdev named {}", p.dev_name)))?;
+        let readonly = p.readonly.unwrap_or(false);
+        let spec = BlkControllerSpec {
+            name: p.ctrlr.clone(),
+            bdev: Arc::clone(&bdev),
+            cpumask,
+            readonly,
+        };
+        self.ops.create_blk_controller(spec).map_err(ops_error)?;
+        let socket = self.socket_dir.join(&p.ctrlr);
+        tracing::info!(
+            ctrlr = %p.ctrlr, bdev = %bdev.name(), readonly,
+            "vhost-blk controller ready; attach it to QEMU with: {}",
+            qemu_blk_args(&socket, &p.ctrlr, bdev.as_ref())
+        );
+        Ok(Value::Bool(true))
+    }
+
+    fn parse_controller_cpumask(&self, text: &str) -> Result<u64, RpcError> {
+        let set = CpuSet::parse(text)
+            .map_err(|e| RpcError::errno(EINVAL, format!("cpumask {text:?}: {e}")))?;
+        let mask = set.to_u64().ok_or_else(|| {
+            RpcError::errno(EINVAL, format!("cpumask {text:?} names a core above 63"))
+        })?;
+        if mask == 0 {
+            return Err(RpcError::errno(
+                EINVAL,
+                format!("cpumask {text:?} selects no core"),
+            ));
+        }
+        if mask & !self.app_cpumask != 0 {
+            return Err(RpcError::errno(
+                EINVAL,
+                format!(
+                    "cpumask {mask:#x} is not a subset of the application's cpumask {:#x} (-m)",
+                    self.app_cpumask
+                ),
+            ));
+        }
+        Ok(mask)
+    }
+
+    fn vhost_get_controllers(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: OptionalName = decode(params)?;
+        let list = self.ops.controllers(p.name.as_deref()).map_err(ops_error)?;
+        serde_json::to_value(list).map_err(|e| RpcError::new(INTERNAL_ERROR, e.to_string()))
+    }
+
+    fn vhost_delete_controller(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: ByCtrlr = decode(params)?;
+        self.ops.delete_controller(&p.ctrlr).map_err(ops_error)?;
+        tracing::info!(ctrlr = %p.ctrlr, "deleted vhost controller");
+        Ok(Value::Bool(true))
+    }
+
+    fn rpc_get_methods(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: GetMethods = decode(params)?;
+        // Every method is callable at run time (rvhost has no pre-init state), so `current`
+        // changes nothing.
+        let _ = p.current;
+        Ok(json!(Self::method_names(
+            p.include_aliases.unwrap_or(false)
+        )))
+    }
+
+    fn spdk_get_version(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        no_params("spdk_get_version", params)?;
+        let version = env!("CARGO_PKG_VERSION");
+        let mut parts = version.split(['.', '-']);
+        let mut number = || {
+            parts
+                .next()
+                .and_then(|p| p.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let (major, minor, patch) = (number(), number(), number());
+        let suffix = version
+            .split_once('-')
+            .map(|(_, s)| format!("-{s}"))
+            .unwrap_or_default();
+        Ok(json!({
+            "version": format!("rvhost v{version}"),
+            "fields": { "major": major, "minor": minor, "patch": patch, "suffix": suffix }
+        }))
+    }
+
+    fn framework_get_reactors(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        no_params("framework_get_reactors", params)?;
+        Ok(self.ops.reactors_info())
+    }
+
+    fn spdk_kill_instance(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: Kill = decode(params)?;
+        let request = match p.sig_name.as_str() {
+            "SIGINT" => KillRequest::Shutdown("SIGINT"),
+            "SIGTERM" => KillRequest::Shutdown("SIGTERM"),
+            "SIGQUIT" => KillRequest::Shutdown("SIGQUIT"),
+            "SIGHUP" => KillRequest::Shutdown("SIGHUP"),
+            "SIGKILL" => KillRequest::Kill,
+            other => {
+                return Err(RpcError::errno(
+                    EINVAL,
+                    format!("sig_name {other:?}: rvhost handles SIGINT, SIGTERM, SIGQUIT, SIGHUP and SIGKILL"),
+                ))
+            }
+        };
+        tracing::info!(signal = %p.sig_name, "spdk_kill_instance");
+        self.kill = Some(request);
+        Ok(Value::Bool(true))
+    }
+}
+
+impl Dispatch for RpcMethods {
+    fn call(&mut self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+        let Some(entry) = METHODS
+            .iter()
+            .find(|m| m.name == method || m.old_name == Some(method))
+        else {
+            return Err(RpcError::new(
+                METHOD_NOT_FOUND,
+                format!("Method not found: {method}"),
+            ));
+        };
+        if entry.name != method {
+            tracing::warn!("RPC method {method} is deprecated; use {}", entry.name);
+        }
+        let outcome = (entry.handler)(self, params);
+        if let Err(err) = &outcome {
+            tracing::debug!(method, code = err.code, "RPC failed: {}", err.message);
+        }
+        outcome
+    }
+}
+
+/// The QEMU command-line arguments that attach vhost-user-blk controller `name` on `socket`
+/// (QEMU must share the guest's memory with the target, hence the memfd backend with share=on).
+pub fn qemu_blk_args(socket: &std::path::Path, name: &str, bdev: &dyn Bdev) -> String {
+    let id: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!(
+        "-object memory-backend-memfd,id=mem0,size=1G,share=on -numa node,memdev=mem0 \
+         -chardev socket,id=char_{id},path={} \
+         -device vhost-user-blk-pci,id=blk_{id},chardev=char_{id},num-queues=1,logical_block_size={}",
+        socket.display(),
+        bdev.block_size()
+    )
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::ops::ControllerInfo;
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    /// A controller as the fake records it: bdev name, cpumask, read-only.
+    pub(crate) type FakeController = (String, Option<u64>, bool);
+
+    /// Records what the control plane asks of the data plane.
+    #[derive(Default)]
+    pub(crate) struct FakeOps {
+        pub controllers: Mutex<BTreeMap<String, FakeController>>,
+        pub detached: Mutex<Vec<String>>,
+    }
+
+    impl ControllerOps for FakeOps {
+        fn create_blk_controller(&self, spec: BlkControllerSpec) -> Result<(), OpsError> {
+            let mut map = self.controllers.lock().unwrap();
+            if map.contains_key(&spec.name) {
+                return Err(OpsError::Exists(spec.name));
+            }
+            if spec.name.contains('/') {
+                return Err(OpsError::InvalidParams(format!("bad name {}", spec.name)));
+            }
+            map.insert(
+                spec.name.clone(),
+                (spec.bdev.name().to_owned(), spec.cpumask, spec.readonly),
+            );
+            Ok(())
+        }
+        fn delete_controller(&self, name: &str) -> Result<(), OpsError> {
+            self.controllers
+                .lock()
+                .unwrap()
+                .remove(name)
+                .map(|_| ())
+                .ok_or_else(|| OpsError::NotFound(name.into()))
+        }
+        fn controllers(&self, name: Option<&str>) -> Result<Vec<ControllerInfo>, OpsError> {
+            let map = self.controllers.lock().unwrap();
+            let info = |(ctrlr, (bdev, mask, ro)): (&String, &FakeController)| ControllerInfo {
+                ctrlr: ctrlr.clone(),
+                cpumask: format!("{:#x}", mask.unwrap_or(1)),
+                delay_base_us: 0,
+                iops_threshold: 0,
+                socket: format!("/tmp/{ctrlr}").into(),
+                sessions: 0,
+                backend_specific: json!({"block": {"readonly": ro, "bdev": bdev}}),
+            };
+            match name {
+                Some(n) => map
+                    .get_key_value(n)
+                    .map(|kv| vec![info(kv)])
+                    .ok_or_else(|| OpsError::NotFound(n.into())),
+                None => Ok(map.iter().map(info).collect()),
+            }
+        }
+        fn bdev_in_use(&self, bdev_name: &str) -> bool {
+            self.controllers
+                .lock()
+                .unwrap()
+                .values()
+                .any(|(b, _, _)| b == bdev_name)
+        }
+        fn detach_bdev(&self, bdev_name: &str) {
+            self.detached.lock().unwrap().push(bdev_name.to_owned());
+        }
+        fn reactors_info(&self) -> Value {
+            json!({"tick_rate": 1, "reactors": [{"lcore": 0}]})
+        }
+    }
+
+    fn methods() -> (RpcMethods, Arc<FakeOps>) {
+        let ops = Arc::new(FakeOps::default());
+        let m = RpcMethods::new(ops.clone(), MemoryBudget::new(64 << 20), 0x3, "/tmp".into());
+        (m, ops)
+    }
+
+    fn call(m: &mut RpcMethods, method: &str, params: Value) -> Result<Value, RpcError> {
+        m.call(method, Some(params))
+    }
+
+    #[test]
+    fn malloc_create_list_delete() {
+        let (mut m, _) = methods();
+        let r = call(
+            &mut m,
+            "bdev_malloc_create",
+            json!({"num_blocks": 2048, "block_size": 512, "name": "Malloc0"}),
+        );
+        assert_eq!(r, Ok(json!("Malloc0")));
+        // Unnamed bdevs get SPDK's names, skipping taken ones.
+        let r = call(
+            &mut m,
+            "construct_malloc_bdev",
+            json!({"num_blocks": 8, "block_size": 4096}),
+        );
+        assert_eq!(r, Ok(json!("Malloc1")));
+        let uuid = "0f0e0d0c-0b0a-0908-0706-050403020100";
+        call(
+            &mut m,
+            "bdev_malloc_create",
+            json!({"num_blocks": 8, "block_size": 512, "name": "M2", "uuid": uuid}),
+        )
+        .unwrap();
+        let all = call(&mut m, "bdev_get_bdevs", json!({})).unwrap();
+        let names: Vec<_> = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["name"].clone())
+            .collect();
+        assert_eq!(names, [json!("Malloc0"), json!("Malloc1"), json!("M2")]);
+        let one = m.call("get_bdevs", Some(json!({"name": uuid}))).unwrap();
+        let b = &one[0];
+        assert_eq!(b["name"], "M2");
+        assert_eq!(b["uuid"], uuid);
+        assert_eq!(b["aliases"], json!([uuid]));
+        assert_eq!(b["product_name"], "Malloc disk");
+        assert_eq!(b["block_size"], 512);
+        assert_eq!(b["num_blocks"], 8);
+        assert_eq!(b["claimed"], false);
+        assert_eq!(b["supported_io_types"]["unmap"], true);
+        assert_eq!(b["supported_io_types"]["write_zeroes"], true);
+        assert_eq!(b["assigned_rate_limits"]["rw_ios_per_sec"], 0);
+        assert_eq!(
+            call(&mut m, "bdev_malloc_delete", json!({"name": "Malloc1"})),
+            Ok(json!(true))
+        );
+        let err = call(&mut m, "bdev_malloc_delete", json!({"name": "Malloc1"})).unwrap_err();
+        assert_eq!(err.code, -19);
+        assert_eq!(
+            call(&mut m, "bdev_get_bdevs", json!({"name": "Malloc1"}))
+                .unwrap_err()
+                .code,
+            -19
+        );
+    }
+
+    #[test]
+    fn duplicate_and_invalid_bdevs_get_spdk_codes() {
+        let (mut m, _) = methods();
+        call(
+            &mut m,
+            "bdev_malloc_create",
+            json!({"num_blocks": 8, "block_size": 512, "name": "A"}),
+        )
+        .unwrap();
+        let dup = call(
+            &mut m,
+            "bdev_null_create",
+            json!({"num_blocks": 8, "block_size": 512, "name": "A"}),
+        )
+        .unwrap_err();
+        assert_eq!(dup.code, -17);
+        assert!(dup.message.starts_with("File exists"), "{}", dup.message);
+        for (params, code) in [
+            (
+                json!({"num_blocks": 8, "block_size": 500, "name": "B"}),
+                -22,
+            ),
+            (
+                json!({"num_blocks": 0, "block_size": 512, "name": "B"}),
+                -22,
+            ),
+            (
+                json!({"num_blocks": 8, "block_size": 512, "name": "B", "md_size": 8}),
+                -22,
+            ),
+            (
+                json!({"num_blocks": 8, "block_size": 512, "name": "B", "uuid": "nope"}),
+                -22,
+            ),
+            (json!({"num_blocks": 8, "block_size": 512, "name": ""}), -22),
+            (
+                json!({"num_blocks": 1u64 << 40, "block_size": 512, "name": "B"}),
+                -12,
+            ),
+            (json!({"block_size": 512, "name": "B"}), -32602),
+            (
+                json!({"num_blocks": "8", "block_size": 512, "name": "B"}),
+                -32602,
+            ),
+            (
+                json!({"num_blocks": -1, "block_size": 512, "name": "B"}),
+                -32602,
+            ),
+            (
+                json!({"num_blocks": 8, "block_size": 512, "name": "B", "bogus": 1}),
+                -32602,
+            ),
+        ] {
+            let err = call(&mut m, "bdev_malloc_create", params.clone()).unwrap_err();
+            assert_eq!(err.code, code, "{params}: {}", err.message);
+        }
+        let missing = call(&mut m, "bdev_malloc_create", json!({"block_size": 512})).unwrap_err();
+        assert!(
+            missing.message.contains("num_blocks"),
+            "{}",
+            missing.message
+        );
+        let positional = m
+            .call("bdev_malloc_create", Some(json!([8, 512])))
+            .unwrap_err();
+        assert_eq!(positional.code, -32602);
+        assert_eq!(m.call("bdev_malloc_create", None).unwrap_err().code, -32602);
+        // A null bdev is not deleted through the malloc method, as in SPDK.
+        call(
+            &mut m,
+            "bdev_null_create",
+            json!({"num_blocks": 8, "block_size": 512, "name": "N"}),
+        )
+        .unwrap();
+        assert_eq!(
+            call(&mut m, "bdev_malloc_delete", json!({"name": "N"}))
+                .unwrap_err()
+                .code,
+            -19
+        );
+        assert_eq!(
+            call(&mut m, "delete_null_bdev", json!({"name": "N"})),
+            Ok(json!(true))
+        );
+        assert_eq!(m.bdevs().len(), 1);
+    }
+
+    #[test]
+    fn controllers_go_through_the_data_plane() {
+        let (mut m, ops) = methods();
+        call(
+            &mut m,
+            "bdev_malloc_create",
+            json!({"num_blocks": 8, "block_size": 512, "name": "Malloc0"}),
+        )
+        .unwrap();
+        let create = |m: &mut RpcMethods, p: Value| call(m, "vhost_create_blk_controller", p);
+        assert_eq!(
+            create(&mut m, json!({"ctrlr": "vhost.0", "dev_name": "Malloc0"})),
+            Ok(json!(true))
+        );
+        assert_eq!(
+            m.call("construct_vhost_blk_controller", Some(json!({"ctrlr": "vhost.1", "dev_name": "Malloc0", "cpumask": "0x2", "readonly": true}))),
+            Ok(json!(true))
+        );
+        assert_eq!(
+            ops.controllers.lock().unwrap()["vhost.1"],
+            ("Malloc0".to_owned(), Some(2), true)
+        );
+        assert_eq!(ops.controllers.lock().unwrap()["vhost.0"].1, None);
+        for (params, code) in [
+            (json!({"ctrlr": "vhost.0", "dev_name": "Malloc0"}), -17),
+            (json!({"ctrlr": "vhost.2", "dev_name": "Nope"}), -19),
+            (
+                json!({"ctrlr": "vhost.2", "dev_name": "Malloc0", "cpumask": "0x4"}),
+                -22,
+            ),
+            (
+                json!({"ctrlr": "vhost.2", "dev_name": "Malloc0", "cpumask": "zz"}),
+                -22,
+            ),
+            (
+                json!({"ctrlr": "vhost.2", "dev_name": "Malloc0", "cpumask": "0x0"}),
+                -22,
+            ),
+            (
+                json!({"ctrlr": "vhost.2", "dev_name": "Malloc0", "transport": "vfio"}),
+                -22,
+            ),
+            (json!({"ctrlr": "a/b", "dev_name": "Malloc0"}), -22),
+            (json!({"ctrlr": "vhost.2"}), -32602),
+            (
+                json!({"ctrlr": "vhost.2", "dev_name": "Malloc0", "readonly": "yes"}),
+                -32602,
+            ),
+        ] {
+            let err = create(&mut m, params.clone()).unwrap_err();
+            assert_eq!(err.code, code, "{params}: {}", err.message);
+        }
+        let listed = call(&mut m, "vhost_get_controllers", json!({})).unwrap();
+        assert_eq!(listed.as_array().unwrap().len(), 2);
+        assert_eq!(listed[1]["backend_specific"]["block"]["readonly"], true);
+        let one = call(&mut m, "get_vhost_controllers", json!({"name": "vhost.0"})).unwrap();
+        assert_eq!(one[0]["ctrlr"], "vhost.0");
+        assert_eq!(
+            call(&mut m, "vhost_get_controllers", json!({"name": "x"}))
+                .unwrap_err()
+                .code,
+            -19
+        );
+        // Deleting a bdev in use detaches it first.
+        let b = call(&mut m, "bdev_get_bdevs", json!({"name": "Malloc0"})).unwrap();
+        assert_eq!(b[0]["claimed"], true);
+        assert_eq!(
+            call(&mut m, "delete_bdev", json!({"name": "Malloc0"})),
+            Ok(json!(true))
+        );
+        assert_eq!(*ops.detached.lock().unwrap(), ["Malloc0"]);
+        assert_eq!(
+            call(
+                &mut m,
+                "vhost_delete_controller",
+                json!({"ctrlr": "vhost.0"})
+            ),
+            Ok(json!(true))
+        );
+        assert_eq!(
+            call(
+                &mut m,
+                "remove_vhost_controller",
+                json!({"ctrlr": "vhost.0"})
+            )
+            .unwrap_err()
+            .code,
+            -19
+        );
+    }
+
+    #[test]
+    fn introspection_and_kill() {
+        let (mut m, _) = methods();
+        let names = m.call("rpc_get_methods", None).unwrap();
+        assert!(names
+            .as_array()
+            .unwrap()
+            .contains(&json!("bdev_malloc_create")));
+        assert!(!names
+            .as_array()
+            .unwrap()
+            .contains(&json!("construct_malloc_bdev")));
+        let all = call(
+            &mut m,
+            "get_rpc_methods",
+            json!({"include_aliases": true, "current": true}),
+        )
+        .unwrap();
+        assert!(all
+            .as_array()
+            .unwrap()
+            .contains(&json!("construct_malloc_bdev")));
+        let v = m.call("spdk_get_version", None).unwrap();
+        assert_eq!(
+            v["version"],
+            format!("rvhost v{}", env!("CARGO_PKG_VERSION"))
+        );
+        assert_eq!(v["fields"]["major"], 0);
+        assert_eq!(v["fields"]["minor"], 1);
+        assert_eq!(v["fields"]["suffix"], "");
+        assert_eq!(
+            call(&mut m, "spdk_get_version", json!({"x": 1}))
+                .unwrap_err()
+                .code,
+            -32602
+        );
+        assert_eq!(
+            m.call("framework_get_reactors", None).unwrap()["reactors"][0]["lcore"],
+            0
+        );
+        assert_eq!(m.call("nope", None).unwrap_err().code, -32601);
+        assert_eq!(
+            call(&mut m, "spdk_kill_instance", json!({"sig_name": "SIGUSR2"}))
+                .unwrap_err()
+                .code,
+            -22
+        );
+        assert_eq!(m.take_kill_request(), None);
+        assert_eq!(
+            call(&mut m, "spdk_kill_instance", json!({"sig_name": "SIGTERM"})),
+            Ok(json!(true))
+        );
+        assert_eq!(
+            m.take_kill_request(),
+            Some(KillRequest::Shutdown("SIGTERM"))
+        );
+        assert_eq!(m.take_kill_request(), None);
+    }
+}
