@@ -306,12 +306,12 @@ impl FromIterator<usize> for CpuSet {
 /// Errors from pinning and core discovery.
 #[derive(Debug, thiserror::Error)]
 pub enum CpuError {
-    /// The core is not one this process may run on.
-    #[error("core {core} is not available to this process (allowed: {allowed})")]
+    /// The core is offline or outside the cgroup's cpuset.
+    #[error("core {core} is not available to this process (online cores: {allowed})")]
     CoreNotAvailable {
         /// The core asked for.
         core: usize,
-        /// The cores this process may use (boxed: a set is 128 bytes).
+        /// The cores that are online (boxed: a set is 128 bytes).
         allowed: Box<CpuSet>,
     },
     /// A system call failed.
@@ -343,8 +343,8 @@ pub enum CpuError {
     NoTopology,
 }
 
-/// The cores the calling thread may run on (`sched_getaffinity`), i.e. what a reactor mask must be
-/// a subset of.
+/// The cores the calling thread may run on (`sched_getaffinity`). Called at start-up, before any
+/// pinning, this is what a reactor mask must be a subset of (what `taskset` or the cgroup allow).
 pub fn allowed_cores() -> Result<CpuSet, CpuError> {
     // SAFETY: all-zeroes is a valid empty `cpu_set_t`.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -375,17 +375,27 @@ pub fn online_cores() -> Result<CpuSet, CpuError> {
 }
 
 /// Pins the calling thread to `core` alone.
+///
+/// The core must be online and allowed by the process's cgroup cpuset; the thread's current
+/// affinity does not matter (a pinned thread may be re-pinned anywhere the process may run).
 pub fn pin_current_thread(core: usize) -> Result<(), CpuError> {
-    let allowed = allowed_cores()?;
-    if !allowed.contains(core) {
-        return Err(CpuError::CoreNotAvailable {
-            core,
-            allowed: Box::new(allowed),
-        });
+    let online = online_cores()?;
+    let not_available = |online: CpuSet| CpuError::CoreNotAvailable {
+        core,
+        allowed: Box::new(online),
+    };
+    if !online.contains(core) {
+        return Err(not_available(online));
     }
     let mut one = CpuSet::new();
     one.insert(core);
-    set_current_thread_affinity(&one)
+    match set_current_thread_affinity(&one) {
+        // EINVAL: the core is outside the cgroup's cpuset.
+        Err(CpuError::Os { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+            Err(not_available(online))
+        }
+        other => other,
+    }
 }
 
 /// Restricts the calling thread to `cores`.

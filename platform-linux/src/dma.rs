@@ -189,6 +189,9 @@ impl Window {
 
     /// The pointer to `[host_addr, host_addr + len)` if that lies inside this window.
     fn checked(&self, host_addr: u64, len: usize) -> Result<*mut u8, MemError> {
+        // Same error precedence as the guest memory table: an overflowing range first.
+        let len64 = u64::try_from(len).map_err(|_| MemError::Overflow)?;
+        host_addr.checked_add(len64).ok_or(MemError::Overflow)?;
         let start = host_addr
             .checked_sub(self.va())
             .ok_or_else(|| unmapped(host_addr, len))?;
