@@ -458,8 +458,7 @@ impl SplitQueue {
         // otherwise a driver that just re-enabled interrupts and saw the old used.idx waits forever
         // (the store→load ordering needs a full fence, not just Release/Acquire).
         fence(Ordering::SeqCst);
-        self.signalled_used = Some(new);
-        if self.event_idx {
+        let notify = if self.event_idx {
             let used_event_addr =
                 self.avail_addr(RING_ARRAY_OFFSET + 2 * u64::from(self.config.size))?;
             let used_event = mem
@@ -468,10 +467,10 @@ impl SplitQueue {
                     part: RingPart::Avail,
                     err,
                 })?;
-            Ok(match old {
+            match old {
                 None => true,
                 Some(old) => ring::vring_need_event(used_event, new, old),
-            })
+            }
         } else {
             let flags = mem
                 .load_u16(self.avail_addr(RING_FLAGS_OFFSET)?, Ordering::Acquire)
@@ -479,8 +478,10 @@ impl SplitQueue {
                     part: RingPart::Avail,
                     err,
                 })?;
-            Ok(flags & VIRTQ_AVAIL_F_NO_INTERRUPT == 0)
-        }
+            flags & VIRTQ_AVAIL_F_NO_INTERRUPT == 0
+        };
+        self.signalled_used = Some(new);
+        Ok(notify)
     }
 
     /// Writes `avail_event` (the `used` ring's trailing field): with `VIRTIO_F_RING_EVENT_IDX` the
