@@ -4,14 +4,25 @@
 //! Layout, in the spirit of ixy.rs: [`cmd`] (queue entries and commands), [`regs`] (BAR0
 //! registers), [`identify`] (Identify data), [`prp`] (data pointers), [`queue`] (rings, phase,
 //! doorbells, commands in flight), [`dma`] (hugepage DMA memory), [`vfio`] (the device through a
-//! VFIO container, BAR0 mapping, IOMMU mappings), [`controller`] (bring-up, admin commands, reset)
-//! and [`io`] (per-reactor I/O queue pairs).
+//! VFIO container, BAR0, IOMMU mappings), [`controller`] (bring-up, admin commands, reset) and
+//! [`io`] (per-reactor I/O queue pairs, timeouts, failure handling).
 //!
-//! All `unsafe` in this crate sits in `queue`, `dma` and `vfio`, each block with a `SAFETY:`
-//! comment.
+//! `unsafe` sits in `queue`, `dma`, `vfio`, `controller` and `io` (raw DMA memory and registers),
+//! each block with a `SAFETY:` comment.
 
 pub mod cmd;
+pub mod controller;
+pub mod dma;
 pub mod identify;
+pub mod io;
+pub mod pattern;
 pub mod prp;
 pub mod queue;
 pub mod regs;
+pub mod vfio;
+
+pub use controller::{Controller, ControllerConfig, ControllerState, NvmeError};
+pub use dma::DmaRegion;
+pub use identify::{ControllerInfo, NamespaceInfo};
+pub use io::{IoError, IoQueuePair};
+pub use prp::DmaSegment;

@@ -1,0 +1,381 @@
+//! The data-integrity exercise run inside the test guest: every chunk of the namespace written and
+//! read back over several queue pairs in parallel (with contiguous, page-scattered and unaligned
+//! buffers, so PRP lists and SGLs are both used), a controller reset with writes in flight, WRITE
+//! ZEROES, DATASET MANAGEMENT deallocate and FLUSH. The final contents follow
+//! [`SelftestLayout`], which the host checks in the backing file afterwards.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rvhost_nvme::pattern::{check_chunk, fill_block, ChunkContent, SelftestLayout, CHUNK_BYTES};
+use rvhost_nvme::{Controller, DmaRegion, DmaSegment, IoError, IoQueuePair, NamespaceInfo};
+
+const CHUNK: usize = CHUNK_BYTES as usize;
+/// Each command slot's buffer: one chunk plus room for the scattered and unaligned shapes.
+const SLOT_BYTES: usize = CHUNK + 0x4000;
+/// No single command may take longer than this, even under TCG.
+const OP_DEADLINE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpKind {
+    Write(u64),
+    Read(ChunkContent),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Op {
+    kind: OpKind,
+    chunk: u64,
+    shape: u64,
+}
+
+/// `(offset in slot buffer, length)` pieces whose concatenation is the chunk.
+fn shape_segments(shape: u64, sgl: bool) -> Vec<(usize, usize)> {
+    match shape % 3 {
+        0 => vec![(0, CHUNK)],
+        // Whole pages, out of order: a PRP list of scattered pages.
+        1 => {
+            let pages = CHUNK / 4096;
+            (0..pages)
+                .map(|k| (((k * 7) % pages) * 4096, 4096))
+                .collect()
+        }
+        // Byte-unaligned pieces: only SGLs can describe these.
+        _ if sgl => vec![
+            (0x104, 0x1F00),
+            (0x3008, 0x8000),
+            (0xB010, CHUNK - 0x1F00 - 0x8000),
+        ],
+        // Without SGLs: an unaligned first segment, which PRPs allow.
+        _ => vec![(0x200, 0xE00), (0x2000, CHUNK - 0xE00)],
+    }
+}
+
+struct Worker<'a> {
+    qp: &'a mut IoQueuePair,
+    buffer: DmaRegion,
+    ns: NamespaceInfo,
+    qd: usize,
+    sgl: bool,
+    resets_seen: u64,
+}
+
+impl Worker<'_> {
+    fn segments(&self, slot: usize, shape: u64) -> Vec<DmaSegment> {
+        let base = self.buffer.iova() + (slot * SLOT_BYTES) as u64;
+        shape_segments(shape, self.sgl)
+            .into_iter()
+            .map(|(off, len)| DmaSegment {
+                iova: base + off as u64,
+                len: len as u32,
+            })
+            .collect()
+    }
+
+    fn blocks_per_chunk(&self) -> u32 {
+        (CHUNK_BYTES / u64::from(self.ns.block_size())) as u32
+    }
+
+    fn start(&mut self, slot: usize, op: Op) -> Result<(), IoError> {
+        let segments = self.segments(slot, op.shape);
+        let lba = op.chunk * u64::from(self.blocks_per_chunk());
+        let blocks = self.blocks_per_chunk();
+        match op.kind {
+            OpKind::Write(generation) => {
+                let mut data = vec![0u8; CHUNK];
+                let bs = self.ns.block_size() as usize;
+                for (i, block) in data.chunks_mut(bs).enumerate() {
+                    fill_block(lba + i as u64, generation, block);
+                }
+                let mut pos = 0;
+                for (off, len) in shape_segments(op.shape, self.sgl) {
+                    self.buffer
+                        .write_bytes(slot * SLOT_BYTES + off, &data[pos..pos + len]);
+                    pos += len;
+                }
+                self.qp
+                    .write(self.ns.nsid, lba, blocks, &segments, slot as u64)
+            }
+            OpKind::Read(_) => {
+                // Poison the buffer so that a read that transfers nothing cannot pass.
+                self.buffer.fill(slot * SLOT_BYTES, SLOT_BYTES, 0xA5);
+                self.qp
+                    .read(self.ns.nsid, lba, blocks, &segments, slot as u64)
+            }
+        }
+    }
+
+    fn finish(&self, slot: usize, op: Op) -> Result<()> {
+        let OpKind::Read(expected) = op.kind else {
+            return Ok(());
+        };
+        let mut data = vec![0u8; CHUNK];
+        let mut pos = 0;
+        for (off, len) in shape_segments(op.shape, self.sgl) {
+            self.buffer
+                .read_bytes(slot * SLOT_BYTES + off, &mut data[pos..pos + len]);
+            pos += len;
+        }
+        if let Err(lba) = check_chunk(op.chunk, self.ns.block_size() as usize, expected, &data) {
+            bail!(
+                "queue {}: chunk {} (shape {}) read back wrong at LBA {lba}: expected {expected:?}",
+                self.qp.qid(),
+                op.chunk,
+                op.shape % 3
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `ops` with up to `qd` in flight; commands failed by a reset are retried. `after_first_batch`
+    /// runs once, right after the first doorbell, while those commands are in flight.
+    fn run(&mut self, ops: &[Op], mut after_first_batch: Option<&mut dyn FnMut()>) -> Result<()> {
+        let mut slots: Vec<Option<(Op, Instant)>> = vec![None; self.qd];
+        let mut next = 0usize;
+        let mut retry: Vec<Op> = Vec::new();
+        let mut done = 0usize;
+        while done < ops.len() {
+            for (slot, entry) in slots.iter_mut().enumerate() {
+                if entry.is_some() {
+                    continue;
+                }
+                let Some(op) = retry.pop().or_else(|| {
+                    let op = ops.get(next).copied();
+                    if op.is_some() {
+                        next += 1;
+                    }
+                    op
+                }) else {
+                    break;
+                };
+                match self.start(slot, op) {
+                    Ok(()) => *entry = Some((op, Instant::now())),
+                    Err(IoError::Reset) => retry.push(op),
+                    Err(e) => bail!("submitting {op:?}: {e}"),
+                }
+            }
+            self.qp.ring();
+            if let Some(hook) = after_first_batch.take() {
+                hook();
+            }
+            let mut completions = Vec::new();
+            self.qp.poll(usize::MAX, |tag, result| {
+                completions.push((tag as usize, result))
+            });
+            for (slot, result) in completions {
+                let Some((op, _)) = slots.get_mut(slot).and_then(Option::take) else {
+                    bail!("completion for unknown slot {slot}");
+                };
+                match result {
+                    Ok(()) => {
+                        self.finish(slot, op)?;
+                        done += 1;
+                    }
+                    Err(IoError::Reset) => {
+                        self.resets_seen += 1;
+                        retry.push(op);
+                    }
+                    Err(e) => bail!("{op:?} failed: {e}"),
+                }
+            }
+            if let Some((op, at)) = slots
+                .iter()
+                .flatten()
+                .find(|(_, at)| at.elapsed() > OP_DEADLINE)
+            {
+                bail!("{op:?} outstanding for {:?}", at.elapsed());
+            }
+        }
+        Ok(())
+    }
+
+    /// Submits one command built by `submit` and waits for it.
+    fn one(
+        &mut self,
+        what: &str,
+        submit: impl FnOnce(&mut IoQueuePair) -> Result<(), IoError>,
+    ) -> Result<()> {
+        submit(self.qp).with_context(|| format!("submitting {what}"))?;
+        self.qp.ring();
+        let start = Instant::now();
+        let mut result = None;
+        while result.is_none() {
+            self.qp.poll(1, |_, r| result = Some(r));
+            if start.elapsed() > OP_DEADLINE {
+                bail!("{what} did not complete");
+            }
+        }
+        result
+            .unwrap_or(Ok(()))
+            .with_context(|| format!("{what} failed"))
+    }
+}
+
+fn ops_for(
+    chunks: impl Iterator<Item = u64>,
+    kind: impl Fn(u64) -> OpKind,
+    shape_shift: u64,
+) -> Vec<Op> {
+    chunks
+        .map(|chunk| Op {
+            kind: kind(chunk),
+            chunk,
+            shape: chunk + shape_shift,
+        })
+        .collect()
+}
+
+pub fn run(ctrl: &Controller, nsid: u32, queues: u16, qd: u16) -> Result<()> {
+    let ns = ctrl
+        .namespaces()
+        .iter()
+        .find(|n| n.nsid == nsid)
+        .with_context(|| format!("no namespace {nsid}"))?
+        .clone();
+    let layout = SelftestLayout::new(ns.size_bytes()).context("namespace below 2 MiB")?;
+    if CHUNK_BYTES % u64::from(ns.block_size()) != 0 {
+        bail!(
+            "block size {} does not divide the chunk size",
+            ns.block_size()
+        );
+    }
+    let sgl = ctrl.sgl_support().supported;
+    let queues = queues.clamp(1, ctrl.io_queues_granted());
+    let qd = usize::from(qd.max(1));
+    println!(
+        "selftest: nsid {nsid}, {} chunks of {CHUNK} B, {queues} queues x qd {qd}, SGL {}",
+        layout.chunks,
+        if sgl { "on" } else { "off" }
+    );
+    let mut qps: Vec<IoQueuePair> = (0..queues)
+        .map(|_| ctrl.create_io_queue_pair(qd as u16 + 1))
+        .collect::<Result<_, _>>()?;
+    let mut workers: Vec<Worker<'_>> = Vec::new();
+    for qp in qps.iter_mut() {
+        workers.push(Worker {
+            qp,
+            buffer: ctrl.allocate_dma(qd * SLOT_BYTES)?,
+            ns: ns.clone(),
+            qd,
+            sgl,
+            resets_seen: 0,
+        });
+    }
+    let nq = u64::from(queues);
+    let started = Instant::now();
+
+    // Phase 1: every chunk written (generation 1) and read back, striped over the queues in
+    // parallel threads, with a different buffer shape for the read than for the write.
+    std::thread::scope(|s| -> Result<()> {
+        let layout = &layout;
+        let handles: Vec<_> = workers
+            .iter_mut()
+            .enumerate()
+            .map(|(q, w)| {
+                s.spawn(move || -> Result<()> {
+                    let mine = || (q as u64..layout.chunks).step_by(nq as usize);
+                    w.run(&ops_for(mine(), |_| OpKind::Write(1), 0), None)?;
+                    w.one("flush", |qp| qp.flush(nsid, 0))?;
+                    w.run(
+                        &ops_for(mine(), |_| OpKind::Read(ChunkContent::Generation(1)), 1),
+                        None,
+                    )
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
+        }
+        Ok(())
+    })?;
+    println!(
+        "phase 1 ok: {} chunks written and verified in {:?}",
+        layout.chunks,
+        started.elapsed()
+    );
+
+    // Phase 2: generation 2 over the reset chunks, with a controller reset issued while the
+    // first batch is in flight; commands failed by the reset are retried.
+    let reset_ops = ops_for(layout.reset_chunks.clone(), |_| OpKind::Write(2), 2);
+    let mut reset_result = None;
+    let mut reset_now = || reset_result = Some(ctrl.reset());
+    workers[0].run(&reset_ops, Some(&mut reset_now))?;
+    reset_result
+        .context("reset hook did not run")?
+        .context("controller reset")?;
+    if workers[0].resets_seen == 0 {
+        bail!("no command was in flight across the reset");
+    }
+    println!(
+        "phase 2 ok: controller reset with I/O in flight, {} commands failed with Reset and were retried",
+        workers[0].resets_seen
+    );
+
+    // Phase 3: WRITE ZEROES (half with DEAC) and deallocate, on the last queue (which re-creates
+    // its queues after the reset on first use).
+    let last = workers.len() - 1;
+    let w = &mut workers[last];
+    let bpc = u64::from(w.blocks_per_chunk());
+    let z = &layout.zeroed_chunks;
+    let half = z.start + (z.end - z.start) / 2;
+    let zero_blocks = |from: u64, to: u64| ((to - from) * bpc) as u32;
+    w.one("write zeroes", |qp| {
+        qp.write_zeroes(nsid, z.start * bpc, zero_blocks(z.start, half), false, 0)
+    })?;
+    w.one("write zeroes (deac)", |qp| {
+        qp.write_zeroes(nsid, half * bpc, zero_blocks(half, z.end), true, 0)
+    })?;
+    let d = &layout.deallocated_chunks;
+    // Two ranges, to exercise the range list.
+    let dmid = d.start + (d.end - d.start) / 2;
+    let ranges = [
+        (d.start * bpc, zero_blocks(d.start, dmid)),
+        (dmid * bpc, zero_blocks(dmid, d.end)),
+    ];
+    w.one("deallocate", |qp| qp.deallocate(nsid, &ranges, 0))?;
+    w.one("flush", |qp| qp.flush(nsid, 0))?;
+    println!("phase 3 ok: write zeroes, deallocate, flush");
+
+    // Phase 4: the whole namespace read back against the final layout, in parallel.
+    std::thread::scope(|s| -> Result<()> {
+        let layout = &layout;
+        let handles: Vec<_> = workers
+            .iter_mut()
+            .enumerate()
+            .map(|(q, w)| {
+                s.spawn(move || -> Result<()> {
+                    let mine = (q as u64..layout.chunks).step_by(nq as usize);
+                    w.run(
+                        &ops_for(mine, |c| OpKind::Read(layout.expected(c)), 0),
+                        None,
+                    )
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
+        }
+        Ok(())
+    })?;
+    println!(
+        "phase 4 ok: final contents verified in {:?} total",
+        started.elapsed()
+    );
+
+    // Error paths that need no hardware fault: out of range and malformed buffers are refused
+    // before reaching the controller.
+    let w = &mut workers[0];
+    let seg = w.segments(0, 0);
+    let past_end = ns.size_blocks;
+    match w.qp.read(nsid, past_end, 1, &seg[..1], 0) {
+        Err(IoError::OutOfRange { .. }) => {}
+        other => bail!("read past the end was not refused: {other:?}"),
+    }
+    match w.qp.read(nsid, 0, 1, &seg, 0) {
+        Err(IoError::Length { .. }) => {}
+        other => bail!("length mismatch was not refused: {other:?}"),
+    }
+    drop(workers);
+    drop(qps);
+    Ok(())
+}
