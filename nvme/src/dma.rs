@@ -121,7 +121,7 @@ impl DmaRegion {
                 (p, small_len, false)
             }
         };
-        let region = DmaRegion {
+        let mut region = DmaRegion {
             ptr,
             len,
             hugepages,
@@ -133,10 +133,8 @@ impl DmaRegion {
         // SAFETY: the range is our own fresh mapping, unmapped only in `Drop` after `unmap`, and
         // this type never creates references into it.
         unsafe { mapper.map(region.iova(), region.len as u64)? };
-        Ok(DmaRegion {
-            mapper: Some(mapper),
-            ..region
-        })
+        region.mapper = Some(mapper);
+        Ok(region)
     }
 
     /// First byte, for raw-pointer access.
