@@ -19,5 +19,7 @@ extern crate std;
 
 pub mod blk;
 pub mod mem;
+pub mod scsi;
 pub mod virtio;
+pub mod virtio_scsi;
 pub mod virtq;
