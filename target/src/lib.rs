@@ -7,3 +7,7 @@
 pub mod bdev;
 pub mod ops;
 pub mod rpc;
+pub mod blk;
+pub mod dataplane;
+pub mod reactor;
+pub mod vhost;

@@ -1,0 +1,797 @@
+//! A vhost-blk session's data path, owned by one reactor.
+//!
+//! Per poll round and queue: pop a batch of heads, walk and decode each chain, submit bdev I/O
+//! (or complete at once: GET_ID, errors), then collect bdev completions, write status bytes, push
+//! used elements, publish `used.idx` once and signal the call eventfd at most once, when the driver
+//! wants it. Every request occupies a slot allocated with the queue (queue-size slots), so nothing
+//! is allocated per request.
+
+use std::sync::Arc;
+
+use rvhost_core::blk::{
+    write_status, BlkLimits, BlkRequest, BlkRequestKind, BlkStatus, VirtioBlkConfig,
+    VIRTIO_BLK_ID_BYTES,
+};
+use rvhost_core::mem::GuestMemory;
+use rvhost_core::virtq::{Chain, QueueConfig, SplitQueue};
+
+use super::MAX_QUEUE_SIZE;
+use crate::bdev::{Bdev, BdevChannel, BdevIo, IoKind, IoStatus, IoVec};
+use crate::reactor::{DeviceId, DeviceOp, ReactorDevice, Reply};
+use crate::vhost::memory::GuestMemoryTable;
+use crate::vhost::{EventNotifier, QueueSetup};
+
+/// Ranges per DISCARD / WRITE_ZEROES request we accept (`max_discard_seg`); each becomes one bdev
+/// I/O, and they are copied out of guest memory into a fixed-capacity list.
+pub const MAX_RANGES: usize = 16;
+
+/// Segments one chain may have: a chain can never usefully be longer than the queue.
+const CHAIN_CAPACITY: usize = MAX_QUEUE_SIZE as usize;
+
+/// Heads popped per queue per round: bounds the time one busy queue keeps the others waiting.
+const POP_BATCH: usize = 32;
+
+/// Sector size of virtio-blk requests, whatever the device's block size.
+const SECTOR: u64 = 512;
+
+/// What a session needs to know about its bdev; fixed for the session's life.
+#[derive(Debug, Clone)]
+pub struct DeviceGeometry {
+    /// The bdev's name (the GET_ID answer, truncated to 20 bytes).
+    pub bdev_name: String,
+    /// Bytes per block (a power of two, at least 512).
+    pub block_size: u32,
+    /// Size in blocks.
+    pub num_blocks: u64,
+    /// Writes, discards and write-zeroes fail with IOERR.
+    pub readonly: bool,
+    /// The bdev can flush.
+    pub supports_flush: bool,
+    /// The bdev can unmap (DISCARD).
+    pub supports_unmap: bool,
+    /// The bdev can write zeroes.
+    pub supports_write_zeroes: bool,
+}
+
+impl DeviceGeometry {
+    /// The geometry of `bdev`, exported read-only or not.
+    pub fn of(bdev: &dyn Bdev, readonly: bool) -> Self {
+        DeviceGeometry {
+            bdev_name: bdev.name().to_string(),
+            block_size: bdev.block_size().max(512),
+            num_blocks: bdev.num_blocks(),
+            readonly,
+            supports_flush: bdev.supports(IoKind::Flush),
+            supports_unmap: bdev.supports(IoKind::Unmap),
+            supports_write_zeroes: bdev.supports(IoKind::WriteZeroes),
+        }
+    }
+
+    /// Device capacity in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.num_blocks
+            .saturating_mul(u64::from(self.block_size) / SECTOR)
+    }
+
+    /// Converts a sector range to a block range, if it is block-aligned and inside the device.
+    fn blocks(&self, sector: u64, sectors: u64) -> Option<(u64, u64)> {
+        let per_block = u64::from(self.block_size) / SECTOR;
+        if per_block == 0 || sector % per_block != 0 || sectors % per_block != 0 {
+            return None;
+        }
+        let end = sector.checked_add(sectors)?;
+        if end > self.capacity_sectors() {
+            return None;
+        }
+        Some((sector / per_block, sectors / per_block))
+    }
+}
+
+/// One request between submission and completion.
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    head: u16,
+    /// Guest address of the status byte.
+    status_addr: u64,
+    /// Used length to report on success (data written into the chain plus the status byte).
+    used_len: u32,
+    /// Bdev I/Os still outstanding (DISCARD may need several).
+    pending: u32,
+    /// Whether any of them failed.
+    failed: bool,
+}
+
+/// One running virtqueue.
+struct BlkQueue {
+    vq: SplitQueue,
+    /// What requests are checked against (capacity, read-only, discard limits as negotiated).
+    limits: BlkLimits,
+    call: Option<Arc<EventNotifier>>,
+    /// The frontend's error eventfd, signalled when the driver breaks the queue.
+    err: Option<Arc<EventNotifier>>,
+    chain: Box<Chain<CHAIN_CAPACITY>>,
+    heads: [u16; POP_BATCH],
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    /// Requests submitted and not yet completed.
+    in_flight: usize,
+    /// GET_VRING_BASE / disable in progress: no new requests; reply once drained.
+    stopping: Option<Reply<Option<u16>>>,
+    /// The driver broke the queue (a chain without a status byte, rings outside memory): nothing
+    /// more is processed until the frontend restarts the queue.
+    broken: bool,
+}
+
+impl BlkQueue {
+    fn new(setup: &QueueSetup, blk_config: &VirtioBlkConfig) -> Result<Self, String> {
+        let config = QueueConfig {
+            size: setup.size,
+            desc_table: setup.desc_gpa,
+            avail_ring: setup.avail_gpa,
+            used_ring: setup.used_gpa,
+        };
+        if setup.size > MAX_QUEUE_SIZE {
+            return Err(format!("queue size {} over {MAX_QUEUE_SIZE}", setup.size));
+        }
+        let mut vq = SplitQueue::new(config, setup.features.0).map_err(|e| e.to_string())?;
+        let mem = setup.memory.as_ref();
+        vq.check_rings(mem).map_err(|e| e.to_string())?;
+        vq.set_last_avail_idx(setup.last_avail);
+        // The used index the driver has seen is what is in the ring (equal to last_avail after a
+        // clean stop; after a backend restart it is the only trustworthy value).
+        vq.sync_used_idx_from_ring(mem).map_err(|e| e.to_string())?;
+        vq.disable_kicks(mem).map_err(|e| e.to_string())?;
+        let slot_count = usize::from(setup.size);
+        Ok(BlkQueue {
+            vq,
+            limits: BlkLimits::from_config(blk_config, setup.features.0),
+            call: setup.call.clone(),
+            err: setup.err.clone(),
+            chain: Box::new(Chain::new()),
+            heads: [0; POP_BATCH],
+            slots: vec![Slot::default(); slot_count],
+            // Popped from the end: slot 0 first.
+            free: (0..setup.size).rev().collect(),
+            in_flight: 0,
+            stopping: None,
+            broken: false,
+        })
+    }
+}
+
+/// A vhost-blk session on its reactor.
+pub struct BlkDevice {
+    id: DeviceId,
+    geometry: DeviceGeometry,
+    config: VirtioBlkConfig,
+    channel: Option<Box<dyn BdevChannel>>,
+    /// Hot-detach requested: new requests fail, in-flight ones still complete on `channel`.
+    detached: bool,
+    memory: Option<Arc<GuestMemoryTable>>,
+    /// Tables replaced while requests were in flight; bdevs may still access their buffers.
+    retired: Vec<Arc<GuestMemoryTable>>,
+    queues: Vec<Option<BlkQueue>>,
+    /// I/O vectors of the request being submitted (capacity reserved once).
+    iovs: Vec<IoVec>,
+    detach_reply: Option<Reply<()>>,
+    remove_reply: Option<Reply<()>>,
+    removed: bool,
+}
+
+impl std::fmt::Debug for BlkDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlkDevice")
+            .field("id", &self.id)
+            .field("geometry", &self.geometry)
+            .field("attached", &self.channel.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Encodes a completion tag: queue index in the high half, slot in the low half.
+fn tag(queue: usize, slot: u16) -> u64 {
+    ((queue as u64) << 32) | u64::from(slot)
+}
+
+fn untag(tag: u64) -> (usize, usize) {
+    ((tag >> 32) as usize, (tag & 0xffff_ffff) as usize)
+}
+
+impl BlkDevice {
+    /// A session device with `channel` (`None`: the bdev is detached and all I/O fails).
+    pub fn new(
+        id: DeviceId,
+        geometry: DeviceGeometry,
+        config: VirtioBlkConfig,
+        channel: Option<Box<dyn BdevChannel>>,
+    ) -> Self {
+        BlkDevice {
+            id,
+            geometry,
+            config,
+            detached: channel.is_none(),
+            channel,
+            memory: None,
+            retired: Vec::new(),
+            queues: (0..super::MAX_QUEUES).map(|_| None).collect(),
+            iovs: Vec::with_capacity(CHAIN_CAPACITY),
+            detach_reply: None,
+            remove_reply: None,
+            removed: false,
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.queues.iter().flatten().map(|q| q.in_flight).sum()
+    }
+
+    fn start_queue(&mut self, index: u16, setup: QueueSetup) -> Result<(), String> {
+        let slot = self
+            .queues
+            .get_mut(usize::from(index))
+            .ok_or_else(|| format!("queue {index} out of range"))?;
+        if slot.as_ref().is_some_and(|q| q.in_flight > 0) {
+            return Err(format!("queue {index} still has requests in flight"));
+        }
+        if let Some(current) = &self.memory {
+            if !Arc::ptr_eq(current, &setup.memory) {
+                // The session always sends its newest table; adopt it.
+                self.retired.push(Arc::clone(current));
+            }
+        }
+        let queue = BlkQueue::new(&setup, &self.config)?;
+        self.memory = Some(Arc::clone(&setup.memory));
+        *slot = Some(queue);
+        Ok(())
+    }
+
+    fn set_memory(&mut self, memory: Arc<GuestMemoryTable>) {
+        if let Some(old) = self.memory.replace(memory) {
+            if self.in_flight() > 0 {
+                self.retired.push(old);
+            }
+        }
+        let Some(mem) = self.memory.as_deref() else {
+            return;
+        };
+        for (index, queue) in self.queues.iter_mut().enumerate() {
+            if let Some(q) = queue {
+                if let Err(err) = q.vq.check_rings(mem) {
+                    tracing::error!(device = self.id.0, queue = index, %err, "rings left guest memory; queue stopped");
+                    q.broken = true;
+                }
+            }
+        }
+    }
+
+    /// Replies to deferred operations whose condition now holds and drops what is no longer used.
+    fn settle(&mut self) {
+        for queue in &mut self.queues {
+            let drained = queue
+                .as_ref()
+                .is_some_and(|q| q.stopping.is_some() && q.in_flight == 0);
+            if drained {
+                if let Some(q) = queue.take() {
+                    if let Some(reply) = q.stopping {
+                        let _ = reply.send(Some(q.vq.last_avail_idx()));
+                    }
+                }
+            }
+        }
+        let in_flight = self.in_flight();
+        if in_flight == 0 {
+            self.retired.clear();
+            if let Some(reply) = self.detach_reply.take() {
+                self.channel = None;
+                let _ = reply.send(());
+            }
+            if let Some(reply) = self.remove_reply.take() {
+                self.queues.iter_mut().for_each(|q| *q = None);
+                self.channel = None;
+                self.memory = None;
+                self.removed = true;
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Completes `slot` of queue `q` with `status`: writes the status byte and pushes the used
+    /// element (published at the end of the round).
+    fn complete(
+        q: &mut BlkQueue,
+        mem: &GuestMemoryTable,
+        slot_index: usize,
+        status: BlkStatus,
+        device: DeviceId,
+    ) {
+        let Some(slot) = q.slots.get(slot_index).copied() else {
+            return;
+        };
+        let len = if status == BlkStatus::Ok {
+            slot.used_len
+        } else {
+            1
+        };
+        if let Err(err) = write_status(mem, slot.status_addr, status) {
+            // The status byte was validated at decode; only a memory-table change that removed it
+            // can get here. The request still has to be returned.
+            tracing::warn!(device = device.0, %err, "status byte no longer mapped");
+        }
+        if let Err(err) = q.vq.push_used(mem, slot.head, len) {
+            tracing::error!(device = device.0, %err, "used ring write failed; queue stopped");
+            q.broken = true;
+        }
+        q.in_flight = q.in_flight.saturating_sub(1);
+        if let Ok(free) = u16::try_from(slot_index) {
+            q.free.push(free);
+        }
+    }
+
+    /// Collects bdev completions.
+    fn poll_completions(&mut self) -> usize {
+        let Some(channel) = self.channel.as_mut() else {
+            return 0;
+        };
+        if channel.in_flight() == 0 {
+            return 0;
+        }
+        let Some(mem) = self.memory.clone() else {
+            return 0;
+        };
+        let queues = &mut self.queues;
+        let device = self.id;
+        channel.poll(&mut |io_tag, status| {
+            let (qi, si) = untag(io_tag);
+            let Some(Some(q)) = queues.get_mut(qi) else {
+                return;
+            };
+            let Some(slot) = q.slots.get_mut(si) else {
+                return;
+            };
+            slot.pending = slot.pending.saturating_sub(1);
+            if status != IoStatus::Success {
+                slot.failed = true;
+            }
+            if slot.pending == 0 {
+                let status = if slot.failed {
+                    BlkStatus::IoErr
+                } else {
+                    BlkStatus::Ok
+                };
+                Self::complete(q, &mem, si, status, device);
+            }
+        })
+    }
+
+    /// Pops and starts new requests on every running queue.
+    fn poll_queues(&mut self) -> usize {
+        let Some(mem) = self.memory.clone() else {
+            return 0;
+        };
+        let mut work = 0;
+        for qi in 0..self.queues.len() {
+            let Some(Some(q)) = self.queues.get_mut(qi) else {
+                continue;
+            };
+            if q.stopping.is_some() || q.broken {
+                continue;
+            }
+            let room = q.free.len().min(POP_BATCH);
+            let popped = match q.vq.pop_heads(mem.as_ref(), &mut q.heads[..room]) {
+                Ok(n) => n,
+                Err(err) => {
+                    tracing::error!(device = self.id.0, queue = qi, %err, "avail ring unusable; queue stopped");
+                    q.broken = true;
+                    continue;
+                }
+            };
+            if popped == 0 {
+                continue;
+            }
+            // With EVENT_IDX, avail_event must trail last_avail_idx so the driver never kicks.
+            if let Err(err) = q.vq.disable_kicks(mem.as_ref()) {
+                tracing::error!(device = self.id.0, queue = qi, %err, "used ring unusable; queue stopped");
+                q.broken = true;
+                continue;
+            }
+            work += popped;
+            for i in 0..popped {
+                let head = q.heads[i];
+                let channel = if self.detached {
+                    None
+                } else {
+                    self.channel.as_deref_mut()
+                };
+                Self::start_request(
+                    self.id,
+                    &self.geometry,
+                    channel,
+                    &mut self.iovs,
+                    q,
+                    qi,
+                    head,
+                    mem.as_ref(),
+                );
+                if q.broken {
+                    break;
+                }
+            }
+        }
+        work
+    }
+
+    /// Walks, decodes and submits (or completes at once) the request at `head`.
+    #[allow(clippy::too_many_arguments)]
+    fn start_request(
+        device: DeviceId,
+        geometry: &DeviceGeometry,
+        channel: Option<&mut (dyn BdevChannel + 'static)>,
+        iovs: &mut Vec<IoVec>,
+        q: &mut BlkQueue,
+        qi: usize,
+        head: u16,
+        mem: &GuestMemoryTable,
+    ) {
+        let Some(slot_index) = q.free.pop() else {
+            // `poll_queues` pops at most as many heads as there are free slots.
+            tracing::error!(
+                device = device.0,
+                queue = qi,
+                "no free request slot; queue stopped"
+            );
+            q.broken = true;
+            return;
+        };
+        let si = usize::from(slot_index);
+        q.in_flight += 1;
+        let fresh = Slot {
+            head,
+            status_addr: 0,
+            used_len: 1,
+            pending: 0,
+            failed: false,
+        };
+        if let Some(slot) = q.slots.get_mut(si) {
+            *slot = fresh;
+        }
+
+        if let Err(err) = q.vq.walk_chain(mem, head, &mut *q.chain) {
+            match err.status_segment() {
+                Some(status) => {
+                    tracing::debug!(device = device.0, queue = qi, %err, "malformed request failed");
+                    let addr = status.guest_end().saturating_sub(1);
+                    if let Some(slot) = q.slots.get_mut(si) {
+                        slot.status_addr = addr;
+                    }
+                    Self::complete(q, mem, si, BlkStatus::IoErr, device);
+                }
+                None => {
+                    tracing::error!(device = device.0, queue = qi, %err, "malformed chain without a status byte; queue stopped (device needs reset)");
+                    Self::abandon(q, slot_index);
+                }
+            }
+            return;
+        }
+
+        let decoded = BlkRequest::<'_, MAX_RANGES>::decode(mem, &*q.chain, &q.limits);
+        let outcome = match decoded {
+            Ok(request) => {
+                let slot = q.slots.get_mut(si);
+                match slot {
+                    Some(slot) => {
+                        slot.status_addr = request.status_addr;
+                        slot.used_len = request.used_len_ok();
+                        let io_tag = tag(qi, slot_index);
+                        Self::submit(geometry, channel, iovs, slot, io_tag, &request, mem)
+                    }
+                    None => Some(BlkStatus::IoErr),
+                }
+            }
+            Err(err) => match err.status_to_write() {
+                Some((status_addr, status)) => {
+                    tracing::debug!(device = device.0, queue = qi, %err, "request refused");
+                    if let Some(slot) = q.slots.get_mut(si) {
+                        slot.status_addr = status_addr;
+                    }
+                    Some(status)
+                }
+                None => {
+                    tracing::error!(device = device.0, queue = qi, %err, "request without a usable status byte; queue stopped (device needs reset)");
+                    Self::abandon(q, slot_index);
+                    return;
+                }
+            },
+        };
+        if let Some(status) = outcome {
+            Self::complete(q, mem, si, status, device);
+        }
+    }
+
+    /// Gives back the slot of a request that can neither be executed nor answered, and stops the
+    /// queue: the driver broke the protocol and must reset the device.
+    fn abandon(q: &mut BlkQueue, slot_index: u16) {
+        q.in_flight = q.in_flight.saturating_sub(1);
+        q.free.push(slot_index);
+        q.broken = true;
+        if let Some(err) = &q.err {
+            err.notify();
+        }
+    }
+
+    /// Submits `request`'s bdev I/O; returns a status when the request completes at once.
+    fn submit(
+        geometry: &DeviceGeometry,
+        channel: Option<&mut (dyn BdevChannel + 'static)>,
+        iovs: &mut Vec<IoVec>,
+        slot: &mut Slot,
+        io_tag: u64,
+        request: &BlkRequest<'_, MAX_RANGES>,
+        mem: &GuestMemoryTable,
+    ) -> Option<BlkStatus> {
+        if request.kind == BlkRequestKind::GetId {
+            let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
+            let name = geometry.bdev_name.as_bytes();
+            let n = name.len().min(VIRTIO_BLK_ID_BYTES);
+            id[..n].copy_from_slice(&name[..n]);
+            let mut written = 0usize;
+            for seg in request.data.iter() {
+                let Some(rest) = id.get(written..) else { break };
+                if rest.is_empty() {
+                    break;
+                }
+                let take = usize::try_from(seg.len)
+                    .unwrap_or(usize::MAX)
+                    .min(rest.len());
+                if mem.write(seg.guest_addr, &rest[..take]).is_err() {
+                    return Some(BlkStatus::IoErr);
+                }
+                written += take;
+            }
+            return Some(BlkStatus::Ok);
+        }
+        // Hot-detached: every I/O fails.
+        let Some(channel) = channel else {
+            return Some(BlkStatus::IoErr);
+        };
+        let writes = matches!(
+            request.kind,
+            BlkRequestKind::Write | BlkRequestKind::Discard | BlkRequestKind::WriteZeroes
+        );
+        if writes && geometry.readonly {
+            return Some(BlkStatus::IoErr);
+        }
+        match request.kind {
+            BlkRequestKind::Read | BlkRequestKind::Write => {
+                let data_len = u64::from(request.data_len());
+                // Sectors are 512 bytes; the bdev's blocks may be larger: misaligned is an error.
+                if data_len % u64::from(geometry.block_size) != 0 {
+                    return Some(BlkStatus::IoErr);
+                }
+                let Some((offset_blocks, num_blocks)) =
+                    geometry.blocks(request.sector, data_len / SECTOR)
+                else {
+                    return Some(BlkStatus::IoErr);
+                };
+                if num_blocks == 0 {
+                    return Some(BlkStatus::Ok);
+                }
+                iovs.clear();
+                iovs.extend(request.data.iter().map(|seg| IoVec {
+                    addr: seg.host_addr,
+                    len: seg.len,
+                }));
+                let kind = if request.kind == BlkRequestKind::Read {
+                    IoKind::Read
+                } else {
+                    IoKind::Write
+                };
+                let io = BdevIo {
+                    kind,
+                    offset_blocks,
+                    num_blocks,
+                    iovs,
+                    tag: io_tag,
+                };
+                Self::submit_one(channel, slot, &io, mem)
+            }
+            BlkRequestKind::Flush => {
+                if !geometry.supports_flush {
+                    // Nothing is cached above a bdev that cannot flush.
+                    return Some(BlkStatus::Ok);
+                }
+                let io = BdevIo {
+                    kind: IoKind::Flush,
+                    offset_blocks: 0,
+                    num_blocks: 0,
+                    iovs: &[],
+                    tag: io_tag,
+                };
+                Self::submit_one(channel, slot, &io, mem)
+            }
+            BlkRequestKind::Discard | BlkRequestKind::WriteZeroes => {
+                let (io_kind, supported) = if request.kind == BlkRequestKind::Discard {
+                    (IoKind::Unmap, geometry.supports_unmap)
+                } else {
+                    (IoKind::WriteZeroes, geometry.supports_write_zeroes)
+                };
+                if !supported {
+                    return Some(BlkStatus::Unsupp);
+                }
+                // Check every range before submitting any, so a bad range fails the request
+                // without having changed the device.
+                if request.ranges.iter().any(|r| {
+                    geometry
+                        .blocks(r.sector, u64::from(r.num_sectors))
+                        .is_none()
+                }) {
+                    return Some(BlkStatus::IoErr);
+                }
+                let mut submitted = 0u32;
+                for range in &request.ranges {
+                    let Some((offset_blocks, num_blocks)) =
+                        geometry.blocks(range.sector, u64::from(range.num_sectors))
+                    else {
+                        continue;
+                    };
+                    if num_blocks == 0 {
+                        continue;
+                    }
+                    let io = BdevIo {
+                        kind: io_kind,
+                        offset_blocks,
+                        num_blocks,
+                        iovs: &[],
+                        tag: io_tag,
+                    };
+                    match channel.submit(&io, mem) {
+                        Ok(()) => submitted += 1,
+                        Err(err) => {
+                            tracing::debug!(%err, "bdev refused a range");
+                            slot.failed = true;
+                        }
+                    }
+                }
+                if submitted == 0 {
+                    return Some(if slot.failed {
+                        BlkStatus::IoErr
+                    } else {
+                        BlkStatus::Ok
+                    });
+                }
+                slot.pending = submitted;
+                None
+            }
+            BlkRequestKind::GetId => Some(BlkStatus::Ok),
+        }
+    }
+
+    fn submit_one(
+        channel: &mut dyn BdevChannel,
+        slot: &mut Slot,
+        io: &BdevIo<'_>,
+        mem: &GuestMemoryTable,
+    ) -> Option<BlkStatus> {
+        match channel.submit(io, mem) {
+            Ok(()) => {
+                slot.pending = 1;
+                None
+            }
+            Err(err) => {
+                tracing::debug!(%err, "bdev refused I/O");
+                Some(BlkStatus::IoErr)
+            }
+        }
+    }
+
+    /// Publishes each queue's used elements and signals its call eventfd if the driver wants it.
+    fn publish(&mut self) {
+        let Some(mem) = self.memory.as_deref() else {
+            return;
+        };
+        for (qi, queue) in self.queues.iter_mut().enumerate() {
+            let Some(q) = queue else { continue };
+            if let Err(err) = q.vq.publish_used(mem) {
+                tracing::error!(device = self.id.0, queue = qi, %err, "publishing used ring failed; queue stopped");
+                q.broken = true;
+                continue;
+            }
+            match q.vq.needs_notification(mem) {
+                Ok(true) => {
+                    if let Some(call) = &q.call {
+                        call.notify();
+                    }
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::error!(device = self.id.0, queue = qi, %err, "reading notification suppression failed");
+                    q.broken = true;
+                }
+            }
+        }
+    }
+}
+
+impl ReactorDevice for BlkDevice {
+    fn id(&self) -> DeviceId {
+        self.id
+    }
+
+    fn poll(&mut self) -> usize {
+        if self.removed {
+            return 0;
+        }
+        let mut work = self.poll_queues();
+        work += self.poll_completions();
+        if work > 0 {
+            self.publish();
+        }
+        if self.detach_reply.is_some()
+            || self.remove_reply.is_some()
+            || !self.retired.is_empty()
+            || self.queues.iter().flatten().any(|q| q.stopping.is_some())
+        {
+            self.settle();
+        }
+        work
+    }
+
+    fn apply(&mut self, op: DeviceOp) {
+        match op {
+            DeviceOp::SetMemory { memory, reply } => {
+                self.set_memory(memory);
+                let _ = reply.send(());
+            }
+            DeviceOp::StartQueue {
+                index,
+                setup,
+                reply,
+            } => {
+                let _ = reply.send(self.start_queue(index, setup));
+            }
+            DeviceOp::StopQueue { index, reply } => {
+                match self
+                    .queues
+                    .get_mut(usize::from(index))
+                    .and_then(Option::as_mut)
+                {
+                    Some(q) => q.stopping = Some(reply),
+                    None => {
+                        let _ = reply.send(None);
+                    }
+                }
+                self.settle();
+            }
+            DeviceOp::SetCall { index, call, reply } => {
+                if let Some(q) = self
+                    .queues
+                    .get_mut(usize::from(index))
+                    .and_then(Option::as_mut)
+                {
+                    q.call = call;
+                }
+                let _ = reply.send(());
+            }
+            DeviceOp::DetachBdev { reply } => {
+                // From now on new requests see no channel; in-flight ones still complete through it.
+                self.detached = true;
+                self.detach_reply = Some(reply);
+                self.settle();
+            }
+            DeviceOp::Remove { reply } => {
+                for q in self.queues.iter_mut().flatten() {
+                    if let Some(stop) = q.stopping.take() {
+                        let _ = stop.send(Some(q.vq.last_avail_idx()));
+                    }
+                    // Stop popping; the queue stays until its in-flight requests completed.
+                    q.broken = true;
+                }
+                self.remove_reply = Some(reply);
+                self.settle();
+            }
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.removed
+    }
+}

@@ -1,0 +1,313 @@
+//! The data plane as the control plane sees it: the reactor set and the vhost controllers served
+//! on it, behind [`ControllerOps`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::blk::BlkController;
+use crate::ops::{BlkControllerSpec, ControllerInfo, ControllerOps, OpsError};
+use crate::reactor::{self, DeviceOp, IdlePolicy, ReactorHandle};
+use crate::vhost::{DeviceBackend, VhostServer};
+
+/// Longest Unix socket path (`sun_path` is 108 bytes including the terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// How the data plane runs.
+#[derive(Debug, Clone, Copy)]
+pub struct DataplaneOptions {
+    /// What reactors do when idle (see [`crate::reactor`]).
+    pub idle: IdlePolicy,
+}
+
+impl Default for DataplaneOptions {
+    fn default() -> Self {
+        DataplaneOptions {
+            idle: IdlePolicy::Adaptive,
+        }
+    }
+}
+
+/// Why the data plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The cpumask selects no core.
+    #[error("cpumask {0:#x} selects no core")]
+    EmptyCpumask(u64),
+    /// The socket directory is unusable.
+    #[error("socket directory {path}: {source}")]
+    SocketDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A reactor thread could not be started.
+    #[error("starting reactor on core {core}: {source}")]
+    Reactor {
+        /// Its core.
+        core: u32,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// One controller as the data plane keeps it.
+#[derive(Debug)]
+struct Controller {
+    cpumask: u64,
+    blk: Arc<BlkController>,
+    server: VhostServer,
+    /// Distinguishes controllers in `framework_get_reactors`' thread list.
+    id: u64,
+}
+
+/// The reactors and controllers of one target process.
+#[derive(Debug)]
+pub struct Dataplane {
+    cpumask: u64,
+    socket_dir: PathBuf,
+    reactors: Vec<Arc<ReactorHandle>>,
+    controllers: Mutex<BTreeMap<String, Controller>>,
+    next_controller_id: Mutex<u64>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Plain data: a panic elsewhere cannot leave it half-updated in a harmful way.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Dataplane {
+    /// Starts one reactor per core in `cpumask`; controllers' sockets go to `socket_dir`.
+    pub fn start(cpumask: u64, socket_dir: PathBuf) -> Result<Arc<Self>, DataplaneError> {
+        Self::start_with(cpumask, socket_dir, DataplaneOptions::default())
+    }
+
+    /// [`Dataplane::start`] with explicit options.
+    pub fn start_with(
+        cpumask: u64,
+        socket_dir: PathBuf,
+        options: DataplaneOptions,
+    ) -> Result<Arc<Self>, DataplaneError> {
+        if cpumask == 0 {
+            return Err(DataplaneError::EmptyCpumask(cpumask));
+        }
+        std::fs::create_dir_all(&socket_dir).map_err(|source| DataplaneError::SocketDir {
+            path: socket_dir.clone(),
+            source,
+        })?;
+        let mut reactors = Vec::new();
+        for core in (0..64u32).filter(|c| cpumask & (1u64 << c) != 0) {
+            match reactor::spawn(core, options.idle) {
+                Ok(handle) => reactors.push(handle),
+                Err(source) => {
+                    for started in &reactors {
+                        started.shutdown();
+                    }
+                    return Err(DataplaneError::Reactor { core, source });
+                }
+            }
+        }
+        tracing::info!(cpumask = format_args!("{cpumask:#x}"), reactors = reactors.len(), socket_dir = %socket_dir.display(), "data plane started");
+        Ok(Arc::new(Dataplane {
+            cpumask,
+            socket_dir,
+            reactors,
+            controllers: Mutex::new(BTreeMap::new()),
+            next_controller_id: Mutex::new(1),
+        }))
+    }
+
+    /// The reactors, in core order.
+    pub fn reactors(&self) -> &[Arc<ReactorHandle>] {
+        &self.reactors
+    }
+
+    /// Deletes every controller and stops the reactors. Idempotent.
+    pub fn shutdown(&self) {
+        let controllers = std::mem::take(&mut *lock(&self.controllers));
+        for (_, mut controller) in controllers {
+            controller.server.stop();
+            controller.server.reactor().adjust_load(false);
+        }
+        for reactor in &self.reactors {
+            reactor.shutdown();
+        }
+    }
+
+    /// The least-loaded reactor among those `mask` selects (ties: lowest core), as SPDK places a
+    /// new controller.
+    fn place(&self, mask: u64) -> Option<Arc<ReactorHandle>> {
+        self.reactors
+            .iter()
+            .filter(|r| r.core() < 64 && mask & (1u64 << r.core()) != 0)
+            .min_by_key(|r| (r.load(), r.core()))
+            .cloned()
+    }
+
+    fn socket_path(&self, name: &str) -> Result<PathBuf, OpsError> {
+        let valid = !name.is_empty()
+            && name != "."
+            && name != ".."
+            && !name.contains('/')
+            && !name.contains('\0');
+        if !valid {
+            return Err(OpsError::InvalidParams(format!(
+                "invalid controller name {name:?}"
+            )));
+        }
+        let path = self.socket_dir.join(name);
+        if path.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(OpsError::InvalidParams(format!(
+                "socket path {} is longer than {MAX_SOCKET_PATH} bytes",
+                path.display()
+            )));
+        }
+        Ok(path)
+    }
+
+    fn info(name: &str, controller: &Controller) -> ControllerInfo {
+        let bdev = controller.blk.bdev_name();
+        ControllerInfo {
+            ctrlr: name.to_string(),
+            cpumask: format!("{:#x}", controller.cpumask),
+            delay_base_us: 0,
+            iops_threshold: 0,
+            socket: controller.server.socket().to_path_buf(),
+            sessions: controller.server.sessions(),
+            backend_specific: serde_json::json!({
+                "block": { "readonly": controller.blk.readonly(), "bdev": bdev }
+            }),
+        }
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl ControllerOps for Dataplane {
+    fn create_blk_controller(&self, spec: BlkControllerSpec) -> Result<(), OpsError> {
+        let socket = self.socket_path(&spec.name)?;
+        let requested = spec.cpumask.unwrap_or(self.cpumask);
+        let mask = requested & self.cpumask;
+        let Some(reactor) = self.place(mask) else {
+            return Err(OpsError::InvalidParams(format!(
+                "cpumask {requested:#x} selects none of the target's cores {:#x}",
+                self.cpumask
+            )));
+        };
+        let mut controllers = lock(&self.controllers);
+        if controllers.contains_key(&spec.name) {
+            return Err(OpsError::Exists(spec.name));
+        }
+        let blk = Arc::new(BlkController::new(&spec.name, spec.bdev, spec.readonly));
+        let backend: Arc<dyn DeviceBackend> = blk.clone();
+        let server = VhostServer::start(&spec.name, &socket, backend, Arc::clone(&reactor))
+            .map_err(|err| OpsError::Internal(err.to_string()))?;
+        reactor.adjust_load(true);
+        let id = {
+            let mut next = lock(&self.next_controller_id);
+            let id = *next;
+            *next = next.saturating_add(1);
+            id
+        };
+        controllers.insert(
+            spec.name,
+            Controller {
+                cpumask: mask,
+                blk,
+                server,
+                id,
+            },
+        );
+        Ok(())
+    }
+
+    fn delete_controller(&self, name: &str) -> Result<(), OpsError> {
+        let controller = lock(&self.controllers).remove(name);
+        let Some(mut controller) = controller else {
+            return Err(OpsError::NotFound(name.to_string()));
+        };
+        controller.server.stop();
+        controller.server.reactor().adjust_load(false);
+        tracing::info!(controller = name, "controller deleted");
+        Ok(())
+    }
+
+    fn controllers(&self, name: Option<&str>) -> Result<Vec<ControllerInfo>, OpsError> {
+        let controllers = lock(&self.controllers);
+        match name {
+            Some(name) => controllers
+                .get(name)
+                .map(|c| vec![Self::info(name, c)])
+                .ok_or_else(|| OpsError::NotFound(name.to_string())),
+            None => Ok(controllers.iter().map(|(n, c)| Self::info(n, c)).collect()),
+        }
+    }
+
+    fn bdev_in_use(&self, bdev_name: &str) -> bool {
+        lock(&self.controllers)
+            .values()
+            .any(|c| c.blk.bdev_name().as_deref() == Some(bdev_name))
+    }
+
+    fn detach_bdev(&self, bdev_name: &str) {
+        let controllers = lock(&self.controllers);
+        for (name, controller) in controllers.iter() {
+            if controller.blk.bdev_name().as_deref() != Some(bdev_name) {
+                continue;
+            }
+            controller.server.with_current_device(|device| {
+                // New sessions get no bdev from now on...
+                controller.blk.detach();
+                // ...and the connected one stops using it once its in-flight I/O completed.
+                if let Some(id) = device {
+                    let reactor = controller.server.reactor();
+                    if let Err(err) =
+                        reactor.device_call(id, |reply| DeviceOp::DetachBdev { reply })
+                    {
+                        tracing::error!(controller = %name, %err, "hot-detach did not complete");
+                    }
+                }
+            });
+            tracing::info!(controller = %name, bdev = bdev_name, "bdev hot-detached");
+        }
+    }
+
+    fn reactors_info(&self) -> serde_json::Value {
+        let controllers = lock(&self.controllers);
+        let reactors: Vec<serde_json::Value> = self
+            .reactors
+            .iter()
+            .map(|r| {
+                let threads: Vec<serde_json::Value> = controllers
+                    .iter()
+                    .filter(|(_, c)| c.server.reactor().core() == r.core())
+                    .map(|(name, c)| {
+                        serde_json::json!({
+                            "name": name,
+                            "id": c.id,
+                            "cpumask": format!("{:x}", c.cpumask),
+                            "elapsed": 0,
+                        })
+                    })
+                    .collect();
+                let stats = r.stats();
+                serde_json::json!({
+                    "lcore": r.core(),
+                    "busy": stats.busy_ns.load(std::sync::atomic::Ordering::Relaxed),
+                    "idle": stats.idle_ns.load(std::sync::atomic::Ordering::Relaxed),
+                    "in_interrupt": false,
+                    "lw_threads": threads,
+                })
+            })
+            .collect();
+        // Busy/idle are reported in nanoseconds, so the "tick rate" is 1 GHz.
+        serde_json::json!({ "tick_rate": 1_000_000_000u64, "pid": std::process::id(), "reactors": reactors })
+    }
+}

@@ -1,0 +1,411 @@
+//! Reactors: one poll-mode thread per core of the target's cpumask.
+//!
+//! A reactor owns its devices outright (their virtqueues, bdev channels and request slots), so
+//! the data path takes no locks and shares no mutable state. Everything else reaches a reactor as
+//! a [`Command`] over its SPSC control ring; a command that changes a device carries a reply
+//! sender, and the sender of the command (a vhost-user control thread or the RPC thread) blocks on
+//! the reply, so a frontend is only answered once the change is in effect on the data path.
+//!
+//! Several control threads send to the same reactor, while the ring has one producer: the
+//! producer half therefore sits behind a mutex on the *control* side. The reactor side (the
+//! consumer) never locks.
+//!
+//! # Idling
+//!
+//! Poll mode is the product: a busy reactor never sleeps. But the test machines run a TCG guest,
+//! the target and the tests on two shared cores, so with [`IdlePolicy::Adaptive`] (the default) a
+//! reactor that found no work for [`SPIN_ROUNDS`] consecutive rounds starts calling
+//! `sched_yield`, and after [`YIELD_ROUNDS`] rounds sleeps [`IDLE_SLEEP`] between rounds. Any
+//! work resets it to spinning. [`IdlePolicy::BusyPoll`] (for benchmarks) never yields.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rvhost_platform_linux::spsc;
+
+/// Capacity of each reactor's control ring. Control commands are rare and synchronous, so a
+/// handful of slots absorbs every burst (several control threads at once).
+const CONTROL_RING_SLOTS: usize = 64;
+
+/// Empty poll rounds after which an adaptive reactor starts yielding its core.
+pub const SPIN_ROUNDS: u32 = 4096;
+/// Empty poll rounds after which an adaptive reactor starts sleeping between rounds.
+pub const YIELD_ROUNDS: u32 = 32 * 1024;
+/// How long an idle adaptive reactor sleeps between rounds.
+pub const IDLE_SLEEP: Duration = Duration::from_micros(100);
+
+/// How long a control thread waits for a reactor to apply a command before giving up. Only a
+/// stuck bdev (an I/O that never completes) can make a reactor this slow.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a reactor does when it finds no work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdlePolicy {
+    /// Spin, then yield, then sleep briefly (see the module documentation).
+    Adaptive,
+    /// Spin forever: lowest latency, one full core per reactor.
+    BusyPoll,
+}
+
+/// Identifies a device (one vhost-user session of a controller) on its reactor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DeviceId(pub u64);
+
+/// The sending half of a command's reply.
+pub type Reply<T> = SyncSender<T>;
+
+/// A device as a reactor drives it: a vhost-blk session's queues, for instance.
+pub trait ReactorDevice: Send {
+    /// The device's identity, for routing [`Command::Device`].
+    fn id(&self) -> DeviceId;
+    /// One poll round: new requests, bdev completions, used-ring publishing, deferred replies.
+    /// Returns how much work was done (0 when idle).
+    fn poll(&mut self) -> usize;
+    /// Applies a control operation.
+    fn apply(&mut self, op: DeviceOp);
+    /// Whether the device was removed and has drained; the reactor then drops it.
+    fn is_finished(&self) -> bool;
+}
+
+/// A change to one device's queues or memory, applied on its reactor.
+pub enum DeviceOp {
+    /// Swaps in a new guest memory table. The device keeps the old one alive while requests that
+    /// use it are in flight.
+    SetMemory {
+        /// The new table.
+        memory: Arc<crate::vhost::memory::GuestMemoryTable>,
+        /// Acknowledged once swapped in.
+        reply: Reply<()>,
+    },
+    /// Starts polling a virtqueue.
+    StartQueue {
+        /// Queue index.
+        index: u16,
+        /// Everything the queue needs.
+        setup: crate::vhost::QueueSetup,
+        /// The outcome (a ring that does not lie in guest memory is refused).
+        reply: Reply<Result<(), String>>,
+    },
+    /// Stops a virtqueue after its in-flight requests completed; replies with the next avail
+    /// index to process (vhost-user `GET_VRING_BASE`).
+    StopQueue {
+        /// Queue index.
+        index: u16,
+        /// The queue's `last_avail_idx` once drained, or `None` if it was not running.
+        reply: Reply<Option<u16>>,
+    },
+    /// Replaces a running queue's call eventfd (`None`: stop signalling).
+    SetCall {
+        /// Queue index.
+        index: u16,
+        /// The new eventfd.
+        call: Option<Arc<crate::vhost::EventNotifier>>,
+        /// Acknowledged once in effect.
+        reply: Reply<()>,
+    },
+    /// Hot-detaches the device's bdev: new requests fail; replies once in-flight I/O completed.
+    DetachBdev {
+        /// Acknowledged once drained.
+        reply: Reply<()>,
+    },
+    /// Stops every queue and removes the device once its in-flight I/O completed.
+    Remove {
+        /// Acknowledged once drained; the reactor drops the device after replying.
+        reply: Reply<()>,
+    },
+}
+
+impl std::fmt::Debug for DeviceOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            DeviceOp::SetMemory { .. } => "SetMemory",
+            DeviceOp::StartQueue { .. } => "StartQueue",
+            DeviceOp::StopQueue { .. } => "StopQueue",
+            DeviceOp::SetCall { .. } => "SetCall",
+            DeviceOp::DetachBdev { .. } => "DetachBdev",
+            DeviceOp::Remove { .. } => "Remove",
+        };
+        f.write_str(name)
+    }
+}
+
+/// A message to a reactor.
+pub enum Command {
+    /// Takes ownership of a new device.
+    AddDevice {
+        /// The device.
+        device: Box<dyn ReactorDevice>,
+        /// Acknowledged once the device is polled.
+        reply: Reply<()>,
+    },
+    /// An operation on one device. If the device does not exist the reply sender is dropped, which
+    /// the waiting side sees as an error.
+    Device(DeviceId, DeviceOp),
+    /// Ends the reactor thread (devices are dropped without draining: the process is exiting).
+    Shutdown,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::AddDevice { device, .. } => write!(f, "AddDevice({:?})", device.id()),
+            Command::Device(id, op) => write!(f, "Device({id:?}, {op:?})"),
+            Command::Shutdown => f.write_str("Shutdown"),
+        }
+    }
+}
+
+/// Why a command could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum ReactorError {
+    /// The reactor thread has exited.
+    #[error("reactor {0} is not running")]
+    Gone(u32),
+    /// The reactor did not answer in time.
+    #[error("reactor {0} did not answer within {1:?}")]
+    Timeout(u32, Duration),
+    /// The command named a device the reactor does not have.
+    #[error("reactor {0} dropped the command (unknown device)")]
+    Dropped(u32),
+}
+
+/// Counters a reactor publishes for `framework_get_reactors`.
+#[derive(Debug, Default)]
+pub struct ReactorStats {
+    /// Nanoseconds spent in rounds that found work.
+    pub busy_ns: AtomicU64,
+    /// Nanoseconds spent in rounds that found none.
+    pub idle_ns: AtomicU64,
+}
+
+/// The control side's view of a reactor.
+#[derive(Debug)]
+pub struct ReactorHandle {
+    core: u32,
+    commands: Mutex<spsc::Producer<Command>>,
+    /// Devices placed here, for least-loaded placement.
+    load: AtomicUsize,
+    stats: Arc<ReactorStats>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl ReactorHandle {
+    /// The core this reactor is pinned to.
+    pub fn core(&self) -> u32 {
+        self.core
+    }
+
+    /// Number of controllers placed on this reactor.
+    pub fn load(&self) -> usize {
+        self.load.load(Ordering::Relaxed)
+    }
+
+    /// Records one more (`true`) or one fewer controller placed here.
+    pub fn adjust_load(&self, add: bool) {
+        if add {
+            self.load.fetch_add(1, Ordering::Relaxed);
+        } else {
+            // A failed update means it was already 0; nothing to undo.
+            let _ = self
+                .load
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+    }
+
+    /// The reactor's busy/idle counters.
+    pub fn stats(&self) -> &ReactorStats {
+        &self.stats
+    }
+
+    /// Queues `command` on the control ring. The ring is tiny and the reactor drains it every
+    /// round, so a full ring only means a burst: retry briefly.
+    fn send(&self, mut command: Command) -> Result<(), ReactorError> {
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        loop {
+            {
+                let mut producer = self
+                    .commands
+                    .lock()
+                    .map_err(|_| ReactorError::Gone(self.core))?;
+                match producer.try_push(command) {
+                    Ok(()) => return Ok(()),
+                    Err(back) => command = back,
+                }
+            }
+            if self.is_finished() {
+                return Err(ReactorError::Gone(self.core));
+            }
+            if Instant::now() > deadline {
+                return Err(ReactorError::Timeout(self.core, REPLY_TIMEOUT));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        match self.thread.lock() {
+            Ok(guard) => guard.as_ref().is_none_or(|t| t.is_finished()),
+            Err(_) => true,
+        }
+    }
+
+    /// Sends the command built by `make` and waits for its reply.
+    pub fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ReactorError> {
+        let (tx, rx): (SyncSender<T>, Receiver<T>) = mpsc::sync_channel(1);
+        self.send(make(tx))?;
+        match rx.recv_timeout(REPLY_TIMEOUT) {
+            Ok(value) => Ok(value),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                Err(ReactorError::Timeout(self.core, REPLY_TIMEOUT))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(ReactorError::Dropped(self.core)),
+        }
+    }
+
+    /// Sends `op` to device `id` and waits for its reply.
+    pub fn device_call<T>(
+        &self,
+        id: DeviceId,
+        make: impl FnOnce(Reply<T>) -> DeviceOp,
+    ) -> Result<T, ReactorError> {
+        self.call(|reply| Command::Device(id, make(reply)))
+    }
+
+    /// Asks the thread to exit and joins it.
+    pub fn shutdown(&self) {
+        if self.send(Command::Shutdown).is_err() {
+            tracing::warn!(
+                core = self.core,
+                "reactor did not take the shutdown command"
+            );
+        }
+        let handle = match self.thread.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(_) => None,
+        };
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!(core = self.core, "reactor thread panicked");
+            }
+        }
+    }
+}
+
+/// Starts a reactor thread pinned to `core`.
+pub fn spawn(core: u32, idle: IdlePolicy) -> std::io::Result<Arc<ReactorHandle>> {
+    let (producer, consumer) = spsc::channel(CONTROL_RING_SLOTS);
+    let stats = Arc::new(ReactorStats::default());
+    let reactor = Reactor {
+        core,
+        commands: consumer,
+        devices: Vec::new(),
+        idle,
+        stats: Arc::clone(&stats),
+    };
+    let thread = std::thread::Builder::new()
+        .name(format!("reactor_{core}"))
+        .spawn(move || reactor.run())?;
+    Ok(Arc::new(ReactorHandle {
+        core,
+        commands: Mutex::new(producer),
+        load: AtomicUsize::new(0),
+        stats,
+        thread: Mutex::new(Some(thread)),
+    }))
+}
+
+/// The reactor thread's state; owned by that thread alone.
+struct Reactor {
+    core: u32,
+    commands: spsc::Consumer<Command>,
+    devices: Vec<Box<dyn ReactorDevice>>,
+    idle: IdlePolicy,
+    stats: Arc<ReactorStats>,
+}
+
+/// Rounds between two updates of the published busy/idle counters (reading the clock every
+/// round would cost more than an empty round itself).
+const STATS_ROUNDS: u32 = 1024;
+
+impl Reactor {
+    fn run(mut self) {
+        if let Err(err) = rvhost_platform_linux::cpu::pin_current_thread(self.core as usize) {
+            tracing::warn!(core = self.core, %err, "could not pin reactor; running unpinned");
+        }
+        tracing::info!(core = self.core, "reactor started");
+        let mut empty_rounds: u32 = 0;
+        let mut busy_rounds: u32 = 0;
+        let mut rounds: u32 = 0;
+        let mut window_start = Instant::now();
+        loop {
+            let mut work = 0usize;
+            while let Some(command) = self.commands.try_pop() {
+                work = work.saturating_add(1);
+                if !self.apply(command) {
+                    tracing::info!(core = self.core, "reactor stopped");
+                    return;
+                }
+            }
+            for device in &mut self.devices {
+                work = work.saturating_add(device.poll());
+            }
+            if self.devices.iter().any(|d| d.is_finished()) {
+                self.devices.retain(|d| !d.is_finished());
+            }
+
+            rounds = rounds.wrapping_add(1);
+            if work > 0 {
+                busy_rounds = busy_rounds.saturating_add(1);
+                empty_rounds = 0;
+            } else {
+                empty_rounds = empty_rounds.saturating_add(1);
+                if self.idle == IdlePolicy::Adaptive {
+                    if empty_rounds > YIELD_ROUNDS {
+                        std::thread::sleep(IDLE_SLEEP);
+                    } else if empty_rounds > SPIN_ROUNDS {
+                        std::thread::yield_now();
+                    }
+                }
+            }
+            if rounds % STATS_ROUNDS == 0 || empty_rounds > YIELD_ROUNDS {
+                self.publish_stats(&mut window_start, rounds, &mut busy_rounds);
+                rounds = 0;
+            }
+        }
+    }
+
+    /// Splits the time since the last update between busy and idle in proportion to the rounds.
+    fn publish_stats(&self, window_start: &mut Instant, rounds: u32, busy_rounds: &mut u32) {
+        let now = Instant::now();
+        let elapsed =
+            u64::try_from(now.duration_since(*window_start).as_nanos()).unwrap_or(u64::MAX);
+        *window_start = now;
+        let rounds = u64::from(rounds.max(1));
+        let busy = elapsed.saturating_mul(u64::from(*busy_rounds)) / rounds;
+        *busy_rounds = 0;
+        self.stats.busy_ns.fetch_add(busy, Ordering::Relaxed);
+        self.stats
+            .idle_ns
+            .fetch_add(elapsed.saturating_sub(busy), Ordering::Relaxed);
+    }
+
+    /// Applies one command; `false` means shut down.
+    fn apply(&mut self, command: Command) -> bool {
+        match command {
+            Command::AddDevice { device, reply } => {
+                self.devices.push(device);
+                // The control side may have given up waiting; the device is added regardless.
+                let _ = reply.send(());
+            }
+            Command::Device(id, op) => match self.devices.iter_mut().find(|d| d.id() == id) {
+                Some(device) => device.apply(op),
+                None => tracing::warn!(core = self.core, ?id, ?op, "command for unknown device"),
+            },
+            Command::Shutdown => return false,
+        }
+        true
+    }
+}

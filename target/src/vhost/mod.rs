@@ -1,0 +1,334 @@
+//! The vhost-user server: one listening socket and one control thread per controller.
+//!
+//! The control thread accepts a frontend (QEMU), lets `vhost`'s `BackendReqHandler` frame and
+//! validate its messages, and answers them through a [`session::Session`]. The device's queues
+//! live on a reactor; the session sends them there and waits for each change to be applied
+//! before the frontend gets its reply. When the frontend disconnects (or a message is so broken
+//! that the connection cannot be trusted any more) the session's device is drained and removed from
+//! the reactor and the socket accepts the next connection; other controllers never notice.
+
+pub mod memory;
+pub mod session;
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use vhost::vhost_user::{BackendReqHandler, Error as VuError};
+
+use crate::reactor::{Command, DeviceId, ReactorDevice, ReactorHandle};
+use memory::GuestMemoryTable;
+use session::Session;
+
+/// Virtio feature bits as negotiated with the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VirtioFeatures(pub u64);
+
+impl VirtioFeatures {
+    /// Whether feature bit `bit` was negotiated.
+    pub fn has(self, bit: u32) -> bool {
+        bit < 64 && self.0 & (1u64 << bit) != 0
+    }
+}
+
+/// An eventfd the frontend gave us to signal (a vring's call fd).
+#[derive(Debug)]
+pub struct EventNotifier(rvhost_platform_linux::EventFd);
+
+impl EventNotifier {
+    /// Takes ownership of an eventfd received over vhost-user.
+    pub fn from_file(file: File) -> Result<Self, rvhost_platform_linux::EventFdError> {
+        rvhost_platform_linux::EventFd::from_owned_fd(file.into()).map(EventNotifier)
+    }
+
+    /// Signals the frontend. A full counter (the guest has not consumed earlier signals) still
+    /// means "signalled"; other failures are logged, because a lost interrupt stalls the guest.
+    pub fn notify(&self) {
+        if let Err(err) = self.0.signal() {
+            tracing::warn!(%err, "writing call eventfd failed");
+        }
+    }
+}
+
+/// Everything a reactor needs to start polling one vring.
+#[derive(Debug)]
+pub struct QueueSetup {
+    /// Queue size (a power of two).
+    pub size: u16,
+    /// Guest physical address of the descriptor table.
+    pub desc_gpa: u64,
+    /// Guest physical address of the avail ring.
+    pub avail_gpa: u64,
+    /// Guest physical address of the used ring.
+    pub used_gpa: u64,
+    /// The next avail index to process (`SET_VRING_BASE`).
+    pub last_avail: u16,
+    /// Negotiated virtio features.
+    pub features: VirtioFeatures,
+    /// Where to signal completions.
+    pub call: Option<Arc<EventNotifier>>,
+    /// Where to report a queue the driver broke (`SET_VRING_ERR`).
+    pub err: Option<Arc<EventNotifier>>,
+    /// The memory table in force when the queue starts.
+    pub memory: Arc<GuestMemoryTable>,
+}
+
+/// The device-specific side of a vhost-user controller (vhost-blk, vhost-scsi).
+pub trait DeviceBackend: Send + Sync {
+    /// Virtio feature bits offered (without `VHOST_USER_F_PROTOCOL_FEATURES`, added by the
+    /// server).
+    fn features(&self) -> u64;
+    /// Reads `len` bytes of the device's virtio config space at `offset` (`GET_CONFIG`).
+    fn read_config(&self, offset: u32, len: u32) -> Result<Vec<u8>, String>;
+    /// Most queues a frontend may use (`GET_QUEUE_NUM`).
+    fn max_queues(&self) -> u16;
+    /// Largest queue size accepted by `SET_VRING_NUM`.
+    fn max_queue_size(&self) -> u16;
+    /// Builds the reactor-side device for a new frontend session.
+    fn new_device(&self, id: DeviceId) -> Result<Box<dyn ReactorDevice>, String>;
+}
+
+/// Why a server could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The socket path exists and is not a socket (we only replace stale sockets).
+    #[error("{0} exists and is not a socket")]
+    PathInUse(PathBuf),
+    /// Creating, binding or spawning failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// The failure.
+        source: io::Error,
+    },
+}
+
+/// Device ids are unique over the process's lifetime, so a stale command can never reach a new
+/// session's device.
+static NEXT_DEVICE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// State shared between a server's control thread and the RPC thread.
+#[derive(Debug, Default)]
+struct ServerShared {
+    stop: AtomicBool,
+    sessions: AtomicU32,
+    /// A clone of the connected socket, so `stop` can unblock the control thread.
+    connection: Mutex<Option<UnixStream>>,
+    /// The connected session's device. Held while a session's device is created or removed, so a
+    /// hot-detach cannot slip between the two.
+    device: Mutex<Option<DeviceId>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave the data inconsistent (they hold plain
+    // values), so a poisoned lock is used as is.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One controller's vhost-user socket and its control thread.
+#[derive(Debug)]
+pub struct VhostServer {
+    socket: PathBuf,
+    shared: Arc<ServerShared>,
+    reactor: Arc<ReactorHandle>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VhostServer {
+    /// Binds `socket` and starts serving `backend`'s device with its queues on `reactor`.
+    pub fn start(
+        name: &str,
+        socket: &Path,
+        backend: Arc<dyn DeviceBackend>,
+        reactor: Arc<ReactorHandle>,
+    ) -> Result<Self, ServerError> {
+        let io_err = |source| ServerError::Io {
+            path: socket.to_path_buf(),
+            source,
+        };
+        match std::fs::symlink_metadata(socket) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                // A stale socket from an earlier run (SPDK replaces these too).
+                std::fs::remove_file(socket).map_err(io_err)?;
+            }
+            Ok(_) => return Err(ServerError::PathInUse(socket.to_path_buf())),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(io_err(err)),
+        }
+        let listener = UnixListener::bind(socket).map_err(io_err)?;
+        let shared = Arc::new(ServerShared::default());
+        let control = ControlThread {
+            name: name.to_string(),
+            listener,
+            backend,
+            reactor: Arc::clone(&reactor),
+            shared: Arc::clone(&shared),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("vhost-{name}"))
+            .spawn(move || control.run())
+            .map_err(io_err)?;
+        tracing::info!(controller = name, socket = %socket.display(), core = reactor.core(), "vhost-user controller listening");
+        Ok(VhostServer {
+            socket: socket.to_path_buf(),
+            shared,
+            reactor,
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The reactor serving this controller's queues.
+    pub fn reactor(&self) -> &Arc<ReactorHandle> {
+        &self.reactor
+    }
+
+    /// Connected frontends (0 or 1).
+    pub fn sessions(&self) -> u32 {
+        self.shared.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` with the connected session's device id (if any) while no session can start or end.
+    pub fn with_current_device<R>(&self, f: impl FnOnce(Option<DeviceId>) -> R) -> R {
+        let guard = lock(&self.shared.device);
+        f(*guard)
+    }
+
+    /// Closes the connection (draining its device), stops the control thread and removes the
+    /// socket.
+    pub fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(conn) = lock(&self.shared.connection).as_ref() {
+            // Unblocks the control thread's read; it then tears the session down itself.
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+        // Wakes a blocking accept(); the control thread sees `stop` and exits.
+        let _ = UnixStream::connect(&self.socket);
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!(socket = %self.socket.display(), "vhost control thread panicked");
+            }
+        }
+        if let Err(err) = std::fs::remove_file(&self.socket) {
+            if err.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(socket = %self.socket.display(), %err, "removing socket");
+            }
+        }
+    }
+}
+
+impl Drop for VhostServer {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop();
+        }
+    }
+}
+
+/// The control thread of one controller.
+struct ControlThread {
+    name: String,
+    listener: UnixListener,
+    backend: Arc<dyn DeviceBackend>,
+    reactor: Arc<ReactorHandle>,
+    shared: Arc<ServerShared>,
+}
+
+impl ControlThread {
+    fn run(self) {
+        loop {
+            let accepted = self.listener.accept();
+            if self.shared.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            match accepted {
+                Ok((stream, _)) => self.serve(stream),
+                Err(err) => {
+                    tracing::warn!(controller = %self.name, %err, "accept failed");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        }
+        tracing::debug!(controller = %self.name, "vhost control thread exits");
+    }
+
+    /// Serves one frontend until it disconnects or breaks the protocol.
+    fn serve(&self, stream: UnixStream) {
+        let id = DeviceId(NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed));
+        let session = {
+            let mut current = lock(&self.shared.device);
+            let device = match self.backend.new_device(id) {
+                Ok(device) => device,
+                Err(why) => {
+                    tracing::error!(controller = %self.name, "cannot create device: {why}");
+                    return;
+                }
+            };
+            if let Err(err) = self
+                .reactor
+                .call(|reply| Command::AddDevice { device, reply })
+            {
+                tracing::error!(controller = %self.name, %err, "cannot place device on reactor");
+                return;
+            }
+            *current = Some(id);
+            Arc::new(Mutex::new(Session::new(
+                Arc::clone(&self.backend),
+                Arc::clone(&self.reactor),
+                id,
+            )))
+        };
+        match stream.try_clone() {
+            Ok(clone) => *lock(&self.shared.connection) = Some(clone),
+            Err(err) => tracing::warn!(controller = %self.name, %err, "cannot clone connection"),
+        }
+        self.shared.sessions.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(controller = %self.name, device = id.0, "frontend connected");
+
+        let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(&session));
+        while !self.shared.stop.load(Ordering::SeqCst) {
+            let Err(err) = handler.handle_request() else {
+                continue;
+            };
+            match lock(&session).take_refusal() {
+                // The handler refused a request and the frontend was told (or, without
+                // REPLY_ACK, could not be): the session stays usable.
+                Some(false) => continue,
+                Some(true) => {
+                    tracing::warn!(controller = %self.name, device = id.0, %err, "dropping connection after a fatal request");
+                }
+                None => match err {
+                    VuError::Disconnected | VuError::PartialMessage => {
+                        tracing::info!(controller = %self.name, device = id.0, "frontend disconnected");
+                    }
+                    VuError::SocketBroken(_) | VuError::SocketError(_) => {
+                        tracing::info!(controller = %self.name, device = id.0, %err, "connection closed");
+                    }
+                    other => {
+                        tracing::warn!(controller = %self.name, device = id.0, err = %other, "malformed vhost-user message; dropping connection");
+                    }
+                },
+            }
+            break;
+        }
+        drop(handler);
+
+        let mut current = lock(&self.shared.device);
+        lock(&session).close();
+        *current = None;
+        *lock(&self.shared.connection) = None;
+        self.shared.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,482 @@
+//! A minimal virtio-blk *driver* over a vhost-user frontend, for the data plane's integration
+//! tests: it owns shared guest memory (a file in /dev/shm, as QEMU's memory-backend-file), lays
+//! out split virtqueues in it, and speaks vhost-user through the `vhost` crate's `Frontend`.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rvhost_target::bdev::malloc::{MallocBdev, MemoryBudget};
+use rvhost_target::bdev::Bdev;
+use rvhost_target::dataplane::Dataplane;
+use rvhost_target::ops::{BlkControllerSpec, ControllerOps};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_F_RING_INDIRECT_DESC: u64 = 1 << 28;
+pub const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+pub const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
+pub const T_FLUSH: u32 = 4;
+pub const T_GET_ID: u32 = 8;
+pub const T_DISCARD: u32 = 11;
+pub const T_WRITE_ZEROES: u32 = 13;
+
+pub const S_OK: u8 = 0;
+pub const S_IOERR: u8 = 1;
+pub const S_UNSUPP: u8 = 2;
+
+pub const F_NEXT: u16 = 1;
+pub const F_WRITE: u16 = 2;
+pub const F_INDIRECT: u16 = 4;
+
+/// Guest memory: one region at GPA 0.
+pub const MEM_SIZE: u64 = 4 << 20;
+/// Where the "frontend" pretends to have guest memory mapped (any value works, as with QEMU).
+pub const FRONTEND_VA: u64 = 0x7f00_0000_0000;
+/// Queue size used by the tests.
+pub const QUEUE_SIZE: u16 = 64;
+/// Each queue gets 64 KiB of ring space at `queue * RING_STRIDE`.
+const RING_STRIDE: u64 = 0x1_0000;
+/// Request buffers start here; each queue gets its own 512 KiB window.
+const DATA_BASE: u64 = 0x10_0000;
+const DATA_STRIDE: u64 = 0x8_0000;
+
+static UNIQUE: AtomicU32 = AtomicU32::new(0);
+
+/// A directory for sockets, unique per test.
+pub fn socket_dir(test: &str) -> PathBuf {
+    let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("rvhost-{}-{test}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("socket dir");
+    dir
+}
+
+/// A RAM bdev of `blocks` blocks.
+pub fn malloc_bdev(name: &str, blocks: u64, block_size: u32) -> Arc<dyn Bdev> {
+    let budget = MemoryBudget::new(1 << 30);
+    let mut uuid = [0u8; 16];
+    uuid[..name.len().min(16)].copy_from_slice(&name.as_bytes()[..name.len().min(16)]);
+    MallocBdev::new(name, blocks, block_size, uuid, &budget).expect("malloc bdev")
+}
+
+/// Starts a data plane on core 0 with one blk controller per `(name, bdev, readonly)`.
+pub fn start(test: &str, controllers: &[(&str, Arc<dyn Bdev>, bool)]) -> (Arc<Dataplane>, PathBuf) {
+    // RUST_LOG=debug shows the target's side of a failing test.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let dir = socket_dir(test);
+    let dp = Dataplane::start(0x1, dir.clone()).expect("data plane");
+    for (name, bdev, readonly) in controllers {
+        dp.create_blk_controller(BlkControllerSpec {
+            name: name.to_string(),
+            bdev: Arc::clone(bdev),
+            cpumask: None,
+            readonly: *readonly,
+        })
+        .expect("controller");
+    }
+    (dp, dir)
+}
+
+/// Shared guest memory.
+pub struct GuestRam {
+    pub file: File,
+    pub mem: GuestMemoryMmap,
+}
+
+impl GuestRam {
+    pub fn new(size: u64) -> Self {
+        let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
+        let path = format!("/dev/shm/rvhost-test-{}-{n}", std::process::id());
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("shm file");
+        std::fs::remove_file(&path).expect("unlink shm file");
+        file.set_len(size).expect("size shm file");
+        let mem = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            size as usize,
+            Some(FileOffset::new(file.try_clone().expect("dup"), 0)),
+        )])
+        .expect("map guest memory");
+        GuestRam { file, mem }
+    }
+
+    pub fn region(&self, size: u64) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: size,
+            userspace_addr: FRONTEND_VA,
+            mmap_offset: 0,
+            mmap_handle: self.file.as_raw_fd(),
+        }
+    }
+
+    pub fn write(&self, gpa: u64, bytes: &[u8]) {
+        self.mem
+            .write_slice(bytes, GuestAddress(gpa))
+            .expect("guest write");
+    }
+
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        self.mem
+            .read_slice(&mut out, GuestAddress(gpa))
+            .expect("guest read");
+        out
+    }
+
+    pub fn store_u16(&self, gpa: u64, v: u16) {
+        self.mem
+            .store(v, GuestAddress(gpa), Ordering::Release)
+            .expect("guest store");
+    }
+
+    pub fn load_u16(&self, gpa: u64) -> u16 {
+        self.mem
+            .load(GuestAddress(gpa), Ordering::Acquire)
+            .expect("guest load")
+    }
+}
+
+/// A descriptor as the driver writes it.
+#[derive(Debug, Clone, Copy)]
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+
+impl Desc {
+    pub fn bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&self.addr.to_le_bytes());
+        b[8..12].copy_from_slice(&self.len.to_le_bytes());
+        b[12..14].copy_from_slice(&self.flags.to_le_bytes());
+        b[14..16].copy_from_slice(&self.next.to_le_bytes());
+        b
+    }
+}
+
+/// One split virtqueue in guest memory, driven from the test.
+pub struct DriverQueue {
+    pub index: usize,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub data: u64,
+    pub avail_idx: u16,
+    pub used_seen: u16,
+    pub call: EventFd,
+    pub kick: EventFd,
+    pub err: EventFd,
+}
+
+impl DriverQueue {
+    fn new(index: usize) -> Self {
+        let base = index as u64 * RING_STRIDE;
+        DriverQueue {
+            index,
+            desc: base,
+            avail: base + 0x1000,
+            used: base + 0x2000,
+            data: DATA_BASE + index as u64 * DATA_STRIDE,
+            avail_idx: 0,
+            used_seen: 0,
+            call: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+            kick: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+            err: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+        }
+    }
+
+    /// Header, status and data addresses for a request in this queue's window.
+    pub fn header_addr(&self) -> u64 {
+        self.data
+    }
+    pub fn status_addr(&self) -> u64 {
+        self.data + 0x100
+    }
+    pub fn buffer_addr(&self) -> u64 {
+        self.data + 0x1000
+    }
+}
+
+/// A negotiated vhost-user-blk connection.
+pub struct Driver {
+    pub frontend: Frontend,
+    pub ram: GuestRam,
+    pub features: u64,
+    pub queues: Vec<DriverQueue>,
+}
+
+/// Completes within this time or the test fails.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Driver {
+    /// Connects and negotiates `wanted` features (intersected with the offer).
+    pub fn connect(socket: &Path, wanted: u64) -> Self {
+        let frontend = Frontend::connect(socket, 16).expect("connect");
+        let ram = GuestRam::new(MEM_SIZE);
+        let mut driver = Driver {
+            frontend,
+            ram,
+            features: 0,
+            queues: Vec::new(),
+        };
+        driver.negotiate(wanted);
+        driver
+    }
+
+    pub fn negotiate(&mut self, wanted: u64) {
+        self.frontend.set_owner().expect("SET_OWNER");
+        let offered = self.frontend.get_features().expect("GET_FEATURES");
+        assert_ne!(
+            offered & VHOST_USER_F_PROTOCOL_FEATURES,
+            0,
+            "protocol features offered"
+        );
+        self.features = offered & (wanted | VHOST_USER_F_PROTOCOL_FEATURES);
+        self.frontend
+            .set_features(self.features)
+            .expect("SET_FEATURES");
+        let proto = self
+            .frontend
+            .get_protocol_features()
+            .expect("GET_PROTOCOL_FEATURES");
+        let want = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        assert!(proto.contains(want), "protocol features {proto:?}");
+        self.frontend
+            .set_protocol_features(want)
+            .expect("SET_PROTOCOL_FEATURES");
+        // Every message now waits for the backend's acknowledgement, so errors surface here.
+        self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    }
+
+    pub fn config(&mut self) -> Vec<u8> {
+        let (_, bytes) = self
+            .frontend
+            .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])
+            .expect("GET_CONFIG");
+        bytes
+    }
+
+    pub fn set_mem_table(&self) {
+        self.frontend
+            .set_mem_table(&[self.ram.region(MEM_SIZE)])
+            .expect("SET_MEM_TABLE");
+    }
+
+    /// Sets up and enables queue `index` (ring memory zeroed first).
+    pub fn setup_queue(&mut self, index: usize) {
+        let q = DriverQueue::new(index);
+        self.ram.write(q.desc, &vec![0u8; 0x3000]);
+        let f = &self.frontend;
+        f.set_vring_num(index, QUEUE_SIZE).expect("SET_VRING_NUM");
+        f.set_vring_base(index, 0).expect("SET_VRING_BASE");
+        let config = VringConfigData {
+            queue_max_size: QUEUE_SIZE,
+            queue_size: QUEUE_SIZE,
+            flags: 0,
+            desc_table_addr: FRONTEND_VA + q.desc,
+            used_ring_addr: FRONTEND_VA + q.used,
+            avail_ring_addr: FRONTEND_VA + q.avail,
+            log_addr: None,
+        };
+        f.set_vring_addr(index, &config).expect("SET_VRING_ADDR");
+        f.set_vring_call(index, &q.call).expect("SET_VRING_CALL");
+        f.set_vring_err(index, &q.err).expect("SET_VRING_ERR");
+        f.set_vring_kick(index, &q.kick).expect("SET_VRING_KICK");
+        self.frontend
+            .set_vring_enable(index, true)
+            .expect("SET_VRING_ENABLE");
+        match self
+            .queues
+            .iter_mut()
+            .find(|existing| existing.index == index)
+        {
+            Some(existing) => *existing = q,
+            None => self.queues.push(q),
+        }
+    }
+
+    /// Negotiated, memory-mapped, queue 0 running: what a freshly booted guest has.
+    pub fn ready(socket: &Path, wanted: u64) -> Self {
+        let mut driver = Self::connect(socket, wanted);
+        driver.set_mem_table();
+        driver.setup_queue(0);
+        driver
+    }
+
+    fn queue(&mut self, index: usize) -> &mut DriverQueue {
+        self.queues
+            .iter_mut()
+            .find(|q| q.index == index)
+            .expect("queue set up")
+    }
+
+    /// Writes descriptors at the start of the table and makes head 0 available.
+    pub fn post(&mut self, index: usize, descs: &[Desc]) {
+        self.post_head(index, descs, 0);
+    }
+
+    /// Writes `descs` into table slots 0.. and makes `head` available.
+    pub fn post_head(&mut self, index: usize, descs: &[Desc], head: u16) {
+        let (desc, avail, slot, new_idx) = {
+            let q = self.queue(index);
+            let slot = u64::from(q.avail_idx % QUEUE_SIZE);
+            q.avail_idx = q.avail_idx.wrapping_add(1);
+            (q.desc, q.avail, slot, q.avail_idx)
+        };
+        for (i, d) in descs.iter().enumerate() {
+            self.ram.write(desc + 16 * i as u64, &d.bytes());
+        }
+        self.ram.store_u16(avail + 4 + 2 * slot, head);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.ram.store_u16(avail + 2, new_idx);
+    }
+
+    /// Waits for the next used element of queue `index`; `None` on timeout.
+    pub fn wait_used_for(&mut self, index: usize, timeout: Duration) -> Option<(u32, u32)> {
+        let (used, seen) = {
+            let q = self.queue(index);
+            (q.used, q.used_seen)
+        };
+        let deadline = Instant::now() + timeout;
+        while self.ram.load_u16(used + 2) == seen {
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let slot = u64::from(seen % QUEUE_SIZE);
+        let elem = self.ram.read(used + 4 + 8 * slot, 8);
+        self.queue(index).used_seen = seen.wrapping_add(1);
+        let id = u32::from_le_bytes(elem[0..4].try_into().expect("4 bytes"));
+        let len = u32::from_le_bytes(elem[4..8].try_into().expect("4 bytes"));
+        Some((id, len))
+    }
+
+    pub fn wait_used(&mut self, index: usize) -> (u32, u32) {
+        self.wait_used_for(index, TIMEOUT)
+            .expect("request completed in time")
+    }
+
+    /// A complete request: header, optional data buffer (device-writable for reads), status.
+    /// Returns `(status, used_len)`.
+    pub fn request(
+        &mut self,
+        index: usize,
+        req_type: u32,
+        sector: u64,
+        data: Option<(&[u8], bool)>,
+    ) -> (u8, u32) {
+        let (hdr, status, buf) = {
+            let q = self.queue(index);
+            (q.header_addr(), q.status_addr(), q.buffer_addr())
+        };
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&req_type.to_le_bytes());
+        header[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.ram.write(hdr, &header);
+        self.ram.write(status, &[0xff]);
+        let mut descs = vec![Desc {
+            addr: hdr,
+            len: 16,
+            flags: F_NEXT,
+            next: 1,
+        }];
+        if let Some((bytes, device_writes)) = data {
+            self.ram.write(buf, bytes);
+            let flags = F_NEXT | if device_writes { F_WRITE } else { 0 };
+            descs.push(Desc {
+                addr: buf,
+                len: bytes.len() as u32,
+                flags,
+                next: 2,
+            });
+        }
+        descs.push(Desc {
+            addr: status,
+            len: 1,
+            flags: F_WRITE,
+            next: 0,
+        });
+        self.post(index, &descs);
+        let (id, len) = self.wait_used(index);
+        assert_eq!(id, 0, "used id is the head");
+        (self.ram.read(status, 1)[0], len)
+    }
+
+    pub fn write_blocks(&mut self, index: usize, sector: u64, data: &[u8]) -> u8 {
+        self.request(index, T_OUT, sector, Some((data, false))).0
+    }
+
+    pub fn read_blocks(&mut self, index: usize, sector: u64, len: usize) -> (u8, Vec<u8>) {
+        let fill = vec![0xa5u8; len];
+        let (status, used_len) = self.request(index, T_IN, sector, Some((&fill, true)));
+        if status == S_OK {
+            assert_eq!(
+                used_len as usize,
+                len + 1,
+                "read used length = data + status"
+            );
+        }
+        let buf = self.queue(index).buffer_addr();
+        (status, self.ram.read(buf, len))
+    }
+
+    /// Whether the backend closed the connection: the next request fails.
+    pub fn is_disconnected(&self) -> bool {
+        self.frontend.get_features().is_err()
+    }
+}
+
+/// A recognisable pattern for `len` bytes.
+pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Waits until the controller reports `n` sessions.
+pub fn wait_sessions(dp: &Dataplane, name: &str, n: u32) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let info = dp.controllers(Some(name)).expect("controller");
+        if info[0].sessions == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never reached {n} sessions"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
