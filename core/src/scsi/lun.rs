@@ -34,6 +34,11 @@ pub const DEFAULT_IEEE_COMPANY_ID: u32 = 0x52_54_00;
 /// Default MAXIMUM TRANSFER LENGTH in bytes (converted to blocks of the device).
 pub const DEFAULT_MAX_TRANSFER_BYTES: u32 = 4 << 20;
 
+/// The NAA IEEE Registered Extended identifier VPD page 0x83 reports for `config`.
+pub fn naa_for(config: &LunConfig) -> [u8; 16] {
+    data::naa_ieee_registered_extended(config.ieee_company_id, &config.uuid)
+}
+
 /// A printable-ASCII unit serial number of at most [`MAX_SERIAL_LEN`] bytes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct SerialNumber {
@@ -302,8 +307,9 @@ pub struct Request<'a> {
 pub struct Completion {
     /// SCSI status.
     pub status: ScsiStatus,
-    /// Bytes of data moved: for immediate responses, the bytes written to the caller's data-in
-    /// buffer, to copy to the initiator.
+    /// Bytes of data moved. For completions from [`ScsiLun::execute`] these are data-in bytes
+    /// written to the caller's buffer, to copy to the initiator (0 for commands without
+    /// data-in); from [`ScsiLun::complete_io`], the plan's `data_len`.
     pub transferred: u64,
     /// Bytes of the initiator's buffer not transferred (virtio-scsi `residual`).
     pub residual: u32,
@@ -906,13 +912,8 @@ impl ScsiLun {
         if let Some(wce) = mode::mode_select(&self.config, m, list, self.write_cache_enabled)? {
             self.write_cache_enabled = wce;
         }
-        // The parameter list counts as transferred data-out.
-        Ok(Outcome::Done(Completion {
-            status: ScsiStatus::Good,
-            transferred: param_len,
-            residual: clamp_u32(req.data_out_len - param_len),
-            sense_len: 0,
-        }))
+        // `transferred` counts data-in only: nothing goes back to the initiator here.
+        Ok(Outcome::Done(good(0, req.data_out_len - param_len)))
     }
 
     fn start_stop<'d>(
