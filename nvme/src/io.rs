@@ -423,16 +423,30 @@ impl IoQueuePair {
 
     /// Rings the submission doorbell for everything queued since the last ring.
     pub fn ring(&mut self) {
-        self.qp.ring_submissions();
+        // After a reset the queue no longer exists on the controller under this ring state: the
+        // next poll or submission re-creates it and fails what was queued.
+        if self.in_sync() {
+            self.qp.ring_submissions();
+        }
+    }
+
+    fn in_sync(&self) -> bool {
+        self.shared.state() == ControllerState::Running
+            && self.shared.generation() == self.generation
+            && !self.needs_create
     }
 
     /// Rings pending submissions, then reports up to `max` finished commands as `done(tag,
     /// result)`. Also aborts commands that exceeded the timeout, resets the controller when an
     /// abort did not help, and detects a removed controller. Returns the number reported.
     pub fn poll(&mut self, max: usize, mut done: impl FnMut(u64, Result<(), IoError>)) -> usize {
-        self.qp.ring_submissions();
-        let mut reported = 0;
-        reported += self.qp.poll(max, |c| {
+        let in_sync = self.in_sync();
+        if in_sync {
+            self.qp.ring_submissions();
+        }
+        // Entries already on the ring were posted before any reset and are genuine completions;
+        // only what is left in flight afterwards is failed by `sync_with_controller`.
+        let mut reported = self.qp.poll(max, |c| {
             let status = c.entry.status();
             let result = if status.is_success() {
                 Ok(())
@@ -441,7 +455,10 @@ impl IoQueuePair {
             };
             done(c.tag, result);
         });
-        if self.qp.in_flight() > 0 || self.shared.generation() != self.generation {
+        if !in_sync {
+            let _ = self.sync_with_controller();
+        }
+        if self.qp.in_flight() > 0 {
             let now = Instant::now();
             if now.saturating_duration_since(self.last_health_check) >= HEALTH_CHECK_INTERVAL {
                 self.last_health_check = now;

@@ -47,6 +47,15 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         nsid: u32,
     },
+    /// Checks a namespace's backing file (on the host, after `selftest` ran in a guest) against the
+    /// self test's final layout.
+    VerifyImage {
+        /// The raw image file.
+        path: std::path::PathBuf,
+        /// Logical block size the namespace had.
+        #[arg(long, default_value_t = 512)]
+        block_size: usize,
+    },
     /// Data-integrity self test (destroys the namespace's contents).
     Selftest {
         /// PCI address.
@@ -178,6 +187,13 @@ fn main() -> Result<()> {
                 std::time::Duration::from_secs(time),
             )?;
             println!("{report}");
+        }
+        Command::VerifyImage { path, block_size } => {
+            let chunks = selftest::verify_image(&path, block_size)?;
+            println!(
+                "image {} verified: {chunks} chunks as the self test left them",
+                path.display()
+            );
         }
         Command::Selftest {
             bdf,

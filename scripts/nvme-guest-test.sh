@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# The VFIO NVMe driver's acceptance test in one command.
+#
+# Boots a QEMU guest (TCG) with an emulated intel-iommu and an emulated NVMe controller backed by a
+# raw file, binds the controller to vfio-pci inside the guest, runs `rvhost-nvme identify`,
+# `selftest` (multi-queue write/read-back, flush, write zeroes, deallocate, controller reset with
+# I/O in flight) and a short `perf`, then checks on the host that the backing file holds exactly
+# what the self test says it wrote.
+#
+# Environment (all optional):
+#   NVME_GUEST_WORK     cache and scratch directory      (default: build/nvme-guest)
+#   NVME_GUEST_DISK     backing file of the NVMe drive    (default: $NVME_GUEST_WORK/disk.img)
+#   NVME_GUEST_DISK_MB  its size in MiB                    (default: 32)
+#   NVME_GUEST_BIN      a prebuilt rvhost-nvme binary      (default: build it with cargo)
+#   NVME_GUEST_TIMEOUT  seconds the guest may run          (default: 1200)
+#
+# Exit status: 0 pass, 1 fail, 77 skipped because QEMU or a guest kernel cannot be installed.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORK=${NVME_GUEST_WORK:-$ROOT/build/nvme-guest}
+DISK=${NVME_GUEST_DISK:-$WORK/disk.img}
+DISK_MB=${NVME_GUEST_DISK_MB:-32}
+TIMEOUT=${NVME_GUEST_TIMEOUT:-1200}
+BLOCK_SIZE=512
+mkdir -p "$WORK"
+
+log() { echo "nvme-guest-test: $*" >&2; }
+skip() { log "SKIPPED: $*"; exit 77; }
+apt_install() {
+    if [ -z "${APT_UPDATED:-}" ]; then
+        apt-get update -qq >&2 || true
+        APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
+}
+
+# ---- host tools ----
+if ! command -v qemu-system-x86_64 >/dev/null; then
+    log "installing qemu-system-x86"
+    apt_install qemu-system-x86 || skip "qemu-system-x86_64 is not installed and cannot be installed"
+fi
+if ! busybox_path=$(command -v busybox) || ldd "$busybox_path" >/dev/null 2>&1; then
+    log "installing busybox-static"
+    apt_install busybox-static || skip "no static busybox for the initramfs"
+    busybox_path=$(command -v busybox)
+fi
+for tool in depmod:kmod cpio:cpio xz:xz-utils; do
+    command -v "${tool%%:*}" >/dev/null || apt_install "${tool#*:}"
+done
+
+# ---- guest kernel (a Debian kernel package, unpacked) ----
+KDIR=$WORK/kernel
+if [ ! -f "$KDIR/.unpacked" ]; then
+    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    if [ -z "$pkg" ]; then
+        apt-get update -qq >&2 || true
+        APT_UPDATED=1
+        pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    fi
+    [ -n "$pkg" ] || skip "no Debian kernel package found"
+    log "downloading $pkg"
+    rm -rf "$KDIR" "$WORK"/linux-image-*.deb
+    (cd "$WORK" && apt-get download "$pkg" >&2) || {
+        apt-get update -qq >&2 || true
+        (cd "$WORK" && apt-get download "$pkg" >&2)
+    } || skip "cannot download $pkg"
+    dpkg -x "$WORK"/linux-image-*.deb "$KDIR"
+    rm -f "$WORK"/linux-image-*.deb
+    touch "$KDIR/.unpacked"
+fi
+KVER=$(ls "$KDIR/lib/modules" | head -n1)
+VMLINUZ=$KDIR/boot/vmlinuz-$KVER
+[ -f "$VMLINUZ" ] || { log "kernel image missing in $KDIR"; exit 1; }
+[ -f "$KDIR/lib/modules/$KVER/modules.dep" ] || depmod -b "$KDIR" "$KVER"
+
+# ---- the program under test ----
+if [ -n "${NVME_GUEST_BIN:-}" ]; then
+    BIN=$NVME_GUEST_BIN
+else
+    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/build/nvme}
+    (cd "$ROOT" && cargo build -p rvhost-nvme --bin rvhost-nvme >&2)
+    BIN=$CARGO_TARGET_DIR/debug/rvhost-nvme
+fi
+[ -x "$BIN" ] || { log "no binary at $BIN"; exit 1; }
+
+# ---- initramfs ----
+INITRD_DIR=$WORK/initramfs
+rm -rf "$INITRD_DIR"
+mkdir -p "$INITRD_DIR"/{bin,sbin,proc,sys,dev,tmp,lib/modules}
+cp "$busybox_path" "$INITRD_DIR/bin/busybox"
+cp "$BIN" "$INITRD_DIR/rvhost-nvme"
+# The binary's shared libraries, at the paths the dynamic loader expects.
+ldd "$BIN" | awk '/=> \// {print $3} /^[ \t]*\// {print $1}' | while read -r lib; do
+    mkdir -p "$INITRD_DIR$(dirname "$lib")"
+    cp -L "$lib" "$INITRD_DIR$lib"
+done
+if [ -e /lib64/ld-linux-x86-64.so.2 ]; then
+    mkdir -p "$INITRD_DIR/lib64"
+    cp -L /lib64/ld-linux-x86-64.so.2 "$INITRD_DIR/lib64/"
+fi
+
+# Kernel modules for VFIO in dependency order (deps first), from modules.dep.
+declare -A seen=()
+order=()
+resolve() {
+    local rel=$1 line dep
+    [ -n "${seen[$rel]:-}" ] && return
+    seen[$rel]=1
+    line=$(grep -E "^${rel}:" "$KDIR/lib/modules/$KVER/modules.dep" || true)
+    for dep in ${line#*:}; do resolve "$dep"; done
+    order+=("$rel")
+}
+for name in vfio_iommu_type1 vfio-pci vfio_pci; do
+    rel=$(grep -oE "^[^:]*/${name}\.ko(\.xz|\.zst)?:" "$KDIR/lib/modules/$KVER/modules.dep" | head -n1 | tr -d ':' || true)
+    [ -n "$rel" ] && resolve "$rel"
+done
+[ ${#order[@]} -ge 3 ] || { log "VFIO modules not found in $KVER"; exit 1; }
+: > "$INITRD_DIR/modules.order"
+for rel in "${order[@]}"; do
+    base=$(basename "$rel")
+    case "$base" in
+        *.xz) xz -dc "$KDIR/lib/modules/$KVER/$rel" > "$INITRD_DIR/lib/modules/${base%.xz}"; base=${base%.xz} ;;
+        *.zst) zstd -dcq "$KDIR/lib/modules/$KVER/$rel" > "$INITRD_DIR/lib/modules/${base%.zst}"; base=${base%.zst} ;;
+        *) cp "$KDIR/lib/modules/$KVER/$rel" "$INITRD_DIR/lib/modules/$base" ;;
+    esac
+    echo "/lib/modules/$base" >> "$INITRD_DIR/modules.order"
+done
+
+cat > "$INITRD_DIR/init" <<'EOF'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /modules.order); do
+    insmod "$m" || echo "guest: insmod $m failed"
+done
+BDF=
+for d in /sys/bus/pci/devices/*; do
+    if [ "$(cat "$d/class")" = "0x010802" ]; then BDF=$(basename "$d"); fi
+done
+echo "guest: NVMe controller at ${BDF:-<none>}, IOMMU group $(basename "$(readlink /sys/bus/pci/devices/$BDF/iommu_group)")"
+echo vfio-pci > "/sys/bus/pci/devices/$BDF/driver_override"
+echo "$BDF" > /sys/bus/pci/drivers_probe
+echo "guest: bound to $(basename "$(readlink /sys/bus/pci/devices/$BDF/driver)"); /dev/vfio: $(ls /dev/vfio | tr '\n' ' ')"
+echo 64 > /proc/sys/vm/nr_hugepages
+echo "guest: hugepages $(cat /proc/sys/vm/nr_hugepages)"
+export RUST_LIB_BACKTRACE=0
+/rvhost-nvme identify "$BDF"; rc_identify=$?
+/rvhost-nvme selftest "$BDF" --queues 2 --qd 16; rc_selftest=$?
+/rvhost-nvme perf "$BDF" --time 3 --qd 32; rc_perf=$?
+echo "RVHOST-NVME-GUEST-RESULT identify=$rc_identify selftest=$rc_selftest perf=$rc_perf"
+sync
+poweroff -f
+EOF
+chmod +x "$INITRD_DIR/init"
+INITRD=$WORK/initramfs.cpio.gz
+(cd "$INITRD_DIR" && find . | cpio -o -H newc --quiet | gzip -1) > "$INITRD"
+
+# ---- the drive: random bytes, so zeroes found later were written by the test ----
+log "preparing ${DISK_MB} MiB drive $DISK"
+head -c "$((DISK_MB * 1024 * 1024))" /dev/urandom > "$DISK"
+
+# ---- boot ----
+SERIAL_LOG=$WORK/serial.log
+log "booting the guest (TCG; up to ${TIMEOUT}s), serial log in $SERIAL_LOG"
+set +e
+timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
+    -accel tcg \
+    -M q35,kernel-irqchip=split \
+    -cpu max \
+    -smp 2 \
+    -m 1024 \
+    -device intel-iommu,intremap=on,caching-mode=on,aw-bits=48 \
+    -drive if=none,id=nv0,file="$DISK",format=raw,discard=unmap \
+    -device nvme,serial=deadbeef,drive=nv0,logical_block_size=$BLOCK_SIZE,physical_block_size=$BLOCK_SIZE \
+    -kernel "$VMLINUZ" \
+    -initrd "$INITRD" \
+    -append "console=ttyS0 intel_iommu=on iommu=pt panic=-1 loglevel=4" \
+    -display none -monitor none -serial stdio \
+    -no-reboot </dev/null | tee "$SERIAL_LOG"
+qemu_rc=${PIPESTATUS[0]}
+set -e
+log "qemu exited with $qemu_rc"
+
+result=$(grep -a 'RVHOST-NVME-GUEST-RESULT' "$SERIAL_LOG" | tail -n1 | tr -d '\r' || true)
+if [ "$result" != "RVHOST-NVME-GUEST-RESULT identify=0 selftest=0 perf=0" ]; then
+    log "FAIL: guest reported '${result:-nothing}'"
+    exit 1
+fi
+grep -aq 'SELFTEST PASS' "$SERIAL_LOG" || { log "FAIL: no SELFTEST PASS"; exit 1; }
+
+# ---- the medium ----
+"$BIN" verify-image "$DISK" --block-size "$BLOCK_SIZE" || { log "FAIL: backing file check"; exit 1; }
+log "PASS"
