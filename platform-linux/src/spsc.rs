@@ -7,13 +7,40 @@
 //! freely (wrapping `usize`) and are reduced modulo the power-of-two capacity, so a full ring and
 //! an empty ring are told apart without wasting a slot.
 
-use std::cell::UnsafeCell;
 use std::fmt;
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
+
+use self::sync::{Arc, AtomicUsize, Ordering, UnsafeCell};
+
+/// The synchronisation primitives, swapped for loom's when model-checking (`--cfg loom`).
+#[cfg(not(loom))]
+mod sync {
+    pub(super) use std::sync::atomic::{AtomicUsize, Ordering};
+    pub(super) use std::sync::Arc;
+
+    /// `std`'s `UnsafeCell` with loom's access API, so the ring's code is the same under both.
+    #[derive(Debug)]
+    pub(super) struct UnsafeCell<T>(std::cell::UnsafeCell<T>);
+
+    impl<T> UnsafeCell<T> {
+        pub(super) fn new(value: T) -> Self {
+            UnsafeCell(std::cell::UnsafeCell::new(value))
+        }
+
+        pub(super) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+            f(self.0.get())
+        }
+    }
+}
+
+#[cfg(loom)]
+mod sync {
+    pub(super) use loom::cell::UnsafeCell;
+    pub(super) use loom::sync::atomic::{AtomicUsize, Ordering};
+    pub(super) use loom::sync::Arc;
+}
 
 struct Ring<T> {
     /// Next slot the consumer reads; written only by the consumer.
@@ -34,25 +61,24 @@ unsafe impl<T: Send> Sync for Ring<T> {}
 unsafe impl<T: Send> Send for Ring<T> {}
 
 impl<T> Ring<T> {
-    fn slot(&self, index: usize) -> *mut MaybeUninit<T> {
-        // `mask + 1 == slots.len()`, so the index is always in bounds; `get` keeps this panic-free.
-        match self.slots.get(index & self.mask) {
-            Some(cell) => cell.get(),
-            None => std::ptr::null_mut(),
-        }
+    /// Runs `f` on the slot for free-running index `index`.
+    fn with_slot<R>(&self, index: usize, f: impl FnOnce(*mut MaybeUninit<T>) -> R) -> Option<R> {
+        // `mask + 1 == slots.len()`, so the slot always exists; `get` keeps this panic-free.
+        self.slots
+            .get(index & self.mask)
+            .map(|cell| cell.with_mut(f))
     }
 }
 
 impl<T> Drop for Ring<T> {
     fn drop(&mut self) {
-        // Both halves are gone (we hold the last `Arc`), so plain reads are fine.
-        let mut head = *self.head.get_mut();
-        let tail = *self.tail.get_mut();
+        // Both halves are gone (we hold the last `Arc`), so nothing races these loads.
+        let mut head = self.head.load(Ordering::Acquire);
+        let tail = self.tail.load(Ordering::Acquire);
         while head != tail {
-            let slot = self.slot(head);
             // SAFETY: slots in `[head, tail)` hold initialised values that nobody else will read;
-            // each is dropped exactly once here. `slot` is never null (index masked into bounds).
-            unsafe { (*slot).assume_init_drop() };
+            // each is dropped exactly once here.
+            self.with_slot(head, |slot| unsafe { (*slot).assume_init_drop() });
             head = head.wrapping_add(1);
         }
     }
@@ -117,11 +143,12 @@ impl<T> Producer<T> {
                 return Err(value);
             }
         }
-        let slot = self.ring.slot(self.tail);
         // SAFETY: `tail - head < capacity`, so the slot is free: the consumer finished with it
         // (its `head` store was Release, our load Acquire) and will not touch it until we publish
-        // the new `tail` below. `slot` is never null (index masked into bounds).
-        unsafe { (*slot).write(value) };
+        // the new `tail` below.
+        self.ring.with_slot(self.tail, |slot| unsafe {
+            (*slot).write(value);
+        });
         self.tail = self.tail.wrapping_add(1);
         self.ring.tail.store(self.tail, Ordering::Release);
         Ok(())
@@ -158,11 +185,12 @@ impl<T> Consumer<T> {
                 return None;
             }
         }
-        let slot = self.ring.slot(self.head);
         // SAFETY: `head != tail`, so the slot holds a value the producer published (Release store of
         // `tail`, our Acquire load). We move it out exactly once; the producer will not reuse the
-        // slot until it sees our new `head`. `slot` is never null (index masked into bounds).
-        let value = unsafe { (*slot).assume_init_read() };
+        // slot until it sees our new `head`.
+        let value = self
+            .ring
+            .with_slot(self.head, |slot| unsafe { (*slot).assume_init_read() })?;
         self.head = self.head.wrapping_add(1);
         self.ring.head.store(self.head, Ordering::Release);
         Some(value)

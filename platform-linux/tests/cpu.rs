@@ -248,16 +248,31 @@ fn numa_topology_and_reactor_pinning() {
         }
     }
     let core = allowed.iter().last().unwrap();
-    let placement = std::thread::spawn(move || {
+    let (placement, policy) = std::thread::spawn(move || {
         let topology = NumaTopology::detect();
         let placement = pin_reactor(core, &topology).unwrap();
         assert_eq!(allowed_cores().unwrap().iter().collect::<Vec<_>>(), [core]);
-        placement
+        (placement, thread_mempolicy())
     })
     .join()
     .unwrap();
     assert_eq!(placement.core, core);
     assert_eq!(placement.numa_node, topology.numa_node(core));
+    if placement.memory_bound {
+        // The kernel agrees: the thread has a non-default policy naming the core's node.
+        let (mode, nodes) = policy.expect("get_mempolicy");
+        assert_ne!(mode, libc::MPOL_DEFAULT);
+        let node = placement.numa_node.unwrap();
+        assert_ne!(
+            nodes & (1 << node),
+            0,
+            "policy nodes {nodes:#x} lack node {node}"
+        );
+    } else {
+        // Binding may be refused (containers forbid set_mempolicy), but never for a lack of trying
+        // when hwloc knows the node.
+        eprintln!("memory binding not in effect here: {placement:?}");
+    }
     // Without a topology pinning still works and memory binding is skipped.
     let unknown = NumaTopology::unknown();
     let placement = std::thread::spawn(move || pin_reactor(core, &unknown).unwrap())
@@ -269,4 +284,23 @@ fn numa_topology_and_reactor_pinning() {
         NumaTopology::unknown().bind_thread_memory(0),
         Err(CpuError::NoTopology)
     ));
+}
+
+/// The calling thread's NUMA memory policy: (mode, first word of the node mask).
+fn thread_mempolicy() -> Option<(i32, u64)> {
+    let mut mode: libc::c_int = -1;
+    let mut mask = [0 as libc::c_ulong; 16];
+    // SAFETY: get_mempolicy writes one int and at most `maxnode` bits (16 * 64) into our buffers;
+    // addr is unused without MPOL_F_ADDR.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_get_mempolicy,
+            &mut mode as *mut libc::c_int,
+            mask.as_mut_ptr(),
+            (mask.len() * 64) as libc::c_ulong,
+            std::ptr::null_mut::<libc::c_void>(),
+            0 as libc::c_ulong,
+        )
+    };
+    (rc == 0).then(|| (mode, mask[0]))
 }
