@@ -164,6 +164,12 @@ log "preparing ${DISK_MB} MiB drive $DISK"
 head -c "$((DISK_MB * 1024 * 1024))" /dev/urandom > "$DISK"
 
 # ---- boot ----
+# One QEMU guest at a time on this 2-core machine: the same lock the tests/ harness takes.
+QEMU_LOCK=${RVHOST_GUEST_ASSETS:-$ROOT/build/guest-assets}/qemu.lock
+mkdir -p "$(dirname "$QEMU_LOCK")"
+exec 9>>"$QEMU_LOCK"
+log "waiting for the QEMU slot ($QEMU_LOCK)"
+flock 9
 SERIAL_LOG=$WORK/serial.log
 log "booting the guest (TCG; up to ${TIMEOUT}s), serial log in $SERIAL_LOG"
 set +e
@@ -183,6 +189,7 @@ timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
     -no-reboot </dev/null | tee "$SERIAL_LOG"
 qemu_rc=${PIPESTATUS[0]}
 set -e
+exec 9>&-
 log "qemu exited with $qemu_rc"
 
 result=$(grep -a 'RVHOST-NVME-GUEST-RESULT' "$SERIAL_LOG" | tail -n1 | tr -d '\r' || true)
