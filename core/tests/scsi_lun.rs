@@ -1127,3 +1127,27 @@ fn config_validation_rejects_bad_devices() {
     assert_eq!(cfg.serial.as_bytes(), b"00112233445566778899aabbccddeeff");
     assert_eq!(cfg.max_transfer_blocks, 1024);
 }
+
+#[test]
+fn unmap_list_longer_than_the_copy_limit_is_read_from_its_header() {
+    let mut l = lun();
+    let list = unmap_list(&[(8, 16)]);
+    let req = Request {
+        cdb: &[0x42, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0],
+        data_out: &list,
+        data_out_len: 0xffff,
+        data_in_len: 0,
+        luns: &LUNS,
+    };
+    let (mut data, mut sense) = ([0u8; 16], [0u8; 96]);
+    let Outcome::Io(plan) = l.execute(&req, &mut data, &mut sense) else {
+        panic!()
+    };
+    let IoOp::Unmap(ranges) = plan.op else {
+        panic!()
+    };
+    assert_eq!(
+        ranges.iter().collect::<Vec<_>>(),
+        vec![BlockRange { lba: 8, blocks: 16 }]
+    );
+}

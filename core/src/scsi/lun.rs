@@ -840,11 +840,10 @@ impl ScsiLun {
             // SBC-4: no parameter data is not an error.
             return Ok(Outcome::Done(good(0, req.data_out_len)));
         }
+        // The caller copies at most MAX_PARAMETER_LIST_LEN bytes; a longer list is only valid if
+        // its header describes no more than that, which the descriptor check below enforces.
         let available = param_len.min(req.data_out_len) as usize;
-        let list = req
-            .data_out
-            .get(..available)
-            .ok_or(Sense::PARAMETER_LIST_LENGTH_ERROR)?;
+        let list = &req.data_out[..available.min(req.data_out.len())];
         if list.len() < 8 {
             return Err(Sense::PARAMETER_LIST_LENGTH_ERROR);
         }
