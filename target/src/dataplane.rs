@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use rvhost_platform_linux::NumaTopology;
+
 use crate::blk::BlkController;
 use crate::ops::{BlkControllerSpec, ControllerInfo, ControllerOps, OpsError};
 use crate::reactor::{self, DeviceOp, IdlePolicy, ReactorHandle};
@@ -42,13 +44,13 @@ pub enum DataplaneError {
         /// Why.
         source: std::io::Error,
     },
-    /// A reactor thread could not be started.
+    /// A reactor thread could not be started (or pinned: the core is offline or not ours).
     #[error("starting reactor on core {core}: {source}")]
     Reactor {
         /// Its core.
         core: u32,
         /// Why.
-        source: std::io::Error,
+        source: reactor::SpawnError,
     },
 }
 
@@ -98,9 +100,10 @@ impl Dataplane {
             path: socket_dir.clone(),
             source,
         })?;
+        let topology = Arc::new(NumaTopology::detect());
         let mut reactors = Vec::new();
         for core in (0..64u32).filter(|c| cpumask & (1u64 << c) != 0) {
-            match reactor::spawn(core, options.idle) {
+            match reactor::spawn(core, options.idle, Arc::clone(&topology)) {
                 Ok(handle) => reactors.push(handle),
                 Err(source) => {
                     for started in &reactors {
@@ -262,11 +265,11 @@ impl ControllerOps for Dataplane {
             if controller.blk.bdev_name().as_deref() != Some(bdev_name) {
                 continue;
             }
-            controller.server.with_current_device(|device| {
+            controller.server.with_devices(|devices| {
                 // New sessions get no bdev from now on...
                 controller.blk.detach();
-                // ...and the connected one stops using it once its in-flight I/O completed.
-                if let Some(id) = device {
+                // ...and connected ones stop using it once their in-flight I/O completed.
+                for &id in devices {
                     let reactor = controller.server.reactor();
                     if let Err(err) =
                         reactor.device_call(id, |reply| DeviceOp::DetachBdev { reply })

@@ -160,6 +160,9 @@ fn vhost_hostile_frontend() {
     let victim_sock = dir.join("victim");
     let bystander_sock = dir.join("bystander");
 
+    // A frontend that connects and never says anything must not block anyone.
+    let silent = UnixStream::connect(&victim_sock).expect("connect");
+
     // The bystander is connected and doing I/O throughout.
     let mut b = Driver::ready(&bystander_sock, BLK_FEATURES);
     let good = pattern(3, 4096);
@@ -473,6 +476,7 @@ fn vhost_hostile_frontend() {
 
     // Disconnect in the middle of everything; reconnect and serve again.
     drop(d);
+    drop(silent);
     wait_sessions(&dp, "victim", 0);
     let mut d = Driver::ready(&victim_sock, BLK_FEATURES);
     assert_eq!(d.read_blocks(0, 16, 1024).0, S_OK);
@@ -635,4 +639,22 @@ fn vhost_hot_detach_and_delete() {
         Err(rvhost_target::ops::OpsError::NotFound(_))
     ));
     dp.shutdown();
+}
+
+#[test]
+fn vhost_two_frontends_share_a_controller() {
+    let bdev = malloc_bdev("Shared0", 1024, 512);
+    let (dp, dir) = start("shared", &[("shared.0", bdev, false)]);
+    let mut first = Driver::ready(&dir.join("shared.0"), BLK_FEATURES);
+    let mut second = Driver::ready(&dir.join("shared.0"), BLK_FEATURES);
+    wait_sessions(&dp, "shared.0", 2);
+    assert_eq!(first.write_blocks(0, 4, &pattern(1, 1024)), S_OK);
+    assert_eq!(second.read_blocks(0, 4, 1024), (S_OK, pattern(1, 1024)));
+    assert_eq!(second.write_blocks(0, 6, &pattern(2, 512)), S_OK);
+    assert_eq!(first.read_blocks(0, 6, 512), (S_OK, pattern(2, 512)));
+    drop(first);
+    wait_sessions(&dp, "shared.0", 1);
+    assert_eq!(second.read_blocks(0, 4, 512).0, S_OK);
+    dp.shutdown();
+    assert!(second.is_disconnected(), "shutdown closes every session");
 }

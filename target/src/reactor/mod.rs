@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rvhost_platform_linux::spsc;
+use rvhost_platform_linux::{spsc, NumaTopology};
 
 /// Capacity of each reactor's control ring. Control commands are rare and synchronous, so a
 /// handful of slots absorbs every burst (several control threads at once).
@@ -294,8 +294,27 @@ impl ReactorHandle {
     }
 }
 
-/// Starts a reactor thread pinned to `core`.
-pub fn spawn(core: u32, idle: IdlePolicy) -> std::io::Result<Arc<ReactorHandle>> {
+/// Why a reactor could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The thread could not be created.
+    #[error("creating reactor thread: {0}")]
+    Thread(#[from] std::io::Error),
+    /// The thread could not be pinned to its core (offline, or outside the process's cpuset).
+    #[error(transparent)]
+    Pin(#[from] rvhost_platform_linux::CpuError),
+    /// The thread exited before reporting.
+    #[error("reactor thread died during start-up")]
+    Died,
+}
+
+/// Starts a reactor thread pinned to `core` (memory bound to the core's NUMA node where the
+/// system allows), and returns once it runs there.
+pub fn spawn(
+    core: u32,
+    idle: IdlePolicy,
+    topology: Arc<NumaTopology>,
+) -> Result<Arc<ReactorHandle>, SpawnError> {
     let (producer, consumer) = spsc::channel(CONTROL_RING_SLOTS);
     let stats = Arc::new(ReactorStats::default());
     let reactor = Reactor {
@@ -305,9 +324,28 @@ pub fn spawn(core: u32, idle: IdlePolicy) -> std::io::Result<Arc<ReactorHandle>>
         idle,
         stats: Arc::clone(&stats),
     };
+    let (pinned_tx, pinned_rx) = mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
         .name(format!("reactor_{core}"))
-        .spawn(move || reactor.run())?;
+        .spawn(move || {
+            let pinned = rvhost_platform_linux::pin_reactor(core as usize, &topology);
+            let ok = pinned.is_ok();
+            let _ = pinned_tx.send(pinned);
+            if ok {
+                reactor.run();
+            }
+        })?;
+    match pinned_rx.recv() {
+        Ok(Ok(_placement)) => {}
+        Ok(Err(err)) => {
+            let _ = thread.join();
+            return Err(SpawnError::Pin(err));
+        }
+        Err(_) => {
+            let _ = thread.join();
+            return Err(SpawnError::Died);
+        }
+    }
     Ok(Arc::new(ReactorHandle {
         core,
         commands: Mutex::new(producer),
@@ -332,9 +370,6 @@ const STATS_ROUNDS: u32 = 1024;
 
 impl Reactor {
     fn run(mut self) {
-        if let Err(err) = rvhost_platform_linux::cpu::pin_current_thread(self.core as usize) {
-            tracing::warn!(core = self.core, %err, "could not pin reactor; running unpinned");
-        }
         tracing::info!(core = self.core, "reactor started");
         let mut empty_rounds: u32 = 0;
         let mut busy_rounds: u32 = 0;

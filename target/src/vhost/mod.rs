@@ -15,7 +15,7 @@ use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -113,16 +113,21 @@ pub enum ServerError {
 /// session's device.
 static NEXT_DEVICE_ID: AtomicU64 = AtomicU64::new(1);
 
-/// State shared between a server's control thread and the RPC thread.
+/// One connected frontend, as the listener and the RPC thread see it.
+#[derive(Debug)]
+struct SessionEntry {
+    device: DeviceId,
+    /// A clone of the connection, so `stop` can unblock the session's thread.
+    connection: UnixStream,
+}
+
+/// State shared between a server's threads and the RPC thread.
 #[derive(Debug, Default)]
 struct ServerShared {
     stop: AtomicBool,
-    sessions: AtomicU32,
-    /// A clone of the connected socket, so `stop` can unblock the control thread.
-    connection: Mutex<Option<UnixStream>>,
-    /// The connected session's device. Held while a session's device is created or removed, so a
-    /// hot-detach cannot slip between the two.
-    device: Mutex<Option<DeviceId>>,
+    /// Connected sessions. Held while a session's device is created or removed, so a hot-detach
+    /// cannot slip between the two.
+    sessions: Mutex<Vec<SessionEntry>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -133,7 +138,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// One controller's vhost-user socket and its control thread.
+/// One controller's vhost-user socket: a listener thread, and one control thread per connected
+/// frontend (SPDK, too, lets several frontends share a controller).
 #[derive(Debug)]
 pub struct VhostServer {
     socket: PathBuf,
@@ -165,7 +171,7 @@ impl VhostServer {
         }
         let listener = UnixListener::bind(socket).map_err(io_err)?;
         let shared = Arc::new(ServerShared::default());
-        let control = ControlThread {
+        let control = Listener {
             name: name.to_string(),
             listener,
             backend,
@@ -195,30 +201,30 @@ impl VhostServer {
         &self.reactor
     }
 
-    /// Connected frontends (0 or 1).
+    /// Connected frontends.
     pub fn sessions(&self) -> u32 {
-        self.shared.sessions.load(Ordering::Relaxed)
+        u32::try_from(lock(&self.shared.sessions).len()).unwrap_or(u32::MAX)
     }
 
-    /// Runs `f` with the connected session's device id (if any) while no session can start or end.
-    pub fn with_current_device<R>(&self, f: impl FnOnce(Option<DeviceId>) -> R) -> R {
-        let guard = lock(&self.shared.device);
-        f(*guard)
+    /// Runs `f` with the connected sessions' device ids while no session can start or end.
+    pub fn with_devices<R>(&self, f: impl FnOnce(&[DeviceId]) -> R) -> R {
+        let sessions = lock(&self.shared.sessions);
+        let ids: Vec<DeviceId> = sessions.iter().map(|s| s.device).collect();
+        f(&ids)
     }
 
-    /// Closes the connection (draining its device), stops the control thread and removes the
-    /// socket.
+    /// Closes every connection (draining its device), stops the threads and removes the socket.
     pub fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        if let Some(conn) = lock(&self.shared.connection).as_ref() {
-            // Unblocks the control thread's read; it then tears the session down itself.
-            let _ = conn.shutdown(std::net::Shutdown::Both);
+        for session in lock(&self.shared.sessions).iter() {
+            // Unblocks the session thread's read; it then tears the session down itself.
+            let _ = session.connection.shutdown(std::net::Shutdown::Both);
         }
-        // Wakes a blocking accept(); the control thread sees `stop` and exits.
+        // Wakes a blocking accept(); the listener sees `stop`, joins its sessions and exits.
         let _ = UnixStream::connect(&self.socket);
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
-                tracing::error!(socket = %self.socket.display(), "vhost control thread panicked");
+                tracing::error!(socket = %self.socket.display(), "vhost listener thread panicked");
             }
         }
         if let Err(err) = std::fs::remove_file(&self.socket) {
@@ -237,8 +243,8 @@ impl Drop for VhostServer {
     }
 }
 
-/// The control thread of one controller.
-struct ControlThread {
+/// The listener thread of one controller.
+struct Listener {
     name: String,
     listener: UnixListener,
     backend: Arc<dyn DeviceBackend>,
@@ -246,55 +252,112 @@ struct ControlThread {
     shared: Arc<ServerShared>,
 }
 
-impl ControlThread {
+impl Listener {
     fn run(self) {
+        let mut sessions: Vec<JoinHandle<()>> = Vec::new();
         loop {
             let accepted = self.listener.accept();
             if self.shared.stop.load(Ordering::SeqCst) {
                 break;
             }
+            // Reap sessions that ended.
+            let (done, running): (Vec<_>, Vec<_>) =
+                sessions.into_iter().partition(|t| t.is_finished());
+            sessions = running;
+            for thread in done {
+                if thread.join().is_err() {
+                    tracing::error!(controller = %self.name, "vhost session thread panicked");
+                }
+            }
             match accepted {
-                Ok((stream, _)) => self.serve(stream),
+                Ok((stream, _)) => {
+                    let session = SessionThread {
+                        name: self.name.clone(),
+                        backend: Arc::clone(&self.backend),
+                        reactor: Arc::clone(&self.reactor),
+                        shared: Arc::clone(&self.shared),
+                    };
+                    let id = DeviceId(NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed));
+                    match std::thread::Builder::new()
+                        .name(format!("vhost-{}-{}", self.name, id.0))
+                        .spawn(move || session.serve(stream, id))
+                    {
+                        Ok(thread) => sessions.push(thread),
+                        Err(err) => {
+                            tracing::error!(controller = %self.name, %err, "cannot start a session thread")
+                        }
+                    }
+                }
                 Err(err) => {
                     tracing::warn!(controller = %self.name, %err, "accept failed");
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
             }
         }
-        tracing::debug!(controller = %self.name, "vhost control thread exits");
+        for thread in sessions {
+            if thread.join().is_err() {
+                tracing::error!(controller = %self.name, "vhost session thread panicked");
+            }
+        }
+        tracing::debug!(controller = %self.name, "vhost listener exits");
+    }
+}
+
+/// The control thread of one frontend connection.
+struct SessionThread {
+    name: String,
+    backend: Arc<dyn DeviceBackend>,
+    reactor: Arc<ReactorHandle>,
+    shared: Arc<ServerShared>,
+}
+
+impl SessionThread {
+    /// Registers the session's device on the reactor; `None` if the server is stopping or the
+    /// device cannot be created.
+    fn open(&self, stream: &UnixStream, id: DeviceId) -> Option<Arc<Mutex<Session>>> {
+        let mut sessions = lock(&self.shared.sessions);
+        // Checked under the lock `stop` takes after setting the flag: either `stop` sees this
+        // session and shuts its socket down, or this sees the flag.
+        if self.shared.stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        let connection = match stream.try_clone() {
+            Ok(clone) => clone,
+            Err(err) => {
+                tracing::error!(controller = %self.name, %err, "cannot clone connection");
+                return None;
+            }
+        };
+        let device = match self.backend.new_device(id) {
+            Ok(device) => device,
+            Err(why) => {
+                tracing::error!(controller = %self.name, "cannot create device: {why}");
+                return None;
+            }
+        };
+        if let Err(err) = self
+            .reactor
+            .call(|reply| Command::AddDevice { device, reply })
+        {
+            tracing::error!(controller = %self.name, %err, "cannot place device on reactor");
+            return None;
+        }
+        sessions.push(SessionEntry {
+            device: id,
+            connection,
+        });
+        Some(Arc::new(Mutex::new(Session::new(
+            Arc::clone(&self.backend),
+            Arc::clone(&self.reactor),
+            id,
+        ))))
     }
 
     /// Serves one frontend until it disconnects or breaks the protocol.
-    fn serve(&self, stream: UnixStream) {
-        let id = DeviceId(NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed));
-        let session = {
-            let mut current = lock(&self.shared.device);
-            let device = match self.backend.new_device(id) {
-                Ok(device) => device,
-                Err(why) => {
-                    tracing::error!(controller = %self.name, "cannot create device: {why}");
-                    return;
-                }
-            };
-            if let Err(err) = self
-                .reactor
-                .call(|reply| Command::AddDevice { device, reply })
-            {
-                tracing::error!(controller = %self.name, %err, "cannot place device on reactor");
-                return;
-            }
-            *current = Some(id);
-            Arc::new(Mutex::new(Session::new(
-                Arc::clone(&self.backend),
-                Arc::clone(&self.reactor),
-                id,
-            )))
+    fn serve(self, stream: UnixStream, id: DeviceId) {
+        let Some(session) = self.open(&stream, id) else {
+            return;
         };
-        match stream.try_clone() {
-            Ok(clone) => *lock(&self.shared.connection) = Some(clone),
-            Err(err) => tracing::warn!(controller = %self.name, %err, "cannot clone connection"),
-        }
-        self.shared.sessions.fetch_add(1, Ordering::Relaxed);
         tracing::info!(controller = %self.name, device = id.0, "frontend connected");
 
         let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(&session));
@@ -325,10 +388,8 @@ impl ControlThread {
         }
         drop(handler);
 
-        let mut current = lock(&self.shared.device);
+        let mut sessions = lock(&self.shared.sessions);
         lock(&session).close();
-        *current = None;
-        *lock(&self.shared.connection) = None;
-        self.shared.sessions.fetch_sub(1, Ordering::Relaxed);
+        sessions.retain(|s| s.device != id);
     }
 }
