@@ -133,6 +133,9 @@ pub(crate) struct Shared {
     io_queues_granted: u16,
     qids_in_use: Mutex<Vec<bool>>,
     pub(crate) config: ControllerConfig,
+    /// The I/O timeout in nanoseconds (adjustable at run time).
+    io_timeout_ns: AtomicU64,
+    resets: AtomicU64,
     pub(crate) max_transfer_bytes: u64,
     pub(crate) sgl: SglSupport,
     // Dropped last: BAR0 and the VFIO container must outlive every DMA region and queue.
@@ -147,6 +150,10 @@ impl core::fmt::Debug for Shared {
             .field("state", &self.state())
             .finish_non_exhaustive()
     }
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -393,6 +400,8 @@ impl Controller {
             namespaces,
             io_queues_granted: granted,
             qids_in_use: Mutex::new(vec![false; usize::from(granted)]),
+            io_timeout_ns: AtomicU64::new(duration_ns(config.io_timeout)),
+            resets: AtomicU64::new(0),
             config,
             max_transfer_bytes,
             sgl,
@@ -482,6 +491,27 @@ impl Controller {
         Ok(())
     }
 
+    /// Changes the I/O timeout (commands older than this are aborted, and the controller is reset
+    /// if they are still outstanding after as long again).
+    pub fn set_io_timeout(&self, timeout: Duration) {
+        self.shared
+            .io_timeout_ns
+            .store(duration_ns(timeout), Ordering::Relaxed);
+    }
+
+    /// Controller resets performed so far (requested or triggered by timeouts or fatal status).
+    pub fn reset_count(&self) -> u64 {
+        self.shared.resets.load(Ordering::Relaxed)
+    }
+
+    /// Fault injection for tests: makes BAR0 behave as if the device had been surprise-removed.
+    /// Every I/O in flight then fails with [`crate::io::IoError::ControllerFailed`] at the next
+    /// health check, and every new one at once.
+    pub fn simulate_surprise_removal(&self) {
+        tracing::warn!(bdf = self.bdf(), "simulating surprise removal");
+        self.shared.pci.bar0().simulate_removal();
+    }
+
     /// Resets the controller now: every command in flight fails with [`crate::io::IoError::Reset`]
     /// and every I/O queue pair re-creates its queues on its next poll.
     pub fn reset(&self) -> Result<(), NvmeError> {
@@ -561,6 +591,10 @@ impl Shared {
             STATE_RESETTING => ControllerState::Resetting,
             _ => ControllerState::Failed,
         }
+    }
+
+    pub(crate) fn io_timeout(&self) -> Duration {
+        Duration::from_nanos(self.io_timeout_ns.load(Ordering::Relaxed))
     }
 
     pub(crate) fn generation(&self) -> u64 {
@@ -649,6 +683,7 @@ impl Shared {
             return Err(NvmeError::Failed);
         }
         self.state.store(STATE_RESETTING, Ordering::Release);
+        self.resets.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(bdf = self.pci.bdf(), "resetting controller");
         admin.qp.drain_in_flight(|_, _| {});
         let result = disable_and_enable(self.bar(), &self.cap, &mut admin).and_then(|()| {

@@ -103,6 +103,8 @@ pub struct IoQueuePair {
     /// Completions to report at the next poll for commands that will never complete on the ring.
     synthetic: Vec<(u64, IoError)>,
     last_health_check: Instant,
+    /// Fault injection: submissions are queued but the doorbell is not rung.
+    doorbell_held: bool,
 }
 
 impl core::fmt::Debug for IoQueuePair {
@@ -152,6 +154,7 @@ impl IoQueuePair {
             needs_create: false,
             synthetic: Vec::new(),
             last_health_check: Instant::now(),
+            doorbell_held: false,
         })
     }
 
@@ -425,9 +428,16 @@ impl IoQueuePair {
     pub fn ring(&mut self) {
         // After a reset the queue no longer exists on the controller under this ring state: the
         // next poll or submission re-creates it and fails what was queued.
-        if self.in_sync() {
+        if self.in_sync() && !self.doorbell_held {
             self.qp.ring_submissions();
         }
+    }
+
+    /// Fault injection for tests: while `held`, commands are queued but the doorbell is not
+    /// rung, so to the driver's timeout logic the controller looks stalled (commands time out,
+    /// are aborted, and finally reset the controller).
+    pub fn hold_doorbell(&mut self, held: bool) {
+        self.doorbell_held = held;
     }
 
     fn in_sync(&self) -> bool {
@@ -441,7 +451,7 @@ impl IoQueuePair {
     /// abort did not help, and detects a removed controller. Returns the number reported.
     pub fn poll(&mut self, max: usize, mut done: impl FnMut(u64, Result<(), IoError>)) -> usize {
         let in_sync = self.in_sync();
-        if in_sync {
+        if in_sync && !self.doorbell_held {
             self.qp.ring_submissions();
         }
         // Entries already on the ring were posted before any reset and are genuine completions;
@@ -486,7 +496,7 @@ impl IoQueuePair {
         if self.sync_with_controller().is_err() {
             return;
         }
-        let timeout = self.shared.config.io_timeout;
+        let timeout = self.shared.io_timeout();
         for expired in self.qp.expired(now, timeout) {
             match expired {
                 Expired::NeedsAbort { cid } => {

@@ -2,6 +2,7 @@
 //! IOMMU), PCI config space, BAR0 mapped into this process, and IOMMU mappings at IOVA = VA.
 
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, Ordering};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -108,6 +109,8 @@ impl DmaMapper for ContainerMapper {
 pub struct Mmio {
     base: NonNull<u8>,
     len: usize,
+    /// Fault injection: behave as a surprise-removed device (reads all-ones, writes vanish).
+    simulated_removal: AtomicBool,
 }
 
 // SAFETY: the mapping is owned by this value and unmapped only on drop; MMIO registers are meant
@@ -139,6 +142,9 @@ impl Mmio {
 
     /// Reads the register at `offset`; outside the mapping reads all-ones, like a vanished device.
     pub fn read32(&self, offset: usize) -> u32 {
+        if self.simulated_removal.load(Ordering::Relaxed) {
+            return ALL_ONES;
+        }
         match self.register(offset) {
             // SAFETY: `register` checked bounds and alignment; BAR0 stays mapped while `self` lives.
             Some(reg) => unsafe { reg.as_ptr().read_volatile() },
@@ -148,11 +154,22 @@ impl Mmio {
 
     /// Writes the register at `offset`; writes outside the mapping are dropped.
     pub fn write32(&self, offset: usize, value: u32) {
+        if self.simulated_removal.load(Ordering::Relaxed) {
+            return;
+        }
         if let Some(reg) = self.register(offset) {
             // SAFETY: `register` checked bounds and alignment; BAR0 stays mapped while `self`
             // lives.
             unsafe { reg.as_ptr().write_volatile(value) };
         }
+    }
+
+    /// Fault injection for tests: from now on the registers behave as those of a device that was
+    /// pulled out (reads return all-ones, writes are lost), which is how a surprise removal or a
+    /// dead link looks from the CPU. Doorbells already handed to queue pairs are not affected; the
+    /// driver stops ringing them once it sees the failure.
+    pub fn simulate_removal(&self) {
+        self.simulated_removal.store(true, Ordering::Relaxed);
     }
 
     /// Reads a 64-bit register as two 32-bit reads, low half first (not every platform can
@@ -284,7 +301,11 @@ impl VfioPci {
             return Err(err(format!("mmap: {}", std::io::Error::last_os_error())));
         }
         let base = NonNull::new(p.cast::<u8>()).ok_or_else(|| err("mmap returned NULL".into()))?;
-        Ok(Mmio { base, len })
+        Ok(Mmio {
+            base,
+            len,
+            simulated_removal: AtomicBool::new(false),
+        })
     }
 
     /// The PCI address.

@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use rvhost_nvme::pattern::{check_chunk, fill_block, ChunkContent, SelftestLayout, CHUNK_BYTES};
-use rvhost_nvme::{Controller, DmaRegion, DmaSegment, IoError, IoQueuePair, NamespaceInfo};
+use rvhost_nvme::{
+    Controller, ControllerConfig, ControllerState, DmaRegion, DmaSegment, IoError, IoQueuePair,
+    NamespaceInfo,
+};
 
 const CHUNK: usize = CHUNK_BYTES as usize;
 /// Each command slot's buffer: one chunk plus room for the scattered and unaligned shapes.
@@ -387,6 +390,105 @@ pub fn run(ctrl: &Controller, nsid: u32, queues: u16, qd: u16) -> Result<()> {
         Err(IoError::Length { .. }) => {}
         other => bail!("length mismatch was not refused: {other:?}"),
     }
+
+    // Phase 5: a stalled controller. The doorbell is held, so the command is never fetched: it
+    // must time out, be aborted, time out again and end in a controller reset that fails it with
+    // Reset; the queue must then work again.
+    let timeout = Duration::from_millis(300);
+    ctrl.set_io_timeout(timeout);
+    let resets_before = ctrl.reset_count();
+    let w = &mut workers[0];
+    w.qp.hold_doorbell(true);
+    let seg = w.segments(0, 0);
+    let blocks = w.blocks_per_chunk();
+    let stalled_at = Instant::now();
+    w.qp.read(nsid, 0, blocks, &seg, 7)
+        .context("submitting the stalled read")?;
+    let mut outcome = None;
+    while outcome.is_none() {
+        w.qp.poll(1, |tag, r| outcome = Some((tag, r)));
+        if stalled_at.elapsed() > OP_DEADLINE {
+            bail!("a stalled command was never timed out");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let waited = stalled_at.elapsed();
+    w.qp.hold_doorbell(false);
+    ctrl.set_io_timeout(ControllerConfig::default().io_timeout);
+    match outcome {
+        Some((7, Err(IoError::Reset))) => {}
+        other => bail!("stalled command ended as {other:?}, expected a Reset failure"),
+    }
+    if waited < 2 * timeout || ctrl.reset_count() != resets_before + 1 {
+        bail!(
+            "stalled command failed after {waited:?} with {} resets",
+            ctrl.reset_count()
+        );
+    }
+    let check = [Op {
+        kind: OpKind::Read(layout.expected(0)),
+        chunk: 0,
+        shape: 0,
+    }];
+    w.run(&check, None).context("I/O after the timeout reset")?;
+    println!("phase 5 ok: stalled command aborted, then reset after {waited:?}; queue works again");
+
+    // Phase 6: surprise removal (simulated: BAR0 reads all-ones from now on) with reads in flight
+    // on every queue: each must end (done, or failed with ControllerFailed) within a bounded time,
+    // and new I/O must fail at once.
+    // Half of each queue's reads reach the device; the other half sit behind a held doorbell,
+    // as commands a device that vanished never fetched.
+    for w in workers.iter_mut() {
+        for slot in 0..w.qd {
+            if slot == w.qd / 2 {
+                w.qp.ring();
+                w.qp.hold_doorbell(true);
+            }
+            let chunk = slot as u64;
+            w.start(
+                slot,
+                Op {
+                    kind: OpKind::Read(layout.expected(chunk)),
+                    chunk,
+                    shape: 0,
+                },
+            )
+            .context("submitting before removal")?;
+        }
+    }
+    ctrl.simulate_surprise_removal();
+    let removed_at = Instant::now();
+    let (mut ok, mut failed) = (0usize, 0usize);
+    for w in workers.iter_mut() {
+        while w.qp.in_flight() > 0 {
+            let mut bad = None;
+            w.qp.poll(usize::MAX, |_, r| match r {
+                Ok(()) => ok += 1,
+                Err(IoError::ControllerFailed) => failed += 1,
+                Err(e) => bad = Some(e),
+            });
+            if let Some(e) = bad {
+                bail!("I/O after removal failed with {e}, expected ControllerFailed");
+            }
+            if removed_at.elapsed() > Duration::from_secs(10) {
+                bail!("I/O still in flight 10 s after removal");
+            }
+        }
+        match w.qp.read(nsid, 0, blocks, &seg, 0) {
+            Err(IoError::ControllerFailed) => {}
+            other => bail!("submission after removal returned {other:?}"),
+        }
+    }
+    if ctrl.state() != ControllerState::Failed || failed == 0 {
+        bail!(
+            "removal not detected: state {:?}, {failed} failed",
+            ctrl.state()
+        );
+    }
+    println!(
+        "phase 6 ok: removal detected in {:?}; {failed} in-flight commands failed, {ok} had completed",
+        removed_at.elapsed()
+    );
     drop(workers);
     drop(qps);
     Ok(())
