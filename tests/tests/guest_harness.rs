@@ -1,0 +1,95 @@
+//! Tests of the guest harness itself: a failing script is reported as such, a hung guest is
+//! killed at its deadline and leaves no process behind, and the virtio-scsi module set loads.
+
+use std::time::{Duration, Instant};
+
+use rvhost_tests::{
+    init_test_logging, run_guest, GuestConfig, HarnessError, VIRTIO_BLK_MODULES,
+    VIRTIO_SCSI_MODULES,
+};
+
+/// Child processes of this test process whose command name starts with `prefix`.
+fn children_named(prefix: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // "pid (comm) state ppid ..." -- comm may contain spaces, so split at the last ')'.
+            let Some((head, tail)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            let comm = head.split_once('(').map(|(_, c)| c).unwrap_or_default();
+            let ppid = tail
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u32>().ok());
+            ppid == Some(me) && comm.starts_with(prefix)
+        })
+        .collect()
+}
+
+#[test]
+fn script_results_and_exit_status_come_back() {
+    init_test_logging();
+    let script = ". /lib/guest.sh\nresult answer 42\nresult spaced 'a b=c'\ncheck truth true\n\
+                  run lie false\nexit 3\n";
+    let out = match run_guest(&GuestConfig::new("harness-exit", script)) {
+        Ok(out) => out,
+        Err(err) => panic!("{err}"),
+    };
+    out.assert_eq("answer", "42");
+    out.assert_eq("spaced", "a b=c");
+    out.assert_eq("truth", "");
+    out.assert_eq("lie", "failed(rc=1)");
+    out.assert_eq("script_exit", "3");
+    out.assert_eq("cpus", "1");
+    assert!(
+        out.console.contains("init: /test.sh exited with 3"),
+        "{}",
+        out.diagnostics()
+    );
+    // The results port carries only RESULT lines: kernel messages stay on the console.
+    assert!(
+        out.lines.iter().all(|(k, _)| !k.contains('[')),
+        "{}",
+        out.diagnostics()
+    );
+}
+
+#[test]
+fn hung_guest_is_killed_at_the_deadline() {
+    init_test_logging();
+    let config = GuestConfig::new("harness-hang", "echo 'RESULT started=yes'\nsleep 100000\n")
+        .timeout(Duration::from_secs(40));
+    let started = Instant::now();
+    match run_guest(&config) {
+        Err(HarnessError::GuestTimeout { seconds, diagnostics, .. }) => {
+            assert_eq!(seconds, 40);
+            assert!(diagnostics.contains("---- console"), "{diagnostics}");
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() >= Duration::from_secs(40));
+    let left = children_named("qemu-system");
+    assert!(left.is_empty(), "QEMU processes left behind: {left:?}");
+}
+
+#[test]
+fn virtio_scsi_modules_load() {
+    init_test_logging();
+    let mut modules: Vec<&str> = VIRTIO_BLK_MODULES.to_vec();
+    modules.extend(VIRTIO_SCSI_MODULES);
+    let script = ". /lib/guest.sh\nfor m in virtio_scsi sd_mod sg scsi_mod virtio_blk; do\n\
+                  [ -d /sys/module/$m ] && result module_$m ok || result module_$m missing\ndone\n";
+    let out = match run_guest(&GuestConfig::new("harness-scsi-modules", script).modules(&modules)) {
+        Ok(out) => out,
+        Err(err) => panic!("{err}"),
+    };
+    out.assert_all_ok("module_");
+}
