@@ -149,7 +149,12 @@ echo 64 > /proc/sys/vm/nr_hugepages
 echo "guest: hugepages $(cat /proc/sys/vm/nr_hugepages)"
 export RUST_LIB_BACKTRACE=0
 /rvhost-nvme identify "$BDF"; rc_identify=$?
-/rvhost-nvme selftest "$BDF" --queues 2 --qd 16; rc_selftest=$?
+# Three passes over the whole namespace: PRPs with SGLs where needed, SGLs for everything, and
+# PRPs only (where the byte-unaligned buffer shape becomes an unaligned first PRP segment).
+rc_selftest=0
+for sgl in when-needed always never; do
+    /rvhost-nvme selftest "$BDF" --queues 2 --qd 16 --sgl "$sgl" || rc_selftest=$?
+done
 /rvhost-nvme perf "$BDF" --time 3 --qd 32; rc_perf=$?
 echo "RVHOST-NVME-GUEST-RESULT identify=$rc_identify selftest=$rc_selftest perf=$rc_perf"
 sync

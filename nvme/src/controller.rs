@@ -33,9 +33,8 @@ pub struct ControllerConfig {
     /// How long an I/O command may take before it is aborted; as long again after the ABORT
     /// before the controller is reset.
     pub io_timeout: Duration,
-    /// Use SGLs for every transfer when the controller supports them (PRPs otherwise; SGLs are
-    /// always used for buffers PRPs cannot describe, if available).
-    pub prefer_sgl: bool,
+    /// When to describe buffers with SGLs rather than PRPs.
+    pub sgl: SglPolicy,
 }
 
 impl Default for ControllerConfig {
@@ -45,9 +44,21 @@ impl Default for ControllerConfig {
             io_queues: 4,
             admin_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(30),
-            prefer_sgl: false,
+            sgl: SglPolicy::WhenNeeded,
         }
     }
+}
+
+/// When buffers are described with SGLs (if the controller supports them at all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SglPolicy {
+    /// PRPs only; buffers PRPs cannot describe are refused.
+    Never,
+    /// PRPs where the buffer allows, SGLs for the rest (byte-aligned pieces, ragged segments).
+    #[default]
+    WhenNeeded,
+    /// SGLs for every transfer.
+    Always,
 }
 
 /// Controller-level errors.
@@ -378,9 +389,9 @@ impl Controller {
             .unwrap_or(u64::MAX)
             .min(PRP_ENTRIES_PER_PAGE as u64 * PAGE_SIZE);
         let sgl = SglSupport {
-            supported: info.sgl_supported,
+            supported: info.sgl_supported && config.sgl != SglPolicy::Never,
             dword_aligned: info.sgl_dword_aligned,
-            prefer: config.prefer_sgl && info.sgl_supported,
+            prefer: config.sgl == SglPolicy::Always && info.sgl_supported,
         };
         tracing::info!(
             model = %info.model,

@@ -10,7 +10,7 @@ mod selftest;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use rvhost_nvme::{Controller, ControllerConfig};
+use rvhost_nvme::{Controller, ControllerConfig, SglPolicy};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -69,7 +69,27 @@ enum Command {
         /// Namespace.
         #[arg(long, default_value_t = 1)]
         nsid: u32,
+        /// When to use SGLs: never, when-needed or always.
+        #[arg(long, value_enum, default_value_t = SglArg::WhenNeeded)]
+        sgl: SglArg,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SglArg {
+    Never,
+    WhenNeeded,
+    Always,
+}
+
+impl From<SglArg> for SglPolicy {
+    fn from(arg: SglArg) -> Self {
+        match arg {
+            SglArg::Never => SglPolicy::Never,
+            SglArg::WhenNeeded => SglPolicy::WhenNeeded,
+            SglArg::Always => SglPolicy::Always,
+        }
+    }
 }
 
 fn print_identify(ctrl: &Controller) {
@@ -201,9 +221,11 @@ fn main() -> Result<()> {
             queues,
             qd,
             nsid,
+            sgl,
         } => {
             let config = ControllerConfig {
                 io_queues: queues,
+                sgl: sgl.into(),
                 ..Default::default()
             };
             let ctrl = Controller::open(&bdf, config).with_context(|| format!("opening {bdf}"))?;

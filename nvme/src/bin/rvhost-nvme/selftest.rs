@@ -255,7 +255,11 @@ pub fn run(ctrl: &Controller, nsid: u32, queues: u16, qd: u16) -> Result<()> {
     println!(
         "selftest: nsid {nsid}, {} chunks of {CHUNK} B, {queues} queues x qd {qd}, SGL {}",
         layout.chunks,
-        if sgl { "on" } else { "off" }
+        match (sgl, ctrl.sgl_support().prefer) {
+            (true, true) => "for every transfer",
+            (true, false) => "where PRPs cannot describe the buffer",
+            _ => "off (PRPs only)",
+        }
     );
     let mut qps: Vec<IoQueuePair> = (0..queues)
         .map(|_| ctrl.create_io_queue_pair(qd as u16 + 1))
@@ -391,6 +395,11 @@ pub fn run(ctrl: &Controller, nsid: u32, queues: u16, qd: u16) -> Result<()> {
         other => bail!("length mismatch was not refused: {other:?}"),
     }
 
+    // Phase 5a: zero copy from caller memory. Memory the driver did not allocate (as guest memory
+    // will be) is mapped with `map_dma` and used directly as the I/O buffer.
+    caller_memory_io(ctrl, &mut workers[0], &layout)?;
+    println!("phase 5a ok: write and read through caller memory mapped with map_dma (zero copy)");
+
     // Phase 5: a stalled controller. The doorbell is held, so the command is never fetched: it
     // must time out, be aborted, time out again and end in a controller reset that fails it with
     // Reset; the queue must then work again.
@@ -515,4 +524,96 @@ pub fn verify_image(path: &std::path::Path, block_size: usize) -> Result<u64> {
         }
     }
     Ok(layout.chunks)
+}
+
+/// Anonymous memory owned by the self test, unmapped on drop.
+struct CallerMemory {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl CallerMemory {
+    fn new(len: usize) -> Result<Self> {
+        // SAFETY: a fresh anonymous private mapping at a kernel-chosen address replaces nothing;
+        // the result is checked for MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            bail!("mmap: {}", std::io::Error::last_os_error());
+        }
+        Ok(CallerMemory {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    fn copy_in(&self, data: &[u8]) {
+        let n = data.len().min(self.len);
+        // SAFETY: `n` bytes fit the mapping; no I/O to it is in flight while the test copies, and
+        // only raw pointers touch it.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr, n) };
+    }
+
+    fn copy_out(&self, data: &mut [u8]) {
+        let n = data.len().min(self.len);
+        // SAFETY: as in `copy_in`.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr, data.as_mut_ptr(), n) };
+    }
+}
+
+impl Drop for CallerMemory {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping made in `new`, no longer mapped for DMA when this runs.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+fn caller_memory_io(ctrl: &Controller, w: &mut Worker<'_>, layout: &SelftestLayout) -> Result<()> {
+    let chunk = layout.reset_chunks.end + 8;
+    let expected = layout.expected(chunk);
+    if expected != ChunkContent::Generation(1) {
+        bail!("chunk {chunk} is not a plain generation-1 chunk in this layout");
+    }
+    let mem = CallerMemory::new(CHUNK)?;
+    let iova = mem.ptr as u64;
+    // SAFETY: `mem` is page-aligned anonymous memory of this process that stays mapped until
+    // after `unmap_dma` below, and is only accessed through raw pointers meanwhile.
+    unsafe { ctrl.map_dma(iova, CHUNK as u64) }.context("map_dma of caller memory")?;
+    let result = (|| -> Result<()> {
+        let nsid = w.ns.nsid;
+        let bpc = w.blocks_per_chunk();
+        let lba = chunk * u64::from(bpc);
+        let seg = [DmaSegment {
+            iova,
+            len: CHUNK as u32,
+        }];
+        // Zero the chunk first, so that a write that transferred nothing cannot pass.
+        w.one("write zeroes", |qp| {
+            qp.write_zeroes(nsid, lba, bpc, false, 0)
+        })?;
+        let mut data = vec![0u8; CHUNK];
+        for (i, block) in data.chunks_mut(w.ns.block_size() as usize).enumerate() {
+            fill_block(lba + i as u64, 1, block);
+        }
+        mem.copy_in(&data);
+        w.one("zero-copy write", |qp| qp.write(nsid, lba, bpc, &seg, 0))?;
+        mem.copy_in(&vec![0xA5; CHUNK]);
+        w.one("zero-copy read", |qp| qp.read(nsid, lba, bpc, &seg, 0))?;
+        mem.copy_out(&mut data);
+        if let Err(bad) = check_chunk(chunk, w.ns.block_size() as usize, expected, &data) {
+            bail!("zero-copy read back wrong at LBA {bad}");
+        }
+        Ok(())
+    })();
+    ctrl.unmap_dma(iova, CHUNK as u64)
+        .context("unmap_dma of caller memory")?;
+    result
 }
