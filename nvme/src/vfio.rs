@@ -84,10 +84,18 @@ impl DmaMapper for ContainerMapper {
         // SAFETY: forwarded contract of `DmaMapper::map`: the range is mapped memory of this
         // process that outlives the IOMMU mapping and is accessed only through raw pointers.
         unsafe { self.container.vfio_dma_map(vaddr, size, vaddr as *mut u8) }.map_err(|e| {
+            // IOVA = VA needs the IOMMU to cover user addresses (47 bits); the usual cause of
+            // EINVAL here is a 39-bit IOMMU (QEMU's intel-iommu default; use aw-bits=48).
+            let above_39_bits = vaddr.saturating_add(len) > 1 << 39;
+            let hint = if above_39_bits {
+                "; the range lies above 2^39, beyond an IOMMU with 39-bit address width"
+            } else {
+                ""
+            };
             DmaError::Map {
                 iova: vaddr,
                 len,
-                reason: e.to_string(),
+                reason: format!("{e}{hint}"),
             }
         })
     }

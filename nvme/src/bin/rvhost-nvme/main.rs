@@ -200,6 +200,23 @@ fn main() -> Result<()> {
                 },
             )
             .with_context(|| format!("opening {bdf}"))?;
+            let info = ctrl.info();
+            println!(
+                "{} {} (serial {}, firmware {}), {} I/O queue",
+                ctrl.bdf(),
+                info.model,
+                info.serial,
+                info.firmware,
+                ctrl.io_queues_granted()
+            );
+            for ns in ctrl.namespaces() {
+                println!(
+                    "  namespace {}: {} blocks of {} B",
+                    ns.nsid,
+                    ns.size_blocks,
+                    ns.block_size()
+                );
+            }
             let report = perf::run(
                 &ctrl,
                 nsid,
