@@ -658,3 +658,105 @@ fn vhost_two_frontends_share_a_controller() {
     dp.shutdown();
     assert!(second.is_disconnected(), "shutdown closes every session");
 }
+
+#[test]
+fn vhost_legacy_frontend_enable_cycle_and_reset() {
+    let bdev = malloc_bdev("Legacy0", 1024, 512);
+    let (dp, dir) = start("legacy", &[("legacy.0", bdev, false)]);
+    let socket = dir.join("legacy.0");
+
+    // Without VHOST_USER_F_PROTOCOL_FEATURES a ring runs as soon as it has a kick fd.
+    {
+        let frontend = vhost::vhost_user::Frontend::connect(&socket, 16).unwrap();
+        frontend.set_owner().unwrap();
+        let offered = frontend.get_features().unwrap();
+        frontend.set_features(offered & VIRTIO_F_VERSION_1).unwrap();
+        let mut d = Driver {
+            frontend,
+            ram: GuestRam::new(MEM_SIZE),
+            features: VIRTIO_F_VERSION_1,
+            queues: Vec::new(),
+        };
+        d.set_mem_table();
+        // `setup_queue` ends with SET_VRING_ENABLE, which needs protocol features: set up by hand.
+        let q = d.queues.len();
+        assert_eq!(q, 0);
+        d.ram.write(0, &vec![0u8; 0x3000]);
+        let call = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        let kick = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        d.frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
+        d.frontend.set_vring_base(0, 0).unwrap();
+        d.frontend
+            .set_vring_addr(
+                0,
+                &vhost::VringConfigData {
+                    queue_max_size: QUEUE_SIZE,
+                    queue_size: QUEUE_SIZE,
+                    flags: 0,
+                    desc_table_addr: FRONTEND_VA,
+                    used_ring_addr: FRONTEND_VA + 0x2000,
+                    avail_ring_addr: FRONTEND_VA + 0x1000,
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+        d.frontend.set_vring_call(0, &call).unwrap();
+        d.frontend.set_vring_kick(0, &kick).unwrap();
+        // Adopt the queue the helper would have made (same layout as queue 0).
+        d.setup_queue_record(0, call, kick);
+        assert_eq!(d.write_blocks(0, 2, &pattern(5, 512)), S_OK);
+        assert_eq!(d.read_blocks(0, 2, 512), (S_OK, pattern(5, 512)));
+    }
+
+    // With protocol features: a disabled ring is not served; enabling it serves what waited.
+    let mut d = Driver::ready(&socket, BLK_FEATURES);
+    d.frontend.set_vring_enable(0, false).unwrap();
+    let (hdr, status, buf) = (
+        d.queues[0].header_addr(),
+        d.queues[0].status_addr(),
+        d.queues[0].buffer_addr(),
+    );
+    let mut read_hdr = [0u8; 16];
+    read_hdr[0..4].copy_from_slice(&T_IN.to_le_bytes());
+    read_hdr[8..16].copy_from_slice(&2u64.to_le_bytes());
+    d.ram.write(hdr, &read_hdr);
+    d.post(
+        0,
+        &[
+            Desc {
+                addr: hdr,
+                len: 16,
+                flags: F_NEXT,
+                next: 1,
+            },
+            Desc {
+                addr: buf,
+                len: 512,
+                flags: F_NEXT | F_WRITE,
+                next: 2,
+            },
+            Desc {
+                addr: status,
+                len: 1,
+                flags: F_WRITE,
+                next: 0,
+            },
+        ],
+    );
+    assert_eq!(
+        d.wait_used_for(0, Duration::from_millis(200)),
+        None,
+        "disabled ring is idle"
+    );
+    d.frontend.set_vring_enable(0, true).unwrap();
+    assert_eq!(d.wait_used(0), (0, 513));
+    assert_eq!(d.ram.read(buf, 512), pattern(5, 512));
+
+    // RESET_DEVICE stops the rings and forgets the features; the driver starts over.
+    d.frontend.reset_device().unwrap();
+    assert_eq!(d.wait_used_for(0, Duration::from_millis(100)), None);
+    d.frontend.set_features(d.features).unwrap();
+    d.setup_queue(0);
+    assert_eq!(d.read_blocks(0, 2, 512), (S_OK, pattern(5, 512)));
+    dp.shutdown();
+}

@@ -270,7 +270,8 @@ impl Driver {
         let want = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE;
         assert!(proto.contains(want), "protocol features {proto:?}");
         self.frontend
             .set_protocol_features(want)
@@ -324,6 +325,15 @@ impl Driver {
             Some(existing) => *existing = q,
             None => self.queues.push(q),
         }
+    }
+
+    /// Records queue `index` (standard layout) as set up by hand with these eventfds.
+    pub fn setup_queue_record(&mut self, index: usize, call: EventFd, kick: EventFd) {
+        let mut q = DriverQueue::new(index);
+        q.call = call;
+        q.kick = kick;
+        self.queues.retain(|existing| existing.index != index);
+        self.queues.push(q);
     }
 
     /// Negotiated, memory-mapped, queue 0 running: what a freshly booted guest has.
