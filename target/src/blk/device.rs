@@ -1131,6 +1131,126 @@ mod tests {
         assert_eq!(rig.held.submitted.load(Ordering::Relaxed), 1);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Whatever the driver writes into the descriptor table, the avail ring and the request
+        /// buffers, the device neither panics nor puts anything but a popped head on the used
+        /// ring, and never more used entries than heads it popped.
+        #[test]
+        fn arbitrary_rings_never_break_the_device(
+            descs in proptest::collection::vec(proptest::prelude::any::<(u64, u32, u16, u16)>(), 16),
+            heads in proptest::collection::vec(0u16..24, 1..8),
+            header in proptest::collection::vec(proptest::prelude::any::<u8>(), 16),
+            near in proptest::prelude::any::<bool>(),
+        ) {
+            let mut rig = Rig::new(false);
+            rig.release();
+            rig.mem.write(HDR, &header).unwrap();
+            for (i, (addr, len, flags, next)) in descs.iter().enumerate() {
+                // Half the runs keep addresses and lengths inside guest memory, to get past the
+                // chain walk into decoding and I/O.
+                let (addr, len) = if near { (addr % MEM, len % 0x3000) } else { (*addr, *len) };
+                rig.desc(i as u64, addr, len, flags & 7, next % 20);
+            }
+            for &head in &heads {
+                let slot = u64::from(rig.avail_idx % QSIZE);
+                rig.mem.store_u16(AVAIL + 4 + 2 * slot, head, Ordering::Relaxed).unwrap();
+                rig.avail_idx = rig.avail_idx.wrapping_add(1);
+            }
+            rig.mem.store_u16(AVAIL + 2, rig.avail_idx, Ordering::Release).unwrap();
+            for _ in 0..4 {
+                rig.device.poll();
+            }
+            let used = rig.used_idx();
+            proptest::prop_assert!(usize::from(used) <= heads.len());
+            for i in 0..used {
+                let mut elem = [0u8; 8];
+                rig.mem.read(USED + 4 + 8 * u64::from(i), &mut elem).unwrap();
+                let id = u32::from_le_bytes(elem[0..4].try_into().unwrap());
+                proptest::prop_assert!(heads.iter().any(|&h| u32::from(h) == id), "used id {} never popped", id);
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Plausible requests (header, data segments, status) of every type with one field of one
+        /// descriptor possibly corrupted: every request that still has a status byte completes
+        /// with a valid status, and the device survives the rest.
+        #[test]
+        fn plausible_requests_complete_or_fail_cleanly(
+            kind in proptest::prop_oneof![
+                proptest::prelude::Just(0u32), proptest::prelude::Just(1u32), proptest::prelude::Just(4u32),
+                proptest::prelude::Just(8u32), proptest::prelude::Just(11u32), proptest::prelude::Just(13u32),
+                proptest::prelude::any::<u32>(),
+            ],
+            sector in proptest::prop_oneof![0u64..80, proptest::prelude::any::<u64>()],
+            segments in proptest::collection::vec((0u32..4, proptest::prelude::any::<bool>()), 0..4),
+            range in proptest::prelude::any::<[u8; 16]>(),
+            corrupt in proptest::option::of((0usize..6, 0u8..4, proptest::prelude::any::<u64>())),
+            repeat in 1usize..4,
+        ) {
+            let mut rig = Rig::new(false);
+            rig.release();
+            let mut hdr = [0u8; 16];
+            hdr[0..4].copy_from_slice(&kind.to_le_bytes());
+            hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+            rig.mem.write(HDR, &hdr).unwrap();
+            rig.mem.write(BUF, &range).unwrap();
+            let mut chain: Vec<(u64, u32, u16)> = vec![(HDR, 16, 0)];
+            for (k, &(units, write)) in segments.iter().enumerate() {
+                let len = if units == 0 { 16 } else { units * 512 };
+                chain.push((BUF + 0x1000 * k as u64, len, if write { 2 } else { 0 }));
+            }
+            chain.push((STATUS, 1, 2));
+            let mut descs: Vec<(u64, u32, u16, u16)> = chain
+                .iter()
+                .enumerate()
+                .map(|(i, &(addr, len, flags))| {
+                    let last = i + 1 == chain.len();
+                    (addr, len, if last { flags } else { flags | 1 }, (i + 1) as u16)
+                })
+                .collect();
+            if let Some((index, field, value)) = corrupt {
+                if let Some(d) = descs.get_mut(index) {
+                    match field {
+                        0 => d.0 = value,
+                        1 => d.1 = value as u32,
+                        2 => d.2 = value as u16 & 7,
+                        _ => d.3 = value as u16,
+                    }
+                }
+            }
+            for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+                rig.desc(i as u64, addr, len, flags, next);
+            }
+            rig.mem.write(STATUS, &[0xff]).unwrap();
+            for _ in 0..repeat {
+                let slot = u64::from(rig.avail_idx % QSIZE);
+                rig.mem.store_u16(AVAIL + 4 + 2 * slot, 0, Ordering::Relaxed).unwrap();
+                rig.avail_idx = rig.avail_idx.wrapping_add(1);
+            }
+            rig.mem.store_u16(AVAIL + 2, rig.avail_idx, Ordering::Release).unwrap();
+            for _ in 0..4 {
+                rig.device.poll();
+            }
+            let used = rig.used_idx();
+            proptest::prop_assert!(usize::from(used) <= repeat);
+            if corrupt.is_none() {
+                proptest::prop_assert_eq!(usize::from(used), repeat, "intact requests all complete");
+            }
+            if used > 0 && corrupt.is_none() {
+                proptest::prop_assert!(rig.status() <= 2, "status {}", rig.status());
+            }
+            if corrupt.is_none() && matches!(kind, 0 | 1) && sector.saturating_add(segments.first().map_or(0, |s| u64::from(s.0))) <= 64 && segments.len() == 1 && segments[0].0 > 0 {
+                let data_ok = (kind == 0) == segments[0].1;
+                proptest::prop_assert_eq!(rig.status() == 0, data_ok, "read/write status");
+            }
+        }
+    }
+
     #[test]
     fn sector_ranges_convert_to_blocks() {
         let g = DeviceGeometry {
