@@ -1061,6 +1061,18 @@ fn data_out_copy_len_covers_parameter_lists_and_write_same() {
         l.data_out_copy_len(&[0x42, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0]),
         8 + 16 * 256
     );
+    // Parameter lists are capped at MAX_PARAMETER_LIST_LEN whatever the block size.
+    let mut cfg = config();
+    cfg.block_size = 65536;
+    let big = ScsiLun::new(cfg).unwrap();
+    assert_eq!(
+        big.data_out_copy_len(&[0x55, 0x10, 0, 0, 0, 0, 0, 0x13, 0x88, 0]),
+        8 + 16 * 256
+    );
+    assert_eq!(
+        big.data_out_copy_len(&[0x41, 0, 0, 0, 0, 0, 0, 0, 1, 0]),
+        65536
+    );
 }
 
 // ---- Absent LUN -----------------------------------------------------------------------------------

@@ -535,13 +535,14 @@ impl ScsiLun {
     /// (before capping at what the initiator sent): the parameter list of UNMAP and MODE
     /// SELECT, the single block of WRITE SAME, nothing otherwise.
     pub fn data_out_copy_len(&self, cdb: &[u8]) -> usize {
-        let want = match Command::parse(cdb) {
-            Ok(Command::Unmap { param_len, .. }) => usize::from(param_len),
-            Ok(Command::ModeSelect(m)) => usize::from(m.param_len),
+        match Command::parse(cdb) {
+            Ok(Command::Unmap { param_len, .. }) => {
+                usize::from(param_len).min(MAX_PARAMETER_LIST_LEN)
+            }
+            Ok(Command::ModeSelect(m)) => usize::from(m.param_len).min(MAX_PARAMETER_LIST_LEN),
             Ok(Command::WriteSame(w)) if !w.ndob => self.config.block_size as usize,
             _ => 0,
-        };
-        want.min(MAX_PARAMETER_LIST_LEN.max(self.config.block_size as usize))
+        }
     }
 
     /// Executes one command. Immediate data goes into `data_in` (which should hold at least the
