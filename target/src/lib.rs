@@ -4,7 +4,10 @@
 //! Layering follows SPDK: a [`bdev`] knows nothing of virtio, a controller knows nothing of the
 //! bdev's backend, and the JSON-RPC layer talks to controllers only through [`ops::ControllerOps`].
 
+pub mod app;
 pub mod bdev;
+pub mod cli;
+pub mod config;
 pub mod ops;
 pub mod rpc;
 pub mod blk;

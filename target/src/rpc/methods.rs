@@ -710,7 +710,7 @@ pub fn qemu_blk_args(socket: &std::path::Path, name: &str, bdev: &dyn Bdev) -> S
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
     format!(
-        "-object memory-backend-memfd,id=mem0,size=1G,share=on -numa node,memdev=mem0 \
+        "-m 1G -object memory-backend-memfd,id=mem0,size=1G,share=on -numa node,memdev=mem0 \
          -chardev socket,id=char_{id},path={} \
          -device vhost-user-blk-pci,id=blk_{id},chardev=char_{id},num-queues=1,logical_block_size={}",
         socket.display(),

@@ -243,11 +243,20 @@ fn read_loop(conn: &Arc<UnixStream>, events: &Sender<Incoming>) {
             error,
         });
     };
+    let too_large = || {
+        format!(
+            "Parse error: request is larger than the {MAX_REQUEST_BYTES}-byte limit; closing the \
+             connection"
+        )
+    };
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut chunk = vec![0u8; READ_CHUNK];
     loop {
         loop {
             match next_frame(&buf) {
+                Frame::Value(_, used) if used > MAX_REQUEST_BYTES => {
+                    return fatal(too_large());
+                }
                 Frame::Value(message, used) => {
                     buf.drain(..used);
                     let sent = events.send(Incoming::Message {
@@ -269,10 +278,7 @@ fn read_loop(conn: &Arc<UnixStream>, events: &Sender<Incoming>) {
             }
         }
         if buf.len() > MAX_REQUEST_BYTES {
-            return fatal(format!(
-                "Parse error: request is larger than the {MAX_REQUEST_BYTES}-byte limit; closing \
-                 the connection"
-            ));
+            return fatal(too_large());
         }
         let mut reader: &UnixStream = conn;
         match reader.read(&mut chunk) {

@@ -1,0 +1,158 @@
+//! The `rvhost` command line, modelled on SPDK's `vhost` application.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use rvhost_platform_linux::cpu::CpuSet;
+
+/// The default RPC socket, where SPDK's `rpc.py`/`spdk-rpc` look without `-s`.
+pub const DEFAULT_RPC_SOCKET: &str = "/var/tmp/spdk.sock";
+
+/// The default directory for controller sockets.
+pub const DEFAULT_SOCKET_DIR: &str = "/var/tmp";
+
+/// rvhost: a poll-mode vhost-user storage target (virtio-blk for QEMU guests), configured over
+/// SPDK-compatible JSON-RPC.
+///
+/// With no -c/--json file (and without --no-default) it creates a 256 MiB RAM bdev `Malloc0`
+/// (512-byte blocks), exports it as the vhost-user-blk controller `vhost.0` in the socket
+/// directory, and logs the QEMU arguments that attach it. Configure it further at run time with
+/// SPDK's client, e.g. `spdk-rpc -s /var/tmp/spdk.sock bdev_get_bdevs`.
+///
+/// Stop it with Ctrl-C, SIGTERM, or `spdk-rpc spdk_kill_instance SIGTERM`; controller and RPC
+/// sockets are removed on the way out.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "rvhost", version, about, long_about, verbatim_doc_comment)]
+pub struct Cli {
+    /// Directory for the controllers' vhost-user sockets (controller `vhost.0` listens on
+    /// DIR/vhost.0). SPDK defaults to its working directory; rvhost uses /var/tmp, where SPDK's
+    /// documentation puts them.
+    #[arg(short = 'S', long = "socket-dir", value_name = "DIR", default_value = DEFAULT_SOCKET_DIR)]
+    pub socket_dir: PathBuf,
+
+    /// Cores to run reactors (poll-mode I/O threads) on, as a hex mask (0x3, 3) or a list
+    /// ([0,1], [0-3,5]). One reactor per core, each pinned to it.
+    #[arg(short = 'm', long = "cpumask", value_name = "MASK", default_value = "0x1", value_parser = parse_cpumask)]
+    pub cpumask: u64,
+
+    /// Memory in MiB the target may use for RAM bdevs and DMA buffers. Default: what the system
+    /// reports available (MemAvailable) at start.
+    #[arg(short = 's', long = "mem-size", value_name = "MiB", value_parser = clap::value_parser!(u64).range(1..))]
+    pub mem_size_mib: Option<u64>,
+
+    /// Unix socket to serve JSON-RPC on.
+    #[arg(short = 'r', long = "rpc-socket", value_name = "PATH", default_value = DEFAULT_RPC_SOCKET)]
+    pub rpc_socket: PathBuf,
+
+    /// Start-up configuration in SPDK's JSON config format ({"subsystems": [...]}, as
+    /// `spdk-rpc save_config` writes) or a bare list of {"method", "params"} objects; each entry
+    /// runs through the RPC dispatcher in order. Replaces the default Malloc0/vhost.0 set-up.
+    #[arg(short = 'c', long = "json", value_name = "FILE")]
+    pub json_config: Option<PathBuf>,
+
+    /// Keep going when an entry of the -c/--json file fails (the error is logged).
+    #[arg(long = "json-ignore-init-errors")]
+    pub json_ignore_init_errors: bool,
+
+    /// Without -c/--json, start with no bdev and no controller instead of Malloc0 on vhost.0.
+    #[arg(long = "no-default")]
+    pub no_default: bool,
+
+    /// Log level (error, warn, info, debug, trace) or a tracing filter such as
+    /// `rvhost_target=debug`. RUST_LOG, if set, takes precedence.
+    #[arg(
+        short = 'L',
+        long = "log",
+        value_name = "LEVEL",
+        default_value = "info"
+    )]
+    pub log: String,
+}
+
+/// Parses an SPDK CPU mask into a bit mask of cores 0..=63.
+pub fn parse_cpumask(text: &str) -> Result<u64, String> {
+    let set = CpuSet::parse(text).map_err(|e| e.to_string())?;
+    let mask = set
+        .to_u64()
+        .ok_or_else(|| format!("{text}: rvhost runs reactors on cores 0-63 only"))?;
+    if mask == 0 {
+        return Err(format!("{text} selects no core"));
+    }
+    Ok(mask)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn defaults_match_spdk_s_conventions() {
+        let cli = Cli::try_parse_from(["rvhost"]).unwrap();
+        assert_eq!(cli.socket_dir, PathBuf::from("/var/tmp"));
+        assert_eq!(cli.rpc_socket, PathBuf::from("/var/tmp/spdk.sock"));
+        assert_eq!(cli.cpumask, 1);
+        assert_eq!(cli.mem_size_mib, None);
+        assert!(cli.json_config.is_none() && !cli.no_default && !cli.json_ignore_init_errors);
+    }
+
+    #[test]
+    fn parses_spdk_style_options() {
+        let cli = Cli::try_parse_from([
+            "rvhost",
+            "-S",
+            "/tmp/s",
+            "-m",
+            "[0-1]",
+            "-s",
+            "1024",
+            "-r",
+            "/tmp/r.sock",
+            "-c",
+            "/tmp/c.json",
+            "-L",
+            "debug",
+        ])
+        .unwrap();
+        assert_eq!(cli.socket_dir, PathBuf::from("/tmp/s"));
+        assert_eq!(cli.cpumask, 0x3);
+        assert_eq!(cli.mem_size_mib, Some(1024));
+        assert_eq!(cli.json_config, Some(PathBuf::from("/tmp/c.json")));
+        assert_eq!(cli.log, "debug");
+        let long =
+            Cli::try_parse_from(["rvhost", "--cpumask", "0x2", "--json", "x", "--no-default"])
+                .unwrap();
+        assert_eq!(long.cpumask, 2);
+        assert!(long.no_default);
+    }
+
+    #[test]
+    fn rejects_bad_masks_and_sizes() {
+        for args in [
+            &["rvhost", "-m", "0x0"][..],
+            &["rvhost", "-m", "xyz"],
+            &["rvhost", "-m", "[64]"],
+            &["rvhost", "-s", "0"],
+            &["rvhost", "-s", "-5"],
+            &["rvhost", "--bogus"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn help_is_consistent() {
+        Cli::command().debug_assert();
+        let help = Cli::command().render_long_help().to_string();
+        for needle in [
+            "--socket-dir",
+            "--cpumask",
+            "--mem-size",
+            "--rpc-socket",
+            "--json",
+            "Malloc0",
+        ] {
+            assert!(help.contains(needle), "{needle} missing from --help");
+        }
+    }
+}
