@@ -22,10 +22,19 @@ pub struct DataplaneOptions {
     pub idle: IdlePolicy,
 }
 
+/// Setting this environment variable to `1` makes [`DataplaneOptions::default`] busy-poll, so a
+/// benchmark of the `rvhost` binary can turn idling off without a command-line option.
+pub const BUSY_POLL_ENV: &str = "RVHOST_BUSY_POLL";
+
 impl Default for DataplaneOptions {
     fn default() -> Self {
+        let busy = std::env::var(BUSY_POLL_ENV).is_ok_and(|v| v == "1");
         DataplaneOptions {
-            idle: IdlePolicy::Adaptive,
+            idle: if busy {
+                IdlePolicy::BusyPoll
+            } else {
+                IdlePolicy::Adaptive
+            },
         }
     }
 }

@@ -16,7 +16,8 @@
 //! the target and the tests on two shared cores, so with [`IdlePolicy::Adaptive`] (the default) a
 //! reactor that found no work for [`SPIN_ROUNDS`] consecutive rounds starts calling
 //! `sched_yield`, and after [`YIELD_ROUNDS`] rounds sleeps [`IDLE_SLEEP`] between rounds. Any
-//! work resets it to spinning. [`IdlePolicy::BusyPoll`] (for benchmarks) never yields.
+//! work resets it to spinning. [`IdlePolicy::BusyPoll`] (for benchmarks: `RVHOST_BUSY_POLL=1`, or
+//! [`crate::dataplane::DataplaneOptions`]) never yields.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
