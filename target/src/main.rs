@@ -1,3 +1,80 @@
-//! The rvhost target binary.
+//! The rvhost target binary: parses the command line, starts the data plane (reactors), applies
+//! the start-up configuration and serves JSON-RPC until told to stop.
 
-fn main() {}
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM};
+use tracing_subscriber::EnvFilter;
+
+use rvhost_target::app::{available_memory, App, AppConfig, Exit};
+use rvhost_target::cli::Cli;
+use rvhost_target::dataplane::Dataplane;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|err| {
+            eprintln!("rvhost: invalid log level {level:?} ({err}); using info");
+            EnvFilter::new("info")
+        });
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM, SIGQUIT, SIGHUP] {
+        signal_hook::flag::register(signal, Arc::clone(&shutdown))
+            .with_context(|| format!("installing the handler for signal {signal}"))?;
+    }
+    let memory_bytes = match cli.mem_size_mib {
+        Some(mib) => mib.checked_mul(1024 * 1024).context("-s/--mem-size is too large")?,
+        None => available_memory().unwrap_or(u64::MAX),
+    };
+    let config = AppConfig {
+        socket_dir: cli.socket_dir.clone(),
+        cpumask: cli.cpumask,
+        memory_bytes,
+        rpc_socket: cli.rpc_socket.clone(),
+        json_config: cli.json_config.clone(),
+        ignore_init_errors: cli.json_ignore_init_errors,
+        no_default: cli.no_default,
+    };
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        cpumask = format_args!("{:#x}", cli.cpumask),
+        socket_dir = %cli.socket_dir.display(),
+        memory_mib = memory_bytes / (1024 * 1024),
+        "starting rvhost"
+    );
+    let dataplane = Dataplane::start(cli.cpumask, cli.socket_dir.clone()).context("starting the data plane")?;
+    let app = match App::start(&config, dataplane.clone(), shutdown) {
+        Ok(app) => app,
+        Err(err) => {
+            dataplane.shutdown();
+            return Err(err.into());
+        }
+    };
+    let exit = app.run();
+    if exit == Exit::Kill {
+        tracing::warn!("spdk_kill_instance SIGKILL: exiting without cleaning up");
+        signal_hook::low_level::raise(SIGKILL).context("raising SIGKILL")?;
+    }
+    dataplane.shutdown();
+    Ok(())
+}
