@@ -16,69 +16,101 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Sets `nr_hugepages` for the life of the guard and restores the old value afterwards.
+/// Raises `nr_hugepages` to at least `pages` for the life of the guard (never lowers it, so a
+/// machine's own reservation is left alone) and restores the old value afterwards.
 struct Reservation {
     old: u64,
 }
 
 impl Reservation {
-    fn try_reserve(pages: u64) -> Option<Reservation> {
+    fn try_reserve_at_least(pages: u64) -> Option<Reservation> {
         if !is_root() {
             return None;
         }
         let old = configured_hugepages()?;
-        std::fs::write(NR_HUGEPAGES_PATH, pages.to_string()).ok()?;
+        if old < pages {
+            std::fs::write(NR_HUGEPAGES_PATH, pages.to_string()).ok()?;
+        }
         Some(Reservation { old })
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        let _ = std::fs::write(NR_HUGEPAGES_PATH, self.old.to_string());
+        if configured_hugepages() != Some(self.old) {
+            let _ = std::fs::write(NR_HUGEPAGES_PATH, self.old.to_string());
+        }
     }
+}
+
+/// Free 2 MiB hugepages right now (`HugePages_Free` in /proc/meminfo).
+fn free_hugepages() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("HugePages_Free:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 #[test]
 fn hugepages_when_reserved_else_fallback() {
     let _serial = HUGEPAGES.lock().unwrap_or_else(|e| e.into_inner());
-    match Reservation::try_reserve(16) {
-        Some(_reservation) if configured_hugepages().unwrap_or(0) >= 2 => {
-            let mut buf = DmaBuffer::allocate(3 << 20).expect("hugepages are reserved");
-            assert_eq!(buf.page_kind(), PageKind::Huge2MiB);
-            assert!(buf.is_hugepage());
-            assert_eq!(buf.len(), 3 << 20);
-            let (map_va, map_len) = buf.mapping();
-            assert_eq!(map_len, 4 << 20, "rounded up to whole 2 MiB pages");
-            assert_eq!(map_va % HUGEPAGE_SIZE as u64, 0, "hugepage aligned");
-            assert_eq!(buf.va(), map_va);
-            buf.as_mut_slice()[(3 << 20) - 1] = 0xee;
-            assert_eq!(buf.as_slice()[(3 << 20) - 1], 0xee);
-            assert!(
-                buf.as_slice()[..4096].iter().all(|&b| b == 0),
-                "zero-filled"
-            );
-            let strict = DmaBuffer::allocate_with(HUGEPAGE_SIZE, PagePolicy::HugeOnly).unwrap();
-            assert!(strict.is_hugepage());
-            // More than reserved: HugeOnly fails, PreferHuge falls back.
-            assert!(matches!(
-                DmaBuffer::allocate_with(64 << 20, PagePolicy::HugeOnly),
-                Err(DmaError::Mmap {
-                    kind: PageKind::Huge2MiB,
-                    ..
-                })
-            ));
-            let fallback = DmaBuffer::allocate(64 << 20).unwrap();
-            assert_eq!(fallback.page_kind(), PageKind::Base);
-            let pool = DmaPool::new(4096, 64, PagePolicy::HugeOnly).unwrap();
-            assert!(pool.is_hugepage());
-        }
-        _ => {
-            // No hugepages can be reserved here: the fallback must kick in, and HugeOnly fail.
-            assert_eq!(configured_hugepages().unwrap_or(0), 0);
-            let buf = DmaBuffer::allocate(3 << 20).unwrap();
-            assert_eq!(buf.page_kind(), PageKind::Base);
-            assert!(DmaBuffer::allocate_with(HUGEPAGE_SIZE, PagePolicy::HugeOnly).is_err());
-        }
+    let _reservation = Reservation::try_reserve_at_least(16);
+    let free = free_hugepages();
+    if free >= 4 {
+        let mut buf = DmaBuffer::allocate(3 << 20).expect("hugepages are reserved");
+        assert_eq!(buf.page_kind(), PageKind::Huge2MiB);
+        assert!(buf.is_hugepage());
+        assert_eq!(buf.len(), 3 << 20);
+        let (map_va, map_len) = buf.mapping();
+        assert_eq!(map_len, 4 << 20, "rounded up to whole 2 MiB pages");
+        assert_eq!(map_va % HUGEPAGE_SIZE as u64, 0, "hugepage aligned");
+        assert_eq!(buf.va(), map_va);
+        buf.as_mut_slice()[(3 << 20) - 1] = 0xee;
+        assert_eq!(buf.as_slice()[(3 << 20) - 1], 0xee);
+        assert!(
+            buf.as_slice()[..4096].iter().all(|&b| b == 0),
+            "zero-filled"
+        );
+        assert_eq!(
+            free_hugepages(),
+            free - 2,
+            "the kernel handed out two hugepages"
+        );
+        let strict = DmaBuffer::allocate_with(HUGEPAGE_SIZE, PagePolicy::HugeOnly).unwrap();
+        assert!(strict.is_hugepage());
+        let pool = DmaPool::new(4096, 64, PagePolicy::HugeOnly).unwrap();
+        assert!(pool.is_hugepage());
+        // More than is free: HugeOnly fails, PreferHuge falls back to base pages.
+        let too_many = usize::try_from(free_hugepages() + 1).unwrap() * HUGEPAGE_SIZE;
+        assert!(matches!(
+            DmaBuffer::allocate_with(too_many, PagePolicy::HugeOnly),
+            Err(DmaError::Mmap {
+                kind: PageKind::Huge2MiB,
+                ..
+            })
+        ));
+        let fallback = DmaBuffer::allocate(too_many).unwrap();
+        assert_eq!(fallback.page_kind(), PageKind::Base);
+        drop(buf);
+        drop(strict);
+        drop(pool);
+        assert_eq!(free_hugepages(), free, "hugepages are returned on drop");
+    } else {
+        // No hugepages can be had here (not root, or the kernel refused): fall back, and
+        // HugeOnly fails with a typed error.
+        let buf = DmaBuffer::allocate(3 << 20).unwrap();
+        assert_eq!(buf.page_kind(), PageKind::Base);
+        assert!(matches!(
+            DmaBuffer::allocate_with(HUGEPAGE_SIZE * 8, PagePolicy::HugeOnly),
+            Err(DmaError::Mmap {
+                kind: PageKind::Huge2MiB,
+                ..
+            })
+        ));
     }
 }
 
