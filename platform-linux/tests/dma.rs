@@ -61,6 +61,7 @@ fn hugepages_when_reserved_else_fallback() {
     let _reservation = Reservation::try_reserve_at_least(16);
     let free = free_hugepages();
     if free >= 4 {
+        eprintln!("hugepage path: {free} free 2 MiB pages");
         let mut buf = DmaBuffer::allocate(3 << 20).expect("hugepages are reserved");
         assert_eq!(buf.page_kind(), PageKind::Huge2MiB);
         assert!(buf.is_hugepage());
@@ -102,6 +103,7 @@ fn hugepages_when_reserved_else_fallback() {
     } else {
         // No hugepages can be had here (not root, or the kernel refused): fall back, and
         // HugeOnly fails with a typed error.
+        eprintln!("fallback path: no free hugepages");
         let buf = DmaBuffer::allocate(3 << 20).unwrap();
         assert_eq!(buf.page_kind(), PageKind::Base);
         assert!(matches!(
