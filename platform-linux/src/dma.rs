@@ -388,7 +388,7 @@ impl HostMemory for DmaBufferAccess<'_> {
         Ok(())
     }
 
-    fn checked_range(&self, host_addr: u64, len: usize) -> Option<Result<HostRange, MemError>> {
+    fn checked_range(&self, host_addr: u64, len: usize) -> Option<Result<HostRange<'_>, MemError>> {
         Some(
             self.buffer
                 .window
@@ -485,7 +485,7 @@ impl HostMemory for SharedDmaMemory {
         Ok(())
     }
 
-    fn checked_range(&self, host_addr: u64, len: usize) -> Option<Result<HostRange, MemError>> {
+    fn checked_range(&self, host_addr: u64, len: usize) -> Option<Result<HostRange<'_>, MemError>> {
         Some(
             self.window
                 .checked(host_addr, len)

@@ -7,6 +7,8 @@
 //! created, because other threads (a guest vCPU, another reactor, a device) may change it at any
 //! time.
 
+use std::marker::PhantomData;
+
 use rvhost_core::mem::MemError;
 
 /// Memory reachable by host virtual address, with every access range-checked.
@@ -30,7 +32,11 @@ pub trait HostMemory: Send + Sync {
     /// Only this crate can construct a [`HostRange`], so implementors outside it keep the default,
     /// which makes [`copy_between`] fall back to copying through a stack buffer.
     #[doc(hidden)]
-    fn checked_range(&self, _host_addr: u64, _len: usize) -> Option<Result<HostRange, MemError>> {
+    fn checked_range(
+        &self,
+        _host_addr: u64,
+        _len: usize,
+    ) -> Option<Result<HostRange<'_>, MemError>> {
         None
     }
 }
@@ -45,7 +51,7 @@ impl<M: HostMemory + ?Sized> HostMemory for &M {
     fn fill_host(&self, host_addr: u64, len: usize, byte: u8) -> Result<(), MemError> {
         (**self).fill_host(host_addr, len, byte)
     }
-    fn checked_range(&self, host_addr: u64, len: usize) -> Option<Result<HostRange, MemError>> {
+    fn checked_range(&self, host_addr: u64, len: usize) -> Option<Result<HostRange<'_>, MemError>> {
         (**self).checked_range(host_addr, len)
     }
 }
@@ -60,24 +66,72 @@ impl<M: HostMemory + ?Sized> HostMemory for std::sync::Arc<M> {
     fn fill_host(&self, host_addr: u64, len: usize, byte: u8) -> Result<(), MemError> {
         (**self).fill_host(host_addr, len, byte)
     }
-    fn checked_range(&self, host_addr: u64, len: usize) -> Option<Result<HostRange, MemError>> {
+    fn checked_range(&self, host_addr: u64, len: usize) -> Option<Result<HostRange<'_>, MemError>> {
         (**self).checked_range(host_addr, len)
     }
 }
 
 /// Proof that `[ptr, ptr + len)` lies inside a live mapping owned by the [`HostMemory`] that
-/// produced it. Only this crate can make one, and it is only valid while that owner is borrowed.
+/// produced it, valid for as long as that owner is borrowed (`'a`).
+///
+/// Only this crate can make one. The lifetime matters: an implementor outside the crate could
+/// otherwise forward the range of a temporary table it drops before the copy, leaving a dangling
+/// pointer; with `'a` tied to the borrow of the producing object, the borrow checker forbids that.
+///
+/// Forwarding the range of memory the implementor owns compiles:
+///
+/// ```
+/// use rvhost_platform_linux::host::HostRange;
+/// use rvhost_platform_linux::{HostMemory, MemError, PagePolicy, SharedDmaMemory};
+///
+/// struct Wrapper(SharedDmaMemory);
+///
+/// impl HostMemory for Wrapper {
+///     fn copy_to_host(&self, a: u64, s: &[u8]) -> Result<(), MemError> { self.0.copy_to_host(a, s) }
+///     fn copy_from_host(&self, a: u64, d: &mut [u8]) -> Result<(), MemError> { self.0.copy_from_host(a, d) }
+///     fn fill_host(&self, a: u64, l: usize, b: u8) -> Result<(), MemError> { self.0.fill_host(a, l, b) }
+///     fn checked_range(&self, a: u64, l: usize) -> Option<Result<HostRange<'_>, MemError>> {
+///         self.0.checked_range(a, l)
+///     }
+/// }
+/// # let w = Wrapper(SharedDmaMemory::allocate_with(4096, PagePolicy::SmallOnly).unwrap());
+/// # assert!(w.checked_range(w.0.va(), 4096).unwrap().is_ok());
+/// ```
+///
+/// Forwarding the range of a temporary does not:
+///
+/// ```compile_fail,E0515
+/// use rvhost_platform_linux::host::HostRange;
+/// use rvhost_platform_linux::{HostMemory, MemError, PagePolicy, SharedDmaMemory};
+///
+/// struct Dangling;
+///
+/// impl HostMemory for Dangling {
+///     fn copy_to_host(&self, _: u64, _: &[u8]) -> Result<(), MemError> { Ok(()) }
+///     fn copy_from_host(&self, _: u64, _: &mut [u8]) -> Result<(), MemError> { Ok(()) }
+///     fn fill_host(&self, _: u64, _: usize, _: u8) -> Result<(), MemError> { Ok(()) }
+///     fn checked_range(&self, a: u64, l: usize) -> Option<Result<HostRange<'_>, MemError>> {
+///         let temporary = SharedDmaMemory::allocate_with(4096, PagePolicy::SmallOnly).ok()?;
+///         temporary.checked_range(a, l)
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone, Copy)]
-pub struct HostRange {
+pub struct HostRange<'a> {
     ptr: *mut u8,
     len: usize,
+    owner: PhantomData<&'a ()>,
 }
 
-impl HostRange {
+impl HostRange<'_> {
     /// Callers must have checked that `[ptr, ptr + len)` is inside a mapping that stays valid for
     /// the borrow of the object returning this range.
     pub(crate) fn new(ptr: *mut u8, len: usize) -> Self {
-        HostRange { ptr, len }
+        HostRange {
+            ptr,
+            len,
+            owner: PhantomData,
+        }
     }
 }
 
@@ -112,7 +166,8 @@ pub fn copy_between(
             debug_assert!(d.len == len && s.len == len);
             // SAFETY: both ranges were validated by their owners (this crate's types, the only ones
             // able to build a `HostRange`) to lie inside mappings that stay alive while `dst` and
-            // `src` are borrowed, i.e. for this whole call. `ptr::copy` tolerates overlap. No Rust
+            // `src` are borrowed (the ranges' lifetimes are tied to those borrows), i.e. for this
+            // whole call. `ptr::copy` tolerates overlap. No Rust
             // reference to either range exists; concurrent writers (guest vCPUs) can only make the
             // copied bytes unspecified, as with any shared-memory device.
             unsafe { std::ptr::copy(s.ptr.cast_const(), d.ptr, len) };

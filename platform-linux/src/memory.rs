@@ -558,7 +558,7 @@ impl HostMemory for MemoryTable {
         Ok(())
     }
 
-    fn checked_range(&self, host_addr: u64, len: usize) -> Option<Result<HostRange, MemError>> {
+    fn checked_range(&self, host_addr: u64, len: usize) -> Option<Result<HostRange<'_>, MemError>> {
         Some(
             self.find_host(host_addr, len)
                 .map(|(r, offset)| HostRange::new(r.ptr_at(offset), len)),
