@@ -311,15 +311,20 @@ impl MemoryTable {
     fn assemble(regions: Vec<MappedRegion>) -> Self {
         let mut by_host: Vec<usize> = (0..regions.len()).collect();
         by_host.sort_by_key(|&i| regions.get(i).map_or(0, |r| r.host_base));
-        let mut vm = GuestMemoryMmap::new();
-        for r in &regions {
-            // Regions are sorted and disjoint, so insertion cannot fail; if vm-memory ever disagrees
-            // the vm-memory view is only a convenience and stays without that region.
-            match vm.insert_region(Arc::clone(&r.mapping)) {
-                Ok(next) => vm = next,
-                Err(e) => tracing::warn!(error = %e, "vm-memory refused a validated region"),
-            }
-        }
+        // Regions are sorted and disjoint, so vm-memory accepts them; it refuses only an empty
+        // list, which is the empty collection. The vm-memory view is a convenience for callers, so
+        // should it ever disagree, it is left empty with a warning rather than failing the table.
+        let vm = if regions.is_empty() {
+            GuestMemoryMmap::new()
+        } else {
+            GuestMemoryMmap::from_arc_regions(
+                regions.iter().map(|r| Arc::clone(&r.mapping)).collect(),
+            )
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "vm-memory refused a validated memory table");
+                GuestMemoryMmap::new()
+            })
+        };
         MemoryTable {
             regions,
             by_host,

@@ -244,6 +244,17 @@ fn add_and_remove_regions_produce_new_tables() {
     assert_eq!(&buf, b"hotplug");
     // The regions both tables share are the same mapping.
     assert_eq!(grown.translate(0x10_0000, 1), table.translate(0x10_0000, 1));
+    // vm-memory's view of the new table has the same regions and bytes.
+    {
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+        let vm = grown.vm_memory();
+        assert_eq!(vm.num_regions(), 3);
+        let mut via_vm = [0u8; 7];
+        vm.read_slice(&mut via_vm, GuestAddress(0x4000_0000))
+            .unwrap();
+        assert_eq!(&via_vm, b"hotplug");
+        assert_eq!(MemoryTable::empty().vm_memory().num_regions(), 0);
+    }
 
     // Overlapping regions are refused (and nothing changes).
     let overlapping = RegionSpec {
