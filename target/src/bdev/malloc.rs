@@ -1,20 +1,23 @@
 //! The RAM bdev (SPDK's `malloc` module): a block device backed by host memory.
 //!
-//! The backing store is shared by every reactor that opens a channel, and guests may write the
-//! same blocks from two queues at once. Holding it as `u64` atomics (relaxed loads and stores
-//! compile to plain moves) makes such races well-defined without `unsafe` and without locks:
-//! concurrent writers to one block may interleave, exactly as on a real disk, but never corrupt
-//! anything else. Data moves through a per-channel bounce buffer, so no I/O allocates.
+//! The backing store is `platform-linux`'s [`SharedDmaMemory`]: zeroed, on 2 MiB hugepages when
+//! the host has them (4 KiB pages otherwise, with a warning), and reachable only through
+//! range-checked copies, so every reactor that opens a channel can use it at once without locks or
+//! `unsafe` here. Guests writing the same blocks from two queues at once get some interleaving of
+//! their writes, exactly as on a real disk. Data moves between the store and the I/O's buffers
+//! through a per-channel bounce buffer, so no I/O allocates.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use rvhost_platform_linux::SharedDmaMemory;
+
 use super::{Bdev, BdevChannel, BdevError, BdevIo, HostMemoryAccess, IoKind, IoStatus, IoVec};
 
-/// Smallest and largest logical block size a RAM bdev accepts.
+/// Smallest logical block size a RAM or null bdev accepts.
 pub const MIN_BLOCK_SIZE: u32 = 512;
-/// Largest logical block size (the largest SPDK's vhost and Linux's virtio-blk driver handle well).
+/// Largest logical block size accepted (64 KiB: Linux guests need a block no larger than a page).
 pub const MAX_BLOCK_SIZE: u32 = 65536;
 
 /// Bytes each channel copies per step; larger I/O is done in several steps.
@@ -22,8 +25,6 @@ const BOUNCE_BYTES: usize = 64 * 1024;
 
 /// Completions a channel can hold before its queue has to grow (a virtqueue holds at most 1024).
 const COMPLETION_CAPACITY: usize = 1024;
-
-const WORD: usize = std::mem::size_of::<u64>();
 
 /// How much memory all RAM bdevs together may use (`-s/--mem-size`), shared by the bdevs.
 #[derive(Debug)]
@@ -87,111 +88,6 @@ impl Drop for Reservation {
     }
 }
 
-/// Zero-initialised memory that many threads may read and write at byte granularity.
-#[derive(Debug)]
-struct WordStore {
-    words: Box<[AtomicU64]>,
-}
-
-impl WordStore {
-    fn new_zeroed(len_bytes: u64) -> Result<Self, BdevError> {
-        let too_big = || BdevError::Backend(format!("{len_bytes} bytes do not fit in memory"));
-        let words = usize::try_from(len_bytes / WORD as u64).map_err(|_| too_big())?;
-        let mut store = Vec::new();
-        store.try_reserve_exact(words).map_err(|_| too_big())?;
-        store.extend(std::iter::repeat_with(|| AtomicU64::new(0)).take(words));
-        Ok(WordStore {
-            words: store.into_boxed_slice(),
-        })
-    }
-
-    fn len_bytes(&self) -> usize {
-        self.words.len().saturating_mul(WORD)
-    }
-
-    /// Checks that `[offset, offset + len)` lies inside the store.
-    fn check(&self, offset: usize, len: usize) -> bool {
-        offset
-            .checked_add(len)
-            .is_some_and(|end| end <= self.len_bytes())
-    }
-
-    /// Copies `[offset, offset + dst.len())` into `dst`. The caller checked the range.
-    fn read(&self, offset: usize, dst: &mut [u8]) {
-        let mut pos = offset;
-        for piece in split_at_words(offset, dst.len()) {
-            let bytes = self.words[pos / WORD].load(Ordering::Relaxed).to_le_bytes();
-            let in_word = pos % WORD;
-            dst[piece.clone()].copy_from_slice(&bytes[in_word..in_word + piece.len()]);
-            pos += piece.len();
-        }
-    }
-
-    /// Copies `src` to `[offset, offset + src.len())`. The caller checked the range.
-    fn write(&self, offset: usize, src: &[u8]) {
-        let mut pos = offset;
-        for piece in split_at_words(offset, src.len()) {
-            let word = &self.words[pos / WORD];
-            let in_word = pos % WORD;
-            if piece.len() == WORD {
-                let mut bytes = [0u8; WORD];
-                bytes.copy_from_slice(&src[piece.clone()]);
-                word.store(u64::from_le_bytes(bytes), Ordering::Relaxed);
-            } else {
-                let mut value = [0u8; WORD];
-                let mut mask = [0u8; WORD];
-                value[in_word..in_word + piece.len()].copy_from_slice(&src[piece.clone()]);
-                mask[in_word..in_word + piece.len()].fill(0xff);
-                merge_bytes(word, u64::from_le_bytes(value), u64::from_le_bytes(mask));
-            }
-            pos += piece.len();
-        }
-    }
-
-    /// Zeroes `[offset, offset + len)`. The caller checked the range.
-    fn zero(&self, offset: usize, len: usize) {
-        let mut pos = offset;
-        for piece in split_at_words(offset, len) {
-            let word = &self.words[pos / WORD];
-            if piece.len() == WORD {
-                word.store(0, Ordering::Relaxed);
-            } else {
-                let in_word = pos % WORD;
-                let mut mask = [0u8; WORD];
-                mask[in_word..in_word + piece.len()].fill(0xff);
-                merge_bytes(word, 0, u64::from_le_bytes(mask));
-            }
-            pos += piece.len();
-        }
-    }
-}
-
-/// Replaces the bytes of `word` selected by `mask` with those of `value`, leaving bytes that a
-/// concurrent writer may be storing untouched.
-fn merge_bytes(word: &AtomicU64, value: u64, mask: u64) {
-    // The closure always returns `Some`, so `fetch_update` cannot fail.
-    let _ = word.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-        Some((old & !mask) | (value & mask))
-    });
-}
-
-/// Splits `len` bytes starting at store offset `offset` into ranges of the caller's buffer that
-/// each stay inside one word.
-fn split_at_words(offset: usize, len: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
-    let mut done = 0usize;
-    let mut pos = offset;
-    std::iter::from_fn(move || {
-        if done >= len {
-            return None;
-        }
-        let take = (WORD - pos % WORD).min(len - done);
-        let piece = done..done + take;
-        done += take;
-        pos += take;
-        Some(piece)
-    })
-}
-
 /// A RAM bdev.
 #[derive(Debug)]
 pub struct MallocBdev {
@@ -199,7 +95,7 @@ pub struct MallocBdev {
     block_size: u32,
     num_blocks: u64,
     uuid: [u8; 16],
-    store: WordStore,
+    store: SharedDmaMemory,
     removed: AtomicBool,
     _memory: Reservation,
 }
@@ -233,7 +129,11 @@ impl MallocBdev {
                 ))
             })?;
         let memory = budget.reserve(len_bytes)?;
-        let store = WordStore::new_zeroed(len_bytes)?;
+        let too_big = || BdevError::Backend(format!("{len_bytes} bytes do not fit in memory"));
+        let len = usize::try_from(len_bytes).map_err(|_| too_big())?;
+        let store = SharedDmaMemory::allocate(len).map_err(|e| {
+            BdevError::Backend(format!("cannot allocate {len_bytes} bytes for {name}: {e}"))
+        })?;
         Ok(Arc::new(MallocBdev {
             name: name.to_owned(),
             block_size,
@@ -346,9 +246,7 @@ impl MallocChannel {
         };
         let start = usize::try_from(start).map_err(|_| too_big())?;
         let len = usize::try_from(len).map_err(|_| too_big())?;
-        if !bdev.store.check(start, len) {
-            return Err(too_big());
-        }
+        let store_error = |_| too_big();
         match io.kind {
             IoKind::Read | IoKind::Write => {
                 check_iovs(io, len as u64, bdev.num_blocks)?;
@@ -364,19 +262,21 @@ impl MallocChannel {
                             .checked_add(done as u64)
                             .ok_or(BdevError::Memory(rvhost_core::mem::MemError::Overflow))?;
                         if io.kind == IoKind::Read {
-                            bdev.store.read(pos, bounce);
+                            bdev.store.read_at(pos, bounce).map_err(store_error)?;
                             mem.copy_to_host(addr, bounce).map_err(BdevError::Memory)?;
                         } else {
                             mem.copy_from_host(addr, bounce)
                                 .map_err(BdevError::Memory)?;
-                            bdev.store.write(pos, bounce);
+                            bdev.store.write_at(pos, bounce).map_err(store_error)?;
                         }
                         done += step;
                         pos += step;
                     }
                 }
             }
-            IoKind::Unmap | IoKind::WriteZeroes => bdev.store.zero(start, len),
+            IoKind::Unmap | IoKind::WriteZeroes => {
+                bdev.store.fill_at(start, len, 0).map_err(store_error)?
+            }
             // Writes land in memory at once; there is nothing to make durable.
             IoKind::Flush => {}
         }
