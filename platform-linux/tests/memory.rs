@@ -616,3 +616,78 @@ proptest! {
         }
     }
 }
+
+/// Guest RAM on hugepages, as `-object memory-backend-memfd,hugetlb=on` gives a backend. Needs
+/// root to reserve pages; elsewhere it checks that a hugetlb memfd cannot even be sized.
+#[test]
+fn hugetlb_backed_guest_memory() {
+    use rvhost_platform_linux::dma::{configured_hugepages, NR_HUGEPAGES_PATH};
+    const HUGE: u64 = 2 << 20;
+    let old = configured_hugepages();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root && old.is_some_and(|n| n < 8) {
+        let _ = std::fs::write(NR_HUGEPAGES_PATH, "8");
+    }
+    // SAFETY: valid NUL-terminated name; the result is checked.
+    let raw = unsafe {
+        libc::memfd_create(
+            c"rvhost-huge".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_HUGETLB,
+        )
+    };
+    assert!(
+        raw >= 0,
+        "memfd_create(MFD_HUGETLB): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh descriptor nobody else owns.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+    let sized = file.set_len(2 * HUGE).is_ok();
+    let result = std::panic::catch_unwind(|| {
+        if !sized {
+            eprintln!("no hugepages available: skipping the mapping part");
+            return;
+        }
+        let spec = RegionSpec {
+            guest_phys_addr: 0x1_0000_0000,
+            memory_size: HUGE,
+            userspace_addr: VA_HIGH,
+            mmap_offset: HUGE,
+        };
+        let table = MemoryTable::from_regions([(spec, fd_of(&file))]).unwrap();
+        table.write(0x1_0000_0000 + HUGE - 4, b"edge").unwrap();
+        let mut back = [0u8; 4];
+        table.read(0x1_0000_0000 + HUGE - 4, &mut back).unwrap();
+        assert_eq!(&back, b"edge");
+        assert_eq!(
+            table.translate(0x1_0000_0000, HUGE).unwrap() % HUGE,
+            0,
+            "hugepage aligned"
+        );
+        // An offset that is page aligned but not hugepage aligned: mmap refuses, and that is a
+        // typed error, not a crash.
+        let bad = RegionSpec {
+            mmap_offset: 0x1000,
+            memory_size: 0x1000,
+            ..spec
+        };
+        assert!(matches!(
+            MemoryTable::from_regions([(bad, fd_of(&file))]),
+            Err(MemoryTableError::Mmap { .. })
+        ));
+    });
+    drop(file);
+    if let Some(old) = old {
+        if configured_hugepages() != Some(old) {
+            let _ = std::fs::write(NR_HUGEPAGES_PATH, old.to_string());
+        }
+    }
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+    assert!(
+        sized || !root || old.is_none(),
+        "root could not get two hugepages"
+    );
+}
