@@ -100,34 +100,41 @@ pub fn parse(text: &str) -> Result<Vec<ConfigCall>, ConfigError> {
 }
 
 fn entries_of(entries: &[Value], place: &str) -> Result<Vec<ConfigCall>, ConfigError> {
-    entries
-        .iter()
-        .enumerate()
-        .map(|(index, entry)| {
-            let origin = format!("{place}, entry {index}");
-            let Value::Object(object) = entry else {
-                return Err(format_error(format!(
-                    "{origin}: must be a {{\"method\", \"params\"}} object"
-                )));
-            };
-            let method = object
-                .get("method")
-                .and_then(Value::as_str)
-                .ok_or_else(|| {
-                    format_error(format!("{origin}: `method` is missing or not a string"))
-                })?;
-            if let Some(other) = object.keys().find(|k| *k != "method" && *k != "params") {
-                return Err(format_error(format!(
-                    "{origin}: unexpected member `{other}`"
-                )));
+    let mut calls = Vec::with_capacity(entries.len());
+    for (index, entry) in entries.iter().enumerate() {
+        match entry {
+            // Newer SPDK saves independent calls as batch arrays; they run in order like the rest.
+            Value::Array(batch) => {
+                for (inner, item) in batch.iter().enumerate() {
+                    calls.push(call_of(item, format!("{place}, entry {index}.{inner}"))?);
+                }
             }
-            Ok(ConfigCall {
-                method: method.to_owned(),
-                params: object.get("params").cloned(),
-                origin,
-            })
-        })
-        .collect()
+            single => calls.push(call_of(single, format!("{place}, entry {index}"))?),
+        }
+    }
+    Ok(calls)
+}
+
+fn call_of(entry: &Value, origin: String) -> Result<ConfigCall, ConfigError> {
+    let Value::Object(object) = entry else {
+        return Err(format_error(format!(
+            "{origin}: must be a {{\"method\", \"params\"}} object"
+        )));
+    };
+    let method = object
+        .get("method")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format_error(format!("{origin}: `method` is missing or not a string")))?;
+    if let Some(other) = object.keys().find(|k| *k != "method" && *k != "params") {
+        return Err(format_error(format!(
+            "{origin}: unexpected member `{other}`"
+        )));
+    }
+    Ok(ConfigCall {
+        method: method.to_owned(),
+        params: object.get("params").cloned(),
+        origin,
+    })
 }
 
 #[cfg(test)]
@@ -161,6 +168,20 @@ mod tests {
         );
         assert_eq!(calls[1].params, None);
         assert_eq!(calls[2].origin, "subsystem vhost_blk, entry 0");
+    }
+
+    #[test]
+    fn flattens_batches() {
+        let calls =
+            parse(r#"[{"method": "a"}, [{"method": "b"}, {"method": "c"}], {"method": "d"}]"#)
+                .unwrap();
+        let methods: Vec<_> = calls.iter().map(|c| c.method.as_str()).collect();
+        assert_eq!(methods, ["a", "b", "c", "d"]);
+        assert_eq!(calls[2].origin, "the list, entry 1.1");
+        assert!(parse(r#"[[{"method": "a"}, 5]]"#)
+            .unwrap_err()
+            .to_string()
+            .contains("entry 0.1"));
     }
 
     #[test]

@@ -240,3 +240,63 @@ fn spdk_kill_instance_shuts_down_cleanly() {
     assert!(!target.rpc.exists(), "RPC socket left behind");
     assert!(target.log().contains("shut down cleanly"));
 }
+
+/// Names, UUIDs and geometry of every bdev, and every controller's settings: the state a saved
+/// configuration must reproduce.
+fn state(target: &Target) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let bdevs = target.spdk_json(&["bdev_get_bdevs"]);
+    let bdevs = bdevs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            json!([
+                b["name"],
+                b["uuid"],
+                b["block_size"],
+                b["num_blocks"],
+                b["product_name"]
+            ])
+        })
+        .collect();
+    let ctrls = target.spdk_json(&["vhost_get_controllers"]);
+    let ctrls = ctrls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| json!([c["ctrlr"], c["cpumask"], c["backend_specific"]]))
+        .collect();
+    (bdevs, ctrls)
+}
+
+#[test]
+fn save_config_output_restores_the_target() {
+    let original = Target::start("save", &["--no-default"]);
+    original.spdk_ok(&["bdev_malloc_create", "-b", "Malloc0", "4", "512"]);
+    original.spdk_ok(&["bdev_null_create", "Null0", "4", "4096"]);
+    original.spdk_ok(&["vhost_create_blk_controller", "-r", "vhost.0", "Malloc0"]);
+    original.spdk_ok(&["vhost_create_blk_controller", "vhost.1", "Null0"]);
+    let saved = original.spdk_json(&["save_config"]);
+    let subsystems: Vec<&str> = saved["subsystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["subsystem"].as_str().unwrap())
+        .collect();
+    assert_eq!(subsystems, ["bdev", "vhost_blk"]);
+    let file = original.dir.join("saved.json");
+    std::fs::write(&file, saved.to_string()).unwrap();
+    let expected = state(&original);
+    assert_eq!(expected.0.len(), 2);
+    assert_eq!(expected.1.len(), 2);
+
+    // As a start-up configuration.
+    let restored = Target::start("restore", &["-c", file.to_str().unwrap()]);
+    assert_eq!(state(&restored), expected);
+    wait_for_path(&restored.dir.join("vhost.0"), true);
+
+    // Through SPDK's own load_config, into an empty target.
+    let loaded = Target::start("load", &["--no-default"]);
+    loaded.spdk_ok(&["load_config", "-j", file.to_str().unwrap()]);
+    assert_eq!(state(&loaded), expected);
+}
