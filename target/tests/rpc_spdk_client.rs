@@ -300,3 +300,13 @@ fn save_config_output_restores_the_target() {
     loaded.spdk_ok(&["load_config", "-j", file.to_str().unwrap()]);
     assert_eq!(state(&loaded), expected);
 }
+
+#[test]
+fn spdk_kill_instance_sigkill_kills_at_once() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut target = Target::start("sigkill", &["--no-default"]);
+    // SPDK's client expects the connection to drop for this one and reports success.
+    target.spdk_ok(&["spdk_kill_instance", "SIGKILL"]);
+    let status = target.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.signal(), Some(9), "{status}");
+}
