@@ -4,6 +4,30 @@
 //! already in the caller's buffer, sense already in the caller's sense buffer) or an [`IoPlan`]
 //! for the caller to run on its block device and then hand back to [`ScsiLun::complete_io`].
 //! The model never touches guest memory or the block device itself.
+//!
+//! ```
+//! use rvhost_core::scsi::lun::{IoOp, LunConfig, Outcome, Request, ScsiLun};
+//! use rvhost_core::scsi::ScsiStatus;
+//!
+//! let config = LunConfig::new(512, 2048, [7; 16]).with_bdev_kind("Malloc").unwrap();
+//! let mut lun = ScsiLun::new(config).unwrap();
+//! let (mut data_in, mut sense) = ([0u8; 4096], [0u8; 96]);
+//!
+//! // READ(10) of 8 blocks at LBA 16 into a 4 KiB guest buffer: the model plans the I/O ...
+//! let cdb = [0x28, 0, 0, 0, 0, 16, 0, 0, 8, 0];
+//! let req = Request { cdb: &cdb, data_out: &[], data_out_len: 0, data_in_len: 4096, luns: &[0] };
+//! let Outcome::Io(plan) = lun.execute(&req, &mut data_in, &mut sense) else { unreachable!() };
+//! assert_eq!(plan.op, IoOp::Read { lba: 16, blocks: 8, fua: false });
+//! // ... the caller runs it on its bdev and completes it through the model.
+//! let done = lun.complete_io(&plan, Ok(()), &mut sense);
+//! assert_eq!((done.status, done.transferred, done.residual), (ScsiStatus::Good, 4096, 0));
+//!
+//! // INQUIRY is answered at once: 36 bytes of standard data in `data_in`.
+//! let req = Request { cdb: &[0x12, 0, 0, 0, 96, 0], data_in_len: 96, ..req };
+//! let Outcome::Done(c) = lun.execute(&req, &mut data_in, &mut sense) else { unreachable!() };
+//! assert_eq!(c.transferred, 36);
+//! assert_eq!(&data_in[8..16], b"RVHOST  ");
+//! ```
 
 use core::fmt;
 
