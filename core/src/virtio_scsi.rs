@@ -614,6 +614,21 @@ impl CmdRespRepr {
         resp.set_response(self.response.code());
     }
 
+    /// The response to a SCSI command that reached a logical unit (`response` OK: the SCSI
+    /// status carries the outcome), with `sense_len` clamped to the negotiated `sense_size`.
+    pub fn for_completion(c: &crate::scsi::Completion, sense_size: u32) -> CmdRespRepr {
+        let sense_len = u32::try_from(c.sense_len)
+            .unwrap_or(u32::MAX)
+            .min(sense_size);
+        CmdRespRepr {
+            sense_len,
+            residual: c.residual,
+            status_qualifier: 0,
+            status: c.status.code(),
+            response: Response::Ok,
+        }
+    }
+
     /// The header as bytes.
     pub fn to_bytes(&self) -> [u8; CMD_RESP_HEADER_LEN] {
         let mut b = [0u8; CMD_RESP_HEADER_LEN];

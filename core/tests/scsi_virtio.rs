@@ -409,3 +409,20 @@ fn config_space_literal_bytes_and_driver_writes() {
         .is_err());
     assert_eq!(written.num_queues, 4);
 }
+
+#[test]
+fn response_for_a_scsi_completion() {
+    use rvhost_core::scsi::{Completion, ScsiStatus};
+    let c = Completion {
+        status: ScsiStatus::CheckCondition,
+        transferred: 0,
+        residual: 512,
+        sense_len: 18,
+    };
+    let repr = CmdRespRepr::for_completion(&c, 96);
+    assert_eq!(
+        repr.to_bytes(),
+        [18, 0, 0, 0, 0x00, 0x02, 0, 0, 0, 0, 0x02, 0x00]
+    );
+    assert_eq!(CmdRespRepr::for_completion(&c, 8).sense_len, 8);
+}
