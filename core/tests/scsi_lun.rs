@@ -1163,3 +1163,30 @@ fn unmap_list_longer_than_the_copy_limit_is_read_from_its_header() {
         vec![BlockRange { lba: 8, blocks: 16 }]
     );
 }
+
+#[test]
+fn write_same_of_zeros_without_write_zeroes_support_writes_the_block() {
+    let mut cfg = config();
+    cfg.supports_write_zeroes = false;
+    let mut l = ScsiLun::new(cfg).unwrap();
+    let zero = [0u8; 512];
+    let cdb = [0x41, 0, 0, 0, 0, 0x10, 0, 0, 0x20, 0];
+    let r = exec(&mut l, &cdb, &zero, 0);
+    assert_eq!(
+        r.plan().op,
+        IoOp::WriteSame {
+            lba: 16,
+            blocks: 32,
+            block: &zero[..]
+        }
+    );
+    // NDOB has no block to replicate: the target emulates write-zeroes.
+    let cdb = [0x93, 0x01, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0x20, 0, 0];
+    assert_eq!(
+        exec(&mut l, &cdb, &[], 0).plan().op,
+        IoOp::WriteZeroes {
+            lba: 16,
+            blocks: 32
+        }
+    );
+}

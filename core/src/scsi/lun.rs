@@ -431,7 +431,8 @@ pub enum IoOp<'d> {
         /// Number of blocks.
         blocks: u64,
     },
-    /// Write `block` (one logical block of data-out) to every block of the range.
+    /// Write `block` (one logical block of data-out) to every block of the range. Also planned
+    /// for an all-zero block when the device cannot write zeroes itself.
     WriteSame {
         /// First block.
         lba: u64,
@@ -836,6 +837,10 @@ impl ScsiLun {
                 })
             }
             Some(block) if !zero => IoOp::WriteSame { lba, blocks, block },
+            // Without write-zeroes support the zero block the initiator sent is the pattern.
+            Some(block) if !self.config.supports_write_zeroes => {
+                IoOp::WriteSame { lba, blocks, block }
+            }
             _ => IoOp::WriteZeroes { lba, blocks },
         };
         Ok(Outcome::Io(IoPlan {
