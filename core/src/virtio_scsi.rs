@@ -228,14 +228,15 @@ mod cmd_req {
     pub const CDB_PI: usize = 27;
 }
 
-/// Length of a command request header without T10_PI for a negotiated `cdb_size`.
+/// Length of a command request header without T10_PI for a negotiated `cdb_size` (the driver
+/// may write any `cdb_size` into the configuration space; this saturates instead of wrapping).
 pub const fn cmd_req_len(cdb_size: u32) -> usize {
-    cmd_req::CDB + cdb_size as usize
+    cmd_req::CDB.saturating_add(cdb_size as usize)
 }
 
 /// Length of a command request header with T10_PI for a negotiated `cdb_size`.
 pub const fn cmd_req_pi_len(cdb_size: u32) -> usize {
-    cmd_req::CDB_PI + cdb_size as usize
+    cmd_req::CDB_PI.saturating_add(cdb_size as usize)
 }
 
 /// View of `struct virtio_scsi_req_cmd` (or, with `pi`, `virtio_scsi_req_cmd_pi`).
@@ -502,7 +503,7 @@ pub const CMD_RESP_HEADER_LEN: usize = cmd_resp::SENSE;
 
 /// Length of a command response for a negotiated `sense_size`.
 pub const fn cmd_resp_len(sense_size: u32) -> usize {
-    cmd_resp::SENSE + sense_size as usize
+    cmd_resp::SENSE.saturating_add(sense_size as usize)
 }
 
 /// View of `struct virtio_scsi_resp_cmd`.

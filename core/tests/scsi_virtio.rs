@@ -426,3 +426,13 @@ fn response_for_a_scsi_completion() {
     );
     assert_eq!(CmdRespRepr::for_completion(&c, 8).sense_len, 8);
 }
+
+#[test]
+fn header_lengths_saturate_for_absurd_driver_sizes() {
+    assert_eq!(
+        cmd_req_len(u32::MAX),
+        19usize.saturating_add(u32::MAX as usize)
+    );
+    assert!(cmd_resp_len(u32::MAX) >= u32::MAX as usize);
+    assert!(CmdReq::new_checked(&CMD_REQ[..], u32::MAX).is_err());
+}
