@@ -596,7 +596,7 @@ impl ScsiLun {
             opcode,
             Some(op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE)
         );
-        if !ua_exempt {
+        if !ua_exempt && self.unit_attention != 0 {
             if let Some(ua) = self.take_unit_attention() {
                 return Err(ua.sense());
             }
@@ -604,6 +604,12 @@ impl ScsiLun {
         let cmd = Command::parse(req.cdb).map_err(|e: CdbError| e.sense())?;
         if self.stopped && needs_medium(&cmd) {
             return Err(Sense::NOT_READY_INITIALIZING_COMMAND_REQUIRED);
+        }
+        // The data path first, before the configuration is copied for the response builders.
+        match cmd {
+            Command::Read(rw) => return self.read_write(&rw, false, req),
+            Command::Write(rw) => return self.read_write(&rw, true, req),
+            _ => {}
         }
         let cfg = self.config;
         let immediate =
