@@ -10,6 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use rvhost_target::ops::ControllerOps;
+use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vhost_support::*;
@@ -196,6 +197,42 @@ fn vhost_hostile_frontend() {
         table.extend_from_slice(&v.to_le_bytes());
     }
     assert!(raw_message_closes_connection(&victim_sock, &table));
+    // GET_CONFIG (24) past the config space: answered with an empty payload (the spec's error
+    // reply), and the connection stays up. CONFIG must be negotiated first (SET_PROTOCOL_FEATURES).
+    {
+        let mut s = UnixStream::connect(&victim_sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut msg = header(16, 1, 8);
+        msg.extend_from_slice(&0x200u64.to_le_bytes());
+        msg.extend_from_slice(&header(24, 1, 12 + 8));
+        for v in [0x200u32, 8, 0] {
+            msg.extend_from_slice(&v.to_le_bytes());
+        }
+        msg.extend_from_slice(&[0u8; 8]);
+        s.write_all(&msg).unwrap();
+        let mut reply = [0u8; 24];
+        s.read_exact(&mut reply).unwrap();
+        assert_eq!(
+            u32::from_le_bytes(reply[0..4].try_into().unwrap()),
+            24,
+            "GET_CONFIG reply"
+        );
+        assert_eq!(
+            u32::from_le_bytes(reply[8..12].try_into().unwrap()),
+            12,
+            "no payload"
+        );
+        assert_eq!(
+            u32::from_le_bytes(reply[16..20].try_into().unwrap()),
+            0,
+            "size 0 = error"
+        );
+        // Still serving: GET_FEATURES (1) is answered.
+        s.write_all(&header(1, 1, 0)).unwrap();
+        let mut features = [0u8; 20];
+        s.read_exact(&mut features).unwrap();
+        assert_eq!(u32::from_le_bytes(features[0..4].try_into().unwrap()), 1);
+    }
     // Truncated: a header announcing 8 bytes, then hang up mid-body.
     {
         let mut s = UnixStream::connect(&victim_sock).unwrap();
@@ -260,7 +297,27 @@ fn vhost_hostile_frontend() {
         // Queue sizes beyond what we accept, and not powers of two.
         assert!(d.frontend.set_vring_num(0, 2048).is_err());
         assert!(d.frontend.set_vring_num(0, 100).is_err());
-        assert!(!d.is_disconnected(), "refused ring setup keeps the session");
+        // Queue indices past what GET_QUEUE_NUM reported.
+        assert!(d.frontend.set_vring_base(15, 0).is_ok());
+        assert!(
+            vhost::vhost_user::Frontend::set_vring_enable(&mut d.frontend.clone(), 15, true)
+                .is_ok()
+        );
+        // Config writes: nothing is writable.
+        assert!(d
+            .frontend
+            .clone()
+            .set_config(0, VhostUserConfigFlags::WRITABLE, &[1u8; 8])
+            .is_err());
+        // Removing a region that is not there.
+        let mut absent = d.ram.region(0x1000);
+        absent.guest_phys_addr = 1 << 40;
+        assert!(d.frontend.clone().remove_mem_region(&absent).is_err());
+        assert!(!d.is_disconnected(), "refused requests keep the session");
+        // Adding a region that overlaps the table is fatal, like a bad SET_MEM_TABLE.
+        let overlap = d.ram.region(0x1000);
+        assert!(d.frontend.clone().add_mem_region(&overlap).is_err());
+        assert!(d.is_disconnected());
     }
     assert_eq!(
         b.read_blocks(0, 0, 4096),

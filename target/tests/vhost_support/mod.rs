@@ -239,7 +239,12 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 impl Driver {
     /// Connects and negotiates `wanted` features (intersected with the offer).
     pub fn connect(socket: &Path, wanted: u64) -> Self {
-        let frontend = Frontend::connect(socket, 16).expect("connect");
+        // A read timeout turns a missing reply into a test failure instead of a hang.
+        let stream = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+        stream
+            .set_read_timeout(Some(TIMEOUT))
+            .expect("read timeout");
+        let frontend = Frontend::from_stream(stream, 16);
         let ram = GuestRam::new(MEM_SIZE);
         let mut driver = Driver {
             frontend,
