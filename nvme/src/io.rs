@@ -82,6 +82,62 @@ pub enum IoError {
     Unsupported(&'static str),
 }
 
+/// Checks that `[lba, lba + blocks)` is non-empty and inside `ns`.
+pub(crate) fn check_block_range(ns: &NamespaceInfo, lba: u64, blocks: u64) -> Result<(), IoError> {
+    let in_range = blocks > 0
+        && lba
+            .checked_add(blocks)
+            .is_some_and(|end| end <= ns.size_blocks);
+    if !in_range {
+        return Err(IoError::OutOfRange {
+            nsid: ns.nsid,
+            lba,
+            blocks,
+            size: ns.size_blocks,
+        });
+    }
+    Ok(())
+}
+
+/// Checks that `blocks` fits the 16-bit NLB field of one command.
+fn check_command_blocks(ns: &NamespaceInfo, lba: u64, blocks: u32) -> Result<(), IoError> {
+    if blocks > MAX_BLOCKS_PER_COMMAND {
+        let blocks = u64::from(blocks);
+        return Err(IoError::OutOfRange {
+            nsid: ns.nsid,
+            lba,
+            blocks,
+            size: ns.size_blocks,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a READ or WRITE before anything reaches the controller: the range, the per-command
+/// block limit, that the buffer holds exactly `blocks` blocks, and the transfer limit.
+pub(crate) fn check_transfer(
+    ns: &NamespaceInfo,
+    lba: u64,
+    blocks: u32,
+    segments: &[DmaSegment],
+    max_transfer_bytes: u64,
+) -> Result<(), IoError> {
+    check_block_range(ns, lba, u64::from(blocks))?;
+    check_command_blocks(ns, lba, blocks)?;
+    let expected = u64::from(blocks) * u64::from(ns.block_size());
+    let actual = u64::from(total_length(segments)?);
+    if expected != actual {
+        return Err(IoError::Length { expected, actual });
+    }
+    if expected > max_transfer_bytes {
+        return Err(IoError::TooLarge {
+            bytes: expected,
+            max: max_transfer_bytes,
+        });
+    }
+    Ok(())
+}
+
 impl From<NvmeError> for IoError {
     fn from(e: NvmeError) -> Self {
         match e {
@@ -183,18 +239,7 @@ impl IoQueuePair {
 
     fn check_range(&self, nsid: u32, lba: u64, blocks: u64) -> Result<&NamespaceInfo, IoError> {
         let ns = self.namespace(nsid)?;
-        let in_range = blocks > 0
-            && lba
-                .checked_add(blocks)
-                .is_some_and(|end| end <= ns.size_blocks);
-        if !in_range {
-            return Err(IoError::OutOfRange {
-                nsid,
-                lba,
-                blocks,
-                size: ns.size_blocks,
-            });
-        }
+        check_block_range(ns, lba, blocks)?;
         Ok(ns)
     }
 
@@ -281,28 +326,8 @@ impl IoQueuePair {
         tag: u64,
     ) -> Result<(), IoError> {
         self.sync_with_controller()?;
-        let block_size = self.check_range(nsid, lba, u64::from(blocks))?.block_size();
-        if blocks > MAX_BLOCKS_PER_COMMAND {
-            let size = self.namespace(nsid)?.size_blocks;
-            return Err(IoError::OutOfRange {
-                nsid,
-                lba,
-                blocks: u64::from(blocks),
-                size,
-            });
-        }
-        let expected = u64::from(blocks) * u64::from(block_size);
-        let actual = u64::from(total_length(segments)?);
-        if expected != actual {
-            return Err(IoError::Length { expected, actual });
-        }
-        let max = self.shared.max_transfer_bytes;
-        if expected > max {
-            return Err(IoError::TooLarge {
-                bytes: expected,
-                max,
-            });
-        }
+        let ns = self.namespace(nsid)?;
+        check_transfer(ns, lba, blocks, segments, self.shared.max_transfer_bytes)?;
         let entry = if write {
             SubmissionEntry::write(nsid, lba, blocks)
         } else {
@@ -361,16 +386,9 @@ impl IoQueuePair {
         if !self.shared.info.supports_write_zeroes() {
             return Err(IoError::Unsupported("WRITE ZEROES"));
         }
-        self.check_range(nsid, lba, u64::from(blocks))?;
-        if blocks > MAX_BLOCKS_PER_COMMAND {
-            let size = self.namespace(nsid)?.size_blocks;
-            return Err(IoError::OutOfRange {
-                nsid,
-                lba,
-                blocks: u64::from(blocks),
-                size,
-            });
-        }
+        let ns = self.namespace(nsid)?;
+        check_block_range(ns, lba, u64::from(blocks))?;
+        check_command_blocks(ns, lba, blocks)?;
         let cid = self.qp.reserve().map_err(|_| IoError::QueueFull)?;
         self.submit(
             cid,
@@ -535,5 +553,94 @@ impl Drop for IoQueuePair {
             }
         }
         self.shared.release_qid(self.qp.qid());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identify::LbaFormat;
+
+    fn namespace(blocks: u64, shift: u8) -> NamespaceInfo {
+        let format = LbaFormat {
+            metadata_size: 0,
+            data_size_shift: shift,
+            relative_performance: 0,
+        };
+        NamespaceInfo {
+            nsid: 1,
+            size_blocks: blocks,
+            capacity_blocks: blocks,
+            utilization_blocks: 0,
+            format,
+            format_index: 0,
+            formats: vec![format],
+        }
+    }
+
+    fn seg(len: u32) -> [DmaSegment; 1] {
+        [DmaSegment {
+            iova: 0x10_0000,
+            len,
+        }]
+    }
+
+    #[test]
+    fn block_ranges() {
+        let ns = namespace(1000, 9);
+        assert_eq!(check_block_range(&ns, 0, 1000), Ok(()));
+        assert_eq!(check_block_range(&ns, 999, 1), Ok(()));
+        for (lba, blocks) in [
+            (999, 2),
+            (1000, 1),
+            (0, 0),
+            (u64::MAX, 2),
+            (u64::MAX - 1, 1),
+        ] {
+            assert_eq!(
+                check_block_range(&ns, lba, blocks),
+                Err(IoError::OutOfRange {
+                    nsid: 1,
+                    lba,
+                    blocks,
+                    size: 1000
+                }),
+                "lba {lba} blocks {blocks}"
+            );
+        }
+    }
+
+    #[test]
+    fn transfers() {
+        let ns = namespace(1 << 30, 12);
+        let max = 512 * 1024;
+        assert_eq!(check_transfer(&ns, 0, 2, &seg(8192), max), Ok(()));
+        assert_eq!(
+            check_transfer(&ns, 0, 2, &seg(4096), max),
+            Err(IoError::Length {
+                expected: 8192,
+                actual: 4096
+            })
+        );
+        assert_eq!(
+            check_transfer(&ns, 0, 256, &seg(1 << 20), max),
+            Err(IoError::TooLarge {
+                bytes: 1 << 20,
+                max
+            })
+        );
+        assert!(matches!(
+            check_transfer(&ns, 0, 65537, &seg(1 << 20), u64::MAX),
+            Err(IoError::OutOfRange { blocks: 65537, .. })
+        ));
+        assert_eq!(
+            check_transfer(&ns, 0, 1, &[], max),
+            Err(IoError::DataPointer(DataPointerError::Empty))
+        );
+        // The largest command (65536 blocks) against an oversized buffer.
+        assert!(matches!(
+            check_transfer(&ns, 0, 65536, &seg(u32::MAX), u64::MAX),
+            Err(IoError::Length { .. })
+        ));
     }
 }
