@@ -78,13 +78,36 @@ pub fn malloc_bdev(name: &str, blocks: u64, block_size: u32) -> Arc<dyn Bdev> {
 
 /// Starts a data plane on core 0 with one blk controller per `(name, bdev, readonly)`.
 pub fn start(test: &str, controllers: &[(&str, Arc<dyn Bdev>, bool)]) -> (Arc<Dataplane>, PathBuf) {
+    start_on(0x1, test, controllers)
+}
+
+/// Every online core's bit (cores 0..63).
+pub fn online_mask() -> u64 {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    let mut mask = 0u64;
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let (lo, hi): (u32, u32) = (lo.parse().unwrap_or(0), hi.parse().unwrap_or(0));
+        for core in lo..=hi.min(63) {
+            mask |= 1u64 << core;
+        }
+    }
+    mask.max(1)
+}
+
+/// [`start`] with reactors on the cores of `cpumask`.
+pub fn start_on(
+    cpumask: u64,
+    test: &str,
+    controllers: &[(&str, Arc<dyn Bdev>, bool)],
+) -> (Arc<Dataplane>, PathBuf) {
     // RUST_LOG=debug shows the target's side of a failing test.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
     let dir = socket_dir(test);
-    let dp = Dataplane::start(0x1, dir.clone()).expect("data plane");
+    let dp = Dataplane::start(cpumask, dir.clone()).expect("data plane");
     for (name, bdev, readonly) in controllers {
         dp.create_blk_controller(BlkControllerSpec {
             name: name.to_string(),
