@@ -16,8 +16,10 @@ use crate::reactor::{DeviceId, ReactorDevice};
 use crate::vhost::DeviceBackend;
 use device::{BlkDevice, DeviceGeometry};
 
-/// Most queues a frontend may use (`GET_QUEUE_NUM`, config `num_queues`).
-pub const MAX_QUEUES: u16 = 16;
+/// Most queues a frontend may use (`GET_QUEUE_NUM`, config `num_queues`). QEMU gives a
+/// vhost-user-blk device one queue per vCPU by default and refuses to start if the backend offers
+/// fewer, so this is generous; a queue costs nothing until the driver starts it.
+pub const MAX_QUEUES: u16 = 64;
 /// Largest virtqueue accepted by `SET_VRING_NUM`; also the per-queue request-slot count.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Data segments per request we announce (`seg_max`), as QEMU does for a 128-entry queue. Longer
