@@ -16,6 +16,8 @@ wait_for "$DEV" 30
 sysval size_sectors /sys/block/$DISK/size
 sysval logical_block_size /sys/block/$DISK/queue/logical_block_size
 sysval physical_block_size /sys/block/$DISK/queue/physical_block_size
+# The GET_ID request: SPDK answers with the bdev name.
+sysval serial /sys/block/$DISK/serial
 sysval ro /sys/block/$DISK/ro
 sysval write_cache /sys/block/$DISK/queue/write_cache
 sysval queue_discard_max_bytes /sys/block/$DISK/queue/discard_max_bytes

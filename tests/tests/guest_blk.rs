@@ -36,6 +36,8 @@ struct Disk {
     /// does for a bdev that supports flush), "write through" from qemu-storage-daemon 7.2 (it
     /// offers CONFIG_WCE with wce=0).
     write_cache: &'static str,
+    /// The GET_ID answer (`/sys/block/vda/serial`): the bdev name for rvhost, like SPDK.
+    serial: &'static str,
 }
 
 fn run(config: GuestConfig) -> GuestOutput {
@@ -67,6 +69,7 @@ fn assert_full_checks(out: &GuestOutput, disk: &Disk) {
     out.assert_eq("queue_count", &disk.queues.to_string());
     out.assert_eq("ro", "0");
     out.assert_eq("write_cache", disk.write_cache);
+    out.assert_eq("serial", disk.serial);
     assert!(
         out.number("queue_discard_max_bytes") > 0,
         "discard not offered\n{}",
@@ -141,6 +144,7 @@ mod qsd {
             block_size: 512,
             queues: 1,
             write_cache: WT,
+            serial: "vhost_user_blk",
         };
         full_checks("qsd-blk-1q", qsd.socket().to_path_buf(), &disk);
     }
@@ -161,6 +165,7 @@ mod qsd {
             block_size: 4096,
             queues: 4,
             write_cache: WT,
+            serial: "vhost_user_blk",
         };
         full_checks("qsd-blk-4q", qsd.socket().to_path_buf(), &disk);
     }
@@ -177,6 +182,7 @@ mod qsd {
             block_size: 512,
             queues: 1,
             write_cache: WT,
+            serial: "vhost_user_blk",
         };
         readonly_checks("qsd-blk-ro", qsd.socket().to_path_buf(), &disk);
     }
@@ -259,6 +265,7 @@ mod rvhost {
             block_size: 512,
             queues: 1,
             write_cache: WB,
+            serial: "Malloc0",
         };
         full_checks("rvhost-blk-1q", target.controller_socket("vhost.0"), &disk);
         assert_alive(&mut target);
@@ -274,6 +281,7 @@ mod rvhost {
             block_size: 4096,
             queues: 4,
             write_cache: WB,
+            serial: "M1",
         };
         full_checks("rvhost-blk-4q", socket, &disk);
         assert_alive(&mut target);
@@ -289,6 +297,7 @@ mod rvhost {
             block_size: 512,
             queues: 1,
             write_cache: WB,
+            serial: "M2",
         };
         readonly_checks("rvhost-blk-ro", socket, &disk);
         assert_alive(&mut target);
