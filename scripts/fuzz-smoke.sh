@@ -24,8 +24,13 @@ failed=()
 for target_file in fuzz_targets/*.rs; do
     target="$(basename "$target_file" .rs)"
     mkdir -p "corpus/$target"
+    # Hand-made seeds (checked in) join the local corpus; new inputs go to corpus/ only.
+    corpora=("corpus/$target")
+    if [[ -d "seeds/$target" ]]; then
+        corpora+=("seeds/$target")
+    fi
     echo "==> fuzzing $target for ${seconds}s"
-    if ! cargo fuzz run --debug-assertions "$target" "corpus/$target" -- \
+    if ! cargo fuzz run --debug-assertions "$target" "${corpora[@]}" -- \
         -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1; then
         failed+=("$target")
     fi
