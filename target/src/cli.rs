@@ -35,8 +35,8 @@ pub struct Cli {
     #[arg(short = 'm', long = "cpumask", value_name = "MASK", default_value = "0x1", value_parser = parse_cpumask)]
     pub cpumask: u64,
 
-    /// Memory in MiB the target may use for RAM bdevs and DMA buffers. Default: what the system
-    /// reports available (MemAvailable) at start.
+    /// Memory in MiB that RAM (malloc) bdevs may use in total; creating one past it fails with
+    /// ENOMEM. Default: what the system reports available (MemAvailable) at start.
     #[arg(short = 's', long = "mem-size", value_name = "MiB", value_parser = clap::value_parser!(u64).range(1..))]
     pub mem_size_mib: Option<u64>,
 

@@ -306,6 +306,43 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn replaces_a_stale_socket_but_not_a_live_one_or_a_file() {
+        let dir = std::env::temp_dir().join(format!("rvhost-server-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("rpc.sock");
+        let _ = std::fs::remove_file(&path);
+        // A socket file nobody listens on, as a killed process leaves it.
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let (events, incoming) = std::sync::mpsc::channel();
+        let server = RpcServer::start(&path, events.clone()).unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        client
+            .write_all(br#"{"jsonrpc":"2.0","method":"m","id":1}"#)
+            .unwrap();
+        let Ok(Incoming::Message { message, .. }) = incoming.recv_timeout(Duration::from_secs(10))
+        else {
+            panic!("no message delivered");
+        };
+        assert_eq!(message["method"], "m");
+        assert!(matches!(
+            RpcServer::start(&path, events.clone()),
+            Err(ServerError::InUse(_))
+        ));
+        drop(server);
+        assert!(
+            !path.exists(),
+            "the socket is removed when the server stops"
+        );
+        std::fs::write(&path, b"not a socket").unwrap();
+        assert!(matches!(
+            RpcServer::start(&path, events),
+            Err(ServerError::NotASocket(_))
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn frames_back_to_back_split_and_broken_input() {
         let two = br#" {"a":1}{"b":[2]}  {"c""#;
         let Frame::Value(first, used) = next_frame(two) else {
