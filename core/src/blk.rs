@@ -8,6 +8,53 @@
 //! header and any discard/write-zeroes ranges), checks it against the device's limits, and leaves
 //! the data buffers as validated [`Segment`]s for zero-copy I/O. Its errors say whether a status
 //! byte can still be written ([`BlkError::status_to_write`]).
+//!
+//! Serving one request, after [`crate::virtq::SplitQueue::walk_chain`] succeeded:
+//!
+//! ```
+//! use core::sync::atomic::Ordering;
+//! use rvhost_core::blk::{write_status, BlkLimits, BlkReqHeaderRepr, BlkRequest, BlkStatus};
+//! use rvhost_core::mem::{ByteMemory, GuestMemory};
+//! use rvhost_core::virtio::ring::VirtqDesc;
+//! use rvhost_core::virtq::{Chain, QueueConfig, SplitQueue};
+//!
+//! let mut ram = vec![0u8; 0x1_0000];
+//! let mem = ByteMemory::new(0, 0x7f00_0000_0000, &mut ram);
+//! let config = QueueConfig { size: 16, desc_table: 0x0, avail_ring: 0x100, used_ring: 0x200 };
+//! let mut queue = SplitQueue::new(config, 0)?;
+//! // The driver: read sector 8 into 512 bytes at 0x2000; status byte at 0x3000.
+//! let header = BlkReqHeaderRepr { request_type: 0, reserved: 0, sector: 8 };
+//! mem.write(0x1000, &header.to_bytes())?;
+//! mem.write(0x00, &VirtqDesc { addr: 0x1000, len: 16, flags: 1, next: 1 }.to_bytes())?;
+//! mem.write(0x10, &VirtqDesc { addr: 0x2000, len: 512, flags: 3, next: 2 }.to_bytes())?;
+//! mem.write(0x20, &VirtqDesc { addr: 0x3000, len: 1, flags: 2, next: 0 }.to_bytes())?;
+//! mem.store_u16(0x102, 1, Ordering::Release)?; // avail.ring[0] is already head 0
+//!
+//! let limits = BlkLimits { capacity: 2048, read_only: false, discard: None, write_zeroes: None };
+//! let mut chain: Chain<128> = Chain::new();
+//! let head = queue.pop_head(&mem)?.expect("one request");
+//! queue.walk_chain(&mem, head, &mut chain)?;
+//! match BlkRequest::<16>::decode(&mem, &chain, &limits) {
+//!     Ok(request) => {
+//!         for segment in request.data.iter() {
+//!             // Submit I/O for request.sector into segment.host_addr..+segment.len; on completion:
+//!             let _ = segment;
+//!         }
+//!         write_status(&mem, request.status_addr, BlkStatus::Ok)?;
+//!         queue.push_used(&mem, request.head, request.used_len_ok())?;
+//!     }
+//!     Err(error) => match error.status_to_write() {
+//!         Some((status_addr, status)) => {
+//!             write_status(&mem, status_addr, status)?;
+//!             queue.push_used(&mem, chain.head(), 1)?;
+//!         }
+//!         None => { /* nowhere to report: set DEVICE_NEEDS_RESET */ }
+//!     },
+//! }
+//! queue.publish_used(&mem)?;
+//! assert_eq!(mem.load_u16(0x202, Ordering::Acquire)?, 1);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use core::ops::Range;
 
