@@ -18,3 +18,8 @@ cargo build -p rvhost-core --target thumbv7em-none-eabihf
 
 echo "== cargo test (unit, property and QEMU guest tests)"
 cargo test --workspace --release
+
+echo "== fuzz smoke (every core fuzz target, briefly; long runs are recorded in core/README.md)"
+bash scripts/fuzz-smoke.sh "${FUZZ_SECONDS:-15}"
+
+echo "== all tests passed"
