@@ -446,3 +446,25 @@ fn huge_indirect_table_costs_at_most_64k_reads() {
         "head descriptor + every reachable table entry once"
     );
 }
+
+#[test]
+fn a_chain_exactly_at_capacity_fits() {
+    let mut ram = ram();
+    let mem = mem(&mut ram);
+    for i in 0..4u16 {
+        let flags = if i == 3 { WRITE } else { NEXT };
+        put_desc(
+            &mem,
+            DESC,
+            i,
+            desc(DATA + 16 * u64::from(i), 16, flags, i + 1),
+        );
+    }
+    let q = SplitQueue::new(config(8), 0).unwrap();
+    let (r, chain) = walk::<4>(&q, &mem, 0);
+    assert_eq!(r, Ok(()));
+    assert_eq!(chain.segments().len(), 4);
+    assert_eq!(chain.capacity(), 4);
+    let e = walk::<3>(&q, &mem, 0).0.unwrap_err();
+    assert_eq!(e.kind, ChainErrorKind::CapacityExceeded { capacity: 3 });
+}

@@ -516,7 +516,8 @@ impl SplitQueue {
     /// Poll mode: asks the driver not to notify (kick) the device. Sets `VIRTQ_USED_F_NO_NOTIFY`,
     /// and with `VIRTIO_F_RING_EVENT_IDX` (where the driver ignores that flag) parks `avail_event`
     /// just behind `last_avail_idx`, which `avail.idx` can only cross after a full 2^16 wrap. Call it
-    /// once per poll round (cheap) so `avail_event` keeps trailing.
+    /// when the queue starts, and after each poll round that popped buffers, so `avail_event` keeps
+    /// trailing; skipping empty rounds avoids dirtying the used ring's cache lines for nothing.
     pub fn disable_kicks<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<(), QueueError> {
         self.set_used_flags(mem, VIRTQ_USED_F_NO_NOTIFY)?;
         if self.event_idx {
