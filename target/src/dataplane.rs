@@ -7,9 +7,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rvhost_platform_linux::NumaTopology;
 
+use crate::bdev::Bdev;
 use crate::blk::BlkController;
-use crate::ops::{BlkControllerSpec, ControllerInfo, ControllerOps, OpsError};
+use crate::ops::{BlkControllerSpec, ControllerInfo, ControllerOps, OpsError, ScsiControllerSpec};
 use crate::reactor::{self, DeviceOp, IdlePolicy, ReactorHandle};
+use crate::scsi::{ScsiController, ScsiError};
 use crate::vhost::{DeviceBackend, VhostServer};
 
 /// Longest Unix socket path (`sun_path` is 108 bytes including the terminating NUL).
@@ -63,11 +65,36 @@ pub enum DataplaneError {
     },
 }
 
+/// The device-specific half of a controller.
+#[derive(Debug)]
+enum ControllerKind {
+    Blk(Arc<BlkController>),
+    Scsi(Arc<ScsiController>),
+}
+
+impl ControllerKind {
+    fn uses_bdev(&self, bdev_name: &str) -> bool {
+        match self {
+            ControllerKind::Blk(blk) => blk.bdev_name().as_deref() == Some(bdev_name),
+            ControllerKind::Scsi(scsi) => scsi.uses_bdev(bdev_name),
+        }
+    }
+}
+
+fn scsi_error(err: ScsiError) -> OpsError {
+    match err {
+        ScsiError::TargetInUse(_) => OpsError::Busy(err.to_string()),
+        ScsiError::NoSuchTarget(_) => OpsError::NotFound(err.to_string()),
+        ScsiError::Channel { .. } => OpsError::Internal(err.to_string()),
+        _ => OpsError::InvalidParams(err.to_string()),
+    }
+}
+
 /// One controller as the data plane keeps it.
 #[derive(Debug)]
 struct Controller {
     cpumask: u64,
-    blk: Arc<BlkController>,
+    kind: ControllerKind,
     server: VhostServer,
     /// Distinguishes controllers in `framework_get_reactors`' thread list.
     id: u64,
@@ -181,7 +208,12 @@ impl Dataplane {
     }
 
     fn info(name: &str, controller: &Controller) -> ControllerInfo {
-        let bdev = controller.blk.bdev_name();
+        let backend_specific = match &controller.kind {
+            ControllerKind::Blk(blk) => serde_json::json!({
+                "block": { "readonly": blk.readonly(), "bdev": blk.bdev_name() }
+            }),
+            ControllerKind::Scsi(scsi) => serde_json::json!({ "scsi": scsi.targets() }),
+        };
         ControllerInfo {
             ctrlr: name.to_string(),
             cpumask: format!("{:#x}", controller.cpumask),
@@ -189,9 +221,62 @@ impl Dataplane {
             iops_threshold: 0,
             socket: controller.server.socket().to_path_buf(),
             sessions: controller.server.sessions(),
-            backend_specific: serde_json::json!({
-                "block": { "readonly": controller.blk.readonly(), "bdev": bdev }
-            }),
+            backend_specific,
+        }
+    }
+
+    /// Starts serving `backend` on a new controller `name` placed in `cpumask`.
+    fn create_controller(
+        &self,
+        name: String,
+        cpumask: Option<u64>,
+        kind: ControllerKind,
+    ) -> Result<(), OpsError> {
+        let socket = self.socket_path(&name)?;
+        let requested = cpumask.unwrap_or(self.cpumask);
+        let mask = requested & self.cpumask;
+        let Some(reactor) = self.place(mask) else {
+            return Err(OpsError::InvalidParams(format!(
+                "cpumask {requested:#x} selects none of the target's cores {:#x}",
+                self.cpumask
+            )));
+        };
+        let mut controllers = lock(&self.controllers);
+        if controllers.contains_key(&name) {
+            return Err(OpsError::Exists(name));
+        }
+        let backend: Arc<dyn DeviceBackend> = match &kind {
+            ControllerKind::Blk(blk) => blk.clone(),
+            ControllerKind::Scsi(scsi) => scsi.clone(),
+        };
+        let server = VhostServer::start(&name, &socket, backend, Arc::clone(&reactor))
+            .map_err(|err| OpsError::Internal(err.to_string()))?;
+        reactor.adjust_load(true);
+        let id = {
+            let mut next = lock(&self.next_controller_id);
+            let id = *next;
+            *next = next.saturating_add(1);
+            id
+        };
+        controllers.insert(
+            name,
+            Controller {
+                cpumask: mask,
+                kind,
+                server,
+                id,
+            },
+        );
+        Ok(())
+    }
+
+    fn scsi_controller(&self, name: &str) -> Result<Arc<ScsiController>, OpsError> {
+        match lock(&self.controllers).get(name).map(|c| &c.kind) {
+            Some(ControllerKind::Scsi(scsi)) => Ok(Arc::clone(scsi)),
+            Some(ControllerKind::Blk(_)) => Err(OpsError::InvalidParams(format!(
+                "controller {name} is not a vhost-scsi controller"
+            ))),
+            None => Err(OpsError::NotFound(name.to_string())),
         }
     }
 }
@@ -204,40 +289,31 @@ impl Drop for Dataplane {
 
 impl ControllerOps for Dataplane {
     fn create_blk_controller(&self, spec: BlkControllerSpec) -> Result<(), OpsError> {
-        let socket = self.socket_path(&spec.name)?;
-        let requested = spec.cpumask.unwrap_or(self.cpumask);
-        let mask = requested & self.cpumask;
-        let Some(reactor) = self.place(mask) else {
-            return Err(OpsError::InvalidParams(format!(
-                "cpumask {requested:#x} selects none of the target's cores {:#x}",
-                self.cpumask
-            )));
-        };
-        let mut controllers = lock(&self.controllers);
-        if controllers.contains_key(&spec.name) {
-            return Err(OpsError::Exists(spec.name));
-        }
         let blk = Arc::new(BlkController::new(&spec.name, spec.bdev, spec.readonly));
-        let backend: Arc<dyn DeviceBackend> = blk.clone();
-        let server = VhostServer::start(&spec.name, &socket, backend, Arc::clone(&reactor))
-            .map_err(|err| OpsError::Internal(err.to_string()))?;
-        reactor.adjust_load(true);
-        let id = {
-            let mut next = lock(&self.next_controller_id);
-            let id = *next;
-            *next = next.saturating_add(1);
-            id
-        };
-        controllers.insert(
-            spec.name,
-            Controller {
-                cpumask: mask,
-                blk,
-                server,
-                id,
-            },
-        );
-        Ok(())
+        self.create_controller(spec.name, spec.cpumask, ControllerKind::Blk(blk))
+    }
+
+    fn create_scsi_controller(&self, spec: ScsiControllerSpec) -> Result<(), OpsError> {
+        let scsi = Arc::new(ScsiController::new(&spec.name));
+        self.create_controller(spec.name, spec.cpumask, ControllerKind::Scsi(scsi))
+    }
+
+    fn scsi_add_target(
+        &self,
+        ctrlr: &str,
+        target: Option<u8>,
+        bdev: Arc<dyn Bdev>,
+    ) -> Result<u8, OpsError> {
+        // Not under the controllers lock: attaching waits for every session to apply it.
+        self.scsi_controller(ctrlr)?
+            .add_target(target, bdev)
+            .map_err(scsi_error)
+    }
+
+    fn scsi_remove_target(&self, ctrlr: &str, target: u8) -> Result<(), OpsError> {
+        self.scsi_controller(ctrlr)?
+            .remove_target(target)
+            .map_err(scsi_error)
     }
 
     fn delete_controller(&self, name: &str) -> Result<(), OpsError> {
@@ -265,18 +341,26 @@ impl ControllerOps for Dataplane {
     fn bdev_in_use(&self, bdev_name: &str) -> bool {
         lock(&self.controllers)
             .values()
-            .any(|c| c.blk.bdev_name().as_deref() == Some(bdev_name))
+            .any(|c| c.kind.uses_bdev(bdev_name))
     }
 
     fn detach_bdev(&self, bdev_name: &str) {
         let controllers = lock(&self.controllers);
         for (name, controller) in controllers.iter() {
-            if controller.blk.bdev_name().as_deref() != Some(bdev_name) {
-                continue;
-            }
+            let blk = match &controller.kind {
+                ControllerKind::Blk(blk) if blk.bdev_name().as_deref() == Some(bdev_name) => blk,
+                ControllerKind::Blk(_) => continue,
+                ControllerKind::Scsi(scsi) => {
+                    let targets = scsi.detach_bdev(bdev_name);
+                    if targets > 0 {
+                        tracing::info!(controller = %name, bdev = bdev_name, targets, "bdev hot-detached from vhost-scsi targets");
+                    }
+                    continue;
+                }
+            };
             controller.server.with_devices(|devices| {
                 // New sessions get no bdev from now on...
-                controller.blk.detach();
+                blk.detach();
                 // ...and connected ones stop using it once their in-flight I/O completed.
                 for &id in devices {
                     let reactor = controller.server.reactor();

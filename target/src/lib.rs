@@ -13,4 +13,5 @@ pub mod rpc;
 pub mod blk;
 pub mod dataplane;
 pub mod reactor;
+pub mod scsi;
 pub mod vhost;

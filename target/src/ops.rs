@@ -20,6 +20,15 @@ pub struct BlkControllerSpec {
     pub readonly: bool,
 }
 
+/// Parameters of `vhost_create_scsi_controller`.
+#[derive(Debug, Clone)]
+pub struct ScsiControllerSpec {
+    /// Controller name; the socket is `<socket dir>/<name>`.
+    pub name: String,
+    /// Reactors it may run on (bit i = core i); `None` means every reactor.
+    pub cpumask: Option<u64>,
+}
+
 /// Errors the data plane reports to the control plane; the RPC layer maps them to JSON-RPC errors.
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {
@@ -75,4 +84,27 @@ pub trait ControllerOps: Send + Sync {
     fn detach_bdev(&self, bdev_name: &str);
     /// `framework_get_reactors`' result.
     fn reactors_info(&self) -> serde_json::Value;
+    /// Creates a vhost-user-scsi controller without targets and starts listening on its socket.
+    fn create_scsi_controller(&self, spec: ScsiControllerSpec) -> Result<(), OpsError> {
+        Err(OpsError::InvalidParams(format!(
+            "this data plane cannot serve vhost-scsi controller {}",
+            spec.name
+        )))
+    }
+    /// Attaches `bdev` as LUN 0 of SCSI target `target` (`None`: the first free one) of
+    /// controller `ctrlr`, hot-plugging it into connected guests; returns the target number.
+    fn scsi_add_target(
+        &self,
+        ctrlr: &str,
+        target: Option<u8>,
+        bdev: Arc<dyn Bdev>,
+    ) -> Result<u8, OpsError> {
+        let _ = (target, bdev);
+        Err(OpsError::NotFound(ctrlr.to_string()))
+    }
+    /// Hot-detaches SCSI target `target` of `ctrlr`; returns once its in-flight I/O completed.
+    fn scsi_remove_target(&self, ctrlr: &str, target: u8) -> Result<(), OpsError> {
+        let _ = target;
+        Err(OpsError::NotFound(ctrlr.to_string()))
+    }
 }

@@ -21,7 +21,7 @@ use crate::bdev::malloc::{MallocBdev, MemoryBudget};
 use crate::bdev::null::NullBdev;
 use crate::bdev::registry::{uuid_string, RegistryError};
 use crate::bdev::{Bdev, BdevError, BdevRegistry, IoKind};
-use crate::ops::{BlkControllerSpec, ControllerOps, OpsError};
+use crate::ops::{BlkControllerSpec, ControllerOps, OpsError, ScsiControllerSpec};
 
 /// A signal `spdk_kill_instance` asked for, acted on once its reply has been sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +78,26 @@ const METHODS: &[Method] = &[
         handler: RpcMethods::vhost_create_blk_controller,
     },
     Method {
+        name: "vhost_create_scsi_controller",
+        old_name: Some("construct_vhost_scsi_controller"),
+        handler: RpcMethods::vhost_create_scsi_controller,
+    },
+    Method {
+        name: "vhost_start_scsi_controller",
+        old_name: None,
+        handler: RpcMethods::vhost_start_scsi_controller,
+    },
+    Method {
+        name: "vhost_scsi_controller_add_target",
+        old_name: Some("add_vhost_scsi_lun"),
+        handler: RpcMethods::vhost_scsi_controller_add_target,
+    },
+    Method {
+        name: "vhost_scsi_controller_remove_target",
+        old_name: Some("remove_vhost_scsi_target"),
+        handler: RpcMethods::vhost_scsi_controller_remove_target,
+    },
+    Method {
         name: "vhost_get_controllers",
         old_name: Some("get_vhost_controllers"),
         handler: RpcMethods::vhost_get_controllers,
@@ -118,6 +138,9 @@ const METHODS: &[Method] = &[
         handler: RpcMethods::framework_get_config,
     },
 ];
+
+/// The oldest name of `vhost_scsi_controller_remove_target` (SPDK's vhost guide).
+const OLD_REMOVE_SCSI_DEV: &str = "remove_vhost_scsi_dev";
 
 /// The subsystems `framework_get_config` can save, in the order they must be restored.
 const SUBSYSTEMS: &[(&str, &[&str])] = &[("bdev", &[]), ("vhost_blk", &["bdev"])];
@@ -309,6 +332,51 @@ struct CreateBlk {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct CreateScsi {
+    ctrlr: String,
+    cpumask: Option<String>,
+    delay: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddScsiTarget {
+    ctrlr: String,
+    scsi_target_num: i64,
+    bdev_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveScsiTarget {
+    ctrlr: String,
+    scsi_target_num: i64,
+}
+
+/// A SCSI target number as SPDK takes it: 0-7, or (when `any_allowed`) -1 for the first free.
+fn scsi_target_num(n: i64, any_allowed: bool) -> Result<Option<u8>, RpcError> {
+    if any_allowed && n == -1 {
+        return Ok(None);
+    }
+    match u8::try_from(n) {
+        Ok(t) if usize::from(t) < crate::scsi::MAX_TARGETS => Ok(Some(t)),
+        _ => Err(RpcError::errno(
+            EINVAL,
+            format!(
+                "scsi_target_num {n} is out of range (0-{}{})",
+                crate::scsi::MAX_TARGETS - 1,
+                if any_allowed {
+                    ", or -1 for the first free"
+                } else {
+                    ""
+                }
+            ),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct OptionalName {
     name: Option<String>,
 }
@@ -382,6 +450,7 @@ impl RpcMethods {
         let mut names: Vec<&'static str> = METHODS.iter().map(|m| m.name).collect();
         if include_aliases {
             names.extend(METHODS.iter().filter_map(|m| m.old_name));
+            names.push(OLD_REMOVE_SCSI_DEV);
         }
         names
     }
@@ -633,6 +702,70 @@ impl RpcMethods {
         Ok(mask)
     }
 
+    fn vhost_create_scsi_controller(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: CreateScsi = decode(params)?;
+        let cpumask = match p.cpumask.as_deref() {
+            None => None,
+            Some(text) => Some(self.parse_controller_cpumask(text)?),
+        };
+        if p.delay == Some(true) {
+            // SPDK delays listening so targets exist before a frontend connects; rvhost
+            // hot-plugs targets into connected guests, so listening at once is equivalent.
+            tracing::info!(ctrlr = %p.ctrlr, "delay requested; the controller listens at once and hot-plugs targets added later");
+        }
+        self.ops
+            .create_scsi_controller(ScsiControllerSpec {
+                name: p.ctrlr.clone(),
+                cpumask,
+            })
+            .map_err(ops_error)?;
+        tracing::info!(ctrlr = %p.ctrlr, socket = %self.socket_dir.join(&p.ctrlr).display(), "vhost-scsi controller ready; attach it to QEMU with -device vhost-user-scsi-pci");
+        Ok(Value::Bool(true))
+    }
+
+    fn vhost_start_scsi_controller(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: ByCtrlr = decode(params)?;
+        // Controllers listen from creation (see `delay` above): starting one that exists is a
+        // no-op, one that does not is ENODEV.
+        self.ops.controllers(Some(&p.ctrlr)).map_err(ops_error)?;
+        Ok(Value::Bool(true))
+    }
+
+    fn vhost_scsi_controller_add_target(
+        &mut self,
+        params: Option<Value>,
+    ) -> Result<Value, RpcError> {
+        let p: AddScsiTarget = decode(params)?;
+        let target = scsi_target_num(p.scsi_target_num, true)?;
+        let bdev = self
+            .bdevs
+            .get(&p.bdev_name)
+            .ok_or_else(|| RpcError::errno(ENODEV, format!("no bdev named {}", p.bdev_name)))?;
+        let t = self
+            .ops
+            .scsi_add_target(&p.ctrlr, target, bdev)
+            .map_err(ops_error)?;
+        tracing::info!(ctrlr = %p.ctrlr, target = t, bdev = %p.bdev_name, "defined SCSI target 'Target {t}'");
+        Ok(json!(t))
+    }
+
+    fn vhost_scsi_controller_remove_target(
+        &mut self,
+        params: Option<Value>,
+    ) -> Result<Value, RpcError> {
+        let p: RemoveScsiTarget = decode(params)?;
+        let Some(target) = scsi_target_num(p.scsi_target_num, false)? else {
+            return Err(RpcError::errno(
+                EINVAL,
+                "scsi_target_num -1 names no target",
+            ));
+        };
+        self.ops
+            .scsi_remove_target(&p.ctrlr, target)
+            .map_err(ops_error)?;
+        Ok(Value::Bool(true))
+    }
+
     fn vhost_get_controllers(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
         let p: OptionalName = decode(params)?;
         let list = self.ops.controllers(p.name.as_deref()).map_err(ops_error)?;
@@ -776,6 +909,12 @@ fn bdev_config(bdev: &dyn Bdev) -> Option<Value> {
 
 impl Dispatch for RpcMethods {
     fn call(&mut self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+        // SPDK's vhost guide also called target removal `remove_vhost_scsi_dev`.
+        let method = if method == OLD_REMOVE_SCSI_DEV {
+            "remove_vhost_scsi_target"
+        } else {
+            method
+        };
         let Some(entry) = METHODS
             .iter()
             .find(|m| m.name == method || m.old_name == Some(method))

@@ -1,0 +1,1537 @@
+//! A vhost-scsi session's data path, owned by one reactor.
+//!
+//! Queue 0 is the control queue (task management, asynchronous notification), queue 1 the event
+//! queue (hot-plug events), queues 2.. the request queues. Every request queue slot is allocated
+//! with the queue, and each target's LUN gets one bdev channel per session, so nothing is
+//! allocated per request and the data path takes no lock.
+//!
+//! Target changes (hot-attach, hot-detach) arrive from the controller on [`TargetOp`]s, drained at
+//! the start of every poll round.
+
+use std::collections::VecDeque;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+
+use rvhost_core::mem::{GuestMemory, Segment};
+use rvhost_core::scsi::lun::{execute_without_lun, IoError};
+use rvhost_core::scsi::{Completion, IoOp, IoPlan, Outcome, Request, ScsiLun};
+use rvhost_core::virtio_scsi::{
+    cmd_req_len, cmd_resp_len, tmf_resp, AnRespRepr, CmdReq, CmdReqRepr, CmdRespRepr,
+    ControlRequest, EventRepr, LunAddress, Response, TmfReqRepr, TmfSubtype, EVENT_LEN,
+    TMF_REQ_LEN,
+};
+use rvhost_core::virtio_scsi::{event, feature as scsi_feature};
+use rvhost_core::virtq::{Chain, QueueConfig, SplitQueue};
+
+use super::{TargetOp, CDB_SIZE, MAX_QUEUE_SIZE, MAX_TARGETS, SENSE_SIZE};
+use crate::bdev::{BdevChannel, BdevIo, IoKind, IoStatus, IoVec};
+use crate::reactor::{DeviceId, DeviceOp, ReactorDevice, Reply};
+use crate::vhost::memory::GuestMemoryTable;
+use crate::vhost::{EventNotifier, QueueSetup, VirtioFeatures};
+
+/// Index of the control queue.
+pub const CONTROL_QUEUE: usize = 0;
+/// Index of the event queue.
+pub const EVENT_QUEUE: usize = 1;
+/// Index of the first request queue.
+pub const FIRST_REQUEST_QUEUE: usize = 2;
+
+/// Segments one chain may have: a chain can never usefully be longer than the queue.
+const CHAIN_CAPACITY: usize = MAX_QUEUE_SIZE as usize;
+/// Heads popped per queue per round: bounds the time one busy queue keeps the others waiting.
+const POP_BATCH: usize = 32;
+/// Events held while the driver has no event buffer posted; more are reported as missed.
+pub const MAX_PENDING_EVENTS: usize = 64;
+/// Immediate data-in (INQUIRY, MODE SENSE, REPORT LUNS ...) is built in a buffer this large.
+const DATA_IN_SCRATCH: usize = 4096;
+/// Data-out the model reads itself: parameter lists and one WRITE SAME block (largest block size).
+const DATA_OUT_SCRATCH: usize = 65536;
+/// Blocks one bdev write of a WRITE SAME covers (its I/O vector repeats the pattern).
+const WRITE_SAME_BLOCKS_PER_IO: u64 = 64;
+/// Response segments remembered per request; Linux uses one.
+const RESP_SEGMENTS: usize = 4;
+
+/// Length of a command request header (no T10 PI: it is not offered).
+const REQ_LEN: usize = cmd_req_len(CDB_SIZE);
+/// Length of a command response (header and sense buffer).
+const RESP_LEN: usize = cmd_resp_len(SENSE_SIZE);
+
+/// One attached target: its LUN 0 and the bdev channel that serves it in this session.
+pub struct AttachedTarget {
+    lun: ScsiLun,
+    channel: Option<Box<dyn BdevChannel>>,
+    supports_flush: bool,
+    supports_write_zeroes: bool,
+    /// Requests submitted to the bdev and not yet completed.
+    in_flight: usize,
+    /// Hot-detach in progress: new requests get BAD_TARGET; reply once drained.
+    removing: Option<Reply<()>>,
+    /// Sequence number given to the next request, so a reset waits only for older ones.
+    next_seq: u64,
+}
+
+impl AttachedTarget {
+    /// A target serving `lun` through `channel`.
+    pub fn new(
+        lun: ScsiLun,
+        channel: Box<dyn BdevChannel>,
+        supports_flush: bool,
+        supports_write_zeroes: bool,
+    ) -> Self {
+        AttachedTarget {
+            lun,
+            channel: Some(channel),
+            supports_flush,
+            supports_write_zeroes,
+            in_flight: 0,
+            removing: None,
+            next_seq: 0,
+        }
+    }
+}
+
+impl std::fmt::Debug for AttachedTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttachedTarget")
+            .field("in_flight", &self.in_flight)
+            .field("removing", &self.removing.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a response goes: up to [`RESP_SEGMENTS`] guest ranges at the start of the writable part.
+#[derive(Debug, Clone, Copy, Default)]
+struct RespTarget {
+    segs: [(u64, u32); RESP_SEGMENTS],
+    count: u8,
+}
+
+impl RespTarget {
+    /// The first `len` writable bytes of `writable`, or `None` if they need more segments.
+    fn of(writable: &[Segment], len: usize) -> Option<RespTarget> {
+        let mut r = RespTarget::default();
+        let mut left = len;
+        for seg in writable {
+            if left == 0 {
+                break;
+            }
+            let take = left.min(usize::try_from(seg.len).unwrap_or(usize::MAX));
+            let slot = r.segs.get_mut(usize::from(r.count))?;
+            *slot = (seg.guest_addr, u32::try_from(take).unwrap_or(u32::MAX));
+            r.count += 1;
+            left -= take;
+        }
+        (left == 0).then_some(r)
+    }
+
+    fn write(&self, mem: &GuestMemoryTable, mut bytes: &[u8]) -> bool {
+        for &(addr, len) in self.segs.iter().take(usize::from(self.count)) {
+            let n = bytes.len().min(len as usize);
+            if mem.write(addr, &bytes[..n]).is_err() {
+                return false;
+            }
+            bytes = &bytes[n..];
+        }
+        true
+    }
+}
+
+/// What completing a planned I/O needs of its plan (the plan itself borrows the data-out copy).
+#[derive(Debug, Clone, Copy, Default)]
+struct PlanSummary {
+    is_read: bool,
+    data_len: u64,
+    residual: u32,
+}
+
+impl PlanSummary {
+    fn of(plan: &IoPlan<'_>) -> Self {
+        PlanSummary {
+            is_read: matches!(plan.op, IoOp::Read { .. }),
+            data_len: plan.data_len,
+            residual: plan.residual,
+        }
+    }
+
+    /// A plan equivalent for [`ScsiLun::complete_io`], which looks only at the kind of operation
+    /// (read or not), the data length and the residual.
+    fn plan(&self) -> IoPlan<'static> {
+        let op = if self.is_read {
+            IoOp::Read {
+                lba: 0,
+                blocks: 0,
+                fua: false,
+            }
+        } else {
+            IoOp::Flush { lba: 0, blocks: 0 }
+        };
+        IoPlan {
+            op,
+            data_len: self.data_len,
+            residual: self.residual,
+        }
+    }
+}
+
+/// One command between submission and completion.
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    head: u16,
+    target: u8,
+    /// The driver's tag, for ABORT TASK / QUERY TASK.
+    tag: u64,
+    seq: u64,
+    active: bool,
+    resp: RespTarget,
+    plan: PlanSummary,
+    pending: u32,
+    failed: Option<IoError>,
+    /// A write that must be made durable (FUA, or write cache off) before it completes.
+    flush_after: bool,
+}
+
+/// One running virtqueue.
+struct ScsiQueue {
+    vq: SplitQueue,
+    call: Option<Arc<EventNotifier>>,
+    err: Option<Arc<EventNotifier>>,
+    chain: Box<Chain<CHAIN_CAPACITY>>,
+    heads: [u16; POP_BATCH],
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    in_flight: usize,
+    stopping: Option<Reply<Option<u16>>>,
+    broken: bool,
+}
+
+impl ScsiQueue {
+    fn new(setup: &QueueSetup) -> Result<Self, String> {
+        if setup.size > MAX_QUEUE_SIZE {
+            return Err(format!("queue size {} over {MAX_QUEUE_SIZE}", setup.size));
+        }
+        let config = QueueConfig {
+            size: setup.size,
+            desc_table: setup.desc_gpa,
+            avail_ring: setup.avail_gpa,
+            used_ring: setup.used_gpa,
+        };
+        let mut vq = SplitQueue::new(config, setup.features.0).map_err(|e| e.to_string())?;
+        let mem = setup.memory.as_ref();
+        vq.check_rings(mem).map_err(|e| e.to_string())?;
+        vq.set_last_avail_idx(setup.last_avail);
+        vq.sync_used_idx_from_ring(mem).map_err(|e| e.to_string())?;
+        vq.disable_kicks(mem).map_err(|e| e.to_string())?;
+        Ok(ScsiQueue {
+            vq,
+            call: setup.call.clone(),
+            err: setup.err.clone(),
+            chain: Box::new(Chain::new()),
+            heads: [0; POP_BATCH],
+            slots: vec![Slot::default(); usize::from(setup.size)],
+            free: (0..setup.size).rev().collect(),
+            in_flight: 0,
+            stopping: None,
+            broken: false,
+        })
+    }
+
+    fn take_slot(&mut self) -> Option<usize> {
+        let s = self.free.pop()?;
+        self.in_flight += 1;
+        Some(usize::from(s))
+    }
+
+    fn release_slot(&mut self, si: usize) {
+        if let Some(slot) = self.slots.get_mut(si) {
+            slot.active = false;
+        }
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if let Ok(s) = u16::try_from(si) {
+            self.free.push(s);
+        }
+    }
+
+    fn used(&mut self, mem: &GuestMemoryTable, head: u16, len: u32, device: DeviceId) {
+        if let Err(err) = self.vq.push_used(mem, head, len) {
+            tracing::error!(device = device.0, %err, "used ring write failed; queue stopped");
+            self.broken = true;
+        }
+    }
+}
+
+/// What a pending task management function waits for.
+#[derive(Debug, Clone, Copy)]
+enum TmfWait {
+    /// The command with this tag is no longer in flight (ABORT TASK).
+    Task(u64),
+    /// Every command that arrived before the TMF completed (task set aborts, resets).
+    OlderThan(u64),
+}
+
+/// What happens to the LUN once a pending TMF's wait is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TmfEffect {
+    None,
+    /// LOGICAL UNIT RESET: mode pages back to defaults, unit attention.
+    LunReset,
+    /// I_T NEXUS RESET: unit attention only.
+    NexusReset,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PendingTmf {
+    head: u16,
+    resp: RespTarget,
+    target: u8,
+    wait: TmfWait,
+    effect: TmfEffect,
+}
+
+/// Hot-plug events waiting for an event-queue buffer.
+#[derive(Debug, Default)]
+struct EventBacklog {
+    pending: VecDeque<EventRepr>,
+    missed: bool,
+}
+
+impl EventBacklog {
+    fn push(&mut self, e: EventRepr) {
+        if self.pending.len() >= MAX_PENDING_EVENTS {
+            self.missed = true;
+        } else {
+            self.pending.push_back(e);
+        }
+    }
+
+    fn has_work(&self) -> bool {
+        self.missed || !self.pending.is_empty()
+    }
+
+    /// The next event to deliver, carrying the EVENTS_MISSED flag if events were dropped.
+    fn next(&mut self) -> Option<EventRepr> {
+        let mut e = match self.pending.pop_front() {
+            Some(e) => e,
+            None if self.missed => EventRepr {
+                event: event::VIRTIO_SCSI_T_NO_EVENT,
+                events_missed: true,
+                lun: [0; 8],
+                reason: 0,
+            },
+            None => return None,
+        };
+        if self.missed {
+            e.events_missed = true;
+            self.missed = false;
+        }
+        Some(e)
+    }
+
+    fn unpop(&mut self, e: EventRepr) {
+        if e.events_missed {
+            self.missed = true;
+        }
+        if e.event != event::VIRTIO_SCSI_T_NO_EVENT {
+            let mut e = e;
+            e.events_missed = false;
+            self.pending.push_front(e);
+        }
+    }
+}
+
+/// The LUN field of an event for `target`'s LUN 0, as QEMU writes it (single-level peripheral
+/// format for LUNs under 256: Linux reads `lun[2..4]` as the LUN number).
+fn event_lun(target: u8) -> [u8; 8] {
+    [1, target, 0, 0, 0, 0, 0, 0]
+}
+
+fn transport_reset(target: u8, reason: u32) -> EventRepr {
+    EventRepr {
+        event: event::VIRTIO_SCSI_T_TRANSPORT_RESET,
+        events_missed: false,
+        lun: event_lun(target),
+        reason,
+    }
+}
+
+/// Copies `out.len()` bytes starting `skip` bytes into the segments; returns how many were copied.
+fn gather(mem: &GuestMemoryTable, segs: &[Segment], mut skip: u64, out: &mut [u8]) -> usize {
+    let mut done = 0usize;
+    for seg in segs {
+        if done == out.len() {
+            break;
+        }
+        let len = u64::from(seg.len);
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let avail = usize::try_from(len - skip).unwrap_or(usize::MAX);
+        let n = avail.min(out.len() - done);
+        if mem
+            .read(
+                seg.guest_addr.saturating_add(skip),
+                &mut out[done..done + n],
+            )
+            .is_err()
+        {
+            break;
+        }
+        done += n;
+        skip = 0;
+    }
+    done
+}
+
+/// Writes `data` starting `skip` bytes into the segments; returns how many bytes were written.
+fn scatter(mem: &GuestMemoryTable, segs: &[Segment], mut skip: u64, data: &[u8]) -> usize {
+    let mut done = 0usize;
+    for seg in segs {
+        if done == data.len() {
+            break;
+        }
+        let len = u64::from(seg.len);
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let avail = usize::try_from(len - skip).unwrap_or(usize::MAX);
+        let n = avail.min(data.len() - done);
+        if mem
+            .write(seg.guest_addr.saturating_add(skip), &data[done..done + n])
+            .is_err()
+        {
+            break;
+        }
+        done += n;
+        skip = 0;
+    }
+    done
+}
+
+/// Appends host-address vectors for bytes `skip..skip + len` of the segments; false if the
+/// segments are shorter.
+fn sub_iovs(segs: &[Segment], mut skip: u64, mut len: u64, iovs: &mut Vec<IoVec>) -> bool {
+    for seg in segs {
+        if len == 0 {
+            break;
+        }
+        let seg_len = u64::from(seg.len);
+        if skip >= seg_len {
+            skip -= seg_len;
+            continue;
+        }
+        let n = (seg_len - skip).min(len);
+        let Ok(n32) = u32::try_from(n) else {
+            return false;
+        };
+        iovs.push(IoVec {
+            addr: seg.host_addr.saturating_add(skip),
+            len: n32,
+        });
+        len -= n;
+        skip = 0;
+    }
+    len == 0
+}
+
+fn tag(queue: usize, slot: usize) -> u64 {
+    ((queue as u64) << 32) | (slot as u64 & 0xffff_ffff)
+}
+
+fn untag(tag: u64) -> (usize, usize) {
+    ((tag >> 32) as usize, (tag & 0xffff_ffff) as usize)
+}
+
+/// Scratch buffers of the command being started (allocated once per session).
+struct Scratch {
+    header: [u8; REQ_LEN],
+    data_in: Vec<u8>,
+    data_out: Vec<u8>,
+    sense: [u8; SENSE_SIZE as usize],
+    iovs: Vec<IoVec>,
+    pattern: Vec<IoVec>,
+}
+
+/// A vhost-scsi session on its reactor.
+pub struct ScsiDevice {
+    id: DeviceId,
+    control: Receiver<TargetOp>,
+    targets: Vec<Option<AttachedTarget>>,
+    features: VirtioFeatures,
+    memory: Option<Arc<GuestMemoryTable>>,
+    retired: Vec<Arc<GuestMemoryTable>>,
+    queues: Vec<Option<ScsiQueue>>,
+    events: EventBacklog,
+    tmfs: Vec<PendingTmf>,
+    scratch: Scratch,
+    /// Writes whose bdev part completed and that now need a flush: (queue, slot).
+    to_flush: Vec<(usize, usize)>,
+    detach_reply: Option<Reply<()>>,
+    remove_reply: Option<Reply<()>>,
+    removed: bool,
+}
+
+impl std::fmt::Debug for ScsiDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScsiDevice")
+            .field("id", &self.id)
+            .field("targets", &self.targets)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ScsiDevice {
+    /// A session device with the targets attached when it was created, taking later target
+    /// changes from `control`.
+    pub fn new(
+        id: DeviceId,
+        targets: Vec<Option<AttachedTarget>>,
+        max_queues: u16,
+        control: Receiver<TargetOp>,
+    ) -> Self {
+        let mut targets = targets;
+        targets.resize_with(MAX_TARGETS, || None);
+        ScsiDevice {
+            id,
+            control,
+            targets,
+            features: VirtioFeatures(0),
+            memory: None,
+            retired: Vec::new(),
+            queues: (0..max_queues).map(|_| None).collect(),
+            events: EventBacklog::default(),
+            tmfs: Vec::new(),
+            scratch: Scratch {
+                header: [0; REQ_LEN],
+                data_in: vec![0; DATA_IN_SCRATCH],
+                data_out: vec![0; DATA_OUT_SCRATCH],
+                sense: [0; SENSE_SIZE as usize],
+                iovs: Vec::with_capacity(CHAIN_CAPACITY * 2),
+                pattern: Vec::with_capacity(CHAIN_CAPACITY),
+            },
+            to_flush: Vec::with_capacity(usize::from(MAX_QUEUE_SIZE)),
+            detach_reply: None,
+            remove_reply: None,
+            removed: false,
+        }
+    }
+
+    fn hotplug(&self) -> bool {
+        self.features.has(scsi_feature::VIRTIO_SCSI_F_HOTPLUG)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.queues.iter().flatten().map(|q| q.in_flight).sum()
+    }
+
+    fn target_op(&mut self, op: TargetOp) {
+        match op {
+            TargetOp::Attach {
+                target,
+                attached,
+                reply,
+            } => {
+                let t = usize::from(target);
+                if let Some(slot) = self.targets.get_mut(t) {
+                    if slot.as_ref().is_some_and(|old| old.in_flight > 0) {
+                        // The controller never reuses a slot before its detach completed.
+                        tracing::error!(
+                            device = self.id.0,
+                            target,
+                            "attach over a busy target refused"
+                        );
+                    } else {
+                        *slot = Some(*attached);
+                        if self.hotplug() {
+                            self.events
+                                .push(transport_reset(target, event::VIRTIO_SCSI_EVT_RESET_RESCAN));
+                        }
+                        tracing::info!(device = self.id.0, target, "target attached");
+                    }
+                }
+                let _ = reply.send(());
+            }
+            TargetOp::Detach { target, reply } => {
+                match self
+                    .targets
+                    .get_mut(usize::from(target))
+                    .and_then(Option::as_mut)
+                {
+                    Some(t) => t.removing = Some(reply),
+                    None => {
+                        let _ = reply.send(());
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_queue(&mut self, index: u16, setup: QueueSetup) -> Result<(), String> {
+        let slot = self
+            .queues
+            .get_mut(usize::from(index))
+            .ok_or_else(|| format!("queue {index} out of range"))?;
+        if slot.as_ref().is_some_and(|q| q.in_flight > 0) {
+            return Err(format!("queue {index} still has requests in flight"));
+        }
+        if let Some(current) = &self.memory {
+            if !Arc::ptr_eq(current, &setup.memory) {
+                self.retired.push(Arc::clone(current));
+            }
+        }
+        let queue = ScsiQueue::new(&setup)?;
+        self.features = setup.features;
+        self.memory = Some(Arc::clone(&setup.memory));
+        *slot = Some(queue);
+        Ok(())
+    }
+
+    fn set_memory(&mut self, memory: Arc<GuestMemoryTable>) {
+        if let Some(old) = self.memory.replace(memory) {
+            if self.in_flight() > 0 {
+                self.retired.push(old);
+            }
+        }
+        let Some(mem) = self.memory.as_deref() else {
+            return;
+        };
+        for (index, queue) in self.queues.iter_mut().enumerate() {
+            if let Some(q) = queue {
+                if let Err(err) = q.vq.check_rings(mem) {
+                    tracing::error!(device = self.id.0, queue = index, %err, "rings left guest memory; queue stopped");
+                    q.broken = true;
+                }
+            }
+        }
+    }
+
+    /// Sequence number of the oldest command in flight on `target`, and whether `tag` is.
+    fn in_flight_on(&self, target: u8, tag: Option<u64>) -> (Option<u64>, bool) {
+        let mut oldest: Option<u64> = None;
+        let mut found = false;
+        for q in self.queues.iter().skip(FIRST_REQUEST_QUEUE).flatten() {
+            for s in q.slots.iter().filter(|s| s.active && s.target == target) {
+                oldest = Some(oldest.map_or(s.seq, |o| o.min(s.seq)));
+                if Some(s.tag) == tag {
+                    found = true;
+                }
+            }
+        }
+        (oldest, found)
+    }
+
+    /// Replies to deferred operations whose condition now holds.
+    fn settle(&mut self) {
+        self.settle_tmfs();
+        for queue in &mut self.queues {
+            let drained = queue
+                .as_ref()
+                .is_some_and(|q| q.stopping.is_some() && q.in_flight == 0);
+            if drained {
+                if let Some(q) = queue.take() {
+                    if let Some(reply) = q.stopping {
+                        let _ = reply.send(Some(q.vq.last_avail_idx()));
+                    }
+                }
+            }
+        }
+        let hotplug = self.hotplug();
+        for (t, slot) in self.targets.iter_mut().enumerate() {
+            let done = slot
+                .as_ref()
+                .is_some_and(|t| t.removing.is_some() && t.in_flight == 0);
+            if done {
+                if let Some(target) = slot.take() {
+                    if let Some(reply) = target.removing {
+                        let _ = reply.send(());
+                    }
+                    let target_id = u8::try_from(t).unwrap_or(u8::MAX);
+                    if hotplug {
+                        self.events.push(transport_reset(
+                            target_id,
+                            event::VIRTIO_SCSI_EVT_RESET_REMOVED,
+                        ));
+                    }
+                    tracing::info!(device = self.id.0, target = t, "target detached");
+                }
+            }
+        }
+        if self.in_flight() == 0 {
+            self.retired.clear();
+            if let Some(reply) = self.detach_reply.take() {
+                for target in self.targets.iter_mut() {
+                    target.take();
+                }
+                let _ = reply.send(());
+            }
+            if let Some(reply) = self.remove_reply.take() {
+                self.queues.iter_mut().for_each(|q| *q = None);
+                self.targets.iter_mut().for_each(|t| *t = None);
+                self.tmfs.clear();
+                self.memory = None;
+                self.removed = true;
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    fn settle_tmfs(&mut self) {
+        if self.tmfs.is_empty() {
+            return;
+        }
+        let Some(mem) = self.memory.clone() else {
+            return;
+        };
+        let mut i = 0;
+        while i < self.tmfs.len() {
+            let tmf = self.tmfs[i];
+            let (oldest, found) = match tmf.wait {
+                TmfWait::Task(tag) => self.in_flight_on(tmf.target, Some(tag)),
+                TmfWait::OlderThan(_) => self.in_flight_on(tmf.target, None),
+            };
+            let done = match tmf.wait {
+                TmfWait::Task(_) => !found,
+                TmfWait::OlderThan(seq) => oldest.is_none_or(|o| o >= seq),
+            };
+            if !done {
+                i += 1;
+                continue;
+            }
+            self.tmfs.swap_remove(i);
+            if let Some(Some(target)) = self.targets.get_mut(usize::from(tmf.target)) {
+                match tmf.effect {
+                    TmfEffect::LunReset => target.lun.reset(),
+                    TmfEffect::NexusReset => target
+                        .lun
+                        .raise_unit_attention(rvhost_core::scsi::lun::UnitAttention::PowerOnReset),
+                    TmfEffect::None => {}
+                }
+            }
+            tracing::debug!(device = self.id.0, target = tmf.target, ?tmf.effect, "task management function complete");
+            if let Some(Some(q)) = self.queues.get_mut(CONTROL_QUEUE) {
+                tmf.resp.write(&mem, &tmf_resp(Response::FUNCTION_COMPLETE));
+                q.used(&mem, tmf.head, 1, self.id);
+                q.in_flight = q.in_flight.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Pops and handles new requests on every running queue.
+    fn poll_queues(&mut self) -> usize {
+        let Some(mem) = self.memory.clone() else {
+            return 0;
+        };
+        let mut work = 0;
+        for qi in 0..self.queues.len() {
+            if qi == EVENT_QUEUE && !self.events.has_work() {
+                continue;
+            }
+            let Some(Some(q)) = self.queues.get_mut(qi) else {
+                continue;
+            };
+            if q.stopping.is_some() || q.broken {
+                continue;
+            }
+            let room = q.free.len().min(POP_BATCH);
+            let room = if qi == EVENT_QUEUE {
+                room.min(self.events.pending.len().max(1))
+            } else {
+                room
+            };
+            let popped = match q.vq.pop_heads(mem.as_ref(), &mut q.heads[..room]) {
+                Ok(n) => n,
+                Err(err) => {
+                    tracing::error!(device = self.id.0, queue = qi, %err, "avail ring unusable; queue stopped");
+                    q.broken = true;
+                    continue;
+                }
+            };
+            if popped == 0 {
+                continue;
+            }
+            if let Err(err) = q.vq.disable_kicks(mem.as_ref()) {
+                tracing::error!(device = self.id.0, queue = qi, %err, "used ring unusable; queue stopped");
+                q.broken = true;
+                continue;
+            }
+            work += popped;
+            for i in 0..popped {
+                let head = match self.queues.get(qi).and_then(Option::as_ref) {
+                    Some(q) => q.heads[i],
+                    None => break,
+                };
+                match qi {
+                    CONTROL_QUEUE => self.control_request(&mem, head),
+                    EVENT_QUEUE => self.event_buffer(&mem, head),
+                    _ => self.command(&mem, qi, head),
+                }
+                if self
+                    .queues
+                    .get(qi)
+                    .and_then(Option::as_ref)
+                    .is_none_or(|q| q.broken)
+                {
+                    break;
+                }
+            }
+        }
+        work
+    }
+
+    /// Walks `head`'s chain on queue `qi` into the queue's chain buffer. On a malformed chain the
+    /// head is returned unused (or the queue stopped if even the head is bad); `false` then.
+    fn walk(&mut self, mem: &GuestMemoryTable, qi: usize, head: u16) -> bool {
+        let id = self.id;
+        let Some(Some(q)) = self.queues.get_mut(qi) else {
+            return false;
+        };
+        match q.vq.walk_chain(mem, head, &mut *q.chain) {
+            Ok(()) => true,
+            Err(err) => {
+                if err.head_is_valid() {
+                    tracing::debug!(device = id.0, queue = qi, %err, "malformed chain returned unused");
+                    q.used(mem, head, 0, id);
+                } else {
+                    tracing::error!(device = id.0, queue = qi, %err, "bad head; queue stopped (device needs reset)");
+                    q.broken = true;
+                    if let Some(e) = &q.err {
+                        e.notify();
+                    }
+                }
+                false
+            }
+        }
+    }
+
+    /// Delivers one pending event into the event buffer at `head`.
+    fn event_buffer(&mut self, mem: &GuestMemoryTable, head: u16) {
+        if !self.walk(mem, EVENT_QUEUE, head) {
+            return;
+        }
+        let id = self.id;
+        let Some(Some(q)) = self.queues.get_mut(EVENT_QUEUE) else {
+            return;
+        };
+        let Some(e) = self.events.next() else {
+            // Popped only when an event is pending; give the buffer back unused.
+            q.used(mem, head, 0, id);
+            return;
+        };
+        if q.chain.writable_len() < EVENT_LEN as u32 {
+            tracing::debug!(device = id.0, "event buffer too small; returned unused");
+            self.events.unpop(e);
+            q.used(mem, head, 0, id);
+            return;
+        }
+        let bytes = e.to_bytes();
+        if scatter(mem, q.chain.writable(), 0, &bytes) != EVENT_LEN {
+            self.events.unpop(e);
+            q.used(mem, head, 0, id);
+            return;
+        }
+        tracing::debug!(
+            device = id.0,
+            event = e.event,
+            reason = e.reason,
+            target = e.lun[1],
+            missed = e.events_missed,
+            "event delivered"
+        );
+        q.used(mem, head, EVENT_LEN as u32, id);
+    }
+
+    /// Handles one control-queue request.
+    fn control_request(&mut self, mem: &GuestMemoryTable, head: u16) {
+        if !self.walk(mem, CONTROL_QUEUE, head) {
+            return;
+        }
+        let id = self.id;
+        let Some(Some(q)) = self.queues.get_mut(CONTROL_QUEUE) else {
+            return;
+        };
+        let mut buf = [0u8; TMF_REQ_LEN];
+        let n = gather(mem, q.chain.readable(), 0, &mut buf);
+        let writable_len = q.chain.writable_len() as usize;
+        let request = ControlRequest::parse(&buf[..n]);
+        let (reply, len): ([u8; 5], usize) = match request {
+            Ok(ControlRequest::An(an)) => {
+                // No asynchronous events are supported: answer with none, as QEMU does.
+                tracing::debug!(
+                    device = id.0,
+                    subscribe = an.subscribe,
+                    requested = an.event_requested,
+                    "asynchronous notification request"
+                );
+                let resp = AnRespRepr {
+                    event_actual: 0,
+                    response: Response::Ok,
+                };
+                (resp.to_bytes(), 5)
+            }
+            Ok(ControlRequest::Tmf(tmf)) => {
+                let Some(resp) = RespTarget::of(q.chain.writable(), 1) else {
+                    q.used(mem, head, 0, id);
+                    return;
+                };
+                match self.task_management(&tmf, head, resp) {
+                    Some(response) => ([response.code(), 0, 0, 0, 0], 1),
+                    None => return,
+                }
+            }
+            Err(err) => {
+                tracing::debug!(device = id.0, %err, "malformed control request");
+                let subtype_bad = matches!(
+                    err,
+                    rvhost_core::virtio_scsi::VirtioScsiError::UnknownTmfSubtype(_)
+                );
+                let response = if subtype_bad {
+                    Response::FunctionRejected
+                } else {
+                    Response::Failure
+                };
+                ([response.code(), 0, 0, 0, 0], 1)
+            }
+        };
+        let Some(Some(q)) = self.queues.get_mut(CONTROL_QUEUE) else {
+            return;
+        };
+        let len = len.min(writable_len);
+        let written = scatter(mem, q.chain.writable(), 0, &reply[..len]);
+        q.used(mem, head, u32::try_from(written).unwrap_or(0), id);
+    }
+
+    /// Answers a TMF at once, or queues it until the commands it concerns are gone (`None`).
+    fn task_management(
+        &mut self,
+        tmf: &TmfReqRepr,
+        head: u16,
+        resp: RespTarget,
+    ) -> Option<Response> {
+        let Ok(addr) = LunAddress::parse(&tmf.lun) else {
+            return Some(Response::BadTarget);
+        };
+        let exists = self
+            .targets
+            .get(usize::from(addr.target))
+            .and_then(Option::as_ref)
+            .is_some_and(|t| t.removing.is_none());
+        if !exists {
+            return Some(Response::BadTarget);
+        }
+        if addr.lun != 0 {
+            return Some(Response::IncorrectLun);
+        }
+        let next_seq = self
+            .targets
+            .get(usize::from(addr.target))
+            .and_then(Option::as_ref)
+            .map_or(0, |t| t.next_seq);
+        let (oldest, found) = self.in_flight_on(addr.target, Some(tmf.tag));
+        tracing::debug!(device = self.id.0, target = addr.target, subtype = ?tmf.subtype, tag = tmf.tag, "task management function");
+        let (wait, effect) = match tmf.subtype {
+            TmfSubtype::QueryTask => {
+                return Some(if found {
+                    Response::FunctionSucceeded
+                } else {
+                    Response::FUNCTION_COMPLETE
+                })
+            }
+            TmfSubtype::QueryTaskSet => {
+                return Some(if oldest.is_some() {
+                    Response::FunctionSucceeded
+                } else {
+                    Response::FUNCTION_COMPLETE
+                })
+            }
+            TmfSubtype::ClearAca => return Some(Response::FunctionRejected),
+            // A command cannot be taken back from the bdev: it is "aborted" once it has finished.
+            TmfSubtype::AbortTask => (TmfWait::Task(tmf.tag), TmfEffect::None),
+            TmfSubtype::AbortTaskSet | TmfSubtype::ClearTaskSet => {
+                (TmfWait::OlderThan(next_seq), TmfEffect::None)
+            }
+            TmfSubtype::LogicalUnitReset => (TmfWait::OlderThan(next_seq), TmfEffect::LunReset),
+            TmfSubtype::ITNexusReset => (TmfWait::OlderThan(next_seq), TmfEffect::NexusReset),
+        };
+        self.tmfs.push(PendingTmf {
+            head,
+            resp,
+            target: addr.target,
+            wait,
+            effect,
+        });
+        if let Some(Some(q)) = self.queues.get_mut(CONTROL_QUEUE) {
+            q.in_flight += 1;
+        }
+        // Answered at once when nothing needs to drain.
+        self.settle_tmfs();
+        None
+    }
+
+    /// Handles one command on request queue `qi`.
+    fn command(&mut self, mem: &GuestMemoryTable, qi: usize, head: u16) {
+        if !self.walk(mem, qi, head) {
+            return;
+        }
+        let id = self.id;
+        let Some(Some(q)) = self.queues.get_mut(qi) else {
+            return;
+        };
+        let readable_len = u64::from(q.chain.readable_len());
+        let writable_len = u64::from(q.chain.writable_len());
+        let resp = match RespTarget::of(q.chain.writable(), RESP_LEN) {
+            Some(r) if readable_len >= REQ_LEN as u64 => r,
+            _ => {
+                tracing::debug!(
+                    device = id.0,
+                    queue = qi,
+                    "command without room for header or response; returned unused"
+                );
+                q.used(mem, head, 0, id);
+                return;
+            }
+        };
+        let sc = &mut self.scratch;
+        gather(mem, q.chain.readable(), 0, &mut sc.header);
+        let Ok(view) = CmdReq::new_checked(&sc.header[..], CDB_SIZE) else {
+            q.used(mem, head, 0, id);
+            return;
+        };
+        let req = CmdReqRepr::parse(&view);
+        let data_out_len = readable_len - REQ_LEN as u64;
+        let data_in_len = writable_len - RESP_LEN as u64;
+
+        let bad_target = |q: &mut ScsiQueue| {
+            let header = CmdRespRepr {
+                sense_len: 0,
+                residual: u32::try_from(data_in_len.max(data_out_len)).unwrap_or(u32::MAX),
+                status_qualifier: 0,
+                status: 0,
+                response: Response::BadTarget,
+            };
+            resp.write(mem, &header.to_bytes());
+            q.used(mem, head, RESP_LEN as u32, id);
+        };
+        let Ok(addr) = req.lun_address() else {
+            bad_target(q);
+            return;
+        };
+        let Some(target) = self
+            .targets
+            .get_mut(usize::from(addr.target))
+            .and_then(Option::as_mut)
+            .filter(|t| t.removing.is_none())
+        else {
+            bad_target(q);
+            return;
+        };
+        let Some(si) = q.take_slot() else {
+            tracing::error!(
+                device = id.0,
+                queue = qi,
+                "no free request slot; queue stopped"
+            );
+            q.broken = true;
+            return;
+        };
+
+        let respond = |q: &mut ScsiQueue, c: &Completion, sense: &[u8]| {
+            let header = CmdRespRepr::for_completion(c, SENSE_SIZE);
+            let mut bytes = [0u8; RESP_LEN];
+            bytes[..12].copy_from_slice(&header.to_bytes());
+            let sl = (header.sense_len as usize).min(sense.len());
+            bytes[12..12 + sl].copy_from_slice(&sense[..sl]);
+            resp.write(mem, &bytes);
+            let len = (RESP_LEN as u64).saturating_add(c.transferred);
+            q.used(mem, head, u32::try_from(len).unwrap_or(u32::MAX), id);
+            q.release_slot(si);
+        };
+
+        if addr.lun != 0 {
+            let r = Request {
+                cdb: req.cdb(),
+                data_out: &[],
+                data_out_len,
+                data_in_len,
+                luns: &[0],
+            };
+            let c = execute_without_lun(&r, &mut sc.data_in, &mut sc.sense);
+            let n = usize::try_from(c.transferred)
+                .unwrap_or(usize::MAX)
+                .min(sc.data_in.len());
+            scatter(mem, q.chain.writable(), RESP_LEN as u64, &sc.data_in[..n]);
+            respond(q, &c, &sc.sense);
+            return;
+        }
+
+        let copy = target
+            .lun
+            .data_out_copy_len(req.cdb())
+            .min(usize::try_from(data_out_len).unwrap_or(usize::MAX))
+            .min(sc.data_out.len());
+        let copied = gather(
+            mem,
+            q.chain.readable(),
+            REQ_LEN as u64,
+            &mut sc.data_out[..copy],
+        );
+        let r = Request {
+            cdb: req.cdb(),
+            data_out: &sc.data_out[..copied],
+            data_out_len,
+            data_in_len,
+            luns: &[0],
+        };
+        let plan = match target.lun.execute(&r, &mut sc.data_in, &mut sc.sense) {
+            Outcome::Done(c) => {
+                let n = usize::try_from(c.transferred)
+                    .unwrap_or(usize::MAX)
+                    .min(sc.data_in.len());
+                scatter(mem, q.chain.writable(), RESP_LEN as u64, &sc.data_in[..n]);
+                respond(q, &c, &sc.sense);
+                return;
+            }
+            Outcome::Io(plan) => plan,
+        };
+
+        let seq = target.next_seq;
+        target.next_seq = target.next_seq.wrapping_add(1);
+        if let Some(slot) = q.slots.get_mut(si) {
+            *slot = Slot {
+                head,
+                target: addr.target,
+                tag: req.tag,
+                seq,
+                active: true,
+                resp,
+                plan: PlanSummary::of(&plan),
+                pending: 0,
+                failed: None,
+                flush_after: false,
+            };
+        }
+        let io_tag = tag(qi, si);
+        let result = Self::submit(
+            target,
+            q,
+            si,
+            io_tag,
+            &plan,
+            (&mut sc.iovs, &mut sc.pattern),
+            mem,
+        );
+        match result {
+            Ok(0) => {
+                // Nothing to do on the bdev (a flush without a cache).
+                let c = target.lun.complete_io(&plan, Ok(()), &mut sc.sense);
+                respond(q, &c, &sc.sense);
+            }
+            Ok(n) => {
+                if let Some(slot) = q.slots.get_mut(si) {
+                    slot.pending = n;
+                }
+                target.in_flight += 1;
+            }
+            Err(e) => {
+                let c = target.lun.complete_io(&plan, Err(e), &mut sc.sense);
+                respond(q, &c, &sc.sense);
+            }
+        }
+    }
+
+    /// Submits `plan`'s bdev I/O; returns how many I/Os are outstanding (0: complete now).
+    fn submit(
+        target: &mut AttachedTarget,
+        q: &mut ScsiQueue,
+        si: usize,
+        io_tag: u64,
+        plan: &IoPlan<'_>,
+        (iovs, pattern): (&mut Vec<IoVec>, &mut Vec<IoVec>),
+        mem: &GuestMemoryTable,
+    ) -> Result<u32, IoError> {
+        let supports_flush = target.supports_flush;
+        let wce = target.lun.write_cache_enabled();
+        let block_size = u64::from(target.lun.config().block_size);
+        let Some(channel) = target.channel.as_mut() else {
+            return Err(IoError::NotReady);
+        };
+        let one = |channel: &mut Box<dyn BdevChannel>,
+                   kind: IoKind,
+                   offset_blocks: u64,
+                   num_blocks: u64,
+                   iovs: &[IoVec]|
+         -> Result<u32, IoError> {
+            let io = BdevIo {
+                kind,
+                offset_blocks,
+                num_blocks,
+                iovs,
+                tag: io_tag,
+            };
+            match channel.submit(&io, mem) {
+                Ok(()) => Ok(1),
+                Err(err) => {
+                    tracing::debug!(%err, "bdev refused I/O");
+                    Err(IoError::Medium)
+                }
+            }
+        };
+        let chain = &q.chain;
+        match plan.op {
+            IoOp::Read { lba, blocks, .. } => {
+                iovs.clear();
+                if !sub_iovs(chain.writable(), RESP_LEN as u64, plan.data_len, iovs) {
+                    return Err(IoError::Medium);
+                }
+                one(channel, IoKind::Read, lba, blocks, iovs)
+            }
+            IoOp::Write { lba, blocks, fua } => {
+                iovs.clear();
+                if !sub_iovs(chain.readable(), REQ_LEN as u64, plan.data_len, iovs) {
+                    return Err(IoError::Medium);
+                }
+                let n = one(channel, IoKind::Write, lba, blocks, iovs)?;
+                if supports_flush && (fua || !wce) {
+                    if let Some(slot) = q.slots.get_mut(si) {
+                        slot.flush_after = true;
+                    }
+                }
+                Ok(n)
+            }
+            IoOp::Flush { .. } => {
+                if !supports_flush {
+                    // Nothing is cached above a bdev that cannot flush.
+                    return Ok(0);
+                }
+                one(channel, IoKind::Flush, 0, 0, &[])
+            }
+            IoOp::Unmap(ranges) => {
+                let mut submitted = 0u32;
+                for range in ranges.iter() {
+                    match one(channel, IoKind::Unmap, range.lba, range.blocks, &[]) {
+                        Ok(n) => submitted += n,
+                        Err(e) if submitted == 0 => return Err(e),
+                        Err(_) => {
+                            if let Some(slot) = q.slots.get_mut(si) {
+                                slot.failed = Some(IoError::Medium);
+                            }
+                            break;
+                        }
+                    }
+                }
+                Ok(submitted)
+            }
+            IoOp::WriteZeroes { lba, blocks } => {
+                if target.supports_write_zeroes {
+                    return one(channel, IoKind::WriteZeroes, lba, blocks, &[]);
+                }
+                Err(IoError::Unsupported)
+            }
+            IoOp::WriteSame { lba, blocks, block } => {
+                if block.iter().all(|&b| b == 0) && target.supports_write_zeroes {
+                    return one(channel, IoKind::WriteZeroes, lba, blocks, &[]);
+                }
+                // The pattern is the first block of the initiator's data-out; the bdev writes it
+                // straight from guest memory, repeated in the I/O vector.
+                pattern.clear();
+                if !sub_iovs(chain.readable(), REQ_LEN as u64, block_size, pattern) {
+                    return Err(IoError::Unsupported);
+                }
+                let mut submitted = 0u32;
+                let mut done = 0u64;
+                while done < blocks {
+                    let n = (blocks - done).min(WRITE_SAME_BLOCKS_PER_IO);
+                    iovs.clear();
+                    for _ in 0..n {
+                        iovs.extend_from_slice(pattern);
+                    }
+                    let start = lba.saturating_add(done);
+                    match one(channel, IoKind::Write, start, n, iovs) {
+                        Ok(k) => submitted += k,
+                        Err(e) if submitted == 0 => return Err(e),
+                        Err(_) => {
+                            if let Some(slot) = q.slots.get_mut(si) {
+                                slot.failed = Some(IoError::Medium);
+                            }
+                            break;
+                        }
+                    }
+                    done += n;
+                }
+                Ok(submitted)
+            }
+        }
+    }
+
+    /// Collects bdev completions of every target.
+    fn poll_completions(&mut self) -> usize {
+        let Some(mem) = self.memory.clone() else {
+            return 0;
+        };
+        let mut work = 0;
+        let id = self.id;
+        for target in self.targets.iter_mut().flatten() {
+            let AttachedTarget {
+                lun,
+                channel,
+                in_flight,
+                ..
+            } = target;
+            let Some(channel) = channel.as_mut() else {
+                continue;
+            };
+            if channel.in_flight() == 0 {
+                continue;
+            }
+            let queues = &mut self.queues;
+            let to_flush = &mut self.to_flush;
+            let sense = &mut self.scratch.sense;
+            work += channel.poll(&mut |io_tag, status| {
+                let (qi, si) = untag(io_tag);
+                let Some(Some(q)) = queues.get_mut(qi) else {
+                    return;
+                };
+                let Some(slot) = q.slots.get_mut(si) else {
+                    return;
+                };
+                slot.pending = slot.pending.saturating_sub(1);
+                match status {
+                    IoStatus::Success => {}
+                    IoStatus::Failed => slot.failed = Some(IoError::Medium),
+                    IoStatus::Unsupported => slot.failed = Some(IoError::Unsupported),
+                }
+                if slot.pending > 0 {
+                    return;
+                }
+                if slot.flush_after && slot.failed.is_none() {
+                    slot.flush_after = false;
+                    to_flush.push((qi, si));
+                    return;
+                }
+                let result = slot.failed.map_or(Ok(()), Err);
+                let c = lun.complete_io(&slot.plan.plan(), result, &mut sense[..]);
+                let slot = *slot;
+                finish(q, &mem, si, &slot, &c, &sense[..], id);
+                *in_flight = in_flight.saturating_sub(1);
+            });
+            // Writes that must be durable: flush now, complete when the flush does.
+            while let Some((qi, si)) = to_flush.pop() {
+                let Some(Some(q)) = queues.get_mut(qi) else {
+                    continue;
+                };
+                let io = BdevIo {
+                    kind: IoKind::Flush,
+                    offset_blocks: 0,
+                    num_blocks: 0,
+                    iovs: &[],
+                    tag: tag(qi, si),
+                };
+                let submitted = channel.submit(&io, mem.as_ref());
+                let Some(slot) = q.slots.get_mut(si) else {
+                    continue;
+                };
+                match submitted {
+                    Ok(()) => slot.pending = 1,
+                    Err(err) => {
+                        tracing::debug!(%err, "flush after write refused");
+                        let c = lun.complete_io(
+                            &slot.plan.plan(),
+                            Err(IoError::Medium),
+                            &mut sense[..],
+                        );
+                        let slot = *slot;
+                        finish(q, &mem, si, &slot, &c, &sense[..], id);
+                        *in_flight = in_flight.saturating_sub(1);
+                    }
+                }
+            }
+        }
+        work
+    }
+
+    /// Publishes each queue's used elements and signals its call eventfd if the driver wants it.
+    fn publish(&mut self) {
+        let Some(mem) = self.memory.as_deref() else {
+            return;
+        };
+        for (qi, queue) in self.queues.iter_mut().enumerate() {
+            let Some(q) = queue else { continue };
+            if let Err(err) = q.vq.publish_used(mem) {
+                tracing::error!(device = self.id.0, queue = qi, %err, "publishing used ring failed; queue stopped");
+                q.broken = true;
+                continue;
+            }
+            match q.vq.needs_notification(mem) {
+                Ok(true) => {
+                    if let Some(call) = &q.call {
+                        call.notify();
+                    }
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::error!(device = self.id.0, queue = qi, %err, "reading notification suppression failed");
+                    q.broken = true;
+                }
+            }
+        }
+    }
+
+    fn drain_target_ops(&mut self) -> usize {
+        let mut work = 0;
+        // Empty or disconnected (the controller is gone): nothing more to apply.
+        while let Ok(op) = self.control.try_recv() {
+            work += 1;
+            self.target_op(op);
+        }
+        work
+    }
+}
+
+/// Writes a command's response, returns its head and frees its slot.
+fn finish(
+    q: &mut ScsiQueue,
+    mem: &GuestMemoryTable,
+    si: usize,
+    slot: &Slot,
+    c: &Completion,
+    sense: &[u8],
+    device: DeviceId,
+) {
+    let header = CmdRespRepr::for_completion(c, SENSE_SIZE);
+    let mut bytes = [0u8; RESP_LEN];
+    bytes[..12].copy_from_slice(&header.to_bytes());
+    let sl = (header.sense_len as usize).min(sense.len());
+    bytes[12..12 + sl].copy_from_slice(&sense[..sl]);
+    if !slot.resp.write(mem, &bytes) {
+        tracing::warn!(device = device.0, "response buffer no longer mapped");
+    }
+    let data_in = if slot.plan.is_read { c.transferred } else { 0 };
+    let len = (RESP_LEN as u64).saturating_add(data_in);
+    q.used(
+        mem,
+        slot.head,
+        u32::try_from(len).unwrap_or(u32::MAX),
+        device,
+    );
+    q.release_slot(si);
+}
+
+impl ReactorDevice for ScsiDevice {
+    fn id(&self) -> DeviceId {
+        self.id
+    }
+
+    fn poll(&mut self) -> usize {
+        if self.removed {
+            // Still answer target changes so the controller never waits for a dead session.
+            return self.drain_target_ops();
+        }
+        let mut work = self.drain_target_ops();
+        work += self.poll_queues();
+        work += self.poll_completions();
+        let deferred = !self.tmfs.is_empty()
+            || self.detach_reply.is_some()
+            || self.remove_reply.is_some()
+            || !self.retired.is_empty()
+            || self.targets.iter().flatten().any(|t| t.removing.is_some())
+            || self.queues.iter().flatten().any(|q| q.stopping.is_some());
+        if deferred {
+            self.settle();
+        }
+        if self.events.has_work() && self.memory.is_some() {
+            work += self.poll_events_only();
+        }
+        if work > 0 || deferred {
+            self.publish();
+        }
+        work
+    }
+
+    fn apply(&mut self, op: DeviceOp) {
+        match op {
+            DeviceOp::SetMemory { memory, reply } => {
+                self.set_memory(memory);
+                let _ = reply.send(());
+            }
+            DeviceOp::StartQueue {
+                index,
+                setup,
+                reply,
+            } => {
+                let _ = reply.send(self.start_queue(index, setup));
+            }
+            DeviceOp::StopQueue { index, reply } => {
+                match self
+                    .queues
+                    .get_mut(usize::from(index))
+                    .and_then(Option::as_mut)
+                {
+                    Some(q) => q.stopping = Some(reply),
+                    None => {
+                        let _ = reply.send(None);
+                    }
+                }
+                self.settle();
+            }
+            DeviceOp::SetCall { index, call, reply } => {
+                if let Some(q) = self
+                    .queues
+                    .get_mut(usize::from(index))
+                    .and_then(Option::as_mut)
+                {
+                    q.call = call;
+                }
+                let _ = reply.send(());
+            }
+            DeviceOp::DetachBdev { reply } => {
+                for target in self.targets.iter_mut().flatten() {
+                    // Nobody waits on these: the device-wide reply covers them.
+                    let (tx, _rx) = std::sync::mpsc::sync_channel(1);
+                    target.removing.get_or_insert(tx);
+                }
+                self.detach_reply = Some(reply);
+                self.settle();
+            }
+            DeviceOp::Remove { reply } => {
+                self.remove_reply = Some(reply);
+                self.settle();
+            }
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.removed
+    }
+}
+
+impl ScsiDevice {
+    /// Delivers events raised during this round (by a detach that just drained) without waiting
+    /// for the next round's queue pass.
+    fn poll_events_only(&mut self) -> usize {
+        let Some(mem) = self.memory.clone() else {
+            return 0;
+        };
+        let Some(Some(q)) = self.queues.get_mut(EVENT_QUEUE) else {
+            return 0;
+        };
+        if q.stopping.is_some() || q.broken {
+            return 0;
+        }
+        let room = self.events.pending.len().clamp(1, POP_BATCH);
+        let popped = match q.vq.pop_heads(mem.as_ref(), &mut q.heads[..room]) {
+            Ok(n) => n,
+            Err(err) => {
+                tracing::error!(device = self.id.0, %err, "event queue avail ring unusable; queue stopped");
+                q.broken = true;
+                return 0;
+            }
+        };
+        for i in 0..popped {
+            let head = match self.queues.get(EVENT_QUEUE).and_then(Option::as_ref) {
+                Some(q) => q.heads[i],
+                None => break,
+            };
+            self.event_buffer(&mem, head);
+        }
+        popped
+    }
+}
