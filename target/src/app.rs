@@ -18,7 +18,7 @@ use crate::config::{self, ConfigError};
 use crate::ops::ControllerOps;
 use crate::rpc::jsonrpc::{handle_message, Dispatch};
 use crate::rpc::methods::{KillRequest, RpcMethods};
-use crate::rpc::server::{Incoming, RpcServer, ServerError};
+use crate::rpc::server::{Incoming, RpcServer, ServerError, QUEUED_MESSAGES};
 use crate::rpc::RpcError;
 
 /// How often the control loop checks for a shutdown request when no RPC arrives.
@@ -148,7 +148,7 @@ impl App {
                 }
             }
         }
-        let (sender, events) = mpsc::channel();
+        let (sender, events) = mpsc::sync_channel(QUEUED_MESSAGES);
         let server = match RpcServer::start(&config.rpc_socket, sender) {
             Ok(server) => server,
             Err(err) => {

@@ -542,3 +542,31 @@ fn a_second_target_on_the_same_rpc_socket_is_refused() {
     // The first one is untouched.
     assert_eq!(target.ok("bdev_get_bdevs", json!({})), json!([]));
 }
+
+#[test]
+fn a_pipelined_flood_is_answered_completely_and_in_order() {
+    let target = Target::start("flood", &["--no-default"]);
+    let stream = std::os::unix::net::UnixStream::connect(&target.rpc).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    const COUNT: u64 = 5000;
+    // Written by another thread: the server applies back-pressure while replies are unread.
+    let sender = std::thread::spawn(move || {
+        let mut all = String::new();
+        for id in 0..COUNT {
+            all.push_str(&request("bdev_get_bdevs", json!({}), id).to_string());
+        }
+        std::io::Write::write_all(&mut writer, all.as_bytes()).unwrap();
+    });
+    let mut reader = std::io::BufReader::new(stream);
+    for id in 0..COUNT {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        let reply: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(reply["id"], id);
+        assert_eq!(reply["result"], json!([]));
+    }
+    sender.join().unwrap();
+}

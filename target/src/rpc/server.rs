@@ -16,7 +16,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -33,6 +33,11 @@ pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
 /// Most connections served at once (SPDK's `SPDK_JSONRPC_MAX_CONNS`); more are closed at once.
 pub const MAX_CONNECTIONS: usize = 64;
+
+/// Parsed messages waiting for the control thread, over all connections. When the queue is full,
+/// connection threads stop reading, so a client that floods requests is held back by its socket
+/// instead of growing the target's memory.
+pub const QUEUED_MESSAGES: usize = 256;
 
 /// How long the control thread may block writing one reply to a client that does not read.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -122,7 +127,7 @@ impl RpcServer {
     /// Listens on `path` and delivers parsed messages to `events`.
     ///
     /// A stale socket left by a crashed process is replaced; a live one is not.
-    pub fn start(path: &Path, events: Sender<Incoming>) -> Result<Self, ServerError> {
+    pub fn start(path: &Path, events: SyncSender<Incoming>) -> Result<Self, ServerError> {
         let io_err = |source| ServerError::Io {
             path: path.to_owned(),
             source,
@@ -173,7 +178,7 @@ impl Drop for RpcServer {
     }
 }
 
-fn accept_loop(listener: UnixListener, events: Sender<Incoming>, stopping: Arc<AtomicBool>) {
+fn accept_loop(listener: UnixListener, events: SyncSender<Incoming>, stopping: Arc<AtomicBool>) {
     let open = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
         if stopping.load(Ordering::Acquire) {
@@ -235,7 +240,7 @@ pub fn next_frame(buf: &[u8]) -> Frame {
     }
 }
 
-fn read_loop(conn: &Arc<UnixStream>, events: &Sender<Incoming>) {
+fn read_loop(conn: &Arc<UnixStream>, events: &SyncSender<Incoming>) {
     let fatal = |message: String| {
         let error = RpcError::new(PARSE_ERROR, message);
         let _ = events.send(Incoming::Fatal {
@@ -314,7 +319,7 @@ mod tests {
         // A socket file nobody listens on, as a killed process leaves it.
         drop(UnixListener::bind(&path).unwrap());
         assert!(path.exists());
-        let (events, incoming) = std::sync::mpsc::channel();
+        let (events, incoming) = std::sync::mpsc::sync_channel(QUEUED_MESSAGES);
         let server = RpcServer::start(&path, events.clone()).unwrap();
         let mut client = UnixStream::connect(&path).unwrap();
         client
