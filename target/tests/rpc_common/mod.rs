@@ -247,7 +247,7 @@ impl Conn {
 pub fn spdk_rpc() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        if let Some(found) = find_in_path("spdk-rpc") {
+        if let Some(found) = find_spdk_rpc() {
             return found;
         }
         let status = Command::new("python3")
@@ -255,9 +255,26 @@ pub fn spdk_rpc() -> PathBuf {
             .status()
             .expect("running pip to install SPDK's client");
         assert!(status.success(), "pip install spdk==26.9 failed");
-        find_in_path("spdk-rpc").expect("spdk-rpc is not on PATH after pip install spdk==26.9")
+        find_spdk_rpc().expect("spdk-rpc not found after pip install spdk==26.9")
     })
     .clone()
+}
+
+/// `spdk-rpc` on PATH, or in the scripts directory of `python3` (where pip puts it, even when a
+/// version manager's shims have not been refreshed yet).
+fn find_spdk_rpc() -> Option<PathBuf> {
+    find_in_path("spdk-rpc").or_else(|| {
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                "import sysconfig; print(sysconfig.get_path('scripts'))",
+            ])
+            .output()
+            .ok()?;
+        let dir = String::from_utf8(out.stdout).ok()?;
+        let candidate = Path::new(dir.trim()).join("spdk-rpc");
+        is_executable(&candidate).then_some(candidate)
+    })
 }
 
 fn find_in_path(name: &str) -> Option<PathBuf> {
