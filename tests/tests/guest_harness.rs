@@ -69,7 +69,11 @@ fn hung_guest_is_killed_at_the_deadline() {
         .timeout(Duration::from_secs(40));
     let started = Instant::now();
     match run_guest(&config) {
-        Err(HarnessError::GuestTimeout { seconds, diagnostics, .. }) => {
+        Err(HarnessError::GuestTimeout {
+            seconds,
+            diagnostics,
+            ..
+        }) => {
             assert_eq!(seconds, 40);
             assert!(diagnostics.contains("---- console"), "{diagnostics}");
         }
