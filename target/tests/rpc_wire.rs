@@ -570,3 +570,69 @@ fn a_pipelined_flood_is_answered_completely_and_in_order() {
     }
     sender.join().unwrap();
 }
+
+#[test]
+fn mem_size_limits_ram_bdevs() {
+    let target = Target::start("memsize", &["--no-default", "-s", "16"]);
+    assert_eq!(
+        target.ok(
+            "bdev_malloc_create",
+            json!({"name": "A", "num_blocks": 20480, "block_size": 512})
+        ),
+        "A"
+    );
+    let reply = target.call(
+        "bdev_malloc_create",
+        json!({"name": "B", "num_blocks": 20480, "block_size": 512}),
+    );
+    assert_eq!(reply["error"]["code"], -12, "{reply}");
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--mem-size"),
+        "{reply}"
+    );
+    // Memory comes back when a bdev is deleted.
+    assert_eq!(target.ok("bdev_malloc_delete", json!({"name": "A"})), true);
+    assert_eq!(
+        target.ok(
+            "bdev_malloc_create",
+            json!({"name": "B", "num_blocks": 20480, "block_size": 512})
+        ),
+        "B"
+    );
+    // Null bdevs hold no memory.
+    assert_eq!(
+        target.ok(
+            "bdev_null_create",
+            json!({"name": "N", "num_blocks": 1u64 << 30, "block_size": 4096})
+        ),
+        "N"
+    );
+
+    // The default 256 MiB Malloc0 does not fit in 64 MiB: start-up fails and says why.
+    let dir = std::env::temp_dir().join(format!("rvhost-rpc-memsize-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rvhost"))
+        .args([
+            "-S",
+            dir.to_str().unwrap(),
+            "-r",
+            dir.join("r.sock").to_str().unwrap(),
+            "-m",
+            "0x1",
+            "-s",
+            "64",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Malloc0") || stderr.contains("bdev_malloc_create"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Cannot allocate memory"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
