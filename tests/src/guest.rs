@@ -258,6 +258,17 @@ static RUN_COUNTER: AtomicU32 = AtomicU32::new(0);
 /// Boots the guest, waits for it to power off, and returns what its script reported. Fails if QEMU
 /// fails, the guest times out, or the script did not reach `DONE`.
 pub fn run_guest(config: &GuestConfig) -> Result<GuestOutput> {
+    run_guest_with(config, |_, _| {})
+}
+
+/// Like [`run_guest`], but calls `on_result(key, value)` for each `RESULT` line as soon as the guest
+/// prints it, on the calling thread, so a test can act on the host while the guest runs (e.g. the
+/// script prints `RESULT phase=attach` and then waits for a hot-plugged disk; the callback issues
+/// the RPC).
+pub fn run_guest_with(
+    config: &GuestConfig,
+    mut on_result: impl FnMut(&str, &str),
+) -> Result<GuestOutput> {
     let kernel = Kernel::get()?;
     let run_dir = host::runs_dir().join(format!(
         "{}-{}-{}",
@@ -294,8 +305,11 @@ pub fn run_guest(config: &GuestConfig) -> Result<GuestOutput> {
             .spawn()
             .map_err(|e| HarnessError::io("start qemu", &run_dir, e))?,
     };
-    let status = wait_with_timeout(&mut qemu.child, config.timeout)
-        .map_err(|e| HarnessError::io("wait for qemu", &run_dir, e))?;
+    let mut live = LiveResults::default();
+    let status = wait_with_timeout(&mut qemu.child, config.timeout, || {
+        live.poll(&results, &mut on_result);
+    })
+    .map_err(|e| HarnessError::io("wait for qemu", &run_dir, e))?;
     let elapsed = started.elapsed();
     drop(qemu);
 
@@ -352,10 +366,42 @@ pub fn run_guest(config: &GuestConfig) -> Result<GuestOutput> {
     Ok(output)
 }
 
-fn wait_with_timeout(child: &mut Child, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
+/// Follows the results file while the guest runs, handing out each complete new line once.
+#[derive(Debug, Default)]
+struct LiveResults {
+    consumed: usize,
+}
+
+impl LiveResults {
+    fn poll(&mut self, path: &Path, on_result: &mut impl FnMut(&str, &str)) {
+        let Ok(bytes) = std::fs::read(path) else {
+            return;
+        };
+        let Some(fresh) = bytes.get(self.consumed..) else {
+            return;
+        };
+        let Some(end) = fresh.iter().rposition(|&b| b == b'\n') else {
+            return;
+        };
+        let complete = &fresh[..=end];
+        self.consumed += complete.len();
+        let (lines, _) = parse_results(&String::from_utf8_lossy(complete));
+        for (key, value) in &lines {
+            on_result(key, value);
+        }
+    }
+}
+
+fn wait_with_timeout(
+    child: &mut Child,
+    timeout: Duration,
+    mut poll: impl FnMut(),
+) -> std::io::Result<Option<ExitStatus>> {
     let deadline = Instant::now() + timeout;
     loop {
+        poll();
         if let Some(status) = child.try_wait()? {
+            poll();
             return Ok(Some(status));
         }
         if Instant::now() >= deadline {

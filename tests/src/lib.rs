@@ -28,8 +28,8 @@ pub mod peer;
 
 pub use error::{HarnessError, Result};
 pub use guest::{
-    parse_results, run_guest, GuestConfig, GuestOutput, VhostUserDevice, VIRTIO_BLK_MODULES,
-    VIRTIO_SCSI_MODULES,
+    parse_results, run_guest, run_guest_with, GuestConfig, GuestOutput, VhostUserDevice,
+    VIRTIO_BLK_MODULES, VIRTIO_SCSI_MODULES,
 };
 pub use peer::{blkcheck_binary, rvhost_binary, Qsd, QsdBacking, QsdOptions, Rvhost};
 

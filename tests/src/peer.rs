@@ -207,6 +207,11 @@ impl Qsd {
         &self.socket
     }
 
+    /// The image file behind a `File` backing (the host may read or change it under the guest).
+    pub fn image(&self) -> Option<PathBuf> {
+        matches!(self.options.backing, QsdBacking::File { .. }).then(|| self.dir.join("disk.img"))
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.process.is_running()
     }

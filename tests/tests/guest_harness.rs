@@ -3,9 +3,11 @@
 
 use std::time::{Duration, Instant};
 
+use std::os::unix::fs::FileExt;
+
 use rvhost_tests::{
-    init_test_logging, run_guest, GuestConfig, HarnessError, VIRTIO_BLK_MODULES,
-    VIRTIO_SCSI_MODULES,
+    init_test_logging, run_guest, run_guest_with, GuestConfig, HarnessError, Qsd, QsdOptions,
+    VhostUserDevice, VIRTIO_BLK_MODULES, VIRTIO_SCSI_MODULES,
 };
 
 /// Child processes of this test process whose command name starts with `prefix`.
@@ -96,4 +98,59 @@ fn virtio_scsi_modules_load() {
         Err(err) => panic!("{err}"),
     };
     out.assert_all_ok("module_");
+}
+
+/// `run_guest_with` hands out results while the guest runs: the guest announces it is waiting, the
+/// host changes the disk behind qemu-storage-daemon, and the guest sees the change.
+#[test]
+fn host_acts_on_results_while_the_guest_runs() {
+    init_test_logging();
+    let qsd = match Qsd::start(QsdOptions::default()) {
+        Ok(qsd) => qsd,
+        Err(err) => panic!("{err}"),
+    };
+    let image = qsd.image().expect("file-backed export");
+    let script = r#". /lib/guest.sh
+wait_for /dev/vda 120
+result phase waiting
+for i in $(seq 600); do
+    if [ "$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 6)" = MARKER ]; then
+        result marker_seen yes
+        exit 0
+    fi
+    usleep 200000
+done
+result marker_seen no
+"#;
+    let config = GuestConfig::new("harness-live", script).device(VhostUserDevice::Blk {
+        socket: qsd.socket().to_path_buf(),
+        num_queues: 1,
+    });
+    let mut seen = Vec::new();
+    let out = run_guest_with(&config, |key, value| {
+        seen.push(format!("{key}={value}"));
+        if key == "phase" && value == "waiting" {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&image)
+                .expect("image");
+            file.write_all_at(b"MARKER", 0).expect("write marker");
+        }
+    });
+    let out = match out {
+        Ok(out) => out,
+        Err(err) => panic!("{err}"),
+    };
+    out.assert_eq("marker_seen", "yes");
+    let phase = seen.iter().position(|l| l == "phase=waiting");
+    let marker = seen.iter().position(|l| l == "marker_seen=yes");
+    assert!(
+        phase.is_some() && phase < marker,
+        "callback order: {seen:?}"
+    );
+    assert_eq!(
+        seen.len(),
+        out.lines.len(),
+        "every line exactly once: {seen:?}"
+    );
 }
