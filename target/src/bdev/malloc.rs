@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use rvhost_platform_linux::SharedDmaMemory;
+use rvhost_platform_linux::{PagePolicy, SharedDmaMemory};
 
 use super::{Bdev, BdevChannel, BdevError, BdevIo, HostMemoryAccess, IoKind, IoStatus, IoVec};
 
@@ -31,6 +31,9 @@ const COMPLETION_CAPACITY: usize = 1024;
 pub struct MemoryBudget {
     limit_bytes: u64,
     used_bytes: AtomicU64,
+    /// Set once an allocation had to fall back to base pages: later ones go straight to base
+    /// pages instead of failing (and warning) again for every bdev.
+    no_hugepages: AtomicBool,
 }
 
 impl MemoryBudget {
@@ -39,6 +42,7 @@ impl MemoryBudget {
         Arc::new(MemoryBudget {
             limit_bytes,
             used_bytes: AtomicU64::new(0),
+            no_hugepages: AtomicBool::new(false),
         })
     }
 
@@ -131,9 +135,17 @@ impl MallocBdev {
         let memory = budget.reserve(len_bytes)?;
         let too_big = || BdevError::Backend(format!("{len_bytes} bytes do not fit in memory"));
         let len = usize::try_from(len_bytes).map_err(|_| too_big())?;
-        let store = SharedDmaMemory::allocate(len).map_err(|e| {
+        let policy = if budget.no_hugepages.load(Ordering::Acquire) {
+            PagePolicy::SmallOnly
+        } else {
+            PagePolicy::PreferHuge
+        };
+        let store = SharedDmaMemory::allocate_with(len, policy).map_err(|e| {
             BdevError::Backend(format!("cannot allocate {len_bytes} bytes for {name}: {e}"))
         })?;
+        if !store.is_hugepage() && !budget.no_hugepages.swap(true, Ordering::AcqRel) {
+            tracing::info!("RAM bdevs use 4 KiB pages from now on (no 2 MiB hugepages available)");
+        }
         Ok(Arc::new(MallocBdev {
             name: name.to_owned(),
             block_size,
