@@ -41,6 +41,8 @@ pub const IDLE_SLEEP: Duration = Duration::from_micros(100);
 /// How long a control thread waits for a reactor to apply a command before giving up. Only a
 /// stuck bdev (an I/O that never completes) can make a reactor this slow.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a waiting control thread checks that the reactor is still alive.
+const REPLY_POLL: Duration = Duration::from_millis(100);
 
 /// What a reactor does when it finds no work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,6 +226,9 @@ impl ReactorHandle {
     /// Queues `command` on the control ring. The ring is tiny and the reactor drains it every
     /// round, so a full ring only means a burst: retry briefly.
     fn send(&self, mut command: Command) -> Result<(), ReactorError> {
+        if self.is_finished() {
+            return Err(ReactorError::Gone(self.core));
+        }
         let deadline = Instant::now() + REPLY_TIMEOUT;
         loop {
             {
@@ -257,12 +262,24 @@ impl ReactorHandle {
     pub fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ReactorError> {
         let (tx, rx): (SyncSender<T>, Receiver<T>) = mpsc::sync_channel(1);
         self.send(make(tx))?;
-        match rx.recv_timeout(REPLY_TIMEOUT) {
-            Ok(value) => Ok(value),
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                Err(ReactorError::Timeout(self.core, REPLY_TIMEOUT))
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        loop {
+            match rx.recv_timeout(REPLY_POLL) {
+                Ok(value) => return Ok(value),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(ReactorError::Dropped(self.core))
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // A command left in the ring of a reactor that exited keeps its reply sender
+                    // alive, so "disconnected" never comes: watch the thread instead.
+                    if self.is_finished() {
+                        return Err(ReactorError::Gone(self.core));
+                    }
+                    if Instant::now() > deadline {
+                        return Err(ReactorError::Timeout(self.core, REPLY_TIMEOUT));
+                    }
+                }
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(ReactorError::Dropped(self.core)),
         }
     }
 
@@ -385,7 +402,7 @@ impl Reactor {
                     return;
                 }
             }
-            for device in &mut self.devices {
+            for device in self.devices.iter_mut().filter(|d| !d.is_finished()) {
                 work = work.saturating_add(device.poll());
             }
             if self.devices.iter().any(|d| d.is_finished()) {
@@ -443,5 +460,112 @@ impl Reactor {
             Command::Shutdown => return false,
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    /// Counts its polls; finishes when removed.
+    struct Counting {
+        id: DeviceId,
+        polls: Arc<AtomicU64>,
+        removed: bool,
+        work: Arc<AtomicBool>,
+    }
+
+    impl ReactorDevice for Counting {
+        fn id(&self) -> DeviceId {
+            self.id
+        }
+        fn poll(&mut self) -> usize {
+            self.polls.fetch_add(1, Ordering::Relaxed);
+            usize::from(self.work.load(Ordering::Relaxed))
+        }
+        fn apply(&mut self, op: DeviceOp) {
+            if let DeviceOp::Remove { reply } = op {
+                self.removed = true;
+                let _ = reply.send(());
+            }
+        }
+        fn is_finished(&self) -> bool {
+            self.removed
+        }
+    }
+
+    fn wait_until(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn reactor_polls_devices_routes_commands_and_stops() {
+        let reactor = spawn(0, IdlePolicy::Adaptive, Arc::new(NumaTopology::unknown())).unwrap();
+        assert_eq!(reactor.core(), 0);
+        let polls = Arc::new(AtomicU64::new(0));
+        let work = Arc::new(AtomicBool::new(true));
+        let device = Box::new(Counting {
+            id: DeviceId(7),
+            polls: Arc::clone(&polls),
+            removed: false,
+            work: Arc::clone(&work),
+        });
+        reactor
+            .call(|reply| Command::AddDevice { device, reply })
+            .unwrap();
+        wait_until("polls", || polls.load(Ordering::Relaxed) > 1000);
+        wait_until("busy time", || {
+            reactor.stats().busy_ns.load(Ordering::Relaxed) > 0
+        });
+
+        // A command for a device the reactor does not have is dropped, and the caller hears so.
+        let unknown = reactor.device_call(DeviceId(8), |reply| DeviceOp::Remove { reply });
+        assert!(matches!(unknown, Err(ReactorError::Dropped(0))));
+
+        // An idle reactor backs off to sleeping: polls slow down to about one per IDLE_SLEEP.
+        work.store(false, Ordering::Relaxed);
+        // (Spinning does hundreds of thousands of rounds per 100 ms; sleeping about a thousand.)
+        std::thread::sleep(Duration::from_millis(300));
+        let before = polls.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(100));
+        let rate = polls.load(Ordering::Relaxed) - before;
+        assert!(rate < 5_000, "{rate} polls in 100 ms while idle");
+
+        reactor
+            .device_call(DeviceId(7), |reply| DeviceOp::Remove { reply })
+            .unwrap();
+        let after_remove = polls.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            polls.load(Ordering::Relaxed),
+            after_remove,
+            "a finished device is dropped"
+        );
+
+        reactor.shutdown();
+        assert!(reactor.is_finished());
+        assert!(reactor
+            .call(|reply| Command::AddDevice {
+                device: Box::new(Counting {
+                    id: DeviceId(9),
+                    polls: Arc::new(AtomicU64::new(0)),
+                    removed: false,
+                    work: Arc::new(AtomicBool::new(false)),
+                }),
+                reply,
+            })
+            .is_err());
+    }
+
+    #[test]
+    fn pinning_to_an_offline_core_fails_at_spawn() {
+        let err = spawn(63, IdlePolicy::Adaptive, Arc::new(NumaTopology::unknown()));
+        assert!(matches!(err, Err(SpawnError::Pin(_))));
     }
 }
