@@ -73,6 +73,10 @@ pub struct GuestConfig {
     pub timeout: Duration,
     /// Appended to the kernel command line.
     pub kernel_args: String,
+    /// How many times the guest may boot. 1 (the default) runs QEMU with `-no-reboot`, so a
+    /// reboot or panic ends the run; more lets `reboot -f` in the script reset the whole machine
+    /// (devices included) and boot again, and the run fails if the guest boots more often.
+    pub boots: u8,
 }
 
 impl GuestConfig {
@@ -91,6 +95,7 @@ impl GuestConfig {
             },
             timeout: default_timeout(),
             kernel_args: String::new(),
+            boots: 1,
         }
     }
 
@@ -116,6 +121,11 @@ impl GuestConfig {
 
     pub fn env(mut self, key: &str, value: impl ToString) -> Self {
         self.initramfs.env.push((key.to_owned(), value.to_string()));
+        self
+    }
+
+    pub fn boots(mut self, boots: u8) -> Self {
+        self.boots = boots;
         self
     }
 
@@ -306,8 +316,16 @@ pub fn run_guest_with(
             .map_err(|e| HarnessError::io("start qemu", &run_dir, e))?,
     };
     let mut live = LiveResults::default();
+    let mut boots = 0u32;
     let status = wait_with_timeout(&mut qemu.child, config.timeout, || {
-        live.poll(&results, &mut on_result);
+        live.poll(&results, &mut |key: &str, value: &str| {
+            // /init reports `modules` once per boot, before the script runs.
+            if key == "modules" {
+                boots += 1;
+            }
+            on_result(key, value);
+        });
+        boots <= u32::from(config.boots.max(1))
     })
     .map_err(|e| HarnessError::io("wait for qemu", &run_dir, e))?;
     let elapsed = started.elapsed();
@@ -327,12 +345,22 @@ pub fn run_guest_with(
             tail(&console_text, 120)
         )
     };
-    let Some(status) = status else {
-        return Err(HarnessError::GuestTimeout {
-            name: config.name.clone(),
-            seconds: config.timeout.as_secs(),
-            diagnostics: diagnostics(),
-        });
+    let status = match status {
+        Waited::Exited(status) => status,
+        Waited::TimedOut => {
+            return Err(HarnessError::GuestTimeout {
+                name: config.name.clone(),
+                seconds: config.timeout.as_secs(),
+                diagnostics: diagnostics(),
+            })
+        }
+        Waited::Stopped => {
+            return Err(HarnessError::GuestFailed {
+                name: config.name.clone(),
+                reason: format!("the guest booted more than {} time(s)", config.boots.max(1)),
+                diagnostics: diagnostics(),
+            })
+        }
     };
     if !status.success() || !done {
         let reason = if done {
@@ -392,20 +420,35 @@ impl LiveResults {
     }
 }
 
+/// How waiting for QEMU ended.
+enum Waited {
+    Exited(ExitStatus),
+    TimedOut,
+    /// `poll` asked to stop the guest.
+    Stopped,
+}
+
+/// Waits for the child, calling `poll` every 100 ms (and once more after exit); `poll` returning
+/// false stops the wait early. The caller kills the child on anything but `Exited`.
 fn wait_with_timeout(
     child: &mut Child,
     timeout: Duration,
-    mut poll: impl FnMut(),
-) -> std::io::Result<Option<ExitStatus>> {
+    mut poll: impl FnMut() -> bool,
+) -> std::io::Result<Waited> {
     let deadline = Instant::now() + timeout;
     loop {
-        poll();
+        if !poll() {
+            return Ok(Waited::Stopped);
+        }
         if let Some(status) = child.try_wait()? {
-            poll();
-            return Ok(Some(status));
+            return Ok(if poll() {
+                Waited::Exited(status)
+            } else {
+                Waited::Stopped
+            });
         }
         if Instant::now() >= deadline {
-            return Ok(None);
+            return Ok(Waited::TimedOut);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -431,13 +474,7 @@ fn qemu_command(
             "-smp",
             &config.cpus.to_string(),
         ])
-        .args([
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-no-user-config",
-        ])
+        .args(["-nodefaults", "-display", "none", "-no-user-config"])
         .arg("-kernel")
         .arg(&kernel.image)
         .arg("-initrd")
@@ -454,6 +491,9 @@ fn qemu_command(
         .arg(format!("file:{}", console.display()))
         .arg("-serial")
         .arg(format!("file:{}", results.display()));
+    if config.boots <= 1 {
+        command.arg("-no-reboot");
+    }
     for (index, device) in config.devices.iter().enumerate() {
         command.args(device.qemu_args(index));
     }

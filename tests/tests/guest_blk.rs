@@ -14,6 +14,7 @@ use rvhost_tests::{
 const BLK_CHECKS: &str = include_str!("../guest/blk_checks.sh");
 const BLK_READONLY: &str = include_str!("../guest/blk_readonly.sh");
 const BLK_PERSIST: &str = include_str!("../guest/blk_persist.sh");
+const BLK_REBOOT: &str = include_str!("../guest/blk_reboot.sh");
 
 const MIB: u64 = 1 << 20;
 const WB: &str = "write back";
@@ -125,6 +126,28 @@ fn persistence_checks(name: &str, socket: PathBuf, queues: u16) {
     second.assert_eq("persist_verify_b", "ok");
 }
 
+/// One QEMU, two boots: `reboot -f` in the guest resets the machine and its devices, the backend
+/// sees the device stop and start again on the same connection, and the disk works afterwards.
+fn reboot_checks(name: &str, socket: PathBuf, queues: u16) {
+    let config = GuestConfig::new(name, BLK_REBOOT)
+        .cpus(2)
+        .device(blk(socket, queues))
+        .boots(2);
+    let out = run(config);
+    let boots: Vec<&str> = out
+        .lines
+        .iter()
+        .filter(|(k, _)| k == "boot")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(boots, ["first", "second"], "\n{}", out.diagnostics());
+    for key in ["reboot_write", "reboot_flush", "reboot_verify"] {
+        out.assert_eq(key, "ok");
+    }
+    out.assert_all_ok("reboot_");
+    out.assert_eq("script_exit", "0");
+}
+
 mod qsd {
     use super::*;
 
@@ -215,6 +238,16 @@ mod qsd {
     }
 
     #[test]
+    fn qsd_blk_guest_reboot() {
+        init_test_logging();
+        let qsd = start(QsdOptions {
+            num_queues: 2,
+            ..QsdOptions::default()
+        });
+        reboot_checks("qsd-blk-reboot", qsd.socket().to_path_buf(), 2);
+    }
+
+    #[test]
     fn qsd_blk_data_survives_reboot() {
         init_test_logging();
         let qsd = start(QsdOptions::default());
@@ -299,6 +332,14 @@ mod rvhost {
             serial: "M2",
         };
         readonly_checks("rvhost-blk-ro", socket, &disk);
+        assert_alive(&mut target);
+    }
+
+    #[test]
+    fn rvhost_blk_guest_reboot() {
+        init_test_logging();
+        let mut target = start();
+        reboot_checks("rvhost-blk-reboot", target.controller_socket("vhost.0"), 2);
         assert_alive(&mut target);
     }
 

@@ -154,3 +154,18 @@ result marker_seen no
         "every line exactly once: {seen:?}"
     );
 }
+
+/// A guest that keeps rebooting is stopped once it exceeds the boots it was allowed.
+#[test]
+fn reboot_loop_is_stopped() {
+    init_test_logging();
+    let config = GuestConfig::new("harness-reboot-loop", "reboot -f\nsleep 600\n").boots(2);
+    match run_guest(&config) {
+        Err(HarnessError::GuestFailed { reason, .. }) => {
+            assert!(reason.contains("booted more than 2"), "{reason}");
+        }
+        other => panic!("expected the reboot loop to be stopped, got {other:?}"),
+    }
+    let left = children_named("qemu-system");
+    assert!(left.is_empty(), "QEMU processes left behind: {left:?}");
+}
