@@ -137,6 +137,16 @@ const METHODS: &[Method] = &[
         old_name: Some("get_subsystem_config"),
         handler: RpcMethods::framework_get_config,
     },
+    Method {
+        name: "framework_wait_init",
+        old_name: Some("wait_subsystem_init"),
+        handler: RpcMethods::framework_wait_init,
+    },
+    Method {
+        name: "bdev_wait_for_examine",
+        old_name: None,
+        handler: RpcMethods::bdev_wait_for_examine,
+    },
 ];
 
 /// The oldest name of `vhost_scsi_controller_remove_target` (SPDK's vhost guide).
@@ -886,6 +896,23 @@ impl RpcMethods {
     }
 }
 
+impl RpcMethods {
+    /// Subsystems are initialised before the RPC server starts (rvhost has no `--wait-for-rpc`
+    /// state), so initialisation is always complete when this is served.
+    fn framework_wait_init(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        no_params("framework_wait_init", params)?;
+        Ok(Value::Bool(true))
+    }
+
+    /// SPDK waits here for bdev modules to finish examining new bdevs (partition tables, logical
+    /// volumes). rvhost's bdevs are usable as soon as they are created, so there is never an
+    /// examination in progress; SPDK's saved configurations contain this call.
+    fn bdev_wait_for_examine(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        no_params("bdev_wait_for_examine", params)?;
+        Ok(Value::Bool(true))
+    }
+}
+
 /// The call that recreates `bdev`, for the modules this file knows.
 fn bdev_config(bdev: &dyn Bdev) -> Option<Value> {
     let method = match bdev.module_name() {
@@ -1385,6 +1412,17 @@ pub(crate) mod tests {
             0
         );
         assert_eq!(m.call("nope", None).unwrap_err().code, -32601);
+        assert_eq!(m.call("framework_wait_init", None), Ok(json!(true)));
+        assert_eq!(
+            m.call("bdev_wait_for_examine", Some(json!({}))),
+            Ok(json!(true))
+        );
+        assert_eq!(
+            call(&mut m, "bdev_wait_for_examine", json!({"x": 1}))
+                .unwrap_err()
+                .code,
+            -32602
+        );
         assert_eq!(
             call(&mut m, "spdk_kill_instance", json!({"sig_name": "SIGUSR2"}))
                 .unwrap_err()
