@@ -15,8 +15,10 @@
 //! Poll mode is the product: a busy reactor never sleeps. But the test machines run a TCG guest,
 //! the target and the tests on two shared cores, so with [`IdlePolicy::Adaptive`] (the default) a
 //! reactor that found no work for [`SPIN_ROUNDS`] consecutive rounds starts calling
-//! `sched_yield`, and after [`YIELD_ROUNDS`] rounds sleeps [`IDLE_SLEEP`] between rounds. Any
-//! work resets it to spinning. [`IdlePolicy::BusyPoll`] (for benchmarks: `RVHOST_BUSY_POLL=1`, or
+//! `sched_yield`, and after [`YIELD_ROUNDS`] rounds sleeps between rounds: [`IDLE_SLEEP`] at
+//! first, doubling every [`SLEEP_STEP_ROUNDS`] sleeping rounds up to [`IDLE_SLEEP_MAX`] (a reactor
+//! idle for a couple of seconds wakes about a thousand times a second). Any work resets it to
+//! spinning, so only the first request after a quiet spell waits for the sleep to end. [`IdlePolicy::BusyPoll`] (for benchmarks: `RVHOST_BUSY_POLL=1`, or
 //! [`crate::dataplane::DataplaneOptions`]) never yields.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -36,7 +38,11 @@ pub const SPIN_ROUNDS: u32 = 4096;
 /// Empty poll rounds after which an adaptive reactor starts sleeping between rounds.
 pub const YIELD_ROUNDS: u32 = 32 * 1024;
 /// How long an idle adaptive reactor sleeps between rounds.
-pub const IDLE_SLEEP: Duration = Duration::from_micros(100);
+pub const IDLE_SLEEP: Duration = Duration::from_micros(50);
+/// The longest sleep of a long-idle adaptive reactor.
+pub const IDLE_SLEEP_MAX: Duration = Duration::from_millis(1);
+/// Sleeping rounds after which an idle adaptive reactor doubles its sleep.
+pub const SLEEP_STEP_ROUNDS: u32 = 1024;
 
 /// How long a control thread waits for a reactor to apply a command before giving up. Only a
 /// stuck bdev (an I/O that never completes) can make a reactor this slow.
@@ -382,6 +388,13 @@ struct Reactor {
     stats: Arc<ReactorStats>,
 }
 
+/// How long an adaptive reactor sleeps after `sleeping_rounds` rounds of sleep without work.
+fn idle_sleep(sleeping_rounds: u32) -> Duration {
+    let doublings = sleeping_rounds / SLEEP_STEP_ROUNDS;
+    let factor = 1u32.checked_shl(doublings.min(16)).unwrap_or(u32::MAX);
+    IDLE_SLEEP.saturating_mul(factor).min(IDLE_SLEEP_MAX)
+}
+
 /// Rounds between two updates of the published busy/idle counters (reading the clock every
 /// round would cost more than an empty round itself).
 const STATS_ROUNDS: u32 = 1024;
@@ -417,13 +430,19 @@ impl Reactor {
                 empty_rounds = empty_rounds.saturating_add(1);
                 if self.idle == IdlePolicy::Adaptive {
                     if empty_rounds > YIELD_ROUNDS {
-                        std::thread::sleep(IDLE_SLEEP);
+                        std::thread::sleep(idle_sleep(empty_rounds - YIELD_ROUNDS));
                     } else if empty_rounds > SPIN_ROUNDS {
                         std::thread::yield_now();
                     }
                 }
             }
-            if rounds % STATS_ROUNDS == 0 || empty_rounds > YIELD_ROUNDS {
+            // Sleeping rounds are long, so they publish more often (every 64th).
+            let publish_every = if empty_rounds > YIELD_ROUNDS {
+                64
+            } else {
+                STATS_ROUNDS
+            };
+            if rounds % publish_every == 0 {
                 self.publish_stats(&mut window_start, rounds, &mut busy_rounds);
                 rounds = 0;
             }
@@ -528,7 +547,7 @@ mod tests {
         let unknown = reactor.device_call(DeviceId(8), |reply| DeviceOp::Remove { reply });
         assert!(matches!(unknown, Err(ReactorError::Dropped(0))));
 
-        // An idle reactor backs off to sleeping: polls slow down to about one per IDLE_SLEEP.
+        // An idle reactor backs off to sleeping: polls slow down to a few thousand a second.
         work.store(false, Ordering::Relaxed);
         // (Spinning does hundreds of thousands of rounds per 100 ms; sleeping about a thousand.)
         std::thread::sleep(Duration::from_millis(300));
@@ -561,6 +580,14 @@ mod tests {
                 reply,
             })
             .is_err());
+    }
+
+    #[test]
+    fn idle_sleep_grows_to_its_cap() {
+        assert_eq!(idle_sleep(0), IDLE_SLEEP);
+        assert_eq!(idle_sleep(SLEEP_STEP_ROUNDS), IDLE_SLEEP * 2);
+        assert_eq!(idle_sleep(SLEEP_STEP_ROUNDS * 3), IDLE_SLEEP * 8);
+        assert_eq!(idle_sleep(u32::MAX), IDLE_SLEEP_MAX);
     }
 
     #[test]
