@@ -276,6 +276,11 @@ fn save_config_output_restores_the_target() {
     original.spdk_ok(&["bdev_null_create", "Null0", "4", "4096"]);
     original.spdk_ok(&["vhost_create_blk_controller", "-r", "vhost.0", "Malloc0"]);
     original.spdk_ok(&["vhost_create_blk_controller", "vhost.1", "Null0"]);
+    original.spdk_ok(&["bdev_malloc_create", "-b", "Malloc1", "4", "512"]);
+    original.spdk_ok(&["bdev_malloc_create", "-b", "Malloc2", "4", "4096"]);
+    original.spdk_ok(&["vhost_create_scsi_controller", "scsi.0"]);
+    original.spdk_ok(&["vhost_scsi_controller_add_target", "scsi.0", "0", "Malloc1"]);
+    original.spdk_ok(&["vhost_scsi_controller_add_target", "scsi.0", "3", "Malloc2"]);
     let saved = original.spdk_json(&["save_config"]);
     let subsystems: Vec<&str> = saved["subsystems"]
         .as_array()
@@ -283,12 +288,12 @@ fn save_config_output_restores_the_target() {
         .iter()
         .map(|s| s["subsystem"].as_str().unwrap())
         .collect();
-    assert_eq!(subsystems, ["bdev", "vhost_blk"]);
+    assert_eq!(subsystems, ["bdev", "vhost_blk", "vhost_scsi"]);
     let file = original.dir.join("saved.json");
     std::fs::write(&file, saved.to_string()).unwrap();
     let expected = state(&original);
-    assert_eq!(expected.0.len(), 2);
-    assert_eq!(expected.1.len(), 2);
+    assert_eq!(expected.0.len(), 4);
+    assert_eq!(expected.1.len(), 3);
 
     // As a start-up configuration.
     let restored = Target::start("restore", &["-c", file.to_str().unwrap()]);

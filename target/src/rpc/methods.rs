@@ -153,7 +153,11 @@ const METHODS: &[Method] = &[
 const OLD_REMOVE_SCSI_DEV: &str = "remove_vhost_scsi_dev";
 
 /// The subsystems `framework_get_config` can save, in the order they must be restored.
-const SUBSYSTEMS: &[(&str, &[&str])] = &[("bdev", &[]), ("vhost_blk", &["bdev"])];
+const SUBSYSTEMS: &[(&str, &[&str])] = &[
+    ("bdev", &[]),
+    ("vhost_blk", &["bdev"]),
+    ("vhost_scsi", &["bdev"]),
+];
 
 /// The control plane's state and its methods. Lives on the control thread; every method runs
 /// there, one at a time.
@@ -882,6 +886,35 @@ impl RpcMethods {
                         }))
                     })
                     .collect();
+                Ok(Value::Array(calls))
+            }
+            "vhost_scsi" => {
+                let controllers = self.ops.controllers(None).map_err(ops_error)?;
+                let mut calls = Vec::new();
+                for c in &controllers {
+                    let Some(targets) = c.backend_specific.get("scsi").and_then(Value::as_array)
+                    else {
+                        continue;
+                    };
+                    calls.push(json!({
+                        "method": "vhost_create_scsi_controller",
+                        "params": {"ctrlr": c.ctrlr, "cpumask": c.cpumask}
+                    }));
+                    for target in targets {
+                        let num = target.get("scsi_dev_num").and_then(Value::as_u64);
+                        let bdev = target
+                            .get("luns")
+                            .and_then(|luns| luns.get(0))
+                            .and_then(|lun| lun.get("bdev_name"))
+                            .and_then(Value::as_str);
+                        if let (Some(num), Some(bdev)) = (num, bdev) {
+                            calls.push(json!({
+                                "method": "vhost_scsi_controller_add_target",
+                                "params": {"ctrlr": c.ctrlr, "scsi_target_num": num, "bdev_name": bdev}
+                            }));
+                        }
+                    }
+                }
                 Ok(Value::Array(calls))
             }
             other => Err(RpcError::invalid_params(format!(
