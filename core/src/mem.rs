@@ -33,7 +33,10 @@ impl core::fmt::Display for MemError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match *self {
             MemError::Unmapped { addr, len } => {
-                write!(f, "guest range {addr:#x}+{len:#x} is not inside one mapped region")
+                write!(
+                    f,
+                    "guest range {addr:#x}+{len:#x} is not inside one mapped region"
+                )
             }
             MemError::Overflow => f.write_str("guest address range overflows"),
             MemError::Misaligned { addr } => write!(f, "atomic access at {addr:#x} is misaligned"),
@@ -131,7 +134,11 @@ pub struct ByteMemory<'a> {
 impl<'a> ByteMemory<'a> {
     /// Guest memory `[base, base + bytes.len())` over `bytes`; host addresses start at `host_base`.
     pub fn new(base: u64, host_base: u64, bytes: &'a mut [u8]) -> Self {
-        ByteMemory { base, host_base, bytes: Cell::from_mut(bytes).as_slice_of_cells() }
+        ByteMemory {
+            base,
+            host_base,
+            bytes: Cell::from_mut(bytes).as_slice_of_cells(),
+        }
     }
 
     /// The guest address of the first byte.
@@ -216,16 +223,37 @@ mod tests {
         assert_eq!(mem.translate(0x1000, 64), Ok(0x7f00_0000));
         assert_eq!(mem.translate(0x1010, 0), Ok(0x7f00_0010));
         assert_eq!(mem.translate(0x1040, 0), Ok(0x7f00_0040));
-        assert_eq!(mem.translate(0x1001, 64), Err(MemError::Unmapped { addr: 0x1001, len: 64 }));
-        assert_eq!(mem.translate(0xfff, 1), Err(MemError::Unmapped { addr: 0xfff, len: 1 }));
+        assert_eq!(
+            mem.translate(0x1001, 64),
+            Err(MemError::Unmapped {
+                addr: 0x1001,
+                len: 64
+            })
+        );
+        assert_eq!(
+            mem.translate(0xfff, 1),
+            Err(MemError::Unmapped {
+                addr: 0xfff,
+                len: 1
+            })
+        );
         assert_eq!(mem.translate(u64::MAX, 2), Err(MemError::Overflow));
         mem.write(0x1002, &[1, 2, 3]).unwrap();
         let mut out = [0u8; 4];
         mem.read(0x1001, &mut out).unwrap();
         assert_eq!(out, [0, 1, 2, 3]);
         assert_eq!(mem.load_u16(0x1002, Ordering::Acquire), Ok(0x0201));
-        assert_eq!(mem.load_u16(0x1003, Ordering::Acquire), Err(MemError::Misaligned { addr: 0x1003 }));
+        assert_eq!(
+            mem.load_u16(0x1003, Ordering::Acquire),
+            Err(MemError::Misaligned { addr: 0x1003 })
+        );
         mem.store_u16(0x103e, 0xbeef, Ordering::Release).unwrap();
-        assert_eq!(mem.store_u16(0x1040, 0, Ordering::Release), Err(MemError::Unmapped { addr: 0x1040, len: 2 }));
+        assert_eq!(
+            mem.store_u16(0x1040, 0, Ordering::Release),
+            Err(MemError::Unmapped {
+                addr: 0x1040,
+                len: 2
+            })
+        );
     }
 }

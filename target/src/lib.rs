@@ -6,12 +6,12 @@
 
 pub mod app;
 pub mod bdev;
+pub mod blk;
 pub mod cli;
 pub mod config;
-pub mod ops;
-pub mod rpc;
-pub mod blk;
 pub mod dataplane;
+pub mod ops;
 pub mod reactor;
+pub mod rpc;
 pub mod scsi;
 pub mod vhost;
