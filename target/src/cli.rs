@@ -30,8 +30,8 @@ pub struct Cli {
     #[arg(short = 'S', long = "socket-dir", value_name = "DIR", default_value = DEFAULT_SOCKET_DIR)]
     pub socket_dir: PathBuf,
 
-    /// Cores to run reactors (poll-mode I/O threads) on, as a hex mask (0x3, 3) or a list
-    /// ([0,1], [0-3,5]). One reactor per core, each pinned to it.
+    /// Cores to run reactors (poll-mode I/O threads) on, as a hex mask (`0x3`, `3`) or a list
+    /// (`[0,1]`, `[0-3,5]`). One reactor per core, each pinned to it.
     #[arg(short = 'm', long = "cpumask", value_name = "MASK", default_value = "0x1", value_parser = parse_cpumask)]
     pub cpumask: u64,
 
