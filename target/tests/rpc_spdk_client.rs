@@ -315,3 +315,82 @@ fn spdk_kill_instance_sigkill_kills_at_once() {
     let status = target.wait_exit(Duration::from_secs(20));
     assert_eq!(status.signal(), Some(9), "{status}");
 }
+
+/// Runs `spdk-rpc` with `args`, feeding `script` (one command per line) on stdin.
+fn spdk_rpc_script(target: &Target, args: &[&str], script: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new(rpc_common::spdk_rpc())
+        .arg("-s")
+        .arg(&target.rpc)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running spdk-rpc");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("writing the script");
+    child.wait_with_output().expect("waiting for spdk-rpc")
+}
+
+#[test]
+fn script_and_batch_modes_of_spdk_rpc() {
+    let target = Target::start("batch", &["--no-default"]);
+    // Script mode: one connection, one request after another.
+    let out = spdk_rpc_script(
+        &target,
+        &[],
+        "bdev_malloc_create -b S0 1 512\nbdev_null_create S1 1 512\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["S0", "S1"]
+    );
+    // Batch mode: one JSON-RPC batch array, one array reply.
+    let out = spdk_rpc_script(
+        &target,
+        &["-b"],
+        "bdev_malloc_create -b B0 1 512\nbdev_get_bdevs -b S1\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("\"B0\"") && stdout.contains("\"Null disk\""),
+        "{stdout}"
+    );
+    // A failing call in a batch is reported, and the others still ran.
+    let out = spdk_rpc_script(
+        &target,
+        &["-b"],
+        "bdev_malloc_create -b B0 1 512\nbdev_malloc_create -b B1 1 512\n",
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("-17"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names = target.spdk_json(&["bdev_get_bdevs"]);
+    let names: Vec<&str> = names
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["S0", "S1", "B0", "B1"]);
+}
