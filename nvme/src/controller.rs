@@ -733,23 +733,28 @@ impl Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         let bar = self.pci.bar0();
-        if self.state() == ControllerState::Failed || bar.read32(regs::CSTS) == ALL_ONES {
+        if bar.read32(regs::CSTS) == ALL_ONES {
+            // Gone: there is nothing left to tell.
             return;
         }
-        // Normal shutdown so that a volatile write cache is written back, then disable.
-        let cc = bar.read32(regs::CC);
-        bar.write32(regs::CC, cc | regs::CC_SHN_NORMAL);
-        let deadline = Instant::now() + self.cap.ready_timeout();
-        while bar.read32(regs::CSTS) & regs::CSTS_SHST_MASK != regs::CSTS_SHST_COMPLETE {
-            if Instant::now() >= deadline || bar.read32(regs::CSTS) == ALL_ONES {
-                tracing::warn!(
-                    bdf = self.pci.bdf(),
-                    "shutdown notification not acknowledged"
-                );
-                break;
+        if self.state() != ControllerState::Failed {
+            // Normal shutdown so that a volatile write cache is written back.
+            let cc = bar.read32(regs::CC);
+            bar.write32(regs::CC, cc | regs::CC_SHN_NORMAL);
+            let deadline = Instant::now() + self.cap.ready_timeout();
+            while bar.read32(regs::CSTS) & regs::CSTS_SHST_MASK != regs::CSTS_SHST_COMPLETE {
+                if Instant::now() >= deadline || bar.read32(regs::CSTS) == ALL_ONES {
+                    tracing::warn!(
+                        bdf = self.pci.bdf(),
+                        "shutdown notification not acknowledged"
+                    );
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
             }
-            std::thread::sleep(Duration::from_millis(1));
         }
+        // Disabled even when failed: a controller that is still there must stop DMA before the
+        // memory it was given is freed.
         bar.write32(regs::CC, 0);
         let _ = wait_ready(bar, &self.cap, false);
     }
