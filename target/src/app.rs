@@ -17,7 +17,7 @@ use crate::bdev::malloc::MemoryBudget;
 use crate::config::{self, ConfigError};
 use crate::ops::ControllerOps;
 use crate::rpc::jsonrpc::{handle_message, Dispatch};
-use crate::rpc::methods::{KillRequest, RpcMethods};
+use crate::rpc::methods::{KillRequest, LogControl, RpcMethods};
 use crate::rpc::server::{Incoming, RpcServer, ServerError, QUEUED_MESSAGES};
 use crate::rpc::RpcError;
 
@@ -50,6 +50,8 @@ pub struct AppConfig {
     pub ignore_init_errors: bool,
     /// Without a configuration file, start empty instead of with Malloc0 on vhost.0.
     pub no_default: bool,
+    /// The log level or filter in force (`-L`), reported by `log_get_level`.
+    pub log_level: String,
 }
 
 /// Why the application could not start.
@@ -106,14 +108,19 @@ pub struct App {
 
 impl App {
     /// Applies the start-up configuration (or the default set-up), then starts serving RPC.
-    /// `shutdown` is the flag signal handlers set.
+    /// `shutdown` is the flag signal handlers set; `log`, if given, lets the log RPCs change the
+    /// log filter.
     pub fn start(
         config: &AppConfig,
         ops: Arc<dyn ControllerOps>,
         shutdown: Arc<AtomicBool>,
+        log: Option<LogControl>,
     ) -> Result<Self, AppError> {
         let budget = MemoryBudget::new(config.memory_bytes);
         let mut methods = RpcMethods::new(ops, budget, config.cpumask, config.socket_dir.clone());
+        if let Some(log) = log {
+            methods.set_log_control(log, &config.log_level);
+        }
         let calls = match &config.json_config {
             Some(path) => {
                 let text =
@@ -279,6 +286,7 @@ mod tests {
             json_config: None,
             ignore_init_errors: false,
             no_default: false,
+            log_level: "info".into(),
         }
     }
 
@@ -293,7 +301,13 @@ mod tests {
     fn default_setup_then_serve_until_killed() {
         let dir = temp_dir("default");
         let ops = Arc::new(FakeOps::default());
-        let app = App::start(&config(&dir), ops.clone(), Arc::new(AtomicBool::new(false))).unwrap();
+        let app = App::start(
+            &config(&dir),
+            ops.clone(),
+            Arc::new(AtomicBool::new(false)),
+            None,
+        )
+        .unwrap();
         assert_eq!(
             app.methods()
                 .bdevs()
@@ -352,7 +366,7 @@ mod tests {
         let mut cfg = config(&dir);
         cfg.no_default = true;
         let shutdown = Arc::new(AtomicBool::new(false));
-        let app = App::start(&cfg, Arc::new(FakeOps::default()), shutdown.clone()).unwrap();
+        let app = App::start(&cfg, Arc::new(FakeOps::default()), shutdown.clone(), None).unwrap();
         let runner = std::thread::spawn(move || app.run());
         let rpc = dir.join("rpc.sock");
 
@@ -414,7 +428,8 @@ mod tests {
         let mut cfg = config(&dir);
         cfg.json_config = Some(file);
         let ops = Arc::new(FakeOps::default());
-        let err = App::start(&cfg, ops.clone(), Arc::new(AtomicBool::new(false))).unwrap_err();
+        let err =
+            App::start(&cfg, ops.clone(), Arc::new(AtomicBool::new(false)), None).unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("subsystem vhost_blk, entry 1") && text.contains("missing"),
@@ -424,7 +439,7 @@ mod tests {
         assert!(!dir.join("rpc.sock").exists());
 
         cfg.ignore_init_errors = true;
-        let app = App::start(&cfg, ops.clone(), Arc::new(AtomicBool::new(true))).unwrap();
+        let app = App::start(&cfg, ops.clone(), Arc::new(AtomicBool::new(true)), None).unwrap();
         assert!(ops.controllers.lock().unwrap().contains_key("v0"));
         assert_eq!(app.run(), Exit::Clean);
         let _ = std::fs::remove_dir_all(&dir);

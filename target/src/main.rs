@@ -1,6 +1,7 @@
 //! The rvhost target binary: parses the command line, starts the data plane (reactors), applies
 //! the start-up configuration and serves JSON-RPC until told to stop.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -8,16 +9,18 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::{fmt, reload, EnvFilter};
 
 use rvhost_target::app::{available_memory, App, AppConfig, Exit};
 use rvhost_target::cli::Cli;
 use rvhost_target::dataplane::Dataplane;
+use rvhost_target::rpc::methods::LogControl;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log);
-    match run(&cli) {
+    let log = init_logging(&cli.log);
+    match run(&cli, log) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");
@@ -26,24 +29,40 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(level: &str) {
+/// Installs the stderr logger; returns the hook that lets `log_set_level` change its filter.
+fn init_logging(level: &str) -> LogControl {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|err| {
             eprintln!("rvhost: invalid log level {level:?} ({err}); using info");
             EnvFilter::new("info")
         });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            fmt::layer()
+                .with_writer(std::io::stderr)
+                // Colour codes only help on a terminal; they garble log files.
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
+        .init();
+    Box::new(move |directive: &str| {
+        let filter = EnvFilter::try_new(directive).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
 }
 
-fn run(cli: &Cli) -> anyhow::Result<()> {
+fn run(cli: &Cli, log: LogControl) -> anyhow::Result<()> {
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [SIGINT, SIGTERM, SIGQUIT, SIGHUP] {
         signal_hook::flag::register(signal, Arc::clone(&shutdown))
             .with_context(|| format!("installing the handler for signal {signal}"))?;
     }
     let memory_bytes = match cli.mem_size_mib {
-        Some(mib) => mib.checked_mul(1024 * 1024).context("-s/--mem-size is too large")?,
+        Some(mib) => mib
+            .checked_mul(1024 * 1024)
+            .context("-s/--mem-size is too large")?,
         None => available_memory().unwrap_or(u64::MAX),
     };
     let config = AppConfig {
@@ -54,6 +73,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         json_config: cli.json_config.clone(),
         ignore_init_errors: cli.json_ignore_init_errors,
         no_default: cli.no_default,
+        log_level: cli.log.clone(),
     };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -62,8 +82,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         memory_mib = memory_bytes / (1024 * 1024),
         "starting rvhost"
     );
-    let dataplane = Dataplane::start(cli.cpumask, cli.socket_dir.clone()).context("starting the data plane")?;
-    let app = match App::start(&config, dataplane.clone(), shutdown) {
+    let dataplane =
+        Dataplane::start(cli.cpumask, cli.socket_dir.clone()).context("starting the data plane")?;
+    let app = match App::start(&config, dataplane.clone(), shutdown, Some(log)) {
         Ok(app) => app,
         Err(err) => {
             dataplane.shutdown();

@@ -394,3 +394,29 @@ fn script_and_batch_modes_of_spdk_rpc() {
         .collect();
     assert_eq!(names, ["S0", "S1", "B0", "B1"]);
 }
+
+#[test]
+fn log_level_changes_at_run_time() {
+    let target = Target::start("loglevel", &["--no-default", "-L", "warn"]);
+    assert_eq!(
+        target.spdk_ok(&["log_get_print_level"]).trim(),
+        "\"WARNING\""
+    );
+    target.spdk_ok(&["bdev_null_create", "Quiet", "1", "512"]);
+    assert!(
+        !target.log().contains("created null bdev"),
+        "info logged at WARNING:\n{}",
+        target.log()
+    );
+    target.spdk_ok(&["log_set_print_level", "INFO"]);
+    assert_eq!(target.spdk_ok(&["log_get_level"]).trim(), "\"INFO\"");
+    target.spdk_ok(&["bdev_null_create", "Loud", "1", "512"]);
+    assert!(
+        target.log().contains("created null bdev bdev=Loud"),
+        "{}",
+        target.log()
+    );
+    target.spdk_ok(&["log_set_level", "ERROR"]);
+    target.spdk_ok(&["bdev_null_create", "Quiet2", "1", "512"]);
+    assert!(!target.log().contains("Quiet2"), "{}", target.log());
+}

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use rvhost_platform_linux::cpu::CpuSet;
 
-use super::errno::{EBUSY, EEXIST, EINVAL, ENODEV, ENOMEM};
+use super::errno::{EBUSY, EEXIST, EINVAL, ENODEV, ENOMEM, ENOTSUP};
 use super::jsonrpc::Dispatch;
 use super::{RpcError, INTERNAL_ERROR, METHOD_NOT_FOUND};
 use crate::bdev::malloc::{MallocBdev, MemoryBudget};
@@ -143,6 +143,26 @@ const METHODS: &[Method] = &[
         handler: RpcMethods::framework_wait_init,
     },
     Method {
+        name: "log_set_level",
+        old_name: Some("set_log_level"),
+        handler: RpcMethods::log_set_level,
+    },
+    Method {
+        name: "log_get_level",
+        old_name: Some("get_log_level"),
+        handler: RpcMethods::log_get_level,
+    },
+    Method {
+        name: "log_set_print_level",
+        old_name: Some("set_log_print_level"),
+        handler: RpcMethods::log_set_level,
+    },
+    Method {
+        name: "log_get_print_level",
+        old_name: Some("get_log_print_level"),
+        handler: RpcMethods::log_get_level,
+    },
+    Method {
         name: "bdev_wait_for_examine",
         old_name: None,
         handler: RpcMethods::bdev_wait_for_examine,
@@ -170,7 +190,24 @@ pub struct RpcMethods {
     /// SPDK names unnamed RAM bdevs `Malloc0`, `Malloc1`, ... from a counter that never goes back.
     next_malloc: u32,
     kill: Option<KillRequest>,
+    log: Option<LogControl>,
+    /// The level last set through `log_set_level`/`log_set_print_level`, as SPDK names it.
+    log_level: String,
 }
+
+/// Changes the process's log filter to a `tracing` directive (`info`, `debug`, ...). The binary
+/// passes its subscriber's reload handle; without one the log RPCs report ENOTSUP.
+pub type LogControl = Box<dyn Fn(&str) -> Result<(), String> + Send>;
+
+/// SPDK's log level names and the `tracing` level each maps to. rvhost logs to stderr only, so
+/// SPDK's two settings (stored and printed messages) are one here.
+const LOG_LEVELS: &[(&str, &str)] = &[
+    ("ERROR", "error"),
+    ("WARNING", "warn"),
+    ("NOTICE", "info"),
+    ("INFO", "info"),
+    ("DEBUG", "debug"),
+];
 
 impl std::fmt::Debug for RpcMethods {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -420,6 +457,12 @@ struct GetConfig {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct LogLevel {
+    level: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Kill {
     sig_name: String,
 }
@@ -441,7 +484,20 @@ impl RpcMethods {
             socket_dir,
             next_malloc: 0,
             kill: None,
+            log: None,
+            log_level: "INFO".to_owned(),
         }
+    }
+
+    /// Lets the log RPCs change the log filter; `current` is the level in force (a `tracing`
+    /// level or filter, as given to `-L`).
+    pub fn set_log_control(&mut self, control: LogControl, current: &str) {
+        self.log = Some(control);
+        self.log_level = LOG_LEVELS
+            .iter()
+            .find(|(_, directive)| directive.eq_ignore_ascii_case(current))
+            .map(|(name, _)| (*name).to_owned())
+            .unwrap_or_else(|| current.to_owned());
     }
 
     /// The bdevs.
@@ -930,6 +986,34 @@ impl RpcMethods {
 }
 
 impl RpcMethods {
+    fn log_set_level(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: LogLevel = decode(params)?;
+        let Some((name, directive)) = LOG_LEVELS
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(&p.level))
+        else {
+            return Err(RpcError::invalid_params(format!(
+                "level {:?} is not one of ERROR, WARNING, NOTICE, INFO, DEBUG",
+                p.level
+            )));
+        };
+        let Some(log) = &self.log else {
+            return Err(RpcError::errno(
+                ENOTSUP,
+                "this process cannot change its log level",
+            ));
+        };
+        log(directive).map_err(|e| RpcError::new(INTERNAL_ERROR, e))?;
+        tracing::info!(level = %name, "log level changed");
+        self.log_level = (*name).to_owned();
+        Ok(Value::Bool(true))
+    }
+
+    fn log_get_level(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        no_params("log_get_level", params)?;
+        Ok(Value::String(self.log_level.clone()))
+    }
+
     /// Subsystems are initialised before the RPC server starts (rvhost has no `--wait-for-rpc`
     /// state), so initialisation is always complete when this is served.
     fn framework_wait_init(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
@@ -1446,6 +1530,32 @@ pub(crate) mod tests {
         );
         assert_eq!(m.call("nope", None).unwrap_err().code, -32601);
         assert_eq!(m.call("framework_wait_init", None), Ok(json!(true)));
+        let level = json!({"level": "DEBUG"});
+        assert_eq!(
+            call(&mut m, "log_set_level", level.clone())
+                .unwrap_err()
+                .code,
+            -95
+        );
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&seen);
+        m.set_log_control(
+            Box::new(move |d| {
+                record.lock().unwrap().push(d.to_owned());
+                Ok(())
+            }),
+            "warn",
+        );
+        assert_eq!(m.call("log_get_print_level", None), Ok(json!("WARNING")));
+        assert_eq!(call(&mut m, "log_set_print_level", level), Ok(json!(true)));
+        assert_eq!(
+            call(&mut m, "log_set_level", json!({"level": "notice"})),
+            Ok(json!(true))
+        );
+        assert_eq!(m.call("log_get_level", None), Ok(json!("NOTICE")));
+        assert_eq!(*seen.lock().unwrap(), ["debug", "info"]);
+        let bad = call(&mut m, "log_set_level", json!({"level": "LOUD"})).unwrap_err();
+        assert_eq!(bad.code, -32602);
         assert_eq!(
             m.call("bdev_wait_for_examine", Some(json!({}))),
             Ok(json!(true))

@@ -46,7 +46,12 @@ impl Target {
             .arg(&dir)
             .arg("-r")
             .arg(&rpc)
-            .args(["-m", "0x1", "-L", "info"])
+            .args(["-m", "0x1"])
+            .args(if extra.contains(&"-L") {
+                &[][..]
+            } else {
+                &["-L", "info"][..]
+            })
             .args(extra)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
