@@ -53,3 +53,4 @@ seed("direct_then_indirect", 3, 3, [0],
      extra=[(TABLES, desc(BASE + DATA + 0x200, 512, NEXT | WRITE, 1) + desc(BASE + DATA + 0x10, 1, WRITE))])
 long_chain = {i: desc(BASE + DATA + 16 * i, 16 if i != 5 else 0, (NEXT if i < 19 else 0) | (WRITE if i >= 10 else 0), i + 1) for i in range(20)}
 seed("long_chain_with_empty_descriptor", 7, 0, [0], long_chain)
+seed("total_over_4gib", 4, 0, [0], {0: desc(BASE + DATA, 16, NEXT, 1), 1: desc(BASE + DATA + 0x100, 0xFFFFFFFF, WRITE)})
