@@ -124,6 +124,7 @@ fn check_and_install_tools() -> Result<()> {
     if which("busybox").is_some() && !busybox_is_static() {
         missing.push("busybox-static");
     }
+    missing.sort_unstable();
     missing.dedup();
     if missing.is_empty() {
         return Ok(());
