@@ -1,11 +1,25 @@
-//! The vhost-user server: one listening socket and one control thread per controller.
+//! The vhost-user server: one listening socket per controller, one control thread per connected
+//! frontend.
 //!
-//! The control thread accepts a frontend (QEMU), lets `vhost`'s `BackendReqHandler` frame and
-//! validate its messages, and answers them through a [`session::Session`]. The device's queues
-//! live on a reactor; the session sends them there and waits for each change to be applied
-//! before the frontend gets its reply. When the frontend disconnects (or a message is so broken
-//! that the connection cannot be trusted any more) the session's device is drained and removed from
-//! the reactor and the socket accepts the next connection; other controllers never notice.
+//! A control thread lets `vhost`'s `BackendReqHandler` frame and validate a frontend's (QEMU's)
+//! messages, and answers them through a [`session::Session`]. The device's queues live on a
+//! reactor; the session sends them there and waits for each change to be applied before the
+//! frontend gets its reply. When the frontend disconnects (or a message is so broken that the
+//! connection cannot be trusted any more) the session's device is drained and removed from the
+//! reactor; the socket keeps accepting, and other controllers never notice.
+//!
+//! What a frontend is offered:
+//!
+//! - virtio features: the device's (see [`DeviceBackend::features`]) plus
+//!   `VHOST_USER_F_PROTOCOL_FEATURES`;
+//! - protocol features: `MQ`, `CONFIG` (read-only config space), `REPLY_ACK`,
+//!   `CONFIGURE_MEM_SLOTS` (up to [`rvhost_platform_linux::MAX_MEM_SLOTS`] regions) and
+//!   `RESET_DEVICE`; no dirty logging, inflight tracking or device-state transfer;
+//! - refusals: a request that is merely unacceptable (a vring size over the device's limit, ring
+//!   addresses outside the memory table, a config write) gets a negative `REPLY_ACK` and the
+//!   session goes on; a memory table that cannot be mapped as described (overlaps, regions past
+//!   the end of their file, unaligned offsets) or a message the `vhost` crate cannot parse closes
+//!   the connection.
 
 pub mod memory;
 pub mod session;

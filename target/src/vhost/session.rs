@@ -125,7 +125,9 @@ impl Session {
         self.id
     }
 
-    /// Takes the refusal recorded by the last failed request (see [`Session::refused`]).
+    /// Takes the refusal recorded by the last failed request: `Some(true)` if the connection must
+    /// be dropped, `Some(false)` if the negative acknowledgement was enough, `None` if the
+    /// failure was not a refusal of ours (a framing or socket error).
     pub fn take_refusal(&mut self) -> Option<bool> {
         self.refused.take()
     }
