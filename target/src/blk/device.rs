@@ -99,6 +99,10 @@ struct Slot {
     pending: u32,
     /// Whether any of them failed.
     failed: bool,
+    /// Between start and completion.
+    busy: bool,
+    /// The memory-table generation the request's buffers were translated with.
+    generation: u64,
 }
 
 /// One running virtqueue.
@@ -168,8 +172,13 @@ pub struct BlkDevice {
     /// Hot-detach requested: new requests fail, in-flight ones still complete on `channel`.
     detached: bool,
     memory: Option<Arc<GuestMemoryTable>>,
-    /// Tables replaced while requests were in flight; bdevs may still access their buffers.
-    retired: Vec<Arc<GuestMemoryTable>>,
+    /// Counts memory-table swaps; requests remember the one they were translated with.
+    generation: u64,
+    /// Tables replaced while requests were in flight, with their generation: bdevs may still
+    /// access those requests' buffers. Each is dropped once no request of its generation or an
+    /// older one is in flight, so a frontend swapping tables under constant load cannot make
+    /// this grow without bound.
+    retired: Vec<(u64, Arc<GuestMemoryTable>)>,
     queues: Vec<Option<BlkQueue>>,
     /// I/O vectors of the request being submitted (capacity reserved once).
     iovs: Vec<IoVec>,
@@ -212,6 +221,7 @@ impl BlkDevice {
             detached: channel.is_none(),
             channel,
             memory: None,
+            generation: 0,
             retired: Vec::new(),
             queues: (0..super::MAX_QUEUES).map(|_| None).collect(),
             iovs: Vec::with_capacity(CHAIN_CAPACITY),
@@ -233,24 +243,31 @@ impl BlkDevice {
         if slot.as_ref().is_some_and(|q| q.in_flight > 0) {
             return Err(format!("queue {index} still has requests in flight"));
         }
-        if let Some(current) = &self.memory {
-            if !Arc::ptr_eq(current, &setup.memory) {
-                // The session always sends its newest table; adopt it.
-                self.retired.push(Arc::clone(current));
-            }
-        }
         let queue = BlkQueue::new(&setup, &self.config)?;
-        self.memory = Some(Arc::clone(&setup.memory));
         *slot = Some(queue);
+        let is_current = self
+            .memory
+            .as_ref()
+            .is_some_and(|m| Arc::ptr_eq(m, &setup.memory));
+        if !is_current {
+            // The session always sends its newest table; adopt it.
+            self.swap_memory(setup.memory);
+        }
         Ok(())
     }
 
-    fn set_memory(&mut self, memory: Arc<GuestMemoryTable>) {
+    /// Makes `memory` current, retiring the old table if requests still use it.
+    fn swap_memory(&mut self, memory: Arc<GuestMemoryTable>) {
         if let Some(old) = self.memory.replace(memory) {
             if self.in_flight() > 0 {
-                self.retired.push(old);
+                self.retired.push((self.generation, old));
             }
         }
+        self.generation = self.generation.wrapping_add(1);
+    }
+
+    fn set_memory(&mut self, memory: Arc<GuestMemoryTable>) {
+        self.swap_memory(memory);
         let Some(mem) = self.memory.as_deref() else {
             return;
         };
@@ -278,9 +295,22 @@ impl BlkDevice {
                 }
             }
         }
+        if !self.retired.is_empty() {
+            let oldest_in_use = self
+                .queues
+                .iter()
+                .flatten()
+                .flat_map(|q| q.slots.iter())
+                .filter(|slot| slot.busy)
+                .map(|slot| slot.generation)
+                .min();
+            match oldest_in_use {
+                Some(oldest) => self.retired.retain(|(generation, _)| *generation >= oldest),
+                None => self.retired.clear(),
+            }
+        }
         let in_flight = self.in_flight();
         if in_flight == 0 {
-            self.retired.clear();
             if let Some(reply) = self.detach_reply.take() {
                 self.channel = None;
                 let _ = reply.send(());
@@ -320,6 +350,9 @@ impl BlkDevice {
         if let Err(err) = q.vq.push_used(mem, slot.head, len) {
             tracing::error!(device = device.0, %err, "used ring write failed; queue stopped");
             q.broken = true;
+        }
+        if let Some(slot) = q.slots.get_mut(slot_index) {
+            slot.busy = false;
         }
         q.in_flight = q.in_flight.saturating_sub(1);
         if let Ok(free) = u16::try_from(slot_index) {
@@ -404,6 +437,7 @@ impl BlkDevice {
                 };
                 Self::start_request(
                     self.id,
+                    self.generation,
                     &self.geometry,
                     channel,
                     &mut self.iovs,
@@ -424,6 +458,7 @@ impl BlkDevice {
     #[allow(clippy::too_many_arguments)]
     fn start_request(
         device: DeviceId,
+        generation: u64,
         geometry: &DeviceGeometry,
         channel: Option<&mut (dyn BdevChannel + 'static)>,
         iovs: &mut Vec<IoVec>,
@@ -450,6 +485,8 @@ impl BlkDevice {
             used_len: 1,
             pending: 0,
             failed: false,
+            busy: true,
+            generation,
         };
         if let Some(slot) = q.slots.get_mut(si) {
             *slot = fresh;
@@ -510,6 +547,9 @@ impl BlkDevice {
     /// Gives back the slot of a request that can neither be executed nor answered, and stops the
     /// queue: the driver broke the protocol and must reset the device.
     fn abandon(q: &mut BlkQueue, slot_index: u16) {
+        if let Some(slot) = q.slots.get_mut(usize::from(slot_index)) {
+            slot.busy = false;
+        }
         q.in_flight = q.in_flight.saturating_sub(1);
         q.free.push(slot_index);
         q.broken = true;
@@ -827,6 +867,8 @@ mod tests {
     struct Held {
         pending: Mutex<Vec<u64>>,
         release: AtomicBool,
+        /// Completions to let through on the next poll (oldest first), when not released.
+        allow: AtomicU32,
         submitted: AtomicU32,
     }
 
@@ -875,10 +917,16 @@ mod tests {
             Ok(())
         }
         fn poll(&mut self, done: &mut dyn FnMut(u64, IoStatus)) -> usize {
-            if !self.0.release.load(Ordering::Relaxed) {
-                return 0;
-            }
-            let tags: Vec<u64> = self.0.pending.lock().unwrap().drain(..).collect();
+            let allowed = if self.0.release.load(Ordering::Relaxed) {
+                usize::MAX
+            } else {
+                self.0.allow.swap(0, Ordering::Relaxed) as usize
+            };
+            let tags: Vec<u64> = {
+                let mut pending = self.0.pending.lock().unwrap();
+                let n = pending.len().min(allowed);
+                pending.drain(..n).collect()
+            };
             for &t in &tags {
                 done(t, IoStatus::Success);
             }
@@ -890,13 +938,25 @@ mod tests {
     }
 
     struct Rig {
+        /// The file behind guest memory, for building more tables over the same memory.
+        file: std::fs::File,
         mem: Arc<GuestMemoryTable>,
         device: BlkDevice,
         held: Arc<Held>,
         avail_idx: u16,
     }
 
-    fn table() -> Arc<GuestMemoryTable> {
+    fn table_over(file: &std::fs::File) -> Arc<GuestMemoryTable> {
+        let spec = RegionSpec {
+            guest_phys_addr: 0,
+            memory_size: MEM,
+            userspace_addr: 0x7000_0000,
+            mmap_offset: 0,
+        };
+        GuestMemoryTable::from_regions([(spec, OwnedFd::from(file.try_clone().unwrap()))]).unwrap()
+    }
+
+    fn table() -> (Arc<GuestMemoryTable>, std::fs::File) {
         let path = format!(
             "/dev/shm/rvhost-unit-{}-{:?}",
             std::process::id(),
@@ -911,13 +971,7 @@ mod tests {
             .unwrap();
         std::fs::remove_file(&path).unwrap();
         file.set_len(MEM).unwrap();
-        let spec = RegionSpec {
-            guest_phys_addr: 0,
-            memory_size: MEM,
-            userspace_addr: 0x7000_0000,
-            mmap_offset: 0,
-        };
-        GuestMemoryTable::from_regions([(spec, OwnedFd::from(file))]).unwrap()
+        (table_over(&file), file)
     }
 
     fn reply<T>() -> (Reply<T>, Receiver<T>) {
@@ -933,7 +987,7 @@ mod tests {
             let channel = bdev.open_channel().unwrap();
             let mut device =
                 BlkDevice::new(DeviceId(1), geometry, controller.config(), Some(channel));
-            let mem = table();
+            let (mem, file) = table();
             let (tx, rx) = reply();
             device.apply(DeviceOp::SetMemory {
                 memory: Arc::clone(&mem),
@@ -941,6 +995,7 @@ mod tests {
             });
             rx.try_recv().unwrap();
             let mut rig = Rig {
+                file,
                 mem,
                 device,
                 held,
@@ -1117,6 +1172,38 @@ mod tests {
         rig.device.poll();
         rx.try_recv().unwrap();
         assert!(rig.device.is_finished());
+    }
+
+    #[test]
+    fn retired_memory_tables_are_dropped_by_generation() {
+        let mut rig = Rig::new(false);
+        let swap = |rig: &mut Rig| {
+            let (tx, rx) = reply();
+            let memory = table_over(&rig.file);
+            rig.device.apply(DeviceOp::SetMemory { memory, reply: tx });
+            rx.try_recv().unwrap();
+        };
+        // No request in flight: the old table goes at once.
+        swap(&mut rig);
+        assert!(rig.device.retired.is_empty());
+        // Request 1 uses table 1; swap; request 2 uses table 2; swap.
+        rig.post(0, 0);
+        rig.device.poll();
+        swap(&mut rig);
+        // (The test reuses head 0 for both; the device keys requests by slot, not head.)
+        rig.post(0, 1);
+        rig.device.poll();
+        swap(&mut rig);
+        assert_eq!(rig.device.retired.len(), 2);
+        // Request 1 completes: its table goes, request 2's stays.
+        rig.held.allow.store(1, Ordering::Relaxed);
+        rig.device.poll();
+        assert_eq!(rig.used_idx(), 1);
+        assert_eq!(rig.device.retired.len(), 1);
+        rig.release();
+        rig.device.poll();
+        assert_eq!(rig.used_idx(), 2);
+        assert!(rig.device.retired.is_empty());
     }
 
     #[test]
