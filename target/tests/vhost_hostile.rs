@@ -817,3 +817,32 @@ fn vhost_legacy_frontend_enable_cycle_and_reset() {
     assert_eq!(d.read_blocks(0, 2, 512), (S_OK, pattern(5, 512)));
     dp.shutdown();
 }
+
+#[test]
+fn vhost_connection_flood_is_bounded() {
+    let bdev = malloc_bdev("Flood0", 256, 512);
+    let (dp, dir) = start("flood", &[("flood.0", bdev, false)]);
+    let socket = dir.join("flood.0");
+    let limit = rvhost_target::vhost::MAX_SESSIONS;
+    let idle: Vec<UnixStream> = (0..limit)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    wait_sessions(&dp, "flood.0", limit as u32);
+    // One more is closed at once...
+    let mut extra = UnixStream::connect(&socket).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        extra.read(&mut buf).unwrap(),
+        0,
+        "connection over the limit is closed"
+    );
+    // ...and once the idle ones go, a real frontend is served.
+    drop(idle);
+    wait_sessions(&dp, "flood.0", 0);
+    let mut d = Driver::ready(&socket, BLK_FEATURES);
+    assert_eq!(d.read_blocks(0, 0, 512).0, S_OK);
+    dp.shutdown();
+}

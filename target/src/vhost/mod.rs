@@ -127,6 +127,11 @@ pub enum ServerError {
 /// session's device.
 static NEXT_DEVICE_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Most frontends one controller serves at once. Each costs a thread and a device on the reactor,
+/// so a local process opening connections in a loop must not be able to exhaust the target;
+/// connections beyond this are closed at once.
+pub const MAX_SESSIONS: usize = 32;
+
 /// One connected frontend, as the listener and the RPC thread see it.
 #[derive(Debug)]
 struct SessionEntry {
@@ -284,6 +289,10 @@ impl Listener {
                 }
             }
             match accepted {
+                Ok((stream, _)) if sessions.len() >= MAX_SESSIONS => {
+                    tracing::warn!(controller = %self.name, limit = MAX_SESSIONS, "too many frontends; connection refused");
+                    drop(stream);
+                }
                 Ok((stream, _)) => {
                     let session = SessionThread {
                         name: self.name.clone(),
