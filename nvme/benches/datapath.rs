@@ -14,6 +14,10 @@ use rvhost_nvme::queue::{memory_layout, QueueMemory, QueuePair};
 
 fn data_pointers(c: &mut Criterion) {
     let mut g = c.benchmark_group("data_pointer");
+    let one_page = [DmaSegment {
+        iova: 0x10_0000,
+        len: 4096,
+    }];
     let contiguous = [DmaSegment {
         iova: 0x10_0000,
         len: 64 * 1024,
@@ -45,7 +49,7 @@ fn data_pointers(c: &mut Criterion) {
     };
     let mut list = [0u64; 512];
     g.bench_function("prp_4k", |b| {
-        b.iter(|| build_data_pointer(black_box(&contiguous[..]), sgl, 0x7000, |_, _| {}))
+        b.iter(|| build_data_pointer(black_box(&one_page[..]), sgl, 0x7000, |_, _| {}))
     });
     g.bench_function("prp_list_64k_contiguous", |b| {
         b.iter(|| {

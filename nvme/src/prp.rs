@@ -147,39 +147,51 @@ pub fn build_prp(
             iova: first.iova,
         });
     }
-    // Every page after the one PRP1 points into, in order.
-    let mut pages_after_first = segments.iter().enumerate().flat_map(|(i, seg)| {
-        let start = if i == 0 {
-            seg.iova - page_offset(seg.iova) + PAGE_SIZE
+    let prp1 = first.iova;
+    // Walk every page after the one PRP1 points into. The list is written lazily: only a third
+    // page makes PRP2 a list pointer, and then the second page becomes the list's first entry.
+    let mut second = 0u64;
+    let mut pages_after_first = 0usize;
+    for (i, seg) in segments.iter().enumerate() {
+        // Cannot overflow: `total_length` checked `iova + len`, and pages start below that end.
+        let end = seg.iova + u64::from(seg.len);
+        let mut page = if i == 0 {
+            match (seg.iova - page_offset(seg.iova)).checked_add(PAGE_SIZE) {
+                Some(p) => p,
+                None => continue,
+            }
         } else {
             seg.iova
         };
-        let end = seg.iova + u64::from(seg.len);
-        (0..)
-            .map(move |n| start + n * PAGE_SIZE)
-            .take_while(move |&p| p < end)
-    });
-    let prp1 = first.iova;
-    let Some(second) = pages_after_first.next() else {
-        return Ok(DataPointer::Prp { prp1, prp2: 0 });
-    };
-    let Some(third) = pages_after_first.next() else {
-        return Ok(DataPointer::Prp { prp1, prp2: second });
-    };
-    // One list page and no chaining: with MDTS-limited transfers, 512 entries (2 MiB) suffice.
-    for (count, page) in [second, third]
-        .into_iter()
-        .chain(pages_after_first)
-        .enumerate()
-    {
-        if count >= PRP_ENTRIES_PER_PAGE {
-            return Err(DataPointerError::TooManyPages { pages: count + 2 });
+        while page < end {
+            pages_after_first += 1;
+            match pages_after_first {
+                1 => second = page,
+                n => {
+                    // One list page and no chaining: with MDTS-limited transfers, 512 entries
+                    // (2 MiB) suffice.
+                    if n > PRP_ENTRIES_PER_PAGE {
+                        return Err(DataPointerError::TooManyPages { pages: n + 1 });
+                    }
+                    if n == 2 {
+                        write_list_entry(0, second);
+                    }
+                    write_list_entry((n - 1) * 8, page);
+                }
+            }
+            page = match page.checked_add(PAGE_SIZE) {
+                Some(p) => p,
+                None => break,
+            };
         }
-        write_list_entry(count * 8, page);
     }
-    Ok(DataPointer::Prp {
-        prp1,
-        prp2: list_iova,
+    Ok(match pages_after_first {
+        0 => DataPointer::Prp { prp1, prp2: 0 },
+        1 => DataPointer::Prp { prp1, prp2: second },
+        _ => DataPointer::Prp {
+            prp1,
+            prp2: list_iova,
+        },
     })
 }
 
