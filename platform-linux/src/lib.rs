@@ -50,12 +50,14 @@
 //! `RUSTFLAGS="--cfg loom" cargo test -p rvhost-platform-linux --release --test spsc_loom`.
 //! `cargo bench -p rvhost-platform-linux` measures translation, copies and the ring.
 
+pub mod aio;
 pub mod cpu;
 pub mod dma;
 pub mod eventfd;
 pub mod host;
 pub mod memory;
 pub mod spsc;
+pub mod uring;
 
 pub use cpu::{
     allowed_cores, online_cores, pin_current_thread, pin_reactor, CpuError, CpuMaskError, CpuSet,

@@ -1,0 +1,586 @@
+//! Asynchronous file I/O through io_uring, behind a safe API that owns every buffer in flight.
+//!
+//! The kernel reads and writes a buffer of a submitted operation until its completion arrives, so
+//! no safe caller may hold (or free) it meanwhile. [`Uring::submit`] therefore takes the whole
+//! [`FileOp`] by value — buffer and `Arc<File>` included — keeps it in a slot, and hands it back in
+//! the [`FileCompletion`]. Dropping a [`Uring`] waits for everything still in flight before the
+//! slots are freed.
+//!
+//! The types shared with the Linux AIO engine ([`crate::aio`]) live here too: [`AlignedBuf`]
+//! (4 KiB-aligned, usable for `O_DIRECT`), [`FileOp`], [`FileCompletion`], [`FileIoError`], and the
+//! block-device queries and `BLKDISCARD`.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use io_uring::{opcode, types, IoUring};
+
+/// Alignment of [`AlignedBuf`]: enough for `O_DIRECT` on any logical block size up to 4 KiB.
+pub const BUFFER_ALIGN: usize = 4096;
+
+/// Errors of the file I/O engines.
+#[derive(Debug, thiserror::Error)]
+pub enum FileIoError {
+    /// Creating the ring or AIO context failed (io_uring disabled, seccomp, limits).
+    #[error("cannot set up {engine}: {source}")]
+    Setup {
+        /// `io_uring` or `Linux AIO`.
+        engine: &'static str,
+        /// The system call's error.
+        source: io::Error,
+    },
+    /// Every slot is in use; retry after reaping completions.
+    #[error("the submission queue is full")]
+    Full,
+    /// A read/write range does not lie inside its buffer or is too long for one request.
+    #[error("I/O range {start}..{end} does not fit a buffer of {buf_len} bytes")]
+    BadRange {
+        /// Range start.
+        start: usize,
+        /// Range end.
+        end: usize,
+        /// Buffer length.
+        buf_len: usize,
+    },
+    /// The kernel refused the submission.
+    #[error("submission failed: {0}")]
+    Submit(io::Error),
+    /// An aligned buffer could not be allocated.
+    #[error("cannot allocate an aligned buffer of {0} bytes")]
+    Alloc(usize),
+}
+
+/// A zeroed heap buffer aligned to [`BUFFER_ALIGN`], its length a multiple of it.
+#[derive(Debug)]
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: `AlignedBuf` owns its allocation exclusively (like a `Box<[u8]>`); nothing else refers
+// to it, so moving it to another thread is sound.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A buffer of at least `min_len` bytes (rounded up to [`BUFFER_ALIGN`], at least one unit).
+    pub fn new(min_len: usize) -> Result<Self, FileIoError> {
+        let len = min_len
+            .max(1)
+            .checked_next_multiple_of(BUFFER_ALIGN)
+            .ok_or(FileIoError::Alloc(min_len))?;
+        let layout =
+            Layout::from_size_align(len, BUFFER_ALIGN).map_err(|_| FileIoError::Alloc(len))?;
+        // SAFETY: `layout` has a non-zero size (len >= BUFFER_ALIGN).
+        let raw = unsafe { alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).ok_or(FileIoError::Alloc(len))?;
+        Ok(AlignedBuf { ptr, len })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false (a buffer has at least [`BUFFER_ALIGN`] bytes).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` points at `len` initialised (zeroed at allocation) bytes owned by `self`;
+        // the shared borrow of `self` prevents mutation through `as_mut_slice` meanwhile, and the
+        // kernel only touches the buffer while a `FileOp` owning it is in an engine.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, with exclusivity from `&mut self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub(crate) fn checked_ptr(&self, range: &Range<usize>) -> Result<*mut u8, FileIoError> {
+        let bad = || FileIoError::BadRange {
+            start: range.start,
+            end: range.end,
+            buf_len: self.len,
+        };
+        if range.start > range.end || range.end > self.len {
+            return Err(bad());
+        }
+        // The range lies inside the allocation, checked above.
+        Ok(self.ptr.as_ptr().wrapping_add(range.start))
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if let Ok(layout) = Layout::from_size_align(self.len, BUFFER_ALIGN) {
+            // SAFETY: allocated in `new` with exactly this layout, freed once.
+            unsafe { dealloc(self.ptr.as_ptr(), layout) };
+        }
+    }
+}
+
+/// One file operation. Each variant owns what the kernel needs until the operation completes.
+#[derive(Debug)]
+pub enum FileOp {
+    /// Read `buf[range]` from the file at `offset`.
+    Read {
+        /// The file.
+        file: Arc<File>,
+        /// Byte offset in the file.
+        offset: u64,
+        /// Destination.
+        buf: AlignedBuf,
+        /// The part of `buf` to fill.
+        range: Range<usize>,
+    },
+    /// Write `buf[range]` to the file at `offset`.
+    Write {
+        /// The file.
+        file: Arc<File>,
+        /// Byte offset in the file.
+        offset: u64,
+        /// Source.
+        buf: AlignedBuf,
+        /// The part of `buf` to write.
+        range: Range<usize>,
+    },
+    /// `fdatasync`.
+    DataSync {
+        /// The file.
+        file: Arc<File>,
+    },
+    /// `fallocate(mode, offset, len)` (`FALLOC_FL_PUNCH_HOLE`, `FALLOC_FL_ZERO_RANGE`, ...).
+    Fallocate {
+        /// The file.
+        file: Arc<File>,
+        /// `FALLOC_FL_*` flags.
+        mode: i32,
+        /// Byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// `BLKDISCARD` on a block device. Neither engine has an asynchronous form of it on every
+    /// supported kernel, so it runs synchronously at submission and completes at the next reap.
+    BlockDiscard {
+        /// The block device.
+        file: Arc<File>,
+        /// Byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+}
+
+/// A finished [`FileOp`].
+#[derive(Debug)]
+pub struct FileCompletion {
+    /// As given to `submit`.
+    pub user_data: u64,
+    /// Bytes transferred (0 for sync/fallocate), or the positive `errno`.
+    pub result: Result<usize, i32>,
+    /// The operation, handed back with its buffer.
+    pub op: FileOp,
+}
+
+/// Runs `BLKDISCARD` now; the result as a completion would carry it.
+pub(crate) fn run_block_discard(file: &File, offset: u64, len: u64) -> Result<usize, i32> {
+    let range: [u64; 2] = [offset, len];
+    // SAFETY: BLKDISCARD reads two u64s (start, length) from the pointer, which points at `range`,
+    // alive for the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKDISCARD, range.as_ptr()) };
+    if rc < 0 {
+        Err(last_errno())
+    } else {
+        Ok(0)
+    }
+}
+
+pub(crate) fn last_errno() -> i32 {
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+// ioctl numbers from <linux/fs.h>: BLKSSZGET = _IO(0x12, 104), BLKGETSIZE64 = _IOR(0x12, 114,
+// size_t), BLKDISCARD = _IO(0x12, 119).
+const BLKSSZGET: libc::Ioctl = 0x1268;
+const BLKGETSIZE64: libc::Ioctl = 0x8008_1272;
+const BLKDISCARD: libc::Ioctl = 0x1277;
+
+/// Size in bytes and logical block size of a block device.
+pub fn block_device_geometry(file: &File) -> io::Result<(u64, u32)> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at `size`.
+    if unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut block: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which points at `block`.
+    if unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET, &mut block as *mut libc::c_int) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let block = u32::try_from(block)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "negative block size"))?;
+    Ok((size, block))
+}
+
+/// Slots and the ready queue, shared by both engines.
+#[derive(Debug)]
+pub(crate) struct Slots {
+    slots: Vec<Option<(u64, FileOp)>>,
+    free: Vec<u32>,
+    /// Operations already finished synchronously, reported at the next reap.
+    pub(crate) ready: VecDeque<FileCompletion>,
+}
+
+impl Slots {
+    pub(crate) fn new(capacity: u32) -> Self {
+        Slots {
+            slots: (0..capacity).map(|_| None).collect(),
+            free: (0..capacity).rev().collect(),
+            ready: VecDeque::new(),
+        }
+    }
+    pub(crate) fn take_free(&mut self) -> Option<u32> {
+        self.free.pop()
+    }
+    pub(crate) fn give_back(&mut self, slot: u32) {
+        self.free.push(slot);
+    }
+    pub(crate) fn fill(&mut self, slot: u32, user_data: u64, op: FileOp) {
+        if let Some(entry) = self.slots.get_mut(slot as usize) {
+            *entry = Some((user_data, op));
+        }
+    }
+    pub(crate) fn complete(&mut self, slot: u64, result: i64) -> Option<FileCompletion> {
+        let index = u32::try_from(slot).ok()?;
+        let (user_data, op) = self.slots.get_mut(index as usize)?.take()?;
+        self.free.push(index);
+        let result = if result < 0 {
+            Err(i32::try_from(result.unsigned_abs()).unwrap_or(libc::EIO))
+        } else {
+            Ok(usize::try_from(result).unwrap_or(usize::MAX))
+        };
+        Some(FileCompletion {
+            user_data,
+            result,
+            op,
+        })
+    }
+    pub(crate) fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+}
+
+/// One io_uring instance, for one thread (a reactor's bdev channel).
+pub struct Uring {
+    ring: IoUring,
+    slots: Slots,
+    /// SQEs pushed but not yet handed to the kernel.
+    unsubmitted: usize,
+}
+
+impl std::fmt::Debug for Uring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uring")
+            .field("in_flight", &self.in_flight())
+            .field("unsubmitted", &self.unsubmitted)
+            .finish()
+    }
+}
+
+impl Uring {
+    /// A ring with room for `entries` operations in flight (a power of two, at most 4096).
+    pub fn new(entries: u32) -> Result<Self, FileIoError> {
+        let ring = IoUring::new(entries).map_err(|source| FileIoError::Setup {
+            engine: "io_uring",
+            source,
+        })?;
+        // The completion queue is twice the submission queue, and no more than `entries`
+        // operations are ever in flight, so completions cannot overflow.
+        Ok(Uring {
+            ring,
+            slots: Slots::new(entries),
+            unsubmitted: 0,
+        })
+    }
+
+    /// Operations submitted whose completion has not been reaped.
+    pub fn in_flight(&self) -> usize {
+        self.slots.in_flight() + self.slots.ready.len()
+    }
+
+    /// Queues `op`; it reaches the kernel at the next [`Uring::reap`] (batched) or when the queue
+    /// fills. On failure the operation is handed back untouched.
+    pub fn submit(&mut self, op: FileOp, user_data: u64) -> Result<(), Box<(FileOp, FileIoError)>> {
+        if let FileOp::BlockDiscard { file, offset, len } = &op {
+            let result = run_block_discard(file, *offset, *len);
+            self.slots.ready.push_back(FileCompletion {
+                user_data,
+                result,
+                op,
+            });
+            return Ok(());
+        }
+        let Some(slot) = self.slots.take_free() else {
+            return Err(Box::new((op, FileIoError::Full)));
+        };
+        let entry = match build_sqe(&op, slot) {
+            Ok(entry) => entry,
+            Err(e) => {
+                self.slots.give_back(slot);
+                return Err(Box::new((op, e)));
+            }
+        };
+        self.slots.fill(slot, user_data, op);
+        loop {
+            // SAFETY: the SQE's buffer pointer and fd belong to the `FileOp` now stored in `slot`,
+            // which stays there (keeping the buffer allocated and the file open) until this
+            // slot's completion is reaped, and `Drop` waits for all in-flight completions.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                self.unsubmitted += 1;
+                return Ok(());
+            }
+            if let Err(e) = self.ring.submit() {
+                // Nothing was pushed for this slot, so the kernel never saw its buffer.
+                let op = self.slots.complete(u64::from(slot), 0).map(|c| c.op);
+                return match op {
+                    Some(op) => Err(Box::new((op, FileIoError::Submit(e)))),
+                    None => Ok(()),
+                };
+            }
+            self.unsubmitted = 0;
+        }
+    }
+
+    /// Hands queued operations to the kernel and reports every finished one through `done`.
+    pub fn reap(&mut self, done: &mut dyn FnMut(FileCompletion)) -> usize {
+        let mut count = 0;
+        while let Some(c) = self.slots.ready.pop_front() {
+            done(c);
+            count += 1;
+        }
+        if self.unsubmitted > 0 {
+            match self.ring.submit() {
+                Ok(_) => self.unsubmitted = 0,
+                // EBUSY/EAGAIN: completions must be reaped first; the next reap retries.
+                Err(e) => tracing::debug!(error = %e, "io_uring submit deferred"),
+            }
+        }
+        let finished: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|cqe| (cqe.user_data(), cqe.result()))
+            .collect();
+        for (slot, result) in finished {
+            if let Some(c) = self.slots.complete(slot, i64::from(result)) {
+                done(c);
+                count += 1;
+            }
+        }
+        count
+    }
+}
+
+fn build_sqe(op: &FileOp, slot: u32) -> Result<io_uring::squeue::Entry, FileIoError> {
+    let entry = match op {
+        FileOp::Read {
+            file,
+            offset,
+            buf,
+            range,
+        }
+        | FileOp::Write {
+            file,
+            offset,
+            buf,
+            range,
+        } => {
+            let ptr = buf.checked_ptr(range)?;
+            let len = u32::try_from(range.len()).map_err(|_| FileIoError::BadRange {
+                start: range.start,
+                end: range.end,
+                buf_len: buf.len(),
+            })?;
+            let fd = types::Fd(file.as_raw_fd());
+            if matches!(op, FileOp::Read { .. }) {
+                opcode::Read::new(fd, ptr, len).offset(*offset).build()
+            } else {
+                opcode::Write::new(fd, ptr, len).offset(*offset).build()
+            }
+        }
+        FileOp::DataSync { file } => opcode::Fsync::new(types::Fd(file.as_raw_fd()))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build(),
+        FileOp::Fallocate {
+            file,
+            mode,
+            offset,
+            len,
+        } => opcode::Fallocate::new(types::Fd(file.as_raw_fd()), *len)
+            .offset(*offset)
+            .mode(*mode)
+            .build(),
+        FileOp::BlockDiscard { .. } => {
+            return Err(FileIoError::Submit(io::Error::from_raw_os_error(
+                libc::EINVAL,
+            )))
+        }
+    };
+    Ok(entry.user_data(u64::from(slot)))
+}
+
+impl Drop for Uring {
+    fn drop(&mut self) {
+        // The kernel may still write into buffers owned by the slots: wait for every completion
+        // before the slots (and buffers) are freed.
+        while self.slots.in_flight() > 0 {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                tracing::error!(error = %e, in_flight = self.slots.in_flight(),
+                    "cannot wait for io_uring completions; leaking their buffers");
+                std::mem::forget(std::mem::replace(&mut self.slots, Slots::new(0)));
+                return;
+            }
+            self.reap(&mut |_| {});
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, SeekFrom};
+
+    fn temp_file(name: &str) -> (std::path::PathBuf, Arc<File>) {
+        let path = std::env::temp_dir().join(format!("rvhost-uring-{}-{name}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(1 << 20).unwrap();
+        (path, Arc::new(file))
+    }
+
+    fn wait_one(ring: &mut Uring) -> FileCompletion {
+        loop {
+            let mut got = None;
+            ring.reap(&mut |c| got = Some(c));
+            if let Some(c) = got {
+                return c;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn write_read_sync_round_trip() {
+        let (path, file) = temp_file("rt");
+        let mut ring = Uring::new(8).unwrap();
+        let mut buf = AlignedBuf::new(8192).unwrap();
+        for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {
+            *b = (i % 253) as u8;
+        }
+        ring.submit(
+            FileOp::Write {
+                file: Arc::clone(&file),
+                offset: 4096,
+                buf,
+                range: 0..8192,
+            },
+            7,
+        )
+        .unwrap();
+        let c = wait_one(&mut ring);
+        assert_eq!((c.user_data, c.result), (7, Ok(8192)));
+        ring.submit(
+            FileOp::DataSync {
+                file: Arc::clone(&file),
+            },
+            8,
+        )
+        .unwrap();
+        assert_eq!(wait_one(&mut ring).result, Ok(0));
+        let mut on_disk = vec![0u8; 8192];
+        let mut f = File::open(&path).unwrap();
+        f.seek(SeekFrom::Start(4096)).unwrap();
+        f.read_exact(&mut on_disk).unwrap();
+        assert!(on_disk
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == (i % 253) as u8));
+        let buf = AlignedBuf::new(4096).unwrap();
+        ring.submit(
+            FileOp::Read {
+                file: Arc::clone(&file),
+                offset: 4096 + 100,
+                buf,
+                range: 10..110,
+            },
+            9,
+        )
+        .unwrap();
+        let c = wait_one(&mut ring);
+        assert_eq!(c.result, Ok(100));
+        let FileOp::Read { buf, .. } = c.op else {
+            panic!("wrong op back")
+        };
+        assert_eq!(&buf.as_slice()[10..110], &on_disk[100..200]);
+        assert_eq!(ring.in_flight(), 0);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn bad_range_and_full_ring_hand_the_op_back() {
+        let (path, file) = temp_file("full");
+        let mut ring = Uring::new(2).unwrap();
+        let op = |buf| FileOp::Read {
+            file: Arc::clone(&file),
+            offset: 0,
+            buf,
+            range: 0..4097,
+        };
+        let err = ring
+            .submit(op(AlignedBuf::new(4096).unwrap()), 1)
+            .unwrap_err();
+        assert!(matches!(err.1, FileIoError::BadRange { .. }));
+        assert_eq!(ring.in_flight(), 0);
+        for i in 0..2 {
+            ring.submit(
+                FileOp::DataSync {
+                    file: Arc::clone(&file),
+                },
+                i,
+            )
+            .unwrap();
+        }
+        let err = ring
+            .submit(
+                FileOp::DataSync {
+                    file: Arc::clone(&file),
+                },
+                3,
+            )
+            .unwrap_err();
+        assert!(matches!(err.1, FileIoError::Full));
+        drop(ring); // waits for both syncs
+        std::fs::remove_file(path).unwrap();
+    }
+}
