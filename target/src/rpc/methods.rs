@@ -28,7 +28,7 @@ use crate::ops::{BlkControllerSpec, ControllerOps, OpsError, ScsiControllerSpec}
 pub enum KillRequest {
     /// SIGINT, SIGTERM, SIGQUIT, SIGHUP: shut down cleanly.
     Shutdown(&'static str),
-    /// SIGKILL: die at once, as SPDK does (sockets are left behind).
+    /// SIGKILL: die at once, as SPDK does (controllers are not torn down; their sockets stay).
     Kill,
 }
 
