@@ -474,13 +474,15 @@ impl IoQueuePair {
         }
         // Entries already on the ring were posted before any reset and are genuine completions;
         // only what is left in flight afterwards is failed by `sync_with_controller`.
-        let mut reported = self.qp.poll(max, |c| {
+        let mut reported = 0;
+        self.qp.poll(max, |c| {
             let status = c.entry.status();
             let result = if status.is_success() {
                 Ok(())
             } else {
                 Err(IoError::Status(status))
             };
+            reported += 1;
             done(c.tag, result);
         });
         if !in_sync {
