@@ -707,7 +707,7 @@ impl ScsiDevice {
                     TmfEffect::None => {}
                 }
             }
-            tracing::debug!(device = self.id.0, target = tmf.target, ?tmf.effect, "task management function complete");
+            tracing::info!(device = self.id.0, target = tmf.target, ?tmf.effect, "task management function complete");
             if let Some(Some(q)) = self.queues.get_mut(CONTROL_QUEUE) {
                 tmf.resp.write(&mem, &tmf_resp(Response::FUNCTION_COMPLETE));
                 q.used(&mem, tmf.head, 1, self.id);
@@ -927,7 +927,7 @@ impl ScsiDevice {
             .and_then(Option::as_ref)
             .map_or(0, |t| t.next_seq);
         let (oldest, found) = self.in_flight_on(addr.target, Some(tmf.tag));
-        tracing::debug!(device = self.id.0, target = addr.target, subtype = ?tmf.subtype, tag = tmf.tag, "task management function");
+        tracing::info!(device = self.id.0, target = addr.target, subtype = ?tmf.subtype, tag = tmf.tag, "task management function");
         let (wait, effect) = match tmf.subtype {
             TmfSubtype::QueryTask => {
                 return Some(if found {
