@@ -192,6 +192,15 @@ impl AioContext {
         self.reap_events(done, 0)
     }
 
+    /// Like [`AioContext::reap`], but blocks until at least one operation has finished (returns
+    /// 0 at once when nothing is in flight).
+    pub fn wait(&mut self, done: &mut dyn FnMut(FileCompletion)) -> usize {
+        if !self.slots.ready.is_empty() {
+            return self.reap(done);
+        }
+        self.reap_events(done, 1)
+    }
+
     fn reap_events(&mut self, done: &mut dyn FnMut(FileCompletion), min_nr: libc::c_long) -> usize {
         let mut count = 0;
         while let Some(c) = self.slots.ready.pop_front() {

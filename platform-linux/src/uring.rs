@@ -235,6 +235,16 @@ pub fn block_device_geometry(file: &File) -> io::Result<(u64, u32)> {
     Ok((size, block))
 }
 
+/// The offset of the first hole at or after `offset` (`lseek(SEEK_HOLE)`); the file size when
+/// there is none before the end.
+pub fn next_hole(file: &File, offset: u64) -> io::Result<u64> {
+    let offset = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: lseek takes plain integers; the fd is kept open by `file`. The file position it
+    // moves is not used by this crate's positioned I/O.
+    let rc = unsafe { libc::lseek(file.as_raw_fd(), offset, libc::SEEK_HOLE) };
+    u64::try_from(rc).map_err(|_| io::Error::last_os_error())
+}
+
 /// Slots and the ready queue, shared by both engines.
 #[derive(Debug)]
 pub(crate) struct Slots {
@@ -391,6 +401,30 @@ impl Uring {
             }
         }
         count
+    }
+}
+
+impl Uring {
+    /// Like [`Uring::reap`], but blocks until at least one operation has finished (returns 0
+    /// at once when nothing is in flight).
+    pub fn wait(&mut self, done: &mut dyn FnMut(FileCompletion)) -> usize {
+        if !self.slots.ready.is_empty() || self.slots.in_flight() == 0 {
+            return self.reap(done);
+        }
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {
+                    self.unsubmitted = 0;
+                    break;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "io_uring wait failed");
+                    break;
+                }
+            }
+        }
+        self.reap(done)
     }
 }
 

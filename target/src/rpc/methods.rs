@@ -17,6 +17,7 @@ use rvhost_platform_linux::cpu::CpuSet;
 use super::errno::{EBUSY, EEXIST, EINVAL, ENODEV, ENOMEM, ENOTSUP};
 use super::jsonrpc::Dispatch;
 use super::{RpcError, INTERNAL_ERROR, METHOD_NOT_FOUND};
+use crate::bdev::file::{FileBdev, FileBdevConfig, FileEngine};
 use crate::bdev::malloc::{MallocBdev, MemoryBudget};
 use crate::bdev::null::NullBdev;
 use crate::bdev::registry::{uuid_string, RegistryError};
@@ -61,6 +62,36 @@ const METHODS: &[Method] = &[
         name: "bdev_null_delete",
         old_name: Some("delete_null_bdev"),
         handler: RpcMethods::bdev_null_delete,
+    },
+    Method {
+        name: "bdev_aio_create",
+        old_name: Some("construct_aio_bdev"),
+        handler: RpcMethods::bdev_aio_create,
+    },
+    Method {
+        name: "bdev_aio_delete",
+        old_name: Some("delete_aio_bdev"),
+        handler: RpcMethods::bdev_aio_delete,
+    },
+    Method {
+        name: "bdev_aio_rescan",
+        old_name: None,
+        handler: RpcMethods::bdev_aio_rescan,
+    },
+    Method {
+        name: "bdev_uring_create",
+        old_name: None,
+        handler: RpcMethods::bdev_uring_create,
+    },
+    Method {
+        name: "bdev_uring_delete",
+        old_name: None,
+        handler: RpcMethods::bdev_uring_delete,
+    },
+    Method {
+        name: "bdev_uring_rescan",
+        old_name: None,
+        handler: RpcMethods::bdev_uring_rescan,
     },
     Method {
         name: "bdev_get_bdevs",
@@ -189,6 +220,8 @@ pub struct RpcMethods {
     socket_dir: std::path::PathBuf,
     /// SPDK names unnamed RAM bdevs `Malloc0`, `Malloc1`, ... from a counter that never goes back.
     next_malloc: u32,
+    /// File bdevs (also in `bdevs`), for `bdev_aio_rescan`/`bdev_uring_rescan`.
+    file_bdevs: Vec<std::sync::Weak<FileBdev>>,
     kill: Option<KillRequest>,
     log: Option<LogControl>,
     /// The level last set through `log_set_level`/`log_set_print_level`, as SPDK names it.
@@ -360,6 +393,29 @@ struct ByName {
     name: String,
 }
 
+/// `bdev_aio_create` (SPDK's `rpc_bdev_aio_create`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AioCreate {
+    name: String,
+    filename: String,
+    block_size: Option<u32>,
+    readonly: Option<bool>,
+    fallocate: Option<bool>,
+    uuid: Option<String>,
+    nowait: Option<bool>,
+}
+
+/// `bdev_uring_create` (SPDK's `rpc_bdev_uring_create`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UringCreate {
+    name: String,
+    filename: String,
+    block_size: Option<u32>,
+    uuid: Option<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GetBdevs {
@@ -483,6 +539,7 @@ impl RpcMethods {
             app_cpumask,
             socket_dir,
             next_malloc: 0,
+            file_bdevs: Vec::new(),
             kill: None,
             log: None,
             log_level: "INFO".to_owned(),
@@ -634,6 +691,101 @@ impl RpcMethods {
     fn bdev_null_delete(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
         let p: ByName = decode(params)?;
         self.delete(&p.name, Some("null"))
+    }
+
+    fn create_file_bdev(&mut self, config: FileBdevConfig) -> Result<Value, RpcError> {
+        let name = config.name.clone();
+        self.check_new_name(&name, config.uuid)?;
+        let bdev = FileBdev::open(config).map_err(|e| match e {
+            BdevError::InvalidParams(msg) => RpcError::errno(EINVAL, msg),
+            other => RpcError::errno(EINVAL, other.to_string()),
+        })?;
+        let removed = Arc::clone(&bdev);
+        self.file_bdevs.push(Arc::downgrade(&bdev));
+        tracing::info!(bdev = %name, module = bdev.module_name(), file = %bdev.filename().display(),
+            o_direct = bdev.o_direct(), num_blocks = bdev.num_blocks(), block_size = bdev.block_size(),
+            "created file bdev");
+        self.bdevs
+            .insert(bdev, Box::new(move || removed.mark_removed()))
+            .map_err(registry_error)?;
+        Ok(Value::String(name))
+    }
+
+    fn bdev_aio_create(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: AioCreate = decode(params)?;
+        if p.nowait == Some(true) {
+            return Err(RpcError::errno(ENOTSUP, "RWF_NOWAIT is not supported"));
+        }
+        let uuid = parse_uuid(p.uuid.as_deref())?;
+        self.create_file_bdev(FileBdevConfig {
+            name: p.name,
+            filename: p.filename.into(),
+            block_size: p.block_size.filter(|bs| *bs != 0),
+            readonly: p.readonly.unwrap_or(false),
+            fallocate: p.fallocate.unwrap_or(false),
+            uuid,
+            engine: FileEngine::Aio,
+            direct: true,
+        })
+    }
+
+    fn bdev_uring_create(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: UringCreate = decode(params)?;
+        let uuid = parse_uuid(p.uuid.as_deref())?;
+        self.create_file_bdev(FileBdevConfig {
+            name: p.name,
+            filename: p.filename.into(),
+            block_size: p.block_size.filter(|bs| *bs != 0),
+            readonly: false,
+            fallocate: true,
+            uuid,
+            engine: FileEngine::Uring,
+            direct: true,
+        })
+    }
+
+    fn bdev_aio_delete(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: ByName = decode(params)?;
+        self.delete(&p.name, Some("aio"))
+    }
+
+    fn bdev_uring_delete(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: ByName = decode(params)?;
+        self.delete(&p.name, Some("uring"))
+    }
+
+    fn rescan_file_bdev(&mut self, params: Option<Value>, module: &str) -> Result<Value, RpcError> {
+        let p: ByName = decode(params)?;
+        let bdev = self
+            .bdevs
+            .get(&p.name)
+            .ok_or_else(|| registry_error(RegistryError::NotFound(p.name.clone())))?;
+        if bdev.module_name() != module {
+            return Err(RpcError::errno(
+                ENODEV,
+                format!("{} is not a {module} bdev", p.name),
+            ));
+        }
+        // The registry holds trait objects; rescanning needs the file bdev itself.
+        self.file_bdevs.retain(|b| b.upgrade().is_some_and(|b| !b.is_removed()));
+        let Some(file_bdev) = self
+            .file_bdevs
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .find(|b| b.name() == bdev.name())
+        else {
+            return Err(RpcError::errno(ENODEV, format!("no file bdev named {}", p.name)));
+        };
+        file_bdev.rescan().map_err(|e| RpcError::errno(EINVAL, e.to_string()))?;
+        Ok(Value::Bool(true))
+    }
+
+    fn bdev_aio_rescan(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        self.rescan_file_bdev(params, "aio")
+    }
+
+    fn bdev_uring_rescan(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        self.rescan_file_bdev(params, "uring")
     }
 
     fn delete_bdev(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
@@ -1032,6 +1184,23 @@ impl RpcMethods {
 
 /// The call that recreates `bdev`, for the modules this file knows.
 fn bdev_config(bdev: &dyn Bdev) -> Option<Value> {
+    if let module @ ("aio" | "uring") = bdev.module_name() {
+        let info = bdev.driver_specific();
+        let info = info.get(module)?;
+        let mut params = json!({
+            "name": bdev.name(),
+            "filename": info.get("filename")?,
+            "uuid": uuid_string(bdev.uuid())
+        });
+        if info.get("block_size_override") == Some(&Value::Bool(true)) {
+            params["block_size"] = bdev.block_size().into();
+        }
+        if module == "aio" {
+            params["readonly"] = info.get("readonly")?.clone();
+            params["fallocate"] = info.get("fallocate")?.clone();
+        }
+        return Some(json!({ "method": format!("bdev_{module}_create"), "params": params }));
+    }
     let method = match bdev.module_name() {
         "malloc" => "bdev_malloc_create",
         "null" => "bdev_null_create",

@@ -1,0 +1,496 @@
+//! File bdevs on real files, through both engines (io_uring and the forced Linux AIO path):
+//! pattern round trips checked against the file's bytes, flush, discard leaving a hole
+//! (`SEEK_HOLE`), write zeroes, a short read at a shrunk end of file failing instead of
+//! succeeding, and ENOSPC on a tiny tmpfs failing writes while the bdev keeps serving.
+
+use std::cell::RefCell;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use rvhost_core::mem::MemError;
+use rvhost_platform_linux::uring::next_hole;
+use rvhost_target::bdev::file::{FileBdev, FileBdevConfig, FileEngine};
+use rvhost_target::bdev::{Bdev, BdevChannel, BdevIo, HostMemoryAccess, IoKind, IoStatus, IoVec};
+
+/// Guest memory stand-in: one buffer at a fake host address.
+struct TestMemory {
+    base: u64,
+    bytes: RefCell<Vec<u8>>,
+}
+
+impl TestMemory {
+    fn new(base: u64, len: usize) -> Self {
+        TestMemory {
+            base,
+            bytes: RefCell::new(vec![0; len]),
+        }
+    }
+    fn range(&self, addr: u64, len: usize) -> Result<std::ops::Range<usize>, MemError> {
+        let unmapped = MemError::Unmapped {
+            addr,
+            len: len as u64,
+        };
+        let start =
+            usize::try_from(addr.checked_sub(self.base).ok_or(unmapped)?).map_err(|_| unmapped)?;
+        let end = start.checked_add(len).ok_or(MemError::Overflow)?;
+        if end > self.bytes.borrow().len() {
+            return Err(unmapped);
+        }
+        Ok(start..end)
+    }
+}
+
+impl HostMemoryAccess for TestMemory {
+    fn copy_to_host(&self, addr: u64, src: &[u8]) -> Result<(), MemError> {
+        let r = self.range(addr, src.len())?;
+        self.bytes.borrow_mut()[r].copy_from_slice(src);
+        Ok(())
+    }
+    fn copy_from_host(&self, addr: u64, dst: &mut [u8]) -> Result<(), MemError> {
+        let r = self.range(addr, dst.len())?;
+        dst.copy_from_slice(&self.bytes.borrow()[r]);
+        Ok(())
+    }
+    fn fill_host(&self, addr: u64, len: usize, byte: u8) -> Result<(), MemError> {
+        let r = self.range(addr, len)?;
+        self.bytes.borrow_mut()[r].fill(byte);
+        Ok(())
+    }
+}
+
+const BASE: u64 = 0x7000_0000;
+
+struct Scratch {
+    path: PathBuf,
+}
+
+impl Scratch {
+    fn new(dir: &Path, tag: &str, len: u64) -> Self {
+        let path = dir.join(format!("rvhost-file-bdev-{}-{tag}", std::process::id()));
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(len).unwrap();
+        Scratch { path }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A directory on a real (O_DIRECT-capable) filesystem: the build directory's parent.
+fn disk_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/file-bdev-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn config(path: &Path, engine: FileEngine) -> FileBdevConfig {
+    FileBdevConfig {
+        name: format!("{engine:?}0"),
+        filename: path.to_owned(),
+        block_size: None,
+        readonly: false,
+        fallocate: true,
+        uuid: [7; 16],
+        engine,
+        direct: true,
+    }
+}
+
+fn run(
+    ch: &mut dyn BdevChannel,
+    mem: &TestMemory,
+    kind: IoKind,
+    offset_blocks: u64,
+    num_blocks: u64,
+    iovs: &[IoVec],
+) -> IoStatus {
+    let tag = 0xfeed_0000 + offset_blocks;
+    ch.submit(
+        &BdevIo {
+            kind,
+            offset_blocks,
+            num_blocks,
+            iovs,
+            tag,
+        },
+        mem,
+    )
+    .unwrap();
+    let mut status = None;
+    for _ in 0..1_000_000 {
+        ch.poll(&mut |t, s| {
+            assert_eq!(t, tag);
+            status = Some(s);
+        });
+        if let Some(s) = status {
+            assert_eq!(ch.in_flight(), 0);
+            return s;
+        }
+        std::thread::yield_now();
+    }
+    panic!("{kind:?} never completed");
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(31).wrapping_add(u32::from(seed)) as u8)
+        .collect()
+}
+
+fn round_trip_flush_discard_zeroes(engine: FileEngine) {
+    let scratch = Scratch::new(&disk_dir(), &format!("{engine:?}-rt"), 4 << 20);
+    let bdev = FileBdev::open(config(&scratch.path, engine)).unwrap();
+    assert_eq!(bdev.block_size(), 512);
+    assert_eq!(bdev.num_blocks(), (4 << 20) / 512);
+    let mut ch = Arc::clone(&bdev).open_channel().unwrap();
+    let mem = TestMemory::new(BASE, 1 << 20);
+
+    // 64 KiB at block 10, from three scattered, unaligned guest buffers.
+    let data = pattern(65536, 3);
+    mem.copy_to_host(BASE + 3, &data[..1000]).unwrap();
+    mem.copy_to_host(BASE + 0x4001, &data[1000..40000]).unwrap();
+    mem.copy_to_host(BASE + 0x2_0000, &data[40000..]).unwrap();
+    let iovs = [
+        IoVec {
+            addr: BASE + 3,
+            len: 1000,
+        },
+        IoVec {
+            addr: BASE + 0x4001,
+            len: 39000,
+        },
+        IoVec {
+            addr: BASE + 0x2_0000,
+            len: 25536,
+        },
+    ];
+    assert_eq!(
+        run(&mut *ch, &mem, IoKind::Write, 10, 128, &iovs),
+        IoStatus::Success
+    );
+    assert_eq!(
+        run(&mut *ch, &mem, IoKind::Flush, 0, 0, &[]),
+        IoStatus::Success
+    );
+    let on_disk = std::fs::read(&scratch.path).unwrap();
+    assert_eq!(&on_disk[10 * 512..10 * 512 + 65536], &data[..]);
+    assert!(on_disk[..10 * 512].iter().all(|b| *b == 0));
+
+    // Read it back into other unaligned buffers.
+    let back = [
+        IoVec {
+            addr: BASE + 0x8_0007,
+            len: 512 * 100,
+        },
+        IoVec {
+            addr: BASE + 0x9_0000 + 1,
+            len: 65536 - 512 * 100,
+        },
+    ];
+    assert_eq!(
+        run(&mut *ch, &mem, IoKind::Read, 10, 128, &back),
+        IoStatus::Success
+    );
+    let bytes = mem.bytes.borrow().clone();
+    assert_eq!(&bytes[0x8_0007..0x8_0007 + 51200], &data[..51200]);
+    assert_eq!(&bytes[0x9_0001..0x9_0001 + 14336], &data[51200..]);
+
+    // Fill the first 2 MiB, then discard 1 MiB at 1 MiB: a hole appears there.
+    let fill = pattern(1 << 20, 9);
+    mem.copy_to_host(BASE, &fill).unwrap();
+    let whole = [IoVec {
+        addr: BASE,
+        len: 1 << 20,
+    }];
+    for start in [0u64, 2048] {
+        assert_eq!(
+            run(&mut *ch, &mem, IoKind::Write, start, 2048, &whole),
+            IoStatus::Success
+        );
+    }
+    assert_eq!(
+        run(&mut *ch, &mem, IoKind::Flush, 0, 0, &[]),
+        IoStatus::Success
+    );
+    let file = File::open(&scratch.path).unwrap();
+    assert!(
+        next_hole(&file, 0).unwrap() >= 2 << 20,
+        "no hole before the discard"
+    );
+    assert_eq!(
+        run(&mut *ch, &mem, IoKind::Unmap, 2048, 2048, &[]),
+        IoStatus::Success
+    );
+    assert_eq!(
+        next_hole(&file, 0).unwrap(),
+        1 << 20,
+        "discard left no hole"
+    );
+    let mut buf = vec![0xffu8; 1 << 20];
+    file.read_exact_at(&mut buf, 1 << 20).unwrap();
+    assert!(buf.iter().all(|b| *b == 0));
+
+    // Write zeroes over blocks 5..9 only.
+    assert_eq!(
+        run(&mut *ch, &mem, IoKind::WriteZeroes, 5, 4, &[]),
+        IoStatus::Success
+    );
+    file.read_exact_at(&mut buf[..8192], 0).unwrap();
+    assert_eq!(&buf[..5 * 512], &fill[..5 * 512]);
+    assert!(buf[5 * 512..9 * 512].iter().all(|b| *b == 0));
+    assert_eq!(&buf[9 * 512..8192], &fill[9 * 512..8192]);
+
+    let info = bdev.driver_specific();
+    let module = if engine == FileEngine::Uring {
+        "uring"
+    } else {
+        "aio"
+    };
+    assert_eq!(info[module]["io_errors"], 0);
+    assert_eq!(info[module]["bounced_ios"], 4);
+    // A filesystem that takes O_DIRECT was used (the build dir is not on tmpfs here).
+    assert_eq!(info[module]["o_direct"], bdev.o_direct());
+}
+
+#[test]
+fn uring_round_trip_flush_discard_zeroes() {
+    round_trip_flush_discard_zeroes(FileEngine::Uring);
+}
+
+#[test]
+fn aio_round_trip_flush_discard_zeroes() {
+    round_trip_flush_discard_zeroes(FileEngine::Aio);
+}
+
+fn short_read_past_shrunk_end_fails(engine: FileEngine) {
+    let scratch = Scratch::new(&disk_dir(), &format!("{engine:?}-short"), 1 << 20);
+    let mut cfg = config(&scratch.path, engine);
+    // Buffered, so the file can end mid-block and the kernel returns a short read.
+    cfg.direct = false;
+    let bdev = FileBdev::open(cfg).unwrap();
+    let mut ch = Arc::clone(&bdev).open_channel().unwrap();
+    let mem = TestMemory::new(BASE, 1 << 16);
+    // Shrink the file underneath the bdev to end 256 bytes into block 100.
+    OpenOptions::new()
+        .write(true)
+        .open(&scratch.path)
+        .unwrap()
+        .set_len(100 * 512 + 256)
+        .unwrap();
+    let iov = [IoVec {
+        addr: BASE,
+        len: 4 * 512,
+    }];
+    assert_eq!(
+        run(&mut *ch, &mem, IoKind::Read, 98, 4, &iov),
+        IoStatus::Failed
+    );
+    assert!(
+        bdev.stats()
+            .short_ios
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    assert_eq!(
+        bdev.stats()
+            .io_errors
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // Blocks still inside the file keep working.
+    assert_eq!(
+        run(&mut *ch, &mem, IoKind::Read, 0, 4, &iov),
+        IoStatus::Success
+    );
+    // Rescan picks up the new size.
+    assert_eq!(bdev.rescan().unwrap(), 100);
+}
+
+#[test]
+fn uring_short_read_past_shrunk_end_fails() {
+    short_read_past_shrunk_end_fails(FileEngine::Uring);
+}
+
+#[test]
+fn aio_short_read_past_shrunk_end_fails() {
+    short_read_past_shrunk_end_fails(FileEngine::Aio);
+}
+
+/// A 1 MiB tmpfs, unmounted on drop.
+struct TinyTmpfs {
+    dir: PathBuf,
+}
+
+impl TinyTmpfs {
+    fn mount(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("rvhost-tinyfs-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1M", "tmpfs"])
+            .arg(&dir)
+            .status()
+            .expect("run mount (these tests need root)");
+        assert!(
+            status.success(),
+            "mounting a 1 MiB tmpfs failed (needs root)"
+        );
+        TinyTmpfs { dir }
+    }
+}
+
+impl Drop for TinyTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+fn enospc_fails_writes_and_keeps_serving(engine: FileEngine) {
+    let fs = TinyTmpfs::mount(&format!("{engine:?}"));
+    // A sparse 4 MiB file on a 1 MiB filesystem.
+    let scratch = Scratch::new(&fs.dir, "full", 4 << 20);
+    let bdev = FileBdev::open(config(&scratch.path, engine)).unwrap();
+    // tmpfs takes O_DIRECT since Linux 6.6; before, the bdev falls back to buffered I/O.
+    let mut ch = Arc::clone(&bdev).open_channel().unwrap();
+    let mem = TestMemory::new(BASE, 1 << 16);
+    mem.fill_host(BASE, 1 << 16, 0xa5).unwrap();
+    let iov = [IoVec {
+        addr: BASE,
+        len: 1 << 16,
+    }];
+    let mut failed = 0;
+    let mut succeeded = 0;
+    for step in 0..32u64 {
+        match run(&mut *ch, &mem, IoKind::Write, step * 128, 128, &iov) {
+            IoStatus::Success => succeeded += 1,
+            IoStatus::Failed => failed += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(succeeded >= 8, "only {succeeded} writes fit");
+    assert!(
+        failed >= 16,
+        "only {failed} writes failed on a full filesystem"
+    );
+    let errors = bdev
+        .stats()
+        .io_errors
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(errors, failed);
+    // Still serving: the first 64 KiB read back as written.
+    mem.fill_host(BASE, 1 << 16, 0).unwrap();
+    assert_eq!(
+        run(&mut *ch, &mem, IoKind::Read, 0, 128, &iov),
+        IoStatus::Success
+    );
+    assert!(mem.bytes.borrow().iter().all(|b| *b == 0xa5));
+    drop(ch);
+    drop(bdev);
+    drop(scratch);
+}
+
+#[test]
+fn uring_enospc_fails_writes_and_keeps_serving() {
+    enospc_fails_writes_and_keeps_serving(FileEngine::Uring);
+}
+
+#[test]
+fn aio_enospc_fails_writes_and_keeps_serving() {
+    enospc_fails_writes_and_keeps_serving(FileEngine::Aio);
+}
+
+#[test]
+fn shm_file_works_with_or_without_o_direct() {
+    let scratch = Scratch::new(Path::new("/dev/shm"), "shm", 1 << 20);
+    let bdev = FileBdev::open(config(&scratch.path, FileEngine::Uring)).unwrap();
+    let mut ch = Arc::clone(&bdev).open_channel().unwrap();
+    let mem = TestMemory::new(BASE, 4096);
+    let data = pattern(4096, 77);
+    mem.copy_to_host(BASE, &data).unwrap();
+    let iov = [IoVec {
+        addr: BASE,
+        len: 4096,
+    }];
+    assert_eq!(
+        run(&mut *ch, &mem, IoKind::Write, 8, 8, &iov),
+        IoStatus::Success
+    );
+    assert_eq!(
+        &std::fs::read(&scratch.path).unwrap()[4096..8192],
+        &data[..]
+    );
+    // tmpfs has no FALLOC_FL_ZERO_RANGE; write zeroes still works (by writing zeroes).
+    assert_eq!(
+        run(&mut *ch, &mem, IoKind::WriteZeroes, 9, 2, &[]),
+        IoStatus::Success
+    );
+    let file = std::fs::read(&scratch.path).unwrap();
+    assert_eq!(&file[4096..4608], &data[..512]);
+    assert!(file[4608..5632].iter().all(|b| *b == 0));
+    assert_eq!(&file[5632..8192], &data[1536..]);
+}
+
+#[test]
+fn geometry_readonly_and_bad_files() {
+    let dir = disk_dir();
+    let scratch = Scratch::new(&dir, "geo", 1 << 20);
+    let mut cfg = config(&scratch.path, FileEngine::Aio);
+    cfg.block_size = Some(4096);
+    cfg.readonly = true;
+    let bdev = FileBdev::open(cfg.clone()).unwrap();
+    assert_eq!((bdev.block_size(), bdev.num_blocks()), (4096, 256));
+    assert!(!bdev.supports(IoKind::Write) && !bdev.supports(IoKind::Unmap));
+    let mut ch = Arc::clone(&bdev).open_channel().unwrap();
+    let mem = TestMemory::new(BASE, 4096);
+    let iov = [IoVec {
+        addr: BASE,
+        len: 4096,
+    }];
+    assert_eq!(
+        run(&mut *ch, &mem, IoKind::Write, 0, 1, &iov),
+        IoStatus::Unsupported
+    );
+    assert_eq!(
+        run(&mut *ch, &mem, IoKind::Read, 0, 1, &iov),
+        IoStatus::Success
+    );
+    // Out of range and mismatched buffers are refused at submission.
+    for (offset, blocks) in [(256u64, 1u64), (255, 2), (u64::MAX, 1)] {
+        assert!(ch
+            .submit(
+                &BdevIo {
+                    kind: IoKind::Read,
+                    offset_blocks: offset,
+                    num_blocks: blocks,
+                    iovs: &iov,
+                    tag: 1
+                },
+                &mem
+            )
+            .is_err());
+    }
+    for bs in [256, 1000, 131072] {
+        cfg.block_size = Some(bs);
+        assert!(FileBdev::open(cfg.clone()).is_err(), "block size {bs}");
+    }
+    cfg.block_size = None;
+    cfg.filename = dir.join("does-not-exist");
+    assert!(FileBdev::open(cfg.clone()).is_err());
+    cfg.filename = dir.clone();
+    assert!(FileBdev::open(cfg.clone()).is_err(), "a directory");
+    let tiny = Scratch::new(&dir, "tiny", 100);
+    cfg.filename = tiny.path.clone();
+    assert!(FileBdev::open(cfg).is_err(), "smaller than a block");
+}
