@@ -455,3 +455,83 @@ impl DeviceBackend for ScsiController {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bdev::malloc::{MallocBdev, MemoryBudget};
+
+    fn malloc(name: &str) -> Arc<dyn Bdev> {
+        MallocBdev::new(name, 64, 512, [9; 16], &MemoryBudget::new(1 << 20)).unwrap()
+    }
+
+    #[test]
+    fn features_and_config_space() {
+        let c = ScsiController::new("c");
+        let f = c.features();
+        for bit_no in [
+            scsi_feature::VIRTIO_SCSI_F_HOTPLUG,
+            scsi_feature::VIRTIO_SCSI_F_CHANGE,
+            feature::VIRTIO_F_VERSION_1,
+        ] {
+            assert_ne!(f & bit(bit_no), 0, "feature {bit_no}");
+        }
+        // No bidirectional commands, no protection information.
+        assert_eq!(f & bit(scsi_feature::VIRTIO_SCSI_F_INOUT), 0);
+        assert_eq!(f & bit(scsi_feature::VIRTIO_SCSI_F_T10_PI), 0);
+        let all = c.read_config(0, 36).unwrap();
+        let config = ConfigRepr::parse(&all).unwrap();
+        assert_eq!(config.sense_size, 96);
+        assert_eq!(config.cdb_size, 32);
+        assert_eq!(config.max_target, 7);
+        assert_eq!(config.num_queues, u32::from(MAX_REQUEST_QUEUES));
+        assert_eq!(c.read_config(24, 4).unwrap(), 32u32.to_le_bytes());
+        assert!(c.read_config(34, 4).is_err(), "past the end");
+        assert!(c.read_config(u32::MAX, 4).is_err(), "overflowing offset");
+        assert_eq!(c.max_queues(), MAX_REQUEST_QUEUES + 2);
+    }
+
+    #[test]
+    fn target_numbers_are_checked_and_listed() {
+        let c = ScsiController::new("c");
+        assert_eq!(c.add_target(Some(5), malloc("A")).unwrap(), 5);
+        assert!(matches!(
+            c.add_target(Some(5), malloc("B")),
+            Err(ScsiError::TargetInUse(5))
+        ));
+        assert!(matches!(
+            c.add_target(Some(8), malloc("B")),
+            Err(ScsiError::TargetOutOfRange(8))
+        ));
+        for expected in [0u8, 1, 2, 3, 4, 6, 7] {
+            assert_eq!(c.add_target(None, malloc("B")).unwrap(), expected);
+        }
+        assert!(matches!(
+            c.add_target(None, malloc("C")),
+            Err(ScsiError::NoFreeTarget)
+        ));
+        assert!(c.uses_bdev("A"));
+        let listed = c.targets();
+        assert_eq!(listed.len(), 8);
+        assert_eq!(listed[5].luns[0].bdev_name, "A");
+        assert_eq!(listed[5].target_name, "Target 5");
+        c.remove_target(5).unwrap();
+        assert!(matches!(
+            c.remove_target(5),
+            Err(ScsiError::NoSuchTarget(5))
+        ));
+        assert!(!c.uses_bdev("A"));
+        assert_eq!(c.detach_bdev("B"), 7);
+        assert!(c.targets().is_empty());
+    }
+
+    #[test]
+    fn lun_identity_derives_from_the_bdev() {
+        let bdev = malloc("M");
+        let config = lun_config(bdev.as_ref()).unwrap();
+        assert_eq!(&config.product, b"rvhost Malloc   ");
+        assert_eq!(config.serial.as_bytes(), "09".repeat(16).as_bytes());
+        assert!(config.supports_unmap && config.supports_write_zeroes);
+        assert_eq!((config.block_size, config.num_blocks), (512, 64));
+    }
+}
