@@ -10,28 +10,21 @@ use rvhost_tests::{
     VhostUserDevice, VIRTIO_BLK_MODULES, VIRTIO_SCSI_MODULES,
 };
 
-/// Child processes of this test process whose command name starts with `prefix`.
-fn children_named(prefix: &str) -> Vec<u32> {
-    let me = std::process::id();
+/// QEMU processes still running for the guest run named `name` (its run directory, and so its
+/// command line, contains the name). Other tests of this binary boot guests concurrently, so
+/// "any QEMU child" would be the wrong question.
+fn qemu_left_for(name: &str) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
+    let run_dir = format!("/{name}-{}-", std::process::id());
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                return false;
-            };
-            // "pid (comm) state ppid ..." -- comm may contain spaces, so split at the last ')'.
-            let Some((head, tail)) = stat.rsplit_once(')') else {
-                return false;
-            };
-            let comm = head.split_once('(').map(|(_, c)| c).unwrap_or_default();
-            let ppid = tail
-                .split_whitespace()
-                .nth(1)
-                .and_then(|p| p.parse::<u32>().ok());
-            ppid == Some(me) && comm.starts_with(prefix)
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
+                let cmdline = String::from_utf8_lossy(&raw);
+                cmdline.starts_with("qemu-system") && cmdline.contains(&run_dir)
+            })
         })
         .collect()
 }
@@ -82,7 +75,7 @@ fn hung_guest_is_killed_at_the_deadline() {
         other => panic!("expected a timeout, got {other:?}"),
     }
     assert!(started.elapsed() >= Duration::from_secs(40));
-    let left = children_named("qemu-system");
+    let left = qemu_left_for(config.name.as_str());
     assert!(left.is_empty(), "QEMU processes left behind: {left:?}");
 }
 
@@ -166,6 +159,6 @@ fn reboot_loop_is_stopped() {
         }
         other => panic!("expected the reboot loop to be stopped, got {other:?}"),
     }
-    let left = children_named("qemu-system");
+    let left = qemu_left_for(config.name.as_str());
     assert!(left.is_empty(), "QEMU processes left behind: {left:?}");
 }
