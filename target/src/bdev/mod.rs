@@ -7,6 +7,7 @@
 pub mod file;
 pub mod malloc;
 pub mod null;
+pub mod nvme;
 pub mod registry;
 
 pub use registry::BdevRegistry;

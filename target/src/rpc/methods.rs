@@ -20,6 +20,7 @@ use super::{RpcError, INTERNAL_ERROR, METHOD_NOT_FOUND};
 use crate::bdev::file::{FileBdev, FileBdevConfig, FileEngine};
 use crate::bdev::malloc::{MallocBdev, MemoryBudget};
 use crate::bdev::null::NullBdev;
+use crate::bdev::nvme::{validate_traddr, NvmeBdevConfig, NvmeController};
 use crate::bdev::registry::{uuid_string, RegistryError};
 use crate::bdev::{Bdev, BdevError, BdevRegistry, IoKind};
 use crate::ops::{BlkControllerSpec, ControllerOps, OpsError, ScsiControllerSpec};
@@ -77,6 +78,16 @@ const METHODS: &[Method] = &[
         name: "bdev_aio_rescan",
         old_name: None,
         handler: RpcMethods::bdev_aio_rescan,
+    },
+    Method {
+        name: "bdev_nvme_attach_controller",
+        old_name: Some("construct_nvme_bdev"),
+        handler: RpcMethods::bdev_nvme_attach_controller,
+    },
+    Method {
+        name: "bdev_nvme_detach_controller",
+        old_name: Some("delete_nvme_controller"),
+        handler: RpcMethods::bdev_nvme_detach_controller,
     },
     Method {
         name: "bdev_uring_create",
@@ -222,6 +233,8 @@ pub struct RpcMethods {
     next_malloc: u32,
     /// File bdevs (also in `bdevs`), for `bdev_aio_rescan`/`bdev_uring_rescan`.
     file_bdevs: Vec<std::sync::Weak<FileBdev>>,
+    /// Attached NVMe controllers and the names of their bdevs.
+    nvme_controllers: Vec<(Arc<NvmeController>, Vec<String>)>,
     kill: Option<KillRequest>,
     log: Option<LogControl>,
     /// The level last set through `log_set_level`/`log_set_print_level`, as SPDK names it.
@@ -406,6 +419,36 @@ struct AioCreate {
     nowait: Option<bool>,
 }
 
+/// `bdev_nvme_attach_controller` (SPDK's `rpc_bdev_nvme_attach_controller`); only the PCIe
+/// transport is served, the fabrics members are accepted for that check only.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NvmeAttach {
+    name: String,
+    trtype: String,
+    traddr: String,
+    adrfam: Option<String>,
+    trsvcid: Option<String>,
+    subnqn: Option<String>,
+    hostnqn: Option<String>,
+    num_io_queues: Option<u32>,
+}
+
+/// `bdev_nvme_detach_controller` (SPDK's `rpc_bdev_nvme_detach_controller`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NvmeDetach {
+    name: String,
+    trtype: Option<String>,
+    traddr: Option<String>,
+}
+
+/// I/O queue pairs asked of an NVMe controller when the call does not say: one per channel, and
+/// a target opens one channel per reactor for each controller using the bdev.
+const DEFAULT_NVME_IO_QUEUES: u16 = 16;
+/// How long an NVMe command may be outstanding before the driver aborts it.
+const NVME_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// `bdev_uring_create` (SPDK's `rpc_bdev_uring_create`).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -540,6 +583,7 @@ impl RpcMethods {
             socket_dir,
             next_malloc: 0,
             file_bdevs: Vec::new(),
+            nvme_controllers: Vec::new(),
             kill: None,
             log: None,
             log_level: "INFO".to_owned(),
@@ -742,6 +786,113 @@ impl RpcMethods {
             engine: FileEngine::Uring,
             direct: true,
         })
+    }
+
+    fn bdev_nvme_attach_controller(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: NvmeAttach = decode(params)?;
+        if !p.trtype.eq_ignore_ascii_case("pcie") {
+            let known = ["tcp", "rdma", "fc", "vfiouser"];
+            let code = if known.iter().any(|t| p.trtype.eq_ignore_ascii_case(t)) {
+                ENOTSUP
+            } else {
+                EINVAL
+            };
+            return Err(RpcError::errno(
+                code,
+                format!("trtype {:?}: only PCIe controllers are supported", p.trtype),
+            ));
+        }
+        if p.adrfam.is_some() || p.trsvcid.is_some() || p.subnqn.is_some() || p.hostnqn.is_some() {
+            return Err(RpcError::errno(
+                EINVAL,
+                "adrfam, trsvcid, subnqn and hostnqn apply to fabrics, not to PCIe",
+            ));
+        }
+        validate_traddr(&p.traddr).map_err(bdev_error)?;
+        crate::bdev::registry::validate_name(&p.name).map_err(registry_error)?;
+        if self.nvme_controllers.iter().any(|(c, _)| c.name() == p.name) {
+            return Err(RpcError::errno(
+                EEXIST,
+                format!("NVMe controller {} already exists", p.name),
+            ));
+        }
+        let io_queues = match p.num_io_queues {
+            None => DEFAULT_NVME_IO_QUEUES,
+            Some(n) => u16::try_from(n)
+                .ok()
+                .filter(|n| (1..=1024).contains(n))
+                .ok_or_else(|| {
+                    RpcError::errno(EINVAL, format!("num_io_queues {n} is not from 1 to 1024"))
+                })?,
+        };
+        let (ctrl, bdevs) = NvmeController::attach(NvmeBdevConfig {
+            name: p.name.clone(),
+            traddr: p.traddr.clone(),
+            io_queues,
+            io_timeout: NVME_IO_TIMEOUT,
+        })
+        .map_err(|e| match e {
+            BdevError::InvalidParams(msg) => RpcError::errno(EINVAL, msg),
+            other => RpcError::errno(ENODEV, other.to_string()),
+        })?;
+        for bdev in &bdevs {
+            self.check_new_name(bdev.name(), bdev.uuid())?;
+        }
+        let mut names: Vec<String> = Vec::new();
+        for bdev in bdevs {
+            let name = bdev.name().to_string();
+            let removed = Arc::clone(&bdev);
+            tracing::info!(bdev = %name, traddr = %ctrl.traddr(), nsid = bdev.nsid(),
+                num_blocks = bdev.num_blocks(), block_size = bdev.block_size(), "created NVMe bdev");
+            if let Err(e) = self
+                .bdevs
+                .insert(bdev, Box::new(move || removed.mark_removed()))
+            {
+                for done in &names {
+                    let _ = self.bdevs.remove(done);
+                }
+                ctrl.mark_detached();
+                return Err(registry_error(e));
+            }
+            names.push(name);
+        }
+        self.nvme_controllers.push((ctrl, names.clone()));
+        Ok(json!(names))
+    }
+
+    fn bdev_nvme_detach_controller(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: NvmeDetach = decode(params)?;
+        let Some(index) = self
+            .nvme_controllers
+            .iter()
+            .position(|(c, _)| c.name() == p.name)
+        else {
+            return Err(RpcError::errno(
+                ENODEV,
+                format!("no NVMe controller named {}", p.name),
+            ));
+        };
+        let (ctrl, names) = &self.nvme_controllers[index];
+        if p.trtype.as_deref().is_some_and(|t| !t.eq_ignore_ascii_case("pcie"))
+            || p.traddr.as_deref().is_some_and(|a| {
+                rvhost_nvme::vfio::normalize_bdf(a) != rvhost_nvme::vfio::normalize_bdf(ctrl.traddr())
+            })
+        {
+            return Err(RpcError::errno(
+                ENODEV,
+                format!("NVMe controller {} has no such path", p.name),
+            ));
+        }
+        let (ctrl, names) = (Arc::clone(ctrl), names.clone());
+        for name in &names {
+            if self.bdevs.contains(name) {
+                self.delete(name, Some("nvme"))?;
+            }
+        }
+        ctrl.mark_detached();
+        self.nvme_controllers.remove(index);
+        tracing::info!(controller = %p.name, traddr = %ctrl.traddr(), "detached NVMe controller");
+        Ok(Value::Bool(true))
     }
 
     fn bdev_aio_delete(&mut self, params: Option<Value>) -> Result<Value, RpcError> {

@@ -1,0 +1,942 @@
+//! NVMe bdevs: one per active namespace of a PCIe controller driven in user space through VFIO
+//! (`rvhost-nvme`), as SPDK's `bdev_nvme` with `trtype` `pcie`.
+//!
+//! Each reactor channel owns one I/O queue pair of the controller; commands are queued in
+//! `submit` and completions reaped in `poll`, so the data path takes no locks.
+//!
+//! Data moves through bounce buffers, not zero copy: a channel owns DMA memory (mapped at IOVA =
+//! VA) cut into fixed slots, and guest data is copied into a slot before a WRITE and out of it
+//! after a READ. The bdev interface lends the guest memory to `submit` only and a bdev knows
+//! nothing of the vhost-user memory table, so mapping guest memory for DMA would leave IOMMU
+//! mappings pinned to pages the frontend may already have replaced. Every bounced I/O is counted
+//! (`bounced_ios` in `bdev_get_bdevs`). Because the copy-out needs the guest memory, a READ is
+//! completed within `submit` (the channel polls its queue pair until the READ is done), as the
+//! file bdevs do; writes, flushes, unmaps and write-zeroes complete at a later `poll`.
+//!
+//! I/O larger than a slot is split into several commands; the I/O completes when the last one
+//! does and fails if any one fails. A failed or removed controller fails every I/O (the driver's
+//! timeout, abort and reset logic bounds how long a command can stay outstanding); waits within
+//! `submit` are additionally bounded by [`NvmeBdevConfig::io_timeout`].
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rvhost_nvme::io::{MAX_BLOCKS_PER_COMMAND, MAX_DSM_RANGES};
+use rvhost_nvme::{
+    Controller, ControllerConfig, ControllerState, DmaRegion, DmaSegment, IoError, IoQueuePair,
+    NamespaceInfo, NvmeError,
+};
+
+use super::malloc::{byte_range, check_iovs, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+use super::{Bdev, BdevChannel, BdevError, BdevIo, HostMemoryAccess, IoKind, IoStatus, IoVec};
+
+/// Submission/completion entries of each channel's I/O queue pair.
+const QUEUE_ENTRIES: u16 = 128;
+/// Bounce slots per channel: I/O commands carrying data that can be in flight at once.
+const BOUNCE_SLOTS: usize = 32;
+/// Largest bounce slot (bytes); each data command moves at most one slot.
+const MAX_SLOT_BYTES: u64 = 128 * 1024;
+/// Completions reaped per `IoQueuePair::poll` call.
+const POLL_BATCH: usize = 64;
+/// Blocks one DSM range may cover (32-bit count).
+const MAX_DSM_RANGE_BLOCKS: u64 = u32::MAX as u64;
+/// Tag bits that carry the command's bounce slot (plus one; 0 for none).
+const SLOT_TAG_BITS: u32 = 16;
+
+/// How to attach a controller.
+#[derive(Debug, Clone)]
+pub struct NvmeBdevConfig {
+    /// Controller name (`Nvme0`); bdevs are named `<name>n<nsid>`.
+    pub name: String,
+    /// PCI address (`0000:01:00.0`), bound to `vfio-pci`.
+    pub traddr: String,
+    /// I/O queue pairs to ask the controller for (each channel uses one).
+    pub io_queues: u16,
+    /// How long one command may be outstanding before the driver aborts it.
+    pub io_timeout: Duration,
+}
+
+/// I/O statistics of one controller, across its bdevs and channels.
+#[derive(Debug, Default)]
+pub struct NvmeStats {
+    /// I/Os whose data went through a bounce buffer.
+    pub bounced_ios: AtomicU64,
+    /// Bytes copied between guest memory and bounce buffers.
+    pub bounced_bytes: AtomicU64,
+    /// NVMe commands submitted.
+    pub commands: AtomicU64,
+    /// I/Os that failed (status, reset, failed controller, timeout).
+    pub failed_ios: AtomicU64,
+}
+
+/// An attached controller: the device handle and what its bdevs share.
+#[derive(Debug)]
+pub struct NvmeController {
+    name: String,
+    traddr: String,
+    controller: Controller,
+    io_timeout: Duration,
+    stats: NvmeStats,
+    detached: AtomicBool,
+}
+
+impl NvmeController {
+    /// Opens the controller and creates one bdev per usable namespace (`<name>n<nsid>`).
+    pub fn attach(config: NvmeBdevConfig) -> Result<(Arc<Self>, Vec<Arc<NvmeBdev>>), BdevError> {
+        if config.io_queues == 0 {
+            return Err(BdevError::InvalidParams(
+                "at least one I/O queue is needed".into(),
+            ));
+        }
+        let controller = Controller::open(
+            &config.traddr,
+            ControllerConfig {
+                io_queues: config.io_queues,
+                io_timeout: config.io_timeout,
+                ..ControllerConfig::default()
+            },
+        )
+        .map_err(|e| attach_error(&config.traddr, e))?;
+        let ctrl = Arc::new(NvmeController {
+            name: config.name,
+            traddr: controller.bdf().to_owned(),
+            io_timeout: config.io_timeout,
+            controller,
+            stats: NvmeStats::default(),
+            detached: AtomicBool::new(false),
+        });
+        let mut bdevs = Vec::new();
+        for ns in ctrl.controller.namespaces() {
+            match NvmeBdev::new(&ctrl, ns) {
+                Ok(bdev) => bdevs.push(Arc::new(bdev)),
+                Err(e) => tracing::warn!(controller = %ctrl.name, nsid = ns.nsid, %e,
+                    "namespace not exported"),
+            }
+        }
+        if bdevs.is_empty() {
+            return Err(BdevError::Backend(format!(
+                "controller {} at {} has no namespace rvhost can serve",
+                ctrl.name, ctrl.traddr
+            )));
+        }
+        Ok((ctrl, bdevs))
+    }
+
+    /// Controller name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// PCI address.
+    pub fn traddr(&self) -> &str {
+        &self.traddr
+    }
+
+    /// I/O counters.
+    pub fn stats(&self) -> &NvmeStats {
+        &self.stats
+    }
+
+    /// The driver handle.
+    pub fn controller(&self) -> &Controller {
+        &self.controller
+    }
+
+    /// Refuses new channels and I/O from now on (the controller is being detached). Channels
+    /// already open keep the device open until they close.
+    pub fn mark_detached(&self) {
+        self.detached.store(true, Ordering::Release);
+    }
+
+    /// Whether the controller was detached.
+    pub fn is_detached(&self) -> bool {
+        self.detached.load(Ordering::Acquire)
+    }
+}
+
+fn attach_error(traddr: &str, e: NvmeError) -> BdevError {
+    BdevError::Backend(format!(
+        "cannot attach NVMe controller at {traddr}: {e} (is it bound to vfio-pci?)"
+    ))
+}
+
+/// Checks a PCI address in SPDK's forms (`0000:01:00.0` or `01:00.0`).
+pub fn validate_traddr(traddr: &str) -> Result<(), BdevError> {
+    let bad = || {
+        BdevError::InvalidParams(format!(
+            "traddr {traddr:?} is not a PCI address (DDDD:BB:DD.F)"
+        ))
+    };
+    let (rest, function) = traddr.rsplit_once('.').ok_or_else(bad)?;
+    let parts: Vec<&str> = rest.split(':').collect();
+    let widths: &[usize] = match parts.len() {
+        3 => &[4, 2, 2],
+        2 => &[2, 2],
+        _ => return Err(bad()),
+    };
+    let hex_ok = |s: &str, max: usize| {
+        !s.is_empty() && s.len() <= max && s.chars().all(|c| c.is_ascii_hexdigit())
+    };
+    if !parts.iter().zip(widths).all(|(p, w)| hex_ok(p, *w)) {
+        return Err(bad());
+    }
+    let device = parts.last().and_then(|d| u8::from_str_radix(d, 16).ok());
+    let func = function.parse::<u8>().ok();
+    match (device, func) {
+        (Some(d), Some(f)) if d < 32 && f < 8 && function.len() == 1 => Ok(()),
+        _ => Err(bad()),
+    }
+}
+
+/// One namespace of an attached controller.
+#[derive(Debug)]
+pub struct NvmeBdev {
+    name: String,
+    ctrl: Arc<NvmeController>,
+    nsid: u32,
+    block_size: u32,
+    num_blocks: u64,
+    uuid: [u8; 16],
+    /// Bytes each data command moves at most (a multiple of the block size).
+    slot_bytes: u32,
+    removed: AtomicBool,
+}
+
+impl NvmeBdev {
+    fn new(ctrl: &Arc<NvmeController>, ns: &NamespaceInfo) -> Result<Self, BdevError> {
+        if ns.format.metadata_size != 0 {
+            return Err(BdevError::InvalidParams(format!(
+                "namespace {} is formatted with {} bytes of metadata per block",
+                ns.nsid, ns.format.metadata_size
+            )));
+        }
+        let block_size = ns.block_size();
+        if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) || !block_size.is_power_of_two()
+        {
+            return Err(BdevError::InvalidParams(format!(
+                "namespace {} has blocks of {block_size} bytes",
+                ns.nsid
+            )));
+        }
+        let slot_bytes = slot_bytes(ctrl.controller.max_transfer_bytes(), block_size)?;
+        let info = ctrl.controller.info();
+        Ok(NvmeBdev {
+            name: format!("{}n{}", ctrl.name, ns.nsid),
+            ctrl: Arc::clone(ctrl),
+            nsid: ns.nsid,
+            block_size,
+            num_blocks: ns.size_blocks,
+            uuid: namespace_uuid(&info.serial, &info.model, ns.nsid),
+            slot_bytes,
+            removed: AtomicBool::new(false),
+        })
+    }
+
+    /// The namespace ID.
+    pub fn nsid(&self) -> u32 {
+        self.nsid
+    }
+
+    /// The controller.
+    pub fn controller(&self) -> &Arc<NvmeController> {
+        &self.ctrl
+    }
+
+    /// Refuses new I/O from now on (the bdev is being deleted).
+    pub fn mark_removed(&self) {
+        self.removed.store(true, Ordering::Release);
+    }
+
+    fn refuses_io(&self) -> bool {
+        self.removed.load(Ordering::Acquire) || self.ctrl.is_detached()
+    }
+}
+
+/// Bytes one bounce slot holds: the controller's transfer limit, at most [`MAX_SLOT_BYTES`],
+/// rounded down to whole blocks and 4 KiB pages.
+fn slot_bytes(max_transfer: u64, block_size: u32) -> Result<u32, BdevError> {
+    let unit = u64::from(block_size).max(4096);
+    let bytes = max_transfer.min(MAX_SLOT_BYTES) / unit * unit;
+    if bytes == 0 {
+        return Err(BdevError::InvalidParams(format!(
+            "the controller transfers at most {max_transfer} bytes, less than one block of \
+             {block_size}"
+        )));
+    }
+    u32::try_from(bytes).map_err(|_| BdevError::InvalidParams("slot size overflow".into()))
+}
+
+/// A UUID that stays the same across restarts for the same namespace of the same device
+/// (SCSI NAA identifiers and `bdev_get_bdevs` derive from it).
+fn namespace_uuid(serial: &str, model: &str, nsid: u32) -> [u8; 16] {
+    fn fnv1a(seed: u64, parts: &[&[u8]]) -> u64 {
+        let mut hash = seed;
+        for part in parts {
+            for &b in *part {
+                hash ^= u64::from(b);
+                hash = hash.wrapping_mul(0x0100_0000_01b3);
+            }
+            hash ^= 0xff;
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        hash
+    }
+    let nsid = nsid.to_le_bytes();
+    let parts: [&[u8]; 3] = [serial.as_bytes(), model.as_bytes(), &nsid];
+    let hi = fnv1a(0xcbf2_9ce4_8422_2325, &parts);
+    let lo = fnv1a(0x84222325_cbf29ce4, &parts);
+    let mut uuid = [0u8; 16];
+    uuid[..8].copy_from_slice(&hi.to_be_bytes());
+    uuid[8..].copy_from_slice(&lo.to_be_bytes());
+    // RFC 9562 version 8 (custom), variant 10.
+    uuid[6] = (uuid[6] & 0x0f) | 0x80;
+    uuid[8] = (uuid[8] & 0x3f) | 0x80;
+    uuid
+}
+
+impl Bdev for NvmeBdev {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn product_name(&self) -> &str {
+        "NVMe disk"
+    }
+    fn module_name(&self) -> &'static str {
+        "nvme"
+    }
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    fn num_blocks(&self) -> u64 {
+        self.num_blocks
+    }
+    fn uuid(&self) -> [u8; 16] {
+        self.uuid
+    }
+    fn supports(&self, kind: IoKind) -> bool {
+        let info = self.ctrl.controller.info();
+        match kind {
+            IoKind::Read | IoKind::Write | IoKind::Flush => true,
+            IoKind::Unmap => info.supports_dsm(),
+            IoKind::WriteZeroes => info.supports_write_zeroes(),
+        }
+    }
+    fn open_channel(self: Arc<Self>) -> Result<Box<dyn BdevChannel>, BdevError> {
+        if self.refuses_io() {
+            return Err(BdevError::Removed(self.name.clone()));
+        }
+        let controller = &self.ctrl.controller;
+        let qp = controller
+            .create_io_queue_pair(QUEUE_ENTRIES)
+            .map_err(|e| {
+                BdevError::Backend(format!(
+                    "{}: cannot create an I/O queue pair: {e}",
+                    self.name
+                ))
+            })?;
+        let slot = usize::try_from(self.slot_bytes)
+            .map_err(|_| BdevError::Backend("slot size overflow".into()))?;
+        let bounce = controller
+            .allocate_dma(slot.saturating_mul(BOUNCE_SLOTS))
+            .map_err(|e| {
+                BdevError::Backend(format!("{}: cannot allocate DMA memory: {e}", self.name))
+            })?;
+        Ok(Box::new(NvmeChannel {
+            scratch: vec![0; slot],
+            slot_len: slot,
+            free_slots: (0..BOUNCE_SLOTS).rev().collect(),
+            bounce,
+            qp,
+            bdev: self,
+            ios: Vec::new(),
+            free_ios: Vec::new(),
+            completions: VecDeque::new(),
+        }))
+    }
+    fn driver_specific(&self) -> serde_json::Value {
+        let ctrl = &self.ctrl;
+        let info = ctrl.controller.info();
+        let stats = &ctrl.stats;
+        serde_json::json!({
+            "nvme": [{
+                "pci_address": ctrl.traddr,
+                "trid": { "trtype": "PCIe", "traddr": ctrl.traddr },
+                "ctrlr_data": {
+                    "vendor_id": format!("{:#06x}", info.vendor_id),
+                    "model_number": info.model,
+                    "serial_number": info.serial,
+                    "firmware_revision": info.firmware,
+                    "oncs": { "dsm": info.supports_dsm(), "write_zeroes": info.supports_write_zeroes() },
+                },
+                "ns_data": { "id": self.nsid },
+                "controller_state": format!("{:?}", ctrl.controller.state()),
+                "bounced_ios": stats.bounced_ios.load(Ordering::Relaxed),
+                "bounced_bytes": stats.bounced_bytes.load(Ordering::Relaxed),
+                "commands": stats.commands.load(Ordering::Relaxed),
+                "failed_ios": stats.failed_ios.load(Ordering::Relaxed),
+                "zero_copy": false,
+            }]
+        })
+    }
+}
+
+/// One bdev I/O, possibly split over several commands.
+struct ChannelIo {
+    tag: u64,
+    /// Commands still outstanding.
+    outstanding: u32,
+    failed: bool,
+    /// Bounce slots held until the I/O completes.
+    slots: Vec<usize>,
+}
+
+/// One reactor's view of an [`NvmeBdev`].
+struct NvmeChannel {
+    // `qp` and `bounce` are dropped before `bdev`, which keeps the controller open.
+    qp: IoQueuePair,
+    bounce: DmaRegion,
+    bdev: Arc<NvmeBdev>,
+    slot_len: usize,
+    free_slots: Vec<usize>,
+    scratch: Vec<u8>,
+    ios: Vec<Option<ChannelIo>>,
+    free_ios: Vec<usize>,
+    completions: VecDeque<(u64, IoStatus)>,
+}
+
+fn command_tag(io: usize, slot: Option<usize>) -> u64 {
+    let slot = slot.map_or(0, |s| s as u64 + 1);
+    ((io as u64) << SLOT_TAG_BITS) | slot
+}
+
+fn io_of_tag(tag: u64) -> usize {
+    (tag >> SLOT_TAG_BITS) as usize
+}
+
+/// Calls `each(host_addr, offset_in_piece, len)` for the parts of `iovs` that cover bytes
+/// `[start, start + len)` of the transfer.
+fn for_each_span(
+    iovs: &[IoVec],
+    start: u64,
+    len: u64,
+    mut each: impl FnMut(u64, usize, usize) -> Result<(), BdevError>,
+) -> Result<(), BdevError> {
+    let end = start
+        .checked_add(len)
+        .ok_or_else(|| BdevError::InvalidParams("I/O range overflows".into()))?;
+    let mut iov_start = 0u64;
+    for iov in iovs {
+        let iov_end = iov_start + u64::from(iov.len);
+        let from = start.max(iov_start);
+        let to = end.min(iov_end);
+        if from < to {
+            let addr = iov
+                .addr
+                .checked_add(from - iov_start)
+                .ok_or_else(|| BdevError::InvalidParams("I/O buffer address overflows".into()))?;
+            // Both are below the slot length, which is a `usize`.
+            each(addr, (from - start) as usize, (to - from) as usize)?;
+        }
+        if iov_end >= end {
+            break;
+        }
+        iov_start = iov_end;
+    }
+    Ok(())
+}
+
+impl NvmeChannel {
+    fn new_io(&mut self, tag: u64) -> usize {
+        let io = ChannelIo {
+            tag,
+            outstanding: 0,
+            failed: false,
+            slots: Vec::new(),
+        };
+        match self.free_ios.pop() {
+            Some(i) => {
+                if let Some(entry) = self.ios.get_mut(i) {
+                    *entry = Some(io);
+                }
+                i
+            }
+            None => {
+                self.ios.push(Some(io));
+                self.ios.len() - 1
+            }
+        }
+    }
+
+    /// Ends I/O `index`: releases its slots and records its completion.
+    fn finish(&mut self, index: usize) {
+        let Some(io) = self.ios.get_mut(index).and_then(Option::take) else {
+            return;
+        };
+        self.free_slots.extend(io.slots);
+        self.free_ios.push(index);
+        let status = if io.failed {
+            self.bdev
+                .ctrl
+                .stats
+                .failed_ios
+                .fetch_add(1, Ordering::Relaxed);
+            IoStatus::Failed
+        } else {
+            IoStatus::Success
+        };
+        self.completions.push_back((io.tag, status));
+    }
+
+    /// Reaps completions from the queue pair into the I/Os they belong to; returns how many
+    /// commands finished. `hold` is an I/O whose end the caller handles itself (a READ being
+    /// waited for in `submit`).
+    fn reap(&mut self, hold: Option<usize>) -> usize {
+        let mut finished: Vec<(usize, bool)> = Vec::new();
+        let n = self.qp.poll(POLL_BATCH, |tag, result| {
+            if let Err(e) = &result {
+                tracing::warn!(%e, "NVMe command failed");
+            }
+            finished.push((io_of_tag(tag), result.is_ok()));
+        });
+        for (index, ok) in finished {
+            let Some(Some(io)) = self.ios.get_mut(index) else {
+                tracing::error!(index, "NVMe completion for an unknown I/O");
+                continue;
+            };
+            io.outstanding = io.outstanding.saturating_sub(1);
+            io.failed |= !ok;
+            if io.outstanding == 0 && hold != Some(index) {
+                self.finish(index);
+            }
+        }
+        n
+    }
+
+    fn io_outstanding(&self, index: usize) -> u32 {
+        match self.ios.get(index) {
+            Some(Some(io)) => io.outstanding,
+            _ => 0,
+        }
+    }
+
+    fn mark_failed(&mut self, index: usize) {
+        if let Some(Some(io)) = self.ios.get_mut(index) {
+            io.failed = true;
+        }
+    }
+
+    /// When a wait in `submit` gives up; `None` for never (a timeout too large to add).
+    fn deadline(&self) -> Option<Instant> {
+        // The driver aborts after one timeout and resets after another; allow a third for the
+        // reset itself before giving up on the wait.
+        Instant::now().checked_add(self.bdev.ctrl.io_timeout.saturating_mul(3))
+    }
+
+    /// Polls until `ready` holds or the controller cannot make progress; `false` on failure.
+    fn wait_until(&mut self, hold: Option<usize>, ready: impl Fn(&Self) -> bool) -> bool {
+        let deadline = self.deadline();
+        loop {
+            if ready(self) {
+                return true;
+            }
+            let reaped = self.reap(hold);
+            if reaped == 0 {
+                if self.bdev.ctrl.controller.state() == ControllerState::Failed
+                    && self.qp.in_flight() == 0
+                {
+                    return ready(self);
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    tracing::error!(bdev = %self.bdev.name, "NVMe I/O wait timed out");
+                    return false;
+                }
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    fn take_slot(&mut self, hold: Option<usize>) -> Option<usize> {
+        if self.free_slots.is_empty() && !self.wait_until(hold, |ch| !ch.free_slots.is_empty()) {
+            return None;
+        }
+        self.free_slots.pop()
+    }
+
+    /// Issues one command with `issue`, retrying while the queue is full.
+    fn issue(
+        &mut self,
+        index: usize,
+        slot: Option<usize>,
+        mut issue: impl FnMut(&mut IoQueuePair, u64) -> Result<(), IoError>,
+    ) -> bool {
+        let tag = command_tag(index, slot);
+        let deadline = self.deadline();
+        loop {
+            match issue(&mut self.qp, tag) {
+                Ok(()) => {
+                    if let Some(Some(io)) = self.ios.get_mut(index) {
+                        io.outstanding += 1;
+                    }
+                    self.bdev
+                        .ctrl
+                        .stats
+                        .commands
+                        .fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                Err(IoError::QueueFull) if deadline.is_none_or(|d| Instant::now() < d) => {
+                    self.reap(Some(index));
+                }
+                Err(e) => {
+                    tracing::warn!(bdev = %self.bdev.name, %e, "NVMe command not submitted");
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Submits the data commands of a READ or WRITE; `false` once one could not be issued (the
+    /// I/O is then marked failed; commands already issued still complete).
+    fn submit_data(
+        &mut self,
+        index: usize,
+        io: &BdevIo<'_>,
+        len: u64,
+        mem: &dyn HostMemoryAccess,
+    ) -> Result<bool, BdevError> {
+        let nsid = self.bdev.nsid;
+        let block_size = u64::from(self.bdev.block_size);
+        let write = io.kind == IoKind::Write;
+        let mut done = 0u64;
+        while done < len {
+            let piece = (len - done).min(self.slot_len as u64);
+            let Some(slot) = self.take_slot(Some(index)) else {
+                return Ok(false);
+            };
+            if let Some(Some(entry)) = self.ios.get_mut(index) {
+                entry.slots.push(slot);
+            }
+            let slot_offset = slot * self.slot_len;
+            if write {
+                let scratch = &mut self.scratch;
+                let bounce = &self.bounce;
+                for_each_span(io.iovs, done, piece, |addr, at, n| {
+                    let buf = &mut scratch[at..at + n];
+                    mem.copy_from_host(addr, buf).map_err(BdevError::Memory)?;
+                    if bounce.write_bytes(slot_offset + at, buf) {
+                        Ok(())
+                    } else {
+                        Err(BdevError::Backend("bounce slot out of range".into()))
+                    }
+                })?;
+            }
+            let lba = io.offset_blocks + done / block_size;
+            let blocks = (piece / block_size) as u32;
+            let segment = [DmaSegment {
+                iova: self.bounce.iova() + slot_offset as u64,
+                len: piece as u32,
+            }];
+            let issued = self.issue(index, Some(slot), |qp, tag| {
+                if write {
+                    qp.write(nsid, lba, blocks, &segment, tag)
+                } else {
+                    qp.read(nsid, lba, blocks, &segment, tag)
+                }
+            });
+            if !issued {
+                return Ok(false);
+            }
+            done += piece;
+        }
+        self.bdev
+            .ctrl
+            .stats
+            .bounced_ios
+            .fetch_add(1, Ordering::Relaxed);
+        self.bdev
+            .ctrl
+            .stats
+            .bounced_bytes
+            .fetch_add(len, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Copies the slots of a finished READ into the guest buffers.
+    fn copy_out(
+        &mut self,
+        index: usize,
+        io: &BdevIo<'_>,
+        len: u64,
+        mem: &dyn HostMemoryAccess,
+    ) -> Result<(), BdevError> {
+        let slots = match self.ios.get(index) {
+            Some(Some(entry)) => entry.slots.clone(),
+            _ => return Err(BdevError::Backend("read vanished".into())),
+        };
+        let mut done = 0u64;
+        for slot in slots {
+            let piece = (len - done).min(self.slot_len as u64);
+            let slot_offset = slot * self.slot_len;
+            let scratch = &mut self.scratch;
+            let bounce = &self.bounce;
+            for_each_span(io.iovs, done, piece, |addr, at, n| {
+                let buf = &mut scratch[at..at + n];
+                if !bounce.read_bytes(slot_offset + at, buf) {
+                    return Err(BdevError::Backend("bounce slot out of range".into()));
+                }
+                mem.copy_to_host(addr, buf).map_err(BdevError::Memory)
+            })?;
+            done += piece;
+        }
+        Ok(())
+    }
+
+    fn submit_unmap(&mut self, index: usize, io: &BdevIo<'_>) -> bool {
+        let nsid = self.bdev.nsid;
+        let mut lba = io.offset_blocks;
+        let end = io.offset_blocks + io.num_blocks;
+        while lba < end {
+            let mut ranges: Vec<(u64, u32)> = Vec::new();
+            while lba < end && ranges.len() < MAX_DSM_RANGES {
+                let blocks = (end - lba).min(MAX_DSM_RANGE_BLOCKS);
+                ranges.push((lba, blocks as u32));
+                lba += blocks;
+            }
+            if !self.issue(index, None, |qp, tag| qp.deallocate(nsid, &ranges, tag)) {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn submit_write_zeroes(&mut self, index: usize, io: &BdevIo<'_>) -> bool {
+        let nsid = self.bdev.nsid;
+        let mut lba = io.offset_blocks;
+        let end = io.offset_blocks + io.num_blocks;
+        while lba < end {
+            let blocks = (end - lba).min(u64::from(MAX_BLOCKS_PER_COMMAND)) as u32;
+            if !self.issue(index, None, |qp, tag| {
+                qp.write_zeroes(nsid, lba, blocks, false, tag)
+            }) {
+                return false;
+            }
+            lba += u64::from(blocks);
+        }
+        true
+    }
+
+    /// Ends an I/O after its submission stopped early: it fails once the commands already
+    /// issued have completed.
+    fn fail_after_issued(&mut self, index: usize) {
+        self.mark_failed(index);
+        if self.io_outstanding(index) == 0 {
+            self.finish(index);
+        }
+    }
+}
+
+impl BdevChannel for NvmeChannel {
+    fn submit(&mut self, io: &BdevIo<'_>, mem: &dyn HostMemoryAccess) -> Result<(), BdevError> {
+        let bdev = Arc::clone(&self.bdev);
+        if bdev.refuses_io() {
+            return Err(BdevError::Removed(bdev.name.clone()));
+        }
+        if !bdev.supports(io.kind) {
+            self.completions.push_back((io.tag, IoStatus::Unsupported));
+            return Ok(());
+        }
+        if io.kind == IoKind::Flush {
+            let index = self.new_io(io.tag);
+            let nsid = bdev.nsid;
+            if !self.issue(index, None, |qp, tag| qp.flush(nsid, tag)) {
+                self.fail_after_issued(index);
+            }
+            return Ok(());
+        }
+        let (_, len) = byte_range(io, bdev.num_blocks, bdev.block_size)?;
+        if io.num_blocks == 0 {
+            self.completions.push_back((io.tag, IoStatus::Success));
+            return Ok(());
+        }
+        match io.kind {
+            IoKind::Read | IoKind::Write => {
+                check_iovs(io, len, bdev.num_blocks)?;
+                let index = self.new_io(io.tag);
+                let submitted = match self.submit_data(index, io, len, mem) {
+                    Ok(ok) => ok,
+                    Err(e) => {
+                        // Guest buffers went bad midway: commands already issued still complete.
+                        tracing::warn!(bdev = %bdev.name, %e, "I/O buffer error");
+                        false
+                    }
+                };
+                if !submitted {
+                    self.fail_after_issued(index);
+                    return Ok(());
+                }
+                if io.kind == IoKind::Read {
+                    let done = self.wait_until(Some(index), |ch| ch.io_outstanding(index) == 0);
+                    let failed = match self.ios.get(index) {
+                        Some(Some(entry)) => entry.failed,
+                        _ => true,
+                    };
+                    if !done || failed {
+                        self.fail_after_issued(index);
+                    } else {
+                        if let Err(e) = self.copy_out(index, io, len, mem) {
+                            tracing::warn!(bdev = %bdev.name, %e, "copying read data to the guest failed");
+                            self.mark_failed(index);
+                        }
+                        self.finish(index);
+                    }
+                }
+            }
+            IoKind::Unmap | IoKind::WriteZeroes => {
+                let index = self.new_io(io.tag);
+                let ok = if io.kind == IoKind::Unmap {
+                    self.submit_unmap(index, io)
+                } else {
+                    self.submit_write_zeroes(index, io)
+                };
+                if !ok {
+                    self.fail_after_issued(index);
+                }
+            }
+            IoKind::Flush => {}
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, done: &mut dyn FnMut(u64, IoStatus)) -> usize {
+        if self.ios.len() > self.free_ios.len() {
+            self.reap(None);
+        }
+        let n = self.completions.len();
+        for (tag, status) in self.completions.drain(..) {
+            done(tag, status);
+        }
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.ios.iter().filter(|io| io.is_some()).count() + self.completions.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pci_addresses() {
+        for ok in ["0000:01:00.0", "01:00.0", "ffff:ff:1f.7", "0000:00:04.0"] {
+            assert!(validate_traddr(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "0000:01:00",
+            "0000:01:00.8",
+            "0000:01:20.0",
+            "00000:01:00.0",
+            "0000:001:00.0",
+            "x000:01:00.0",
+            "0000:01:00.00",
+            "1:2:3:4.0",
+            "/dev/nvme0",
+            "0000:01:00.0 ",
+        ] {
+            assert!(
+                matches!(validate_traddr(bad), Err(BdevError::InvalidParams(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn slot_sizes() {
+        assert_eq!(slot_bytes(u64::MAX, 512).unwrap(), 128 * 1024);
+        assert_eq!(slot_bytes(2 << 20, 4096).unwrap(), 128 * 1024);
+        // MDTS of 8 KiB with 512-byte blocks.
+        assert_eq!(slot_bytes(8192, 512).unwrap(), 8192);
+        // A slot is whole pages even for small blocks.
+        assert_eq!(slot_bytes(6000, 512).unwrap(), 4096);
+        assert_eq!(slot_bytes(65536, 65536).unwrap(), 65536);
+        assert!(slot_bytes(32768, 65536).is_err());
+        assert!(slot_bytes(2048, 512).is_err());
+    }
+
+    #[test]
+    fn tags_carry_io_and_slot() {
+        for (io, slot) in [(0, None), (0, Some(0)), (7, Some(31)), (1 << 40, Some(5))] {
+            let tag = command_tag(io, slot);
+            assert_eq!(io_of_tag(tag), io);
+            assert_eq!(tag & 0xffff, slot.map_or(0, |s| s as u64 + 1));
+        }
+    }
+
+    #[test]
+    fn spans_split_iovs_at_piece_boundaries() {
+        let iovs = [
+            IoVec {
+                addr: 0x1000,
+                len: 100,
+            },
+            IoVec {
+                addr: 0x9000,
+                len: 50,
+            },
+            IoVec {
+                addr: 0x20000,
+                len: 106,
+            },
+        ];
+        let collect = |start, len| {
+            let mut spans = Vec::new();
+            for_each_span(&iovs, start, len, |addr, at, n| {
+                spans.push((addr, at, n));
+                Ok(())
+            })
+            .unwrap();
+            spans
+        };
+        assert_eq!(
+            collect(0, 256),
+            vec![(0x1000, 0, 100), (0x9000, 100, 50), (0x20000, 150, 106)]
+        );
+        assert_eq!(collect(0, 128), vec![(0x1000, 0, 100), (0x9000, 100, 28)]);
+        assert_eq!(
+            collect(128, 128),
+            vec![(0x9000 + 28, 0, 22), (0x20000, 22, 106)]
+        );
+        assert_eq!(collect(100, 50), vec![(0x9000, 0, 50)]);
+        assert!(for_each_span(&iovs, u64::MAX, 2, |_, _, _| Ok(())).is_err());
+    }
+
+    #[test]
+    fn uuids_are_stable_and_distinct() {
+        let a = namespace_uuid("SER1", "QEMU NVMe Ctrl", 1);
+        assert_eq!(a, namespace_uuid("SER1", "QEMU NVMe Ctrl", 1));
+        assert_ne!(a, namespace_uuid("SER1", "QEMU NVMe Ctrl", 2));
+        assert_ne!(a, namespace_uuid("SER2", "QEMU NVMe Ctrl", 1));
+        // Field boundaries count: ("AB", "C") is not ("A", "BC").
+        assert_ne!(namespace_uuid("AB", "C", 1), namespace_uuid("A", "BC", 1));
+        assert_eq!(a[6] >> 4, 8);
+        assert_eq!(a[8] >> 6, 0b10);
+    }
+
+    #[test]
+    fn attach_to_a_missing_device_fails_cleanly() {
+        let err = NvmeController::attach(NvmeBdevConfig {
+            name: "Nvme0".into(),
+            traddr: "0000:7f:1f.7".into(),
+            io_queues: 2,
+            io_timeout: Duration::from_secs(5),
+        })
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("0000:7f:1f.7"), "{text}");
+        assert!(matches!(err, BdevError::Backend(_)), "{err:?}");
+    }
+}
