@@ -17,9 +17,28 @@ use crate::host;
 
 static PEER_COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// A peer's scratch directory, removed when dropped (also when the peer fails to start; its log
+/// is in the error by then).
+#[derive(Debug)]
+struct ScratchDir(PathBuf);
+
+impl std::ops::Deref for ScratchDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A fresh scratch directory for one peer. Unix socket paths are limited to 108 bytes, so these
 /// live under `/tmp` rather than deep inside the checkout.
-fn scratch_dir(kind: &str) -> Result<PathBuf> {
+fn scratch_dir(kind: &str) -> Result<ScratchDir> {
     let dir = std::env::temp_dir().join(format!(
         "rvhost-{kind}-{}-{}",
         std::process::id(),
@@ -29,7 +48,7 @@ fn scratch_dir(kind: &str) -> Result<PathBuf> {
         std::fs::remove_dir_all(&dir).map_err(|e| HarnessError::io("clean", &dir, e))?;
     }
     host::create_dir_all(&dir)?;
-    Ok(dir)
+    Ok(ScratchDir(dir))
 }
 
 /// A child process that is stopped (SIGTERM, then SIGKILL) and reaped when dropped.
@@ -155,8 +174,9 @@ impl Default for QsdOptions {
 /// A running `qemu-storage-daemon` exporting one vhost-user-blk device.
 #[derive(Debug)]
 pub struct Qsd {
+    // Dropped in this order: the process goes before its directory.
     process: ManagedChild,
-    dir: PathBuf,
+    dir: ScratchDir,
     socket: PathBuf,
     pub options: QsdOptions,
 }
@@ -223,9 +243,8 @@ impl Qsd {
 
 impl Drop for Qsd {
     fn drop(&mut self) {
-        // The process must be gone before its image is deleted; fields drop after this body.
+        // qemu-storage-daemon has nothing to flush for us: kill it rather than wait.
         self.process.stop(false);
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -301,7 +320,8 @@ fn build_workspace_binary(
 #[derive(Debug)]
 pub struct Rvhost {
     process: ManagedChild,
-    dir: PathBuf,
+    /// Held for its `Drop`: removes sockets and log after the process is gone.
+    _dir: ScratchDir,
     socket_dir: PathBuf,
     rpc_socket: PathBuf,
     next_id: u64,
@@ -337,7 +357,7 @@ impl Rvhost {
         process.wait_for_path("rvhost", &rpc_socket, timeout)?;
         let mut rvhost = Self {
             process,
-            dir,
+            _dir: dir,
             socket_dir,
             rpc_socket,
             next_id: 1,
@@ -429,6 +449,5 @@ impl Rvhost {
 impl Drop for Rvhost {
     fn drop(&mut self) {
         self.process.stop(true);
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
