@@ -16,6 +16,13 @@ echo "== core builds without std, for bare metal"
 cargo build -p rvhost-core --target x86_64-unknown-none
 cargo build -p rvhost-core --target thumbv7em-none-eabihf
 
+echo "== build the binaries the guest tests run"
+# Built once here, in the same build dir and profile as the tests below, so the guest harness does
+# not build rvhost again in a directory of its own.
+cargo build --release -p rvhost-target --bin rvhost -p rvhost-tests --bin blkcheck
+export RVHOST_BIN="$PWD/build/release/rvhost"
+export RVHOST_BLKCHECK="$PWD/build/release/blkcheck"
+
 echo "== cargo test (unit, property and QEMU guest tests)"
 cargo test --workspace --release
 
