@@ -432,6 +432,17 @@ struct NvmeAttach {
     subnqn: Option<String>,
     hostnqn: Option<String>,
     num_io_queues: Option<u32>,
+    /// SPDK's client always sends these flags.
+    prchk_reftag: Option<bool>,
+    prchk_guard: Option<bool>,
+    hdgst: Option<bool>,
+    ddgst: Option<bool>,
+    /// Namespaces of other command sets are skipped either way (no passthrough here).
+    #[allow(dead_code)]
+    allow_unrecognized_csi: Option<bool>,
+    /// A fabrics Connect attribute; nothing to do for PCIe.
+    #[allow(dead_code)]
+    disable_sq_flow_control: Option<bool>,
 }
 
 /// `bdev_nvme_detach_controller` (SPDK's `rpc_bdev_nvme_detach_controller`).
@@ -441,6 +452,11 @@ struct NvmeDetach {
     name: String,
     trtype: Option<String>,
     traddr: Option<String>,
+    adrfam: Option<String>,
+    trsvcid: Option<String>,
+    subnqn: Option<String>,
+    hostaddr: Option<String>,
+    hostsvcid: Option<String>,
 }
 
 /// I/O queue pairs asked of an NVMe controller when the call does not say: one per channel, and
@@ -808,6 +824,18 @@ impl RpcMethods {
                 "adrfam, trsvcid, subnqn and hostnqn apply to fabrics, not to PCIe",
             ));
         }
+        if p.prchk_reftag == Some(true) || p.prchk_guard == Some(true) {
+            return Err(RpcError::errno(
+                ENOTSUP,
+                "protection information checks are not supported",
+            ));
+        }
+        if p.hdgst == Some(true) || p.ddgst == Some(true) {
+            return Err(RpcError::errno(
+                EINVAL,
+                "header and data digests apply to NVMe/TCP, not to PCIe",
+            ));
+        }
         validate_traddr(&p.traddr).map_err(bdev_error)?;
         crate::bdev::registry::validate_name(&p.name).map_err(registry_error)?;
         if self.nvme_controllers.iter().any(|(c, _)| c.name() == p.name) {
@@ -873,7 +901,9 @@ impl RpcMethods {
             ));
         };
         let (ctrl, names) = &self.nvme_controllers[index];
-        if p.trtype.as_deref().is_some_and(|t| !t.eq_ignore_ascii_case("pcie"))
+        let fabrics = [&p.adrfam, &p.trsvcid, &p.subnqn, &p.hostaddr, &p.hostsvcid];
+        if fabrics.iter().any(|m| m.is_some())
+            || p.trtype.as_deref().is_some_and(|t| !t.eq_ignore_ascii_case("pcie"))
             || p.traddr.as_deref().is_some_and(|a| {
                 rvhost_nvme::vfio::normalize_bdf(a) != rvhost_nvme::vfio::normalize_bdf(ctrl.traddr())
             })
