@@ -997,6 +997,15 @@ impl ScsiDevice {
             return;
         };
         let req = CmdReqRepr::parse(&view);
+        tracing::trace!(
+            device = id.0,
+            queue = qi,
+            head,
+            tag = req.tag,
+            target = req.lun[1],
+            opcode = req.cdb().first().copied().unwrap_or(0),
+            "command"
+        );
         let data_out_len = readable_len - REQ_LEN as u64;
         let data_in_len = writable_len - RESP_LEN as u64;
 
@@ -1036,6 +1045,12 @@ impl ScsiDevice {
 
         let respond = |q: &mut ScsiQueue, c: &Completion, sense: &[u8]| {
             let header = CmdRespRepr::for_completion(c, SENSE_SIZE);
+            tracing::trace!(
+                device = id.0,
+                head,
+                status = header.status,
+                "command answered"
+            );
             let mut bytes = [0u8; RESP_LEN];
             bytes[..12].copy_from_slice(&header.to_bytes());
             let sl = (header.sense_len as usize).min(sense.len());
@@ -1362,6 +1377,12 @@ impl ScsiDevice {
             }
             match q.vq.needs_notification(mem) {
                 Ok(true) => {
+                    tracing::trace!(
+                        device = self.id.0,
+                        queue = qi,
+                        used = q.vq.used_idx(),
+                        "notify"
+                    );
                     if let Some(call) = &q.call {
                         call.notify();
                     }
@@ -1397,6 +1418,12 @@ fn finish(
     device: DeviceId,
 ) {
     let header = CmdRespRepr::for_completion(c, SENSE_SIZE);
+    tracing::trace!(
+        device = device.0,
+        head = slot.head,
+        status = header.status,
+        "command completed"
+    );
     let mut bytes = [0u8; RESP_LEN];
     bytes[..12].copy_from_slice(&header.to_bytes());
     let sl = (header.sense_len as usize).min(sense.len());
@@ -1478,6 +1505,14 @@ impl ReactorDevice for ScsiDevice {
                     .get_mut(usize::from(index))
                     .and_then(Option::as_mut)
                 {
+                    // QEMU may hand over the call eventfd only after the queue started (when the
+                    // guest unmasks its MSI-X vector), and a completion published before then
+                    // was signalled to nobody: signal the new eventfd once, or the driver waits
+                    // for that completion forever (virtio-scsi never times commands out). A
+                    // spurious interrupt only makes the driver look at its ring.
+                    if let Some(call) = &call {
+                        call.notify();
+                    }
                     q.call = call;
                 }
                 let _ = reply.send(());
@@ -1867,6 +1902,31 @@ mod tests {
         rig.device.poll();
         let d = rig.data(36);
         assert_eq!(&d[4..36], "07".repeat(16).as_bytes());
+    }
+
+    #[test]
+    fn a_call_eventfd_handed_over_after_a_completion_is_signalled_at_once() {
+        use std::os::fd::AsFd;
+        let mut rig = Rig::new(&[(0, malloc("M0", 64, 512))]);
+        // Completed while the queue has no call eventfd yet (QEMU sends it on MSI-X unmask).
+        rig.command(0, 0, 1, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+        rig.device.poll();
+        assert_eq!(rig.used_idx(2), 1);
+        let efd = rvhost_platform_linux::EventFd::new().unwrap();
+        let file = std::fs::File::from(efd.as_fd().try_clone_to_owned().unwrap());
+        let call = Arc::new(EventNotifier::from_file(file).unwrap());
+        let (tx, rx) = sync_channel(1);
+        rig.device.apply(DeviceOp::SetCall {
+            index: 2,
+            call: Some(call),
+            reply: tx,
+        });
+        rx.try_recv().unwrap();
+        assert_eq!(
+            efd.consume().unwrap(),
+            1,
+            "the driver is told to look at its ring"
+        );
     }
 
     #[test]
