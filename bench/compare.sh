@@ -3,8 +3,8 @@
 #
 # Each round starts every target in turn on core 0 (and only that target, so a busy-polling
 # target never steals the core from the next one), runs rvhost-perf against it on core 1, and
-# stops it: A B C A B C ... Per-round IOPS go to a CSV; the summary gives, per target, the median
-# IOPS and average latency and the median of the per-round ratios to the baseline target.
+# stops it: A B C A B C ... Per-round IOPS and latencies go to a CSV; the summary gives, per target,
+# the median IOPS and latencies and the median of the per-round ratios to the baseline target.
 #
 #   bench/compare.sh                         # everything: 5 rounds x 10 s, QD 1/32/128, read+write
 #   bench/compare.sh --rounds 2 --secs 3     # a quick look
@@ -163,7 +163,7 @@ start_target() {
   wait_socket "$SOCK" || { echo "compare.sh: $t did not come up; log:" >&2; cat "$WORK/$t.log" >&2; return 1; }
 }
 
-echo "target,workload,qd,round,iops,avg_lat_us,p99_lat_us,io_errors" > "$OUT"
+echo "target,workload,qd,round,iops,avg_lat_us,p50_lat_us,p99_lat_us,io_errors" > "$OUT"
 echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r), rounds=$ROUNDS secs=$SECS bs=$BS size=$SIZE"
 echo "# targets: $TARGETS (baseline $BASELINE); target on CPU $TARGET_CPU, initiator on CPU $INITIATOR_CPU"
 echo "# per-round CSV: $OUT"
@@ -172,7 +172,7 @@ for wl in $WORKLOADS; do
   for round in $(seq "$ROUNDS"); do
     for t in $TARGETS; do
       if ! start_target "$t"; then
-        echo "$t,$rw,$qd,$round,,,,failed" >> "$OUT"
+        echo "$t,$rw,$qd,$round,,,,,failed" >> "$OUT"
         stop_target
         continue
       fi
@@ -184,9 +184,10 @@ import json, sys
 try:
     r = json.loads(sys.argv[1])
 except Exception:
-    print(",,,failed"); sys.exit()
+    print(",,,,failed"); sys.exit()
 t = r["total"]
-print("%.0f,%.2f,%.2f,%d" % (t["iops"], t["latency"]["avg_ns"] / 1e3, t["latency"]["p99_ns"] / 1e3, r["io_errors"]))
+l = t["latency"]
+print("%.0f,%.2f,%.2f,%.2f,%d" % (t["iops"], l["avg_ns"] / 1e3, l["p50_ns"] / 1e3, l["p99_ns"] / 1e3, r["io_errors"]))
 ' "$json")"
       echo "$t,$rw,$qd,$round,$line" >> "$OUT"
       printf '%-20s %-9s qd=%-4s round %s: %s\n' "$t" "$rw" "$qd" "$round" "$line"
@@ -204,16 +205,17 @@ by = defaultdict(dict)   # (workload, qd) -> target -> round -> row
 for r in rows:
     by[(r["workload"], r["qd"])].setdefault(r["target"], {})[r["round"]] = r
 print()
-print(f"| workload | QD | target | median IOPS | median avg lat (us) | median p99 (us) | median per-round ratio to {baseline} | rounds |")
-print("|---|---|---|---|---|---|---|---|")
+print(f"| workload | QD | target | median IOPS | median avg lat (us) | median p50 (us) | median p99 (us) | median per-round ratio to {baseline} | rounds |")
+print("|---|---|---|---|---|---|---|---|---|")
 for (wl, qd), targets in by.items():
     base = targets.get(baseline, {})
     for t, rounds in targets.items():
         iops = [float(r["iops"]) for r in rounds.values()]
         lat = [float(r["avg_lat_us"]) for r in rounds.values()]
+        p50 = [float(r["p50_lat_us"]) for r in rounds.values()]
         p99 = [float(r["p99_lat_us"]) for r in rounds.values()]
         ratios = [float(r["iops"]) / float(base[k]["iops"]) for k, r in rounds.items()
                   if k in base and float(base[k]["iops"]) > 0]
         ratio = f"{statistics.median(ratios):.2f}" if ratios else "-"
-        print(f"| {wl} | {qd} | {t} | {statistics.median(iops):,.0f} | {statistics.median(lat):.2f} | {statistics.median(p99):.2f} | {ratio} | {len(iops)} |")
+        print(f"| {wl} | {qd} | {t} | {statistics.median(iops):,.0f} | {statistics.median(lat):.2f} | {statistics.median(p50):.2f} | {statistics.median(p99):.2f} | {ratio} | {len(iops)} |")
 PY
