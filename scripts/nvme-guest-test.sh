@@ -14,8 +14,22 @@
 #   NVME_GUEST_BIN      a prebuilt rvhost-nvme binary      (default: build it with cargo)
 #   NVME_GUEST_TIMEOUT  seconds the guest may run          (default: 1200)
 #
+# With NVME_GUEST_MODE=bdev it is the NVMe bdev's acceptance test instead: the guest runs
+# `rvhost` itself with a `-c` JSON config that attaches the controller
+# (`bdev_nvme_attach_controller`) and exports `Nvme0n1` as vhost-user-blk, drives it with the
+# userspace initiator `rvhost-perf --verify` (4 KiB and 128 KiB random read/write), stops rvhost
+# with SIGINT, and then the host checks that every block rvhost-perf wrote is in
+# the raw backing file at the right place with the right content.
+#
+# Environment (all optional):
+#   NVME_GUEST_MODE     driver (default) or bdev
+#   NVME_GUEST_RVHOST   bdev mode: prebuilt rvhost binary        (default: build it with cargo)
+#   NVME_GUEST_PERF     bdev mode: prebuilt rvhost-perf binary   (default: build it with cargo)
+#
 # Exit status: 0 pass, 1 fail, 77 skipped because QEMU or a guest kernel cannot be installed.
 set -euo pipefail
+MODE=${NVME_GUEST_MODE:-driver}
+case "$MODE" in driver|bdev) ;; *) echo "NVME_GUEST_MODE must be driver or bdev" >&2; exit 1 ;; esac
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${NVME_GUEST_WORK:-$ROOT/build/nvme-guest}
@@ -83,6 +97,17 @@ else
     BIN=$CARGO_TARGET_DIR/debug/rvhost-nvme
 fi
 [ -x "$BIN" ] || { log "no binary at $BIN"; exit 1; }
+GUEST_BINS=("$BIN")
+if [ "$MODE" = bdev ]; then
+    if [ -z "${NVME_GUEST_RVHOST:-}" ] || [ -z "${NVME_GUEST_PERF:-}" ]; then
+        export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/build/nvme}
+        (cd "$ROOT" && cargo build -p rvhost-target --bin rvhost -p rvhost-bench --bin rvhost-perf >&2)
+    fi
+    RVHOST_BIN=${NVME_GUEST_RVHOST:-$CARGO_TARGET_DIR/debug/rvhost}
+    PERF_BIN=${NVME_GUEST_PERF:-$CARGO_TARGET_DIR/debug/rvhost-perf}
+    for b in "$RVHOST_BIN" "$PERF_BIN"; do [ -x "$b" ] || { log "no binary at $b"; exit 1; }; done
+    GUEST_BINS+=("$RVHOST_BIN" "$PERF_BIN")
+fi
 
 # ---- initramfs ----
 INITRD_DIR=$WORK/initramfs
@@ -90,10 +115,17 @@ rm -rf "$INITRD_DIR"
 mkdir -p "$INITRD_DIR"/{bin,sbin,proc,sys,dev,tmp,lib/modules}
 cp "$busybox_path" "$INITRD_DIR/bin/busybox"
 cp "$BIN" "$INITRD_DIR/rvhost-nvme"
-# The binary's shared libraries, at the paths the dynamic loader expects.
-ldd "$BIN" | awk '/=> \// {print $3} /^[ \t]*\// {print $1}' | while read -r lib; do
-    mkdir -p "$INITRD_DIR$(dirname "$lib")"
-    cp -L "$lib" "$INITRD_DIR$lib"
+if [ "$MODE" = bdev ]; then
+    cp "$RVHOST_BIN" "$INITRD_DIR/rvhost"
+    cp "$PERF_BIN" "$INITRD_DIR/rvhost-perf"
+fi
+echo "$MODE" > "$INITRD_DIR/mode"
+# The binaries' shared libraries, at the paths the dynamic loader expects.
+for b in "${GUEST_BINS[@]}"; do
+    ldd "$b" | awk '/=> \// {print $3} /^[ \t]*\// {print $1}' | while read -r lib; do
+        mkdir -p "$INITRD_DIR$(dirname "$lib")"
+        cp -L "$lib" "$INITRD_DIR$lib"
+    done
 done
 if [ -e /lib64/ld-linux-x86-64.so.2 ]; then
     mkdir -p "$INITRD_DIR/lib64"
@@ -148,6 +180,34 @@ echo "guest: bound to $(basename "$(readlink /sys/bus/pci/devices/$BDF/driver)")
 echo 64 > /proc/sys/vm/nr_hugepages
 echo "guest: hugepages $(cat /proc/sys/vm/nr_hugepages)"
 export RUST_LIB_BACKTRACE=0
+if [ "$(cat /mode)" = bdev ]; then
+    # rvhost on the controller, configured the way an SPDK user would (-c JSON config).
+    cat > /rvhost.json <<CONFIG
+{"subsystems": [
+  {"subsystem": "bdev", "config": [
+    {"method": "bdev_nvme_attach_controller",
+     "params": {"name": "Nvme0", "trtype": "pcie", "traddr": "$BDF"}}]},
+  {"subsystem": "vhost_blk", "config": [
+    {"method": "vhost_create_blk_controller",
+     "params": {"ctrlr": "vhost.0", "dev_name": "Nvme0n1"}}]}
+]}
+CONFIG
+    mkdir -p /var/tmp/rv
+    /rvhost -c /rvhost.json --no-default -S /var/tmp/rv -r /var/tmp/rv/rpc.sock -m 0x1 -L info &
+    rvhost_pid=$!
+    for i in $(seq 600); do [ -S /var/tmp/rv/vhost.0 ] && break; sleep 0.1; done
+    ls -l /var/tmp/rv
+    rc_perf4k=1; rc_perf128k=1
+    if [ -S /var/tmp/rv/vhost.0 ]; then
+        /rvhost-perf --socket /var/tmp/rv/vhost.0 --type blk --rw randrw --verify --time 5 --cpu 1; rc_perf4k=$?
+        /rvhost-perf --socket /var/tmp/rv/vhost.0 --type blk --rw randrw --verify --time 5 --cpu 1 --bs 128k --qd 8 --seed 7; rc_perf128k=$?
+    fi
+    # A clean shutdown closes the channels (deleting their I/O queues) and the controller.
+    kill -INT "$rvhost_pid"; wait "$rvhost_pid"; rc_rvhost=$?
+    echo "RVHOST-NVME-BDEV-RESULT perf4k=$rc_perf4k perf128k=$rc_perf128k rvhost=$rc_rvhost"
+    sync
+    poweroff -f
+fi
 /rvhost-nvme identify "$BDF"; rc_identify=$?
 # Three passes over the whole namespace: PRPs with SGLs where needed, SGLs for everything, and
 # PRPs only (where the byte-unaligned buffer shape becomes an unaligned first PRP segment).
@@ -227,6 +287,19 @@ exec 9>&-
 sed 's/^/guest| /' "$SERIAL_LOG" >&2
 log "qemu exited with $qemu_rc"
 
+if [ "$MODE" = bdev ]; then
+    result=$(grep -a 'RVHOST-NVME-BDEV-RESULT' "$SERIAL_LOG" | tail -n1 | tr -d '\r' || true)
+    if [ "$result" != "RVHOST-NVME-BDEV-RESULT perf4k=0 perf128k=0 rvhost=0" ]; then
+        log "FAIL: guest reported '${result:-nothing}'"
+        exit 1
+    fi
+    # Every block of the random-filled drive that carries rvhost-perf's verify header must be the
+    # exact pattern for its own block number (4 KiB blocks from the 4k run, 128 KiB blocks from
+    # the 128k run), i.e. the data went through rvhost and the NVMe bdev to the right place.
+    python3 "$ROOT/scripts/check-perf-image.py" "$DISK" || { log "FAIL: backing file check"; exit 1; }
+    log "PASS"
+    exit 0
+fi
 result=$(grep -a 'RVHOST-NVME-GUEST-RESULT' "$SERIAL_LOG" | tail -n1 | tr -d '\r' || true)
 if [ "$result" != "RVHOST-NVME-GUEST-RESULT identify=0 selftest=0 perf=0" ]; then
     log "FAIL: guest reported '${result:-nothing}'"

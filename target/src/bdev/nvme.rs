@@ -753,6 +753,7 @@ impl BdevChannel for NvmeChannel {
             if !self.issue(index, None, |qp, tag| qp.flush(nsid, tag)) {
                 self.fail_after_issued(index);
             }
+            self.qp.ring();
             return Ok(());
         }
         let (_, len) = byte_range(io, bdev.num_blocks, bdev.block_size)?;
@@ -806,6 +807,8 @@ impl BdevChannel for NvmeChannel {
             }
             IoKind::Flush => {}
         }
+        // One doorbell write per submitted I/O rather than waiting for the next poll.
+        self.qp.ring();
         Ok(())
     }
 
