@@ -948,16 +948,22 @@ impl RpcMethods {
             ));
         }
         // The registry holds trait objects; rescanning needs the file bdev itself.
-        self.file_bdevs.retain(|b| b.upgrade().is_some_and(|b| !b.is_removed()));
+        self.file_bdevs
+            .retain(|b| b.upgrade().is_some_and(|b| !b.is_removed()));
         let Some(file_bdev) = self
             .file_bdevs
             .iter()
             .filter_map(std::sync::Weak::upgrade)
             .find(|b| b.name() == bdev.name())
         else {
-            return Err(RpcError::errno(ENODEV, format!("no file bdev named {}", p.name)));
+            return Err(RpcError::errno(
+                ENODEV,
+                format!("no file bdev named {}", p.name),
+            ));
         };
-        file_bdev.rescan().map_err(|e| RpcError::errno(EINVAL, e.to_string()))?;
+        file_bdev
+            .rescan()
+            .map_err(|e| RpcError::errno(EINVAL, e.to_string()))?;
         Ok(Value::Bool(true))
     }
 
