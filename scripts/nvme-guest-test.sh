@@ -16,7 +16,7 @@
 #
 # With NVME_GUEST_MODE=bdev it is the NVMe bdev's acceptance test instead: the guest runs
 # `rvhost` itself with a `-c` JSON config that attaches the controller
-# (`bdev_nvme_attach_controller`) and exports `Nvme0n1` as vhost-user-blk, drives it with the
+# (`bdev_nvme_attach_controller`, then detach and attach again) and exports `Nvme0n1` as vhost-user-blk, drives it with the
 # userspace initiator `rvhost-perf --verify` (4 KiB and 128 KiB random read/write), stops rvhost
 # with SIGINT, and then the host checks that every block rvhost-perf wrote is in
 # the raw backing file at the right place with the right content.
@@ -99,9 +99,12 @@ fi
 [ -x "$BIN" ] || { log "no binary at $BIN"; exit 1; }
 GUEST_BINS=("$BIN")
 if [ "$MODE" = bdev ]; then
-    if [ -z "${NVME_GUEST_RVHOST:-}" ] || [ -z "${NVME_GUEST_PERF:-}" ]; then
-        export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/build/nvme}
-        (cd "$ROOT" && cargo build -p rvhost-target --bin rvhost -p rvhost-bench --bin rvhost-perf >&2)
+    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/build/nvme}
+    if [ -z "${NVME_GUEST_RVHOST:-}" ]; then
+        (cd "$ROOT" && cargo build -p rvhost-target --bin rvhost >&2)
+    fi
+    if [ -z "${NVME_GUEST_PERF:-}" ]; then
+        (cd "$ROOT" && cargo build -p rvhost-bench --bin rvhost-perf >&2)
     fi
     RVHOST_BIN=${NVME_GUEST_RVHOST:-$CARGO_TARGET_DIR/debug/rvhost}
     PERF_BIN=${NVME_GUEST_PERF:-$CARGO_TARGET_DIR/debug/rvhost-perf}
@@ -181,12 +184,17 @@ echo 64 > /proc/sys/vm/nr_hugepages
 echo "guest: hugepages $(cat /proc/sys/vm/nr_hugepages)"
 export RUST_LIB_BACKTRACE=0
 if [ "$(cat /mode)" = bdev ]; then
-    # rvhost on the controller, configured the way an SPDK user would (-c JSON config).
+    # rvhost on the controller, configured the way an SPDK user would (-c JSON config). The
+    # controller is attached, detached (releasing the VFIO device) and attached again, so that a
+    # detach that leaves anything behind fails the second attach.
     cat > /rvhost.json <<CONFIG
 {"subsystems": [
   {"subsystem": "bdev", "config": [
     {"method": "bdev_nvme_attach_controller",
-     "params": {"name": "Nvme0", "trtype": "pcie", "traddr": "$BDF"}}]},
+     "params": {"name": "Nvme0", "trtype": "pcie", "traddr": "$BDF"}},
+    {"method": "bdev_nvme_detach_controller", "params": {"name": "Nvme0"}},
+    {"method": "construct_nvme_bdev",
+     "params": {"name": "Nvme0", "trtype": "PCIe", "traddr": "$BDF"}}]},
   {"subsystem": "vhost_blk", "config": [
     {"method": "vhost_create_blk_controller",
      "params": {"ctrlr": "vhost.0", "dev_name": "Nvme0n1"}}]}
