@@ -116,6 +116,16 @@ run lun_reset sg_reset -d /dev/$D0
 if wait $BG; then result lun_reset_bg_write ok; else result lun_reset_bg_write "failed:$(head -n 1 /tmp/bg.out)"; fi
 check lun_reset_verify blkcheck verify /dev/$D0 8388608 16777216 21
 
+# Multiqueue: one writer pinned to each CPU; blk-mq maps each CPU to its own request queue, so
+# every request virtqueue signals completions.
+NCPU=$(grep -c ^processor /proc/cpuinfo)
+for c in $(seq 0 $((NCPU - 1))); do
+    taskset -c $c blkcheck write /dev/$D0 $((16777216 + c * 1048576)) 1048576 $((40 + c)) 65536 >/dev/null &
+done
+wait
+result mq_request_queues "$(grep -c 'virtio[0-9]*-request' /proc/interrupts)"
+result mq_queues_used "$(awk '/virtio[0-9]+-request/ { s = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i; if (s > 0) n++ } END { print n + 0 }' /proc/interrupts)"
+
 result phase attach
 if wait_sd 2 120; then
     describe 2
@@ -396,6 +406,8 @@ fn rvhost_scsi_two_luns_io_lun_reset_hot_attach_detach() {
     out.assert_eq("lun_reset", "ok");
     out.assert_eq("lun_reset_bg_write", "ok");
     out.assert_eq("lun_reset_verify", "ok");
+    out.assert_eq("mq_request_queues", "2");
+    out.assert_eq("mq_queues_used", "2");
     assert!(
         target.log().contains("LogicalUnitReset"),
         "the guest's reset did not reach the target as a LUN reset\n{}",
