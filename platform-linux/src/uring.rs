@@ -245,6 +245,18 @@ pub fn next_hole(file: &File, offset: u64) -> io::Result<u64> {
     u64::try_from(rc).map_err(|_| io::Error::last_os_error())
 }
 
+/// Whether `file` lives on tmpfs/shmem, where io_uring hands every read and write to a kernel
+/// worker thread (the filesystem cannot do them without blocking) instead of doing them inline.
+pub fn is_on_tmpfs(file: &File) -> io::Result<bool> {
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one statfs through the pointer, which points at `fs`.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fs.f_type == libc::TMPFS_MAGIC)
+}
+
 /// Slots and the ready queue, shared by both engines.
 #[derive(Debug)]
 pub(crate) struct Slots {
@@ -579,6 +591,20 @@ mod tests {
         assert_eq!(&buf.as_slice()[10..110], &on_disk[100..200]);
         assert_eq!(ring.in_flight(), 0);
         std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn tmpfs_is_told_apart() {
+        let shm = std::path::Path::new("/dev/shm");
+        let on_shm = shm.join(format!("rvhost-uring-tmpfs-{}", std::process::id()));
+        let file = File::create(&on_shm).unwrap();
+        assert!(is_on_tmpfs(&file).unwrap());
+        std::fs::remove_file(&on_shm).unwrap();
+        let exe = File::open(std::env::current_exe().unwrap()).unwrap();
+        assert!(
+            !is_on_tmpfs(&exe).unwrap(),
+            "the build directory is on tmpfs?"
+        );
     }
 
     #[test]

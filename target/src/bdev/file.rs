@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use rvhost_platform_linux::aio::AioContext;
 use rvhost_platform_linux::uring::{
-    block_device_geometry, AlignedBuf, FileCompletion, FileIoError, FileOp, Uring,
+    block_device_geometry, is_on_tmpfs, AlignedBuf, FileCompletion, FileIoError, FileOp, Uring,
 };
 
 use super::malloc::{byte_range, check_iovs, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
@@ -164,6 +164,12 @@ impl FileBdev {
                 "block_size {block_size} is smaller than the device's logical block size \
                  {device_block}"
             )));
+        }
+        if config.engine == FileEngine::Uring && is_on_tmpfs(&file).unwrap_or(false) {
+            // Measured: ~5k IOPS through io-wq vs ~70k inline with AIO on a loaded two-core host.
+            tracing::warn!(bdev = %config.name, file = %shown,
+                "io_uring runs tmpfs I/O on a kernel worker thread (slow next to a polling \
+                 reactor); bdev_aio_create serves this file faster");
         }
         let num_blocks = size / u64::from(block_size);
         if num_blocks == 0 {
