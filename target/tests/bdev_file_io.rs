@@ -494,3 +494,96 @@ fn geometry_readonly_and_bad_files() {
     cfg.filename = tiny.path.clone();
     assert!(FileBdev::open(cfg).is_err(), "smaller than a block");
 }
+
+/// A loop device over a file, detached on drop.
+struct LoopDevice {
+    dev: PathBuf,
+}
+
+impl LoopDevice {
+    fn attach(backing: &Path, sector_size: u32) -> Self {
+        let out = Command::new("losetup")
+            .args(["-f", "--show", "--sector-size", &sector_size.to_string()])
+            .arg(backing)
+            .output()
+            .expect("run losetup (this test needs root)");
+        assert!(
+            out.status.success(),
+            "losetup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopDevice {
+            dev: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// A kernel block device: geometry from BLKGETSIZE64/BLKSSZGET, data through O_DIRECT, discard
+/// through BLKDISCARD (which punches a hole in the loop device's backing file).
+fn block_device_geometry_io_and_discard(engine: FileEngine) {
+    let scratch = Scratch::new(&disk_dir(), &format!("{engine:?}-loop"), 4 << 20);
+    let data = pattern(4 << 20, 11);
+    std::fs::write(&scratch.path, &data).unwrap();
+    let loop_dev = LoopDevice::attach(&scratch.path, 4096);
+    let mut cfg = config(&loop_dev.dev, engine);
+    cfg.block_size = Some(512);
+    assert!(
+        FileBdev::open(cfg.clone()).is_err(),
+        "a block size below the device's must be refused"
+    );
+    cfg.block_size = None;
+    let bdev = FileBdev::open(cfg).unwrap();
+    assert_eq!((bdev.block_size(), bdev.num_blocks()), (4096, 1024));
+    assert_eq!(
+        bdev.driver_specific()[format!("{engine:?}").to_lowercase()]["block_device"],
+        true
+    );
+    let mut ch = Arc::clone(&bdev).open_channel().unwrap();
+    let mem = TestMemory::new(BASE, 1 << 16);
+    let iov = [IoVec {
+        addr: BASE + 1,
+        len: 8192,
+    }];
+    assert_eq!(
+        run(&mut *ch, &mem, IoKind::Read, 3, 2, &iov),
+        IoStatus::Success
+    );
+    assert_eq!(&mem.bytes.borrow()[1..8193], &data[3 * 4096..5 * 4096]);
+    let fresh = pattern(8192, 99);
+    mem.copy_to_host(BASE + 1, &fresh).unwrap();
+    assert_eq!(
+        run(&mut *ch, &mem, IoKind::Write, 10, 2, &iov),
+        IoStatus::Success
+    );
+    assert_eq!(
+        run(&mut *ch, &mem, IoKind::Flush, 0, 0, &[]),
+        IoStatus::Success
+    );
+    // Discard 1 MiB at 1 MiB: the loop driver punches it out of the backing file.
+    assert_eq!(
+        run(&mut *ch, &mem, IoKind::Unmap, 256, 256, &[]),
+        IoStatus::Success
+    );
+    drop(ch);
+    let backing = File::open(&scratch.path).unwrap();
+    assert_eq!(next_hole(&backing, 0).unwrap(), 1 << 20);
+    let mut buf = vec![0u8; 8192];
+    backing.read_exact_at(&mut buf, 10 * 4096).unwrap();
+    assert_eq!(buf, fresh);
+}
+
+#[test]
+fn uring_block_device_geometry_io_and_discard() {
+    block_device_geometry_io_and_discard(FileEngine::Uring);
+}
+
+#[test]
+fn aio_block_device_geometry_io_and_discard() {
+    block_device_geometry_io_and_discard(FileEngine::Aio);
+}
