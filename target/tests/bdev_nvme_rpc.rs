@@ -31,6 +31,22 @@ fn attach_to_a_missing_device_is_a_clear_error() {
         target.err_code("bdev_nvme_detach_controller", json!({"name": "Nvme0"})),
         -19
     );
+    assert_eq!(target.ok("bdev_nvme_get_controllers", json!({})), json!([]));
+    assert_eq!(
+        target.err_code("bdev_nvme_get_controllers", json!({"name": "Nvme0"})),
+        -19
+    );
+    let methods = target.ok("rpc_get_methods", json!({}));
+    for method in [
+        "bdev_nvme_attach_controller",
+        "bdev_nvme_detach_controller",
+        "bdev_nvme_get_controllers",
+    ] {
+        assert!(
+            methods.as_array().unwrap().contains(&json!(method)),
+            "{method}"
+        );
+    }
     // The server still serves.
     assert_eq!(
         target.ok(

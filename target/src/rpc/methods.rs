@@ -85,6 +85,11 @@ const METHODS: &[Method] = &[
         handler: RpcMethods::bdev_nvme_attach_controller,
     },
     Method {
+        name: "bdev_nvme_get_controllers",
+        old_name: Some("get_nvme_controllers"),
+        handler: RpcMethods::bdev_nvme_get_controllers,
+    },
+    Method {
         name: "bdev_nvme_detach_controller",
         old_name: Some("delete_nvme_controller"),
         handler: RpcMethods::bdev_nvme_detach_controller,
@@ -443,6 +448,13 @@ struct NvmeAttach {
     /// A fabrics Connect attribute; nothing to do for PCIe.
     #[allow(dead_code)]
     disable_sq_flow_control: Option<bool>,
+}
+
+/// `bdev_nvme_get_controllers` (SPDK's `rpc_bdev_nvme_get_controllers`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NvmeGetControllers {
+    name: Option<String>,
 }
 
 /// `bdev_nvme_detach_controller` (SPDK's `rpc_bdev_nvme_detach_controller`).
@@ -888,6 +900,40 @@ impl RpcMethods {
         Ok(json!(names))
     }
 
+    fn bdev_nvme_get_controllers(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: NvmeGetControllers = decode(params)?;
+        if let Some(name) = &p.name {
+            if !self.nvme_controllers.iter().any(|(c, _)| c.name() == name) {
+                return Err(RpcError::errno(
+                    ENODEV,
+                    format!("no NVMe controller named {name}"),
+                ));
+            }
+        }
+        let list = self
+            .nvme_controllers
+            .iter()
+            .filter(|(c, _)| p.name.as_deref().is_none_or(|n| n == c.name()))
+            .map(|(c, bdevs)| {
+                let state = match c.controller().state() {
+                    rvhost_nvme::ControllerState::Running => "enabled",
+                    rvhost_nvme::ControllerState::Resetting => "resetting",
+                    rvhost_nvme::ControllerState::Failed => "failed",
+                };
+                json!({
+                    "name": c.name(),
+                    "ctrlrs": [{
+                        "state": state,
+                        "trid": {"trtype": "PCIe", "traddr": c.traddr()},
+                        "cntlid": c.controller().info().controller_id,
+                    }],
+                    "bdevs": bdevs,
+                })
+            })
+            .collect();
+        Ok(Value::Array(list))
+    }
+
     fn bdev_nvme_detach_controller(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
         let p: NvmeDetach = decode(params)?;
         let Some(index) = self
@@ -1260,12 +1306,22 @@ impl RpcMethods {
     fn framework_get_config(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
         let p: GetConfig = decode(params)?;
         match p.name.as_str() {
-            "bdev" => Ok(Value::Array(
-                self.bdevs
+            "bdev" => {
+                let mut calls: Vec<Value> = self
+                    .bdevs
                     .iter()
+                    .filter(|b| b.module_name() != "nvme")
                     .filter_map(|b| bdev_config(b.as_ref()))
-                    .collect(),
-            )),
+                    .collect();
+                // One call per controller recreates all of its namespace bdevs.
+                calls.extend(self.nvme_controllers.iter().map(|(ctrl, _)| {
+                    json!({
+                        "method": "bdev_nvme_attach_controller",
+                        "params": {"name": ctrl.name(), "trtype": "PCIe", "traddr": ctrl.traddr()}
+                    })
+                }));
+                Ok(Value::Array(calls))
+            }
             "vhost_blk" => {
                 let controllers = self.ops.controllers(None).map_err(ops_error)?;
                 let calls = controllers
