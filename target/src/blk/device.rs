@@ -807,6 +807,13 @@ impl ReactorDevice for BlkDevice {
                     .get_mut(usize::from(index))
                     .and_then(Option::as_mut)
                 {
+                    // QEMU may hand over the call eventfd only after the queue started (when the
+                    // guest unmasks the queue's MSI-X vector); a completion published before then
+                    // was signalled to nobody. Signal the new eventfd once so the driver looks at
+                    // its ring; a spurious interrupt costs it one empty scan.
+                    if let Some(call) = &call {
+                        call.notify();
+                    }
                     q.call = call;
                 }
                 let _ = reply.send(());
@@ -1098,6 +1105,33 @@ mod tests {
         assert!(data.iter().all(|&b| b == 0xab));
         // Poll mode: the driver is told not to kick.
         assert_eq!(rig.mem.load_u16(USED, Ordering::Acquire).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_call_eventfd_handed_over_after_a_completion_is_signalled_at_once() {
+        use std::os::fd::AsFd;
+        let mut rig = Rig::new(false);
+        // Completed while the queue has no call eventfd yet (QEMU sends it on MSI-X unmask).
+        rig.post(0, 4);
+        rig.release();
+        rig.device.poll();
+        rig.device.poll();
+        assert_eq!(rig.used_idx(), 1);
+        let efd = rvhost_platform_linux::EventFd::new().unwrap();
+        let file = std::fs::File::from(efd.as_fd().try_clone_to_owned().unwrap());
+        let call = Arc::new(crate::vhost::EventNotifier::from_file(file).unwrap());
+        let (tx, rx) = reply();
+        rig.device.apply(DeviceOp::SetCall {
+            index: 0,
+            call: Some(call),
+            reply: tx,
+        });
+        rx.try_recv().unwrap();
+        assert_eq!(
+            efd.consume().unwrap(),
+            1,
+            "the driver is told to look at its ring"
+        );
     }
 
     #[test]
