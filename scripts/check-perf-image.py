@@ -7,6 +7,10 @@ The image starts as random bytes. rvhost-perf stamps every block it writes with 
 `block * block_size` and hold exactly that pattern. Two block sizes are checked: 4 KiB and
 128 KiB (the two runs of `NVME_GUEST_MODE=bdev scripts/nvme-guest-test.sh`).
 
+With --ops, the last MiB is checked too: `target/tests/bdev_nvme_guest_ops.rs` wrote 256 KiB of a
+per-sector pattern at 31 MiB (each sector starting with its own number), then zeroed the 64 KiB
+starting 64 KiB in; what perf left there is not checked.
+
 Exit status 0 when at least one block of each size was found and all found blocks are intact.
 """
 
@@ -36,12 +40,41 @@ def pattern(block: int, generation: int, length: int) -> bytes:
     return header + body[24:length]
 
 
+OPS_REGION = 31 * 1024 * 1024
+OPS_BYTES = 256 * 1024
+OPS_ZERO = (64 * 1024, 128 * 1024)
+
+
+def ops_expected() -> bytes:
+    out = bytearray()
+    first = OPS_REGION // 512
+    for i in range(OPS_BYTES // 512):
+        number = first + i
+        sector = bytearray(struct.pack("<Q", number))
+        for j in range(8, 512):
+            sector.append((((number & 0xFF) * 7) & 0xFF) ^ ((j * 31) & 0xFF) ^ 0x5A)
+        out += sector
+    out[OPS_ZERO[0]:OPS_ZERO[1]] = bytes(OPS_ZERO[1] - OPS_ZERO[0])
+    return bytes(out)
+
+
 def main() -> int:
-    if len(sys.argv) != 2:
-        print("usage: check-perf-image.py IMAGE", file=sys.stderr)
+    args = sys.argv[1:]
+    ops = "--ops" in args
+    args = [a for a in args if a != "--ops"]
+    if len(args) != 1:
+        print("usage: check-perf-image.py [--ops] IMAGE", file=sys.stderr)
         return 2
-    with open(sys.argv[1], "rb") as f:
+    with open(args[0], "rb") as f:
         data = f.read()
+    if ops:
+        if data[OPS_REGION:OPS_REGION + OPS_BYTES] != ops_expected():
+            print("check-perf-image: the ops region at 31 MiB does not hold the guest test's data",
+                  file=sys.stderr)
+            return 1
+        print("check-perf-image: ops region (256 KiB at 31 MiB, 64 KiB of it zeroed) intact")
+        # Perf blocks overwritten there by the ops test are not perf's any more.
+        data = data[:OPS_REGION] + bytes(OPS_BYTES) + data[OPS_REGION + OPS_BYTES:]
     found = {size: 0 for size in SIZES}
     bad = 0
     offset = 0

@@ -17,7 +17,9 @@
 # With NVME_GUEST_MODE=bdev it is the NVMe bdev's acceptance test instead: the guest runs
 # `rvhost` itself with a `-c` JSON config that attaches the controller
 # (`bdev_nvme_attach_controller`, then detach and attach again) and exports `Nvme0n1` as vhost-user-blk, drives it with the
-# userspace initiator `rvhost-perf --verify` (4 KiB and 128 KiB random read/write), stops rvhost
+# userspace initiator `rvhost-perf --verify` (4 KiB and 128 KiB random read/write), runs the
+# guest-side virtio-blk test `target/tests/bdev_nvme_guest_ops.rs` (flush, write zeroes, discard,
+# a split 256 KiB write, a read past the end), stops rvhost
 # with SIGINT, and then the host checks that every block rvhost-perf wrote is in
 # the raw backing file at the right place with the right content.
 #
@@ -25,6 +27,7 @@
 #   NVME_GUEST_MODE     driver (default) or bdev
 #   NVME_GUEST_RVHOST   bdev mode: prebuilt rvhost binary        (default: build it with cargo)
 #   NVME_GUEST_PERF     bdev mode: prebuilt rvhost-perf binary   (default: build it with cargo)
+#   NVME_GUEST_OPS      bdev mode: prebuilt bdev_nvme_guest_ops test binary (default: cargo builds it)
 #
 # Exit status: 0 pass, 1 fail, 77 skipped because QEMU or a guest kernel cannot be installed.
 set -euo pipefail
@@ -108,8 +111,21 @@ if [ "$MODE" = bdev ]; then
     fi
     RVHOST_BIN=${NVME_GUEST_RVHOST:-$CARGO_TARGET_DIR/debug/rvhost}
     PERF_BIN=${NVME_GUEST_PERF:-$CARGO_TARGET_DIR/debug/rvhost-perf}
-    for b in "$RVHOST_BIN" "$PERF_BIN"; do [ -x "$b" ] || { log "no binary at $b"; exit 1; }; done
-    GUEST_BINS+=("$RVHOST_BIN" "$PERF_BIN")
+    # The guest-side virtio-blk driver test (target/tests/bdev_nvme_guest_ops.rs).
+    OPS_BIN=${NVME_GUEST_OPS:-$(cd "$ROOT" && cargo test -p rvhost-target --test bdev_nvme_guest_ops \
+        --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") \
+            and m["target"]["name"] == "bdev_nvme_guest_ops":
+        print(m["executable"])
+')}
+    for b in "$RVHOST_BIN" "$PERF_BIN" "$OPS_BIN"; do [ -x "$b" ] || { log "no binary at '$b'"; exit 1; }; done
+    GUEST_BINS+=("$RVHOST_BIN" "$PERF_BIN" "$OPS_BIN")
 fi
 
 # ---- initramfs ----
@@ -121,6 +137,7 @@ cp "$BIN" "$INITRD_DIR/rvhost-nvme"
 if [ "$MODE" = bdev ]; then
     cp "$RVHOST_BIN" "$INITRD_DIR/rvhost"
     cp "$PERF_BIN" "$INITRD_DIR/rvhost-perf"
+    cp "$OPS_BIN" "$INITRD_DIR/bdev-ops"
 fi
 echo "$MODE" > "$INITRD_DIR/mode"
 # The binaries' shared libraries, at the paths the dynamic loader expects.
@@ -205,14 +222,18 @@ CONFIG
     rvhost_pid=$!
     for i in $(seq 600); do [ -S /var/tmp/rv/vhost.0 ] && break; sleep 0.1; done
     ls -l /var/tmp/rv
-    rc_perf4k=1; rc_perf128k=1
+    rc_perf4k=1; rc_perf128k=1; rc_ops=1
+    mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
     if [ -S /var/tmp/rv/vhost.0 ]; then
         /rvhost-perf --socket /var/tmp/rv/vhost.0 --type blk --rw randrw --verify --time 5 --cpu 1; rc_perf4k=$?
         /rvhost-perf --socket /var/tmp/rv/vhost.0 --type blk --rw randrw --verify --time 5 --cpu 1 --bs 128k --qd 8 --seed 7; rc_perf128k=$?
+        # Flush, write zeroes, discard and a split 256 KiB write through a virtio-blk driver.
+        RVHOST_NVME_GUEST_SOCKET=/var/tmp/rv/vhost.0 /bdev-ops --ignored --exact \
+            nvme_bdev_ops_in_the_guest --test-threads 1 --nocapture; rc_ops=$?
     fi
     # A clean shutdown closes the channels (deleting their I/O queues) and the controller.
     kill -INT "$rvhost_pid"; wait "$rvhost_pid"; rc_rvhost=$?
-    echo "RVHOST-NVME-BDEV-RESULT perf4k=$rc_perf4k perf128k=$rc_perf128k rvhost=$rc_rvhost"
+    echo "RVHOST-NVME-BDEV-RESULT perf4k=$rc_perf4k perf128k=$rc_perf128k ops=$rc_ops rvhost=$rc_rvhost"
     sync
     poweroff -f
 fi
@@ -297,14 +318,14 @@ log "qemu exited with $qemu_rc"
 
 if [ "$MODE" = bdev ]; then
     result=$(grep -a 'RVHOST-NVME-BDEV-RESULT' "$SERIAL_LOG" | tail -n1 | tr -d '\r' || true)
-    if [ "$result" != "RVHOST-NVME-BDEV-RESULT perf4k=0 perf128k=0 rvhost=0" ]; then
+    if [ "$result" != "RVHOST-NVME-BDEV-RESULT perf4k=0 perf128k=0 ops=0 rvhost=0" ]; then
         log "FAIL: guest reported '${result:-nothing}'"
         exit 1
     fi
     # Every block of the random-filled drive that carries rvhost-perf's verify header must be the
     # exact pattern for its own block number (4 KiB blocks from the 4k run, 128 KiB blocks from
     # the 128k run), i.e. the data went through rvhost and the NVMe bdev to the right place.
-    python3 "$ROOT/scripts/check-perf-image.py" "$DISK" || { log "FAIL: backing file check"; exit 1; }
+    python3 "$ROOT/scripts/check-perf-image.py" --ops "$DISK" || { log "FAIL: backing file check"; exit 1; }
     log "PASS"
     exit 0
 fi
