@@ -428,7 +428,7 @@ fn for_each_span(
         .ok_or_else(|| BdevError::InvalidParams("I/O range overflows".into()))?;
     let mut iov_start = 0u64;
     for iov in iovs {
-        let iov_end = iov_start + u64::from(iov.len);
+        let iov_end = iov_start.saturating_add(u64::from(iov.len));
         let from = start.max(iov_start);
         let to = end.min(iov_end);
         if from < to {
@@ -623,7 +623,9 @@ impl NvmeChannel {
                 let scratch = &mut self.scratch;
                 let bounce = &self.bounce;
                 for_each_span(io.iovs, done, piece, |addr, at, n| {
-                    let buf = &mut scratch[at..at + n];
+                    let buf = scratch
+                        .get_mut(at..at + n)
+                        .ok_or_else(|| BdevError::Backend("span beyond the bounce slot".into()))?;
                     mem.copy_from_host(addr, buf).map_err(BdevError::Memory)?;
                     if bounce.write_bytes(slot_offset + at, buf) {
                         Ok(())
@@ -682,7 +684,9 @@ impl NvmeChannel {
             let scratch = &mut self.scratch;
             let bounce = &self.bounce;
             for_each_span(io.iovs, done, piece, |addr, at, n| {
-                let buf = &mut scratch[at..at + n];
+                let buf = scratch
+                    .get_mut(at..at + n)
+                    .ok_or_else(|| BdevError::Backend("span beyond the bounce slot".into()))?;
                 if !bounce.read_bytes(slot_offset + at, buf) {
                     return Err(BdevError::Backend("bounce slot out of range".into()));
                 }
