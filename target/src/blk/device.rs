@@ -223,7 +223,7 @@ impl BlkDevice {
             memory: None,
             generation: 0,
             retired: Vec::new(),
-            queues: (0..super::MAX_QUEUES).map(|_| None).collect(),
+            queues: Vec::with_capacity(usize::from(super::MAX_QUEUES)),
             iovs: Vec::with_capacity(CHAIN_CAPACITY),
             detach_reply: None,
             remove_reply: None,
@@ -236,9 +236,18 @@ impl BlkDevice {
     }
 
     fn start_queue(&mut self, index: u16, setup: QueueSetup) -> Result<(), String> {
+        let index_usize = usize::from(index);
+        if index_usize >= usize::from(super::MAX_QUEUES) {
+            return Err(format!("queue {index} out of range"));
+        }
+        // The table grows to the highest queue started (capacity is reserved up front), so every
+        // poll round scans only the queues a frontend can use, not all MAX_QUEUES entries.
+        if self.queues.len() <= index_usize {
+            self.queues.resize_with(index_usize + 1, || None);
+        }
         let slot = self
             .queues
-            .get_mut(usize::from(index))
+            .get_mut(index_usize)
             .ok_or_else(|| format!("queue {index} out of range"))?;
         if slot.as_ref().is_some_and(|q| q.in_flight > 0) {
             return Err(format!("queue {index} still has requests in flight"));
