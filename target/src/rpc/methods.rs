@@ -850,7 +850,11 @@ impl RpcMethods {
         }
         validate_traddr(&p.traddr).map_err(bdev_error)?;
         crate::bdev::registry::validate_name(&p.name).map_err(registry_error)?;
-        if self.nvme_controllers.iter().any(|(c, _)| c.name() == p.name) {
+        if self
+            .nvme_controllers
+            .iter()
+            .any(|(c, _)| c.name() == p.name)
+        {
             return Err(RpcError::errno(
                 EEXIST,
                 format!("NVMe controller {} already exists", p.name),
@@ -949,9 +953,12 @@ impl RpcMethods {
         let (ctrl, names) = &self.nvme_controllers[index];
         let fabrics = [&p.adrfam, &p.trsvcid, &p.subnqn, &p.hostaddr, &p.hostsvcid];
         if fabrics.iter().any(|m| m.is_some())
-            || p.trtype.as_deref().is_some_and(|t| !t.eq_ignore_ascii_case("pcie"))
+            || p.trtype
+                .as_deref()
+                .is_some_and(|t| !t.eq_ignore_ascii_case("pcie"))
             || p.traddr.as_deref().is_some_and(|a| {
-                rvhost_nvme::vfio::normalize_bdf(a) != rvhost_nvme::vfio::normalize_bdf(ctrl.traddr())
+                rvhost_nvme::vfio::normalize_bdf(a)
+                    != rvhost_nvme::vfio::normalize_bdf(ctrl.traddr())
             })
         {
             return Err(RpcError::errno(
