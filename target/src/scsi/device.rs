@@ -353,11 +353,18 @@ fn transport_reset(target: u8, reason: u32) -> EventRepr {
     }
 }
 
-/// Copies `out.len()` bytes starting `skip` bytes into the segments; returns how many were copied.
-fn gather(mem: &GuestMemoryTable, segs: &[Segment], mut skip: u64, out: &mut [u8]) -> usize {
+/// Walks bytes `skip..skip + total` of the segments piece by piece, calling `access(guest_addr,
+/// range)` with each piece's guest address and its range within `0..total`; stops at the first
+/// piece `access` refuses. Returns how many bytes were accessed.
+fn walk_segments(
+    segs: &[Segment],
+    mut skip: u64,
+    total: usize,
+    mut access: impl FnMut(u64, std::ops::Range<usize>) -> bool,
+) -> usize {
     let mut done = 0usize;
     for seg in segs {
-        if done == out.len() {
+        if done == total {
             break;
         }
         let len = u64::from(seg.len);
@@ -366,14 +373,8 @@ fn gather(mem: &GuestMemoryTable, segs: &[Segment], mut skip: u64, out: &mut [u8
             continue;
         }
         let avail = usize::try_from(len - skip).unwrap_or(usize::MAX);
-        let n = avail.min(out.len() - done);
-        if mem
-            .read(
-                seg.guest_addr.saturating_add(skip),
-                &mut out[done..done + n],
-            )
-            .is_err()
-        {
+        let n = avail.min(total - done);
+        if !access(seg.guest_addr.saturating_add(skip), done..done + n) {
             break;
         }
         done += n;
@@ -382,30 +383,19 @@ fn gather(mem: &GuestMemoryTable, segs: &[Segment], mut skip: u64, out: &mut [u8
     done
 }
 
+/// Copies `out.len()` bytes starting `skip` bytes into the segments; returns how many were copied.
+fn gather(mem: &GuestMemoryTable, segs: &[Segment], skip: u64, out: &mut [u8]) -> usize {
+    let total = out.len();
+    walk_segments(segs, skip, total, |addr, range| {
+        mem.read(addr, &mut out[range]).is_ok()
+    })
+}
+
 /// Writes `data` starting `skip` bytes into the segments; returns how many bytes were written.
-fn scatter(mem: &GuestMemoryTable, segs: &[Segment], mut skip: u64, data: &[u8]) -> usize {
-    let mut done = 0usize;
-    for seg in segs {
-        if done == data.len() {
-            break;
-        }
-        let len = u64::from(seg.len);
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let avail = usize::try_from(len - skip).unwrap_or(usize::MAX);
-        let n = avail.min(data.len() - done);
-        if mem
-            .write(seg.guest_addr.saturating_add(skip), &data[done..done + n])
-            .is_err()
-        {
-            break;
-        }
-        done += n;
-        skip = 0;
-    }
-    done
+fn scatter(mem: &GuestMemoryTable, segs: &[Segment], skip: u64, data: &[u8]) -> usize {
+    walk_segments(segs, skip, data.len(), |addr, range| {
+        mem.write(addr, &data[range]).is_ok()
+    })
 }
 
 /// Appends host-address vectors for bytes `skip..skip + len` of the segments; false if the
