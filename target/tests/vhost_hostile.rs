@@ -604,57 +604,34 @@ fn vhost_multiqueue_event_idx_and_memory_hotplug() {
     write_hdr[8..16].copy_from_slice(&512u64.to_le_bytes());
     d.ram.write(hdr, &write_hdr);
     extra.write(0x800, &pattern(42, 512));
-    d.post(
-        0,
-        &[
-            Desc {
-                addr: hdr,
-                len: 16,
-                flags: F_NEXT,
-                next: 1,
-            },
-            Desc {
-                addr: extra_gpa + 0x800,
-                len: 512,
-                flags: F_NEXT,
-                next: 2,
-            },
-            Desc {
-                addr: status,
-                len: 1,
-                flags: F_WRITE,
-                next: 0,
-            },
-        ],
-    );
+    // A write whose data lies in the hot-added region; posted again after the region is removed.
+    let write_from_extra = [
+        Desc {
+            addr: hdr,
+            len: 16,
+            flags: F_NEXT,
+            next: 1,
+        },
+        Desc {
+            addr: extra_gpa + 0x800,
+            len: 512,
+            flags: F_NEXT,
+            next: 2,
+        },
+        Desc {
+            addr: status,
+            len: 1,
+            flags: F_WRITE,
+            next: 0,
+        },
+    ];
+    d.post(0, &write_from_extra);
     assert_eq!(d.wait_used(0), (0, 1));
     assert_eq!(d.ram.read(status, 1)[0], S_OK);
     assert_eq!(d.read_blocks(0, 512, 512), (S_OK, pattern(42, 512)));
     d.frontend.remove_mem_region(&region).expect("REM_MEM_REG");
     // The removed region is gone for the data path too.
-    d.post(
-        0,
-        &[
-            Desc {
-                addr: hdr,
-                len: 16,
-                flags: F_NEXT,
-                next: 1,
-            },
-            Desc {
-                addr: extra_gpa + 0x800,
-                len: 512,
-                flags: F_NEXT,
-                next: 2,
-            },
-            Desc {
-                addr: status,
-                len: 1,
-                flags: F_WRITE,
-                next: 0,
-            },
-        ],
-    );
+    d.post(0, &write_from_extra);
     assert_eq!(d.wait_used(0), (0, 1));
     assert_eq!(d.ram.read(status, 1)[0], S_IOERR);
     dp.shutdown();
