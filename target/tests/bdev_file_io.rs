@@ -3,65 +3,16 @@
 //! (`SEEK_HOLE`), write zeroes, a short read at a shrunk end of file failing instead of
 //! succeeding, and ENOSPC on a tiny tmpfs failing writes while the bdev keeps serving.
 
-use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use rvhost_core::mem::MemError;
 use rvhost_platform_linux::uring::next_hole;
 use rvhost_target::bdev::file::{FileBdev, FileBdevConfig, FileEngine};
-use rvhost_target::bdev::{Bdev, BdevChannel, BdevIo, HostMemoryAccess, IoKind, IoStatus, IoVec};
-
-/// Guest memory stand-in: one buffer at a fake host address.
-struct TestMemory {
-    base: u64,
-    bytes: RefCell<Vec<u8>>,
-}
-
-impl TestMemory {
-    fn new(base: u64, len: usize) -> Self {
-        TestMemory {
-            base,
-            bytes: RefCell::new(vec![0; len]),
-        }
-    }
-    fn range(&self, addr: u64, len: usize) -> Result<std::ops::Range<usize>, MemError> {
-        let unmapped = MemError::Unmapped {
-            addr,
-            len: len as u64,
-        };
-        let start =
-            usize::try_from(addr.checked_sub(self.base).ok_or(unmapped)?).map_err(|_| unmapped)?;
-        let end = start.checked_add(len).ok_or(MemError::Overflow)?;
-        if end > self.bytes.borrow().len() {
-            return Err(unmapped);
-        }
-        Ok(start..end)
-    }
-}
-
-impl HostMemoryAccess for TestMemory {
-    fn copy_to_host(&self, addr: u64, src: &[u8]) -> Result<(), MemError> {
-        let r = self.range(addr, src.len())?;
-        self.bytes.borrow_mut()[r].copy_from_slice(src);
-        Ok(())
-    }
-    fn copy_from_host(&self, addr: u64, dst: &mut [u8]) -> Result<(), MemError> {
-        let r = self.range(addr, dst.len())?;
-        dst.copy_from_slice(&self.bytes.borrow()[r]);
-        Ok(())
-    }
-    fn fill_host(&self, addr: u64, len: usize, byte: u8) -> Result<(), MemError> {
-        let r = self.range(addr, len)?;
-        self.bytes.borrow_mut()[r].fill(byte);
-        Ok(())
-    }
-}
-
-const BASE: u64 = 0x7000_0000;
+use rvhost_target::bdev::testing::TestMemory;
+use rvhost_target::bdev::{Bdev, BdevChannel, BdevIo, HostMemory, IoKind, IoStatus, IoVec};
 
 struct Scratch {
     path: PathBuf,
@@ -117,16 +68,14 @@ fn run(
     iovs: &[IoVec],
 ) -> IoStatus {
     let tag = 0xfeed_0000 + offset_blocks;
-    ch.submit(
-        &BdevIo {
-            kind,
-            offset_blocks,
-            num_blocks,
-            iovs,
-            tag,
-        },
-        mem,
-    )
+    ch.submit(&BdevIo {
+        kind,
+        offset_blocks,
+        num_blocks,
+        iovs,
+        tag,
+        mem: mem.io_memory(),
+    })
     .unwrap();
     let mut status = None;
     for _ in 0..1_000_000 {
@@ -155,24 +104,31 @@ fn round_trip_flush_discard_zeroes(engine: FileEngine) {
     assert_eq!(bdev.block_size(), 512);
     assert_eq!(bdev.num_blocks(), (4 << 20) / 512);
     let mut ch = Arc::clone(&bdev).open_channel().unwrap();
-    let mem = TestMemory::new(BASE, 1 << 20);
+    let mem = TestMemory::new(1 << 20);
+    let base = mem.addr(0);
 
     // 64 KiB at block 10, from three scattered, unaligned guest buffers.
     let data = pattern(65536, 3);
-    mem.copy_to_host(BASE + 3, &data[..1000]).unwrap();
-    mem.copy_to_host(BASE + 0x4001, &data[1000..40000]).unwrap();
-    mem.copy_to_host(BASE + 0x2_0000, &data[40000..]).unwrap();
+    mem.io_memory()
+        .copy_to_host(base + 3, &data[..1000])
+        .unwrap();
+    mem.io_memory()
+        .copy_to_host(base + 0x4001, &data[1000..40000])
+        .unwrap();
+    mem.io_memory()
+        .copy_to_host(base + 0x2_0000, &data[40000..])
+        .unwrap();
     let iovs = [
         IoVec {
-            addr: BASE + 3,
+            addr: base + 3,
             len: 1000,
         },
         IoVec {
-            addr: BASE + 0x4001,
+            addr: base + 0x4001,
             len: 39000,
         },
         IoVec {
-            addr: BASE + 0x2_0000,
+            addr: base + 0x2_0000,
             len: 25536,
         },
     ];
@@ -191,11 +147,11 @@ fn round_trip_flush_discard_zeroes(engine: FileEngine) {
     // Read it back into other unaligned buffers.
     let back = [
         IoVec {
-            addr: BASE + 0x8_0007,
+            addr: base + 0x8_0007,
             len: 512 * 100,
         },
         IoVec {
-            addr: BASE + 0x9_0000 + 1,
+            addr: base + 0x9_0000 + 1,
             len: 65536 - 512 * 100,
         },
     ];
@@ -203,15 +159,15 @@ fn round_trip_flush_discard_zeroes(engine: FileEngine) {
         run(&mut *ch, &mem, IoKind::Read, 10, 128, &back),
         IoStatus::Success
     );
-    let bytes = mem.bytes.borrow().clone();
+    let bytes = mem.read(0, 1 << 20);
     assert_eq!(&bytes[0x8_0007..0x8_0007 + 51200], &data[..51200]);
     assert_eq!(&bytes[0x9_0001..0x9_0001 + 14336], &data[51200..]);
 
     // Fill the first 2 MiB, then discard 1 MiB at 1 MiB: a hole appears there.
     let fill = pattern(1 << 20, 9);
-    mem.copy_to_host(BASE, &fill).unwrap();
+    mem.io_memory().copy_to_host(base, &fill).unwrap();
     let whole = [IoVec {
-        addr: BASE,
+        addr: base,
         len: 1 << 20,
     }];
     for start in [0u64, 2048] {
@@ -281,7 +237,8 @@ fn short_read_past_shrunk_end_fails(engine: FileEngine) {
     cfg.direct = false;
     let bdev = FileBdev::open(cfg).unwrap();
     let mut ch = Arc::clone(&bdev).open_channel().unwrap();
-    let mem = TestMemory::new(BASE, 1 << 16);
+    let mem = TestMemory::new(1 << 16);
+    let base = mem.addr(0);
     // Shrink the file underneath the bdev to end 256 bytes into block 100.
     OpenOptions::new()
         .write(true)
@@ -290,7 +247,7 @@ fn short_read_past_shrunk_end_fails(engine: FileEngine) {
         .set_len(100 * 512 + 256)
         .unwrap();
     let iov = [IoVec {
-        addr: BASE,
+        addr: base,
         len: 4 * 512,
     }];
     assert_eq!(
@@ -364,10 +321,11 @@ fn enospc_fails_writes_and_keeps_serving(engine: FileEngine) {
     let bdev = FileBdev::open(config(&scratch.path, engine)).unwrap();
     // tmpfs takes O_DIRECT since Linux 6.6; before, the bdev falls back to buffered I/O.
     let mut ch = Arc::clone(&bdev).open_channel().unwrap();
-    let mem = TestMemory::new(BASE, 1 << 16);
-    mem.fill_host(BASE, 1 << 16, 0xa5).unwrap();
+    let mem = TestMemory::new(1 << 16);
+    let base = mem.addr(0);
+    mem.io_memory().fill_host(base, 1 << 16, 0xa5).unwrap();
     let iov = [IoVec {
-        addr: BASE,
+        addr: base,
         len: 1 << 16,
     }];
     let mut failed = 0;
@@ -390,12 +348,12 @@ fn enospc_fails_writes_and_keeps_serving(engine: FileEngine) {
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(errors, failed);
     // Still serving: the first 64 KiB read back as written.
-    mem.fill_host(BASE, 1 << 16, 0).unwrap();
+    mem.io_memory().fill_host(base, 1 << 16, 0).unwrap();
     assert_eq!(
         run(&mut *ch, &mem, IoKind::Read, 0, 128, &iov),
         IoStatus::Success
     );
-    assert!(mem.bytes.borrow().iter().all(|b| *b == 0xa5));
+    assert!(mem.read(0, 1 << 16).iter().all(|b| *b == 0xa5));
     drop(ch);
     drop(bdev);
     drop(scratch);
@@ -416,11 +374,12 @@ fn shm_file_works_with_or_without_o_direct() {
     let scratch = Scratch::new(Path::new("/dev/shm"), "shm", 1 << 20);
     let bdev = FileBdev::open(config(&scratch.path, FileEngine::Uring)).unwrap();
     let mut ch = Arc::clone(&bdev).open_channel().unwrap();
-    let mem = TestMemory::new(BASE, 4096);
+    let mem = TestMemory::new(4096);
+    let base = mem.addr(0);
     let data = pattern(4096, 77);
-    mem.copy_to_host(BASE, &data).unwrap();
+    mem.io_memory().copy_to_host(base, &data).unwrap();
     let iov = [IoVec {
-        addr: BASE,
+        addr: base,
         len: 4096,
     }];
     assert_eq!(
@@ -453,9 +412,10 @@ fn geometry_readonly_and_bad_files() {
     assert_eq!((bdev.block_size(), bdev.num_blocks()), (4096, 256));
     assert!(!bdev.supports(IoKind::Write) && !bdev.supports(IoKind::Unmap));
     let mut ch = Arc::clone(&bdev).open_channel().unwrap();
-    let mem = TestMemory::new(BASE, 4096);
+    let mem = TestMemory::new(4096);
+    let base = mem.addr(0);
     let iov = [IoVec {
-        addr: BASE,
+        addr: base,
         len: 4096,
     }];
     assert_eq!(
@@ -469,16 +429,14 @@ fn geometry_readonly_and_bad_files() {
     // Out of range and mismatched buffers are refused at submission.
     for (offset, blocks) in [(256u64, 1u64), (255, 2), (u64::MAX, 1)] {
         assert!(ch
-            .submit(
-                &BdevIo {
-                    kind: IoKind::Read,
-                    offset_blocks: offset,
-                    num_blocks: blocks,
-                    iovs: &iov,
-                    tag: 1
-                },
-                &mem
-            )
+            .submit(&BdevIo {
+                kind: IoKind::Read,
+                offset_blocks: offset,
+                num_blocks: blocks,
+                iovs: &iov,
+                tag: 1,
+                mem: mem.io_memory(),
+            },)
             .is_err());
     }
     for bs in [256, 1000, 131072] {
@@ -545,18 +503,19 @@ fn block_device_geometry_io_and_discard(engine: FileEngine) {
         true
     );
     let mut ch = Arc::clone(&bdev).open_channel().unwrap();
-    let mem = TestMemory::new(BASE, 1 << 16);
+    let mem = TestMemory::new(1 << 16);
+    let base = mem.addr(0);
     let iov = [IoVec {
-        addr: BASE + 1,
+        addr: base + 1,
         len: 8192,
     }];
     assert_eq!(
         run(&mut *ch, &mem, IoKind::Read, 3, 2, &iov),
         IoStatus::Success
     );
-    assert_eq!(&mem.bytes.borrow()[1..8193], &data[3 * 4096..5 * 4096]);
+    assert_eq!(&mem.read(1, 8192)[..], &data[3 * 4096..5 * 4096]);
     let fresh = pattern(8192, 99);
-    mem.copy_to_host(BASE + 1, &fresh).unwrap();
+    mem.io_memory().copy_to_host(base + 1, &fresh).unwrap();
     assert_eq!(
         run(&mut *ch, &mem, IoKind::Write, 10, 2, &iov),
         IoStatus::Success

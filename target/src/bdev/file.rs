@@ -813,7 +813,8 @@ impl FileChannel {
 }
 
 impl BdevChannel for FileChannel {
-    fn submit(&mut self, io: &BdevIo<'_>, mem: &dyn HostMemoryAccess) -> Result<(), BdevError> {
+    fn submit(&mut self, io: &BdevIo<'_>) -> Result<(), BdevError> {
+        let mem: &dyn HostMemoryAccess = &**io.mem;
         if self.bdev.removed.load(Ordering::Acquire) {
             return Err(BdevError::Removed(self.bdev.config.name.clone()));
         }

@@ -5,23 +5,20 @@
 //! range-checked copies, so every reactor that opens a channel can use it at once without locks or
 //! `unsafe` here. Guests writing the same blocks from two queues at once get some interleaving of
 //! their writes, exactly as on a real disk. Data moves between the store and the I/O's buffers
-//! through a per-channel bounce buffer, so no I/O allocates.
+//! with one `memmove` per buffer ([`copy_between`]), and no I/O allocates.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use rvhost_platform_linux::{PagePolicy, SharedDmaMemory};
+use rvhost_platform_linux::{copy_between, HostMemory, PagePolicy, SharedDmaMemory};
 
-use super::{Bdev, BdevChannel, BdevError, BdevIo, HostMemoryAccess, IoKind, IoStatus, IoVec};
+use super::{Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoStatus, IoVec};
 
 /// Smallest logical block size a RAM or null bdev accepts.
 pub const MIN_BLOCK_SIZE: u32 = 512;
 /// Largest logical block size accepted (64 KiB: Linux guests need a block no larger than a page).
 pub const MAX_BLOCK_SIZE: u32 = 65536;
-
-/// Bytes each channel copies per step; larger I/O is done in several steps.
-const BOUNCE_BYTES: usize = 64 * 1024;
 
 /// Completions a channel can hold before its queue has to grow (a virtqueue holds at most 1024).
 const COMPLETION_CAPACITY: usize = 1024;
@@ -191,7 +188,6 @@ impl Bdev for MallocBdev {
         }
         Ok(Box::new(MallocChannel {
             bdev: self,
-            bounce: vec![0u8; BOUNCE_BYTES].into_boxed_slice(),
             completions: VecDeque::with_capacity(COMPLETION_CAPACITY),
         }))
     }
@@ -201,7 +197,6 @@ impl Bdev for MallocBdev {
 /// queued until the next poll, so completions are always reported from the reactor's poll loop.
 struct MallocChannel {
     bdev: Arc<MallocBdev>,
-    bounce: Box<[u8]>,
     completions: VecDeque<(u64, IoStatus)>,
 }
 
@@ -247,7 +242,7 @@ pub(super) fn check_iovs(io: &BdevIo<'_>, len: u64, capacity: u64) -> Result<(),
 }
 
 impl MallocChannel {
-    fn execute(&mut self, io: &BdevIo<'_>, mem: &dyn HostMemoryAccess) -> Result<(), BdevError> {
+    fn execute(&mut self, io: &BdevIo<'_>) -> Result<(), BdevError> {
         let bdev = &*self.bdev;
         let (start, len) = byte_range(io, bdev.num_blocks, bdev.block_size)?;
         // Both fit in usize: the whole store was allocated, so its size does.
@@ -262,28 +257,18 @@ impl MallocChannel {
         match io.kind {
             IoKind::Read | IoKind::Write => {
                 check_iovs(io, len as u64, bdev.num_blocks)?;
+                let mem: &dyn HostMemory = &**io.mem;
                 let mut pos = start;
                 for iov in io.iovs {
-                    let mut done = 0usize;
-                    let iov_len = iov.len as usize;
-                    while done < iov_len {
-                        let step = (iov_len - done).min(self.bounce.len());
-                        let bounce = &mut self.bounce[..step];
-                        let addr = iov
-                            .addr
-                            .checked_add(done as u64)
-                            .ok_or(BdevError::Memory(rvhost_core::mem::MemError::Overflow))?;
-                        if io.kind == IoKind::Read {
-                            bdev.store.read_at(pos, bounce).map_err(store_error)?;
-                            mem.copy_to_host(addr, bounce).map_err(BdevError::Memory)?;
-                        } else {
-                            mem.copy_from_host(addr, bounce)
-                                .map_err(BdevError::Memory)?;
-                            bdev.store.write_at(pos, bounce).map_err(store_error)?;
-                        }
-                        done += step;
-                        pos += step;
-                    }
+                    let n = iov.len as usize;
+                    let store_addr = bdev.store.host_addr(pos).map_err(store_error)?;
+                    let copied = if io.kind == IoKind::Read {
+                        copy_between(mem, iov.addr, &bdev.store, store_addr, n)
+                    } else {
+                        copy_between(&bdev.store, store_addr, mem, iov.addr, n)
+                    };
+                    copied.map_err(BdevError::Memory)?;
+                    pos += n;
                 }
             }
             IoKind::Unmap | IoKind::WriteZeroes => {
@@ -297,11 +282,11 @@ impl MallocChannel {
 }
 
 impl BdevChannel for MallocChannel {
-    fn submit(&mut self, io: &BdevIo<'_>, mem: &dyn HostMemoryAccess) -> Result<(), BdevError> {
+    fn submit(&mut self, io: &BdevIo<'_>) -> Result<(), BdevError> {
         if self.bdev.removed.load(Ordering::Acquire) {
             return Err(BdevError::Removed(self.bdev.name.clone()));
         }
-        self.execute(io, mem)?;
+        self.execute(io)?;
         self.completions.push_back((io.tag, IoStatus::Success));
         Ok(())
     }
@@ -321,74 +306,29 @@ impl BdevChannel for MallocChannel {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use rvhost_core::mem::MemError;
-    use std::cell::RefCell;
-
-    /// Host memory for tests: one buffer at a fake host address.
-    pub(crate) struct TestMemory {
-        pub base: u64,
-        pub bytes: RefCell<Vec<u8>>,
-    }
-
-    impl TestMemory {
-        pub(crate) fn new(base: u64, len: usize) -> Self {
-            TestMemory {
-                base,
-                bytes: RefCell::new(vec![0; len]),
-            }
-        }
-        fn range(&self, addr: u64, len: usize) -> Result<std::ops::Range<usize>, MemError> {
-            let unmapped = MemError::Unmapped {
-                addr,
-                len: len as u64,
-            };
-            let start = usize::try_from(addr.checked_sub(self.base).ok_or(unmapped)?)
-                .map_err(|_| unmapped)?;
-            let end = start.checked_add(len).ok_or(MemError::Overflow)?;
-            if end > self.bytes.borrow().len() {
-                return Err(unmapped);
-            }
-            Ok(start..end)
-        }
-    }
-
-    impl HostMemoryAccess for TestMemory {
-        fn copy_to_host(&self, addr: u64, src: &[u8]) -> Result<(), MemError> {
-            let r = self.range(addr, src.len())?;
-            self.bytes.borrow_mut()[r].copy_from_slice(src);
-            Ok(())
-        }
-        fn copy_from_host(&self, addr: u64, dst: &mut [u8]) -> Result<(), MemError> {
-            let r = self.range(addr, dst.len())?;
-            dst.copy_from_slice(&self.bytes.borrow()[r]);
-            Ok(())
-        }
-        fn fill_host(&self, addr: u64, len: usize, byte: u8) -> Result<(), MemError> {
-            let r = self.range(addr, len)?;
-            self.bytes.borrow_mut()[r].fill(byte);
-            Ok(())
-        }
-    }
+    use crate::bdev::testing::TestMemory;
 
     fn budget() -> Arc<MemoryBudget> {
         MemoryBudget::new(64 << 20)
     }
 
-    fn io(
+    fn io<'a>(
         kind: IoKind,
         offset_blocks: u64,
         num_blocks: u64,
-        iovs: &[IoVec],
+        iovs: &'a [IoVec],
         tag: u64,
-    ) -> BdevIo<'_> {
+        mem: &'a TestMemory,
+    ) -> BdevIo<'a> {
         BdevIo {
             kind,
             offset_blocks,
             num_blocks,
             iovs,
             tag,
+            mem: mem.io_memory(),
         }
     }
 
@@ -402,95 +342,63 @@ pub(crate) mod tests {
     fn write_then_read_round_trips_through_scattered_buffers() {
         let bdev = MallocBdev::new("Malloc0", 64, 512, [1; 16], &budget()).unwrap();
         let mut ch = Arc::clone(&bdev).open_channel().unwrap();
-        let mem = TestMemory::new(0x10_0000, 8192);
+        let mem = TestMemory::new(8192);
         let pattern: Vec<u8> = (0..1024u32).map(|i| (i * 7 + 3) as u8).collect();
-        mem.copy_to_host(0x10_0000, &pattern).unwrap();
+        mem.write(0, &pattern);
         // Odd-sized, unaligned pieces exercise the partial-word paths.
-        let write_iovs = [
-            IoVec {
-                addr: 0x10_0000,
-                len: 3,
-            },
-            IoVec {
-                addr: 0x10_0003,
-                len: 509,
-            },
-            IoVec {
-                addr: 0x10_0200,
-                len: 512,
-            },
-        ];
-        ch.submit(&io(IoKind::Write, 5, 2, &write_iovs, 11), &mem)
+        let write_iovs = [mem.iov(0, 3), mem.iov(3, 509), mem.iov(0x200, 512)];
+        ch.submit(&io(IoKind::Write, 5, 2, &write_iovs, 11, &mem))
             .unwrap();
         assert_eq!(ch.in_flight(), 1);
         assert_eq!(drain(&mut *ch), vec![(11, IoStatus::Success)]);
         assert_eq!(ch.in_flight(), 0);
 
-        let read_iovs = [
-            IoVec {
-                addr: 0x10_1001,
-                len: 1000,
-            },
-            IoVec {
-                addr: 0x10_1800,
-                len: 24,
-            },
-        ];
-        ch.submit(&io(IoKind::Read, 5, 2, &read_iovs, 12), &mem)
+        let read_iovs = [mem.iov(0x1001, 1000), mem.iov(0x1800, 24)];
+        ch.submit(&io(IoKind::Read, 5, 2, &read_iovs, 12, &mem))
             .unwrap();
         assert_eq!(drain(&mut *ch), vec![(12, IoStatus::Success)]);
-        let bytes = mem.bytes.borrow();
-        assert_eq!(&bytes[0x1001..0x1001 + 1000], &pattern[..1000]);
-        assert_eq!(&bytes[0x1800..0x1800 + 24], &pattern[1000..]);
+        assert_eq!(mem.read(0x1001, 1000), &pattern[..1000]);
+        assert_eq!(mem.read(0x1800, 24), &pattern[1000..]);
     }
 
     #[test]
-    fn large_io_goes_through_the_bounce_buffer_in_steps() {
+    fn large_io_round_trips() {
         let bdev = MallocBdev::new("Malloc0", 1024, 4096, [2; 16], &budget()).unwrap();
         let mut ch = Arc::clone(&bdev).open_channel().unwrap();
-        let len = 3 * BOUNCE_BYTES + 4096;
-        let mem = TestMemory::new(0x4000_0000, 2 * len);
+        let len = 3 * 65536 + 4096;
+        let mem = TestMemory::new(2 * len);
         let pattern: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-        mem.copy_to_host(0x4000_0000, &pattern).unwrap();
+        mem.write(0, &pattern);
         let blocks = (len / 4096) as u64;
-        let w = [IoVec {
-            addr: 0x4000_0000,
-            len: len as u32,
-        }];
-        ch.submit(&io(IoKind::Write, 7, blocks, &w, 1), &mem)
+        let w = [mem.iov(0, len as u32)];
+        ch.submit(&io(IoKind::Write, 7, blocks, &w, 1, &mem))
             .unwrap();
-        let r = [IoVec {
-            addr: 0x4000_0000 + len as u64,
-            len: len as u32,
-        }];
-        ch.submit(&io(IoKind::Read, 7, blocks, &r, 2), &mem)
+        let r = [mem.iov(len, len as u32)];
+        ch.submit(&io(IoKind::Read, 7, blocks, &r, 2, &mem))
             .unwrap();
         assert_eq!(
             drain(&mut *ch),
             vec![(1, IoStatus::Success), (2, IoStatus::Success)]
         );
-        assert_eq!(&mem.bytes.borrow()[len..], &pattern[..]);
+        assert_eq!(mem.read(len, len), pattern);
     }
 
     #[test]
     fn unmap_and_write_zeroes_zero_only_their_range() {
         let bdev = MallocBdev::new("Malloc0", 8, 512, [3; 16], &budget()).unwrap();
         let mut ch = Arc::clone(&bdev).open_channel().unwrap();
-        let mem = TestMemory::new(0x1000, 8 * 512);
-        mem.fill_host(0x1000, 8 * 512, 0xab).unwrap();
-        let all = [IoVec {
-            addr: 0x1000,
-            len: 8 * 512,
-        }];
-        ch.submit(&io(IoKind::Write, 0, 8, &all, 1), &mem).unwrap();
-        ch.submit(&io(IoKind::Unmap, 1, 2, &[], 2), &mem).unwrap();
-        ch.submit(&io(IoKind::WriteZeroes, 6, 1, &[], 3), &mem)
+        let mem = TestMemory::new(8 * 512);
+        mem.fill(0, 8 * 512, 0xab);
+        let all = [mem.iov(0, 8 * 512)];
+        ch.submit(&io(IoKind::Write, 0, 8, &all, 1, &mem)).unwrap();
+        ch.submit(&io(IoKind::Unmap, 1, 2, &[], 2, &mem)).unwrap();
+        ch.submit(&io(IoKind::WriteZeroes, 6, 1, &[], 3, &mem))
             .unwrap();
-        ch.submit(&io(IoKind::Flush, 0, 0, &[], 4), &mem).unwrap();
-        mem.fill_host(0x1000, 8 * 512, 0x55).unwrap();
-        ch.submit(&io(IoKind::Read, 0, 8, &all, 5), &mem).unwrap();
+        ch.submit(&io(IoKind::Flush, 0, 0, &[], 4, &mem)).unwrap();
+        mem.fill(0, 8 * 512, 0x55);
+        ch.submit(&io(IoKind::Read, 0, 8, &all, 5, &mem)).unwrap();
         assert_eq!(drain(&mut *ch).len(), 5);
-        let bytes = mem.bytes.borrow();
+        let bytes = mem.read(0, 8 * 512);
         for block in 0..8 {
             let expect = if matches!(block, 1 | 2 | 6) { 0 } else { 0xab };
             assert!(
@@ -506,29 +414,20 @@ pub(crate) mod tests {
     fn rejects_out_of_range_and_mismatched_buffers_without_completing() {
         let bdev = MallocBdev::new("Malloc0", 8, 512, [4; 16], &budget()).unwrap();
         let mut ch = Arc::clone(&bdev).open_channel().unwrap();
-        let mem = TestMemory::new(0x1000, 4096);
-        let one = [IoVec {
-            addr: 0x1000,
-            len: 512,
-        }];
+        let mem = TestMemory::new(4096);
+        let one = [mem.iov(0, 512)];
         for bad in [
-            io(IoKind::Read, 8, 1, &one, 1),
-            io(IoKind::Read, u64::MAX, 2, &one, 2),
-            io(IoKind::Write, 0, 2, &one, 3),
-            io(IoKind::Unmap, 7, 2, &[], 4),
+            io(IoKind::Read, 8, 1, &one, 1, &mem),
+            io(IoKind::Read, u64::MAX, 2, &one, 2, &mem),
+            io(IoKind::Write, 0, 2, &one, 3, &mem),
+            io(IoKind::Unmap, 7, 2, &[], 4, &mem),
         ] {
-            assert!(matches!(
-                ch.submit(&bad, &mem),
-                Err(BdevError::OutOfRange { .. })
-            ));
+            assert!(matches!(ch.submit(&bad), Err(BdevError::OutOfRange { .. })));
         }
-        // A buffer outside mapped memory is refused, not a panic.
-        let outside = [IoVec {
-            addr: 0x9000,
-            len: 512,
-        }];
+        // A buffer outside the I/O's memory is refused, not a panic.
+        let outside = [mem.iov(4096, 512)];
         assert!(matches!(
-            ch.submit(&io(IoKind::Read, 0, 1, &outside, 5), &mem),
+            ch.submit(&io(IoKind::Read, 0, 1, &outside, 5, &mem)),
             Err(BdevError::Memory(_))
         ));
         assert_eq!(ch.in_flight(), 0);
@@ -540,13 +439,10 @@ pub(crate) mod tests {
         let bdev = MallocBdev::new("Malloc0", 8, 512, [5; 16], &budget()).unwrap();
         let mut ch = Arc::clone(&bdev).open_channel().unwrap();
         bdev.mark_removed();
-        let mem = TestMemory::new(0x1000, 512);
-        let one = [IoVec {
-            addr: 0x1000,
-            len: 512,
-        }];
+        let mem = TestMemory::new(512);
+        let one = [mem.iov(0, 512)];
         assert!(matches!(
-            ch.submit(&io(IoKind::Read, 0, 1, &one, 1), &mem),
+            ch.submit(&io(IoKind::Read, 0, 1, &one, 1, &mem)),
             Err(BdevError::Removed(_))
         ));
         assert!(matches!(
@@ -592,14 +488,11 @@ pub(crate) mod tests {
                 let bdev = Arc::clone(&bdev);
                 std::thread::spawn(move || {
                     let mut ch = bdev.open_channel().unwrap();
-                    let mem = TestMemory::new(0x1000, 512);
-                    mem.fill_host(0x1000, 512, t + 1).unwrap();
-                    let iov = [IoVec {
-                        addr: 0x1000,
-                        len: 512,
-                    }];
+                    let mem = TestMemory::new(512);
+                    mem.fill(0, 512, t + 1);
+                    let iov = [mem.iov(0, 512)];
                     for block in (u64::from(t)..256).step_by(4) {
-                        ch.submit(&io(IoKind::Write, block, 1, &iov, block), &mem)
+                        ch.submit(&io(IoKind::Write, block, 1, &iov, block, &mem))
                             .unwrap();
                     }
                     drain(&mut *ch).len()
@@ -609,13 +502,10 @@ pub(crate) mod tests {
         let total: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
         assert_eq!(total, 256);
         let mut ch = Arc::clone(&bdev).open_channel().unwrap();
-        let mem = TestMemory::new(0x1000, 256 * 512);
-        let iov = [IoVec {
-            addr: 0x1000,
-            len: 256 * 512,
-        }];
-        ch.submit(&io(IoKind::Read, 0, 256, &iov, 0), &mem).unwrap();
-        let bytes = mem.bytes.borrow();
+        let mem = TestMemory::new(256 * 512);
+        let iov = [mem.iov(0, 256 * 512)];
+        ch.submit(&io(IoKind::Read, 0, 256, &iov, 0, &mem)).unwrap();
+        let bytes = mem.read(0, 256 * 512);
         for block in 0..256 {
             let expect = (block % 4) as u8 + 1;
             assert!(bytes[block * 512..(block + 1) * 512]

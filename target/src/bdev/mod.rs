@@ -9,6 +9,7 @@ pub mod malloc;
 pub mod null;
 pub mod nvme;
 pub mod registry;
+pub mod testing;
 
 pub use registry::BdevRegistry;
 
@@ -16,6 +17,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use rvhost_core::mem::MemError;
+pub use rvhost_platform_linux::HostMemory;
+use rvhost_platform_linux::SharedDmaMemory;
 
 /// The operations a bdev may support.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -33,7 +36,9 @@ pub enum IoKind {
 }
 
 /// A contiguous buffer by host virtual address, as validated by the guest memory table (or owned
-/// by the target itself). The bdev accesses it only through [`HostMemoryAccess`].
+/// by the target itself), lying inside the [`IoMemory`] of its I/O. A bdev copies through that
+/// memory object, or hands the address to the kernel (io_uring, AIO) or to a device behind an
+/// IOMMU mapping it made from [`HostMemoryAccess::host_ranges`]; never through a Rust reference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IoVec {
     /// Host virtual address of the first byte.
@@ -43,7 +48,7 @@ pub struct IoVec {
 }
 
 /// One I/O submitted to a channel. Offsets and lengths are in blocks of the bdev's block size.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct BdevIo<'a> {
     /// What to do.
     pub kind: IoKind,
@@ -55,6 +60,23 @@ pub struct BdevIo<'a> {
     pub iovs: &'a [IoVec],
     /// Returned unchanged with the completion.
     pub tag: u64,
+    /// The memory the I/O vectors lie in. The submitter keeps it mapped until the completion has
+    /// been polled; a bdev that uses it after `submit` returns (copying a bounced read out at
+    /// completion, or letting the kernel or a device access the vectors) keeps a clone until it
+    /// reports the completion, which keeps it alive whatever the submitter does.
+    pub mem: &'a IoMemory,
+}
+
+impl fmt::Debug for BdevIo<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BdevIo")
+            .field("kind", &self.kind)
+            .field("offset_blocks", &self.offset_blocks)
+            .field("num_blocks", &self.num_blocks)
+            .field("iovs", &self.iovs)
+            .field("tag", &self.tag)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How an I/O ended.
@@ -95,16 +117,49 @@ pub enum BdevError {
     Backend(String),
 }
 
-/// Safe access to the host memory that [`IoVec`]s point at. Implemented by the mapped guest memory
-/// table (`rvhost_platform_linux`) and by the target's own DMA buffers; every call checks that the
-/// whole range lies inside memory the implementor keeps mapped.
-pub trait HostMemoryAccess {
-    /// Copies `src` to host address `addr`.
-    fn copy_to_host(&self, addr: u64, src: &[u8]) -> Result<(), MemError>;
-    /// Copies from host address `addr` into `dst`.
-    fn copy_from_host(&self, addr: u64, dst: &mut [u8]) -> Result<(), MemError>;
-    /// Sets `len` bytes at host address `addr` to `byte`.
-    fn fill_host(&self, addr: u64, len: usize, byte: u8) -> Result<(), MemError>;
+/// A range of host virtual memory kept mapped by a [`HostMemoryAccess`] for as long as it lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostRange {
+    /// Host virtual address of the first byte.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+impl HostRange {
+    /// Whether `[addr, addr + len)` lies entirely inside this range.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        let end = self.addr.saturating_add(self.len);
+        addr >= self.addr && addr.checked_add(len).is_some_and(|e| e <= end)
+    }
+}
+
+/// The host memory that [`IoVec`]s point at: the mapped guest memory table of a vhost-user device
+/// (`rvhost_platform_linux::MemoryTable`) or memory of the target's own. Every copy checks that the
+/// whole range lies inside memory the implementor keeps mapped ([`HostMemory`]); in addition the
+/// mapped ranges can be listed, so a bdev can register them with an IOMMU or check that a buffer it
+/// gives to the kernel lies inside them.
+pub trait HostMemoryAccess: HostMemory {
+    /// Every range of host memory this object keeps mapped while it lives.
+    fn host_ranges(&self) -> Vec<HostRange>;
+}
+
+/// Shared ownership of the memory an I/O's buffers lie in (see [`BdevIo::mem`]). Compare two with
+/// [`same_memory`].
+pub type IoMemory = Arc<dyn HostMemoryAccess>;
+
+/// Whether `a` and `b` are the same memory object (and so the same mappings).
+pub fn same_memory(a: &IoMemory, b: &IoMemory) -> bool {
+    std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
+}
+
+impl HostMemoryAccess for SharedDmaMemory {
+    fn host_ranges(&self) -> Vec<HostRange> {
+        vec![HostRange {
+            addr: self.va(),
+            len: self.len() as u64,
+        }]
+    }
 }
 
 /// A block device. Static properties plus a factory for per-reactor channels.
@@ -133,10 +188,9 @@ pub trait Bdev: Send + Sync + fmt::Debug {
 
 /// A per-reactor submission/completion context for one bdev. Owned by exactly one reactor thread.
 pub trait BdevChannel: Send {
-    /// Submits `io`. `mem` resolves the I/O vectors and must stay valid until the completion is
-    /// polled (the reactor holds the memory table for as long as requests are in flight).
-    /// An `Err` means the I/O was not accepted and no completion will follow.
-    fn submit(&mut self, io: &BdevIo<'_>, mem: &dyn HostMemoryAccess) -> Result<(), BdevError>;
+    /// Submits `io`. Must not wait for the device: the completion is reported by a later
+    /// [`BdevChannel::poll`]. An `Err` means the I/O was not accepted and no completion will follow.
+    fn submit(&mut self, io: &BdevIo<'_>) -> Result<(), BdevError>;
     /// Reports finished I/Os by calling `done(tag, status)` for each; returns how many.
     fn poll(&mut self, done: &mut dyn FnMut(u64, IoStatus)) -> usize;
     /// Number of submitted I/Os whose completion has not been polled yet.

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::malloc::{byte_range, check_iovs, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
-use super::{Bdev, BdevChannel, BdevError, BdevIo, HostMemoryAccess, IoKind, IoStatus};
+use super::{Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoStatus};
 
 /// Completions a channel can hold before its queue has to grow.
 const COMPLETION_CAPACITY: usize = 1024;
@@ -103,7 +103,7 @@ struct NullChannel {
 }
 
 impl BdevChannel for NullChannel {
-    fn submit(&mut self, io: &BdevIo<'_>, _mem: &dyn HostMemoryAccess) -> Result<(), BdevError> {
+    fn submit(&mut self, io: &BdevIo<'_>) -> Result<(), BdevError> {
         let bdev = &*self.bdev;
         if bdev.removed.load(Ordering::Acquire) {
             return Err(BdevError::Removed(bdev.name.clone()));
@@ -138,19 +138,16 @@ impl BdevChannel for NullChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bdev::malloc::tests::TestMemory;
+    use crate::bdev::testing::TestMemory;
     use crate::bdev::IoVec;
 
     #[test]
     fn completes_without_touching_buffers() {
         let bdev = NullBdev::new("Null0", 1024, 4096, [9; 16]).unwrap();
         let mut ch = Arc::clone(&bdev).open_channel().unwrap();
-        let mem = TestMemory::new(0x1000, 8192);
-        mem.fill_host(0x1000, 8192, 0x5a).unwrap();
-        let iov = [IoVec {
-            addr: 0x1000,
-            len: 8192,
-        }];
+        let mem = TestMemory::new(8192);
+        mem.fill(0, 8192, 0x5a);
+        let iov = [mem.iov(0, 8192)];
         for (tag, kind) in [
             (1, IoKind::Read),
             (2, IoKind::Write),
@@ -161,29 +158,25 @@ mod tests {
             } else {
                 &iov
             };
-            ch.submit(
-                &BdevIo {
-                    kind,
-                    offset_blocks: 10,
-                    num_blocks: 2,
-                    iovs,
-                    tag,
-                },
-                &mem,
-            )
+            ch.submit(&BdevIo {
+                kind,
+                offset_blocks: 10,
+                num_blocks: 2,
+                iovs,
+                tag,
+                mem: mem.io_memory(),
+            })
             .unwrap();
         }
         for (tag, kind) in [(4, IoKind::Flush), (5, IoKind::Unmap)] {
-            ch.submit(
-                &BdevIo {
-                    kind,
-                    offset_blocks: 0,
-                    num_blocks: 1,
-                    iovs: &[],
-                    tag,
-                },
-                &mem,
-            )
+            ch.submit(&BdevIo {
+                kind,
+                offset_blocks: 0,
+                num_blocks: 1,
+                iovs: &[],
+                tag,
+                mem: mem.io_memory(),
+            })
             .unwrap();
         }
         let mut seen = Vec::new();
@@ -198,27 +191,25 @@ mod tests {
                 (5, IoStatus::Unsupported),
             ]
         );
-        assert!(mem.bytes.borrow().iter().all(|b| *b == 0x5a));
+        assert!(mem.read(0, 8192).iter().all(|b| *b == 0x5a));
     }
 
     #[test]
     fn checks_ranges_and_removal() {
         let bdev = NullBdev::new("Null0", 16, 512, [9; 16]).unwrap();
         let mut ch = Arc::clone(&bdev).open_channel().unwrap();
-        let mem = TestMemory::new(0x1000, 512);
-        let iov = [IoVec {
-            addr: 0x1000,
-            len: 512,
-        }];
+        let mem = TestMemory::new(512);
+        let iov = [mem.iov(0, 512)];
         let past_end = BdevIo {
             kind: IoKind::Read,
             offset_blocks: 16,
             num_blocks: 1,
             iovs: &iov,
             tag: 1,
+            mem: mem.io_memory(),
         };
         assert!(matches!(
-            ch.submit(&past_end, &mem),
+            ch.submit(&past_end),
             Err(BdevError::OutOfRange { .. })
         ));
         let short = BdevIo {
@@ -227,9 +218,10 @@ mod tests {
             num_blocks: 2,
             iovs: &iov,
             tag: 2,
+            mem: mem.io_memory(),
         };
         assert!(matches!(
-            ch.submit(&short, &mem),
+            ch.submit(&short),
             Err(BdevError::OutOfRange { .. })
         ));
         bdev.mark_removed();
@@ -239,8 +231,9 @@ mod tests {
             num_blocks: 1,
             iovs: &iov,
             tag: 3,
+            mem: mem.io_memory(),
         };
-        assert!(matches!(ch.submit(&ok, &mem), Err(BdevError::Removed(_))));
+        assert!(matches!(ch.submit(&ok), Err(BdevError::Removed(_))));
         assert!(NullBdev::new("n", 0, 512, [0; 16]).is_err());
         assert!(NullBdev::new("n", 1, 520, [0; 16]).is_err());
     }

@@ -742,7 +742,8 @@ impl NvmeChannel {
 }
 
 impl BdevChannel for NvmeChannel {
-    fn submit(&mut self, io: &BdevIo<'_>, mem: &dyn HostMemoryAccess) -> Result<(), BdevError> {
+    fn submit(&mut self, io: &BdevIo<'_>) -> Result<(), BdevError> {
+        let mem: &dyn HostMemoryAccess = &**io.mem;
         let bdev = Arc::clone(&self.bdev);
         if bdev.refuses_io() {
             return Err(BdevError::Removed(bdev.name.clone()));

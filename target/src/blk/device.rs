@@ -16,7 +16,7 @@ use rvhost_core::mem::GuestMemory;
 use rvhost_core::virtq::{Chain, QueueConfig, SplitQueue};
 
 use super::MAX_QUEUE_SIZE;
-use crate::bdev::{Bdev, BdevChannel, BdevIo, IoKind, IoStatus, IoVec};
+use crate::bdev::{Bdev, BdevChannel, BdevIo, IoKind, IoMemory, IoStatus, IoVec};
 use crate::reactor::{DeviceId, DeviceOp, ReactorDevice, Reply};
 use crate::vhost::memory::GuestMemoryTable;
 use crate::vhost::{EventNotifier, QueueSetup};
@@ -437,6 +437,8 @@ impl BlkDevice {
                 continue;
             }
             work += popped;
+            // The bdev's handle on the same table, for I/O it completes later.
+            let io_mem: IoMemory = mem.clone();
             for i in 0..popped {
                 let head = q.heads[i];
                 let channel = if self.detached {
@@ -454,6 +456,7 @@ impl BlkDevice {
                     qi,
                     head,
                     mem.as_ref(),
+                    &io_mem,
                 );
                 if q.broken {
                     break;
@@ -475,6 +478,7 @@ impl BlkDevice {
         qi: usize,
         head: u16,
         mem: &GuestMemoryTable,
+        io_mem: &IoMemory,
     ) {
         let Some(slot_index) = q.free.pop() else {
             // `poll_queues` pops at most as many heads as there are free slots.
@@ -528,7 +532,7 @@ impl BlkDevice {
                         slot.status_addr = request.status_addr;
                         slot.used_len = request.used_len_ok();
                         let io_tag = tag(qi, slot_index);
-                        Self::submit(geometry, channel, iovs, slot, io_tag, &request, mem)
+                        Self::submit(geometry, channel, iovs, slot, io_tag, &request, mem, io_mem)
                     }
                     None => Some(BlkStatus::IoErr),
                 }
@@ -568,6 +572,7 @@ impl BlkDevice {
     }
 
     /// Submits `request`'s bdev I/O; returns a status when the request completes at once.
+    #[allow(clippy::too_many_arguments)]
     fn submit(
         geometry: &DeviceGeometry,
         channel: Option<&mut (dyn BdevChannel + 'static)>,
@@ -576,6 +581,7 @@ impl BlkDevice {
         io_tag: u64,
         request: &BlkRequest<'_, MAX_RANGES>,
         mem: &GuestMemoryTable,
+        io_mem: &IoMemory,
     ) -> Option<BlkStatus> {
         if request.kind == BlkRequestKind::GetId {
             let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
@@ -640,8 +646,9 @@ impl BlkDevice {
                     num_blocks,
                     iovs,
                     tag: io_tag,
+                    mem: io_mem,
                 };
-                Self::submit_one(channel, slot, &io, mem)
+                Self::submit_one(channel, slot, &io)
             }
             BlkRequestKind::Flush => {
                 if !geometry.supports_flush {
@@ -654,8 +661,9 @@ impl BlkDevice {
                     num_blocks: 0,
                     iovs: &[],
                     tag: io_tag,
+                    mem: io_mem,
                 };
-                Self::submit_one(channel, slot, &io, mem)
+                Self::submit_one(channel, slot, &io)
             }
             BlkRequestKind::Discard | BlkRequestKind::WriteZeroes => {
                 let (io_kind, supported) = if request.kind == BlkRequestKind::Discard {
@@ -691,8 +699,9 @@ impl BlkDevice {
                         num_blocks,
                         iovs: &[],
                         tag: io_tag,
+                        mem: io_mem,
                     };
-                    match channel.submit(&io, mem) {
+                    match channel.submit(&io) {
                         Ok(()) => submitted += 1,
                         Err(err) => {
                             tracing::debug!(%err, "bdev refused a range");
@@ -718,9 +727,8 @@ impl BlkDevice {
         channel: &mut dyn BdevChannel,
         slot: &mut Slot,
         io: &BdevIo<'_>,
-        mem: &GuestMemoryTable,
     ) -> Option<BlkStatus> {
-        match channel.submit(io, mem) {
+        match channel.submit(io) {
             Ok(()) => {
                 slot.pending = 1;
                 None
@@ -865,7 +873,7 @@ mod tests {
     use rvhost_core::virtio::{bit, feature};
 
     use super::*;
-    use crate::bdev::{BdevError, HostMemoryAccess};
+    use crate::bdev::BdevError;
     use crate::vhost::memory::RegionSpec;
     use crate::vhost::VirtioFeatures;
 
@@ -921,10 +929,11 @@ mod tests {
     struct HeldChannel(Arc<Held>);
 
     impl BdevChannel for HeldChannel {
-        fn submit(&mut self, io: &BdevIo<'_>, mem: &dyn HostMemoryAccess) -> Result<(), BdevError> {
+        fn submit(&mut self, io: &BdevIo<'_>) -> Result<(), BdevError> {
             if io.kind == IoKind::Read {
                 for iov in io.iovs {
-                    mem.fill_host(iov.addr, iov.len as usize, 0xab)
+                    io.mem
+                        .fill_host(iov.addr, iov.len as usize, 0xab)
                         .map_err(BdevError::Memory)?;
                 }
             }

@@ -24,7 +24,7 @@ use rvhost_core::virtio_scsi::{event, feature as scsi_feature};
 use rvhost_core::virtq::{Chain, QueueConfig, SplitQueue};
 
 use super::{TargetOp, CDB_SIZE, MAX_QUEUE_SIZE, MAX_TARGETS, SENSE_SIZE};
-use crate::bdev::{BdevChannel, BdevIo, IoKind, IoStatus, IoVec};
+use crate::bdev::{BdevChannel, BdevIo, IoKind, IoMemory, IoStatus, IoVec};
 use crate::reactor::{DeviceId, DeviceOp, ReactorDevice, Reply};
 use crate::vhost::memory::GuestMemoryTable;
 use crate::vhost::{EventNotifier, QueueSetup, VirtioFeatures};
@@ -745,6 +745,8 @@ impl ScsiDevice {
                 continue;
             }
             work += popped;
+            // The bdevs' handle on the same table, for I/O they complete later.
+            let io_mem: IoMemory = mem.clone();
             for i in 0..popped {
                 let head = match self.queues.get(qi).and_then(Option::as_ref) {
                     Some(q) => q.heads[i],
@@ -753,7 +755,7 @@ impl ScsiDevice {
                 match qi {
                     CONTROL_QUEUE => self.control_request(&mem, head),
                     EVENT_QUEUE => self.event_buffer(&mem, head),
-                    _ => self.command(&mem, qi, head),
+                    _ => self.command(&mem, &io_mem, qi, head),
                 }
                 if self
                     .queues
@@ -958,7 +960,7 @@ impl ScsiDevice {
     }
 
     /// Handles one command on request queue `qi`.
-    fn command(&mut self, mem: &GuestMemoryTable, qi: usize, head: u16) {
+    fn command(&mut self, mem: &GuestMemoryTable, io_mem: &IoMemory, qi: usize, head: u16) {
         if !self.walk(mem, qi, head) {
             return;
         }
@@ -1122,7 +1124,7 @@ impl ScsiDevice {
             io_tag,
             &plan,
             (&mut sc.iovs, &mut sc.pattern),
-            mem,
+            io_mem,
         );
         match result {
             Ok(0) => {
@@ -1151,7 +1153,7 @@ impl ScsiDevice {
         io_tag: u64,
         plan: &IoPlan<'_>,
         (iovs, pattern): (&mut Vec<IoVec>, &mut Vec<IoVec>),
-        mem: &GuestMemoryTable,
+        io_mem: &IoMemory,
     ) -> Result<u32, IoError> {
         let supports_flush = target.supports_flush;
         let wce = target.lun.write_cache_enabled();
@@ -1171,8 +1173,9 @@ impl ScsiDevice {
                 num_blocks,
                 iovs,
                 tag: io_tag,
+                mem: io_mem,
             };
-            match channel.submit(&io, mem) {
+            match channel.submit(&io) {
                 Ok(()) => Ok(1),
                 Err(err) => {
                     tracing::debug!(%err, "bdev refused I/O");
@@ -1323,14 +1326,16 @@ impl ScsiDevice {
                 let Some(Some(q)) = queues.get_mut(qi) else {
                     continue;
                 };
+                let io_mem: IoMemory = mem.clone();
                 let io = BdevIo {
                     kind: IoKind::Flush,
                     offset_blocks: 0,
                     num_blocks: 0,
                     iovs: &[],
                     tag: tag(qi, si),
+                    mem: &io_mem,
                 };
-                let submitted = channel.submit(&io, mem.as_ref());
+                let submitted = channel.submit(&io);
                 let Some(slot) = q.slots.get_mut(si) else {
                     continue;
                 };
@@ -1576,7 +1581,7 @@ mod tests {
 
     use super::*;
     use crate::bdev::malloc::{MallocBdev, MemoryBudget};
-    use crate::bdev::{Bdev, BdevError, HostMemoryAccess};
+    use crate::bdev::{Bdev, BdevError};
     use crate::scsi::ScsiController;
     use crate::vhost::memory::RegionSpec;
     use crate::vhost::DeviceBackend;
@@ -1659,11 +1664,7 @@ mod tests {
     struct HeldChannel(Arc<Held>);
 
     impl BdevChannel for HeldChannel {
-        fn submit(
-            &mut self,
-            io: &BdevIo<'_>,
-            _mem: &dyn HostMemoryAccess,
-        ) -> Result<(), BdevError> {
+        fn submit(&mut self, io: &BdevIo<'_>) -> Result<(), BdevError> {
             self.0.pending.lock().unwrap().push(io.tag);
             Ok(())
         }
