@@ -10,9 +10,16 @@
 #   bench/compare.sh --rounds 2 --secs 3     # a quick look
 #   bench/compare.sh --targets "rvhost-null qsd-null" --workloads "randread:32 randread:1"
 #   bench/compare.sh --socket /path/to/vhost.sock --socket-type blk   # adds an external target
+#   bench/compare.sh --files shm             # file bdevs vs qsd on one file in /dev/shm
+#   bench/compare.sh --files direct --direct-dir /work/tmp   # O_DIRECT on a real filesystem
 #
 # Targets: rvhost-null rvhost-malloc qsd-null qsd-file (blk); rvhost-scsi-null rvhost-scsi-malloc
 # (scsi, with --scsi); "socket" (an already running target given by --socket, not restarted).
+# File targets (blk, all on the same file; --files replaces the default targets and makes the qsd
+# io_uring peer the baseline): rvhost-uring-shm rvhost-aio-shm qsd-uring-shm (buffered, /dev/shm);
+# rvhost-uring-direct rvhost-aio-direct qsd-uring-direct qsd-native-direct (O_DIRECT, a file in
+# --direct-dir, default $BUILD/compare-files; --direct-prep fill|fallocate|sparse says how that file
+# is made: fill writes every block, so O_DIRECT writes are overwrites of written extents).
 set -euo pipefail
 
 ROUNDS=5
@@ -25,6 +32,9 @@ BASELINE=""
 SCSI=0
 SOCKET=""
 SOCKET_TYPE=blk
+FILES=""
+DIRECT_DIR=""
+DIRECT_PREP=fill
 TARGET_CPU=0
 INITIATOR_CPU=1
 OUT=""
@@ -33,7 +43,7 @@ BUILD="${CARGO_TARGET_DIR:-$REPO/build}"
 RVHOST="${RVHOST:-}"
 PERF="${RVHOST_PERF:-}"
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -47,6 +57,9 @@ while [ $# -gt 0 ]; do
     --scsi) SCSI=1; shift ;;
     --socket) SOCKET="$2"; shift 2 ;;
     --socket-type) SOCKET_TYPE="$2"; shift 2 ;;
+    --files) FILES="$2"; shift 2 ;;
+    --direct-dir) DIRECT_DIR="$2"; shift 2 ;;
+    --direct-prep) DIRECT_PREP="$2"; shift 2 ;;
     --target-cpu) TARGET_CPU="$2"; shift 2 ;;
     --initiator-cpu) INITIATOR_CPU="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
@@ -58,6 +71,12 @@ while [ $# -gt 0 ]; do
 done
 
 [ "$SCSI" = 1 ] && TARGETS="$TARGETS rvhost-scsi-null rvhost-scsi-malloc"
+case "$FILES" in
+  "") ;;
+  shm) TARGETS="qsd-uring-shm rvhost-uring-shm rvhost-aio-shm" ;;
+  direct) TARGETS="qsd-uring-direct qsd-native-direct rvhost-uring-direct rvhost-aio-direct" ;;
+  *) echo "compare.sh: --files takes shm or direct" >&2; exit 2 ;;
+esac
 [ -n "$SOCKET" ] && TARGETS="$TARGETS socket"
 [ -n "$BASELINE" ] || BASELINE="${TARGETS%% *}"
 
@@ -72,11 +91,13 @@ QSD="$(command -v qemu-storage-daemon || true)"
 WORK="$(mktemp -d /tmp/rvhost-compare.XXXXXX)"
 [ -n "$OUT" ] || OUT="$WORK/results.csv"
 SHM_FILE="/dev/shm/rvhost-compare-$$.img"
+[ -n "$DIRECT_DIR" ] || DIRECT_DIR="$BUILD/compare-files"
+DIRECT_FILE="$DIRECT_DIR/rvhost-compare-$$.img"
 TARGET_PID=""
 
 cleanup() {
   stop_target
-  rm -f "$SHM_FILE"
+  rm -f "$SHM_FILE" "$DIRECT_FILE"
   rm -rf "$WORK/sock"
 }
 trap cleanup EXIT INT TERM
@@ -97,11 +118,35 @@ size_bytes() {
 SIZE_BYTES="$(size_bytes "$SIZE")"
 BLOCKS=$((SIZE_BYTES / 512))
 
-# rvhost with one controller on a null or malloc bdev; blk or scsi.
+# The backing file of a file target ($1 = shm or direct), made once per run.
+backing_file() {
+  if [ "$1" = shm ]; then
+    [ -f "$SHM_FILE" ] || fallocate -l "$SIZE_BYTES" "$SHM_FILE"
+    echo "$SHM_FILE"
+    return
+  fi
+  if [ ! -f "$DIRECT_FILE" ]; then
+    mkdir -p "$DIRECT_DIR"
+    case "$DIRECT_PREP" in
+      fill) dd if=/dev/zero of="$DIRECT_FILE" bs=1M count=$((SIZE_BYTES >> 20)) oflag=direct status=none ;;
+      fallocate) fallocate -l "$SIZE_BYTES" "$DIRECT_FILE" ;;
+      sparse) truncate -s "$SIZE_BYTES" "$DIRECT_FILE" ;;
+      *) echo "compare.sh: --direct-prep takes fill, fallocate or sparse" >&2; return 1 ;;
+    esac
+    sync
+  fi
+  echo "$DIRECT_FILE"
+}
+
+# rvhost with one controller on a null, malloc, uring-* or aio-* bdev; blk or scsi.
 rvhost_config() {
   local kind="$1" bdev="$2"
   local create
-  if [ "$bdev" = null ]; then
+  if [ "$bdev" = uring-shm ] || [ "$bdev" = uring-direct ]; then
+    create="{\"method\":\"bdev_uring_create\",\"params\":{\"name\":\"Dev0\",\"filename\":\"$(backing_file "${bdev#*-}")\",\"block_size\":512}}"
+  elif [ "$bdev" = aio-shm ] || [ "$bdev" = aio-direct ]; then
+    create="{\"method\":\"bdev_aio_create\",\"params\":{\"name\":\"Dev0\",\"filename\":\"$(backing_file "${bdev#*-}")\",\"block_size\":512}}"
+  elif [ "$bdev" = null ]; then
     create="{\"method\":\"bdev_null_create\",\"params\":{\"name\":\"Dev0\",\"num_blocks\":$BLOCKS,\"block_size\":512}}"
   else
     create="{\"method\":\"bdev_malloc_create\",\"params\":{\"name\":\"Dev0\",\"num_blocks\":$BLOCKS,\"block_size\":512}}"
@@ -129,10 +174,10 @@ start_target() {
   SOCK="$WORK/sock/perf.0"
   TYPE=blk
   case "$t" in
-    rvhost-null|rvhost-malloc|rvhost-scsi-null|rvhost-scsi-malloc)
+    rvhost-null|rvhost-malloc|rvhost-scsi-null|rvhost-scsi-malloc|rvhost-uring-*|rvhost-aio-*)
       local kind=blk bdev=null
       case "$t" in *scsi*) kind=scsi; TYPE=scsi ;; esac
-      case "$t" in *malloc) bdev=malloc ;; esac
+      case "$t" in *malloc) bdev=malloc ;; rvhost-uring-*|rvhost-aio-*) bdev="${t#rvhost-}" ;; esac
       rvhost_config "$kind" "$bdev" > "$WORK/config.json"
       # Busy polling, as SPDK's reactors: the benchmark measures the data path, not wake-ups.
       RVHOST_BUSY_POLL=1 taskset -c "$TARGET_CPU" "$RVHOST" -m "0x$(printf %x $((1 << TARGET_CPU)))" \
@@ -151,6 +196,20 @@ start_target() {
       fi
       taskset -c "$TARGET_CPU" "$QSD" --blockdev "$blockdev" \
         --export "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=1" \
+        > "$WORK/$t.log" 2>&1 &
+      TARGET_PID=$!
+      ;;
+    qsd-uring-shm|qsd-uring-direct|qsd-native-direct)
+      [ -n "$QSD" ] || { echo "compare.sh: qemu-storage-daemon not installed" >&2; return 1; }
+      local where="${t##*-}" aio="${t#qsd-}" direct=off
+      aio="${aio%-*}"
+      [ "$aio" = uring ] && aio=io_uring
+      [ "$where" = direct ] && direct=on
+      local file
+      file="$(backing_file "$where")" || return 1
+      taskset -c "$TARGET_CPU" "$QSD" \
+        --blockdev "driver=file,node-name=disk0,filename=$file,aio=$aio,cache.direct=$direct" \
+        --export "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=1,logical-block-size=512" \
         > "$WORK/$t.log" 2>&1 &
       TARGET_PID=$!
       ;;
