@@ -12,7 +12,7 @@ use std::sync::Arc;
 use rvhost_platform_linux::uring::next_hole;
 use rvhost_target::bdev::file::{FileBdev, FileBdevConfig, FileEngine};
 use rvhost_target::bdev::testing::TestMemory;
-use rvhost_target::bdev::{Bdev, BdevChannel, BdevIo, HostMemory, IoKind, IoStatus, IoVec};
+use rvhost_target::bdev::{Bdev, BdevChannel, HostMemory, IoKind, IoStatus, IoVec};
 
 struct Scratch {
     path: PathBuf,
@@ -68,15 +68,8 @@ fn run(
     iovs: &[IoVec],
 ) -> IoStatus {
     let tag = 0xfeed_0000 + offset_blocks;
-    ch.submit(&BdevIo {
-        kind,
-        offset_blocks,
-        num_blocks,
-        iovs,
-        tag,
-        mem: mem.io_memory(),
-    })
-    .unwrap();
+    ch.submit(&mem.bdev_io(kind, offset_blocks, num_blocks, iovs, tag))
+        .unwrap();
     let mut status = None;
     for _ in 0..1_000_000 {
         ch.poll(&mut |t, s| {
@@ -429,14 +422,7 @@ fn geometry_readonly_and_bad_files() {
     // Out of range and mismatched buffers are refused at submission.
     for (offset, blocks) in [(256u64, 1u64), (255, 2), (u64::MAX, 1)] {
         assert!(ch
-            .submit(&BdevIo {
-                kind: IoKind::Read,
-                offset_blocks: offset,
-                num_blocks: blocks,
-                iovs: &iov,
-                tag: 1,
-                mem: mem.io_memory(),
-            },)
+            .submit(&mem.bdev_io(IoKind::Read, offset, blocks, &iov, 1))
             .is_err());
     }
     for bs in [256, 1000, 131072] {

@@ -314,24 +314,6 @@ mod tests {
         MemoryBudget::new(64 << 20)
     }
 
-    fn io<'a>(
-        kind: IoKind,
-        offset_blocks: u64,
-        num_blocks: u64,
-        iovs: &'a [IoVec],
-        tag: u64,
-        mem: &'a TestMemory,
-    ) -> BdevIo<'a> {
-        BdevIo {
-            kind,
-            offset_blocks,
-            num_blocks,
-            iovs,
-            tag,
-            mem: mem.io_memory(),
-        }
-    }
-
     fn drain(ch: &mut dyn BdevChannel) -> Vec<(u64, IoStatus)> {
         let mut out = Vec::new();
         ch.poll(&mut |tag, status| out.push((tag, status)));
@@ -347,14 +329,14 @@ mod tests {
         mem.write(0, &pattern);
         // Odd-sized, unaligned pieces exercise the partial-word paths.
         let write_iovs = [mem.iov(0, 3), mem.iov(3, 509), mem.iov(0x200, 512)];
-        ch.submit(&io(IoKind::Write, 5, 2, &write_iovs, 11, &mem))
+        ch.submit(&mem.bdev_io(IoKind::Write, 5, 2, &write_iovs, 11))
             .unwrap();
         assert_eq!(ch.in_flight(), 1);
         assert_eq!(drain(&mut *ch), vec![(11, IoStatus::Success)]);
         assert_eq!(ch.in_flight(), 0);
 
         let read_iovs = [mem.iov(0x1001, 1000), mem.iov(0x1800, 24)];
-        ch.submit(&io(IoKind::Read, 5, 2, &read_iovs, 12, &mem))
+        ch.submit(&mem.bdev_io(IoKind::Read, 5, 2, &read_iovs, 12))
             .unwrap();
         assert_eq!(drain(&mut *ch), vec![(12, IoStatus::Success)]);
         assert_eq!(mem.read(0x1001, 1000), &pattern[..1000]);
@@ -371,10 +353,10 @@ mod tests {
         mem.write(0, &pattern);
         let blocks = (len / 4096) as u64;
         let w = [mem.iov(0, len as u32)];
-        ch.submit(&io(IoKind::Write, 7, blocks, &w, 1, &mem))
+        ch.submit(&mem.bdev_io(IoKind::Write, 7, blocks, &w, 1))
             .unwrap();
         let r = [mem.iov(len, len as u32)];
-        ch.submit(&io(IoKind::Read, 7, blocks, &r, 2, &mem))
+        ch.submit(&mem.bdev_io(IoKind::Read, 7, blocks, &r, 2))
             .unwrap();
         assert_eq!(
             drain(&mut *ch),
@@ -390,13 +372,17 @@ mod tests {
         let mem = TestMemory::new(8 * 512);
         mem.fill(0, 8 * 512, 0xab);
         let all = [mem.iov(0, 8 * 512)];
-        ch.submit(&io(IoKind::Write, 0, 8, &all, 1, &mem)).unwrap();
-        ch.submit(&io(IoKind::Unmap, 1, 2, &[], 2, &mem)).unwrap();
-        ch.submit(&io(IoKind::WriteZeroes, 6, 1, &[], 3, &mem))
+        ch.submit(&mem.bdev_io(IoKind::Write, 0, 8, &all, 1))
             .unwrap();
-        ch.submit(&io(IoKind::Flush, 0, 0, &[], 4, &mem)).unwrap();
+        ch.submit(&mem.bdev_io(IoKind::Unmap, 1, 2, &[], 2))
+            .unwrap();
+        ch.submit(&mem.bdev_io(IoKind::WriteZeroes, 6, 1, &[], 3))
+            .unwrap();
+        ch.submit(&mem.bdev_io(IoKind::Flush, 0, 0, &[], 4))
+            .unwrap();
         mem.fill(0, 8 * 512, 0x55);
-        ch.submit(&io(IoKind::Read, 0, 8, &all, 5, &mem)).unwrap();
+        ch.submit(&mem.bdev_io(IoKind::Read, 0, 8, &all, 5))
+            .unwrap();
         assert_eq!(drain(&mut *ch).len(), 5);
         let bytes = mem.read(0, 8 * 512);
         for block in 0..8 {
@@ -417,17 +403,17 @@ mod tests {
         let mem = TestMemory::new(4096);
         let one = [mem.iov(0, 512)];
         for bad in [
-            io(IoKind::Read, 8, 1, &one, 1, &mem),
-            io(IoKind::Read, u64::MAX, 2, &one, 2, &mem),
-            io(IoKind::Write, 0, 2, &one, 3, &mem),
-            io(IoKind::Unmap, 7, 2, &[], 4, &mem),
+            mem.bdev_io(IoKind::Read, 8, 1, &one, 1),
+            mem.bdev_io(IoKind::Read, u64::MAX, 2, &one, 2),
+            mem.bdev_io(IoKind::Write, 0, 2, &one, 3),
+            mem.bdev_io(IoKind::Unmap, 7, 2, &[], 4),
         ] {
             assert!(matches!(ch.submit(&bad), Err(BdevError::OutOfRange { .. })));
         }
         // A buffer outside the I/O's memory is refused, not a panic.
         let outside = [mem.iov(4096, 512)];
         assert!(matches!(
-            ch.submit(&io(IoKind::Read, 0, 1, &outside, 5, &mem)),
+            ch.submit(&mem.bdev_io(IoKind::Read, 0, 1, &outside, 5)),
             Err(BdevError::Memory(_))
         ));
         assert_eq!(ch.in_flight(), 0);
@@ -442,7 +428,7 @@ mod tests {
         let mem = TestMemory::new(512);
         let one = [mem.iov(0, 512)];
         assert!(matches!(
-            ch.submit(&io(IoKind::Read, 0, 1, &one, 1, &mem)),
+            ch.submit(&mem.bdev_io(IoKind::Read, 0, 1, &one, 1)),
             Err(BdevError::Removed(_))
         ));
         assert!(matches!(
@@ -492,7 +478,7 @@ mod tests {
                     mem.fill(0, 512, t + 1);
                     let iov = [mem.iov(0, 512)];
                     for block in (u64::from(t)..256).step_by(4) {
-                        ch.submit(&io(IoKind::Write, block, 1, &iov, block, &mem))
+                        ch.submit(&mem.bdev_io(IoKind::Write, block, 1, &iov, block))
                             .unwrap();
                     }
                     drain(&mut *ch).len()
@@ -504,7 +490,8 @@ mod tests {
         let mut ch = Arc::clone(&bdev).open_channel().unwrap();
         let mem = TestMemory::new(256 * 512);
         let iov = [mem.iov(0, 256 * 512)];
-        ch.submit(&io(IoKind::Read, 0, 256, &iov, 0, &mem)).unwrap();
+        ch.submit(&mem.bdev_io(IoKind::Read, 0, 256, &iov, 0))
+            .unwrap();
         let bytes = mem.read(0, 256 * 512);
         for block in 0..256 {
             let expect = (block % 4) as u8 + 1;

@@ -158,26 +158,10 @@ mod tests {
             } else {
                 &iov
             };
-            ch.submit(&BdevIo {
-                kind,
-                offset_blocks: 10,
-                num_blocks: 2,
-                iovs,
-                tag,
-                mem: mem.io_memory(),
-            })
-            .unwrap();
+            ch.submit(&mem.bdev_io(kind, 10, 2, iovs, tag)).unwrap();
         }
         for (tag, kind) in [(4, IoKind::Flush), (5, IoKind::Unmap)] {
-            ch.submit(&BdevIo {
-                kind,
-                offset_blocks: 0,
-                num_blocks: 1,
-                iovs: &[],
-                tag,
-                mem: mem.io_memory(),
-            })
-            .unwrap();
+            ch.submit(&mem.bdev_io(kind, 0, 1, &[], tag)).unwrap();
         }
         let mut seen = Vec::new();
         assert_eq!(ch.poll(&mut |tag, status| seen.push((tag, status))), 5);
@@ -200,39 +184,18 @@ mod tests {
         let mut ch = Arc::clone(&bdev).open_channel().unwrap();
         let mem = TestMemory::new(512);
         let iov = [mem.iov(0, 512)];
-        let past_end = BdevIo {
-            kind: IoKind::Read,
-            offset_blocks: 16,
-            num_blocks: 1,
-            iovs: &iov,
-            tag: 1,
-            mem: mem.io_memory(),
-        };
+        let past_end = mem.bdev_io(IoKind::Read, 16, 1, &iov, 1);
         assert!(matches!(
             ch.submit(&past_end),
             Err(BdevError::OutOfRange { .. })
         ));
-        let short = BdevIo {
-            kind: IoKind::Read,
-            offset_blocks: 0,
-            num_blocks: 2,
-            iovs: &iov,
-            tag: 2,
-            mem: mem.io_memory(),
-        };
+        let short = mem.bdev_io(IoKind::Read, 0, 2, &iov, 2);
         assert!(matches!(
             ch.submit(&short),
             Err(BdevError::OutOfRange { .. })
         ));
         bdev.mark_removed();
-        let ok = BdevIo {
-            kind: IoKind::Read,
-            offset_blocks: 0,
-            num_blocks: 1,
-            iovs: &iov,
-            tag: 3,
-            mem: mem.io_memory(),
-        };
+        let ok = mem.bdev_io(IoKind::Read, 0, 1, &iov, 3);
         assert!(matches!(ch.submit(&ok), Err(BdevError::Removed(_))));
         assert!(NullBdev::new("n", 0, 512, [0; 16]).is_err());
         assert!(NullBdev::new("n", 1, 520, [0; 16]).is_err());

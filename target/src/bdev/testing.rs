@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use rvhost_platform_linux::{PagePolicy, SharedDmaMemory};
 
-use super::{IoMemory, IoVec};
+use super::{BdevIo, IoKind, IoMemory, IoVec};
 
 /// A zeroed buffer of process memory, usable as the [`IoMemory`] of bdev I/O.
 #[derive(Clone)]
@@ -52,6 +52,25 @@ impl TestMemory {
     /// The memory as bdev I/O takes it.
     pub fn io_memory(&self) -> &IoMemory {
         &self.io
+    }
+
+    /// An I/O whose buffers lie in this memory.
+    pub fn bdev_io<'a>(
+        &'a self,
+        kind: IoKind,
+        offset_blocks: u64,
+        num_blocks: u64,
+        iovs: &'a [IoVec],
+        tag: u64,
+    ) -> BdevIo<'a> {
+        BdevIo {
+            kind,
+            offset_blocks,
+            num_blocks,
+            iovs,
+            tag,
+            mem: &self.io,
+        }
     }
 
     /// Copies `bytes` to `offset`.
