@@ -19,7 +19,8 @@
 # (`bdev_nvme_attach_controller`, then detach and attach again) and exports `Nvme0n1` as vhost-user-blk, drives it with the
 # userspace initiator `rvhost-perf --verify` (4 KiB and 128 KiB random read/write), runs the
 # guest-side virtio-blk test `target/tests/bdev_nvme_guest_ops.rs` (flush, write zeroes, discard,
-# a split 256 KiB write, a read past the end), stops rvhost
+# a split 256 KiB write, a read past the end), then the lifecycle test in the same file (RPC detach
+# under load, attach again and serve again, a PCI removal under load), stops rvhost
 # with SIGINT, and then the host checks that every block rvhost-perf wrote is in
 # the raw backing file at the right place with the right content.
 #
@@ -68,7 +69,14 @@ done
 
 # ---- guest kernel (a Debian kernel package, unpacked) ----
 KDIR=$WORK/kernel
-if [ ! -f "$KDIR/.unpacked" ]; then
+# The tests/ harness's unpacked kernel, when there is one, saves a download.
+for shared in "${RVHOST_GUEST_ASSETS:-$ROOT/build/guest-assets}"/linux-image-*; do
+    if [ ! -f "$KDIR/.unpacked" ] && ls "$shared"/boot/vmlinuz-* >/dev/null 2>&1 \
+            && ls "$shared"/lib/modules/*/modules.dep >/dev/null 2>&1; then
+        KDIR=$shared
+    fi
+done
+if [ ! -f "$KDIR/.unpacked" ] && [ "$KDIR" = "$WORK/kernel" ]; then
     pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
     if [ -z "$pkg" ]; then
         apt-get update -qq >&2 || true
@@ -222,7 +230,7 @@ CONFIG
     rvhost_pid=$!
     for i in $(seq 600); do [ -S /var/tmp/rv/vhost.0 ] && break; sleep 0.1; done
     ls -l /var/tmp/rv
-    rc_perf4k=1; rc_perf128k=1; rc_ops=1
+    rc_perf4k=1; rc_perf128k=1; rc_ops=1; rc_lifecycle=1
     mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
     if [ -S /var/tmp/rv/vhost.0 ]; then
         /rvhost-perf --socket /var/tmp/rv/vhost.0 --type blk --rw randrw --verify --time 5 --cpu 1; rc_perf4k=$?
@@ -230,10 +238,15 @@ CONFIG
         # Flush, write zeroes, discard and a split 256 KiB write through a virtio-blk driver.
         RVHOST_NVME_GUEST_SOCKET=/var/tmp/rv/vhost.0 /bdev-ops --ignored --exact \
             nvme_bdev_ops_in_the_guest --test-threads 1 --nocapture; rc_ops=$?
+        # Detach over RPC and attach again, then a real PCI removal, each under rvhost-perf load.
+        RVHOST_NVME_GUEST_SOCKET=/var/tmp/rv/vhost.0 RVHOST_NVME_GUEST_RPC=/var/tmp/rv/rpc.sock \
+            RVHOST_NVME_GUEST_PERF=/rvhost-perf RVHOST_NVME_GUEST_BDF="$BDF" /bdev-ops --ignored \
+            --exact nvme_bdev_detach_reattach_and_removal_in_the_guest --test-threads 1 \
+            --nocapture; rc_lifecycle=$?
     fi
     # A clean shutdown closes the channels (deleting their I/O queues) and the controller.
     kill -INT "$rvhost_pid"; wait "$rvhost_pid"; rc_rvhost=$?
-    echo "RVHOST-NVME-BDEV-RESULT perf4k=$rc_perf4k perf128k=$rc_perf128k ops=$rc_ops rvhost=$rc_rvhost"
+    echo "RVHOST-NVME-BDEV-RESULT perf4k=$rc_perf4k perf128k=$rc_perf128k ops=$rc_ops lifecycle=$rc_lifecycle rvhost=$rc_rvhost"
     sync
     poweroff -f
 fi
@@ -318,7 +331,7 @@ log "qemu exited with $qemu_rc"
 
 if [ "$MODE" = bdev ]; then
     result=$(grep -a 'RVHOST-NVME-BDEV-RESULT' "$SERIAL_LOG" | tail -n1 | tr -d '\r' || true)
-    if [ "$result" != "RVHOST-NVME-BDEV-RESULT perf4k=0 perf128k=0 ops=0 rvhost=0" ]; then
+    if [ "$result" != "RVHOST-NVME-BDEV-RESULT perf4k=0 perf128k=0 ops=0 lifecycle=0 rvhost=0" ]; then
         log "FAIL: guest reported '${result:-nothing}'"
         exit 1
     fi

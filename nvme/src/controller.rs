@@ -523,6 +523,28 @@ impl Controller {
         self.shared.pci.bar0().simulate_removal();
     }
 
+    /// Whether the kernel has asked for the device back (PCI remove or unbind through sysfs). The
+    /// first time it is seen, bus mastering is turned off and the controller is marked failed, so
+    /// that every I/O in flight fails at its queue pair's next poll and no new one is accepted:
+    /// the owner should then close the controller promptly, since the kernel's removal waits for
+    /// that. Cheap enough for a periodic check (one non-blocking eventfd read).
+    pub fn removal_requested(&self) -> bool {
+        let pci = &self.shared.pci;
+        let already = pci.removal_seen();
+        if !pci.removal_requested() {
+            return false;
+        }
+        if !already {
+            tracing::warn!(
+                bdf = self.bdf(),
+                "the kernel requests the device back (removal)"
+            );
+            pci.stop_dma();
+            self.shared.mark_failed(&NvmeError::Removed);
+        }
+        true
+    }
+
     /// Resets the controller now: every command in flight fails with [`crate::io::IoError::Reset`]
     /// and every I/O queue pair re-creates its queues on its next poll.
     pub fn reset(&self) -> Result<(), NvmeError> {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps, VfioRegionInfoCap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::dma::{DmaError, DmaMapper};
 use crate::regs::ALL_ONES;
@@ -17,6 +18,10 @@ const BAR0_REGION: u32 = 0;
 const CONFIG_REGION: u32 = 7;
 /// `VFIO_REGION_INFO_FLAG_MMAP`.
 const REGION_FLAG_MMAP: u32 = 1 << 2;
+
+/// VFIO IRQ index of the device request (`VFIO_PCI_REQ_IRQ_INDEX`): the kernel signals it when it
+/// wants the device back (PCI remove, unbind) and then waits until the user closes the device.
+const REQ_IRQ_INDEX: u32 = 4;
 
 /// PCI config space: command register.
 const PCI_COMMAND: u64 = 0x04;
@@ -210,6 +215,10 @@ pub struct VfioPci {
     bar0: Mmio,
     device: VfioDevice,
     mapper: Arc<ContainerMapper>,
+    /// Signalled by the kernel when the device is to be removed (`None`: the kernel offers no
+    /// request channel, so a removal blocks until the controller is detached).
+    removal_request: Option<EventFd>,
+    removal_seen: AtomicBool,
 }
 
 impl core::fmt::Debug for VfioPci {
@@ -251,13 +260,73 @@ impl VfioPci {
             | PCI_COMMAND_INTX_DISABLE;
         device.region_write(CONFIG_REGION, &value.to_le_bytes(), PCI_COMMAND);
 
+        let removal_request = Self::register_removal_request(&device, &bdf);
         tracing::info!(%bdf, bar0_len = bar0.len, "opened NVMe controller through VFIO");
         Ok(VfioPci {
             bdf,
             bar0,
             device,
             mapper: Arc::new(ContainerMapper { container }),
+            removal_request,
+            removal_seen: AtomicBool::new(false),
         })
+    }
+
+    fn register_removal_request(device: &VfioDevice, bdf: &str) -> Option<EventFd> {
+        let offered = device
+            .get_irq_info(REQ_IRQ_INDEX)
+            .is_some_and(|irq| irq.count > 0);
+        if !offered {
+            tracing::info!(%bdf, "no VFIO device request interrupt: removal waits for a detach");
+            return None;
+        }
+        let registered = EventFd::new(EFD_NONBLOCK)
+            .map_err(|e| e.to_string())
+            .and_then(|fd| {
+                device
+                    .enable_irq(REQ_IRQ_INDEX, vec![&fd])
+                    .map_err(|e| e.to_string())?;
+                Ok(fd)
+            });
+        match registered {
+            Ok(fd) => Some(fd),
+            Err(reason) => {
+                tracing::warn!(%bdf, %reason, "cannot register for device removal requests");
+                None
+            }
+        }
+    }
+
+    /// Whether [`VfioPci::removal_requested`] has returned `true` before.
+    pub fn removal_seen(&self) -> bool {
+        self.removal_seen.load(Ordering::Relaxed)
+    }
+
+    /// Whether the kernel has asked for the device back (it is being removed or unbound). Stays
+    /// `true` once seen. Non-blocking: one `read` of an eventfd.
+    pub fn removal_requested(&self) -> bool {
+        if self.removal_seen.load(Ordering::Relaxed) {
+            return true;
+        }
+        let signalled = self
+            .removal_request
+            .as_ref()
+            .is_some_and(|fd| fd.read().is_ok());
+        if signalled {
+            self.removal_seen.store(true, Ordering::Relaxed);
+        }
+        signalled
+    }
+
+    /// Turns bus mastering off, so that the device can no longer write into memory that the
+    /// driver is about to hand back (commands it still holds are failed by the driver instead).
+    pub fn stop_dma(&self) {
+        let mut cmd = [0u8; 2];
+        self.device
+            .region_read(CONFIG_REGION, &mut cmd, PCI_COMMAND);
+        let value = u16::from_le_bytes(cmd) & !PCI_COMMAND_MASTER;
+        self.device
+            .region_write(CONFIG_REGION, &value.to_le_bytes(), PCI_COMMAND);
     }
 
     fn map_bar0(device: &VfioDevice, bdf: &str) -> Result<Mmio, VfioPciError> {

@@ -2,7 +2,9 @@
 //! guest (TCG, intel-iommu, an emulated NVMe controller on a raw file), runs this package's
 //! `rvhost` in it with a `-c` config that attaches the controller (`bdev_nvme_attach_controller`,
 //! a detach, and the attach again) and exports `Nvme0n1` as vhost-user-blk, drives it with
-//! `rvhost-perf --verify` (4 KiB and 128 KiB random read/write), and then checks on the host that
+//! `rvhost-perf --verify` (4 KiB and 128 KiB random read/write), runs the guest-side tests of
+//! `bdev_nvme_guest_ops.rs` (virtio-blk operations; RPC detach, re-attach and a PCI removal while
+//! rvhost-perf drives I/O), and then checks on the host that
 //! every block rvhost-perf stamped is in the raw image at its own address with its exact content
 //! (`scripts/check-perf-image.py`). The script builds `rvhost-nvme` and `rvhost-perf` itself.
 

@@ -8,8 +8,13 @@
 
 mod vhost_support;
 
-use std::path::PathBuf;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
+use serde_json::{json, Value};
 use vhost_support::*;
 
 /// Sectors of the guest's 32 MiB drive.
@@ -23,6 +28,10 @@ const ZERO_SECTORS: u32 = 128;
 /// Discarded part: 512 KiB from 31.5 MiB.
 const DISCARD_SECTOR: u64 = 31 * 2048 + 1024;
 const DISCARD_SECTORS: u32 = 1024;
+/// The lifecycle test's data: 64 KiB at 30 MiB, written before a detach and read after the
+/// attach (outside the ops test's last MiB, which the host checks byte for byte).
+const LIFECYCLE_SECTOR: u64 = 30 * 2048;
+const LIFECYCLE_BYTES: usize = 64 * 1024;
 
 /// Each 512-byte sector starts with its own sector number, so misplaced data is caught; the
 /// rest is a byte pattern (the same formula is in `scripts/check-perf-image.py`).
@@ -102,4 +111,237 @@ fn nvme_bdev_ops_in_the_guest() {
     assert_eq!(status, S_OK);
     assert!(back == data[..4096], "read after the refused request");
     eprintln!("NVME-BDEV-OPS PASS");
+}
+
+/// A minimal JSON-RPC 2.0 client in SPDK's wire format (SPDK's Python client is not available in
+/// the guest's initramfs): one request per connection, the reply read until it parses.
+fn rpc(socket: &Path, method: &str, params: Value) -> Value {
+    let mut stream = UnixStream::connect(socket).expect("connect to the RPC socket");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("RPC read timeout");
+    let request = json!({"jsonrpc": "2.0", "method": method, "params": params, "id": 1});
+    stream
+        .write_all(request.to_string().as_bytes())
+        .expect("send the RPC request");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).expect("read the RPC reply");
+        assert!(n > 0, "{method}: connection closed before a reply");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Ok(reply) = serde_json::from_slice::<Value>(&buf) {
+            eprintln!("rpc {method} {params} -> {reply}");
+            return reply;
+        }
+    }
+}
+
+fn rpc_ok(socket: &Path, method: &str, params: Value) -> Value {
+    let reply = rpc(socket, method, params.clone());
+    match reply.get("result") {
+        Some(result) => result.clone(),
+        None => panic!("{method} {params} failed: {reply}"),
+    }
+}
+
+fn bdev_names(socket: &Path) -> Vec<String> {
+    rpc_ok(socket, "bdev_get_bdevs", json!({}))
+        .as_array()
+        .expect("bdev_get_bdevs returns a list")
+        .iter()
+        .filter_map(|b| b["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Starts `rvhost-perf` random reads on `socket` for `seconds` in the background. Reads only: a
+/// write cut off by a removal may leave a torn block, which the host's image check would
+/// rightly flag as corruption.
+fn start_perf(perf: &Path, socket: &Path, seconds: u32) -> Child {
+    Command::new(perf)
+        .arg("--socket")
+        .arg(socket)
+        .args([
+            "--type", "blk", "--rw", "randread", "--cpu", "1", "--qd", "16",
+        ])
+        .args(["--time", &seconds.to_string(), "--seed", "11"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start rvhost-perf")
+}
+
+/// Waits for a background `rvhost-perf`: it must end by itself (no request may hang in rvhost)
+/// and must have seen failed I/O. Returns its report.
+fn perf_must_end_with_errors(mut child: Child, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("poll rvhost-perf") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("rvhost-perf still running {limit:?} after its start: a request hangs");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut report = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_string(&mut report);
+    }
+    eprintln!("{report}");
+    assert!(
+        !status.success(),
+        "rvhost-perf saw no failed I/O although the bdev went away: {report}"
+    );
+    let io_errors = report
+        .split("errors: io=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no error count in the rvhost-perf report: {report}"));
+    assert!(io_errors > 0, "failed I/O is reported as such: {report}");
+    report
+}
+
+/// Writes `data` at `sector` on `driver` and reads it back.
+fn write_and_check(driver: &mut Driver, sector: u64, data: &[u8], what: &str) {
+    assert_eq!(driver.write_blocks(0, sector, data), S_OK, "{what}: write");
+    let (status, back) = driver.read_blocks(0, sector, data.len());
+    assert_eq!(status, S_OK, "{what}: read");
+    assert!(back == data, "{what}: read-back differs");
+}
+
+/// The NVMe bdev's lifecycle under a serving vhost-blk controller, in the guest after the ops
+/// test: SPDK semantics for `bdev_nvme_detach_controller` while `vhost.0` exports `Nvme0n1` and
+/// `rvhost-perf` drives it (the bdev is hot-removed, I/O fails with IOERR, nothing hangs, other
+/// devices and RPC keep working), then attach again and serve again (the data written before is
+/// still there), then a real PCI removal of the controller (`echo 1 > .../remove`) under load:
+/// rvhost sees the kernel's VFIO device request, fails the I/O, detaches the controller and
+/// releases the device so that the removal completes.
+#[test]
+#[ignore = "runs in the NVMe guest: NVME_GUEST_MODE=bdev scripts/nvme-guest-test.sh"]
+fn nvme_bdev_detach_reattach_and_removal_in_the_guest() {
+    let env = |name: &str| {
+        PathBuf::from(std::env::var_os(name).unwrap_or_else(|| panic!("{name} is set")))
+    };
+    let socket = env("RVHOST_NVME_GUEST_SOCKET");
+    let rpc_socket = env("RVHOST_NVME_GUEST_RPC");
+    let perf = env("RVHOST_NVME_GUEST_PERF");
+    let bdf = std::env::var("RVHOST_NVME_GUEST_BDF").expect("RVHOST_NVME_GUEST_BDF is set");
+    let dir = socket.parent().expect("socket directory").to_path_buf();
+    let wanted = VIRTIO_F_VERSION_1;
+
+    // Another device on the same reactor, which must not notice what happens to the NVMe one.
+    rpc_ok(
+        &rpc_socket,
+        "bdev_malloc_create",
+        json!({"name": "Malloc0", "num_blocks": 8192, "block_size": 512}),
+    );
+    rpc_ok(
+        &rpc_socket,
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "vhost.1", "dev_name": "Malloc0"}),
+    );
+    let mut other = Driver::ready(&dir.join("vhost.1"), wanted);
+    write_and_check(&mut other, 0, &pattern(1, 8192), "Malloc0 before");
+
+    // ---- detach over RPC under load ----
+    let kept = region_pattern(LIFECYCLE_SECTOR, LIFECYCLE_BYTES);
+    let mut nvme = Driver::ready(&socket, wanted);
+    write_and_check(
+        &mut nvme,
+        LIFECYCLE_SECTOR,
+        &kept,
+        "Nvme0n1 before the detach",
+    );
+    let load = start_perf(&perf, &socket, 8);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        rpc_ok(
+            &rpc_socket,
+            "bdev_nvme_detach_controller",
+            json!({"name": "Nvme0"})
+        ),
+        json!(true)
+    );
+    perf_must_end_with_errors(load, Duration::from_secs(120));
+    assert!(!bdev_names(&rpc_socket).contains(&"Nvme0n1".to_owned()));
+    assert_eq!(
+        rpc_ok(&rpc_socket, "bdev_nvme_get_controllers", json!({})),
+        json!([])
+    );
+    let (status, _) = nvme.read_blocks(0, LIFECYCLE_SECTOR, 4096);
+    assert_eq!(status, S_IOERR, "a hot-removed bdev fails I/O");
+    write_and_check(
+        &mut other,
+        16,
+        &pattern(2, 4096),
+        "Malloc0 after the detach",
+    );
+    drop(nvme);
+
+    // ---- attach again and serve again ----
+    assert_eq!(
+        rpc_ok(
+            &rpc_socket,
+            "bdev_nvme_attach_controller",
+            json!({"name": "Nvme0", "trtype": "pcie", "traddr": bdf}),
+        ),
+        json!(["Nvme0n1"])
+    );
+    rpc_ok(
+        &rpc_socket,
+        "vhost_delete_controller",
+        json!({"ctrlr": "vhost.0"}),
+    );
+    rpc_ok(
+        &rpc_socket,
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "vhost.0", "dev_name": "Nvme0n1"}),
+    );
+    let mut nvme = Driver::ready(&socket, wanted);
+    let (status, back) = nvme.read_blocks(0, LIFECYCLE_SECTOR, LIFECYCLE_BYTES);
+    assert_eq!(status, S_OK);
+    assert!(
+        back == kept,
+        "data written before the detach is there after the attach"
+    );
+    write_and_check(
+        &mut nvme,
+        LIFECYCLE_SECTOR,
+        &kept,
+        "Nvme0n1 after the attach",
+    );
+    drop(nvme);
+
+    // ---- the PCI function removed under load ----
+    let load = start_perf(&perf, &socket, 8);
+    std::thread::sleep(Duration::from_secs(3));
+    let remove_path = format!("/sys/bus/pci/devices/{bdf}/remove");
+    let (removed_tx, removed_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Blocks until the VFIO user (rvhost) has let go of the device.
+        let _ = removed_tx.send(std::fs::write(&remove_path, "1"));
+    });
+    let removal = removed_rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the kernel's removal finished: rvhost released the device");
+    removal.expect("writing the PCI remove attribute");
+    assert!(!Path::new(&format!("/sys/bus/pci/devices/{bdf}")).exists());
+    perf_must_end_with_errors(load, Duration::from_secs(120));
+    assert_eq!(
+        rpc_ok(&rpc_socket, "bdev_nvme_get_controllers", json!({})),
+        json!([])
+    );
+    assert!(!bdev_names(&rpc_socket).contains(&"Nvme0n1".to_owned()));
+    let mut nvme = Driver::ready(&socket, wanted);
+    let (status, _) = nvme.read_blocks(0, LIFECYCLE_SECTOR, 4096);
+    assert_eq!(status, S_IOERR, "vhost.0 stays, without its bdev");
+    write_and_check(
+        &mut other,
+        32,
+        &pattern(3, 4096),
+        "Malloc0 after the removal",
+    );
+    eprintln!("NVME-BDEV-LIFECYCLE PASS");
 }

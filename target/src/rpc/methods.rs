@@ -950,7 +950,7 @@ impl RpcMethods {
                 format!("no NVMe controller named {}", p.name),
             ));
         };
-        let (ctrl, names) = &self.nvme_controllers[index];
+        let (ctrl, _) = &self.nvme_controllers[index];
         let fabrics = [&p.adrfam, &p.trsvcid, &p.subnqn, &p.hostaddr, &p.hostsvcid];
         if fabrics.iter().any(|m| m.is_some())
             || p.trtype
@@ -966,6 +966,17 @@ impl RpcMethods {
                 format!("NVMe controller {} has no such path", p.name),
             ));
         }
+        self.detach_nvme_controller(index)?;
+        Ok(Value::Bool(true))
+    }
+
+    /// Hot-removes the bdevs of controller `index` from their vhost controllers (their I/O fails
+    /// from then on, as in SPDK), deletes them and closes the controller once the last channel
+    /// is gone.
+    fn detach_nvme_controller(&mut self, index: usize) -> Result<(), RpcError> {
+        let Some((ctrl, names)) = self.nvme_controllers.get(index) else {
+            return Ok(());
+        };
         let (ctrl, names) = (Arc::clone(ctrl), names.clone());
         for name in &names {
             if self.bdevs.contains(name) {
@@ -974,8 +985,29 @@ impl RpcMethods {
         }
         ctrl.mark_detached();
         self.nvme_controllers.remove(index);
-        tracing::info!(controller = %p.name, traddr = %ctrl.traddr(), "detached NVMe controller");
-        Ok(Value::Bool(true))
+        tracing::info!(controller = %ctrl.name(), traddr = %ctrl.traddr(), "detached NVMe controller");
+        Ok(())
+    }
+
+    /// SPDK's hot-remove: detaches every NVMe controller the kernel wants back (PCI remove or
+    /// unbind through sysfs), which lets the kernel's removal finish. Called periodically by the
+    /// RPC thread.
+    pub fn poll_nvme_removals(&mut self) {
+        while let Some(index) = self
+            .nvme_controllers
+            .iter()
+            .position(|(c, _)| c.controller().removal_requested())
+        {
+            let name = self.nvme_controllers[index].0.name().to_owned();
+            tracing::warn!(controller = %name, "NVMe controller removed; detaching it");
+            if let Err(err) = self.detach_nvme_controller(index) {
+                tracing::error!(controller = %name, ?err, "detaching a removed controller");
+                // Forget it anyway: a controller the kernel takes away cannot be served.
+                if index < self.nvme_controllers.len() {
+                    self.nvme_controllers.remove(index);
+                }
+            }
+        }
     }
 
     fn bdev_aio_delete(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
