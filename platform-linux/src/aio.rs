@@ -14,6 +14,8 @@ use crate::uring::{last_errno, run_block_discard, FileCompletion, FileIoError, F
 const IOCB_CMD_PREAD: u16 = 0;
 const IOCB_CMD_PWRITE: u16 = 1;
 const IOCB_CMD_FDSYNC: u16 = 3;
+const IOCB_CMD_PREADV: u16 = 7;
+const IOCB_CMD_PWRITEV: u16 = 8;
 
 /// `struct iocb` of <linux/aio_abi.h> (little-endian field order of the key/rw_flags pair).
 #[repr(C)]
@@ -111,6 +113,18 @@ impl AioContext {
                 };
                 (file, opcode, ptr as u64, range.len() as u64, *offset)
             }
+            FileOp::ReadV { file, offset, bufs } | FileOp::WriteV { file, offset, bufs } => {
+                let (iovecs, count) = match bufs.submission() {
+                    Ok(s) => s,
+                    Err(e) => return Err(Box::new((op, e))),
+                };
+                let opcode = if matches!(op, FileOp::ReadV { .. }) {
+                    IOCB_CMD_PREADV
+                } else {
+                    IOCB_CMD_PWRITEV
+                };
+                (file, opcode, iovecs as u64, u64::from(count), *offset)
+            }
             FileOp::DataSync { file } => (file, IOCB_CMD_FDSYNC, 0, 0, 0),
             FileOp::Fallocate {
                 file,
@@ -158,9 +172,10 @@ impl AioContext {
         self.slots.fill(slot, user_data, op);
         let mut list = [&iocb as *const Iocb];
         loop {
-            // SAFETY: `list` points at one valid iocb, which the kernel copies during the call; the
-            // buffer it names belongs to the `FileOp` stored in `slot`, which stays there until
-            // this slot's event is reaped, and `Drop` waits for all outstanding events.
+            // SAFETY: `list` points at one valid iocb, which the kernel copies during the call
+            // (with the iovec array of a vectored op); the buffer (or the `HostBuffers` owner) it
+            // names belongs to the `FileOp` stored in `slot`, which stays there until this slot's
+            // event is reaped, and `Drop` waits for all outstanding events.
             let rc = unsafe {
                 libc::syscall(
                     libc::SYS_io_submit,

@@ -6,9 +6,14 @@
 //! the [`FileCompletion`]. Dropping a [`Uring`] waits for everything still in flight before the
 //! slots are freed.
 //!
+//! Zero copy: [`HostBuffers`] names buffers in memory the engine does not own (a guest's memory
+//! table). Each buffer is proven to lie inside a mapping of its [`HostMemory`] owner
+//! ([`HostMemory::checked_range`]), and the op holds a clone of the owner's `Arc` until its
+//! completion is reaped, so the mapping cannot go away while the kernel reads or writes it.
+//!
 //! The types shared with the Linux AIO engine ([`crate::aio`]) live here too: [`AlignedBuf`]
-//! (4 KiB-aligned, usable for `O_DIRECT`), [`FileOp`], [`FileCompletion`], [`FileIoError`], and the
-//! block-device queries and `BLKDISCARD`.
+//! (4 KiB-aligned, usable for `O_DIRECT`), [`HostBuffers`], [`FileOp`], [`FileCompletion`],
+//! [`FileIoError`], and the block-device queries and `BLKDISCARD`.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::collections::VecDeque;
@@ -20,6 +25,9 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
+use rvhost_core::mem::MemError;
+
+use crate::host::HostMemory;
 
 /// Alignment of [`AlignedBuf`]: enough for `O_DIRECT` on any logical block size up to 4 KiB.
 pub const BUFFER_ALIGN: usize = 4096;
@@ -129,6 +137,136 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// Most buffers one vectored operation may name (`IOV_MAX`; the kernel refuses more).
+pub const MAX_IOVECS: usize = 1024;
+
+/// An empty iovec array whose allocation is reused by the next [`HostBuffers`] (no allocation per
+/// I/O once a channel has warmed up).
+#[derive(Debug, Default)]
+pub struct SpareIovecs(Vec<libc::iovec>);
+
+// SAFETY: the vector is always empty (cleared when made from a `HostBuffers`), so it holds no
+// pointer at all, only an allocation.
+unsafe impl Send for SpareIovecs {}
+
+/// Buffers by host address inside memory owned elsewhere (guest memory), for a vectored read or
+/// write straight into them. Holds the owner alive for as long as it exists.
+pub struct HostBuffers {
+    /// Keeps the memory every `iovecs` entry points into mapped.
+    _owner: Box<dyn std::any::Any + Send + Sync>,
+    iovecs: Vec<libc::iovec>,
+    /// The first entry not yet fully transferred (a short transfer resumes there).
+    first: usize,
+}
+
+// SAFETY: the raw pointers in `iovecs` point into memory kept mapped by `_owner` (which is Send +
+// Sync); they are only handed to the kernel, never dereferenced by this crate, so moving the
+// value to another thread cannot create a data race in Rust code.
+unsafe impl Send for HostBuffers {}
+
+impl std::fmt::Debug for HostBuffers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostBuffers")
+            .field("count", &self.iovecs.len())
+            .field("first", &self.first)
+            .field("remaining", &self.remaining())
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostBuffers {
+    /// Checks that every `(host address, length)` in `buffers` lies inside a mapping of `owner`
+    /// and keeps a clone of `owner`. `None` when `owner` cannot prove its mappings (a
+    /// [`HostMemory`] from outside this crate, which must be copied through instead) or there are
+    /// more than [`MAX_IOVECS`] buffers. `spare` is a vector to reuse (see
+    /// [`HostBuffers::into_spare`]).
+    pub fn new<M>(
+        owner: &Arc<M>,
+        buffers: impl IntoIterator<Item = (u64, usize)>,
+        spare: SpareIovecs,
+    ) -> Option<Result<Self, MemError>>
+    where
+        M: HostMemory + ?Sized + 'static,
+    {
+        let mut spare = spare.0;
+        spare.clear();
+        for (addr, len) in buffers {
+            if spare.len() >= MAX_IOVECS {
+                return None;
+            }
+            // A host address is the pointer itself; the owner has just proven the range mapped.
+            match owner.checked_range(addr, len)? {
+                Ok(_) => spare.push(libc::iovec {
+                    iov_base: addr as usize as *mut libc::c_void,
+                    iov_len: len,
+                }),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        Some(Ok(HostBuffers {
+            _owner: Box::new(Arc::clone(owner)),
+            iovecs: spare,
+            first: 0,
+        }))
+    }
+
+    /// Bytes not yet transferred.
+    pub fn remaining(&self) -> usize {
+        self.pending().iter().map(|v| v.iov_len).sum()
+    }
+
+    /// Number of buffers still to transfer.
+    pub fn count(&self) -> usize {
+        self.pending().len()
+    }
+
+    /// Marks `n` more bytes as transferred (after a short read or write), so the next
+    /// submission resumes right after them.
+    pub fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(v) = self.iovecs.get_mut(self.first) else {
+                return;
+            };
+            if n < v.iov_len {
+                v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
+                v.iov_len -= n;
+                return;
+            }
+            n -= v.iov_len;
+            self.first += 1;
+        }
+    }
+
+    /// Gives up the owner and returns the vector for reuse.
+    pub fn into_spare(self) -> SpareIovecs {
+        let mut v = self.iovecs;
+        v.clear();
+        SpareIovecs(v)
+    }
+
+    fn pending(&self) -> &[libc::iovec] {
+        self.iovecs.get(self.first..).unwrap_or_default()
+    }
+
+    /// The entries to submit and their count, for the engines.
+    pub(crate) fn submission(&self) -> Result<(*const libc::iovec, u32), FileIoError> {
+        let pending = self.pending();
+        let count = u32::try_from(pending.len()).map_err(|_| FileIoError::BadRange {
+            start: self.first,
+            end: self.iovecs.len(),
+            buf_len: self.iovecs.len(),
+        })?;
+        if count == 0 {
+            return Err(FileIoError::BadRange {
+                start: self.first,
+                end: self.iovecs.len(),
+                buf_len: self.iovecs.len(),
+            });
+        }
+        Ok((pending.as_ptr(), count))
+    }
+}
+
 /// One file operation. Each variant owns what the kernel needs until the operation completes.
 #[derive(Debug)]
 pub enum FileOp {
@@ -153,6 +291,24 @@ pub enum FileOp {
         buf: AlignedBuf,
         /// The part of `buf` to write.
         range: Range<usize>,
+    },
+    /// Read into memory owned elsewhere (zero copy), resuming at the first untransferred byte.
+    ReadV {
+        /// The file.
+        file: Arc<File>,
+        /// Byte offset in the file of the first untransferred byte.
+        offset: u64,
+        /// Destination buffers, with their owner.
+        bufs: HostBuffers,
+    },
+    /// Write from memory owned elsewhere (zero copy), resuming at the first untransferred byte.
+    WriteV {
+        /// The file.
+        file: Arc<File>,
+        /// Byte offset in the file of the first untransferred byte.
+        offset: u64,
+        /// Source buffers, with their owner.
+        bufs: HostBuffers,
     },
     /// `fdatasync`.
     DataSync {
@@ -255,6 +411,50 @@ pub fn is_on_tmpfs(file: &File) -> io::Result<bool> {
         return Err(io::Error::last_os_error());
     }
     Ok(fs.f_type == libc::TMPFS_MAGIC)
+}
+
+/// Alignment `O_DIRECT` needs for a file, as `statx(STATX_DIOALIGN)` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectIoAlignment {
+    /// Every buffer address must be a multiple of this.
+    pub memory: u32,
+    /// File offsets and every buffer length must be multiples of this.
+    pub offset: u32,
+}
+
+/// The file's direct-I/O alignment; `None` when the kernel or filesystem does not report it
+/// (before Linux 6.1, or a filesystem without `O_DIRECT`).
+pub fn direct_io_alignment(file: &File) -> io::Result<Option<DirectIoAlignment>> {
+    // SAFETY: an all-zero statx is a valid value of this plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is an empty C string and AT_EMPTY_PATH makes statx use the fd, which
+    // `file` keeps open; statx writes one struct through the pointer, which points at `stx`.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENOSYS) {
+            return Ok(None);
+        }
+        return Err(err);
+    }
+    if stx.stx_mask & libc::STATX_DIOALIGN == 0
+        || stx.stx_dio_mem_align == 0
+        || stx.stx_dio_offset_align == 0
+    {
+        return Ok(None);
+    }
+    Ok(Some(DirectIoAlignment {
+        memory: stx.stx_dio_mem_align,
+        offset: stx.stx_dio_offset_align,
+    }))
 }
 
 /// Slots and the ready queue, shared by both engines.
@@ -367,9 +567,10 @@ impl Uring {
         };
         self.slots.fill(slot, user_data, op);
         loop {
-            // SAFETY: the SQE's buffer pointer and fd belong to the `FileOp` now stored in `slot`,
-            // which stays there (keeping the buffer allocated and the file open) until this
-            // slot's completion is reaped, and `Drop` waits for all in-flight completions.
+            // SAFETY: the SQE's buffer (or iovec array) pointer and fd belong to the `FileOp` now
+            // stored in `slot`, which stays there (keeping the buffer allocated, or the owner of
+            // the `HostBuffers` memory alive, and the file open) until this slot's completion is
+            // reaped, and `Drop` waits for all in-flight completions.
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
                 self.unsubmitted += 1;
@@ -467,6 +668,19 @@ fn build_sqe(op: &FileOp, slot: u32) -> Result<io_uring::squeue::Entry, FileIoEr
                 opcode::Write::new(fd, ptr, len).offset(*offset).build()
             }
         }
+        FileOp::ReadV { file, offset, bufs } | FileOp::WriteV { file, offset, bufs } => {
+            let (iovecs, count) = bufs.submission()?;
+            let fd = types::Fd(file.as_raw_fd());
+            if matches!(op, FileOp::ReadV { .. }) {
+                opcode::Readv::new(fd, iovecs, count)
+                    .offset(*offset)
+                    .build()
+            } else {
+                opcode::Writev::new(fd, iovecs, count)
+                    .offset(*offset)
+                    .build()
+            }
+        }
         FileOp::DataSync { file } => opcode::Fsync::new(types::Fd(file.as_raw_fd()))
             .flags(types::FsyncFlags::DATASYNC)
             .build(),
@@ -534,6 +748,68 @@ mod tests {
             }
             std::thread::yield_now();
         }
+    }
+
+    /// A vectored read straight into memory the ring does not own, cut short by the end of the
+    /// file inside the second buffer, resumes inside that buffer after `advance`.
+    #[test]
+    fn short_vectored_read_resumes_across_buffers() {
+        use crate::{PagePolicy, SharedDmaMemory};
+        use std::os::unix::fs::FileExt;
+        let (path, file) = temp_file("readv");
+        let data: Vec<u8> = (0..16384u32).map(|i| (i * 7 + 1) as u8).collect();
+        file.write_all_at(&data, 0).unwrap();
+        file.set_len(6000).unwrap();
+        let mem = Arc::new(SharedDmaMemory::allocate_with(1 << 16, PagePolicy::SmallOnly).unwrap());
+        let va = mem.va();
+        let parts = [
+            (va + 0x1000, 4096),
+            (va + 0x4000, 8192),
+            (va + 0xa000, 4096),
+        ];
+        let bufs = HostBuffers::new(&mem, parts, SpareIovecs::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(bufs.remaining(), 16384);
+        let mut ring = Uring::new(8).unwrap();
+        let op = FileOp::ReadV {
+            file: Arc::clone(&file),
+            offset: 0,
+            bufs,
+        };
+        ring.submit(op, 1).unwrap();
+        let c = wait_one(&mut ring);
+        assert_eq!(c.result, Ok(6000));
+        let FileOp::ReadV { mut bufs, .. } = c.op else {
+            panic!("wrong op back")
+        };
+        bufs.advance(6000);
+        assert_eq!((bufs.remaining(), bufs.count()), (16384 - 6000, 2));
+        file.write_all_at(&data, 0).unwrap();
+        ring.submit(
+            FileOp::ReadV {
+                file: Arc::clone(&file),
+                offset: 6000,
+                bufs,
+            },
+            2,
+        )
+        .unwrap();
+        let c = wait_one(&mut ring);
+        assert_eq!(c.result, Ok(16384 - 6000));
+        let mut got = vec![0u8; 4096];
+        mem.read_at(0x1000, &mut got).unwrap();
+        assert_eq!(got, data[..4096]);
+        let mut got = vec![0u8; 8192];
+        mem.read_at(0x4000, &mut got).unwrap();
+        assert_eq!(got, data[4096..12288]);
+        let mut got = vec![0u8; 4096];
+        mem.read_at(0xa000, &mut got).unwrap();
+        assert_eq!(got, data[12288..]);
+        // A buffer outside the memory is refused before anything reaches the kernel.
+        let outside = HostBuffers::new(&mem, [(va + (1 << 16), 512)], SpareIovecs::default());
+        assert!(matches!(outside, Some(Err(_))));
+        std::fs::remove_file(path).unwrap();
     }
 
     #[test]

@@ -1,15 +1,17 @@
 //! Bdevs backed by a regular file or a kernel block device, driven asynchronously through
 //! io_uring ([`super::uring`]) or Linux AIO ([`super::aio`]).
 //!
-//! Each reactor channel owns its own ring (or AIO context), polled from [`BdevChannel::poll`].
-//! The file is opened with `O_DIRECT` when the filesystem allows it (tmpfs does not: buffered I/O
-//! there, logged). Data moves through 4 KiB-aligned bounce buffers, which satisfy `O_DIRECT`
-//! whatever the guest's buffer alignment; every bounced I/O is counted and reported in
-//! `bdev_get_bdevs`' `driver_specific`.
+//! Each reactor channel owns its own ring (or AIO context), polled from [`BdevChannel::poll`];
+//! `submit` never waits for the file. The file is opened with `O_DIRECT` when the filesystem
+//! allows it (tmpfs does not: buffered I/O there, logged).
 //!
-//! The bdev interface hands the guest memory to `submit` only, so a read has to be copied out
-//! before `submit` returns: reads are submitted to the ring and waited for there, while writes,
-//! flushes, discards and write-zeroes complete asynchronously at a later poll.
+//! Reads and writes go straight between the file and the I/O's buffers (vectored, zero copy) when
+//! the kernel can take them: always for buffered files, and for `O_DIRECT` when every buffer's
+//! address is a multiple of the file's direct-I/O memory alignment and its length a multiple of the
+//! offset alignment (`statx` `STATX_DIOALIGN`, else the logical block size). The op holds a clone
+//! of the I/O's memory until it completes. Other I/Os go through 4 KiB-aligned bounce buffers; a
+//! bounced read is copied out to the I/O's buffers when its completion is polled. Both kinds are
+//! counted (`zero_copy_ios`, `bounced_ios` in `bdev_get_bdevs`' `driver_specific`).
 //!
 //! Short transfers are resumed where they stopped; a transfer that makes no progress (the file
 //! shrank underneath) or any error from the file (EIO, ENOSPC, ...) fails that request only, is
@@ -24,17 +26,18 @@ use std::sync::Arc;
 
 use rvhost_platform_linux::aio::AioContext;
 use rvhost_platform_linux::uring::{
-    block_device_geometry, is_on_tmpfs, AlignedBuf, FileCompletion, FileIoError, FileOp, Uring,
+    block_device_geometry, direct_io_alignment, is_on_tmpfs, AlignedBuf, DirectIoAlignment,
+    FileCompletion, FileIoError, FileOp, HostBuffers, SpareIovecs, Uring, MAX_IOVECS,
 };
 
 use super::malloc::{byte_range, check_iovs, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
-use super::{Bdev, BdevChannel, BdevError, BdevIo, HostMemoryAccess, IoKind, IoStatus, IoVec};
+use super::{Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoMemory, IoStatus, IoVec};
 
 /// Operations each channel's ring (or AIO context) holds at once; more wait in the channel.
 const ENGINE_DEPTH: u32 = 256;
 /// Bytes of zeroes written per step when the filesystem cannot `FALLOC_FL_ZERO_RANGE`.
 const ZERO_CHUNK: usize = 1 << 20;
-/// Idle bounce buffers a channel keeps for reuse.
+/// Idle bounce buffers (and iovec arrays) a channel keeps for reuse.
 const SPARE_BUFFERS: usize = 32;
 
 /// Which kernel interface a file bdev uses.
@@ -80,8 +83,10 @@ pub struct FileBdevConfig {
 /// I/O statistics of one file bdev, across all channels.
 #[derive(Debug, Default)]
 pub struct FileBdevStats {
-    /// I/Os that went through a bounce buffer.
+    /// Reads and writes that went through a bounce buffer.
     pub bounced_ios: AtomicU64,
+    /// Reads and writes done straight on the I/O's buffers.
+    pub zero_copy_ios: AtomicU64,
     /// Requests failed because of an error from the file.
     pub io_errors: AtomicU64,
     /// Short reads/writes whose remainder was resubmitted.
@@ -94,6 +99,8 @@ pub struct FileBdev {
     config: FileBdevConfig,
     file: Arc<File>,
     o_direct: bool,
+    /// What a buffer must satisfy to be handed to the kernel as it is.
+    dio_align: DirectIoAlignment,
     block_device: bool,
     block_size: u32,
     num_blocks: AtomicU64,
@@ -171,6 +178,21 @@ impl FileBdev {
                 "io_uring runs tmpfs I/O on a kernel worker thread (slow next to a polling \
                  reactor); bdev_aio_create serves this file faster");
         }
+        let dio_align = if o_direct {
+            match direct_io_alignment(&file) {
+                Ok(Some(align)) => align,
+                Ok(None) | Err(_) => DirectIoAlignment {
+                    memory: device_block,
+                    offset: device_block,
+                },
+            }
+        } else {
+            // The page cache takes any address and length.
+            DirectIoAlignment {
+                memory: 1,
+                offset: 1,
+            }
+        };
         let num_blocks = size / u64::from(block_size);
         if num_blocks == 0 {
             return Err(BdevError::InvalidParams(format!(
@@ -181,6 +203,7 @@ impl FileBdev {
             config,
             file: Arc::new(file),
             o_direct,
+            dio_align,
             block_device,
             block_size,
             num_blocks: AtomicU64::new(num_blocks),
@@ -232,6 +255,25 @@ impl FileBdev {
     /// Whether the file was opened with `O_DIRECT`.
     pub fn o_direct(&self) -> bool {
         self.o_direct
+    }
+
+    /// The alignment a buffer needs to be read or written without a bounce buffer (1 when the
+    /// file is not opened with `O_DIRECT`).
+    pub fn direct_io_alignment(&self) -> DirectIoAlignment {
+        self.dio_align
+    }
+
+    /// Whether the kernel can take `iovs` as they are (zero copy).
+    fn takes_as_is(&self, iovs: &[IoVec]) -> bool {
+        let (mem, len) = (
+            u64::from(self.dio_align.memory.max(1)),
+            self.dio_align.offset.max(1),
+        );
+        !iovs.is_empty()
+            && iovs.len() <= MAX_IOVECS
+            && iovs
+                .iter()
+                .all(|v| v.addr % mem == 0 && v.len % len == 0 && v.len > 0)
     }
 
     /// The path given at creation.
@@ -310,7 +352,7 @@ impl Bdev for FileBdev {
             free_requests: Vec::new(),
             waiting: VecDeque::new(),
             spare: Vec::new(),
-            read_buffer: None,
+            spare_iovecs: Vec::new(),
             completions: VecDeque::new(),
         }))
     }
@@ -321,7 +363,10 @@ impl Bdev for FileBdev {
             "block_size_override": self.config.block_size.is_some(),
             "o_direct": self.o_direct,
             "block_device": self.block_device,
+            "dio_mem_align": self.dio_align.memory,
+            "dio_offset_align": self.dio_align.offset,
             "bounced_ios": stats.bounced_ios.load(Ordering::Relaxed),
+            "zero_copy_ios": stats.zero_copy_ios.load(Ordering::Relaxed),
             "io_errors": stats.io_errors.load(Ordering::Relaxed),
             "short_ios": stats.short_ios.load(Ordering::Relaxed),
         });
@@ -355,12 +400,6 @@ impl Engine {
             Engine::Aio(a) => a.reap(done),
         }
     }
-    fn wait(&mut self, done: &mut dyn FnMut(FileCompletion)) -> usize {
-        match self {
-            Engine::Uring(r) => r.wait(done),
-            Engine::Aio(a) => a.wait(done),
-        }
-    }
 }
 
 /// What a request is doing.
@@ -370,8 +409,13 @@ enum Phase {
     Data,
     /// One operation without data (fdatasync, fallocate, discard).
     Single,
-    /// Finished: completion recorded.
-    Done(IoStatus),
+}
+
+/// Where a bounced read's data goes once the file has filled the bounce buffer.
+struct CopyOut {
+    /// The I/O's memory, kept mapped until the copy is done.
+    mem: IoMemory,
+    iovs: Vec<IoVec>,
 }
 
 struct Request {
@@ -386,6 +430,7 @@ struct Request {
     /// Write-zeroes done by writing zero buffers (the filesystem lacks `ZERO_RANGE`).
     zero_writes: bool,
     phase: Phase,
+    copy_out: Option<CopyOut>,
 }
 
 /// One reactor's view of a [`FileBdev`].
@@ -397,9 +442,28 @@ struct FileChannel {
     /// Operations the engine had no room for, submitted at the next poll.
     waiting: VecDeque<(FileOp, u64)>,
     spare: Vec<AlignedBuf>,
-    /// The buffer of the read that just finished, for `submit` to copy out.
-    read_buffer: Option<(usize, AlignedBuf)>,
+    spare_iovecs: Vec<SpareIovecs>,
     completions: VecDeque<(u64, IoStatus)>,
+}
+
+/// How one read or write op ended, whichever kind of buffer it used.
+enum Transfer {
+    /// Retry the same op (EAGAIN, EINTR).
+    Again,
+    /// Failed with this errno.
+    Failed(i32),
+    /// `n` bytes moved (at most what was asked).
+    Moved(usize),
+}
+
+fn transfer(result: Result<usize, i32>, asked: usize, is_read: bool) -> Transfer {
+    match result {
+        Err(libc::EAGAIN) | Err(libc::EINTR) => Transfer::Again,
+        Err(errno) => Transfer::Failed(errno),
+        // No progress: the file ended (shrank underneath) or the device is full.
+        Ok(0) => Transfer::Failed(if is_read { libc::EIO } else { libc::ENOSPC }),
+        Ok(n) => Transfer::Moved(n.min(asked)),
+    }
 }
 
 impl FileChannel {
@@ -407,7 +471,9 @@ impl FileChannel {
         if let Some(i) = self.spare.iter().position(|b| b.len() >= len) {
             let mut buf = self.spare.swap_remove(i);
             // Zero-write buffers are taken from here too; keep them honest.
-            buf.as_mut_slice()[..len].fill(0);
+            if let Some(head) = buf.as_mut_slice().get_mut(..len) {
+                head.fill(0);
+            }
             return Ok(buf);
         }
         AlignedBuf::new(len).map_err(|e| backend(e.to_string()))
@@ -416,6 +482,14 @@ impl FileChannel {
     fn recycle(&mut self, buf: AlignedBuf) {
         if self.spare.len() < SPARE_BUFFERS {
             self.spare.push(buf);
+        }
+    }
+
+    fn recycle_iovecs(&mut self, bufs: HostBuffers) {
+        // Dropping `bufs` here releases its hold on the I/O's memory.
+        let spare = bufs.into_spare();
+        if self.spare_iovecs.len() < SPARE_BUFFERS {
+            self.spare_iovecs.push(spare);
         }
     }
 
@@ -434,20 +508,13 @@ impl FileChannel {
         }
     }
 
+    /// Records the completion of request `index` and frees its slot (and its memory handle).
     fn finish(&mut self, index: usize, status: IoStatus) {
-        if let Some(Some(req)) = self.requests.get_mut(index) {
-            req.phase = Phase::Done(status);
-            if req.kind != IoKind::Read {
-                self.completions.push_back((req.tag, status));
-                self.release(index);
-            }
-        }
-    }
-
-    fn release(&mut self, index: usize) {
         if let Some(slot) = self.requests.get_mut(index) {
-            *slot = None;
-            self.free_requests.push(index);
+            if let Some(req) = slot.take() {
+                self.completions.push_back((req.tag, status));
+                self.free_requests.push(index);
+            }
         }
     }
 
@@ -471,8 +538,10 @@ impl FileChannel {
     }
 
     fn drop_op(&mut self, op: FileOp) {
-        if let FileOp::Read { buf, .. } | FileOp::Write { buf, .. } = op {
-            self.recycle(buf);
+        match op {
+            FileOp::Read { buf, .. } | FileOp::Write { buf, .. } => self.recycle(buf),
+            FileOp::ReadV { bufs, .. } | FileOp::WriteV { bufs, .. } => self.recycle_iovecs(bufs),
+            FileOp::DataSync { .. } | FileOp::Fallocate { .. } | FileOp::BlockDiscard { .. } => {}
         }
     }
 
@@ -499,9 +568,17 @@ impl FileChannel {
         self.finish(index, IoStatus::Failed);
     }
 
+    /// Adds `n` transferred bytes to request `index`; returns (zero_writes, done, len).
+    fn progress(&mut self, index: usize, n: usize) -> Option<(bool, usize, usize)> {
+        let req = self.requests.get_mut(index)?.as_mut()?;
+        req.done = req.done.saturating_add(n);
+        Some((req.zero_writes, req.done, req.len))
+    }
+
     /// Advances the request a completion belongs to.
     fn on_completion(&mut self, c: FileCompletion) {
         let Ok(index) = usize::try_from(c.user_data) else {
+            self.drop_op(c.op);
             return;
         };
         let Some(Some(req)) = self.requests.get(index) else {
@@ -530,98 +607,149 @@ impl FileChannel {
             }
             return;
         }
-        let (file, offset, buf, range, is_read) = match c.op {
+        match c.op {
             FileOp::Read {
                 file,
                 offset,
                 buf,
                 range,
-            } => (file, offset, buf, range, true),
+            } => self.on_bounced(index, c.result, (file, offset, buf, range), true),
             FileOp::Write {
                 file,
                 offset,
                 buf,
                 range,
-            } => (file, offset, buf, range, false),
+            } => self.on_bounced(index, c.result, (file, offset, buf, range), false),
+            FileOp::ReadV { file, offset, bufs } => {
+                self.on_vectored(index, c.result, (file, offset, bufs), true)
+            }
+            FileOp::WriteV { file, offset, bufs } => {
+                self.on_vectored(index, c.result, (file, offset, bufs), false)
+            }
             other => {
                 self.drop_op(other);
                 self.finish(index, IoStatus::Failed);
-                return;
+            }
+        }
+    }
+
+    /// A read or write through a bounce buffer (or a write-zeroes step) finished.
+    fn on_bounced(
+        &mut self,
+        index: usize,
+        result: Result<usize, i32>,
+        (file, offset, buf, range): (Arc<File>, u64, AlignedBuf, std::ops::Range<usize>),
+        is_read: bool,
+    ) {
+        let rebuild = |offset, buf, range| {
+            if is_read {
+                FileOp::Read {
+                    file,
+                    offset,
+                    buf,
+                    range,
+                }
+            } else {
+                FileOp::Write {
+                    file,
+                    offset,
+                    buf,
+                    range,
+                }
             }
         };
-        match c.result {
-            Err(libc::EAGAIN) | Err(libc::EINTR) => {
-                let op = if is_read {
-                    FileOp::Read {
-                        file,
-                        offset,
-                        buf,
-                        range,
-                    }
-                } else {
-                    FileOp::Write {
-                        file,
-                        offset,
-                        buf,
-                        range,
-                    }
-                };
-                self.push(op, index);
-            }
-            Err(errno) => {
+        match transfer(result, range.len(), is_read) {
+            Transfer::Again => self.push(rebuild(offset, buf, range), index),
+            Transfer::Failed(errno) => {
                 self.recycle(buf);
                 self.fail_with_errno(index, errno);
             }
-            Ok(0) => {
-                // No progress: the file ended (shrank underneath) or the device is full.
-                self.recycle(buf);
-                let errno = if is_read { libc::EIO } else { libc::ENOSPC };
-                self.fail_with_errno(index, errno);
-            }
-            Ok(n) => {
-                let n = n.min(range.len());
-                let (zero_writes, done, len) = match self.requests.get_mut(index) {
-                    Some(Some(req)) => {
-                        req.done = req.done.saturating_add(n);
-                        (req.zero_writes, req.done, req.len)
-                    }
-                    _ => return,
+            Transfer::Moved(n) => {
+                let Some((zero_writes, done, len)) = self.progress(index, n) else {
+                    self.recycle(buf);
+                    return;
                 };
                 if n < range.len() {
                     self.bdev.stats.short_ios.fetch_add(1, Ordering::Relaxed);
                     let rest = range.start + n..range.end;
-                    let offset = offset.saturating_add(n as u64);
-                    let op = if is_read {
-                        FileOp::Read {
-                            file,
-                            offset,
-                            buf,
-                            range: rest,
-                        }
-                    } else {
-                        FileOp::Write {
-                            file,
-                            offset,
-                            buf,
-                            range: rest,
-                        }
-                    };
-                    self.push(op, index);
+                    self.push(rebuild(offset.saturating_add(n as u64), buf, rest), index);
                 } else if zero_writes && done < len {
                     self.recycle(buf);
                     self.next_zero_chunk(index);
                 } else if is_read {
-                    // The caller (inside `submit`) copies the data out of the buffer.
-                    if let Some(Some(req)) = self.requests.get_mut(index) {
-                        req.phase = Phase::Done(IoStatus::Success);
-                    }
-                    self.read_buffer = Some((index, buf));
+                    let status = self.copy_out(index, &buf);
+                    self.recycle(buf);
+                    self.finish(index, status);
                 } else {
                     self.recycle(buf);
                     self.finish(index, IoStatus::Success);
                 }
             }
         }
+    }
+
+    /// A zero-copy read or write finished; a short one resumes at the first byte not moved.
+    fn on_vectored(
+        &mut self,
+        index: usize,
+        result: Result<usize, i32>,
+        (file, offset, mut bufs): (Arc<File>, u64, HostBuffers),
+        is_read: bool,
+    ) {
+        let rebuild = |offset, bufs| {
+            if is_read {
+                FileOp::ReadV { file, offset, bufs }
+            } else {
+                FileOp::WriteV { file, offset, bufs }
+            }
+        };
+        let asked = bufs.remaining();
+        match transfer(result, asked, is_read) {
+            Transfer::Again => self.push(rebuild(offset, bufs), index),
+            Transfer::Failed(errno) => {
+                self.recycle_iovecs(bufs);
+                self.fail_with_errno(index, errno);
+            }
+            Transfer::Moved(n) => {
+                if self.progress(index, n).is_none() {
+                    self.recycle_iovecs(bufs);
+                    return;
+                }
+                if n < asked {
+                    self.bdev.stats.short_ios.fetch_add(1, Ordering::Relaxed);
+                    bufs.advance(n);
+                    self.push(rebuild(offset.saturating_add(n as u64), bufs), index);
+                } else {
+                    self.recycle_iovecs(bufs);
+                    self.finish(index, IoStatus::Success);
+                }
+            }
+        }
+    }
+
+    /// Copies a finished bounced read to the I/O's buffers.
+    fn copy_out(&mut self, index: usize, buf: &AlignedBuf) -> IoStatus {
+        let Some(Some(req)) = self.requests.get_mut(index) else {
+            return IoStatus::Failed;
+        };
+        let Some(out) = req.copy_out.take() else {
+            return IoStatus::Failed;
+        };
+        let mut pos = 0usize;
+        for iov in &out.iovs {
+            let end = pos.saturating_add(iov.len as usize);
+            let copied = buf
+                .as_slice()
+                .get(pos..end)
+                .map(|src| out.mem.copy_to_host(iov.addr, src));
+            if !matches!(copied, Some(Ok(()))) {
+                tracing::warn!(bdev = %self.bdev.config.name, addr = iov.addr,
+                    "cannot copy a read to its buffer");
+                return IoStatus::Failed;
+            }
+            pos = end;
+        }
+        IoStatus::Success
     }
 
     /// Writes the next chunk of zeroes of a write-zeroes request done by writing.
@@ -646,21 +774,103 @@ impl FileChannel {
         }
     }
 
-    fn reap_into_requests(&mut self, block: bool) -> usize {
+    fn reap_into_requests(&mut self) -> usize {
         let mut finished = Vec::new();
-        let n = if block {
-            self.engine.wait(&mut |c| finished.push(c))
-        } else {
-            self.engine.reap(&mut |c| finished.push(c))
-        };
+        let n = self.engine.reap(&mut |c| finished.push(c));
         for c in finished {
             self.on_completion(c);
         }
         n
     }
 
-    /// Starts `io`; a read is also waited for and copied out before this returns.
-    fn start(&mut self, io: &BdevIo<'_>, mem: &dyn HostMemoryAccess) -> Result<(), BdevError> {
+    /// Starts a read or write: straight on the I/O's buffers when the kernel takes them as they
+    /// are, else through a bounce buffer.
+    fn start_transfer(
+        &mut self,
+        io: &BdevIo<'_>,
+        request: Request,
+        start: u64,
+        len: usize,
+    ) -> Result<(), BdevError> {
+        let bdev = Arc::clone(&self.bdev);
+        let file = Arc::clone(&bdev.file);
+        let is_read = io.kind == IoKind::Read;
+        if bdev.takes_as_is(io.iovs) {
+            let spare = self.spare_iovecs.pop().unwrap_or_default();
+            let buffers = io.iovs.iter().map(|v| (v.addr, v.len as usize));
+            match HostBuffers::new(io.mem, buffers, spare) {
+                Some(Ok(bufs)) => {
+                    bdev.stats.zero_copy_ios.fetch_add(1, Ordering::Relaxed);
+                    let index = self.new_request(request);
+                    let op = if is_read {
+                        FileOp::ReadV {
+                            file,
+                            offset: start,
+                            bufs,
+                        }
+                    } else {
+                        FileOp::WriteV {
+                            file,
+                            offset: start,
+                            bufs,
+                        }
+                    };
+                    self.push(op, index);
+                    return Ok(());
+                }
+                Some(Err(e)) => return Err(BdevError::Memory(e)),
+                // The memory cannot prove its mappings to the kernel side: copy through it.
+                None => {}
+            }
+        }
+        let mut buf = self.buffer(len)?;
+        if !is_read {
+            let mut pos = 0usize;
+            for iov in io.iovs {
+                let end = pos.saturating_add(iov.len as usize);
+                let Some(dst) = buf.as_mut_slice().get_mut(pos..end) else {
+                    self.recycle(buf);
+                    return Err(BdevError::InvalidParams(
+                        "I/O vectors longer than the transfer".into(),
+                    ));
+                };
+                if let Err(e) = io.mem.copy_from_host(iov.addr, dst) {
+                    self.recycle(buf);
+                    return Err(BdevError::Memory(e));
+                }
+                pos = end;
+            }
+        }
+        bdev.stats.bounced_ios.fetch_add(1, Ordering::Relaxed);
+        let mut request = request;
+        if is_read {
+            request.copy_out = Some(CopyOut {
+                mem: Arc::clone(io.mem),
+                iovs: io.iovs.to_vec(),
+            });
+        }
+        let index = self.new_request(request);
+        let op = if is_read {
+            FileOp::Read {
+                file,
+                offset: start,
+                buf,
+                range: 0..len,
+            }
+        } else {
+            FileOp::Write {
+                file,
+                offset: start,
+                buf,
+                range: 0..len,
+            }
+        };
+        self.push(op, index);
+        Ok(())
+    }
+
+    /// Starts `io`; its completion is reported by a later poll.
+    fn start(&mut self, io: &BdevIo<'_>) -> Result<(), BdevError> {
         let bdev = Arc::clone(&self.bdev);
         let num_blocks = bdev.num_blocks();
         let (start, len) = byte_range(io, num_blocks, bdev.block_size)?;
@@ -682,6 +892,7 @@ impl FileChannel {
             done: 0,
             zero_writes: false,
             phase,
+            copy_out: None,
         };
         let file = Arc::clone(&bdev.file);
         match io.kind {
@@ -690,40 +901,7 @@ impl FileChannel {
                 if u32::try_from(len_usize).is_err() {
                     return Err(too_big());
                 }
-                let mut buf = self.buffer(len_usize)?;
-                if io.kind == IoKind::Write {
-                    let mut pos = 0usize;
-                    for iov in io.iovs {
-                        let end = pos.checked_add(iov.len as usize).ok_or_else(too_big)?;
-                        let dst = buf.as_mut_slice().get_mut(pos..end).ok_or_else(too_big)?;
-                        if let Err(e) = mem.copy_from_host(iov.addr, dst) {
-                            self.recycle(buf);
-                            return Err(BdevError::Memory(e));
-                        }
-                        pos = end;
-                    }
-                }
-                bdev.stats.bounced_ios.fetch_add(1, Ordering::Relaxed);
-                let index = self.new_request(request(Phase::Data));
-                let op = if io.kind == IoKind::Read {
-                    FileOp::Read {
-                        file,
-                        offset: start,
-                        buf,
-                        range: 0..len_usize,
-                    }
-                } else {
-                    FileOp::Write {
-                        file,
-                        offset: start,
-                        buf,
-                        range: 0..len_usize,
-                    }
-                };
-                self.push(op, index);
-                if io.kind == IoKind::Read {
-                    return self.finish_read(index, io.iovs, mem);
-                }
+                self.start_transfer(io, request(Phase::Data), start, len_usize)?;
             }
             IoKind::Flush => {
                 let index = self.new_request(request(Phase::Single));
@@ -759,71 +937,19 @@ impl FileChannel {
         }
         Ok(())
     }
-
-    /// Waits for the read in request `index` and copies its data to the caller's buffers.
-    fn finish_read(
-        &mut self,
-        index: usize,
-        iovs: &[IoVec],
-        mem: &dyn HostMemoryAccess,
-    ) -> Result<(), BdevError> {
-        loop {
-            let phase = match self.requests.get(index) {
-                Some(Some(req)) => req.phase,
-                _ => return Ok(()),
-            };
-            if let Phase::Done(status) = phase {
-                let tag = match self.requests.get(index) {
-                    Some(Some(req)) => req.tag,
-                    _ => return Ok(()),
-                };
-                self.release(index);
-                let mut status = status;
-                if status == IoStatus::Success {
-                    match self.read_buffer.take() {
-                        Some((i, buf)) if i == index => {
-                            let mut pos = 0usize;
-                            for iov in iovs {
-                                let end = pos.saturating_add(iov.len as usize);
-                                let copied = buf
-                                    .as_slice()
-                                    .get(pos..end)
-                                    .map(|src| mem.copy_to_host(iov.addr, src));
-                                if !matches!(copied, Some(Ok(()))) {
-                                    status = IoStatus::Failed;
-                                    break;
-                                }
-                                pos = end;
-                            }
-                            self.recycle(buf);
-                        }
-                        other => {
-                            self.read_buffer = other;
-                            status = IoStatus::Failed;
-                        }
-                    }
-                }
-                self.completions.push_back((tag, status));
-                return Ok(());
-            }
-            self.submit_waiting();
-            self.reap_into_requests(true);
-        }
-    }
 }
 
 impl BdevChannel for FileChannel {
     fn submit(&mut self, io: &BdevIo<'_>) -> Result<(), BdevError> {
-        let mem: &dyn HostMemoryAccess = &**io.mem;
         if self.bdev.removed.load(Ordering::Acquire) {
             return Err(BdevError::Removed(self.bdev.config.name.clone()));
         }
-        self.start(io, mem)
+        self.start(io)
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, IoStatus)) -> usize {
         self.submit_waiting();
-        self.reap_into_requests(false);
+        self.reap_into_requests();
         let mut count = 0;
         while let Some((tag, status)) = self.completions.pop_front() {
             done(tag, status);
