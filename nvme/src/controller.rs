@@ -20,6 +20,7 @@ use crate::prp::{SglSupport, PAGE_SIZE, PRP_ENTRIES_PER_PAGE};
 use crate::queue::{memory_layout, QueueFull, QueueMemory, QueuePair};
 use crate::regs::{self, Capabilities, ALL_ONES};
 use crate::vfio::{Mmio, VfioPci, VfioPciError};
+use rvhost_platform_linux::HostMemory;
 
 /// Settings for [`Controller::open`].
 #[derive(Debug, Clone)]
@@ -502,6 +503,49 @@ impl Controller {
         Ok(())
     }
 
+    /// Maps `[vaddr, vaddr + len)` of `owner`'s memory (e.g. a vhost-user guest memory table) for
+    /// DMA at IOVA = VA, without the obligations of [`Controller::map_dma`]: `owner` must prove
+    /// that the range lies inside one live mapping of its own ([`HostMemory`]'s range check), and
+    /// the returned mapping keeps `owner` alive until it is dropped, which unmaps it. Page-aligned
+    /// ranges only.
+    pub fn map_host_memory(
+        &self,
+        owner: Arc<dyn HostMemory>,
+        vaddr: u64,
+        len: u64,
+    ) -> Result<HostDmaMapping, NvmeError> {
+        if len == 0 || vaddr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(DmaError::Alignment { vaddr, len }.into());
+        }
+        let checked_len = usize::try_from(len).map_err(|_| DmaError::Alignment { vaddr, len })?;
+        match owner.checked_range(vaddr, checked_len) {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                return Err(NvmeError::Unsupported(format!(
+                    "host memory {vaddr:#x}+{len:#x} is not mapped by its owner: {e}"
+                )))
+            }
+            None => {
+                return Err(NvmeError::Unsupported(
+                    "the memory's owner cannot vouch for its ranges".into(),
+                ))
+            }
+        }
+        let mapper: Arc<dyn DmaMapper> = self.shared.pci.mapper();
+        // SAFETY: `owner` vouched that the range lies inside one live mapping it owns, and the
+        // returned `HostDmaMapping` holds `owner` until after it has unmapped the range, so the
+        // memory outlives the IOMMU mapping. `HostMemory` implementors reach their memory only
+        // through raw-pointer copies (the memory is shared with a guest that writes it at any
+        // time anyway), never through Rust references, which is what device access requires.
+        unsafe { mapper.map(vaddr, len) }?;
+        Ok(HostDmaMapping {
+            vaddr,
+            len,
+            mapper,
+            _owner: owner,
+        })
+    }
+
     /// Changes the I/O timeout (commands older than this are aborted, and the controller is reset
     /// if they are still outstanding after as long again).
     pub fn set_io_timeout(&self, timeout: Duration) {
@@ -550,6 +594,58 @@ impl Controller {
     pub fn reset(&self) -> Result<(), NvmeError> {
         let observed = self.shared.generation();
         self.shared.reset(observed)
+    }
+}
+
+/// Host memory mapped for DMA by [`Controller::map_host_memory`]; unmapped when dropped, before
+/// the memory's owner is released.
+pub struct HostDmaMapping {
+    vaddr: u64,
+    len: u64,
+    mapper: Arc<dyn DmaMapper>,
+    _owner: Arc<dyn HostMemory>,
+}
+
+impl HostDmaMapping {
+    /// First address (IOVA = VA).
+    pub fn vaddr(&self) -> u64 {
+        self.vaddr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Always `false`: empty ranges are refused.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether `[addr, addr + len)` lies inside this mapping.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        addr >= self.vaddr
+            && addr
+                .checked_add(len)
+                .is_some_and(|end| end <= self.vaddr.saturating_add(self.len))
+    }
+}
+
+impl core::fmt::Debug for HostDmaMapping {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("HostDmaMapping")
+            .field("vaddr", &format_args!("{:#x}", self.vaddr))
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for HostDmaMapping {
+    fn drop(&mut self) {
+        if let Err(e) = self.mapper.unmap(self.vaddr, self.len) {
+            // The container keeps the pages pinned until it closes; nothing else to do.
+            tracing::warn!(vaddr = self.vaddr, len = self.len, %e, "unmapping host memory failed");
+        }
     }
 }
 

@@ -21,7 +21,9 @@ pub mod queue;
 pub mod regs;
 pub mod vfio;
 
-pub use controller::{Controller, ControllerConfig, ControllerState, NvmeError, SglPolicy};
+pub use controller::{
+    Controller, ControllerConfig, ControllerState, HostDmaMapping, NvmeError, SglPolicy,
+};
 pub use dma::DmaRegion;
 pub use identify::{ControllerInfo, NamespaceInfo};
 pub use io::{IoError, IoQueuePair};

@@ -53,6 +53,9 @@ pub enum VfioPciError {
         /// Class, subclass, programming interface.
         class: [u8; 3],
     },
+    /// The private link to the device's IOMMU group cannot be made.
+    #[error("IOMMU group link: {0}")]
+    Alias(String),
     /// BAR0 cannot be mapped.
     #[error("BAR0 of {bdf}: {reason}")]
     Bar0 {
@@ -219,6 +222,42 @@ pub struct VfioPci {
     /// request channel, so a removal blocks until the controller is detached).
     removal_request: Option<EventFd>,
     removal_seen: AtomicBool,
+    // Dropped after `device`, which reads it when it closes.
+    _alias: GroupAlias,
+}
+
+/// A private stand-in for the device's sysfs directory, holding only its `iommu_group` link.
+///
+/// `vfio-ioctls` finds the device's IOMMU group through `<path>/iommu_group` when opening the
+/// device and again when closing it, and panics if the link is gone by then. After a PCI removal
+/// the sysfs directory disappears as soon as the device fd is closed, that is in the middle of
+/// that close. A link of our own that outlives the device avoids that; the group number it
+/// points to (its last path component) is all that is read.
+struct GroupAlias {
+    dir: PathBuf,
+    device_path: PathBuf,
+}
+
+impl GroupAlias {
+    fn create(sysfs: &std::path::Path, bdf: &str) -> Result<Self, VfioPciError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let io = |e: std::io::Error| VfioPciError::Alias(e.to_string());
+        let group = std::fs::read_link(sysfs.join("iommu_group"))
+            .map_err(|e| VfioPciError::Alias(format!("{bdf} has no IOMMU group: {e}")))?;
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("rvhost-vfio-{}-{n}", std::process::id()));
+        let device_path = dir.join(bdf);
+        std::fs::create_dir_all(&device_path).map_err(io)?;
+        let alias = GroupAlias { dir, device_path };
+        std::os::unix::fs::symlink(&group, alias.device_path.join("iommu_group")).map_err(io)?;
+        Ok(alias)
+    }
+}
+
+impl Drop for GroupAlias {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl core::fmt::Debug for VfioPci {
@@ -239,9 +278,10 @@ impl VfioPci {
         if !sysfs.exists() {
             return Err(VfioPciError::NoDevice(bdf));
         }
+        let alias = GroupAlias::create(&sysfs, &bdf)?;
         let container = Arc::new(VfioContainer::new(None)?);
         let ops: Arc<dyn VfioOps> = container.clone();
-        let device = VfioDevice::new(&sysfs, ops, false)?;
+        let device = VfioDevice::new(&alias.device_path, ops, false)?;
 
         let mut class = [0u8; 3];
         device.region_read(CONFIG_REGION, &mut class, PCI_CLASS_PROG);
@@ -269,6 +309,7 @@ impl VfioPci {
             mapper: Arc::new(ContainerMapper { container }),
             removal_request,
             removal_seen: AtomicBool::new(false),
+            _alias: alias,
         })
     }
 

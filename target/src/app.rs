@@ -195,7 +195,7 @@ impl App {
                 tracing::info!("shutdown requested by signal");
                 return Exit::Clean;
             }
-            self.methods.poll_nvme_removals();
+            self.methods.poll_nvme_controllers();
             match self.events.recv_timeout(SHUTDOWN_POLL) {
                 Ok(incoming) => {
                     let methods = &mut self.methods;

@@ -1,10 +1,11 @@
 //! Runs *inside* the NVMe guest of `NVME_GUEST_MODE=bdev scripts/nvme-guest-test.sh` (hence
 //! `#[ignore]` on the host): a virtio-blk driver over vhost-user (`vhost_support`) sends requests
 //! to `rvhost`, which serves `Nvme0n1` on the emulated NVMe controller. Covered: the reported
-//! capacity and block size; a 256 KiB write, which the bdev splits over two bounce slots, and its
-//! read-back; FLUSH; WRITE ZEROES over part of that data; DISCARD (DSM deallocate); and a read
-//! past the end, which must fail. The host then checks the final bytes in the raw image
-//! (`scripts/check-perf-image.py --ops`).
+//! capacity and block size; a 256 KiB write (one zero-copy command; two bounce slots where the
+//! memory cannot be mapped) and its read-back; FLUSH; WRITE ZEROES over part of that data;
+//! DISCARD (DSM deallocate); and a read past the end, which must fail. The host then checks the
+//! final bytes in the raw image (`scripts/check-perf-image.py --ops`). The second test here covers
+//! zero-copy accounting and the controller's lifecycle (RPC detach, attach, PCI removal).
 
 mod vhost_support;
 
@@ -154,6 +155,34 @@ fn bdev_names(socket: &Path) -> Vec<String> {
         .collect()
 }
 
+/// `driver_specific.nvme[0]` of bdev `name` (its controller's counters).
+fn nvme_stats(socket: &Path, name: &str) -> Value {
+    let bdevs = rpc_ok(socket, "bdev_get_bdevs", json!({"name": name}));
+    bdevs[0]["driver_specific"]["nvme"][0].clone()
+}
+
+fn counter(stats: &Value, key: &str) -> u64 {
+    stats[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {key} in {stats}"))
+}
+
+/// Waits until the controller holds no guest memory mapped for DMA (no session uses the bdev).
+fn wait_all_unmapped(socket: &Path) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = nvme_stats(socket, "Nvme0n1");
+        if counter(&stats, "dma_mapped_bytes") == 0 {
+            return stats;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest memory of closed sessions stays mapped: {stats}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Starts `rvhost-perf` random reads on `socket` for `seconds` in the background. Reads only: a
 /// write cut off by a removal may leave a torn block, which the host's image check would
 /// rightly flag as corruption.
@@ -245,7 +274,17 @@ fn nvme_bdev_detach_reattach_and_removal_in_the_guest() {
     let mut other = Driver::ready(&dir.join("vhost.1"), wanted);
     write_and_check(&mut other, 0, &pattern(1, 8192), "Malloc0 before");
 
-    // ---- detach over RPC under load ----
+    // ---- zero copy ----
+    // rvhost-perf (4 KiB and 128 KiB, verified) and the ops test ran before this test, with
+    // page-aligned buffers in memory the bdev could map: their I/O went straight to the device.
+    let before = wait_all_unmapped(&rpc_socket);
+    eprintln!("NVMe counters after the perf and ops runs: {before}");
+    assert!(
+        counter(&before, "zero_copy_ios") > 0,
+        "no zero-copy I/O: {before}"
+    );
+    assert_eq!(counter(&before, "dma_map_failures"), 0, "{before}");
+    assert_eq!(counter(&before, "bounced_unmapped_ios"), 0, "{before}");
     let kept = region_pattern(LIFECYCLE_SECTOR, LIFECYCLE_BYTES);
     let mut nvme = Driver::ready(&socket, wanted);
     write_and_check(
@@ -254,6 +293,31 @@ fn nvme_bdev_detach_reattach_and_removal_in_the_guest() {
         &kept,
         "Nvme0n1 before the detach",
     );
+    let during = nvme_stats(&rpc_socket, "Nvme0n1");
+    assert_eq!(
+        counter(&during, "zero_copy_ios"),
+        counter(&before, "zero_copy_ios") + 2,
+        "this session's 64 KiB write and read went zero copy: {during}"
+    );
+    assert_eq!(
+        counter(&during, "bounced_ios"),
+        counter(&before, "bounced_ios"),
+        "{during}"
+    );
+    assert!(
+        counter(&during, "dma_mapped_bytes") >= MEM_SIZE,
+        "this session's memory is mapped while it is connected: {during}"
+    );
+    // The session's memory is unmapped once it has gone (and mapped again when it is back).
+    drop(nvme);
+    wait_all_unmapped(&rpc_socket);
+    let mut nvme = Driver::ready(&socket, wanted);
+    let (status, back) = nvme.read_blocks(0, LIFECYCLE_SECTOR, LIFECYCLE_BYTES);
+    assert_eq!(status, S_OK);
+    assert!(back == kept, "read-back in a new session");
+    assert!(counter(&nvme_stats(&rpc_socket, "Nvme0n1"), "dma_mapped_bytes") >= MEM_SIZE);
+
+    // ---- detach over RPC under load ----
     let load = start_perf(&perf, &socket, 8);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(

@@ -4,40 +4,51 @@
 //! Each reactor channel owns one I/O queue pair of the controller; commands are queued in
 //! `submit` and completions reaped in `poll`, so the data path takes no locks.
 //!
-//! Data moves through bounce buffers, not zero copy: a channel owns DMA memory (mapped at IOVA =
-//! VA) cut into fixed slots, and guest data is copied into a slot before a WRITE and out of it
-//! after a READ. The bdev interface lends the guest memory to `submit` only and a bdev knows
-//! nothing of the vhost-user memory table, so mapping guest memory for DMA would leave IOMMU
-//! mappings pinned to pages the frontend may already have replaced. Every bounced I/O is counted
-//! (`bounced_ios` in `bdev_get_bdevs`). Because the copy-out needs the guest memory, a READ is
-//! completed within `submit` (the channel polls its queue pair until the READ is done), as the
-//! file bdevs do; writes, flushes, unmaps and write-zeroes complete at a later `poll`.
+//! Zero copy, as SPDK does it: the memory an I/O's buffers lie in (a vhost-user memory table,
+//! [`BdevIo::mem`]) is mapped for DMA at IOVA = host VA the first time an I/O arrives with it,
+//! and the commands point straight at the guest's buffers (PRPs, or SGLs where the controller
+//! offers them). The mappings belong to the controller, shared by its channels and bdevs, and hold
+//! the memory object; they are unmapped once that memory is no longer used by its vhost device
+//! (the frontend replaced the table or went away) and no I/O of it is in flight. A channel
+//! remembers the last memory object it saw, so the registry's lock is taken only when a new one
+//! arrives, not per I/O.
 //!
-//! I/O larger than a slot is split into several commands; the I/O completes when the last one
-//! does and fails if any one fails. A failed or removed controller fails every I/O (the driver's
-//! timeout, abort and reset logic bounds how long a command can stay outstanding); waits within
-//! `submit` are additionally bounded by [`NvmeBdevConfig::io_timeout`].
+//! Where zero copy is impossible, data goes through bounce buffers: a channel owns DMA memory cut
+//! into fixed slots, and guest data is copied into a slot before a WRITE and out of it when a
+//! READ completes (at `poll`, through the clone of the memory the I/O keeps). That is the case for
+//! memory that could not be mapped (an IOMMU or locked-memory limit, an overlap, an owner that
+//! cannot vouch for its ranges; logged once per memory object) and for buffer lists the
+//! controller cannot take (PRP rules without SGL support, byte-aligned buffers). Every I/O is
+//! counted as zero copy or bounced, with the reason (`bdev_get_bdevs`, `driver_specific.nvme`).
+//!
+//! I/O larger than one command is split; the I/O completes when the last command does and fails
+//! if any one fails. A failed or removed controller fails every I/O (the driver's timeout, abort
+//! and reset logic bounds how long a command can stay outstanding); waits within `submit` for a
+//! free bounce slot or queue entry are additionally bounded by [`NvmeBdevConfig::io_timeout`].
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rvhost_nvme::io::{MAX_BLOCKS_PER_COMMAND, MAX_DSM_RANGES};
+use rvhost_nvme::prp::{build_data_pointer, SglSupport, PAGE_SIZE};
 use rvhost_nvme::{
-    Controller, ControllerConfig, ControllerState, DmaRegion, DmaSegment, IoError, IoQueuePair,
-    NamespaceInfo, NvmeError,
+    Controller, ControllerConfig, ControllerState, DmaRegion, DmaSegment, HostDmaMapping, IoError,
+    IoQueuePair, NamespaceInfo, NvmeError,
 };
 
 use super::malloc::{byte_range, check_iovs, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
-use super::{Bdev, BdevChannel, BdevError, BdevIo, HostMemoryAccess, IoKind, IoStatus, IoVec};
+use super::{Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoMemory, IoStatus, IoVec};
 
 /// Submission/completion entries of each channel's I/O queue pair.
 const QUEUE_ENTRIES: u16 = 128;
 /// Bounce slots per channel: I/O commands carrying data that can be in flight at once.
 const BOUNCE_SLOTS: usize = 32;
-/// Largest bounce slot (bytes); each data command moves at most one slot.
+/// Largest bounce slot (bytes); each bounced data command moves at most one slot.
 const MAX_SLOT_BYTES: u64 = 128 * 1024;
+/// Largest zero-copy data command (bytes): at most 258 pages, well inside one PRP list page.
+const MAX_ZERO_COPY_COMMAND_BYTES: u64 = 1024 * 1024;
 /// Completions reaped per `IoQueuePair::poll` call.
 const POLL_BATCH: usize = 64;
 /// Blocks one DSM range may cover (32-bit count).
@@ -61,8 +72,17 @@ pub struct NvmeBdevConfig {
 /// I/O statistics of one controller, across its bdevs and channels.
 #[derive(Debug, Default)]
 pub struct NvmeStats {
-    /// I/Os whose data went through a bounce buffer.
+    /// READs and WRITEs whose commands pointed straight at the submitter's buffers.
+    pub zero_copy_ios: AtomicU64,
+    /// I/Os whose data went through a bounce buffer (the sum of the two reasons below).
     pub bounced_ios: AtomicU64,
+    /// Bounced because a buffer lay outside the memory mapped for DMA (mapping failed).
+    pub bounced_unmapped_ios: AtomicU64,
+    /// Bounced because the controller cannot take the buffer list as it is (PRP rules without
+    /// SGL support, buffers not dword aligned, too many segments).
+    pub bounced_unaligned_ios: AtomicU64,
+    /// Host memory ranges that could not be mapped for DMA.
+    pub dma_map_failures: AtomicU64,
     /// Bytes copied between guest memory and bounce buffers.
     pub bounced_bytes: AtomicU64,
     /// NVMe commands submitted.
@@ -76,6 +96,9 @@ pub struct NvmeStats {
 pub struct NvmeController {
     name: String,
     traddr: String,
+    // Dropped before `controller`: guest memory is unmapped while the device is still attached
+    // to the IOMMU container (afterwards the kernel refuses the unmap).
+    dma: Mutex<DmaRegistry>,
     controller: Controller,
     io_timeout: Duration,
     stats: NvmeStats,
@@ -106,6 +129,7 @@ impl NvmeController {
             controller,
             stats: NvmeStats::default(),
             detached: AtomicBool::new(false),
+            dma: Mutex::new(DmaRegistry::default()),
         });
         let mut bdevs = Vec::new();
         for ns in ctrl.controller.namespaces() {
@@ -154,6 +178,164 @@ impl NvmeController {
     pub fn is_detached(&self) -> bool {
         self.detached.load(Ordering::Acquire)
     }
+
+    fn dma_registry(&self) -> MutexGuard<'_, DmaRegistry> {
+        // The registry stays consistent across a panic in another holder (every change is one
+        // push or retain), so a poisoned lock is still usable.
+        self.dma
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The DMA registration of `mem`, mapping its ranges if it is new. Unmaps registrations
+    /// nobody uses any more on the way.
+    fn dma_registration(&self, mem: &IoMemory) -> Arc<DmaRegistration> {
+        let mut registry = self.dma_registry();
+        registry.collect();
+        let key = memory_key(mem);
+        if let Some(found) = registry.registrations.iter().find(|r| r.key == key) {
+            return Arc::clone(found);
+        }
+        let registration = Arc::new(registry.register(self, mem));
+        registry.registrations.push(Arc::clone(&registration));
+        registration
+    }
+
+    /// Unmaps and forgets the memory of vhost devices that replaced or dropped it, once no I/O
+    /// of it is in flight. Called periodically from the RPC thread, so that memory is released
+    /// even when no further I/O arrives.
+    pub fn collect_dma(&self) {
+        self.dma_registry().collect();
+    }
+
+    /// Bytes of host memory currently mapped for zero-copy DMA.
+    pub fn dma_mapped_bytes(&self) -> u64 {
+        self.dma_registry().mapped_bytes()
+    }
+}
+
+/// Identity of a memory object: the address of its shared allocation. Unique while the object
+/// lives, and a registration keeps it alive.
+fn memory_key(mem: &IoMemory) -> usize {
+    Arc::as_ptr(mem).cast::<()>() as usize
+}
+
+/// The memory objects of one controller that I/O arrived with, and their DMA mappings.
+#[derive(Debug, Default)]
+struct DmaRegistry {
+    registrations: Vec<Arc<DmaRegistration>>,
+}
+
+/// One memory object mapped for DMA (as far as it could be).
+struct DmaRegistration {
+    key: usize,
+    /// Keeps the memory object alive (its mappings hold further clones).
+    mem: IoMemory,
+    /// The mapped ranges, some possibly shared with other registrations: vhost-user tables that
+    /// differ by one added or removed region share the other regions' mappings, and the IOMMU
+    /// refuses to map the same range twice.
+    mappings: Vec<Arc<HostDmaMapping>>,
+    /// How many of `mappings` this registration created (each holds a clone of `mem`).
+    own_mappings: usize,
+}
+
+impl std::fmt::Debug for DmaRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmaRegistration")
+            .field("key", &format_args!("{:#x}", self.key))
+            .field("mappings", &self.mappings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DmaRegistration {
+    /// Whether every buffer lies inside one mapped range.
+    fn covers(&self, iovs: &[IoVec]) -> bool {
+        iovs.iter().all(|iov| {
+            self.mappings
+                .iter()
+                .any(|m| m.contains(iov.addr, u64::from(iov.len)))
+        })
+    }
+}
+
+impl DmaRegistry {
+    fn register(&self, ctrl: &NvmeController, mem: &IoMemory) -> DmaRegistration {
+        let mut mappings = Vec::new();
+        let mut own_mappings = 0;
+        let mut first_failure: Option<String> = None;
+        for range in mem.host_ranges() {
+            // Only whole pages can be mapped; buffers in a partial page at either end bounce.
+            let Some((vaddr, len)) = page_interior(range.addr, range.len) else {
+                continue;
+            };
+            let shared = self
+                .registrations
+                .iter()
+                .flat_map(|r| r.mappings.iter())
+                .find(|m| m.vaddr() == vaddr && m.len() == len);
+            if let Some(existing) = shared {
+                mappings.push(Arc::clone(existing));
+                continue;
+            }
+            let owner: Arc<dyn rvhost_platform_linux::HostMemory> = mem.clone();
+            match ctrl.controller.map_host_memory(owner, vaddr, len) {
+                Ok(mapping) => {
+                    mappings.push(Arc::new(mapping));
+                    own_mappings += 1;
+                }
+                Err(e) => {
+                    ctrl.stats.dma_map_failures.fetch_add(1, Ordering::Relaxed);
+                    first_failure.get_or_insert_with(|| format!("{vaddr:#x}+{len:#x}: {e}"));
+                }
+            }
+        }
+        let mapped: u64 = mappings.iter().map(|m| m.len()).sum();
+        match first_failure {
+            Some(reason) => tracing::warn!(controller = %ctrl.name, mapped, %reason,
+                "guest memory not mapped for DMA; I/O to it goes through bounce buffers"),
+            None => tracing::info!(controller = %ctrl.name, mapped, ranges = mappings.len(),
+                "guest memory mapped for zero-copy DMA"),
+        }
+        DmaRegistration {
+            key: memory_key(mem),
+            mem: Arc::clone(mem),
+            mappings,
+            own_mappings,
+        }
+    }
+
+    /// Drops registrations whose memory only this registry still holds: no channel remembers
+    /// them, no I/O of them is in flight, and their vhost device no longer uses the memory.
+    fn collect(&mut self) {
+        self.registrations.retain(|r| {
+            let unused =
+                Arc::strong_count(r) == 1 && Arc::strong_count(&r.mem) == 1 + r.own_mappings;
+            if unused {
+                tracing::debug!(key = r.key, "guest memory unmapped for DMA");
+            }
+            !unused
+        });
+    }
+
+    fn mapped_bytes(&self) -> u64 {
+        let mut seen: Vec<u64> = Vec::new();
+        let mut total = 0u64;
+        for m in self.registrations.iter().flat_map(|r| r.mappings.iter()) {
+            if !seen.contains(&m.vaddr()) {
+                seen.push(m.vaddr());
+                total = total.saturating_add(m.len());
+            }
+        }
+        total
+    }
+}
+
+/// The whole 4 KiB pages of `[addr, addr + len)`, if there are any.
+fn page_interior(addr: u64, len: u64) -> Option<(u64, u64)> {
+    let start = addr.checked_add(PAGE_SIZE - 1)? & !(PAGE_SIZE - 1);
+    let end = addr.checked_add(len)? & !(PAGE_SIZE - 1);
+    (end > start).then(|| (start, end - start))
 }
 
 fn attach_error(traddr: &str, e: NvmeError) -> BdevError {
@@ -199,8 +381,10 @@ pub struct NvmeBdev {
     block_size: u32,
     num_blocks: u64,
     uuid: [u8; 16],
-    /// Bytes each data command moves at most (a multiple of the block size).
+    /// Bytes each bounced data command moves at most (a multiple of the block size).
     slot_bytes: u32,
+    /// Bytes each zero-copy data command moves at most (a multiple of the block size).
+    zero_copy_bytes: u32,
     removed: AtomicBool,
 }
 
@@ -220,7 +404,9 @@ impl NvmeBdev {
                 ns.nsid
             )));
         }
-        let slot_bytes = slot_bytes(ctrl.controller.max_transfer_bytes(), block_size)?;
+        let max_transfer = ctrl.controller.max_transfer_bytes();
+        let slot_bytes = command_bytes(max_transfer, block_size, MAX_SLOT_BYTES)?;
+        let zero_copy_bytes = command_bytes(max_transfer, block_size, MAX_ZERO_COPY_COMMAND_BYTES)?;
         let info = ctrl.controller.info();
         Ok(NvmeBdev {
             name: format!("{}n{}", ctrl.name, ns.nsid),
@@ -230,6 +416,7 @@ impl NvmeBdev {
             num_blocks: ns.size_blocks,
             uuid: namespace_uuid(&info.serial, &info.model, ns.nsid),
             slot_bytes,
+            zero_copy_bytes,
             removed: AtomicBool::new(false),
         })
     }
@@ -254,11 +441,11 @@ impl NvmeBdev {
     }
 }
 
-/// Bytes one bounce slot holds: the controller's transfer limit, at most [`MAX_SLOT_BYTES`],
-/// rounded down to whole blocks and 4 KiB pages.
-fn slot_bytes(max_transfer: u64, block_size: u32) -> Result<u32, BdevError> {
+/// Bytes one data command moves at most: the controller's transfer limit, at most `cap`, rounded
+/// down to whole blocks and 4 KiB pages.
+fn command_bytes(max_transfer: u64, block_size: u32, cap: u64) -> Result<u32, BdevError> {
     let unit = u64::from(block_size).max(4096);
-    let bytes = max_transfer.min(MAX_SLOT_BYTES) / unit * unit;
+    let bytes = max_transfer.min(cap) / unit * unit;
     if bytes == 0 {
         return Err(BdevError::InvalidParams(format!(
             "the controller transfers at most {max_transfer} bytes, less than one block of \
@@ -343,9 +530,16 @@ impl Bdev for NvmeBdev {
             .map_err(|e| {
                 BdevError::Backend(format!("{}: cannot allocate DMA memory: {e}", self.name))
             })?;
+        let zero_copy_len = usize::try_from(self.zero_copy_bytes)
+            .map_err(|_| BdevError::Backend("command size overflow".into()))?;
+        let sgl = controller.sgl_support();
         Ok(Box::new(NvmeChannel {
             scratch: vec![0; slot],
             slot_len: slot,
+            zero_copy_len,
+            sgl,
+            segments: Vec::new(),
+            dma: None,
             free_slots: (0..BOUNCE_SLOTS).rev().collect(),
             bounce,
             qp,
@@ -372,11 +566,15 @@ impl Bdev for NvmeBdev {
                 },
                 "ns_data": { "id": self.nsid },
                 "controller_state": format!("{:?}", ctrl.controller.state()),
+                "zero_copy_ios": stats.zero_copy_ios.load(Ordering::Relaxed),
                 "bounced_ios": stats.bounced_ios.load(Ordering::Relaxed),
+                "bounced_unmapped_ios": stats.bounced_unmapped_ios.load(Ordering::Relaxed),
+                "bounced_unaligned_ios": stats.bounced_unaligned_ios.load(Ordering::Relaxed),
                 "bounced_bytes": stats.bounced_bytes.load(Ordering::Relaxed),
+                "dma_mapped_bytes": ctrl.dma_mapped_bytes(),
+                "dma_map_failures": stats.dma_map_failures.load(Ordering::Relaxed),
                 "commands": stats.commands.load(Ordering::Relaxed),
                 "failed_ios": stats.failed_ios.load(Ordering::Relaxed),
-                "zero_copy": false,
             }]
         })
     }
@@ -390,6 +588,17 @@ struct ChannelIo {
     failed: bool,
     /// Bounce slots held until the I/O completes.
     slots: Vec<usize>,
+    /// A zero-copy I/O keeps the mapping of its buffers (and so the memory) until it completes.
+    registration: Option<Arc<DmaRegistration>>,
+    /// A bounced READ copies its slots out to these buffers when it completes.
+    copy_out: Option<CopyOut>,
+}
+
+/// Where a bounced READ's data goes once the device has written the slots.
+struct CopyOut {
+    mem: IoMemory,
+    iovs: Vec<IoVec>,
+    len: u64,
 }
 
 /// One reactor's view of an [`NvmeBdev`].
@@ -401,6 +610,15 @@ struct NvmeChannel {
     slot_len: usize,
     free_slots: Vec<usize>,
     scratch: Vec<u8>,
+    /// Bytes one zero-copy command moves at most.
+    zero_copy_len: usize,
+    /// How the controller takes scattered buffers.
+    sgl: SglSupport,
+    /// Reused for the segments of one command (no allocation per I/O).
+    segments: Vec<DmaSegment>,
+    /// The registration of the memory the last I/O came with: the registry is consulted only
+    /// when the memory object changes.
+    dma: Option<Arc<DmaRegistration>>,
     ios: Vec<Option<ChannelIo>>,
     free_ios: Vec<usize>,
     completions: VecDeque<(u64, IoStatus)>,
@@ -436,7 +654,7 @@ fn for_each_span(
                 .addr
                 .checked_add(from - iov_start)
                 .ok_or_else(|| BdevError::InvalidParams("I/O buffer address overflows".into()))?;
-            // Both are below the slot length, which is a `usize`.
+            // Both are below the command length, which is a `usize`.
             each(addr, (from - start) as usize, (to - from) as usize)?;
         }
         if iov_end >= end {
@@ -447,6 +665,50 @@ fn for_each_span(
     Ok(())
 }
 
+/// Fills `segments` with the buffers of bytes `[start, start + len)` of the transfer, as the
+/// device sees them (IOVA = host VA).
+fn command_segments(
+    iovs: &[IoVec],
+    start: u64,
+    len: u64,
+    segments: &mut Vec<DmaSegment>,
+) -> Result<(), BdevError> {
+    segments.clear();
+    for_each_span(iovs, start, len, |addr, _, n| {
+        let len = u32::try_from(n).map_err(|_| BdevError::Backend("segment too long".into()))?;
+        segments.push(DmaSegment { iova: addr, len });
+        Ok(())
+    })
+}
+
+/// Whether the controller can take the buffers of a `len`-byte transfer as they are, cut into
+/// commands of `command_len` bytes: each command's buffer list must be describable by PRPs (or
+/// SGLs if offered). A split inside a buffer keeps a valid PRP shape: the earlier command ends
+/// there (its last entry may end anywhere) and the later one starts there (its first entry may
+/// start anywhere).
+fn describable(
+    iovs: &[IoVec],
+    len: u64,
+    command_len: u64,
+    sgl: SglSupport,
+    segments: &mut Vec<DmaSegment>,
+) -> bool {
+    let mut done = 0u64;
+    while done < len {
+        let piece = (len - done).min(command_len);
+        if command_segments(iovs, done, piece, segments).is_err() {
+            return false;
+        }
+        // A dry run into no list page: the same checks the driver makes when it builds the
+        // command.
+        if build_data_pointer(segments, sgl, 0, |_, _| {}).is_err() {
+            return false;
+        }
+        done += piece;
+    }
+    true
+}
+
 impl NvmeChannel {
     fn new_io(&mut self, tag: u64) -> usize {
         let io = ChannelIo {
@@ -454,6 +716,8 @@ impl NvmeChannel {
             outstanding: 0,
             failed: false,
             slots: Vec::new(),
+            registration: None,
+            copy_out: None,
         };
         match self.free_ios.pop() {
             Some(i) => {
@@ -469,11 +733,20 @@ impl NvmeChannel {
         }
     }
 
-    /// Ends I/O `index`: releases its slots and records its completion.
+    /// Ends I/O `index`: copies a bounced READ out, releases its slots and mapping, and records
+    /// its completion.
     fn finish(&mut self, index: usize) {
-        let Some(io) = self.ios.get_mut(index).and_then(Option::take) else {
+        let Some(mut io) = self.ios.get_mut(index).and_then(Option::take) else {
             return;
         };
+        if let Some(out) = io.copy_out.take() {
+            if !io.failed {
+                if let Err(e) = self.copy_out(&io.slots, &out) {
+                    tracing::warn!(bdev = %self.bdev.name, %e, "copying read data to the guest failed");
+                    io.failed = true;
+                }
+            }
+        }
         self.free_slots.extend(io.slots);
         self.free_ios.push(index);
         let status = if io.failed {
@@ -490,8 +763,7 @@ impl NvmeChannel {
     }
 
     /// Reaps completions from the queue pair into the I/Os they belong to; returns how many
-    /// commands finished. `hold` is an I/O whose end the caller handles itself (a READ being
-    /// waited for in `submit`).
+    /// commands finished. `hold` is an I/O still being submitted, which must not end yet.
     fn reap(&mut self, hold: Option<usize>) -> usize {
         let mut finished: Vec<(usize, bool)> = Vec::new();
         let n = self.qp.poll(POLL_BATCH, |tag, result| {
@@ -597,18 +869,106 @@ impl NvmeChannel {
         }
     }
 
-    /// Submits the data commands of a READ or WRITE; `false` once one could not be issued (the
-    /// I/O is then marked failed; commands already issued still complete).
-    fn submit_data(
+    /// The registration of `mem`, from the channel's memory of the last one when it matches.
+    fn registration_for(&mut self, mem: &IoMemory) -> Arc<DmaRegistration> {
+        match &self.dma {
+            Some(reg) if reg.key == memory_key(mem) => Arc::clone(reg),
+            _ => {
+                let reg = self.bdev.ctrl.dma_registration(mem);
+                self.dma = Some(Arc::clone(&reg));
+                reg
+            }
+        }
+    }
+
+    /// Whether `io` can go to the device without copying; counts the reason when not.
+    fn zero_copy_possible(&mut self, io: &BdevIo<'_>, len: u64) -> Option<Arc<DmaRegistration>> {
+        let reg = self.registration_for(io.mem);
+        let stats = &self.bdev.ctrl.stats;
+        if !reg.covers(io.iovs) {
+            stats.bounced_unmapped_ios.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        if !describable(
+            io.iovs,
+            len,
+            self.zero_copy_len as u64,
+            self.sgl,
+            &mut self.segments,
+        ) {
+            stats.bounced_unaligned_ios.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(reg)
+    }
+
+    /// Submits the commands of a zero-copy READ or WRITE, pointing at the I/O's own buffers;
+    /// `false` once one could not be issued (commands already issued still complete).
+    fn submit_zero_copy(
         &mut self,
         index: usize,
         io: &BdevIo<'_>,
         len: u64,
-        mem: &dyn HostMemoryAccess,
+        registration: Arc<DmaRegistration>,
+    ) -> Result<bool, BdevError> {
+        if let Some(Some(entry)) = self.ios.get_mut(index) {
+            entry.registration = Some(registration);
+        }
+        let nsid = self.bdev.nsid;
+        let block_size = u64::from(self.bdev.block_size);
+        let write = io.kind == IoKind::Write;
+        let mut segments = std::mem::take(&mut self.segments);
+        let mut done = 0u64;
+        let mut issued_all = true;
+        while done < len {
+            let piece = (len - done).min(self.zero_copy_len as u64);
+            command_segments(io.iovs, done, piece, &mut segments)?;
+            let lba = io.offset_blocks + done / block_size;
+            let blocks = (piece / block_size) as u32;
+            let issued = self.issue(index, None, |qp, tag| {
+                if write {
+                    qp.write(nsid, lba, blocks, &segments, tag)
+                } else {
+                    qp.read(nsid, lba, blocks, &segments, tag)
+                }
+            });
+            if !issued {
+                issued_all = false;
+                break;
+            }
+            done += piece;
+        }
+        self.segments = segments;
+        if issued_all {
+            self.bdev
+                .ctrl
+                .stats
+                .zero_copy_ios
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(issued_all)
+    }
+
+    /// Submits the data commands of a bounced READ or WRITE; `false` once one could not be
+    /// issued (the I/O is then marked failed; commands already issued still complete).
+    fn submit_bounced(
+        &mut self,
+        index: usize,
+        io: &BdevIo<'_>,
+        len: u64,
     ) -> Result<bool, BdevError> {
         let nsid = self.bdev.nsid;
         let block_size = u64::from(self.bdev.block_size);
         let write = io.kind == IoKind::Write;
+        if !write {
+            if let Some(Some(entry)) = self.ios.get_mut(index) {
+                entry.copy_out = Some(CopyOut {
+                    mem: Arc::clone(io.mem),
+                    iovs: io.iovs.to_vec(),
+                    len,
+                });
+            }
+        }
         let mut done = 0u64;
         while done < len {
             let piece = (len - done).min(self.slot_len as u64);
@@ -622,6 +982,7 @@ impl NvmeChannel {
             if write {
                 let scratch = &mut self.scratch;
                 let bounce = &self.bounce;
+                let mem = io.mem;
                 for_each_span(io.iovs, done, piece, |addr, at, n| {
                     let buf = scratch
                         .get_mut(at..at + n)
@@ -652,47 +1013,36 @@ impl NvmeChannel {
             }
             done += piece;
         }
-        self.bdev
-            .ctrl
-            .stats
-            .bounced_ios
-            .fetch_add(1, Ordering::Relaxed);
-        self.bdev
-            .ctrl
-            .stats
-            .bounced_bytes
-            .fetch_add(len, Ordering::Relaxed);
+        let stats = &self.bdev.ctrl.stats;
+        stats.bounced_ios.fetch_add(1, Ordering::Relaxed);
+        stats.bounced_bytes.fetch_add(len, Ordering::Relaxed);
         Ok(true)
     }
 
     /// Copies the slots of a finished READ into the guest buffers.
-    fn copy_out(
-        &mut self,
-        index: usize,
-        io: &BdevIo<'_>,
-        len: u64,
-        mem: &dyn HostMemoryAccess,
-    ) -> Result<(), BdevError> {
-        let slots = match self.ios.get(index) {
-            Some(Some(entry)) => entry.slots.clone(),
-            _ => return Err(BdevError::Backend("read vanished".into())),
-        };
+    fn copy_out(&mut self, slots: &[usize], out: &CopyOut) -> Result<(), BdevError> {
         let mut done = 0u64;
-        for slot in slots {
-            let piece = (len - done).min(self.slot_len as u64);
+        for &slot in slots {
+            if done >= out.len {
+                break;
+            }
+            let piece = (out.len - done).min(self.slot_len as u64);
             let slot_offset = slot * self.slot_len;
             let scratch = &mut self.scratch;
             let bounce = &self.bounce;
-            for_each_span(io.iovs, done, piece, |addr, at, n| {
+            for_each_span(&out.iovs, done, piece, |addr, at, n| {
                 let buf = scratch
                     .get_mut(at..at + n)
                     .ok_or_else(|| BdevError::Backend("span beyond the bounce slot".into()))?;
                 if !bounce.read_bytes(slot_offset + at, buf) {
                     return Err(BdevError::Backend("bounce slot out of range".into()));
                 }
-                mem.copy_to_host(addr, buf).map_err(BdevError::Memory)
+                out.mem.copy_to_host(addr, buf).map_err(BdevError::Memory)
             })?;
             done += piece;
+        }
+        if done < out.len {
+            return Err(BdevError::Backend("read data short of its slots".into()));
         }
         Ok(())
     }
@@ -739,11 +1089,18 @@ impl NvmeChannel {
             self.finish(index);
         }
     }
+
+    /// Ends an I/O whose submission went through once its commands have completed (they may
+    /// all have completed while later ones were being issued).
+    fn end_submission(&mut self, index: usize) {
+        if self.io_outstanding(index) == 0 {
+            self.finish(index);
+        }
+    }
 }
 
 impl BdevChannel for NvmeChannel {
     fn submit(&mut self, io: &BdevIo<'_>) -> Result<(), BdevError> {
-        let mem: &dyn HostMemoryAccess = &**io.mem;
         let bdev = Arc::clone(&self.bdev);
         if bdev.refuses_io() {
             return Err(BdevError::Removed(bdev.name.clone()));
@@ -770,33 +1127,19 @@ impl BdevChannel for NvmeChannel {
             IoKind::Read | IoKind::Write => {
                 check_iovs(io, len, bdev.num_blocks)?;
                 let index = self.new_io(io.tag);
-                let submitted = match self.submit_data(index, io, len, mem) {
-                    Ok(ok) => ok,
-                    Err(e) => {
-                        // Guest buffers went bad midway: commands already issued still complete.
-                        tracing::warn!(bdev = %bdev.name, %e, "I/O buffer error");
-                        false
-                    }
+                let submitted = match self.zero_copy_possible(io, len) {
+                    Some(reg) => self.submit_zero_copy(index, io, len, reg),
+                    None => self.submit_bounced(index, io, len),
                 };
-                if !submitted {
+                let submitted = submitted.unwrap_or_else(|e| {
+                    // Guest buffers went bad midway: commands already issued still complete.
+                    tracing::warn!(bdev = %bdev.name, %e, "I/O buffer error");
+                    false
+                });
+                if submitted {
+                    self.end_submission(index);
+                } else {
                     self.fail_after_issued(index);
-                    return Ok(());
-                }
-                if io.kind == IoKind::Read {
-                    let done = self.wait_until(Some(index), |ch| ch.io_outstanding(index) == 0);
-                    let failed = match self.ios.get(index) {
-                        Some(Some(entry)) => entry.failed,
-                        _ => true,
-                    };
-                    if !done || failed {
-                        self.fail_after_issued(index);
-                    } else {
-                        if let Err(e) = self.copy_out(index, io, len, mem) {
-                            tracing::warn!(bdev = %bdev.name, %e, "copying read data to the guest failed");
-                            self.mark_failed(index);
-                        }
-                        self.finish(index);
-                    }
                 }
             }
             IoKind::Unmap | IoKind::WriteZeroes => {
@@ -806,7 +1149,9 @@ impl BdevChannel for NvmeChannel {
                 } else {
                     self.submit_write_zeroes(index, io)
                 };
-                if !ok {
+                if ok {
+                    self.end_submission(index);
+                } else {
                     self.fail_after_issued(index);
                 }
             }
@@ -864,15 +1209,84 @@ mod tests {
 
     #[test]
     fn slot_sizes() {
-        assert_eq!(slot_bytes(u64::MAX, 512).unwrap(), 128 * 1024);
-        assert_eq!(slot_bytes(2 << 20, 4096).unwrap(), 128 * 1024);
+        assert_eq!(
+            command_bytes(u64::MAX, 512, MAX_SLOT_BYTES).unwrap(),
+            128 * 1024
+        );
+        assert_eq!(
+            command_bytes(2 << 20, 4096, MAX_SLOT_BYTES).unwrap(),
+            128 * 1024
+        );
         // MDTS of 8 KiB with 512-byte blocks.
-        assert_eq!(slot_bytes(8192, 512).unwrap(), 8192);
+        assert_eq!(command_bytes(8192, 512, MAX_SLOT_BYTES).unwrap(), 8192);
         // A slot is whole pages even for small blocks.
-        assert_eq!(slot_bytes(6000, 512).unwrap(), 4096);
-        assert_eq!(slot_bytes(65536, 65536).unwrap(), 65536);
-        assert!(slot_bytes(32768, 65536).is_err());
-        assert!(slot_bytes(2048, 512).is_err());
+        assert_eq!(command_bytes(6000, 512, MAX_SLOT_BYTES).unwrap(), 4096);
+        assert_eq!(command_bytes(65536, 65536, MAX_SLOT_BYTES).unwrap(), 65536);
+        assert!(command_bytes(32768, 65536, MAX_SLOT_BYTES).is_err());
+        assert!(command_bytes(2048, 512, MAX_SLOT_BYTES).is_err());
+    }
+
+    #[test]
+    fn only_whole_pages_are_mapped() {
+        assert_eq!(page_interior(0x1000, 0x3000), Some((0x1000, 0x3000)));
+        assert_eq!(page_interior(0x1800, 0x3000), Some((0x2000, 0x2000)));
+        assert_eq!(page_interior(0x1001, 0xfff), None);
+        assert_eq!(page_interior(0x1000, 0), None);
+        assert_eq!(page_interior(u64::MAX - 0x10, 0x20), None);
+    }
+
+    fn iov(addr: u64, len: u32) -> IoVec {
+        IoVec { addr, len }
+    }
+
+    #[test]
+    fn prp_shaped_buffers_go_straight_to_the_device() {
+        let prp_only = SglSupport::default();
+        let sgl = SglSupport {
+            supported: true,
+            dword_aligned: true,
+            prefer: false,
+        };
+        let mut segs = Vec::new();
+        // virtio-blk as Linux sends it: page-sized buffers; the first may start mid-page.
+        let pages = [
+            iov(0x10_0200, 0xe00),
+            iov(0x20_0000, 0x1000),
+            iov(0x30_0000, 0x200),
+        ];
+        assert!(describable(&pages, 0x2000, 0x10_0000, prp_only, &mut segs));
+        // Split into 4 KiB commands inside the first and second buffers: still PRP-shaped.
+        assert!(describable(&pages, 0x2000, 0x1000, prp_only, &mut segs));
+        // A middle buffer that does not end on a page boundary breaks PRP rules; SGLs take it.
+        let ragged = [iov(0x10_0000, 0x800), iov(0x20_0000, 0x800)];
+        assert!(!describable(
+            &ragged, 0x1000, 0x10_0000, prp_only, &mut segs
+        ));
+        assert!(describable(&ragged, 0x1000, 0x10_0000, sgl, &mut segs));
+        // Byte-aligned buffers: neither PRPs nor dword-aligned SGLs.
+        let odd = [iov(0x10_0001, 0x1000)];
+        assert!(!describable(&odd, 0x1000, 0x10_0000, prp_only, &mut segs));
+        assert!(!describable(&odd, 0x1000, 0x10_0000, sgl, &mut segs));
+    }
+
+    #[test]
+    fn command_segments_follow_the_split() {
+        let iovs = [iov(0x10_0000, 0x1800), iov(0x20_0000, 0x800)];
+        let mut segs = Vec::new();
+        command_segments(&iovs, 0x1000, 0x1000, &mut segs).unwrap();
+        assert_eq!(
+            segs,
+            vec![
+                DmaSegment {
+                    iova: 0x10_1000,
+                    len: 0x800
+                },
+                DmaSegment {
+                    iova: 0x20_0000,
+                    len: 0x800
+                }
+            ]
+        );
     }
 
     #[test]

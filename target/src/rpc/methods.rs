@@ -989,10 +989,13 @@ impl RpcMethods {
         Ok(())
     }
 
-    /// SPDK's hot-remove: detaches every NVMe controller the kernel wants back (PCI remove or
-    /// unbind through sysfs), which lets the kernel's removal finish. Called periodically by the
-    /// RPC thread.
-    pub fn poll_nvme_removals(&mut self) {
+    /// Periodic NVMe housekeeping on the RPC thread. SPDK's hot-remove: detaches every NVMe
+    /// controller the kernel wants back (PCI remove or unbind through sysfs), which lets the
+    /// kernel's removal finish. And unmaps guest memory that vhost devices no longer use.
+    pub fn poll_nvme_controllers(&mut self) {
+        for (ctrl, _) in &self.nvme_controllers {
+            ctrl.collect_dma();
+        }
         while let Some(index) = self
             .nvme_controllers
             .iter()
