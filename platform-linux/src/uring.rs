@@ -525,10 +525,19 @@ impl std::fmt::Debug for Uring {
 impl Uring {
     /// A ring with room for `entries` operations in flight (a power of two, at most 4096).
     pub fn new(entries: u32) -> Result<Self, FileIoError> {
-        let ring = IoUring::new(entries).map_err(|source| FileIoError::Setup {
-            engine: "io_uring",
-            source,
-        })?;
+        // A polling reactor should not be interrupted for every completion: with COOP_TASKRUN
+        // the kernel queues completion work without an IPI and raises IORING_SQ_TASKRUN
+        // (TASKRUN_FLAG) instead, and the next reap enters the kernel once to run it all.
+        // Kernels before 5.19 refuse the flags: plain setup there.
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .build(entries)
+            .or_else(|_| IoUring::new(entries))
+            .map_err(|source| FileIoError::Setup {
+                engine: "io_uring",
+                source,
+            })?;
         // The completion queue is twice the submission queue, and no more than `entries`
         // operations are ever in flight, so completions cannot overflow.
         Ok(Uring {
@@ -595,7 +604,8 @@ impl Uring {
             done(c);
             count += 1;
         }
-        if self.unsubmitted > 0 {
+        // IORING_SQ_TASKRUN: completions are waiting for this thread to enter the kernel.
+        if self.unsubmitted > 0 || self.ring.submission().taskrun() {
             match self.ring.submit() {
                 Ok(_) => self.unsubmitted = 0,
                 // EBUSY/EAGAIN: completions must be reaped first; the next reap retries.
