@@ -406,3 +406,21 @@ fn emit_needs_room() {
     assert!(Command::ReadCapacity10.emit(&mut small).is_err());
     assert_eq!(Command::TestUnitReady.emit(&mut small), Ok(6));
 }
+
+/// `Cdb::be` reads any range as the big-endian number a shift per byte would give, keeping the
+/// last 8 bytes of a longer range.
+#[test]
+fn be_matches_a_bytewise_fold_for_every_range() {
+    let bytes: Vec<u8> = (0..32u8)
+        .map(|i| i.wrapping_mul(37).wrapping_add(0x91))
+        .collect();
+    let cdb = Cdb::new_unchecked(&bytes[..]);
+    for start in 0..bytes.len() {
+        for end in start..=bytes.len() {
+            let folded = bytes[start..end]
+                .iter()
+                .fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
+            assert_eq!(cdb.be(start..end), folded, "range {start}..{end}");
+        }
+    }
+}

@@ -1075,6 +1075,35 @@ fn data_out_copy_len_covers_parameter_lists_and_write_same() {
     );
 }
 
+/// The opcode check in front of `data_out_copy_len` must never change its answer: for every
+/// opcode, with length fields at zero, small and all-ones, it agrees with a full parse.
+#[test]
+fn data_out_copy_len_agrees_with_the_parsed_command_for_every_opcode() {
+    use rvhost_core::scsi::lun::MAX_PARAMETER_LIST_LEN;
+    use rvhost_core::scsi::Command;
+    let l = lun();
+    let reference = |cdb: &[u8]| match Command::parse(cdb) {
+        Ok(Command::Unmap { param_len, .. }) => usize::from(param_len).min(MAX_PARAMETER_LIST_LEN),
+        Ok(Command::ModeSelect(m)) => usize::from(m.param_len).min(MAX_PARAMETER_LIST_LEN),
+        Ok(Command::WriteSame(w)) if !w.ndob => 512,
+        _ => 0,
+    };
+    for opcode in 0..=255u8 {
+        for fill in [0x00u8, 0x01, 0x18, 0xff] {
+            for len in [6usize, 10, 12, 16, 32] {
+                let mut cdb = vec![fill; len];
+                cdb[0] = opcode;
+                cdb[1] &= 0x1f;
+                assert_eq!(
+                    l.data_out_copy_len(&cdb),
+                    reference(&cdb),
+                    "opcode {opcode:#04x}, fill {fill:#04x}, length {len}"
+                );
+            }
+        }
+    }
+}
+
 // ---- Absent LUN -----------------------------------------------------------------------------------
 
 #[test]

@@ -243,11 +243,13 @@ impl<T: AsRef<[u8]>> Cdb<T> {
     }
 
     /// The operation code.
+    #[inline]
     pub fn opcode(&self) -> u8 {
         self.buffer.as_ref()[field::OPCODE]
     }
 
     /// The CDB length implied by the operation code.
+    #[inline]
     pub fn len(&self) -> usize {
         cdb_len_for_opcode(self.opcode()).unwrap_or(0)
     }
@@ -264,6 +266,7 @@ impl<T: AsRef<[u8]>> Cdb<T> {
     }
 
     /// Byte `i`.
+    #[inline]
     pub fn byte(&self, i: usize) -> u8 {
         self.buffer.as_ref()[i]
     }
@@ -274,13 +277,19 @@ impl<T: AsRef<[u8]>> Cdb<T> {
     }
 
     /// The big-endian unsigned integer in `range` (at most 8 bytes).
+    #[inline]
     pub fn be(&self, range: Range<usize>) -> u64 {
-        self.buffer.as_ref()[range]
-            .iter()
-            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+        let bytes = &self.buffer.as_ref()[range];
+        // One byte-swapped load instead of a shift per byte (every READ/WRITE decodes two of
+        // these); a longer range keeps its last 8 bytes, as shifting them all in would.
+        let tail = &bytes[bytes.len().saturating_sub(8)..];
+        let mut word = [0u8; 8];
+        word[8 - tail.len()..].copy_from_slice(tail);
+        u64::from_be_bytes(word)
     }
 
     /// The CONTROL byte (the last byte of the CDB).
+    #[inline]
     pub fn control(&self) -> u8 {
         self.byte(self.len().saturating_sub(1))
     }
@@ -291,6 +300,7 @@ impl<T: AsRef<[u8]>> Cdb<T> {
     }
 
     /// The LOGICAL BLOCK ADDRESS of a 6/10/12/16-byte block command.
+    #[inline]
     pub fn lba(&self) -> u64 {
         match self.len() {
             6 => self.be(field::rw6::LBA) & 0x1f_ffff,
@@ -302,6 +312,7 @@ impl<T: AsRef<[u8]>> Cdb<T> {
 
     /// The raw TRANSFER LENGTH (or NUMBER OF LOGICAL BLOCKS) field of a block command; for a
     /// 6-byte CDB, 0 is returned as 0 (READ/WRITE(6) interpret it as 256).
+    #[inline]
     pub fn transfer_length(&self) -> u32 {
         match self.len() {
             6 => u32::from(self.byte(field::rw6::LENGTH)),
@@ -312,6 +323,7 @@ impl<T: AsRef<[u8]>> Cdb<T> {
     }
 
     /// The GROUP NUMBER field of a 10/12/16-byte block command (0 for 6-byte CDBs).
+    #[inline]
     pub fn group_number(&self) -> u8 {
         match self.len() {
             10 => self.byte(field::rw10::GROUP) & 0x3f,

@@ -560,6 +560,21 @@ impl ScsiLun {
     /// (before capping at what the initiator sent): the parameter list of UNMAP and MODE
     /// SELECT, the single block of WRITE SAME, nothing otherwise.
     pub fn data_out_copy_len(&self, cdb: &[u8]) -> usize {
+        // Every command on the data path (READ, WRITE) copies nothing: answer those from the
+        // opcode alone instead of parsing the CDB a second time (`execute` parses it again).
+        let copies = matches!(
+            cdb.first().copied(),
+            Some(
+                op::UNMAP
+                    | op::MODE_SELECT_6
+                    | op::MODE_SELECT_10
+                    | op::WRITE_SAME_10
+                    | op::WRITE_SAME_16
+            )
+        );
+        if !copies {
+            return 0;
+        }
         match Command::parse(cdb) {
             Ok(Command::Unmap { param_len, .. }) => {
                 usize::from(param_len).min(MAX_PARAMETER_LIST_LEN)

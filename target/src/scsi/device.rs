@@ -48,6 +48,11 @@ const DATA_IN_SCRATCH: usize = 4096;
 const DATA_OUT_SCRATCH: usize = 65536;
 /// Blocks one bdev write of a WRITE SAME covers (its I/O vector repeats the pattern).
 const WRITE_SAME_BLOCKS_PER_IO: u64 = 64;
+/// Busy rounds between two looks at the control queue, the event queue and target changes. Those
+/// are rare, so a round that served commands skips them (saving a ring-index load and a channel
+/// check per round); a round without command work always looks. A task management function or a
+/// target change waits at most this many busy rounds, a few microseconds.
+const MGMT_INTERVAL: u32 = 32;
 /// Response segments remembered per request; Linux uses one.
 const RESP_SEGMENTS: usize = 4;
 
@@ -449,8 +454,18 @@ pub struct ScsiDevice {
     targets: Vec<Option<AttachedTarget>>,
     features: VirtioFeatures,
     memory: Option<Arc<GuestMemoryTable>>,
+    /// The same table as [`BdevIo::mem`] wants it; made once per table, not per request.
+    io_memory: Option<IoMemory>,
     retired: Vec<Arc<GuestMemoryTable>>,
+    /// Started queues; grows to the highest queue started (capacity for all of them is reserved
+    /// up front), so a round scans only queues a frontend can use.
     queues: Vec<Option<ScsiQueue>>,
+    max_queues: u16,
+    /// Busy rounds since the management queues and target changes were last looked at.
+    rounds_since_mgmt: u32,
+    /// Something waits for [`ScsiDevice::settle`] (a stopping queue, a removed target, a TMF, a
+    /// retired table, a detach or removal); cleared by `settle` once nothing does.
+    settle_pending: bool,
     events: EventBacklog,
     tmfs: Vec<PendingTmf>,
     scratch: Scratch,
@@ -487,8 +502,12 @@ impl ScsiDevice {
             targets,
             features: VirtioFeatures(0),
             memory: None,
+            io_memory: None,
             retired: Vec::new(),
-            queues: (0..max_queues).map(|_| None).collect(),
+            queues: Vec::with_capacity(usize::from(max_queues)),
+            max_queues,
+            rounds_since_mgmt: 0,
+            settle_pending: false,
             events: EventBacklog::default(),
             tmfs: Vec::new(),
             scratch: Scratch {
@@ -547,7 +566,10 @@ impl ScsiDevice {
                     .get_mut(usize::from(target))
                     .and_then(Option::as_mut)
                 {
-                    Some(t) => t.removing = Some(reply),
+                    Some(t) => {
+                        t.removing = Some(reply);
+                        self.settle_pending = true;
+                    }
                     None => {
                         let _ = reply.send(());
                     }
@@ -557,29 +579,47 @@ impl ScsiDevice {
     }
 
     fn start_queue(&mut self, index: u16, setup: QueueSetup) -> Result<(), String> {
-        let slot = self
+        let index_usize = usize::from(index);
+        if index >= self.max_queues {
+            return Err(format!("queue {index} out of range"));
+        }
+        if self
             .queues
-            .get_mut(usize::from(index))
-            .ok_or_else(|| format!("queue {index} out of range"))?;
-        if slot.as_ref().is_some_and(|q| q.in_flight > 0) {
+            .get(index_usize)
+            .is_some_and(|q| q.as_ref().is_some_and(|q| q.in_flight > 0))
+        {
             return Err(format!("queue {index} still has requests in flight"));
+        }
+        let queue = ScsiQueue::new(&setup)?;
+        if self.queues.len() <= index_usize {
+            self.queues.resize_with(index_usize + 1, || None);
         }
         if let Some(current) = &self.memory {
             if !Arc::ptr_eq(current, &setup.memory) {
                 self.retired.push(Arc::clone(current));
+                self.settle_pending = true;
             }
         }
-        let queue = ScsiQueue::new(&setup)?;
         self.features = setup.features;
-        self.memory = Some(Arc::clone(&setup.memory));
-        *slot = Some(queue);
+        self.install_memory(Arc::clone(&setup.memory));
+        if let Some(slot) = self.queues.get_mut(index_usize) {
+            *slot = Some(queue);
+        }
         Ok(())
     }
 
+    /// Makes `memory` current; returns the table it replaces.
+    fn install_memory(&mut self, memory: Arc<GuestMemoryTable>) -> Option<Arc<GuestMemoryTable>> {
+        let io: IoMemory = memory.clone();
+        self.io_memory = Some(io);
+        self.memory.replace(memory)
+    }
+
     fn set_memory(&mut self, memory: Arc<GuestMemoryTable>) {
-        if let Some(old) = self.memory.replace(memory) {
+        if let Some(old) = self.install_memory(memory) {
             if self.in_flight() > 0 {
                 self.retired.push(old);
+                self.settle_pending = true;
             }
         }
         let Some(mem) = self.memory.as_deref() else {
@@ -612,7 +652,10 @@ impl ScsiDevice {
 
     /// Replies to deferred operations whose condition now holds.
     fn settle(&mut self) {
-        self.settle_tmfs();
+        if let Some(mem) = self.memory.take() {
+            self.settle_tmfs(&mem);
+            self.memory = Some(mem);
+        }
         for queue in &mut self.queues {
             let drained = queue
                 .as_ref()
@@ -659,19 +702,23 @@ impl ScsiDevice {
                 self.targets.iter_mut().for_each(|t| *t = None);
                 self.tmfs.clear();
                 self.memory = None;
+                self.io_memory = None;
                 self.removed = true;
                 let _ = reply.send(());
             }
         }
+        self.settle_pending = !self.tmfs.is_empty()
+            || self.detach_reply.is_some()
+            || self.remove_reply.is_some()
+            || !self.retired.is_empty()
+            || self.targets.iter().flatten().any(|t| t.removing.is_some())
+            || self.queues.iter().flatten().any(|q| q.stopping.is_some());
     }
 
-    fn settle_tmfs(&mut self) {
+    fn settle_tmfs(&mut self, mem: &GuestMemoryTable) {
         if self.tmfs.is_empty() {
             return;
         }
-        let Some(mem) = self.memory.clone() else {
-            return;
-        };
         let mut i = 0;
         while i < self.tmfs.len() {
             let tmf = self.tmfs[i];
@@ -699,20 +746,22 @@ impl ScsiDevice {
             }
             tracing::info!(device = self.id.0, target = tmf.target, ?tmf.effect, "task management function complete");
             if let Some(Some(q)) = self.queues.get_mut(CONTROL_QUEUE) {
-                tmf.resp.write(&mem, &tmf_resp(Response::FUNCTION_COMPLETE));
-                q.used(&mem, tmf.head, 1, self.id);
+                tmf.resp.write(mem, &tmf_resp(Response::FUNCTION_COMPLETE));
+                q.used(mem, tmf.head, 1, self.id);
                 q.in_flight = q.in_flight.saturating_sub(1);
             }
         }
     }
 
-    /// Pops and handles new requests on every running queue.
-    fn poll_queues(&mut self) -> usize {
-        let Some(mem) = self.memory.clone() else {
-            return 0;
-        };
+    /// Pops and handles new requests on the running queues among `queues`.
+    fn poll_queues(
+        &mut self,
+        mem: &GuestMemoryTable,
+        io_mem: &IoMemory,
+        queues: std::ops::Range<usize>,
+    ) -> usize {
         let mut work = 0;
-        for qi in 0..self.queues.len() {
+        for qi in queues {
             if qi == EVENT_QUEUE && !self.events.has_work() {
                 continue;
             }
@@ -728,7 +777,7 @@ impl ScsiDevice {
             } else {
                 room
             };
-            let popped = match q.vq.pop_heads(mem.as_ref(), &mut q.heads[..room]) {
+            let popped = match q.vq.pop_heads(mem, &mut q.heads[..room]) {
                 Ok(n) => n,
                 Err(err) => {
                     tracing::error!(device = self.id.0, queue = qi, %err, "avail ring unusable; queue stopped");
@@ -739,23 +788,21 @@ impl ScsiDevice {
             if popped == 0 {
                 continue;
             }
-            if let Err(err) = q.vq.disable_kicks(mem.as_ref()) {
+            if let Err(err) = q.vq.disable_kicks(mem) {
                 tracing::error!(device = self.id.0, queue = qi, %err, "used ring unusable; queue stopped");
                 q.broken = true;
                 continue;
             }
             work += popped;
-            // The bdevs' handle on the same table, for I/O they complete later.
-            let io_mem: IoMemory = mem.clone();
             for i in 0..popped {
                 let head = match self.queues.get(qi).and_then(Option::as_ref) {
                     Some(q) => q.heads[i],
                     None => break,
                 };
                 match qi {
-                    CONTROL_QUEUE => self.control_request(&mem, head),
-                    EVENT_QUEUE => self.event_buffer(&mem, head),
-                    _ => self.command(&mem, &io_mem, qi, head),
+                    CONTROL_QUEUE => self.control_request(mem, head),
+                    EVENT_QUEUE => self.event_buffer(mem, head),
+                    _ => self.command(mem, io_mem, qi, head),
                 }
                 if self
                     .queues
@@ -865,7 +912,7 @@ impl ScsiDevice {
                     q.used(mem, head, 0, id);
                     return;
                 };
-                match self.task_management(&tmf, head, resp) {
+                match self.task_management(mem, &tmf, head, resp) {
                     Some(response) => ([response.code(), 0, 0, 0, 0], 1),
                     None => return,
                 }
@@ -895,6 +942,7 @@ impl ScsiDevice {
     /// Answers a TMF at once, or queues it until the commands it concerns are gone (`None`).
     fn task_management(
         &mut self,
+        mem: &GuestMemoryTable,
         tmf: &TmfReqRepr,
         head: u16,
         resp: RespTarget,
@@ -954,8 +1002,9 @@ impl ScsiDevice {
         if let Some(Some(q)) = self.queues.get_mut(CONTROL_QUEUE) {
             q.in_flight += 1;
         }
+        self.settle_pending = true;
         // Answered at once when nothing needs to drain.
-        self.settle_tmfs();
+        self.settle_tmfs(mem);
         None
     }
 
@@ -1271,10 +1320,7 @@ impl ScsiDevice {
     }
 
     /// Collects bdev completions of every target.
-    fn poll_completions(&mut self) -> usize {
-        let Some(mem) = self.memory.clone() else {
-            return 0;
-        };
+    fn poll_completions(&mut self, mem: &GuestMemoryTable, io_mem: &IoMemory) -> usize {
         let mut work = 0;
         let id = self.id;
         for target in self.targets.iter_mut().flatten() {
@@ -1318,7 +1364,7 @@ impl ScsiDevice {
                 let result = slot.failed.map_or(Ok(()), Err);
                 let c = lun.complete_io(&slot.plan.plan(), result, &mut sense[..]);
                 let slot = *slot;
-                finish(q, &mem, si, &slot, &c, &sense[..], id);
+                finish(q, mem, si, &slot, &c, &sense[..], id);
                 *in_flight = in_flight.saturating_sub(1);
             });
             // Writes that must be durable: flush now, complete when the flush does.
@@ -1326,14 +1372,13 @@ impl ScsiDevice {
                 let Some(Some(q)) = queues.get_mut(qi) else {
                     continue;
                 };
-                let io_mem: IoMemory = mem.clone();
                 let io = BdevIo {
                     kind: IoKind::Flush,
                     offset_blocks: 0,
                     num_blocks: 0,
                     iovs: &[],
                     tag: tag(qi, si),
-                    mem: &io_mem,
+                    mem: io_mem,
                 };
                 let submitted = channel.submit(&io);
                 let Some(slot) = q.slots.get_mut(si) else {
@@ -1349,7 +1394,7 @@ impl ScsiDevice {
                             &mut sense[..],
                         );
                         let slot = *slot;
-                        finish(q, &mem, si, &slot, &c, &sense[..], id);
+                        finish(q, mem, si, &slot, &c, &sense[..], id);
                         *in_flight = in_flight.saturating_sub(1);
                     }
                 }
@@ -1359,10 +1404,7 @@ impl ScsiDevice {
     }
 
     /// Publishes each queue's used elements and signals its call eventfd if the driver wants it.
-    fn publish(&mut self) {
-        let Some(mem) = self.memory.as_deref() else {
-            return;
-        };
+    fn publish(&mut self, mem: &GuestMemoryTable) {
         for (qi, queue) in self.queues.iter_mut().enumerate() {
             let Some(q) = queue else { continue };
             if let Err(err) = q.vq.publish_used(mem) {
@@ -1447,15 +1489,25 @@ impl ReactorDevice for ScsiDevice {
             // Still answer target changes so the controller never waits for a dead session.
             return self.drain_target_ops();
         }
-        let mut work = self.drain_target_ops();
-        work += self.poll_queues();
-        work += self.poll_completions();
-        let deferred = !self.tmfs.is_empty()
-            || self.detach_reply.is_some()
-            || self.remove_reply.is_some()
-            || !self.retired.is_empty()
-            || self.targets.iter().flatten().any(|t| t.removing.is_some())
-            || self.queues.iter().flatten().any(|q| q.stopping.is_some());
+        // The tables are moved out for the round and put back, rather than cloned: an Arc clone
+        // is a locked instruction, which waits for this round's used-ring stores to drain.
+        let mut work = 0;
+        if let (Some(mem), Some(io_mem)) = (self.memory.take(), self.io_memory.take()) {
+            work += self.poll_queues(&mem, &io_mem, FIRST_REQUEST_QUEUE..self.queues.len());
+            work += self.poll_completions(&mem, &io_mem);
+            self.rounds_since_mgmt = self.rounds_since_mgmt.saturating_add(1);
+            if work == 0 || self.rounds_since_mgmt >= MGMT_INTERVAL {
+                self.rounds_since_mgmt = 0;
+                work += self.drain_target_ops();
+                let mgmt_end = FIRST_REQUEST_QUEUE.min(self.queues.len());
+                work += self.poll_queues(&mem, &io_mem, CONTROL_QUEUE..mgmt_end);
+            }
+            self.memory = Some(mem);
+            self.io_memory = Some(io_mem);
+        } else {
+            work += self.drain_target_ops();
+        }
+        let deferred = self.settle_pending;
         if deferred {
             self.settle();
         }
@@ -1463,7 +1515,10 @@ impl ReactorDevice for ScsiDevice {
             work += self.poll_events_only();
         }
         if work > 0 || deferred {
-            self.publish();
+            if let Some(mem) = self.memory.take() {
+                self.publish(&mem);
+                self.memory = Some(mem);
+            }
         }
         work
     }
@@ -1487,7 +1542,10 @@ impl ReactorDevice for ScsiDevice {
                     .get_mut(usize::from(index))
                     .and_then(Option::as_mut)
                 {
-                    Some(q) => q.stopping = Some(reply),
+                    Some(q) => {
+                        q.stopping = Some(reply);
+                        self.settle_pending = true;
+                    }
                     None => {
                         let _ = reply.send(None);
                     }
@@ -1519,10 +1577,12 @@ impl ReactorDevice for ScsiDevice {
                     target.removing.get_or_insert(tx);
                 }
                 self.detach_reply = Some(reply);
+                self.settle_pending = true;
                 self.settle();
             }
             DeviceOp::Remove { reply } => {
                 self.remove_reply = Some(reply);
+                self.settle_pending = true;
                 self.settle();
             }
         }

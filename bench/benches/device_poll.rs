@@ -1,0 +1,236 @@
+//! One poll round of rvhost's vhost-blk and vhost-scsi devices on a null or RAM bdev, driven in
+//! process: no socket, no second thread, no scheduler between driver and device, so the figure is
+//! what the target's data path costs per request and not what a busy machine lets through.
+//!
+//! Each iteration is what a poll-mode driver and the reactor do for one batch: the driver puts
+//! `batch` 4 KiB reads in the avail ring (the descriptor chains are written once, as rvhost-perf
+//! does), the device runs one `poll()` (pop, walk, decode, submit, bdev completion, status or
+//! response write, used ring, `used.idx` publish) and the driver checks `used.idx`. Divide the
+//! time by `batch` for the cost per request. Run it under `valgrind --tool=callgrind` for exact
+//! instruction counts (see bench/README.md).
+
+use std::hint::black_box;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::sync_channel;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use rvhost_core::mem::GuestMemory;
+use rvhost_core::virtio::{bit, feature};
+use rvhost_target::bdev::malloc::{MallocBdev, MemoryBudget};
+use rvhost_target::bdev::null::NullBdev;
+use rvhost_target::bdev::Bdev;
+use rvhost_target::blk::BlkController;
+use rvhost_target::reactor::{DeviceId, DeviceOp, ReactorDevice};
+use rvhost_target::scsi::ScsiController;
+use rvhost_target::vhost::memory::{GuestMemoryTable, RegionSpec};
+use rvhost_target::vhost::{DeviceBackend, QueueSetup, VirtioFeatures};
+
+const MEM: u64 = 8 << 20;
+const QSIZE: u16 = 256;
+/// Request metadata (blk header + status, scsi request + response), 256 bytes per slot.
+const META: u64 = 0x40_0000;
+/// Data buffers, 4 KiB per slot.
+const DATA: u64 = 0x50_0000;
+const BLOCKS: u64 = 1 << 19; // 256 MiB of 512-byte blocks
+const IO_BYTES: u32 = 4096;
+/// The vring of queue `q`: descriptor table, avail ring, used ring, one page each.
+fn ring(q: u16) -> (u64, u64, u64) {
+    let base = u64::from(q) * 0x3000;
+    (base, base + 0x1000, base + 0x2000)
+}
+
+fn table() -> Arc<GuestMemoryTable> {
+    let path = format!("/dev/shm/rvhost-bench-device-poll-{}", std::process::id());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .expect("shm file");
+    std::fs::remove_file(&path).expect("unlink shm file");
+    file.set_len(MEM).expect("size shm file");
+    let spec = RegionSpec {
+        guest_phys_addr: 0,
+        memory_size: MEM,
+        userspace_addr: 0x7000_0000,
+        mmap_offset: 0,
+    };
+    GuestMemoryTable::from_regions([(spec, OwnedFd::from(file))]).expect("memory table")
+}
+
+fn write_desc(mem: &GuestMemoryTable, q: u16, index: u16, addr: u64, len: u32, flags: u16) {
+    let (desc, _, _) = ring(q);
+    let next = if flags & 1 != 0 { index + 1 } else { 0 };
+    let mut d = [0u8; 16];
+    d[0..8].copy_from_slice(&addr.to_le_bytes());
+    d[8..12].copy_from_slice(&len.to_le_bytes());
+    d[12..14].copy_from_slice(&flags.to_le_bytes());
+    d[14..16].copy_from_slice(&next.to_le_bytes());
+    mem.write(desc + 16 * u64::from(index), &d)
+        .expect("descriptor");
+}
+
+const NEXT: u16 = 1;
+const WRITE: u16 = 2;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Blk,
+    Scsi,
+}
+
+/// The driver side of one request queue plus the device under test.
+struct Rig {
+    mem: Arc<GuestMemoryTable>,
+    device: Box<dyn ReactorDevice>,
+    queue: u16,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+impl Rig {
+    fn new(kind: Kind, bdev: Arc<dyn Bdev>) -> Rig {
+        let mem = table();
+        let mut device = match kind {
+            Kind::Blk => BlkController::new("bench", bdev, false)
+                .new_device(DeviceId(1))
+                .expect("blk device"),
+            Kind::Scsi => {
+                let c = ScsiController::new("bench");
+                c.add_target(Some(0), bdev).expect("target");
+                c.new_device(DeviceId(1)).expect("scsi device")
+            }
+        };
+        let features = bit(feature::VIRTIO_F_VERSION_1) | bit(feature::VIRTIO_F_RING_EVENT_IDX);
+        // rvhost-perf's queue set: blk queue 0; scsi control, event and one request queue.
+        let queues: &[u16] = match kind {
+            Kind::Blk => &[0],
+            Kind::Scsi => &[0, 1, 2],
+        };
+        for &q in queues {
+            let (desc, avail, used) = ring(q);
+            let (tx, rx) = sync_channel(1);
+            device.apply(DeviceOp::StartQueue {
+                index: q,
+                setup: QueueSetup {
+                    size: QSIZE,
+                    desc_gpa: desc,
+                    avail_gpa: avail,
+                    used_gpa: used,
+                    last_avail: 0,
+                    features: VirtioFeatures(features),
+                    call: None,
+                    err: None,
+                    memory: Arc::clone(&mem),
+                },
+                reply: tx,
+            });
+            rx.recv().expect("reply").expect("queue started");
+        }
+        let queue = *queues.last().expect("a request queue");
+        // Request slot i owns descriptors 3i..3i+2, written once.
+        for i in 0..QSIZE / 3 {
+            let meta = META + 256 * u64::from(i);
+            let data = DATA + u64::from(IO_BYTES) * u64::from(i);
+            let lba = u64::from(i) * 997 % (BLOCKS - 8);
+            match kind {
+                Kind::Blk => {
+                    // virtio_blk_outhdr: type IN (0), reserved, sector.
+                    let mut hdr = [0u8; 16];
+                    hdr[8..16].copy_from_slice(&lba.to_le_bytes());
+                    mem.write(meta, &hdr).expect("header");
+                    write_desc(&mem, queue, 3 * i, meta, 16, NEXT);
+                    write_desc(&mem, queue, 3 * i + 1, data, IO_BYTES, NEXT | WRITE);
+                    write_desc(&mem, queue, 3 * i + 2, meta + 64, 1, WRITE);
+                }
+                Kind::Scsi => {
+                    // virtio_scsi_cmd_req: LUN (target 0, LUN 0), tag, attributes, READ(16) of
+                    // 8 blocks in a 32-byte CDB.
+                    let mut req = [0u8; 51];
+                    req[0..8].copy_from_slice(&[1, 0, 0x40, 0, 0, 0, 0, 0]);
+                    req[8..16].copy_from_slice(&u64::from(i).to_le_bytes());
+                    req[19] = 0x88;
+                    req[21..29].copy_from_slice(&lba.to_be_bytes());
+                    req[29..33].copy_from_slice(&8u32.to_be_bytes());
+                    mem.write(meta, &req).expect("request");
+                    write_desc(&mem, queue, 3 * i, meta, 51, NEXT);
+                    write_desc(&mem, queue, 3 * i + 1, meta + 128, 108, NEXT | WRITE);
+                    write_desc(&mem, queue, 3 * i + 2, data, IO_BYTES, WRITE);
+                }
+            }
+        }
+        let mut rig = Rig {
+            mem,
+            device,
+            queue,
+            avail_idx: 0,
+            used_seen: 0,
+        };
+        if kind == Kind::Scsi {
+            // The LUN reports a power-on unit attention once; take it before measuring.
+            rig.round(1);
+        }
+        rig
+    }
+
+    /// One batch: `batch` requests made available, one device poll, the completions reaped.
+    fn round(&mut self, batch: u16) {
+        let (_, avail, used) = ring(self.queue);
+        for i in 0..batch {
+            let slot = self.avail_idx.wrapping_add(i) % QSIZE;
+            let head = 3 * i;
+            self.mem
+                .write(4 + avail + 2 * u64::from(slot), &head.to_le_bytes())
+                .expect("avail entry");
+        }
+        self.avail_idx = self.avail_idx.wrapping_add(batch);
+        self.mem
+            .store_u16(avail + 2, self.avail_idx, Ordering::Release)
+            .expect("avail idx");
+        while self.used_seen != self.avail_idx {
+            black_box(self.device.poll());
+            self.used_seen = self
+                .mem
+                .load_u16(used + 2, Ordering::Acquire)
+                .expect("used idx");
+        }
+    }
+}
+
+fn null() -> Arc<dyn Bdev> {
+    NullBdev::new("Null0", BLOCKS, 512, [1; 16]).expect("null bdev")
+}
+
+fn malloc() -> Arc<dyn Bdev> {
+    let budget = MemoryBudget::new(1 << 30);
+    MallocBdev::new("Malloc0", BLOCKS, 512, [2; 16], &budget).expect("malloc bdev")
+}
+
+/// Makes the bdev a case runs on.
+type MakeBdev = fn() -> Arc<dyn Bdev>;
+
+fn device_poll(c: &mut Criterion) {
+    let cases: [(&str, Kind, MakeBdev); 4] = [
+        ("blk_null", Kind::Blk, null),
+        ("scsi_null", Kind::Scsi, null),
+        ("blk_malloc", Kind::Blk, malloc),
+        ("scsi_malloc", Kind::Scsi, malloc),
+    ];
+    for (name, kind, bdev) in cases {
+        let mut g = c.benchmark_group(name);
+        for batch in [1u16, 32] {
+            let mut rig = Rig::new(kind, bdev());
+            g.throughput(Throughput::Elements(u64::from(batch)));
+            g.bench_function(format!("read4k_batch{batch}"), |b| {
+                b.iter(|| rig.round(batch))
+            });
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, device_poll);
+criterion_main!(benches);
