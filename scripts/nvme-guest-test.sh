@@ -30,10 +30,20 @@
 #   NVME_GUEST_PERF     bdev mode: prebuilt rvhost-perf binary   (default: build it with cargo)
 #   NVME_GUEST_OPS      bdev mode: prebuilt bdev_nvme_guest_ops test binary (default: cargo builds it)
 #
+# With NVME_GUEST_MODE=bench it is an A/B benchmark of two rvhost builds on the same emulated
+# controller (bench/README.md): rounds of 4 KiB QD32 and 128 KiB QD8 random reads with
+# rvhost-perf, each round running build A then build B, one rvhost at a time, and a summary of
+# median IOPS and of the per-round B/A ratios on stdout.
+#   NVME_GUEST_RVHOST, NVME_GUEST_RVHOST_B   the two rvhost binaries (A, B; both required)
+#   NVME_BENCH_ROUNDS, NVME_BENCH_SECONDS    rounds (default 5) and seconds per run (default 5)
+#
 # Exit status: 0 pass, 1 fail, 77 skipped because QEMU or a guest kernel cannot be installed.
 set -euo pipefail
 MODE=${NVME_GUEST_MODE:-driver}
-case "$MODE" in driver|bdev) ;; *) echo "NVME_GUEST_MODE must be driver or bdev" >&2; exit 1 ;; esac
+case "$MODE" in driver|bdev|bench) ;; *) echo "NVME_GUEST_MODE must be driver, bdev or bench" >&2; exit 1 ;; esac
+if [ "$MODE" = bench ] && { [ -z "${NVME_GUEST_RVHOST:-}" ] || [ -z "${NVME_GUEST_RVHOST_B:-}" ]; }; then
+    echo "bench mode needs NVME_GUEST_RVHOST and NVME_GUEST_RVHOST_B" >&2; exit 1
+fi
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${NVME_GUEST_WORK:-$ROOT/build/nvme-guest}
@@ -135,6 +145,17 @@ for line in sys.stdin:
     for b in "$RVHOST_BIN" "$PERF_BIN" "$OPS_BIN"; do [ -x "$b" ] || { log "no binary at '$b'"; exit 1; }; done
     GUEST_BINS+=("$RVHOST_BIN" "$PERF_BIN" "$OPS_BIN")
 fi
+if [ "$MODE" = bench ]; then
+    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/build/nvme}
+    if [ -z "${NVME_GUEST_PERF:-}" ]; then
+        (cd "$ROOT" && cargo build --release -p rvhost-bench --bin rvhost-perf >&2)
+    fi
+    PERF_BIN=${NVME_GUEST_PERF:-$CARGO_TARGET_DIR/release/rvhost-perf}
+    for b in "$NVME_GUEST_RVHOST" "$NVME_GUEST_RVHOST_B" "$PERF_BIN"; do
+        [ -x "$b" ] || { log "no binary at '$b'"; exit 1; }
+    done
+    GUEST_BINS+=("$NVME_GUEST_RVHOST" "$NVME_GUEST_RVHOST_B" "$PERF_BIN")
+fi
 
 # ---- initramfs ----
 INITRD_DIR=$WORK/initramfs
@@ -146,6 +167,12 @@ if [ "$MODE" = bdev ]; then
     cp "$RVHOST_BIN" "$INITRD_DIR/rvhost"
     cp "$PERF_BIN" "$INITRD_DIR/rvhost-perf"
     cp "$OPS_BIN" "$INITRD_DIR/bdev-ops"
+fi
+if [ "$MODE" = bench ]; then
+    cp "$NVME_GUEST_RVHOST" "$INITRD_DIR/rvhost-a"
+    cp "$NVME_GUEST_RVHOST_B" "$INITRD_DIR/rvhost-b"
+    cp "$PERF_BIN" "$INITRD_DIR/rvhost-perf"
+    echo "${NVME_BENCH_ROUNDS:-5} ${NVME_BENCH_SECONDS:-5}" > "$INITRD_DIR/bench"
 fi
 echo "$MODE" > "$INITRD_DIR/mode"
 # The binaries' shared libraries, at the paths the dynamic loader expects.
@@ -208,6 +235,36 @@ echo "guest: bound to $(basename "$(readlink /sys/bus/pci/devices/$BDF/driver)")
 echo 64 > /proc/sys/vm/nr_hugepages
 echo "guest: hugepages $(cat /proc/sys/vm/nr_hugepages)"
 export RUST_LIB_BACKTRACE=0
+if [ "$(cat /mode)" = bench ]; then
+    cat > /rvhost.json <<CONFIG
+{"subsystems": [
+  {"subsystem": "bdev", "config": [
+    {"method": "bdev_nvme_attach_controller",
+     "params": {"name": "Nvme0", "trtype": "pcie", "traddr": "$BDF"}}]},
+  {"subsystem": "vhost_blk", "config": [
+    {"method": "vhost_create_blk_controller",
+     "params": {"ctrlr": "vhost.0", "dev_name": "Nvme0n1"}}]}
+]}
+CONFIG
+    mkdir -p /var/tmp/rv /dev/shm && mount -t tmpfs tmpfs /dev/shm
+    read -r rounds seconds < /bench
+    for round in $(seq "$rounds"); do
+        for build in a b; do
+            "/rvhost-$build" -c /rvhost.json --no-default -S /var/tmp/rv -r /var/tmp/rv/rpc.sock -m 0x1 -L warn &
+            pid=$!
+            for i in $(seq 600); do [ -S /var/tmp/rv/vhost.0 ] && break; sleep 0.1; done
+            for shape in "4k 32" "128k 8"; do
+                set -- $shape
+                report=$(/rvhost-perf --socket /var/tmp/rv/vhost.0 --type blk --rw randread \
+                    --bs "$1" --qd "$2" --time "$seconds" --cpu 1 --json 2>/dev/null | tail -n1)
+                echo "NVME-BENCH $round $build $1 $2 $report"
+            done
+            kill -INT "$pid"; wait "$pid"
+        done
+    done
+    echo "NVME-BENCH-DONE"
+    poweroff -f
+fi
 if [ "$(cat /mode)" = bdev ]; then
     # rvhost on the controller, configured the way an SPDK user would (-c JSON config). The
     # controller is attached, detached (releasing the VFIO device) and attached again, so that a
@@ -330,6 +387,27 @@ exec 9>&-
 sed 's/^/guest| /' "$SERIAL_LOG" >&2
 log "qemu exited with $qemu_rc"
 
+if [ "$MODE" = bench ]; then
+    grep -aq '^NVME-BENCH-DONE' "$SERIAL_LOG" || { log "FAIL: the benchmark did not finish"; exit 1; }
+    python3 - "$SERIAL_LOG" <<'PY'
+import json, statistics, sys
+runs = {}
+for line in open(sys.argv[1], errors="replace"):
+    if not line.startswith("NVME-BENCH "):
+        continue
+    _, rnd, build, bs, qd, report = line.rstrip("\r\n").split(" ", 5)
+    iops = json.loads(report)["total"]["iops"] if report.startswith("{") else 0.0
+    runs.setdefault((bs, qd), {}).setdefault(int(rnd), {})[build] = iops
+for (bs, qd), rounds in runs.items():
+    a = [r["a"] for r in rounds.values() if "a" in r]
+    b = [r["b"] for r in rounds.values() if "b" in r]
+    ratios = [r["b"] / r["a"] for r in rounds.values() if r.get("a") and "b" in r]
+    print(f"randread bs={bs} qd={qd}: A median {statistics.median(a):.0f} IOPS, "
+          f"B median {statistics.median(b):.0f} IOPS, B/A per round "
+          f"{' '.join(f'{x:.2f}' for x in ratios)} (median {statistics.median(ratios):.2f})")
+PY
+    exit 0
+fi
 if [ "$MODE" = bdev ]; then
     result=$(grep -a 'RVHOST-NVME-BDEV-RESULT' "$SERIAL_LOG" | tail -n1 | tr -d '\r' || true)
     if [ "$result" != "RVHOST-NVME-BDEV-RESULT perf4k=0 perf128k=0 ops=0 lifecycle=0 rvhost=0" ]; then
