@@ -172,6 +172,8 @@ pub struct BlkDevice {
     /// Hot-detach requested: new requests fail, in-flight ones still complete on `channel`.
     detached: bool,
     memory: Option<Arc<GuestMemoryTable>>,
+    /// The same table as [`BdevIo::mem`] wants it; made once per table, not per request.
+    io_memory: Option<IoMemory>,
     /// Counts memory-table swaps; requests remember the one they were translated with.
     generation: u64,
     /// Tables replaced while requests were in flight, with their generation: bdevs may still
@@ -221,6 +223,7 @@ impl BlkDevice {
             detached: channel.is_none(),
             channel,
             memory: None,
+            io_memory: None,
             generation: 0,
             retired: Vec::new(),
             queues: Vec::with_capacity(usize::from(super::MAX_QUEUES)),
@@ -267,6 +270,8 @@ impl BlkDevice {
 
     /// Makes `memory` current, retiring the old table if requests still use it.
     fn swap_memory(&mut self, memory: Arc<GuestMemoryTable>) {
+        let io: IoMemory = memory.clone();
+        self.io_memory = Some(io);
         if let Some(old) = self.memory.replace(memory) {
             if self.in_flight() > 0 {
                 self.retired.push((self.generation, old));
@@ -328,6 +333,7 @@ impl BlkDevice {
                 self.queues.iter_mut().for_each(|q| *q = None);
                 self.channel = None;
                 self.memory = None;
+                self.io_memory = None;
                 self.removed = true;
                 let _ = reply.send(());
             }
@@ -370,16 +376,13 @@ impl BlkDevice {
     }
 
     /// Collects bdev completions.
-    fn poll_completions(&mut self) -> usize {
+    fn poll_completions(&mut self, mem: &GuestMemoryTable) -> usize {
         let Some(channel) = self.channel.as_mut() else {
             return 0;
         };
         if channel.in_flight() == 0 {
             return 0;
         }
-        let Some(mem) = self.memory.clone() else {
-            return 0;
-        };
         let queues = &mut self.queues;
         let device = self.id;
         channel.poll(&mut |io_tag, status| {
@@ -400,16 +403,13 @@ impl BlkDevice {
                 } else {
                     BlkStatus::Ok
                 };
-                Self::complete(q, &mem, si, status, device);
+                Self::complete(q, mem, si, status, device);
             }
         })
     }
 
     /// Pops and starts new requests on every running queue.
-    fn poll_queues(&mut self) -> usize {
-        let Some(mem) = self.memory.clone() else {
-            return 0;
-        };
+    fn poll_queues(&mut self, mem: &GuestMemoryTable, io_mem: &IoMemory) -> usize {
         let mut work = 0;
         for qi in 0..self.queues.len() {
             let Some(Some(q)) = self.queues.get_mut(qi) else {
@@ -419,7 +419,7 @@ impl BlkDevice {
                 continue;
             }
             let room = q.free.len().min(POP_BATCH);
-            let popped = match q.vq.pop_heads(mem.as_ref(), &mut q.heads[..room]) {
+            let popped = match q.vq.pop_heads(mem, &mut q.heads[..room]) {
                 Ok(n) => n,
                 Err(err) => {
                     tracing::error!(device = self.id.0, queue = qi, %err, "avail ring unusable; queue stopped");
@@ -431,14 +431,12 @@ impl BlkDevice {
                 continue;
             }
             // With EVENT_IDX, avail_event must trail last_avail_idx so the driver never kicks.
-            if let Err(err) = q.vq.disable_kicks(mem.as_ref()) {
+            if let Err(err) = q.vq.disable_kicks(mem) {
                 tracing::error!(device = self.id.0, queue = qi, %err, "used ring unusable; queue stopped");
                 q.broken = true;
                 continue;
             }
             work += popped;
-            // The bdev's handle on the same table, for I/O it completes later.
-            let io_mem: IoMemory = mem.clone();
             for i in 0..popped {
                 let head = q.heads[i];
                 let channel = if self.detached {
@@ -455,8 +453,8 @@ impl BlkDevice {
                     q,
                     qi,
                     head,
-                    mem.as_ref(),
-                    &io_mem,
+                    mem,
+                    io_mem,
                 );
                 if q.broken {
                     break;
@@ -741,10 +739,7 @@ impl BlkDevice {
     }
 
     /// Publishes each queue's used elements and signals its call eventfd if the driver wants it.
-    fn publish(&mut self) {
-        let Some(mem) = self.memory.as_deref() else {
-            return;
-        };
+    fn publish(&mut self, mem: &GuestMemoryTable) {
         for (qi, queue) in self.queues.iter_mut().enumerate() {
             let Some(q) = queue else { continue };
             if let Err(err) = q.vq.publish_used(mem) {
@@ -777,10 +772,17 @@ impl ReactorDevice for BlkDevice {
         if self.removed {
             return 0;
         }
-        let mut work = self.poll_queues();
-        work += self.poll_completions();
-        if work > 0 {
-            self.publish();
+        let mut work = 0;
+        // The tables are moved out for the round and put back, rather than cloned: an Arc clone
+        // is a locked instruction, which waits for this round's used-ring stores to drain.
+        if let (Some(mem), Some(io_mem)) = (self.memory.take(), self.io_memory.take()) {
+            work += self.poll_queues(&mem, &io_mem);
+            work += self.poll_completions(&mem);
+            if work > 0 {
+                self.publish(&mem);
+            }
+            self.memory = Some(mem);
+            self.io_memory = Some(io_mem);
         }
         if self.detach_reply.is_some()
             || self.remove_reply.is_some()

@@ -417,10 +417,17 @@ impl Reactor {
                     return;
                 }
             }
-            for device in self.devices.iter_mut().filter(|d| !d.is_finished()) {
+            // One `is_finished` call per device and round (it is virtual): a device that finished
+            // in the previous round's poll is dropped one round later.
+            let mut finished = false;
+            for device in self.devices.iter_mut() {
+                if device.is_finished() {
+                    finished = true;
+                    continue;
+                }
                 work = work.saturating_add(device.poll());
             }
-            if self.devices.iter().any(|d| d.is_finished()) {
+            if finished {
                 self.devices.retain(|d| !d.is_finished());
             }
 
