@@ -16,6 +16,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use std::os::unix::io::AsRawFd;
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::VhostUserMemoryRegionInfo;
 use vhost_support::*;
 
 /// Sectors of the guest's 32 MiB drive.
@@ -183,6 +186,22 @@ fn wait_all_unmapped(socket: &Path) -> Value {
     }
 }
 
+/// Waits until exactly `bytes` of guest memory are mapped for DMA (older tables unmapped).
+fn wait_mapped(socket: &Path, bytes: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = nvme_stats(socket, "Nvme0n1");
+        if counter(&stats, "dma_mapped_bytes") == bytes {
+            return stats;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {bytes} bytes mapped: {stats}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Starts `rvhost-perf` random reads on `socket` for `seconds` in the background. Reads only: a
 /// write cut off by a removal may leave a torn block, which the host's image check would
 /// rightly flag as corruption.
@@ -316,6 +335,35 @@ fn nvme_bdev_detach_reattach_and_removal_in_the_guest() {
     assert_eq!(status, S_OK);
     assert!(back == kept, "read-back in a new session");
     assert!(counter(&nvme_stats(&rpc_socket, "Nvme0n1"), "dma_mapped_bytes") >= MEM_SIZE);
+    // Memory hot-plug: the table after ADD_MEM_REG shares the first region's mapping with the
+    // table before it (the IOMMU would refuse to map it twice) and maps only the new region.
+    let extra = GuestRam::new(1 << 20);
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 1 << 32,
+        memory_size: 1 << 20,
+        userspace_addr: FRONTEND_VA + (1 << 36),
+        mmap_offset: 0,
+        mmap_handle: extra.file.as_raw_fd(),
+    };
+    nvme.frontend.add_mem_region(&region).expect("ADD_MEM_REG");
+    let zero_copy = counter(&nvme_stats(&rpc_socket, "Nvme0n1"), "zero_copy_ios");
+    let (status, back) = nvme.read_blocks(0, LIFECYCLE_SECTOR, 4096);
+    assert_eq!(status, S_OK);
+    assert!(back == kept[..4096], "read after ADD_MEM_REG");
+    let stats = wait_mapped(&rpc_socket, MEM_SIZE + (1 << 20));
+    assert_eq!(counter(&stats, "zero_copy_ios"), zero_copy + 1, "{stats}");
+    assert_eq!(counter(&stats, "dma_map_failures"), 0, "{stats}");
+    // A new table with the same memory mapped afresh: the old mappings go once it is unused.
+    nvme.set_mem_table();
+    let (status, back) = nvme.read_blocks(0, LIFECYCLE_SECTOR, 4096);
+    assert_eq!(status, S_OK);
+    assert!(back == kept[..4096], "read after SET_MEM_TABLE");
+    let stats = wait_mapped(&rpc_socket, MEM_SIZE);
+    assert_eq!(counter(&stats, "zero_copy_ios"), zero_copy + 2, "{stats}");
+    assert_eq!(
+        counter(&stats, "bounced_ios"),
+        counter(&before, "bounced_ios")
+    );
 
     // ---- detach over RPC under load ----
     let load = start_perf(&perf, &socket, 8);

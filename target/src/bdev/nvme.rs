@@ -249,6 +249,12 @@ impl std::fmt::Debug for DmaRegistration {
 }
 
 impl DmaRegistration {
+    /// Whether nothing but this registration and its own mappings holds the memory any more
+    /// (one atomic load).
+    fn abandoned(&self) -> bool {
+        Arc::strong_count(&self.mem) == 1 + self.own_mappings
+    }
+
     /// Whether every buffer lies inside one mapped range.
     fn covers(&self, iovs: &[IoVec]) -> bool {
         iovs.iter().all(|iov| {
@@ -309,8 +315,7 @@ impl DmaRegistry {
     /// them, no I/O of them is in flight, and their vhost device no longer uses the memory.
     fn collect(&mut self) {
         self.registrations.retain(|r| {
-            let unused =
-                Arc::strong_count(r) == 1 && Arc::strong_count(&r.mem) == 1 + r.own_mappings;
+            let unused = Arc::strong_count(r) == 1 && r.abandoned();
             if unused {
                 tracing::debug!(key = r.key, "guest memory unmapped for DMA");
             }
@@ -1165,6 +1170,10 @@ impl BdevChannel for NvmeChannel {
     fn poll(&mut self, done: &mut dyn FnMut(u64, IoStatus)) -> usize {
         if self.ios.len() > self.free_ios.len() {
             self.reap(None);
+        } else if self.dma.as_ref().is_some_and(|reg| reg.abandoned()) {
+            // Idle, and the vhost device has let go of the memory this channel last saw (a new
+            // table, or the session ended): stop holding it, so the registry can unmap it.
+            self.dma = None;
         }
         let n = self.completions.len();
         for (tag, status) in self.completions.drain(..) {
