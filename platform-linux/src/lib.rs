@@ -55,6 +55,7 @@ pub mod cpu;
 pub mod dma;
 pub mod eventfd;
 pub mod host;
+pub mod listener;
 pub mod memory;
 pub mod spsc;
 pub mod uring;
@@ -68,5 +69,6 @@ pub use dma::{
 };
 pub use eventfd::{EventFd, EventFdError};
 pub use host::{copy_between, HostMemory};
+pub use listener::{ControlListener, ListenError, ListenerHandle};
 pub use memory::{MemoryTable, MemoryTableError, RegionSpec, MAX_MEM_SLOTS};
 pub use rvhost_core::mem::MemError;

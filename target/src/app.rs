@@ -121,6 +121,10 @@ impl App {
         if let Some(log) = log {
             methods.set_log_control(log, &config.log_level);
         }
+        // A second instance started by mistake fails here, before its start-up configuration can
+        // touch anything. (The socket itself is bound only once the configuration is applied: a
+        // connectable RPC socket tells scripts that start-up is complete.)
+        RpcServer::check_available(&config.rpc_socket)?;
         let calls = match &config.json_config {
             Some(path) => {
                 let text =

@@ -543,6 +543,57 @@ fn a_second_target_on_the_same_rpc_socket_is_refused() {
     assert_eq!(target.ok("bdev_get_bdevs", json!({})), json!([]));
 }
 
+/// A second target started by mistake on the same directory must neither take over nor delete
+/// the first one's sockets, and the first must still shut down (its listener used to be woken
+/// through the socket path, which hung once another process had replaced the socket).
+#[test]
+fn a_second_target_on_the_same_sockets_leaves_the_first_intact() {
+    let mut target = Target::start("twin", &[]);
+    let controller = target.dir.join("vhost.0");
+    wait_for_path(&controller, true);
+    let second_rpc = target.dir.join("other-rpc.sock");
+    for rpc in [&target.rpc, &second_rpc] {
+        let out = Command::new(env!("CARGO_BIN_EXE_rvhost"))
+            .arg("-S")
+            .arg(&target.dir)
+            .args(["-m", "0x1", "-r"])
+            .arg(rpc)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        let expected = if rpc == &target.rpc {
+            "already serving RPC"
+        } else {
+            "vhost.0 is in use"
+        };
+        assert!(stderr.contains(expected), "{stderr}");
+        // The first target's controller socket still leads to it.
+        assert!(
+            std::os::unix::net::UnixStream::connect(&controller).is_ok(),
+            "controller socket taken away"
+        );
+        assert!(
+            !second_rpc.exists(),
+            "the refused target left its RPC socket"
+        );
+    }
+    assert_eq!(
+        target.ok("vhost_get_controllers", json!({}))[0]["ctrlr"],
+        "vhost.0"
+    );
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(target.pid().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = target.wait_exit(Duration::from_secs(20));
+    assert!(exit.success(), "{exit}\n{}", target.log());
+    assert!(!controller.exists(), "controller socket left behind");
+    assert!(!target.rpc.exists(), "RPC socket left behind");
+}
+
 #[test]
 fn a_pipelined_flood_is_answered_completely_and_in_order() {
     let target = Target::start("flood", &["--no-default"]);

@@ -12,15 +12,15 @@
 //! request larger than [`MAX_REQUEST_BYTES`]; other connections are unaffected.
 
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use rvhost_platform_linux::{ControlListener, ListenError, ListenerHandle};
 use serde_json::Value;
 
 use super::jsonrpc::error_response;
@@ -115,11 +115,21 @@ pub enum ServerError {
     },
 }
 
+impl From<ListenError> for ServerError {
+    fn from(e: ListenError) -> Self {
+        match e {
+            ListenError::InUse(p) => ServerError::InUse(p),
+            ListenError::NotASocket(p) => ServerError::NotASocket(p),
+            ListenError::Io { path, source } => ServerError::Io { path, source },
+        }
+    }
+}
+
 /// A listening JSON-RPC server. Dropping it stops accepting and removes the socket file.
 #[derive(Debug)]
 pub struct RpcServer {
     path: PathBuf,
-    stopping: Arc<AtomicBool>,
+    listener: ListenerHandle,
     acceptor: Option<JoinHandle<()>>,
 }
 
@@ -128,34 +138,32 @@ impl RpcServer {
     ///
     /// A stale socket left by a crashed process is replaced; a live one is not.
     pub fn start(path: &Path, events: SyncSender<Incoming>) -> Result<Self, ServerError> {
-        let io_err = |source| ServerError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.file_type().is_socket() => {
-                if UnixStream::connect(path).is_ok() {
-                    return Err(ServerError::InUse(path.to_owned()));
-                }
-                std::fs::remove_file(path).map_err(io_err)?;
-            }
-            Ok(_) => return Err(ServerError::NotASocket(path.to_owned())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(e)),
-        }
-        let listener = UnixListener::bind(path).map_err(io_err)?;
-        let stopping = Arc::new(AtomicBool::new(false));
-        let stop = Arc::clone(&stopping);
+        let listener = ControlListener::bind(path).map_err(ServerError::from)?;
+        let handle = listener.handle();
         let acceptor = std::thread::Builder::new()
             .name("rpc-accept".into())
-            .spawn(move || accept_loop(listener, events, stop))
-            .map_err(io_err)?;
+            .spawn(move || accept_loop(listener, events))
+            .map_err(|source| {
+                handle.remove_socket();
+                ServerError::Io {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?;
         tracing::info!("JSON-RPC server listening on {}", path.display());
         Ok(RpcServer {
             path: path.to_owned(),
-            stopping,
+            listener: handle,
             acceptor: Some(acceptor),
         })
+    }
+
+    /// Fails as [`RpcServer::start`] would if another process serves `path` or it is not a
+    /// socket, without creating anything: lets start-up refuse before it changes any state.
+    pub fn check_available(path: &Path) -> Result<(), ServerError> {
+        ControlListener::check_free(path)
+            .map(|_| ())
+            .map_err(ServerError::from)
     }
 
     /// The socket path.
@@ -166,28 +174,24 @@ impl RpcServer {
 
 impl Drop for RpcServer {
     fn drop(&mut self) {
-        self.stopping.store(true, Ordering::Release);
-        // Wake the acceptor out of accept(); it sees `stopping` and returns.
-        let _ = UnixStream::connect(&self.path);
+        self.listener.stop();
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
         }
-        if let Err(err) = std::fs::remove_file(&self.path) {
-            tracing::warn!("could not remove {}: {err}", self.path.display());
-        }
+        self.listener.remove_socket();
     }
 }
 
-fn accept_loop(listener: UnixListener, events: SyncSender<Incoming>, stopping: Arc<AtomicBool>) {
+fn accept_loop(listener: ControlListener, events: SyncSender<Incoming>) {
     let open = Arc::new(AtomicUsize::new(0));
-    for stream in listener.incoming() {
-        if stopping.load(Ordering::Acquire) {
-            return;
-        }
-        let stream = match stream {
-            Ok(stream) => stream,
+    loop {
+        let stream = match listener.accept() {
+            Ok(Some(stream)) => stream,
+            Ok(None) => return,
             Err(err) => {
                 tracing::warn!("accepting an RPC connection failed: {err}");
+                // A persistent error (EMFILE) must not spin the thread.
+                std::thread::sleep(std::time::Duration::from_millis(10));
                 continue;
             }
         };
@@ -309,6 +313,7 @@ fn read_loop(conn: &Arc<UnixStream>, events: &SyncSender<Incoming>) {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::os::unix::net::UnixListener;
 
     #[test]
     fn replaces_a_stale_socket_but_not_a_live_one_or_a_file() {

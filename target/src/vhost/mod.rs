@@ -26,13 +26,13 @@ pub mod session;
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use rvhost_platform_linux::{ControlListener, ListenError, ListenerHandle};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
 use crate::reactor::{Command, DeviceId, ReactorDevice, ReactorHandle};
@@ -113,6 +113,9 @@ pub enum ServerError {
     /// The socket path exists and is not a socket (we only replace stale sockets).
     #[error("{0} exists and is not a socket")]
     PathInUse(PathBuf),
+    /// Another process accepts connections on the socket path.
+    #[error("{0} is in use: another process serves a controller on it")]
+    SocketInUse(PathBuf),
     /// Creating, binding or spawning failed.
     #[error("{path}: {source}")]
     Io {
@@ -162,6 +165,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 pub struct VhostServer {
     socket: PathBuf,
+    listener: ListenerHandle,
     shared: Arc<ServerShared>,
     reactor: Arc<ReactorHandle>,
     thread: Option<JoinHandle<()>>,
@@ -179,16 +183,13 @@ impl VhostServer {
             path: socket.to_path_buf(),
             source,
         };
-        match std::fs::symlink_metadata(socket) {
-            Ok(meta) if meta.file_type().is_socket() => {
-                // A stale socket from an earlier run (SPDK replaces these too).
-                std::fs::remove_file(socket).map_err(io_err)?;
-            }
-            Ok(_) => return Err(ServerError::PathInUse(socket.to_path_buf())),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-            Err(err) => return Err(io_err(err)),
-        }
-        let listener = UnixListener::bind(socket).map_err(io_err)?;
+        // A stale socket from an earlier run is replaced (SPDK does too); a live one is not.
+        let listener = ControlListener::bind(socket).map_err(|e| match e {
+            ListenError::InUse(p) => ServerError::SocketInUse(p),
+            ListenError::NotASocket(p) => ServerError::PathInUse(p),
+            ListenError::Io { path, source } => ServerError::Io { path, source },
+        })?;
+        let handle = listener.handle();
         let shared = Arc::new(ServerShared::default());
         let control = Listener {
             name: name.to_string(),
@@ -200,10 +201,14 @@ impl VhostServer {
         let thread = std::thread::Builder::new()
             .name(format!("vhost-{name}"))
             .spawn(move || control.run())
-            .map_err(io_err)?;
+            .map_err(|source| {
+                handle.remove_socket();
+                io_err(source)
+            })?;
         tracing::info!(controller = name, socket = %socket.display(), core = reactor.core(), "vhost-user controller listening");
         Ok(VhostServer {
             socket: socket.to_path_buf(),
+            listener: handle,
             shared,
             reactor,
             thread: Some(thread),
@@ -239,18 +244,14 @@ impl VhostServer {
             // Unblocks the session thread's read; it then tears the session down itself.
             let _ = session.connection.shutdown(std::net::Shutdown::Both);
         }
-        // Wakes a blocking accept(); the listener sees `stop`, joins its sessions and exits.
-        let _ = UnixStream::connect(&self.socket);
+        // Wakes the listener's accept; it joins its sessions and exits.
+        self.listener.stop();
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
                 tracing::error!(socket = %self.socket.display(), "vhost listener thread panicked");
             }
         }
-        if let Err(err) = std::fs::remove_file(&self.socket) {
-            if err.kind() != io::ErrorKind::NotFound {
-                tracing::warn!(socket = %self.socket.display(), %err, "removing socket");
-            }
-        }
+        self.listener.remove_socket();
     }
 }
 
@@ -265,7 +266,7 @@ impl Drop for VhostServer {
 /// The listener thread of one controller.
 struct Listener {
     name: String,
-    listener: UnixListener,
+    listener: ControlListener,
     backend: Arc<dyn DeviceBackend>,
     reactor: Arc<ReactorHandle>,
     shared: Arc<ServerShared>,
@@ -275,7 +276,11 @@ impl Listener {
     fn run(self) {
         let mut sessions: Vec<JoinHandle<()>> = Vec::new();
         loop {
-            let accepted = self.listener.accept();
+            let accepted = match self.listener.accept() {
+                Ok(None) => break,
+                Ok(Some(stream)) => Ok(stream),
+                Err(err) => Err(err),
+            };
             if self.shared.stop.load(Ordering::SeqCst) {
                 break;
             }
@@ -289,11 +294,11 @@ impl Listener {
                 }
             }
             match accepted {
-                Ok((stream, _)) if sessions.len() >= MAX_SESSIONS => {
+                Ok(stream) if sessions.len() >= MAX_SESSIONS => {
                     tracing::warn!(controller = %self.name, limit = MAX_SESSIONS, "too many frontends; connection refused");
                     drop(stream);
                 }
-                Ok((stream, _)) => {
+                Ok(stream) => {
                     let session = SessionThread {
                         name: self.name.clone(),
                         backend: Arc::clone(&self.backend),
