@@ -300,13 +300,16 @@ impl ReactorHandle {
         self.call(|reply| Command::Device(id, make(reply)))
     }
 
-    /// Asks the thread to exit and joins it.
+    /// Asks the thread to exit and joins it. Calling it again (or after the thread ended) is a
+    /// no-op.
     pub fn shutdown(&self) {
-        if self.send(Command::Shutdown).is_err() {
-            tracing::warn!(
+        match self.send(Command::Shutdown) {
+            Ok(()) | Err(ReactorError::Gone(_)) => {}
+            Err(err) => tracing::warn!(
                 core = self.core,
+                %err,
                 "reactor did not take the shutdown command"
-            );
+            ),
         }
         let handle = match self.thread.lock() {
             Ok(mut guard) => guard.take(),
