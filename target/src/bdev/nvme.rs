@@ -545,6 +545,8 @@ impl Bdev for NvmeBdev {
             sgl,
             segments: Vec::new(),
             dma: None,
+            reaped: Vec::new(),
+            failure_log: FailureLog::default(),
             free_slots: (0..BOUNCE_SLOTS).rev().collect(),
             bounce,
             qp,
@@ -624,9 +626,36 @@ struct NvmeChannel {
     /// The registration of the memory the last I/O came with: the registry is consulted only
     /// when the memory object changes.
     dma: Option<Arc<DmaRegistration>>,
+    /// Reused by `reap` (no allocation per poll).
+    reaped: Vec<(usize, bool)>,
+    failure_log: FailureLog,
     ios: Vec<Option<ChannelIo>>,
     free_ios: Vec<usize>,
     completions: VecDeque<(u64, IoStatus)>,
+}
+
+/// Logs the first of a run of command failures and how many there were once commands succeed
+/// again: a failed controller fails every I/O, and a warning per I/O would flood the log.
+#[derive(Debug, Default)]
+struct FailureLog {
+    /// Failures since the last success (the first was logged).
+    run: u64,
+}
+
+impl FailureLog {
+    fn failed(&mut self, bdev: &str, what: &str, error: &IoError) {
+        if self.run == 0 {
+            tracing::warn!(%bdev, %error, "{what} (further failures are counted, not logged)");
+        }
+        self.run = self.run.saturating_add(1);
+    }
+
+    fn succeeded(&mut self, bdev: &str) {
+        if self.run > 1 {
+            tracing::info!(%bdev, failures = self.run, "NVMe commands succeed again");
+        }
+        self.run = 0;
+    }
 }
 
 fn command_tag(io: usize, slot: Option<usize>) -> u64 {
@@ -770,14 +799,18 @@ impl NvmeChannel {
     /// Reaps completions from the queue pair into the I/Os they belong to; returns how many
     /// commands finished. `hold` is an I/O still being submitted, which must not end yet.
     fn reap(&mut self, hold: Option<usize>) -> usize {
-        let mut finished: Vec<(usize, bool)> = Vec::new();
+        let mut finished = std::mem::take(&mut self.reaped);
+        finished.clear();
+        let bdev = &self.bdev.name;
+        let failures = &mut self.failure_log;
         let n = self.qp.poll(POLL_BATCH, |tag, result| {
-            if let Err(e) = &result {
-                tracing::warn!(%e, "NVMe command failed");
+            match &result {
+                Err(e) => failures.failed(bdev, "NVMe command failed", e),
+                Ok(()) => failures.succeeded(bdev),
             }
             finished.push((io_of_tag(tag), result.is_ok()));
         });
-        for (index, ok) in finished {
+        for &(index, ok) in &finished {
             let Some(Some(io)) = self.ios.get_mut(index) else {
                 tracing::error!(index, "NVMe completion for an unknown I/O");
                 continue;
@@ -788,6 +821,7 @@ impl NvmeChannel {
                 self.finish(index);
             }
         }
+        self.reaped = finished;
         n
     }
 
@@ -867,7 +901,8 @@ impl NvmeChannel {
                     self.reap(Some(index));
                 }
                 Err(e) => {
-                    tracing::warn!(bdev = %self.bdev.name, %e, "NVMe command not submitted");
+                    self.failure_log
+                        .failed(&self.bdev.name, "NVMe command not submitted", &e);
                     return false;
                 }
             }
