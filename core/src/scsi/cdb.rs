@@ -617,6 +617,36 @@ fn invalid(byte: usize, bit: Option<u8>) -> CdbError {
 }
 
 impl Command {
+    /// READ(10/16) and WRITE(10/16), the commands of the data path, decoded without the general
+    /// dispatch of [`Command::parse`]: `Some((fields, is_write))` exactly when `parse` returns
+    /// `Command::Read` / `Command::Write` for one of those opcodes, with the same fields; `None`
+    /// for every other CDB (use `parse` then, which also reports what is wrong).
+    #[inline]
+    pub fn parse_read_write(bytes: &[u8]) -> Option<(ReadWrite, bool)> {
+        let (size, write) = match *bytes.first()? {
+            op::READ_10 => (CdbSize::Ten, false),
+            op::READ_16 => (CdbSize::Sixteen, false),
+            op::WRITE_10 => (CdbSize::Ten, true),
+            op::WRITE_16 => (CdbSize::Sixteen, true),
+            _ => return None,
+        };
+        let cdb = Cdb::new_checked(bytes).ok()?;
+        if cdb.control() & CONTROL_NACA != 0 {
+            return None;
+        }
+        let flags = cdb.byte(field::FLAGS);
+        let rw = ReadWrite {
+            size,
+            lba: cdb.lba(),
+            blocks: cdb.transfer_length(),
+            protect: flags >> 5,
+            dpo: flags & 0x10 != 0,
+            fua: flags & 0x08 != 0,
+            group: cdb.group_number(),
+        };
+        Some((rw, write))
+    }
+
     /// Parses a CDB. `bytes` may be longer than the CDB (virtio-scsi pads it to `cdb_size`).
     pub fn parse(bytes: &[u8]) -> Result<Command, CdbError> {
         let cdb = Cdb::new_checked(bytes)?;

@@ -594,6 +594,16 @@ impl ScsiLun {
         data_in: &mut [u8],
         sense: &mut [u8],
     ) -> Outcome<'d> {
+        // READ/WRITE(10/16) without a pending unit attention or a stopped unit, the data path,
+        // skip the general decode. Whatever this does not accept, including every READ/WRITE
+        // that fails a check, goes through `dispatch`, which reports it.
+        if self.unit_attention == 0 && !self.stopped {
+            if let Some((rw, write)) = Command::parse_read_write(req.cdb) {
+                if let Ok(outcome) = self.read_write(&rw, write, req) {
+                    return outcome;
+                }
+            }
+        }
         match self.dispatch(req, data_in) {
             Ok(outcome) => outcome,
             Err(s) => Outcome::Done(check_condition(&s, sense, req)),

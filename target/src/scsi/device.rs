@@ -16,9 +16,8 @@ use rvhost_core::mem::{GuestMemory, Segment};
 use rvhost_core::scsi::lun::{execute_without_lun, IoError};
 use rvhost_core::scsi::{Completion, IoOp, IoPlan, Outcome, Request, ScsiLun};
 use rvhost_core::virtio_scsi::{
-    cmd_req_len, cmd_resp_len, tmf_resp, AnRespRepr, CmdReq, CmdReqRepr, CmdRespRepr,
-    ControlRequest, EventRepr, LunAddress, Response, TmfReqRepr, TmfSubtype, EVENT_LEN,
-    TMF_REQ_LEN,
+    cmd_req_len, cmd_resp_len, tmf_resp, AnRespRepr, CmdReq, CmdRespRepr, ControlRequest,
+    EventRepr, LunAddress, Response, TmfReqRepr, TmfSubtype, EVENT_LEN, TMF_REQ_LEN,
 };
 use rvhost_core::virtio_scsi::{event, feature as scsi_feature};
 use rvhost_core::virtq::{Chain, QueueConfig, SplitQueue};
@@ -1033,17 +1032,18 @@ impl ScsiDevice {
         };
         let sc = &mut self.scratch;
         gather(mem, q.chain.readable(), 0, &mut sc.header);
-        let Ok(view) = CmdReq::new_checked(&sc.header[..], CDB_SIZE) else {
+        // Fields are read from the header in place; copying it into a CmdReqRepr cost a tenth of
+        // a command's instructions.
+        let Ok(req) = CmdReq::new_checked(&sc.header[..], CDB_SIZE) else {
             q.used(mem, head, 0, id);
             return;
         };
-        let req = CmdReqRepr::parse(&view);
         tracing::trace!(
             device = id.0,
             queue = qi,
             head,
-            tag = req.tag,
-            target = req.lun[1],
+            tag = req.tag(),
+            target = req.lun()[1],
             opcode = req.cdb().first().copied().unwrap_or(0),
             "command"
         );
@@ -1061,7 +1061,7 @@ impl ScsiDevice {
             resp.write(mem, &header.to_bytes());
             q.used(mem, head, RESP_LEN as u32, id);
         };
-        let Ok(addr) = req.lun_address() else {
+        let Ok(addr) = LunAddress::parse(&req.lun()) else {
             bad_target(q);
             return;
         };
@@ -1155,7 +1155,7 @@ impl ScsiDevice {
             *slot = Slot {
                 head,
                 target: addr.target,
-                tag: req.tag,
+                tag: req.tag(),
                 seq,
                 active: true,
                 resp,
