@@ -511,6 +511,9 @@ pub struct Uring {
     slots: Slots,
     /// SQEs pushed but not yet handed to the kernel.
     unsubmitted: usize,
+    /// Reads and writes run at submission instead of through the ring (see
+    /// [`Uring::set_inline_rw`]).
+    inline_rw: bool,
 }
 
 impl std::fmt::Debug for Uring {
@@ -544,7 +547,16 @@ impl Uring {
             ring,
             slots: Slots::new(entries),
             unsubmitted: 0,
+            inline_rw: false,
         })
+    }
+
+    /// Runs reads and writes synchronously at submission (reported at the next reap) instead of
+    /// through the ring. For files whose I/O io_uring cannot start without blocking (tmpfs, whose
+    /// reads and writes it hands to an io-wq worker thread every time): there the data is a
+    /// memcpy to or from the page cache, much cheaper than the hand-off and the worker's wake-up.
+    pub fn set_inline_rw(&mut self, inline: bool) {
+        self.inline_rw = inline;
     }
 
     /// Operations submitted whose completion has not been reaped.
@@ -555,6 +567,20 @@ impl Uring {
     /// Queues `op`; it reaches the kernel at the next [`Uring::reap`] (batched) or when the queue
     /// fills. On failure the operation is handed back untouched.
     pub fn submit(&mut self, op: FileOp, user_data: u64) -> Result<(), Box<(FileOp, FileIoError)>> {
+        if self.inline_rw {
+            match run_rw_now(&op) {
+                Some(Ok(result)) => {
+                    self.slots.ready.push_back(FileCompletion {
+                        user_data,
+                        result,
+                        op,
+                    });
+                    return Ok(());
+                }
+                Some(Err(e)) => return Err(Box::new((op, e))),
+                None => {}
+            }
+        }
         if let FileOp::BlockDiscard { file, offset, len } = &op {
             let result = run_block_discard(file, *offset, *len);
             self.slots.ready.push_back(FileCompletion {
@@ -649,6 +675,67 @@ impl Uring {
         }
         self.reap(done)
     }
+}
+
+/// Runs a read or write now with `pread`/`pwrite`/`preadv`/`pwritev`; `None` for other ops.
+fn run_rw_now(op: &FileOp) -> Option<Result<Result<usize, i32>, FileIoError>> {
+    let rc = match op {
+        FileOp::Read {
+            file,
+            offset,
+            buf,
+            range,
+        }
+        | FileOp::Write {
+            file,
+            offset,
+            buf,
+            range,
+        } => {
+            let ptr = match buf.checked_ptr(range) {
+                Ok(ptr) => ptr,
+                Err(e) => return Some(Err(e)),
+            };
+            let Ok(offset) = libc::off_t::try_from(*offset) else {
+                return Some(Ok(Err(libc::EINVAL)));
+            };
+            if matches!(op, FileOp::Read { .. }) {
+                // SAFETY: `ptr` points at `range.len()` bytes inside `buf`, which `op` owns and
+                // nothing else borrows during the call; the fd is kept open by `file`.
+                unsafe { libc::pread(file.as_raw_fd(), ptr.cast(), range.len(), offset) }
+            } else {
+                // SAFETY: as above; the kernel only reads the buffer.
+                unsafe { libc::pwrite(file.as_raw_fd(), ptr.cast(), range.len(), offset) }
+            }
+        }
+        FileOp::ReadV { file, offset, bufs } | FileOp::WriteV { file, offset, bufs } => {
+            let (iovecs, count) = match bufs.submission() {
+                Ok(s) => s,
+                Err(e) => return Some(Err(e)),
+            };
+            let (Ok(offset), Ok(count)) = (libc::off_t::try_from(*offset), i32::try_from(count))
+            else {
+                return Some(Ok(Err(libc::EINVAL)));
+            };
+            if matches!(op, FileOp::ReadV { .. }) {
+                // SAFETY: `iovecs` holds `count` entries, each proven by the `HostBuffers` owner
+                // to lie in memory it keeps mapped, and `bufs` (holding the owner) outlives the
+                // call; the fd is kept open by `file`.
+                unsafe { libc::preadv(file.as_raw_fd(), iovecs, count, offset) }
+            } else {
+                // SAFETY: as above; the kernel only reads the buffers.
+                unsafe { libc::pwritev(file.as_raw_fd(), iovecs, count, offset) }
+            }
+        }
+        FileOp::DataSync { .. } | FileOp::Fallocate { .. } | FileOp::BlockDiscard { .. } => {
+            return None
+        }
+    };
+    Some(Ok(if rc < 0 {
+        Err(last_errno())
+    } else {
+        Ok(usize::try_from(rc).unwrap_or(0))
+    }))
 }
 
 fn build_sqe(op: &FileOp, slot: u32) -> Result<io_uring::squeue::Entry, FileIoError> {
@@ -819,6 +906,51 @@ mod tests {
         // A buffer outside the memory is refused before anything reaches the kernel.
         let outside = HostBuffers::new(&mem, [(va + (1 << 16), 512)], SpareIovecs::default());
         assert!(matches!(outside, Some(Err(_))));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// Inline reads and writes (the tmpfs mode) finish at submission and are reported, with the
+    /// same results as through the ring, at the next reap.
+    #[test]
+    fn inline_reads_and_writes_complete_at_reap() {
+        let (path, file) = temp_file("inline");
+        let mut ring = Uring::new(8).unwrap();
+        ring.set_inline_rw(true);
+        let mut buf = AlignedBuf::new(4096).unwrap();
+        buf.as_mut_slice().fill(0x3c);
+        ring.submit(
+            FileOp::Write {
+                file: Arc::clone(&file),
+                offset: 8192,
+                buf,
+                range: 0..4096,
+            },
+            1,
+        )
+        .unwrap();
+        assert_eq!(ring.in_flight(), 1);
+        let c = wait_one(&mut ring);
+        assert_eq!((c.user_data, c.result), (1, Ok(4096)));
+        ring.submit(
+            FileOp::Read {
+                file: Arc::clone(&file),
+                offset: 8192 + 4000,
+                buf: AlignedBuf::new(4096).unwrap(),
+                range: 0..4096,
+            },
+            2,
+        )
+        .unwrap();
+        let c = wait_one(&mut ring);
+        assert_eq!((c.user_data, c.result), (2, Ok(4096)));
+        let FileOp::Read { buf, .. } = c.op else {
+            panic!("wrong op back")
+        };
+        assert!(buf.as_slice()[..96].iter().all(|b| *b == 0x3c));
+        assert!(buf.as_slice()[96..].iter().all(|b| *b == 0));
+        // Other ops still go through the ring.
+        ring.submit(FileOp::DataSync { file }, 3).unwrap();
+        assert_eq!(wait_one(&mut ring).result, Ok(0));
         std::fs::remove_file(path).unwrap();
     }
 

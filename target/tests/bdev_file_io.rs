@@ -393,6 +393,8 @@ fn shm_file_works_with_or_without_o_direct() {
         IoStatus::Success
     );
     let file = std::fs::read(&scratch.path).unwrap();
+    // Reads and writes ran inline, not through io_uring's workers.
+    assert_eq!(bdev.driver_specific()["uring"]["tmpfs"], true);
     assert_eq!(&file[4096..4608], &data[..512]);
     assert!(file[4608..5632].iter().all(|b| *b == 0));
     assert_eq!(&file[5632..8192], &data[1536..]);
