@@ -306,6 +306,11 @@ fn nvme_bdev_detach_reattach_and_removal_in_the_guest() {
     assert_eq!(counter(&before, "bounced_unmapped_ios"), 0, "{before}");
     let kept = region_pattern(LIFECYCLE_SECTOR, LIFECYCLE_BYTES);
     let mut nvme = Driver::ready(&socket, wanted);
+    let connected = nvme_stats(&rpc_socket, "Nvme0n1");
+    assert!(
+        counter(&connected, "dma_mapped_bytes") >= MEM_SIZE,
+        "the memory table is mapped for DMA when it arrives, before any I/O: {connected}"
+    );
     write_and_check(
         &mut nvme,
         LIFECYCLE_SECTOR,

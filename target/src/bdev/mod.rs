@@ -180,6 +180,10 @@ pub trait Bdev: Send + Sync + fmt::Debug {
     fn supports(&self, kind: IoKind) -> bool;
     /// Opens an I/O channel for the calling reactor.
     fn open_channel(self: Arc<Self>) -> Result<Box<dyn BdevChannel>, BdevError>;
+    /// Called on the control thread when a device that uses this bdev receives a new memory
+    /// table, before any I/O with it. A bdev that maps memory for DMA does it here (as SPDK does
+    /// at `SET_MEM_TABLE`), so that the first I/O does not stall its reactor doing so.
+    fn prepare_memory(&self, _mem: &IoMemory) {}
     /// Module-specific JSON for `bdev_get_bdevs` (`driver_specific`).
     fn driver_specific(&self) -> serde_json::Value {
         serde_json::Value::Object(Default::default())

@@ -492,6 +492,12 @@ impl Bdev for NvmeBdev {
     fn name(&self) -> &str {
         &self.name
     }
+    fn prepare_memory(&self, mem: &IoMemory) {
+        if !self.refuses_io() {
+            // Registered now, on the control thread; the channels find it on their first I/O.
+            drop(self.ctrl.dma_registration(mem));
+        }
+    }
     fn product_name(&self) -> &str {
         "NVMe disk"
     }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use rvhost_core::blk::{feature as blk_feature, VirtioBlkConfig};
 use rvhost_core::virtio::{bit, feature};
 
-use crate::bdev::Bdev;
+use crate::bdev::{Bdev, IoMemory};
 use crate::reactor::{DeviceId, ReactorDevice};
 use crate::vhost::DeviceBackend;
 use device::{BlkDevice, DeviceGeometry};
@@ -140,6 +140,12 @@ impl DeviceBackend for BlkController {
 
     fn max_queue_size(&self) -> u16 {
         MAX_QUEUE_SIZE
+    }
+
+    fn prepare_memory(&self, mem: &IoMemory) {
+        if let Some(bdev) = self.bdev() {
+            bdev.prepare_memory(mem);
+        }
     }
 
     fn new_device(&self, id: DeviceId) -> Result<Box<dyn ReactorDevice>, String> {

@@ -18,7 +18,7 @@ use rvhost_core::scsi::ScsiLun;
 use rvhost_core::virtio::{bit, feature};
 use rvhost_core::virtio_scsi::{feature as scsi_feature, ConfigRepr};
 
-use crate::bdev::{Bdev, BdevError, IoKind};
+use crate::bdev::{Bdev, BdevError, IoKind, IoMemory};
 use crate::reactor::{DeviceId, ReactorDevice};
 use crate::vhost::DeviceBackend;
 use device::{AttachedTarget, ScsiDevice};
@@ -430,6 +430,20 @@ impl DeviceBackend for ScsiController {
 
     fn max_queue_size(&self) -> u16 {
         MAX_QUEUE_SIZE
+    }
+
+    fn prepare_memory(&self, mem: &IoMemory) {
+        let bdevs: Vec<Arc<dyn Bdev>> = self
+            .lock()
+            .targets
+            .iter()
+            .flatten()
+            .map(|spec| Arc::clone(&spec.bdev))
+            .collect();
+        // Outside the lock: preparing may take a while (mapping a large guest for DMA).
+        for bdev in bdevs {
+            bdev.prepare_memory(mem);
+        }
     }
 
     fn new_device(&self, id: DeviceId) -> Result<Box<dyn ReactorDevice>, String> {

@@ -35,6 +35,7 @@ use std::thread::JoinHandle;
 use rvhost_platform_linux::{ControlListener, ListenError, ListenerHandle};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
+use crate::bdev::IoMemory;
 use crate::reactor::{Command, DeviceId, ReactorDevice, ReactorHandle};
 use memory::GuestMemoryTable;
 use session::Session;
@@ -105,6 +106,9 @@ pub trait DeviceBackend: Send + Sync {
     fn max_queue_size(&self) -> u16;
     /// Builds the reactor-side device for a new frontend session.
     fn new_device(&self, id: DeviceId) -> Result<Box<dyn ReactorDevice>, String>;
+    /// A session received a new memory table (before its device does): lets the bdevs behind
+    /// the controller prepare it ([`crate::bdev::Bdev::prepare_memory`]).
+    fn prepare_memory(&self, _mem: &IoMemory) {}
 }
 
 /// Why a server could not be started.

@@ -27,6 +27,7 @@ use rvhost_platform_linux::MAX_MEM_SLOTS;
 
 use super::memory::{GuestMemoryTable, RegionSpec};
 use super::{DeviceBackend, EventNotifier, QueueSetup, VirtioFeatures};
+use crate::bdev::IoMemory;
 use crate::reactor::{DeviceId, DeviceOp, ReactorHandle};
 
 /// The protocol features rvhost offers. REPLY_ACK is added by the `vhost` crate itself.
@@ -231,6 +232,8 @@ impl Session {
     }
 
     fn install_memory(&mut self, table: Arc<GuestMemoryTable>) -> VuResult<()> {
+        let io_memory: IoMemory = table.clone();
+        self.backend.prepare_memory(&io_memory);
         let memory = Arc::clone(&table);
         if let Err(err) = self
             .reactor
