@@ -494,6 +494,12 @@ fn block_device_geometry_io_and_discard(engine: FileEngine) {
         bdev.driver_specific()[format!("{engine:?}").to_lowercase()]["block_device"],
         true
     );
+    // The device node lives on devtmpfs; the device itself is not tmpfs (its I/O must not run
+    // inline, and O_DIRECT alignment applies).
+    assert_eq!(
+        bdev.driver_specific()[format!("{engine:?}").to_lowercase()]["tmpfs"],
+        false
+    );
     let mut ch = Arc::clone(&bdev).open_channel().unwrap();
     let mem = TestMemory::new(1 << 16);
     let base = mem.addr(0);
@@ -692,15 +698,25 @@ fn aio_unaligned_buffers_bounce_and_reads_complete_at_poll() {
     unaligned_buffers_bounce_and_reads_complete_at_poll(FileEngine::Aio);
 }
 
-/// Buffered files take any buffer as it is: zero copy even at odd addresses and lengths. (tmpfs
-/// is buffered before Linux 6.6; later kernels give it O_DIRECT, so buffered I/O is asked for.)
+/// Buffered files, and tmpfs whether or not it was opened with `O_DIRECT` (Linux 6.6+ allows
+/// it, still through the page cache), take any buffer as it is: zero copy even at odd addresses
+/// and lengths.
 #[test]
 fn buffered_file_is_zero_copy_at_any_alignment() {
-    let scratch = Scratch::new(Path::new("/dev/shm"), "zc-shm", 1 << 20);
+    for direct in [false, true] {
+        buffered_zero_copy(direct);
+    }
+}
+
+fn buffered_zero_copy(direct: bool) {
+    let scratch = Scratch::new(Path::new("/dev/shm"), &format!("zc-shm-{direct}"), 1 << 20);
     let mut cfg = config(&scratch.path, FileEngine::Aio);
-    cfg.direct = false;
+    cfg.direct = direct;
     let bdev = FileBdev::open(cfg).unwrap();
-    assert!(!bdev.o_direct());
+    if !direct {
+        assert!(!bdev.o_direct());
+    }
+    assert_eq!(bdev.direct_io_alignment().memory, 1);
     let mut ch = Arc::clone(&bdev).open_channel().unwrap();
     let mem = TestMemory::new(1 << 16);
     let data = pattern(4096, 5);

@@ -177,13 +177,16 @@ impl FileBdev {
                  {device_block}"
             )));
         }
-        let on_tmpfs = is_on_tmpfs(&file).unwrap_or(false);
+        // A device node's own filesystem (devtmpfs) says nothing about where its data lives.
+        let on_tmpfs = !block_device && is_on_tmpfs(&file).unwrap_or(false);
         if config.engine == FileEngine::Uring && on_tmpfs {
             tracing::info!(bdev = %config.name, file = %shown,
                 "tmpfs: reads and writes run inline (io_uring would hand each to a kernel \
                  worker thread)");
         }
-        let dio_align = if o_direct {
+        // tmpfs takes O_DIRECT (Linux 6.6+) but still copies through its page cache, so any
+        // address and length does.
+        let dio_align = if o_direct && !on_tmpfs {
             match direct_io_alignment(&file) {
                 Ok(Some(align)) => align,
                 Ok(None) | Err(_) => DirectIoAlignment {
