@@ -735,6 +735,15 @@ fn buffered_zero_copy(direct: bool) {
     );
     assert_eq!(mem.read(0x8003, 4096), data);
     assert_eq!(counters(&bdev), (2, 0, 0));
+    // Zero blocks: nothing to do, and no error.
+    assert_eq!(
+        run(&mut *ch, &mem, IoKind::Read, 3, 0, &[]),
+        IoStatus::Success
+    );
+    assert_eq!(
+        run(&mut *ch, &mem, IoKind::Write, 3, 0, &[]),
+        IoStatus::Success
+    );
 }
 
 /// A zero-copy read cut short (the file ended inside the second buffer) resumes inside that

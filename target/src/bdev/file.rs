@@ -919,6 +919,11 @@ impl FileChannel {
                 if u32::try_from(len_usize).is_err() {
                     return Err(too_big());
                 }
+                if len == 0 {
+                    // Nothing to move; a zero-byte transfer would read as "no progress".
+                    self.completions.push_back((io.tag, IoStatus::Success));
+                    return Ok(());
+                }
                 self.start_transfer(io, request(Phase::Data), start, len_usize)?;
             }
             IoKind::Flush => {
