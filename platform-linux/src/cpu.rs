@@ -156,7 +156,7 @@ impl CpuSet {
         }
     }
 
-    fn to_libc(self) -> libc::cpu_set_t {
+    pub(crate) fn to_libc(self) -> libc::cpu_set_t {
         // SAFETY: `cpu_set_t` is a plain bit array for which all-zeroes is the empty set.
         let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         for core in self.iter() {

@@ -24,6 +24,7 @@ use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use crate::cpu::CpuSet;
 use io_uring::{opcode, types, IoUring};
 use rvhost_core::mem::MemError;
 
@@ -559,6 +560,21 @@ impl Uring {
         self.inline_rw = inline;
     }
 
+    /// Lets io_uring's kernel worker threads (io-wq: operations that cannot complete without
+    /// blocking, such as writes into the holes of a sparse file) run only on `cores`. By default
+    /// they inherit the submitting thread's affinity, i.e. the reactor's own core, where they
+    /// wait behind a busy-polling reactor for their share of the CPU.
+    pub fn set_worker_cores(&self, cores: &CpuSet) -> Result<(), FileIoError> {
+        let set = cores.to_libc();
+        self.ring
+            .submitter()
+            .register_iowq_aff(&set)
+            .map_err(|source| FileIoError::Setup {
+                engine: "io_uring worker affinity",
+                source,
+            })
+    }
+
     /// Operations submitted whose completion has not been reaped.
     pub fn in_flight(&self) -> usize {
         self.slots.in_flight() + self.slots.ready.len()
@@ -824,7 +840,11 @@ mod tests {
     use std::io::{Read, Seek, SeekFrom};
 
     fn temp_file(name: &str) -> (std::path::PathBuf, Arc<File>) {
-        let path = std::env::temp_dir().join(format!("rvhost-uring-{}-{name}", std::process::id()));
+        temp_file_in(&std::env::temp_dir(), name)
+    }
+
+    fn temp_file_in(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, Arc<File>) {
+        let path = dir.join(format!("rvhost-uring-{}-{name}", std::process::id()));
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -844,6 +864,63 @@ mod tests {
                 return c;
             }
             std::thread::yield_now();
+        }
+    }
+
+    /// The affinities of this process's io-wq worker threads (`iou-wrk-*`).
+    fn worker_affinities() -> Vec<String> {
+        let mut out = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if !comm.starts_with("iou-wrk") {
+                continue;
+            }
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            if let Some(line) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+                out.push(line["Cpus_allowed_list:".len()..].trim().to_owned());
+            }
+        }
+        out
+    }
+
+    /// tmpfs reads and writes always go through io-wq workers; after `set_worker_cores` those
+    /// run on the given cores only.
+    #[test]
+    fn worker_threads_run_on_the_cores_they_are_given() {
+        let (path, file) = temp_file_in(std::path::Path::new("/dev/shm"), "iowq");
+        let allowed = crate::allowed_cores().unwrap();
+        let core = allowed.iter().last().unwrap();
+        let only: CpuSet = [core].into_iter().collect();
+        let mut ring = Uring::new(8).unwrap();
+        ring.set_worker_cores(&only).unwrap();
+        for i in 0..32u64 {
+            let mut buf = AlignedBuf::new(4096).unwrap();
+            buf.as_mut_slice().fill(i as u8);
+            ring.submit(
+                FileOp::Write {
+                    file: Arc::clone(&file),
+                    offset: i * 4096,
+                    buf,
+                    range: 0..4096,
+                },
+                i,
+            )
+            .unwrap();
+            assert_eq!(wait_one(&mut ring).result, Ok(4096));
+        }
+        // Idle workers linger for seconds, so they can be inspected now.
+        let workers = worker_affinities();
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            !workers.is_empty(),
+            "tmpfs writes went through no io-wq worker"
+        );
+        for affinity in workers {
+            assert_eq!(
+                affinity,
+                core.to_string(),
+                "a worker runs outside its cores"
+            );
         }
     }
 

@@ -56,6 +56,7 @@ fn config(path: &Path, engine: FileEngine) -> FileBdevConfig {
         uuid: [7; 16],
         engine,
         direct: true,
+        worker_cores: None,
     }
 }
 

@@ -51,6 +51,22 @@ fn file_bdevs_through_spdk_rpc() {
     assert_eq!(uring["supported_io_types"]["unmap"], true);
     assert_eq!(uring["supported_io_types"]["write_zeroes"], true);
     assert_eq!(uring["driver_specific"]["uring"]["io_errors"], 0);
+    // The reactor runs on core 0 (-m 0x1): io_uring's workers are kept off it when another
+    // core is available.
+    let workers = &uring["driver_specific"]["uring"]["io_worker_cores"];
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    if cores > 1 {
+        let mask = u64::from_str_radix(workers.as_str().unwrap().trim_start_matches("0x"), 16)
+            .unwrap_or_else(|e| panic!("io_worker_cores {workers}: {e}"));
+        assert_eq!(
+            mask & 1,
+            0,
+            "io_uring workers may run on the reactor's core: {workers}"
+        );
+        assert_ne!(mask, 0, "{workers}");
+    } else {
+        assert!(workers.is_null(), "{workers}");
+    }
 
     // Grow the file; rescan picks it up.
     std::fs::OpenOptions::new()

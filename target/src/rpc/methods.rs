@@ -765,6 +765,18 @@ impl RpcMethods {
         self.delete(&p.name, Some("null"))
     }
 
+    /// The cores io_uring's kernel workers should use: those this process may run on that run
+    /// no reactor (`None` when every core has one: then the workers stay where the kernel puts
+    /// them).
+    fn io_worker_cores(&self) -> Option<CpuSet> {
+        let allowed = rvhost_platform_linux::allowed_cores().ok()?;
+        let free: CpuSet = allowed
+            .iter()
+            .filter(|&core| core >= 64 || self.app_cpumask & (1u64 << core) == 0)
+            .collect();
+        (!free.is_empty()).then_some(free)
+    }
+
     fn create_file_bdev(&mut self, config: FileBdevConfig) -> Result<Value, RpcError> {
         let name = config.name.clone();
         self.check_new_name(&name, config.uuid)?;
@@ -798,6 +810,7 @@ impl RpcMethods {
             uuid,
             engine: FileEngine::Aio,
             direct: true,
+            worker_cores: self.io_worker_cores(),
         })
     }
 
@@ -813,6 +826,7 @@ impl RpcMethods {
             uuid,
             engine: FileEngine::Uring,
             direct: true,
+            worker_cores: self.io_worker_cores(),
         })
     }
 
