@@ -8,28 +8,20 @@
 
 use std::sync::Arc;
 
+use crate::bdev::{Bdev, BdevChannel, BdevIo, IoKind, IoMemory, IoStatus, IoVec};
+use crate::reactor::vqueue::{self, VirtQueue, CHAIN_CAPACITY, POP_BATCH};
+use crate::reactor::{DeviceId, DeviceOp, ReactorDevice, Reply};
+use crate::vhost::memory::GuestMemoryTable;
+use crate::vhost::QueueSetup;
 use rvhost_core::blk::{
     write_status, BlkLimits, BlkRequest, BlkRequestKind, BlkStatus, VirtioBlkConfig,
     VIRTIO_BLK_ID_BYTES,
 };
 use rvhost_core::mem::GuestMemory;
-use rvhost_core::virtq::{Chain, QueueConfig, SplitQueue};
-
-use super::MAX_QUEUE_SIZE;
-use crate::bdev::{Bdev, BdevChannel, BdevIo, IoKind, IoMemory, IoStatus, IoVec};
-use crate::reactor::{DeviceId, DeviceOp, ReactorDevice, Reply};
-use crate::vhost::memory::GuestMemoryTable;
-use crate::vhost::{EventNotifier, QueueSetup};
 
 /// Ranges per DISCARD / WRITE_ZEROES request we accept (`max_discard_seg`); each becomes one bdev
 /// I/O, and they are copied out of guest memory into a fixed-capacity list.
 pub const MAX_RANGES: usize = 16;
-
-/// Segments one chain may have: a chain can never usefully be longer than the queue.
-const CHAIN_CAPACITY: usize = MAX_QUEUE_SIZE as usize;
-
-/// Heads popped per queue per round: bounds the time one busy queue keeps the others waiting.
-const POP_BATCH: usize = 32;
 
 /// Sector size of virtio-blk requests, whatever the device's block size.
 const SECTOR: u64 = 512;
@@ -105,63 +97,9 @@ struct Slot {
     generation: u64,
 }
 
-/// One running virtqueue.
-struct BlkQueue {
-    vq: SplitQueue,
-    /// What requests are checked against (capacity, read-only, discard limits as negotiated).
-    limits: BlkLimits,
-    call: Option<Arc<EventNotifier>>,
-    /// The frontend's error eventfd, signalled when the driver breaks the queue.
-    err: Option<Arc<EventNotifier>>,
-    chain: Box<Chain<CHAIN_CAPACITY>>,
-    heads: [u16; POP_BATCH],
-    slots: Vec<Slot>,
-    free: Vec<u16>,
-    /// Requests submitted and not yet completed.
-    in_flight: usize,
-    /// GET_VRING_BASE / disable in progress: no new requests; reply once drained.
-    stopping: Option<Reply<Option<u16>>>,
-    /// The driver broke the queue (a chain without a status byte, rings outside memory): nothing
-    /// more is processed until the frontend restarts the queue.
-    broken: bool,
-}
-
-impl BlkQueue {
-    fn new(setup: &QueueSetup, blk_config: &VirtioBlkConfig) -> Result<Self, String> {
-        let config = QueueConfig {
-            size: setup.size,
-            desc_table: setup.desc_gpa,
-            avail_ring: setup.avail_gpa,
-            used_ring: setup.used_gpa,
-        };
-        if setup.size > MAX_QUEUE_SIZE {
-            return Err(format!("queue size {} over {MAX_QUEUE_SIZE}", setup.size));
-        }
-        let mut vq = SplitQueue::new(config, setup.features.0).map_err(|e| e.to_string())?;
-        let mem = setup.memory.as_ref();
-        vq.check_rings(mem).map_err(|e| e.to_string())?;
-        vq.set_last_avail_idx(setup.last_avail);
-        // The used index the driver has seen is what is in the ring (equal to last_avail after a
-        // clean stop; after a backend restart it is the only trustworthy value).
-        vq.sync_used_idx_from_ring(mem).map_err(|e| e.to_string())?;
-        vq.disable_kicks(mem).map_err(|e| e.to_string())?;
-        let slot_count = usize::from(setup.size);
-        Ok(BlkQueue {
-            vq,
-            limits: BlkLimits::from_config(blk_config, setup.features.0),
-            call: setup.call.clone(),
-            err: setup.err.clone(),
-            chain: Box::new(Chain::new()),
-            heads: [0; POP_BATCH],
-            slots: vec![Slot::default(); slot_count],
-            // Popped from the end: slot 0 first.
-            free: (0..setup.size).rev().collect(),
-            in_flight: 0,
-            stopping: None,
-            broken: false,
-        })
-    }
-}
+/// One running virtqueue; `extra` is what its requests are checked against (capacity,
+/// read-only, discard limits as negotiated).
+type BlkQueue = VirtQueue<Slot, BlkLimits>;
 
 /// A vhost-blk session on its reactor.
 pub struct BlkDevice {
@@ -239,24 +177,9 @@ impl BlkDevice {
     }
 
     fn start_queue(&mut self, index: u16, setup: QueueSetup) -> Result<(), String> {
-        let index_usize = usize::from(index);
-        if index_usize >= usize::from(super::MAX_QUEUES) {
-            return Err(format!("queue {index} out of range"));
-        }
-        // The table grows to the highest queue started (capacity is reserved up front), so every
-        // poll round scans only the queues a frontend can use, not all MAX_QUEUES entries.
-        if self.queues.len() <= index_usize {
-            self.queues.resize_with(index_usize + 1, || None);
-        }
-        let slot = self
-            .queues
-            .get_mut(index_usize)
-            .ok_or_else(|| format!("queue {index} out of range"))?;
-        if slot.as_ref().is_some_and(|q| q.in_flight > 0) {
-            return Err(format!("queue {index} still has requests in flight"));
-        }
-        let queue = BlkQueue::new(&setup, &self.config)?;
-        *slot = Some(queue);
+        let slot = vqueue::queue_slot(&mut self.queues, index, super::MAX_QUEUES)?;
+        let limits = BlkLimits::from_config(&self.config, setup.features.0);
+        *slot = Some(BlkQueue::new(&setup, limits)?);
         let is_current = self
             .memory
             .as_ref()
@@ -287,28 +210,14 @@ impl BlkDevice {
         };
         for (index, queue) in self.queues.iter_mut().enumerate() {
             if let Some(q) = queue {
-                if let Err(err) = q.vq.check_rings(mem) {
-                    tracing::error!(device = self.id.0, queue = index, %err, "rings left guest memory; queue stopped");
-                    q.broken = true;
-                }
+                q.check_rings(mem, self.id, index);
             }
         }
     }
 
     /// Replies to deferred operations whose condition now holds and drops what is no longer used.
     fn settle(&mut self) {
-        for queue in &mut self.queues {
-            let drained = queue
-                .as_ref()
-                .is_some_and(|q| q.stopping.is_some() && q.in_flight == 0);
-            if drained {
-                if let Some(q) = queue.take() {
-                    if let Some(reply) = q.stopping {
-                        let _ = reply.send(Some(q.vq.last_avail_idx()));
-                    }
-                }
-            }
-        }
+        vqueue::settle_stopped(&mut self.queues);
         if !self.retired.is_empty() {
             let oldest_in_use = self
                 .queues
@@ -362,10 +271,7 @@ impl BlkDevice {
             // can get here. The request still has to be returned.
             tracing::warn!(device = device.0, %err, "status byte no longer mapped");
         }
-        if let Err(err) = q.vq.push_used(mem, slot.head, len) {
-            tracing::error!(device = device.0, %err, "used ring write failed; queue stopped");
-            q.broken = true;
-        }
+        q.push_used(mem, slot.head, len, device);
         if let Some(slot) = q.slots.get_mut(slot_index) {
             slot.busy = false;
         }
@@ -521,7 +427,7 @@ impl BlkDevice {
             return;
         }
 
-        let decoded = BlkRequest::<'_, MAX_RANGES>::decode(mem, &*q.chain, &q.limits);
+        let decoded = BlkRequest::<'_, MAX_RANGES>::decode(mem, &*q.chain, &q.extra);
         let outcome = match decoded {
             Ok(request) => {
                 let slot = q.slots.get_mut(si);
@@ -563,10 +469,7 @@ impl BlkDevice {
         }
         q.in_flight = q.in_flight.saturating_sub(1);
         q.free.push(slot_index);
-        q.broken = true;
-        if let Some(err) = &q.err {
-            err.notify();
-        }
+        q.fail();
     }
 
     /// Submits `request`'s bdev I/O; returns a status when the request completes at once.
@@ -741,23 +644,8 @@ impl BlkDevice {
     /// Publishes each queue's used elements and signals its call eventfd if the driver wants it.
     fn publish(&mut self, mem: &GuestMemoryTable) {
         for (qi, queue) in self.queues.iter_mut().enumerate() {
-            let Some(q) = queue else { continue };
-            if let Err(err) = q.vq.publish_used(mem) {
-                tracing::error!(device = self.id.0, queue = qi, %err, "publishing used ring failed; queue stopped");
-                q.broken = true;
-                continue;
-            }
-            match q.vq.needs_notification(mem) {
-                Ok(true) => {
-                    if let Some(call) = &q.call {
-                        call.notify();
-                    }
-                }
-                Ok(false) => {}
-                Err(err) => {
-                    tracing::error!(device = self.id.0, queue = qi, %err, "reading notification suppression failed");
-                    q.broken = true;
-                }
+            if let Some(q) = queue {
+                q.publish(mem, self.id, qi);
             }
         }
     }
@@ -826,14 +714,7 @@ impl ReactorDevice for BlkDevice {
                     .get_mut(usize::from(index))
                     .and_then(Option::as_mut)
                 {
-                    // QEMU may hand over the call eventfd only after the queue started (when the
-                    // guest unmasks the queue's MSI-X vector); a completion published before then
-                    // was signalled to nobody. Signal the new eventfd once so the driver looks at
-                    // its ring; a spurious interrupt costs it one empty scan.
-                    if let Some(call) = &call {
-                        call.notify();
-                    }
-                    q.call = call;
+                    q.set_call(call);
                 }
                 let _ = reply.send(());
             }

@@ -21,7 +21,7 @@ use device::{BlkDevice, DeviceGeometry};
 /// fewer, so this is generous; a queue costs nothing until the driver starts it.
 pub const MAX_QUEUES: u16 = 64;
 /// Largest virtqueue accepted by `SET_VRING_NUM`; also the per-queue request-slot count.
-pub const MAX_QUEUE_SIZE: u16 = 1024;
+pub const MAX_QUEUE_SIZE: u16 = crate::reactor::vqueue::MAX_QUEUE_SIZE;
 /// Data segments per request we announce (`seg_max`), as QEMU does for a 128-entry queue. Longer
 /// chains (Windows guests ignore `seg_max`) still work up to the queue size.
 pub const SEG_MAX: u32 = 126;

@@ -35,6 +35,8 @@ use std::time::{Duration, Instant};
 
 use rvhost_platform_linux::{spsc, NumaTopology};
 
+pub mod vqueue;
+
 /// Capacity of each reactor's control ring. Control commands are rare and synchronous, so a
 /// handful of slots absorbs every burst (several control threads at once).
 const CONTROL_RING_SLOTS: usize = 64;

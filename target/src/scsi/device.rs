@@ -20,13 +20,13 @@ use rvhost_core::virtio_scsi::{
     EventRepr, LunAddress, Response, TmfReqRepr, TmfSubtype, EVENT_LEN, TMF_REQ_LEN,
 };
 use rvhost_core::virtio_scsi::{event, feature as scsi_feature};
-use rvhost_core::virtq::{Chain, QueueConfig, SplitQueue};
 
 use super::{TargetOp, CDB_SIZE, MAX_QUEUE_SIZE, MAX_TARGETS, SENSE_SIZE};
 use crate::bdev::{BdevChannel, BdevIo, IoKind, IoMemory, IoStatus, IoVec};
+use crate::reactor::vqueue::{self, VirtQueue, CHAIN_CAPACITY, POP_BATCH};
 use crate::reactor::{DeviceId, DeviceOp, ReactorDevice, Reply};
 use crate::vhost::memory::GuestMemoryTable;
-use crate::vhost::{EventNotifier, QueueSetup, VirtioFeatures};
+use crate::vhost::{QueueSetup, VirtioFeatures};
 
 /// Index of the control queue.
 pub const CONTROL_QUEUE: usize = 0;
@@ -35,10 +35,6 @@ pub const EVENT_QUEUE: usize = 1;
 /// Index of the first request queue.
 pub const FIRST_REQUEST_QUEUE: usize = 2;
 
-/// Segments one chain may have: a chain can never usefully be longer than the queue.
-const CHAIN_CAPACITY: usize = MAX_QUEUE_SIZE as usize;
-/// Heads popped per queue per round: bounds the time one busy queue keeps the others waiting.
-const POP_BATCH: usize = 32;
 /// Events held while the driver has no event buffer posted; more are reported as missed.
 pub const MAX_PENDING_EVENTS: usize = 64;
 /// Immediate data-in (INQUIRY, MODE SENSE, REPORT LUNS ...) is built in a buffer this large.
@@ -195,50 +191,9 @@ struct Slot {
 }
 
 /// One running virtqueue.
-struct ScsiQueue {
-    vq: SplitQueue,
-    call: Option<Arc<EventNotifier>>,
-    err: Option<Arc<EventNotifier>>,
-    chain: Box<Chain<CHAIN_CAPACITY>>,
-    heads: [u16; POP_BATCH],
-    slots: Vec<Slot>,
-    free: Vec<u16>,
-    in_flight: usize,
-    stopping: Option<Reply<Option<u16>>>,
-    broken: bool,
-}
+type ScsiQueue = VirtQueue<Slot, ()>;
 
 impl ScsiQueue {
-    fn new(setup: &QueueSetup) -> Result<Self, String> {
-        if setup.size > MAX_QUEUE_SIZE {
-            return Err(format!("queue size {} over {MAX_QUEUE_SIZE}", setup.size));
-        }
-        let config = QueueConfig {
-            size: setup.size,
-            desc_table: setup.desc_gpa,
-            avail_ring: setup.avail_gpa,
-            used_ring: setup.used_gpa,
-        };
-        let mut vq = SplitQueue::new(config, setup.features.0).map_err(|e| e.to_string())?;
-        let mem = setup.memory.as_ref();
-        vq.check_rings(mem).map_err(|e| e.to_string())?;
-        vq.set_last_avail_idx(setup.last_avail);
-        vq.sync_used_idx_from_ring(mem).map_err(|e| e.to_string())?;
-        vq.disable_kicks(mem).map_err(|e| e.to_string())?;
-        Ok(ScsiQueue {
-            vq,
-            call: setup.call.clone(),
-            err: setup.err.clone(),
-            chain: Box::new(Chain::new()),
-            heads: [0; POP_BATCH],
-            slots: vec![Slot::default(); usize::from(setup.size)],
-            free: (0..setup.size).rev().collect(),
-            in_flight: 0,
-            stopping: None,
-            broken: false,
-        })
-    }
-
     fn take_slot(&mut self) -> Option<usize> {
         let s = self.free.pop()?;
         self.in_flight += 1;
@@ -252,13 +207,6 @@ impl ScsiQueue {
         self.in_flight = self.in_flight.saturating_sub(1);
         if let Ok(s) = u16::try_from(si) {
             self.free.push(s);
-        }
-    }
-
-    fn used(&mut self, mem: &GuestMemoryTable, head: u16, len: u32, device: DeviceId) {
-        if let Err(err) = self.vq.push_used(mem, head, len) {
-            tracing::error!(device = device.0, %err, "used ring write failed; queue stopped");
-            self.broken = true;
         }
     }
 }
@@ -578,21 +526,9 @@ impl ScsiDevice {
     }
 
     fn start_queue(&mut self, index: u16, setup: QueueSetup) -> Result<(), String> {
-        let index_usize = usize::from(index);
-        if index >= self.max_queues {
-            return Err(format!("queue {index} out of range"));
-        }
-        if self
-            .queues
-            .get(index_usize)
-            .is_some_and(|q| q.as_ref().is_some_and(|q| q.in_flight > 0))
-        {
-            return Err(format!("queue {index} still has requests in flight"));
-        }
-        let queue = ScsiQueue::new(&setup)?;
-        if self.queues.len() <= index_usize {
-            self.queues.resize_with(index_usize + 1, || None);
-        }
+        // Range and in-flight checks first, so a refused start changes nothing.
+        vqueue::queue_slot(&mut self.queues, index, self.max_queues)?;
+        let queue = ScsiQueue::new(&setup, ())?;
         if let Some(current) = &self.memory {
             if !Arc::ptr_eq(current, &setup.memory) {
                 self.retired.push(Arc::clone(current));
@@ -601,7 +537,7 @@ impl ScsiDevice {
         }
         self.features = setup.features;
         self.install_memory(Arc::clone(&setup.memory));
-        if let Some(slot) = self.queues.get_mut(index_usize) {
+        if let Some(slot) = self.queues.get_mut(usize::from(index)) {
             *slot = Some(queue);
         }
         Ok(())
@@ -626,10 +562,7 @@ impl ScsiDevice {
         };
         for (index, queue) in self.queues.iter_mut().enumerate() {
             if let Some(q) = queue {
-                if let Err(err) = q.vq.check_rings(mem) {
-                    tracing::error!(device = self.id.0, queue = index, %err, "rings left guest memory; queue stopped");
-                    q.broken = true;
-                }
+                q.check_rings(mem, self.id, index);
             }
         }
     }
@@ -655,18 +588,7 @@ impl ScsiDevice {
             self.settle_tmfs(&mem);
             self.memory = Some(mem);
         }
-        for queue in &mut self.queues {
-            let drained = queue
-                .as_ref()
-                .is_some_and(|q| q.stopping.is_some() && q.in_flight == 0);
-            if drained {
-                if let Some(q) = queue.take() {
-                    if let Some(reply) = q.stopping {
-                        let _ = reply.send(Some(q.vq.last_avail_idx()));
-                    }
-                }
-            }
-        }
+        vqueue::settle_stopped(&mut self.queues);
         let hotplug = self.hotplug();
         for (t, slot) in self.targets.iter_mut().enumerate() {
             let done = slot
@@ -746,7 +668,7 @@ impl ScsiDevice {
             tracing::info!(device = self.id.0, target = tmf.target, ?tmf.effect, "task management function complete");
             if let Some(Some(q)) = self.queues.get_mut(CONTROL_QUEUE) {
                 tmf.resp.write(mem, &tmf_resp(Response::FUNCTION_COMPLETE));
-                q.used(mem, tmf.head, 1, self.id);
+                q.push_used(mem, tmf.head, 1, self.id);
                 q.in_flight = q.in_flight.saturating_sub(1);
             }
         }
@@ -828,13 +750,10 @@ impl ScsiDevice {
             Err(err) => {
                 if err.head_is_valid() {
                     tracing::debug!(device = id.0, queue = qi, %err, "malformed chain returned unused");
-                    q.used(mem, head, 0, id);
+                    q.push_used(mem, head, 0, id);
                 } else {
                     tracing::error!(device = id.0, queue = qi, %err, "bad head; queue stopped (device needs reset)");
-                    q.broken = true;
-                    if let Some(e) = &q.err {
-                        e.notify();
-                    }
+                    q.fail();
                 }
                 false
             }
@@ -852,19 +771,19 @@ impl ScsiDevice {
         };
         let Some(e) = self.events.next() else {
             // Popped only when an event is pending; give the buffer back unused.
-            q.used(mem, head, 0, id);
+            q.push_used(mem, head, 0, id);
             return;
         };
         if q.chain.writable_len() < EVENT_LEN as u32 {
             tracing::debug!(device = id.0, "event buffer too small; returned unused");
             self.events.unpop(e);
-            q.used(mem, head, 0, id);
+            q.push_used(mem, head, 0, id);
             return;
         }
         let bytes = e.to_bytes();
         if scatter(mem, q.chain.writable(), 0, &bytes) != EVENT_LEN {
             self.events.unpop(e);
-            q.used(mem, head, 0, id);
+            q.push_used(mem, head, 0, id);
             return;
         }
         tracing::debug!(
@@ -875,7 +794,7 @@ impl ScsiDevice {
             missed = e.events_missed,
             "event delivered"
         );
-        q.used(mem, head, EVENT_LEN as u32, id);
+        q.push_used(mem, head, EVENT_LEN as u32, id);
     }
 
     /// Handles one control-queue request.
@@ -908,7 +827,7 @@ impl ScsiDevice {
             }
             Ok(ControlRequest::Tmf(tmf)) => {
                 let Some(resp) = RespTarget::of(q.chain.writable(), 1) else {
-                    q.used(mem, head, 0, id);
+                    q.push_used(mem, head, 0, id);
                     return;
                 };
                 match self.task_management(mem, &tmf, head, resp) {
@@ -935,7 +854,7 @@ impl ScsiDevice {
         };
         let len = len.min(writable_len);
         let written = scatter(mem, q.chain.writable(), 0, &reply[..len]);
-        q.used(mem, head, u32::try_from(written).unwrap_or(0), id);
+        q.push_used(mem, head, u32::try_from(written).unwrap_or(0), id);
     }
 
     /// Answers a TMF at once, or queues it until the commands it concerns are gone (`None`).
@@ -1026,7 +945,7 @@ impl ScsiDevice {
                     queue = qi,
                     "command without room for header or response; returned unused"
                 );
-                q.used(mem, head, 0, id);
+                q.push_used(mem, head, 0, id);
                 return;
             }
         };
@@ -1035,7 +954,7 @@ impl ScsiDevice {
         // Fields are read from the header in place; copying it into a CmdReqRepr cost a tenth of
         // a command's instructions.
         let Ok(req) = CmdReq::new_checked(&sc.header[..], CDB_SIZE) else {
-            q.used(mem, head, 0, id);
+            q.push_used(mem, head, 0, id);
             return;
         };
         tracing::trace!(
@@ -1059,7 +978,7 @@ impl ScsiDevice {
                 response: Response::BadTarget,
             };
             resp.write(mem, &header.to_bytes());
-            q.used(mem, head, RESP_LEN as u32, id);
+            q.push_used(mem, head, RESP_LEN as u32, id);
         };
         let Ok(addr) = LunAddress::parse(&req.lun()) else {
             bad_target(q);
@@ -1098,7 +1017,7 @@ impl ScsiDevice {
             bytes[12..12 + sl].copy_from_slice(&sense[..sl]);
             resp.write(mem, &bytes);
             let len = (RESP_LEN as u64).saturating_add(c.transferred);
-            q.used(mem, head, u32::try_from(len).unwrap_or(u32::MAX), id);
+            q.push_used(mem, head, u32::try_from(len).unwrap_or(u32::MAX), id);
             q.release_slot(si);
         };
 
@@ -1406,29 +1325,8 @@ impl ScsiDevice {
     /// Publishes each queue's used elements and signals its call eventfd if the driver wants it.
     fn publish(&mut self, mem: &GuestMemoryTable) {
         for (qi, queue) in self.queues.iter_mut().enumerate() {
-            let Some(q) = queue else { continue };
-            if let Err(err) = q.vq.publish_used(mem) {
-                tracing::error!(device = self.id.0, queue = qi, %err, "publishing used ring failed; queue stopped");
-                q.broken = true;
-                continue;
-            }
-            match q.vq.needs_notification(mem) {
-                Ok(true) => {
-                    tracing::trace!(
-                        device = self.id.0,
-                        queue = qi,
-                        used = q.vq.used_idx(),
-                        "notify"
-                    );
-                    if let Some(call) = &q.call {
-                        call.notify();
-                    }
-                }
-                Ok(false) => {}
-                Err(err) => {
-                    tracing::error!(device = self.id.0, queue = qi, %err, "reading notification suppression failed");
-                    q.broken = true;
-                }
+            if let Some(q) = queue {
+                q.publish(mem, self.id, qi);
             }
         }
     }
@@ -1470,7 +1368,7 @@ fn finish(
     }
     let data_in = if slot.plan.is_read { c.transferred } else { 0 };
     let len = (RESP_LEN as u64).saturating_add(data_in);
-    q.used(
+    q.push_used(
         mem,
         slot.head,
         u32::try_from(len).unwrap_or(u32::MAX),
@@ -1558,15 +1456,8 @@ impl ReactorDevice for ScsiDevice {
                     .get_mut(usize::from(index))
                     .and_then(Option::as_mut)
                 {
-                    // QEMU may hand over the call eventfd only after the queue started (when the
-                    // guest unmasks its MSI-X vector), and a completion published before then
-                    // was signalled to nobody: signal the new eventfd once, or the driver waits
-                    // for that completion forever (virtio-scsi never times commands out). A
-                    // spurious interrupt only makes the driver look at its ring.
-                    if let Some(call) = &call {
-                        call.notify();
-                    }
-                    q.call = call;
+                    // virtio-scsi never times commands out: a missed signal would hang the driver.
+                    q.set_call(call);
                 }
                 let _ = reply.send(());
             }
@@ -1644,7 +1535,7 @@ mod tests {
     use crate::bdev::{Bdev, BdevError};
     use crate::scsi::ScsiController;
     use crate::vhost::memory::RegionSpec;
-    use crate::vhost::DeviceBackend;
+    use crate::vhost::{DeviceBackend, EventNotifier};
 
     const MEM: u64 = 1 << 20;
     const QSIZE: u16 = 16;

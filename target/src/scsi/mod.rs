@@ -28,7 +28,7 @@ pub const MAX_TARGETS: usize = 8;
 /// Request queues a frontend may use (`num_queues`); the device has two more (control, event).
 pub const MAX_REQUEST_QUEUES: u16 = 16;
 /// Largest virtqueue accepted by `SET_VRING_NUM`; also the per-queue request-slot count.
-pub const MAX_QUEUE_SIZE: u16 = 1024;
+pub const MAX_QUEUE_SIZE: u16 = crate::reactor::vqueue::MAX_QUEUE_SIZE;
 /// Sense buffer size in responses. QEMU's vhost-scsi refuses any other value from the driver.
 pub const SENSE_SIZE: u32 = 96;
 /// CDB size in requests. QEMU's vhost-scsi refuses any other value from the driver.
