@@ -28,6 +28,7 @@ BS=4k
 SIZE=256m
 WORKLOADS="randread:1 randread:32 randread:128 randwrite:1 randwrite:32 randwrite:128"
 TARGETS="rvhost-null rvhost-malloc qsd-null qsd-file"
+TARGETS_GIVEN=0
 BASELINE=""
 SCSI=0
 SOCKET=""
@@ -52,7 +53,7 @@ while [ $# -gt 0 ]; do
     --bs) BS="$2"; shift 2 ;;
     --size) SIZE="$2"; shift 2 ;;
     --workloads) WORKLOADS="$2"; shift 2 ;;
-    --targets) TARGETS="$2"; shift 2 ;;
+    --targets) TARGETS="$2"; TARGETS_GIVEN=1; shift 2 ;;
     --baseline) BASELINE="$2"; shift 2 ;;
     --scsi) SCSI=1; shift ;;
     --socket) SOCKET="$2"; shift 2 ;;
@@ -71,10 +72,11 @@ while [ $# -gt 0 ]; do
 done
 
 [ "$SCSI" = 1 ] && TARGETS="$TARGETS rvhost-scsi-null rvhost-scsi-malloc"
+# --files picks the file targets unless --targets names some of them.
 case "$FILES" in
   "") ;;
-  shm) TARGETS="qsd-uring-shm rvhost-uring-shm rvhost-aio-shm" ;;
-  direct) TARGETS="qsd-uring-direct qsd-native-direct rvhost-uring-direct rvhost-aio-direct" ;;
+  shm) [ "$TARGETS_GIVEN" = 1 ] || TARGETS="qsd-uring-shm rvhost-uring-shm rvhost-aio-shm" ;;
+  direct) [ "$TARGETS_GIVEN" = 1 ] || TARGETS="qsd-uring-direct qsd-native-direct rvhost-uring-direct rvhost-aio-direct" ;;
   *) echo "compare.sh: --files takes shm or direct" >&2; exit 2 ;;
 esac
 [ -n "$SOCKET" ] && TARGETS="$TARGETS socket"

@@ -867,12 +867,16 @@ mod tests {
         }
     }
 
-    /// The affinities of this process's io-wq worker threads (`iou-wrk-*`).
+    /// The affinities of the io-wq worker threads serving rings of the calling thread: the
+    /// kernel names them `iou-wrk-<submitter's tid>` (tests on other threads have their own).
     fn worker_affinities() -> Vec<String> {
+        let me = std::fs::read_link("/proc/thread-self").unwrap();
+        let tid = me.file_name().unwrap().to_string_lossy().into_owned();
+        let name = format!("iou-wrk-{tid}");
         let mut out = Vec::new();
         for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
             let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            if !comm.starts_with("iou-wrk") {
+            if comm.trim_end() != name {
                 continue;
             }
             let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
