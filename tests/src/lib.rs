@@ -22,6 +22,7 @@
 pub mod assets;
 pub mod cpio;
 pub mod error;
+pub mod files;
 pub mod guest;
 pub mod host;
 pub mod peer;

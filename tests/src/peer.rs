@@ -386,6 +386,21 @@ impl Rvhost {
         self.process.log_text()
     }
 
+    /// [`Rvhost::rpc`] for tests: the result, or a panic that shows the call, the error and
+    /// rvhost's log.
+    ///
+    /// # Panics
+    /// When the call fails.
+    pub fn rpc_ok(&mut self, method: &str, params: Value) -> Value {
+        match self.rpc(method, params.clone()) {
+            Ok(v) => v,
+            Err(err) => panic!(
+                "{method} {params}: {err}\n---- rvhost log ----\n{}",
+                self.log()
+            ),
+        }
+    }
+
     /// One raw JSON-RPC 2.0 call; returns `result`, or the error object as an `Rpc` error.
     pub fn rpc(&mut self, method: &str, params: Value) -> Result<Value> {
         let id = self.next_id;

@@ -4,12 +4,12 @@
 //! verify` on the file, `O_DIRECT`), so data that only reached a cache or went nowhere fails.
 //! A file on a full 1 MiB tmpfs must show up in the guest as an I/O error, with rvhost still up.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use rvhost_tests::files::{host_verify, scratch_dir, sparse_file, TinyTmpfs};
 use rvhost_tests::{
     init_test_logging, run_guest, GuestConfig, GuestOutput, Rvhost, VhostUserDevice,
 };
@@ -52,19 +52,6 @@ fn run(config: GuestConfig) -> GuestOutput {
     }
 }
 
-/// A scratch directory on the build disk (a real filesystem, so `O_DIRECT` applies).
-fn scratch_dir(tag: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../build/guest-file")
-        .join(format!("{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn sparse_file(path: &Path, len: u64) {
-    std::fs::File::create(path).unwrap().set_len(len).unwrap();
-}
-
 /// Creates the bdev with `method` and a vhost-blk controller on it; returns the socket.
 fn file_controller(
     target: &mut Rvhost,
@@ -103,25 +90,6 @@ fn assert_alive(target: &mut Rvhost) {
     );
 }
 
-/// `blkcheck verify` run on the host against the backing file.
-fn host_verify(file: &Path, offset: u64, len: u64, seed: u64) -> Result<(), String> {
-    let out = Command::new(blkcheck())
-        .arg("verify")
-        .arg(file)
-        .args([offset.to_string(), len.to_string(), seed.to_string()])
-        .output()
-        .map_err(|e| format!("cannot run blkcheck: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
 fn bdev_info(target: &mut Rvhost, name: &str) -> serde_json::Value {
     match target.rpc("bdev_get_bdevs", json!({"name": name})) {
         Ok(v) => v[0].clone(),
@@ -155,14 +123,14 @@ fn guest_data_lands_in_file(engine: &str, method: &str, extra: serde_json::Value
     out.assert_all_ok("persist_");
     assert_alive(&mut target);
     // The bytes are in the file on the host.
-    if let Err(e) = host_verify(&file, MIB, 3 * MIB, 77) {
+    if let Err(e) = host_verify(&blkcheck(), &file, MIB, 3 * MIB, 77) {
         panic!("guest data (seed 77) is not in the file: {e}");
     }
-    if let Err(e) = host_verify(&file, DISK_BYTES - MIB, MIB, 78) {
+    if let Err(e) = host_verify(&blkcheck(), &file, DISK_BYTES - MIB, MIB, 78) {
         panic!("guest data (seed 78) is not in the file: {e}");
     }
     // The check can fail: a different seed does not match.
-    assert!(host_verify(&file, MIB, MIB, 79).is_err());
+    assert!(host_verify(&blkcheck(), &file, MIB, MIB, 79).is_err());
 
     // The full set of blk checks (pattern I/O, flush, discard, write zeroes, reset).
     let out = run(
@@ -201,36 +169,12 @@ fn rvhost_aio_file_guest_data_lands_in_file() {
     guest_data_lands_in_file("aio", "bdev_aio_create", json!({"fallocate": true}));
 }
 
-/// A 1 MiB tmpfs, unmounted on drop.
-struct TinyTmpfs {
-    dir: PathBuf,
-}
-
-impl Drop for TinyTmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
 #[test]
 fn rvhost_uring_file_enospc_is_an_io_error_in_the_guest() {
     init_test_logging();
     let dir = scratch_dir("enospc");
-    let fs = TinyTmpfs {
-        dir: dir.join("mnt"),
-    };
-    std::fs::create_dir_all(&fs.dir).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1M", "tmpfs"])
-        .arg(&fs.dir)
-        .status()
-        .expect("run mount (this test needs root)");
-    assert!(
-        mounted.success(),
-        "mounting a 1 MiB tmpfs failed (needs root)"
-    );
-    let file = fs.dir.join("disk.img");
+    let fs = TinyTmpfs::mount(dir.join("mnt"), "1M");
+    let file = fs.dir().join("disk.img");
     sparse_file(&file, 16 * MIB);
     let mut target = start();
     let socket = file_controller(

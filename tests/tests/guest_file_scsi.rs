@@ -6,14 +6,12 @@
 //! Writing 4 MiB to target 2 must fail in the guest with an I/O error while rvhost keeps serving
 //! the other LUNs.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rustix::fs::{seek, SeekFrom};
 use serde_json::{json, Value};
 
+use rvhost_tests::files::{host_verify, next_hole, scratch_dir, sparse_file, TinyTmpfs};
 use rvhost_tests::{
     init_test_logging, run_guest, GuestConfig, Rvhost, VhostUserDevice, VIRTIO_SCSI_MODULES,
 };
@@ -26,81 +24,6 @@ fn blkcheck() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_blkcheck"))
 }
 
-fn rpc(target: &mut Rvhost, method: &str, params: Value) -> Value {
-    match target.rpc(method, params.clone()) {
-        Ok(v) => v,
-        Err(err) => panic!(
-            "{method} {params}: {err}\n---- rvhost log ----\n{}",
-            target.log()
-        ),
-    }
-}
-
-/// A scratch directory on the build disk (a real filesystem, so `O_DIRECT` and holes apply).
-fn scratch_dir(tag: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../build/guest-file")
-        .join(format!("{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn sparse_file(path: &Path, len: u64) {
-    File::create(path).unwrap().set_len(len).unwrap();
-}
-
-/// A 1 MiB tmpfs, unmounted on drop.
-struct TinyTmpfs {
-    dir: PathBuf,
-}
-
-impl TinyTmpfs {
-    fn mount(dir: PathBuf) -> Self {
-        std::fs::create_dir_all(&dir).unwrap();
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=1M", "tmpfs"])
-            .arg(&dir)
-            .status()
-            .expect("run mount (this test needs root)");
-        assert!(
-            mounted.success(),
-            "mounting a 1 MiB tmpfs failed (needs root)"
-        );
-        TinyTmpfs { dir }
-    }
-}
-
-impl Drop for TinyTmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-/// `blkcheck verify` on the host against the backing file.
-fn host_verify(file: &Path, offset: u64, len: u64, seed: u64) -> Result<(), String> {
-    let out = Command::new(blkcheck())
-        .arg("verify")
-        .arg(file)
-        .args([offset.to_string(), len.to_string(), seed.to_string()])
-        .output()
-        .map_err(|e| format!("cannot run blkcheck: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-fn next_hole(file: &Path, offset: u64) -> u64 {
-    let f = File::open(file).unwrap();
-    seek(&f, SeekFrom::Hole(offset)).unwrap()
-}
-
 /// What the guest script wrote to target `t`'s file, checked on the host.
 fn assert_file_holds_guest_data(file: &Path, t: u64) {
     let seed = t + 61;
@@ -109,7 +32,7 @@ fn assert_file_holds_guest_data(file: &Path, t: u64) {
         (3 * MIB, MIB, seed),
         (DISK_BYTES - MIB, MIB, t + 71),
     ] {
-        if let Err(e) = host_verify(file, offset, len, seed) {
+        if let Err(e) = host_verify(&blkcheck(), file, offset, len, seed) {
             panic!(
                 "target {t}: guest data (seed {seed}) at {offset} is not in {}: {e}",
                 file.display()
@@ -117,7 +40,7 @@ fn assert_file_holds_guest_data(file: &Path, t: u64) {
         }
     }
     // The checker can fail: another seed does not match.
-    assert!(host_verify(file, MIB, MIB, seed + 1).is_err());
+    assert!(host_verify(&blkcheck(), file, MIB, MIB, seed + 1).is_err());
     // The UNMAP of 2..3 MiB punched a hole there; 1..2 MiB is data.
     assert_eq!(
         next_hole(file, MIB),
@@ -132,7 +55,7 @@ fn assert_file_holds_guest_data(file: &Path, t: u64) {
 }
 
 fn bdev_stats(target: &mut Rvhost, name: &str, module: &str) -> Value {
-    let info = rpc(target, "bdev_get_bdevs", json!({"name": name}));
+    let info = target.rpc_ok("bdev_get_bdevs", json!({"name": name}));
     info[0]["driver_specific"][module].clone()
 }
 
@@ -144,37 +67,32 @@ fn rvhost_scsi_luns_on_uring_and_aio_files() {
     let aio_file = dir.join("aio.img");
     sparse_file(&uring_file, DISK_BYTES);
     sparse_file(&aio_file, DISK_BYTES);
-    let tmpfs = TinyTmpfs::mount(dir.join("full"));
-    let full_file = tmpfs.dir.join("disk.img");
+    let tmpfs = TinyTmpfs::mount(dir.join("full"), "1M");
+    let full_file = tmpfs.dir().join("disk.img");
     sparse_file(&full_file, 16 * MIB);
 
     let mut target = match Rvhost::start() {
         Ok(t) => t,
         Err(err) => panic!("{err}"),
     };
-    rpc(
-        &mut target,
+    target.rpc_ok(
         "bdev_uring_create",
         json!({"name": "Uring0", "filename": uring_file}),
     );
-    rpc(
-        &mut target,
+    target.rpc_ok(
         "bdev_aio_create",
         json!({"name": "Aio0", "filename": aio_file, "block_size": 4096, "fallocate": true}),
     );
-    rpc(
-        &mut target,
+    target.rpc_ok(
         "bdev_uring_create",
         json!({"name": "Full0", "filename": full_file}),
     );
-    rpc(
-        &mut target,
+    target.rpc_ok(
         "vhost_create_scsi_controller",
         json!({"ctrlr": "scsi.file", "cpumask": "0x1"}),
     );
     for (t, bdev) in [(0, "Uring0"), (1, "Aio0"), (2, "Full0")] {
-        let got = rpc(
-            &mut target,
+        let got = target.rpc_ok(
             "vhost_scsi_controller_add_target",
             json!({"ctrlr": "scsi.file", "scsi_target_num": t, "bdev_name": bdev}),
         );
@@ -233,7 +151,7 @@ fn rvhost_scsi_luns_on_uring_and_aio_files() {
     out.assert_eq("enospc_read_back", "ok");
     out.assert_all_ok("after_enospc_");
     out.assert_eq("script_exit", "0");
-    if let Err(e) = host_verify(&uring_file, 8 * MIB, MIB, 81) {
+    if let Err(e) = host_verify(&blkcheck(), &uring_file, 8 * MIB, MIB, 81) {
         panic!("the write after ENOSPC is not in the file: {e}");
     }
 

@@ -172,16 +172,6 @@ fn blkcheck() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_blkcheck"))
 }
 
-fn rpc(target: &mut Rvhost, method: &str, params: Value) -> Value {
-    match target.rpc(method, params.clone()) {
-        Ok(v) => v,
-        Err(err) => panic!(
-            "{method} {params}: {err}\n---- rvhost log ----\n{}",
-            target.log()
-        ),
-    }
-}
-
 /// `sg_reset` from sg3-utils, copied into the guest (it needs only libc).
 const SG_RESET: &str = "/usr/bin/sg_reset";
 
@@ -264,35 +254,27 @@ fn attempt(name: &str) -> Result<(GuestOutput, Rvhost), ()> {
         ("M4K", 8192, 4096),
         ("M3", 32768, 512),
     ] {
-        rpc(
-            &mut target,
+        target.rpc_ok(
             "bdev_malloc_create",
             json!({"name": bdev, "num_blocks": blocks, "block_size": bs}),
         );
     }
     // The seed guide's names for the boot-time targets, today's for the hot-plugged one.
-    rpc(
-        &mut target,
+    target.rpc_ok(
         "construct_vhost_scsi_controller",
         json!({"ctrlr": "scsi0", "cpumask": "0x1"}),
     );
-    let t0 = rpc(
-        &mut target,
+    let t0 = target.rpc_ok(
         "add_vhost_scsi_lun",
         json!({"ctrlr": "scsi0", "scsi_target_num": 0, "bdev_name": "M512"}),
     );
     assert_eq!(t0, json!(0));
-    let t1 = rpc(
-        &mut target,
+    let t1 = target.rpc_ok(
         "vhost_scsi_controller_add_target",
         json!({"ctrlr": "scsi0", "scsi_target_num": -1, "bdev_name": "M4K"}),
     );
     assert_eq!(t1, json!(1), "-1 picks the first free target");
-    let listed = rpc(
-        &mut target,
-        "vhost_get_controllers",
-        json!({"name": "scsi0"}),
-    );
+    let listed = target.rpc_ok("vhost_get_controllers", json!({"name": "scsi0"}));
     let scsi = &listed[0]["backend_specific"]["scsi"];
     assert_eq!(scsi[0]["scsi_dev_num"], json!(0), "{listed}");
     assert_eq!(scsi[0]["luns"][0]["bdev_name"], json!("M512"), "{listed}");
@@ -313,8 +295,7 @@ fn attempt(name: &str) -> Result<(GuestOutput, Rvhost), ()> {
     // The script reaches its first phase within minutes unless the boot hung.
     let boot_deadline = Instant::now() + BOOT_TIMEOUT;
     if wait_phase(name, "attach", &guest, boot_deadline) {
-        let t2 = rpc(
-            &mut target,
+        let t2 = target.rpc_ok(
             "vhost_scsi_controller_add_target",
             json!({"ctrlr": "scsi0", "scsi_target_num": 2, "bdev_name": "M3"}),
         );
@@ -326,14 +307,13 @@ fn attempt(name: &str) -> Result<(GuestOutput, Rvhost), ()> {
         return Err(());
     }
     if wait_phase(name, "detach", &guest, Instant::now() + PHASE_TIMEOUT) {
-        rpc(
-            &mut target,
+        target.rpc_ok(
             "remove_vhost_scsi_dev",
             json!({"ctrlr": "scsi0", "scsi_target_num": 1}),
         );
     }
     if wait_phase(name, "delete_bdev", &guest, Instant::now() + PHASE_TIMEOUT) {
-        rpc(&mut target, "bdev_malloc_delete", json!({"name": "M3"}));
+        target.rpc_ok("bdev_malloc_delete", json!({"name": "M3"}));
     }
     match guest.join() {
         Ok(Ok(out)) => Ok((out, target)),
@@ -428,11 +408,7 @@ fn rvhost_scsi_two_luns_io_lun_reset_hot_attach_detach() {
     out.assert_eq("phase", "end");
     out.assert_eq("script_exit", "0");
 
-    let listed = rpc(
-        &mut target,
-        "vhost_get_controllers",
-        json!({"name": "scsi0"}),
-    );
+    let listed = target.rpc_ok("vhost_get_controllers", json!({"name": "scsi0"}));
     let ids: Vec<&Value> = listed[0]["backend_specific"]["scsi"]
         .as_array()
         .map(|a| a.iter().map(|t| &t["scsi_dev_num"]).collect())
