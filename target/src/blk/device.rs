@@ -749,14 +749,13 @@ mod tests {
     //! file, a bdev whose completions the test releases, and the device's `apply`/`poll`.
 
     use std::os::fd::OwnedFd;
-    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::atomic::Ordering;
     use std::sync::mpsc::{sync_channel, Receiver};
-    use std::sync::Mutex;
 
     use rvhost_core::virtio::{bit, feature};
 
     use super::*;
-    use crate::bdev::BdevError;
+    use crate::bdev::testing::{HeldBdev, HeldIo as Held};
     use crate::vhost::memory::RegionSpec;
     use crate::vhost::VirtioFeatures;
 
@@ -768,82 +767,6 @@ mod tests {
     const HDR: u64 = 0x10000;
     const STATUS: u64 = 0x10100;
     const BUF: u64 = 0x11000;
-
-    /// Completions the test holds back until it sets `release`.
-    #[derive(Debug, Default)]
-    struct Held {
-        pending: Mutex<Vec<u64>>,
-        release: AtomicBool,
-        /// Completions to let through on the next poll (oldest first), when not released.
-        allow: AtomicU32,
-        submitted: AtomicU32,
-    }
-
-    #[derive(Debug)]
-    struct HeldBdev(Arc<Held>);
-
-    impl Bdev for HeldBdev {
-        fn name(&self) -> &str {
-            "Held0"
-        }
-        fn product_name(&self) -> &str {
-            "Held disk"
-        }
-        fn module_name(&self) -> &'static str {
-            "test"
-        }
-        fn block_size(&self) -> u32 {
-            512
-        }
-        fn num_blocks(&self) -> u64 {
-            64
-        }
-        fn uuid(&self) -> [u8; 16] {
-            [0; 16]
-        }
-        fn supports(&self, _kind: IoKind) -> bool {
-            true
-        }
-        fn open_channel(self: Arc<Self>) -> Result<Box<dyn BdevChannel>, BdevError> {
-            Ok(Box::new(HeldChannel(Arc::clone(&self.0))))
-        }
-    }
-
-    struct HeldChannel(Arc<Held>);
-
-    impl BdevChannel for HeldChannel {
-        fn submit(&mut self, io: &BdevIo<'_>) -> Result<(), BdevError> {
-            if io.kind == IoKind::Read {
-                for iov in io.iovs {
-                    io.mem
-                        .fill_host(iov.addr, iov.len as usize, 0xab)
-                        .map_err(BdevError::Memory)?;
-                }
-            }
-            self.0.submitted.fetch_add(1, Ordering::Relaxed);
-            self.0.pending.lock().unwrap().push(io.tag);
-            Ok(())
-        }
-        fn poll(&mut self, done: &mut dyn FnMut(u64, IoStatus)) -> usize {
-            let allowed = if self.0.release.load(Ordering::Relaxed) {
-                usize::MAX
-            } else {
-                self.0.allow.swap(0, Ordering::Relaxed) as usize
-            };
-            let tags: Vec<u64> = {
-                let mut pending = self.0.pending.lock().unwrap();
-                let n = pending.len().min(allowed);
-                pending.drain(..n).collect()
-            };
-            for &t in &tags {
-                done(t, IoStatus::Success);
-            }
-            tags.len()
-        }
-        fn in_flight(&self) -> usize {
-            self.0.pending.lock().unwrap().len()
-        }
-    }
 
     struct Rig {
         /// The file behind guest memory, for building more tables over the same memory.

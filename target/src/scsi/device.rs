@@ -1523,16 +1523,16 @@ mod tests {
     //! bdevs (or a bdev whose completions the test holds back), and `apply`/`poll`.
 
     use std::os::fd::OwnedFd;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
     use std::sync::mpsc::sync_channel;
-    use std::sync::Mutex;
 
     use rvhost_core::mem::GuestMemory;
     use rvhost_core::virtio::{bit, feature};
 
     use super::*;
     use crate::bdev::malloc::{MallocBdev, MemoryBudget};
-    use crate::bdev::{Bdev, BdevError};
+    use crate::bdev::testing::{HeldBdev, HeldIo as Held};
+    use crate::bdev::Bdev;
     use crate::scsi::ScsiController;
     use crate::vhost::memory::RegionSpec;
     use crate::vhost::{DeviceBackend, EventNotifier};
@@ -1573,65 +1573,6 @@ mod tests {
             mmap_offset: 0,
         };
         GuestMemoryTable::from_regions([(spec, OwnedFd::from(file))]).unwrap()
-    }
-
-    /// Completions the test holds back until it sets `release`.
-    #[derive(Debug, Default)]
-    struct Held {
-        pending: Mutex<Vec<u64>>,
-        release: AtomicBool,
-    }
-
-    #[derive(Debug)]
-    struct HeldBdev(Arc<Held>);
-
-    impl Bdev for HeldBdev {
-        fn name(&self) -> &str {
-            "Held0"
-        }
-        fn product_name(&self) -> &str {
-            "Held disk"
-        }
-        fn module_name(&self) -> &'static str {
-            "test"
-        }
-        fn block_size(&self) -> u32 {
-            512
-        }
-        fn num_blocks(&self) -> u64 {
-            64
-        }
-        fn uuid(&self) -> [u8; 16] {
-            [3; 16]
-        }
-        fn supports(&self, _kind: IoKind) -> bool {
-            true
-        }
-        fn open_channel(self: Arc<Self>) -> Result<Box<dyn BdevChannel>, BdevError> {
-            Ok(Box::new(HeldChannel(Arc::clone(&self.0))))
-        }
-    }
-
-    struct HeldChannel(Arc<Held>);
-
-    impl BdevChannel for HeldChannel {
-        fn submit(&mut self, io: &BdevIo<'_>) -> Result<(), BdevError> {
-            self.0.pending.lock().unwrap().push(io.tag);
-            Ok(())
-        }
-        fn poll(&mut self, done: &mut dyn FnMut(u64, IoStatus)) -> usize {
-            if !self.0.release.load(Ordering::Relaxed) {
-                return 0;
-            }
-            let tags: Vec<u64> = self.0.pending.lock().unwrap().drain(..).collect();
-            for &t in &tags {
-                done(t, IoStatus::Success);
-            }
-            tags.len()
-        }
-        fn in_flight(&self) -> usize {
-            self.0.pending.lock().unwrap().len()
-        }
     }
 
     struct Rig {
