@@ -35,7 +35,9 @@ use rvhost_platform_linux::uring::{
 };
 
 use super::malloc::{byte_range, check_iovs, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
-use super::{Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoMemory, IoStatus, IoVec};
+use super::{
+    report_completions, Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoMemory, IoStatus, IoVec,
+};
 
 /// Operations each channel's ring (or AIO context) holds at once; more wait in the channel.
 const ENGINE_DEPTH: u32 = 256;
@@ -984,12 +986,7 @@ impl BdevChannel for FileChannel {
     fn poll(&mut self, done: &mut dyn FnMut(u64, IoStatus)) -> usize {
         self.submit_waiting();
         self.reap_into_requests();
-        let mut count = 0;
-        while let Some((tag, status)) = self.completions.pop_front() {
-            done(tag, status);
-            count += 1;
-        }
-        count
+        report_completions(&mut self.completions, done)
     }
 
     fn in_flight(&self) -> usize {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use rvhost_platform_linux::{copy_between, HostMemory, PagePolicy, SharedDmaMemory};
 
-use super::{Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoStatus, IoVec};
+use super::{report_completions, Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoStatus, IoVec};
 
 /// Smallest logical block size a RAM or null bdev accepts.
 pub const MIN_BLOCK_SIZE: u32 = 512;
@@ -292,12 +292,7 @@ impl BdevChannel for MallocChannel {
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, IoStatus)) -> usize {
-        let mut count = 0;
-        while let Some((tag, status)) = self.completions.pop_front() {
-            done(tag, status);
-            count += 1;
-        }
-        count
+        report_completions(&mut self.completions, done)
     }
 
     fn in_flight(&self) -> usize {

@@ -13,6 +13,7 @@ pub mod testing;
 
 pub use registry::BdevRegistry;
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 
@@ -188,6 +189,19 @@ pub trait Bdev: Send + Sync + fmt::Debug {
     fn driver_specific(&self) -> serde_json::Value {
         serde_json::Value::Object(Default::default())
     }
+}
+
+/// Reports the completions a channel queued (oldest first) through `done`; returns how many. For
+/// [`BdevChannel::poll`] of channels that finish I/O ahead of the poll that reports it.
+pub(crate) fn report_completions(
+    completions: &mut VecDeque<(u64, IoStatus)>,
+    done: &mut dyn FnMut(u64, IoStatus),
+) -> usize {
+    let count = completions.len();
+    for (tag, status) in completions.drain(..) {
+        done(tag, status);
+    }
+    count
 }
 
 /// A per-reactor submission/completion context for one bdev. Owned by exactly one reactor thread.

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::malloc::{byte_range, check_iovs, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
-use super::{Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoStatus};
+use super::{report_completions, Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoStatus};
 
 /// Completions a channel can hold before its queue has to grow.
 const COMPLETION_CAPACITY: usize = 1024;
@@ -122,12 +122,7 @@ impl BdevChannel for NullChannel {
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, IoStatus)) -> usize {
-        let mut count = 0;
-        while let Some((tag, status)) = self.completions.pop_front() {
-            done(tag, status);
-            count += 1;
-        }
-        count
+        report_completions(&mut self.completions, done)
     }
 
     fn in_flight(&self) -> usize {

@@ -39,7 +39,9 @@ use rvhost_nvme::{
 };
 
 use super::malloc::{byte_range, check_iovs, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
-use super::{Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoMemory, IoStatus, IoVec};
+use super::{
+    report_completions, Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoMemory, IoStatus, IoVec,
+};
 
 /// Submission/completion entries of each channel's I/O queue pair.
 const QUEUE_ENTRIES: u16 = 128;
@@ -1216,11 +1218,7 @@ impl BdevChannel for NvmeChannel {
             // table, or the session ended): stop holding it, so the registry can unmap it.
             self.dma = None;
         }
-        let n = self.completions.len();
-        for (tag, status) in self.completions.drain(..) {
-            done(tag, status);
-        }
-        n
+        report_completions(&mut self.completions, done)
     }
 
     fn in_flight(&self) -> usize {
