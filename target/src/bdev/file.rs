@@ -34,7 +34,7 @@ use rvhost_platform_linux::uring::{
     FileCompletion, FileIoError, FileOp, HostBuffers, SpareIovecs, Uring, MAX_IOVECS,
 };
 
-use super::malloc::{byte_range, check_iovs, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+use super::common::{byte_range, check_block_size, check_iovs, MIN_BLOCK_SIZE};
 use super::{
     report_completions, Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoMemory, IoStatus, IoVec,
 };
@@ -170,13 +170,7 @@ impl FileBdev {
             (meta.len(), MIN_BLOCK_SIZE)
         };
         let block_size = config.block_size.unwrap_or(device_block);
-        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
-        {
-            return Err(BdevError::InvalidParams(format!(
-                "block_size {block_size} must be a power of two from {MIN_BLOCK_SIZE} to \
-                 {MAX_BLOCK_SIZE}"
-            )));
-        }
+        check_block_size(block_size)?;
         if block_size < device_block {
             return Err(BdevError::InvalidParams(format!(
                 "block_size {block_size} is smaller than the device's logical block size \

@@ -13,12 +13,8 @@ use std::sync::Arc;
 
 use rvhost_platform_linux::{copy_between, HostMemory, PagePolicy, SharedDmaMemory};
 
-use super::{report_completions, Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoStatus, IoVec};
-
-/// Smallest logical block size a RAM or null bdev accepts.
-pub const MIN_BLOCK_SIZE: u32 = 512;
-/// Largest logical block size accepted (64 KiB: Linux guests need a block no larger than a page).
-pub const MAX_BLOCK_SIZE: u32 = 65536;
+use super::common::{byte_range, check_block_size, check_iovs};
+use super::{report_completions, Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoStatus};
 
 /// Completions a channel can hold before its queue has to grow (a virtqueue holds at most 1024).
 const COMPLETION_CAPACITY: usize = 1024;
@@ -110,13 +106,7 @@ impl MallocBdev {
         uuid: [u8; 16],
         budget: &Arc<MemoryBudget>,
     ) -> Result<Arc<Self>, BdevError> {
-        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
-        {
-            return Err(BdevError::InvalidParams(format!(
-                "block_size {block_size} must be a power of two from {MIN_BLOCK_SIZE} to \
-                 {MAX_BLOCK_SIZE}"
-            )));
-        }
+        check_block_size(block_size)?;
         if num_blocks == 0 {
             return Err(BdevError::InvalidParams(
                 "num_blocks must be greater than 0".into(),
@@ -198,47 +188,6 @@ impl Bdev for MallocBdev {
 struct MallocChannel {
     bdev: Arc<MallocBdev>,
     completions: VecDeque<(u64, IoStatus)>,
-}
-
-/// The byte range of the store an I/O touches, after checking it against the device.
-pub(super) fn byte_range(
-    io: &BdevIo<'_>,
-    num_blocks: u64,
-    block_size: u32,
-) -> Result<(u64, u64), BdevError> {
-    let out_of_range = || BdevError::OutOfRange {
-        offset: io.offset_blocks,
-        count: io.num_blocks,
-        capacity: num_blocks,
-    };
-    let end = io
-        .offset_blocks
-        .checked_add(io.num_blocks)
-        .ok_or_else(out_of_range)?;
-    if end > num_blocks {
-        return Err(out_of_range());
-    }
-    let bs = u64::from(block_size);
-    let start = io.offset_blocks.checked_mul(bs).ok_or_else(out_of_range)?;
-    let len = io.num_blocks.checked_mul(bs).ok_or_else(out_of_range)?;
-    Ok((start, len))
-}
-
-/// Checks that the data buffers of a read or write add up to exactly `len` bytes.
-pub(super) fn check_iovs(io: &BdevIo<'_>, len: u64, capacity: u64) -> Result<(), BdevError> {
-    let total = io
-        .iovs
-        .iter()
-        .try_fold(0u64, |sum, iov: &IoVec| sum.checked_add(u64::from(iov.len)));
-    if total == Some(len) {
-        Ok(())
-    } else {
-        Err(BdevError::OutOfRange {
-            offset: io.offset_blocks,
-            count: io.num_blocks,
-            capacity,
-        })
-    }
 }
 
 impl MallocChannel {

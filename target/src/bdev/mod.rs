@@ -4,6 +4,7 @@
 //! Each reactor that does I/O to it opens its own [`BdevChannel`] (SPDK's I/O channel), so the data
 //! path needs no locks: submissions and completions on a channel happen on one thread only.
 
+pub mod common;
 pub mod file;
 pub mod malloc;
 pub mod null;

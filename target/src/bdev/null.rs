@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use super::malloc::{byte_range, check_iovs, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+use super::common::{byte_range, check_block_size, check_iovs};
 use super::{report_completions, Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoStatus};
 
 /// Completions a channel can hold before its queue has to grow.
@@ -32,13 +32,7 @@ impl NullBdev {
         block_size: u32,
         uuid: [u8; 16],
     ) -> Result<Arc<Self>, BdevError> {
-        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
-        {
-            return Err(BdevError::InvalidParams(format!(
-                "block_size {block_size} must be a power of two from {MIN_BLOCK_SIZE} to \
-                 {MAX_BLOCK_SIZE}"
-            )));
-        }
+        check_block_size(block_size)?;
         if num_blocks == 0 {
             return Err(BdevError::InvalidParams(
                 "num_blocks must be greater than 0".into(),

@@ -38,7 +38,7 @@ use rvhost_nvme::{
     IoQueuePair, NamespaceInfo, NvmeError,
 };
 
-use super::malloc::{byte_range, check_iovs, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+use super::common::{byte_range, check_iovs, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 use super::{
     report_completions, Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoMemory, IoStatus, IoVec,
 };
