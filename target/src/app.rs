@@ -199,7 +199,7 @@ impl App {
                 tracing::info!("shutdown requested by signal");
                 return Exit::Clean;
             }
-            self.methods.poll_nvme_controllers();
+            self.methods.tick_bdev_modules();
             match self.events.recv_timeout(SHUTDOWN_POLL) {
                 Ok(incoming) => {
                     let methods = &mut self.methods;

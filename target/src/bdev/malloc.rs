@@ -11,9 +11,18 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::rpc::errno::EINVAL;
+use crate::rpc::RpcError;
 use rvhost_platform_linux::{copy_between, HostMemory, PagePolicy, SharedDmaMemory};
 
+use serde::Deserialize;
+use serde_json::Value;
+
 use super::common::{byte_range, check_block_size, check_iovs};
+use super::module::{
+    bdev_error, check_physical_block_size, decode, geometry_config, parse_uuid, refuse_metadata,
+    BdevContext, BdevModule, ByName, ModuleEnv, RpcMethod,
+};
 use super::{report_completions, Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoStatus};
 
 /// Completions a channel can hold before its queue has to grow (a virtqueue holds at most 1024).
@@ -246,6 +255,116 @@ impl BdevChannel for MallocChannel {
 
     fn in_flight(&self) -> usize {
         self.completions.len()
+    }
+}
+
+/// The `malloc` module: RAM bdevs created and deleted over JSON-RPC.
+#[derive(Debug)]
+pub struct MallocModule {
+    budget: Arc<MemoryBudget>,
+    /// SPDK names unnamed RAM bdevs `Malloc0`, `Malloc1`, ... from a counter that never goes back.
+    next_name: u32,
+}
+
+/// `bdev_malloc_create` (SPDK's `rpc_bdev_malloc_create`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MallocCreate {
+    name: Option<String>,
+    uuid: Option<String>,
+    num_blocks: u64,
+    block_size: u32,
+    physical_block_size: Option<u32>,
+    /// A splitting hint for SPDK's bdev layer; rvhost does not split I/O, so it changes nothing.
+    #[allow(dead_code)]
+    optimal_io_boundary: Option<u32>,
+    md_size: Option<u32>,
+    md_interleave: Option<bool>,
+    dif_type: Option<i32>,
+    dif_is_head_of_md: Option<bool>,
+    dif_pi_format: Option<i32>,
+    /// Memory is not NUMA-placed yet; every node is accepted.
+    #[allow(dead_code)]
+    numa_id: Option<i32>,
+}
+
+impl MallocModule {
+    fn create(
+        &mut self,
+        cx: &mut BdevContext<'_>,
+        params: Option<Value>,
+    ) -> Result<Value, RpcError> {
+        let p: MallocCreate = decode(params)?;
+        refuse_metadata(p.md_size, p.dif_type)?;
+        if p.md_interleave == Some(true)
+            || p.dif_is_head_of_md == Some(true)
+            || p.dif_pi_format.is_some_and(|f| f != 0)
+        {
+            return Err(RpcError::errno(
+                EINVAL,
+                "metadata and protection information are not supported",
+            ));
+        }
+        check_physical_block_size(p.physical_block_size, p.block_size)?;
+        let name = match p.name {
+            Some(name) => name,
+            None => self.unused_name(cx),
+        };
+        let uuid = parse_uuid(p.uuid.as_deref())?;
+        cx.check_new_name(&name, uuid)?;
+        let bdev = MallocBdev::new(&name, p.num_blocks, p.block_size, uuid, &self.budget)
+            .map_err(bdev_error)?;
+        let removed = Arc::clone(&bdev);
+        cx.register(bdev, Box::new(move || removed.mark_removed()))?;
+        tracing::info!(bdev = %name, num_blocks = p.num_blocks, block_size = p.block_size, "created RAM bdev");
+        Ok(Value::String(name))
+    }
+
+    fn unused_name(&mut self, cx: &BdevContext<'_>) -> String {
+        loop {
+            let name = format!("Malloc{}", self.next_name);
+            self.next_name = self.next_name.wrapping_add(1);
+            if !cx.contains(&name) {
+                return name;
+            }
+        }
+    }
+
+    fn delete(
+        &mut self,
+        cx: &mut BdevContext<'_>,
+        params: Option<Value>,
+    ) -> Result<Value, RpcError> {
+        let p: ByName = decode(params)?;
+        cx.delete(&p.name)?;
+        Ok(Value::Bool(true))
+    }
+}
+
+impl BdevModule for MallocModule {
+    const NAME: &'static str = "malloc";
+    const METHODS: &'static [RpcMethod<Self>] = &[
+        RpcMethod {
+            name: "bdev_malloc_create",
+            old_name: Some("construct_malloc_bdev"),
+            handler: Self::create,
+        },
+        RpcMethod {
+            name: "bdev_malloc_delete",
+            old_name: Some("delete_malloc_bdev"),
+            handler: Self::delete,
+        },
+    ];
+
+    fn new(env: &ModuleEnv) -> Self {
+        MallocModule {
+            budget: Arc::clone(&env.budget),
+            next_name: 0,
+        }
+    }
+
+    fn bdev_config(&self, bdev: &dyn Bdev) -> Option<Value> {
+        Some(geometry_config("bdev_malloc_create", bdev))
     }
 }
 

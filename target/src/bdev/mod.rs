@@ -6,13 +6,36 @@
 
 pub mod common;
 pub mod file;
-pub mod malloc;
-pub mod null;
-pub mod nvme;
+pub mod module;
 pub mod registry;
 pub mod testing;
 
+// The bdev modules, each registered by one line in `modules` below.
+pub mod aio;
+pub mod malloc;
+pub mod null;
+pub mod nvme;
+pub mod uring;
+
+pub use module::{BdevContext, BdevModule, ModuleEnv};
 pub use registry::BdevRegistry;
+
+/// Every bdev module, in the order `rpc_get_methods` lists their methods.
+///
+/// Adding a module (`rbd`, say): write `bdev/rbd.rs` (or `bdev/rbd/`) implementing
+/// [`BdevModule`] — its RPC methods, its `save_config` calls, its housekeeping — declare it with
+/// the other modules above (`pub mod rbd;`), and register it with one line here:
+/// `Box::new(rbd::RbdModule::new(env)),`. Nothing else changes: the JSON-RPC layer lists,
+/// dispatches, saves and ticks modules only through this list.
+pub fn modules(env: &ModuleEnv) -> Vec<Box<dyn module::AnyBdevModule>> {
+    vec![
+        Box::new(malloc::MallocModule::new(env)),
+        Box::new(null::NullModule::new(env)),
+        Box::new(aio::AioModule::new(env)),
+        Box::new(nvme::NvmeModule::new(env)),
+        Box::new(uring::UringModule::new(env)),
+    ]
+}
 
 use std::collections::VecDeque;
 use std::fmt;

@@ -8,8 +8,17 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use serde::Deserialize;
+use serde_json::Value;
+
 use super::common::{byte_range, check_block_size, check_iovs};
+use super::module::{
+    bdev_error, check_physical_block_size, decode, geometry_config, parse_uuid, refuse_metadata,
+    BdevContext, BdevModule, ByName, ModuleEnv, RpcMethod,
+};
 use super::{report_completions, Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoStatus};
+use crate::rpc::errno::EINVAL;
+use crate::rpc::RpcError;
 
 /// Completions a channel can hold before its queue has to grow.
 const COMPLETION_CAPACITY: usize = 1024;
@@ -121,6 +130,96 @@ impl BdevChannel for NullChannel {
 
     fn in_flight(&self) -> usize {
         self.completions.len()
+    }
+}
+
+/// The `null` module: null bdevs created and deleted over JSON-RPC.
+#[derive(Debug, Default)]
+pub struct NullModule;
+
+/// `bdev_null_create` (SPDK's `rpc_bdev_null_create`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NullCreate {
+    name: String,
+    uuid: Option<String>,
+    num_blocks: u64,
+    block_size: u32,
+    physical_block_size: Option<u32>,
+    md_size: Option<u32>,
+    dif_type: Option<i32>,
+    dif_is_head_of_md: Option<bool>,
+    dif_pi_format: Option<i32>,
+    // Alignment and granularity hints SPDK's null bdev only reports; rvhost has nothing to
+    // report them through, and they cannot change what a null device does.
+    #[allow(dead_code)]
+    preferred_write_alignment: Option<u32>,
+    #[allow(dead_code)]
+    preferred_write_granularity: Option<u32>,
+    #[allow(dead_code)]
+    optimal_write_size: Option<u32>,
+    #[allow(dead_code)]
+    preferred_unmap_alignment: Option<u32>,
+    #[allow(dead_code)]
+    preferred_unmap_granularity: Option<u32>,
+}
+
+impl NullModule {
+    fn create(
+        &mut self,
+        cx: &mut BdevContext<'_>,
+        params: Option<Value>,
+    ) -> Result<Value, RpcError> {
+        let p: NullCreate = decode(params)?;
+        refuse_metadata(p.md_size, p.dif_type)?;
+        if p.dif_is_head_of_md == Some(true) || p.dif_pi_format.is_some_and(|f| f != 0) {
+            return Err(RpcError::errno(
+                EINVAL,
+                "protection information is not supported",
+            ));
+        }
+        check_physical_block_size(p.physical_block_size, p.block_size)?;
+        let uuid = parse_uuid(p.uuid.as_deref())?;
+        cx.check_new_name(&p.name, uuid)?;
+        let bdev = NullBdev::new(&p.name, p.num_blocks, p.block_size, uuid).map_err(bdev_error)?;
+        let removed = Arc::clone(&bdev);
+        cx.register(bdev, Box::new(move || removed.mark_removed()))?;
+        tracing::info!(bdev = %p.name, num_blocks = p.num_blocks, block_size = p.block_size, "created null bdev");
+        Ok(Value::String(p.name))
+    }
+
+    fn delete(
+        &mut self,
+        cx: &mut BdevContext<'_>,
+        params: Option<Value>,
+    ) -> Result<Value, RpcError> {
+        let p: ByName = decode(params)?;
+        cx.delete(&p.name)?;
+        Ok(Value::Bool(true))
+    }
+}
+
+impl BdevModule for NullModule {
+    const NAME: &'static str = "null";
+    const METHODS: &'static [RpcMethod<Self>] = &[
+        RpcMethod {
+            name: "bdev_null_create",
+            old_name: Some("construct_null_bdev"),
+            handler: Self::create,
+        },
+        RpcMethod {
+            name: "bdev_null_delete",
+            old_name: Some("delete_null_bdev"),
+            handler: Self::delete,
+        },
+    ];
+
+    fn new(_env: &ModuleEnv) -> Self {
+        NullModule
+    }
+
+    fn bdev_config(&self, bdev: &dyn Bdev) -> Option<Value> {
+        Some(geometry_config("bdev_null_create", bdev))
     }
 }
 

@@ -32,6 +32,8 @@ pub type OnRemove = Box<dyn FnOnce() + Send>;
 
 struct Entry {
     bdev: Arc<dyn Bdev>,
+    /// The module that created it.
+    owner: &'static str,
     uuid_alias: String,
     on_remove: Option<OnRemove>,
 }
@@ -85,9 +87,21 @@ impl BdevRegistry {
             .position(|e| e.bdev.name() == name || e.uuid_alias == name)
     }
 
-    /// Adds `bdev`; `on_remove` runs when it is removed.
+    /// Adds `bdev`, owned by the module it names ([`Bdev::module_name`]); `on_remove` runs when
+    /// it is removed.
     pub fn insert(
         &mut self,
+        bdev: Arc<dyn Bdev>,
+        on_remove: OnRemove,
+    ) -> Result<(), RegistryError> {
+        let owner = bdev.module_name();
+        self.insert_for(owner, bdev, on_remove)
+    }
+
+    /// Adds `bdev`, created by module `owner`; `on_remove` runs when it is removed.
+    pub fn insert_for(
+        &mut self,
+        owner: &'static str,
         bdev: Arc<dyn Bdev>,
         on_remove: OnRemove,
     ) -> Result<(), RegistryError> {
@@ -101,6 +115,7 @@ impl BdevRegistry {
         }
         self.entries.push(Entry {
             bdev,
+            owner,
             uuid_alias,
             on_remove: Some(on_remove),
         });
@@ -119,9 +134,21 @@ impl BdevRegistry {
             .map(|e| Arc::clone(&e.bdev))
     }
 
+    /// Looks a bdev up by name or UUID alias, with the module that created it.
+    pub fn get_with_owner(&self, name: &str) -> Option<(&'static str, Arc<dyn Bdev>)> {
+        self.position(name)
+            .and_then(|i| self.entries.get(i))
+            .map(|e| (e.owner, Arc::clone(&e.bdev)))
+    }
+
     /// Every bdev, in creation order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Bdev>> {
         self.entries.iter().map(|e| &e.bdev)
+    }
+
+    /// Every bdev with the module that created it, in creation order.
+    pub fn iter_with_owner(&self) -> impl Iterator<Item = (&'static str, &Arc<dyn Bdev>)> {
+        self.entries.iter().map(|e| (e.owner, &e.bdev))
     }
 
     /// Number of bdevs.

@@ -20,6 +20,8 @@
 //! shrank underneath) or any error from the file (EIO, ENOSPC, ...) fails that request only, is
 //! counted, and the bdev keeps serving.
 
+pub(crate) mod modules;
+
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};

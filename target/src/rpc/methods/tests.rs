@@ -1,0 +1,526 @@
+//! Unit tests of the JSON-RPC methods, over a fake data plane.
+
+use super::*;
+use crate::ops::ControllerInfo;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+/// A controller as the fake records it: bdev name, cpumask, read-only.
+pub(crate) type FakeController = (String, Option<u64>, bool);
+
+/// Records what the control plane asks of the data plane.
+#[derive(Default)]
+pub(crate) struct FakeOps {
+    pub controllers: Mutex<BTreeMap<String, FakeController>>,
+    pub detached: Mutex<Vec<String>>,
+}
+
+impl ControllerOps for FakeOps {
+    fn create_blk_controller(&self, spec: BlkControllerSpec) -> Result<(), OpsError> {
+        let mut map = self.controllers.lock().unwrap();
+        if map.contains_key(&spec.name) {
+            return Err(OpsError::Exists(spec.name));
+        }
+        if spec.name.contains('/') {
+            return Err(OpsError::InvalidParams(format!("bad name {}", spec.name)));
+        }
+        map.insert(
+            spec.name.clone(),
+            (spec.bdev.name().to_owned(), spec.cpumask, spec.readonly),
+        );
+        Ok(())
+    }
+    fn delete_controller(&self, name: &str) -> Result<(), OpsError> {
+        self.controllers
+            .lock()
+            .unwrap()
+            .remove(name)
+            .map(|_| ())
+            .ok_or_else(|| OpsError::NotFound(name.into()))
+    }
+    fn controllers(&self, name: Option<&str>) -> Result<Vec<ControllerInfo>, OpsError> {
+        let map = self.controllers.lock().unwrap();
+        let info = |(ctrlr, (bdev, mask, ro)): (&String, &FakeController)| ControllerInfo {
+            ctrlr: ctrlr.clone(),
+            cpumask: format!("{:#x}", mask.unwrap_or(1)),
+            delay_base_us: 0,
+            iops_threshold: 0,
+            socket: format!("/tmp/{ctrlr}").into(),
+            sessions: 0,
+            backend_specific: json!({"block": {"readonly": ro, "bdev": bdev}}),
+        };
+        match name {
+            Some(n) => map
+                .get_key_value(n)
+                .map(|kv| vec![info(kv)])
+                .ok_or_else(|| OpsError::NotFound(n.into())),
+            None => Ok(map.iter().map(info).collect()),
+        }
+    }
+    fn bdev_in_use(&self, bdev_name: &str) -> bool {
+        self.controllers
+            .lock()
+            .unwrap()
+            .values()
+            .any(|(b, _, _)| b == bdev_name)
+    }
+    fn detach_bdev(&self, bdev_name: &str) {
+        self.detached.lock().unwrap().push(bdev_name.to_owned());
+    }
+    fn reactors_info(&self) -> Value {
+        json!({"tick_rate": 1, "reactors": [{"lcore": 0}]})
+    }
+}
+
+fn methods() -> (RpcMethods, Arc<FakeOps>) {
+    let ops = Arc::new(FakeOps::default());
+    let m = RpcMethods::new(ops.clone(), MemoryBudget::new(64 << 20), 0x3, "/tmp".into());
+    (m, ops)
+}
+
+fn call(m: &mut RpcMethods, method: &str, params: Value) -> Result<Value, RpcError> {
+    m.call(method, Some(params))
+}
+
+#[test]
+fn malloc_create_list_delete() {
+    let (mut m, _) = methods();
+    let r = call(
+        &mut m,
+        "bdev_malloc_create",
+        json!({"num_blocks": 2048, "block_size": 512, "name": "Malloc0"}),
+    );
+    assert_eq!(r, Ok(json!("Malloc0")));
+    // Unnamed bdevs get SPDK's names, skipping taken ones.
+    let r = call(
+        &mut m,
+        "construct_malloc_bdev",
+        json!({"num_blocks": 8, "block_size": 4096}),
+    );
+    assert_eq!(r, Ok(json!("Malloc1")));
+    let uuid = "0f0e0d0c-0b0a-0908-0706-050403020100";
+    call(
+        &mut m,
+        "bdev_malloc_create",
+        json!({"num_blocks": 8, "block_size": 512, "name": "M2", "uuid": uuid}),
+    )
+    .unwrap();
+    let all = call(&mut m, "bdev_get_bdevs", json!({})).unwrap();
+    let names: Vec<_> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("Malloc0"), json!("Malloc1"), json!("M2")]);
+    let one = m.call("get_bdevs", Some(json!({"name": uuid}))).unwrap();
+    let b = &one[0];
+    assert_eq!(b["name"], "M2");
+    assert_eq!(b["uuid"], uuid);
+    assert_eq!(b["aliases"], json!([uuid]));
+    assert_eq!(b["product_name"], "Malloc disk");
+    assert_eq!(b["block_size"], 512);
+    assert_eq!(b["num_blocks"], 8);
+    assert_eq!(b["claimed"], false);
+    assert_eq!(b["supported_io_types"]["unmap"], true);
+    assert_eq!(b["supported_io_types"]["write_zeroes"], true);
+    assert_eq!(b["assigned_rate_limits"]["rw_ios_per_sec"], 0);
+    assert_eq!(
+        call(&mut m, "bdev_malloc_delete", json!({"name": "Malloc1"})),
+        Ok(json!(true))
+    );
+    let err = call(&mut m, "bdev_malloc_delete", json!({"name": "Malloc1"})).unwrap_err();
+    assert_eq!(err.code, -19);
+    assert_eq!(
+        call(&mut m, "bdev_get_bdevs", json!({"name": "Malloc1"}))
+            .unwrap_err()
+            .code,
+        -19
+    );
+}
+
+#[test]
+fn duplicate_and_invalid_bdevs_get_spdk_codes() {
+    let (mut m, _) = methods();
+    call(
+        &mut m,
+        "bdev_malloc_create",
+        json!({"num_blocks": 8, "block_size": 512, "name": "A"}),
+    )
+    .unwrap();
+    let dup = call(
+        &mut m,
+        "bdev_null_create",
+        json!({"num_blocks": 8, "block_size": 512, "name": "A"}),
+    )
+    .unwrap_err();
+    assert_eq!(dup.code, -17);
+    assert!(dup.message.starts_with("File exists"), "{}", dup.message);
+    for (params, code) in [
+        (
+            json!({"num_blocks": 8, "block_size": 500, "name": "B"}),
+            -22,
+        ),
+        (
+            json!({"num_blocks": 0, "block_size": 512, "name": "B"}),
+            -22,
+        ),
+        (
+            json!({"num_blocks": 8, "block_size": 512, "name": "B", "md_size": 8}),
+            -22,
+        ),
+        (
+            json!({"num_blocks": 8, "block_size": 512, "name": "B", "uuid": "nope"}),
+            -22,
+        ),
+        (json!({"num_blocks": 8, "block_size": 512, "name": ""}), -22),
+        (
+            json!({"num_blocks": 1u64 << 40, "block_size": 512, "name": "B"}),
+            -12,
+        ),
+        (json!({"block_size": 512, "name": "B"}), -32602),
+        (
+            json!({"num_blocks": "8", "block_size": 512, "name": "B"}),
+            -32602,
+        ),
+        (
+            json!({"num_blocks": -1, "block_size": 512, "name": "B"}),
+            -32602,
+        ),
+        (
+            json!({"num_blocks": 8, "block_size": 512, "name": "B", "bogus": 1}),
+            -32602,
+        ),
+    ] {
+        let err = call(&mut m, "bdev_malloc_create", params.clone()).unwrap_err();
+        assert_eq!(err.code, code, "{params}: {}", err.message);
+    }
+    let missing = call(&mut m, "bdev_malloc_create", json!({"block_size": 512})).unwrap_err();
+    assert!(
+        missing.message.contains("num_blocks"),
+        "{}",
+        missing.message
+    );
+    let positional = m
+        .call("bdev_malloc_create", Some(json!([8, 512])))
+        .unwrap_err();
+    assert_eq!(positional.code, -32602);
+    assert_eq!(m.call("bdev_malloc_create", None).unwrap_err().code, -32602);
+    // A null bdev is not deleted through the malloc method, as in SPDK.
+    call(
+        &mut m,
+        "bdev_null_create",
+        json!({"num_blocks": 8, "block_size": 512, "name": "N"}),
+    )
+    .unwrap();
+    assert_eq!(
+        call(&mut m, "bdev_malloc_delete", json!({"name": "N"}))
+            .unwrap_err()
+            .code,
+        -19
+    );
+    assert_eq!(
+        call(&mut m, "delete_null_bdev", json!({"name": "N"})),
+        Ok(json!(true))
+    );
+    assert_eq!(m.bdevs().len(), 1);
+}
+
+#[test]
+fn controllers_go_through_the_data_plane() {
+    let (mut m, ops) = methods();
+    call(
+        &mut m,
+        "bdev_malloc_create",
+        json!({"num_blocks": 8, "block_size": 512, "name": "Malloc0"}),
+    )
+    .unwrap();
+    let create = |m: &mut RpcMethods, p: Value| call(m, "vhost_create_blk_controller", p);
+    assert_eq!(
+        create(&mut m, json!({"ctrlr": "vhost.0", "dev_name": "Malloc0"})),
+        Ok(json!(true))
+    );
+    assert_eq!(
+        m.call("construct_vhost_blk_controller", Some(json!({"ctrlr": "vhost.1", "dev_name": "Malloc0", "cpumask": "0x2", "readonly": true}))),
+        Ok(json!(true))
+    );
+    assert_eq!(
+        ops.controllers.lock().unwrap()["vhost.1"],
+        ("Malloc0".to_owned(), Some(2), true)
+    );
+    assert_eq!(ops.controllers.lock().unwrap()["vhost.0"].1, None);
+    for (params, code) in [
+        (json!({"ctrlr": "vhost.0", "dev_name": "Malloc0"}), -17),
+        (json!({"ctrlr": "vhost.2", "dev_name": "Nope"}), -19),
+        (
+            json!({"ctrlr": "vhost.2", "dev_name": "Malloc0", "cpumask": "0x4"}),
+            -22,
+        ),
+        (
+            json!({"ctrlr": "vhost.2", "dev_name": "Malloc0", "cpumask": "zz"}),
+            -22,
+        ),
+        (
+            json!({"ctrlr": "vhost.2", "dev_name": "Malloc0", "cpumask": "0x0"}),
+            -22,
+        ),
+        (
+            json!({"ctrlr": "vhost.2", "dev_name": "Malloc0", "transport": "vfio"}),
+            -22,
+        ),
+        (json!({"ctrlr": "a/b", "dev_name": "Malloc0"}), -22),
+        (json!({"ctrlr": "vhost.2"}), -32602),
+        (
+            json!({"ctrlr": "vhost.2", "dev_name": "Malloc0", "readonly": "yes"}),
+            -32602,
+        ),
+    ] {
+        let err = create(&mut m, params.clone()).unwrap_err();
+        assert_eq!(err.code, code, "{params}: {}", err.message);
+    }
+    let listed = call(&mut m, "vhost_get_controllers", json!({})).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    assert_eq!(listed[1]["backend_specific"]["block"]["readonly"], true);
+    let one = call(&mut m, "get_vhost_controllers", json!({"name": "vhost.0"})).unwrap();
+    assert_eq!(one[0]["ctrlr"], "vhost.0");
+    assert_eq!(
+        call(&mut m, "vhost_get_controllers", json!({"name": "x"}))
+            .unwrap_err()
+            .code,
+        -19
+    );
+    // Deleting a bdev in use detaches it first.
+    let b = call(&mut m, "bdev_get_bdevs", json!({"name": "Malloc0"})).unwrap();
+    assert_eq!(b[0]["claimed"], true);
+    assert_eq!(
+        call(&mut m, "delete_bdev", json!({"name": "Malloc0"})),
+        Ok(json!(true))
+    );
+    assert_eq!(*ops.detached.lock().unwrap(), ["Malloc0"]);
+    assert_eq!(
+        call(
+            &mut m,
+            "vhost_delete_controller",
+            json!({"ctrlr": "vhost.0"})
+        ),
+        Ok(json!(true))
+    );
+    assert_eq!(
+        call(
+            &mut m,
+            "remove_vhost_controller",
+            json!({"ctrlr": "vhost.0"})
+        )
+        .unwrap_err()
+        .code,
+        -19
+    );
+}
+
+#[test]
+fn saved_config_recreates_bdevs_and_controllers() {
+    let (mut m, _) = methods();
+    call(
+        &mut m,
+        "bdev_malloc_create",
+        json!({"num_blocks": 16, "block_size": 4096, "name": "M"}),
+    )
+    .unwrap();
+    call(
+        &mut m,
+        "bdev_null_create",
+        json!({"num_blocks": 8, "block_size": 512, "name": "N"}),
+    )
+    .unwrap();
+    call(
+        &mut m,
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "v", "dev_name": "N", "readonly": true}),
+    )
+    .unwrap();
+    let subsystems = m.call("framework_get_subsystems", None).unwrap();
+    assert_eq!(
+        subsystems[1],
+        json!({"subsystem": "vhost_blk", "depends_on": ["bdev"]})
+    );
+    let bdev = call(
+        &mut m,
+        "framework_get_config",
+        json!({"name": "bdev", "with_batches": false}),
+    )
+    .unwrap();
+    let m_uuid = m.bdevs().get("M").unwrap().uuid();
+    assert_eq!(
+        bdev[0],
+        json!({"method": "bdev_malloc_create", "params": {"name": "M", "num_blocks": 16, "block_size": 4096, "uuid": uuid_string(m_uuid)}})
+    );
+    assert_eq!(bdev[1]["method"], "bdev_null_create");
+    let vhost = call(&mut m, "framework_get_config", json!({"name": "vhost_blk"})).unwrap();
+    assert_eq!(
+        vhost,
+        json!([{"method": "vhost_create_blk_controller", "params": {"ctrlr": "v", "dev_name": "N", "cpumask": "0x1", "readonly": true}}])
+    );
+    assert_eq!(
+        call(&mut m, "framework_get_config", json!({"name": "nvmf"}))
+            .unwrap_err()
+            .code,
+        -32602
+    );
+
+    // Replaying the saved calls on a fresh target recreates the same state.
+    let (mut fresh, fresh_ops) = methods();
+    for entry in bdev
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(vhost.as_array().unwrap())
+    {
+        fresh
+            .call(
+                entry["method"].as_str().unwrap(),
+                Some(entry["params"].clone()),
+            )
+            .unwrap();
+    }
+    assert_eq!(fresh.bdevs().get("M").unwrap().uuid(), m_uuid);
+    assert_eq!(
+        fresh_ops.controllers.lock().unwrap()["v"],
+        ("N".to_owned(), Some(1), true)
+    );
+}
+
+#[test]
+fn introspection_and_kill() {
+    let (mut m, _) = methods();
+    let names = m.call("rpc_get_methods", None).unwrap();
+    assert!(names
+        .as_array()
+        .unwrap()
+        .contains(&json!("bdev_malloc_create")));
+    assert!(!names
+        .as_array()
+        .unwrap()
+        .contains(&json!("construct_malloc_bdev")));
+    let all = call(
+        &mut m,
+        "get_rpc_methods",
+        json!({"include_aliases": true, "current": true}),
+    )
+    .unwrap();
+    assert!(all
+        .as_array()
+        .unwrap()
+        .contains(&json!("construct_malloc_bdev")));
+    let v = m.call("spdk_get_version", None).unwrap();
+    assert_eq!(
+        v["version"],
+        format!("rvhost v{}", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(v["fields"]["major"], 0);
+    assert_eq!(v["fields"]["minor"], 1);
+    assert_eq!(v["fields"]["suffix"], "");
+    assert_eq!(
+        call(&mut m, "spdk_get_version", json!({"x": 1}))
+            .unwrap_err()
+            .code,
+        -32602
+    );
+    assert_eq!(
+        m.call("framework_get_reactors", None).unwrap()["reactors"][0]["lcore"],
+        0
+    );
+    assert_eq!(m.call("nope", None).unwrap_err().code, -32601);
+    assert_eq!(m.call("framework_wait_init", None), Ok(json!(true)));
+    let level = json!({"level": "DEBUG"});
+    assert_eq!(
+        call(&mut m, "log_set_level", level.clone())
+            .unwrap_err()
+            .code,
+        -95
+    );
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    m.set_log_control(
+        Box::new(move |d| {
+            record.lock().unwrap().push(d.to_owned());
+            Ok(())
+        }),
+        "warn",
+    );
+    assert_eq!(m.call("log_get_print_level", None), Ok(json!("WARNING")));
+    assert_eq!(call(&mut m, "log_set_print_level", level), Ok(json!(true)));
+    assert_eq!(
+        call(&mut m, "log_set_level", json!({"level": "notice"})),
+        Ok(json!(true))
+    );
+    assert_eq!(m.call("log_get_level", None), Ok(json!("NOTICE")));
+    assert_eq!(*seen.lock().unwrap(), ["debug", "info"]);
+    let bad = call(&mut m, "log_set_level", json!({"level": "LOUD"})).unwrap_err();
+    assert_eq!(bad.code, -32602);
+    assert_eq!(
+        m.call("bdev_wait_for_examine", Some(json!({}))),
+        Ok(json!(true))
+    );
+    assert_eq!(
+        call(&mut m, "bdev_wait_for_examine", json!({"x": 1}))
+            .unwrap_err()
+            .code,
+        -32602
+    );
+    assert_eq!(
+        call(&mut m, "spdk_kill_instance", json!({"sig_name": "SIGUSR2"}))
+            .unwrap_err()
+            .code,
+        -22
+    );
+    assert_eq!(m.take_kill_request(), None);
+    assert_eq!(
+        call(&mut m, "spdk_kill_instance", json!({"sig_name": "SIGTERM"})),
+        Ok(json!(true))
+    );
+    assert_eq!(
+        m.take_kill_request(),
+        Some(KillRequest::Shutdown("SIGTERM"))
+    );
+    assert_eq!(m.take_kill_request(), None);
+}
+
+#[test]
+fn bdev_modules_register_their_methods_once_and_first() {
+    let (m, _) = methods();
+    let names = m.method_names(true);
+    let mut seen = std::collections::HashSet::new();
+    for name in &names {
+        assert!(seen.insert(*name), "{name} is registered twice");
+    }
+    // The modules' methods come first, in module order, as `rpc_get_methods` always listed them.
+    let current = m.method_names(false);
+    assert_eq!(
+        current[..14],
+        [
+            "bdev_malloc_create",
+            "bdev_malloc_delete",
+            "bdev_null_create",
+            "bdev_null_delete",
+            "bdev_aio_create",
+            "bdev_aio_delete",
+            "bdev_aio_rescan",
+            "bdev_nvme_attach_controller",
+            "bdev_nvme_get_controllers",
+            "bdev_nvme_detach_controller",
+            "bdev_uring_create",
+            "bdev_uring_delete",
+            "bdev_uring_rescan",
+            "bdev_get_bdevs",
+        ]
+    );
+    for module in &m.modules {
+        for (name, old) in module.method_names() {
+            assert_eq!(module.find_method(name), Some(name));
+            if let Some(old) = old {
+                assert_eq!(module.find_method(old), Some(name));
+                assert!(names.contains(&old), "{old}");
+            }
+        }
+    }
+}
