@@ -60,9 +60,12 @@ use core::ops::Range;
 
 use heapless::Vec;
 
-use crate::mem::{Direction, GuestMemory, MemError, Segment};
+use crate::mem::{Direction, GuestMemory, MemError};
+use crate::segments::{SegmentIoError, SegmentPieces, SegmentRange, SegmentReader};
 use crate::virtio::has_feature;
 use crate::virtq::Chain;
+pub use crate::wire::Truncated;
+use crate::wire::{check_len, copy_prefix, le_u32, le_u64, set};
 
 /// Bytes per virtio-blk sector; `sector` fields always count 512-byte units, whatever `blk_size` is.
 pub const SECTOR_SIZE: u32 = 512;
@@ -153,45 +156,6 @@ pub fn write_status<M: GuestMemory + ?Sized>(
     mem.write(status_addr, &[status.as_u8()])
 }
 
-/// A buffer too short for the wire structure it should hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Truncated {
-    /// Bytes needed.
-    pub needed: usize,
-    /// Bytes available.
-    pub got: usize,
-}
-
-impl core::fmt::Display for Truncated {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "buffer of {} bytes, need {}", self.got, self.needed)
-    }
-}
-
-impl core::error::Error for Truncated {}
-
-fn le_u32(b: &[u8], r: Range<usize>) -> u32 {
-    let mut a = [0u8; 4];
-    if let Some(src) = b.get(r) {
-        a.copy_from_slice(src);
-    }
-    u32::from_le_bytes(a)
-}
-
-fn le_u64(b: &[u8], r: Range<usize>) -> u64 {
-    let mut a = [0u8; 8];
-    if let Some(src) = b.get(r) {
-        a.copy_from_slice(src);
-    }
-    u64::from_le_bytes(a)
-}
-
-fn put(b: &mut [u8], r: Range<usize>, v: &[u8]) {
-    if let Some(dst) = b.get_mut(r) {
-        dst.copy_from_slice(v);
-    }
-}
-
 mod hdr_field {
     use core::ops::Range;
     pub const TYPE: Range<usize> = 0..4;
@@ -211,13 +175,7 @@ impl<T: AsRef<[u8]>> BlkReqHeader<T> {
 
     /// A view over `buffer`, which must hold at least [`Self::LEN`] bytes.
     pub fn new_checked(buffer: T) -> Result<Self, Truncated> {
-        let got = buffer.as_ref().len();
-        if got < Self::LEN {
-            return Err(Truncated {
-                needed: Self::LEN,
-                got,
-            });
-        }
+        check_len(buffer.as_ref(), Self::LEN)?;
         Ok(BlkReqHeader { buffer })
     }
 
@@ -245,17 +203,17 @@ impl<T: AsRef<[u8]>> BlkReqHeader<T> {
 impl<T: AsRef<[u8]> + AsMut<[u8]>> BlkReqHeader<T> {
     /// Sets the request type.
     pub fn set_request_type(&mut self, v: u32) {
-        put(self.buffer.as_mut(), hdr_field::TYPE, &v.to_le_bytes());
+        set(self.buffer.as_mut(), hdr_field::TYPE, &v.to_le_bytes());
     }
 
     /// Sets the reserved field.
     pub fn set_reserved(&mut self, v: u32) {
-        put(self.buffer.as_mut(), hdr_field::RESERVED, &v.to_le_bytes());
+        set(self.buffer.as_mut(), hdr_field::RESERVED, &v.to_le_bytes());
     }
 
     /// Sets the sector.
     pub fn set_sector(&mut self, v: u64) {
-        put(self.buffer.as_mut(), hdr_field::SECTOR, &v.to_le_bytes());
+        set(self.buffer.as_mut(), hdr_field::SECTOR, &v.to_le_bytes());
     }
 }
 
@@ -315,13 +273,7 @@ impl<T: AsRef<[u8]>> DiscardWriteZeroes<T> {
 
     /// A view over `buffer`, which must hold at least [`Self::LEN`] bytes.
     pub fn new_checked(buffer: T) -> Result<Self, Truncated> {
-        let got = buffer.as_ref().len();
-        if got < Self::LEN {
-            return Err(Truncated {
-                needed: Self::LEN,
-                got,
-            });
-        }
+        check_len(buffer.as_ref(), Self::LEN)?;
         Ok(DiscardWriteZeroes { buffer })
     }
 
@@ -344,12 +296,12 @@ impl<T: AsRef<[u8]>> DiscardWriteZeroes<T> {
 impl<T: AsRef<[u8]> + AsMut<[u8]>> DiscardWriteZeroes<T> {
     /// Sets the first sector.
     pub fn set_sector(&mut self, v: u64) {
-        put(self.buffer.as_mut(), dwz_field::SECTOR, &v.to_le_bytes());
+        set(self.buffer.as_mut(), dwz_field::SECTOR, &v.to_le_bytes());
     }
 
     /// Sets the sector count.
     pub fn set_num_sectors(&mut self, v: u32) {
-        put(
+        set(
             self.buffer.as_mut(),
             dwz_field::NUM_SECTORS,
             &v.to_le_bytes(),
@@ -358,7 +310,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> DiscardWriteZeroes<T> {
 
     /// Sets the flags.
     pub fn set_flags(&mut self, v: u32) {
-        put(self.buffer.as_mut(), dwz_field::FLAGS, &v.to_le_bytes());
+        set(self.buffer.as_mut(), dwz_field::FLAGS, &v.to_le_bytes());
     }
 }
 
@@ -532,18 +484,14 @@ macro_rules! cfg_put {
     ($buf:expr, $self:ident, $($field:ident).+) => {{
         let off = core::mem::offset_of!(VirtioBlkConfig, $($field).+);
         let bytes = $self.$($field).+.to_le_bytes();
-        put($buf, off..off + bytes.len(), &bytes);
+        set($buf, off..off + bytes.len(), &bytes);
     }};
 }
 
 macro_rules! cfg_get {
     ($buf:expr, $ty:ty, $($field:ident).+) => {{
         let off = core::mem::offset_of!(VirtioBlkConfig, $($field).+);
-        let mut a = [0u8; core::mem::size_of::<$ty>()];
-        if let Some(src) = $buf.get(off..off + a.len()) {
-            a.copy_from_slice(src);
-        }
-        <$ty>::from_le_bytes(a)
+        <$ty>::from_le_bytes($crate::wire::field($buf, off..off + core::mem::size_of::<$ty>()))
     }};
 }
 
@@ -864,132 +812,11 @@ impl core::fmt::Display for BlkError {
 impl core::error::Error for BlkError {}
 
 /// The data buffers of a request: a window of a chain's segments with the header (front) and
-/// status byte (back) cut off.
-#[derive(Debug, Clone, Copy)]
-pub struct DataSegments<'c> {
-    segments: &'c [Segment],
-    skip: u32,
-    len: u32,
-}
-
-impl<'c> DataSegments<'c> {
-    const EMPTY: DataSegments<'static> = DataSegments {
-        segments: &[],
-        skip: 0,
-        len: 0,
-    };
-
-    /// Total bytes.
-    pub fn len(&self) -> u32 {
-        self.len
-    }
-
-    /// Whether there is no data.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The segments, trimmed; every one is non-empty.
-    pub fn iter(&self) -> DataIter<'c> {
-        DataIter {
-            segments: self.segments.iter(),
-            skip: self.skip,
-            remaining: self.len,
-        }
-    }
-}
-
-impl<'c> IntoIterator for DataSegments<'c> {
-    type Item = Segment;
-    type IntoIter = DataIter<'c>;
-    fn into_iter(self) -> DataIter<'c> {
-        self.iter()
-    }
-}
+/// status byte (back) cut off. `iter()` yields them trimmed and non-empty.
+pub type DataSegments<'c> = SegmentRange<'c>;
 
 /// Iterator over [`DataSegments`].
-#[derive(Debug, Clone)]
-pub struct DataIter<'c> {
-    segments: core::slice::Iter<'c, Segment>,
-    skip: u32,
-    remaining: u32,
-}
-
-impl Iterator for DataIter<'_> {
-    type Item = Segment;
-
-    fn next(&mut self) -> Option<Segment> {
-        while self.remaining > 0 {
-            let seg = self.segments.next()?;
-            if self.skip >= seg.len {
-                self.skip -= seg.len;
-                continue;
-            }
-            let offset = self.skip;
-            self.skip = 0;
-            let len = (seg.len - offset).min(self.remaining);
-            self.remaining -= len;
-            // offset < seg.len, and the whole segment was translated, so these cannot wrap.
-            return Some(Segment {
-                guest_addr: seg.guest_addr.saturating_add(u64::from(offset)),
-                host_addr: seg.host_addr.saturating_add(u64::from(offset)),
-                len,
-                direction: seg.direction,
-            });
-        }
-        None
-    }
-}
-
-/// A cursor that copies bytes out of a list of guest segments.
-struct SegmentReader<'c> {
-    segments: &'c [Segment],
-    index: usize,
-    offset: u32,
-}
-
-impl<'c> SegmentReader<'c> {
-    fn new(segments: &'c [Segment]) -> Self {
-        SegmentReader {
-            segments,
-            index: 0,
-            offset: 0,
-        }
-    }
-
-    /// Fills `buf` from the current position; the caller has checked that enough bytes remain.
-    fn read_exact<M: GuestMemory + ?Sized>(
-        &mut self,
-        mem: &M,
-        buf: &mut [u8],
-    ) -> Result<(), MemError> {
-        let mut filled = 0usize;
-        while filled < buf.len() {
-            let Some(seg) = self.segments.get(self.index) else {
-                return Err(MemError::Overflow);
-            };
-            let available = seg.len.saturating_sub(self.offset) as usize;
-            if available == 0 {
-                self.index += 1;
-                self.offset = 0;
-                continue;
-            }
-            let take = available.min(buf.len() - filled);
-            let dst = buf
-                .get_mut(filled..filled + take)
-                .ok_or(MemError::Overflow)?;
-            let addr = seg
-                .guest_addr
-                .checked_add(u64::from(self.offset))
-                .ok_or(MemError::Overflow)?;
-            mem.read(addr, dst)?;
-            filled += take;
-            // take <= available <= seg.len - offset, which fits in u32.
-            self.offset += take as u32;
-        }
-        Ok(())
-    }
-}
+pub type DataIter<'c> = SegmentPieces<'c>;
 
 /// A decoded virtio-blk request, ready to execute without reading guest memory again.
 #[derive(Debug, Clone)]
@@ -1014,18 +841,31 @@ pub struct BlkRequest<'c, const R: usize> {
 impl<'c, const R: usize> BlkRequest<'c, R> {
     /// Bytes of data to transfer (Read/Write/GetId).
     pub fn data_len(&self) -> u32 {
-        self.data.len()
+        // A chain's lengths are below 2^32 (checked when it was walked).
+        u32::try_from(self.data.len()).unwrap_or(u32::MAX)
     }
 
     /// The used-ring length when the request succeeds: data written to the driver plus the status
     /// byte.
     pub fn used_len_ok(&self) -> u32 {
         let written = match self.kind {
-            BlkRequestKind::Read => self.data.len(),
-            BlkRequestKind::GetId => self.data.len().min(VIRTIO_BLK_ID_BYTES as u32),
+            BlkRequestKind::Read => self.data_len(),
+            BlkRequestKind::GetId => self.data_len().min(VIRTIO_BLK_ID_BYTES as u32),
             _ => 0,
         };
         written.saturating_add(1)
+    }
+
+    /// Answers GET_ID: writes `id` (the device's serial), cut to [`VIRTIO_BLK_ID_BYTES`] and
+    /// NUL-padded to it, into the request's data buffers, as much of it as they hold (§5.2.6.1:
+    /// the string is not necessarily NUL-terminated). Returns how many bytes were written, which
+    /// is what [`BlkRequest::used_len_ok`] counts for GET_ID.
+    pub fn write_id<M: GuestMemory + ?Sized>(&self, mem: &M, id: &[u8]) -> Result<u32, MemError> {
+        let mut padded = [0u8; VIRTIO_BLK_ID_BYTES];
+        copy_prefix(&mut padded, id);
+        let written = self.data.writer().write(mem, &padded)?;
+        // written <= VIRTIO_BLK_ID_BYTES.
+        Ok(written as u32)
     }
 
     /// Decodes a walked chain as a virtio-blk request (§5.2.6).
@@ -1061,24 +901,20 @@ impl<'c, const R: usize> BlkRequest<'c, R> {
             reason,
         };
 
-        let mut reader = SegmentReader::new(chain.readable());
+        let readable = chain.readable_range();
+        let mut reader = readable.reader();
         let mut raw = [0u8; 16];
-        reader
-            .read_exact(mem, &mut raw)
-            .map_err(|e| reject(BlkReject::Memory(e)))?;
+        read_exact(&mut reader, mem, &mut raw).map_err(reject)?;
         let header = BlkReqHeaderRepr::parse(&BlkReqHeader { buffer: &raw[..] });
 
-        let readable_payload = DataSegments {
-            segments: chain.readable(),
-            skip: header_len,
-            len: readable_len - header_len,
-        };
-        let writable_payload = DataSegments {
-            segments: chain.writable(),
-            skip: 0,
-            // The status segment is writable and non-empty, so writable_len >= 1.
-            len: chain.writable_len().saturating_sub(1),
-        };
+        // readable_len >= header_len (checked above).
+        let readable_payload = readable
+            .tail(u64::from(header_len))
+            .unwrap_or(DataSegments::EMPTY);
+        // The status segment is writable and non-empty, so writable_len >= 1.
+        let writable_payload = chain
+            .writable_range()
+            .take(u64::from(chain.writable_len().saturating_sub(1)));
 
         let mut request = BlkRequest {
             head: chain.head(),
@@ -1104,10 +940,12 @@ impl<'c, const R: usize> BlkRequest<'c, R> {
                 if !other.is_empty() {
                     return Err(reject(BlkReject::WrongDirection));
                 }
-                if data.len() % SECTOR_SIZE != 0 {
-                    return Err(reject(BlkReject::UnalignedLength(data.len())));
+                // A chain's lengths are below 2^32 (checked when it was walked).
+                let data_len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                if data_len % SECTOR_SIZE != 0 {
+                    return Err(reject(BlkReject::UnalignedLength(data_len)));
                 }
-                let sectors = u64::from(data.len() >> SECTOR_SHIFT);
+                let sectors = u64::from(data_len >> SECTOR_SHIFT);
                 check_range(header.sector, sectors, limits.capacity).map_err(reject)?;
                 request.kind = kind;
                 request.sector = header.sector;
@@ -1133,7 +971,7 @@ impl<'c, const R: usize> BlkRequest<'c, R> {
                 if !writable_payload.is_empty() {
                     return Err(reject(BlkReject::WrongDirection));
                 }
-                let list_len = readable_payload.len();
+                let list_len = u32::try_from(readable_payload.len()).unwrap_or(u32::MAX);
                 let entry_len = DiscardWriteZeroes::<&[u8]>::LEN as u32;
                 if list_len == 0 || list_len % entry_len != 0 {
                     return Err(reject(BlkReject::BadRangeList { len: list_len }));
@@ -1147,9 +985,7 @@ impl<'c, const R: usize> BlkRequest<'c, R> {
                 }
                 for _ in 0..count {
                     let mut raw = [0u8; 16];
-                    reader
-                        .read_exact(mem, &mut raw)
-                        .map_err(|e| reject(BlkReject::Memory(e)))?;
+                    read_exact(&mut reader, mem, &mut raw).map_err(reject)?;
                     let repr =
                         DiscardWriteZeroesRepr::parse(&DiscardWriteZeroes { buffer: &raw[..] });
                     let range = check_dwz_range(&repr, is_discard, range_limits, limits.capacity)
@@ -1171,6 +1007,21 @@ impl<'c, const R: usize> BlkRequest<'c, R> {
         }
         Ok(request)
     }
+}
+
+/// Reads the next wire structure out of the request's readable bytes, whose length the caller
+/// checked (a shortfall is reported as unreadable memory, which it then is).
+fn read_exact<M: GuestMemory + ?Sized>(
+    reader: &mut SegmentReader<'_>,
+    mem: &M,
+    buf: &mut [u8],
+) -> Result<(), BlkReject> {
+    reader.read_exact(mem, buf).map_err(|e| {
+        BlkReject::Memory(match e {
+            SegmentIoError::Memory(e) => e,
+            SegmentIoError::Truncated(_) => MemError::Overflow,
+        })
+    })
 }
 
 fn check_range(sector: u64, sectors: u64, capacity: u64) -> Result<(), BlkReject> {

@@ -7,7 +7,9 @@
 //! Accessors never panic: a view is only built by `new_checked`, which checks the length.
 
 use core::fmt;
-use core::ops::Range;
+
+pub use crate::wire::Truncated;
+use crate::wire::{byte, check_len, copy_prefix, field, le_u16, le_u32, le_u64, set, set_byte};
 
 /// Feature bits (bit numbers) of virtio-scsi (§5.6.3).
 pub mod feature {
@@ -28,23 +30,6 @@ pub const VIRTIO_SCSI_SENSE_DEFAULT_SIZE: u32 = 96;
 /// Largest CDB a [`CmdReqRepr`] keeps; the bytes beyond are never looked at (SCSI CDBs rvhost
 /// implements are at most 16 bytes).
 pub const MAX_CDB_SIZE: usize = 32;
-
-/// A buffer too short for the structure it should hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Truncated {
-    /// Bytes needed.
-    pub needed: usize,
-    /// Bytes available.
-    pub got: usize,
-}
-
-impl fmt::Display for Truncated {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "buffer of {} bytes, need {}", self.got, self.needed)
-    }
-}
-
-impl core::error::Error for Truncated {}
 
 /// Why a request or its fields are invalid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,56 +63,6 @@ impl core::error::Error for VirtioScsiError {}
 impl From<Truncated> for VirtioScsiError {
     fn from(t: Truncated) -> Self {
         VirtioScsiError::Truncated(t)
-    }
-}
-
-fn check_len(buf: &[u8], needed: usize) -> Result<(), Truncated> {
-    if buf.len() < needed {
-        return Err(Truncated {
-            needed,
-            got: buf.len(),
-        });
-    }
-    Ok(())
-}
-
-fn get<const N: usize>(b: &[u8], r: Range<usize>) -> [u8; N] {
-    let mut a = [0u8; N];
-    if let Some(src) = b.get(r) {
-        if src.len() == N {
-            a.copy_from_slice(src);
-        }
-    }
-    a
-}
-
-fn set(b: &mut [u8], r: Range<usize>, v: &[u8]) {
-    if let Some(dst) = b.get_mut(r) {
-        if dst.len() == v.len() {
-            dst.copy_from_slice(v);
-        }
-    }
-}
-
-fn le16(b: &[u8], r: Range<usize>) -> u16 {
-    u16::from_le_bytes(get(b, r))
-}
-
-fn le32(b: &[u8], r: Range<usize>) -> u32 {
-    u32::from_le_bytes(get(b, r))
-}
-
-fn le64(b: &[u8], r: Range<usize>) -> u64 {
-    u64::from_le_bytes(get(b, r))
-}
-
-fn byte(b: &[u8], i: usize) -> u8 {
-    b.get(i).copied().unwrap_or(0)
-}
-
-fn set_byte(b: &mut [u8], i: usize, v: u8) {
-    if let Some(d) = b.get_mut(i) {
-        *d = v;
     }
 }
 
@@ -261,11 +196,11 @@ impl<T: AsRef<[u8]>> CmdReq<T> {
 
     /// The raw LUN field.
     pub fn lun(&self) -> [u8; 8] {
-        get(self.buffer.as_ref(), cmd_req::LUN)
+        field(self.buffer.as_ref(), cmd_req::LUN)
     }
     /// The command identifier (`id`, Linux's `tag`).
     pub fn tag(&self) -> u64 {
-        le64(self.buffer.as_ref(), cmd_req::TAG)
+        le_u64(self.buffer.as_ref(), cmd_req::TAG)
     }
     /// Task attribute.
     pub fn task_attr(&self) -> u8 {
@@ -282,7 +217,7 @@ impl<T: AsRef<[u8]>> CmdReq<T> {
     /// Protection-information bytes in data-out (T10_PI layout only, else 0).
     pub fn pi_bytesout(&self) -> u32 {
         if self.pi {
-            le32(self.buffer.as_ref(), cmd_req::PI_BYTESOUT)
+            le_u32(self.buffer.as_ref(), cmd_req::PI_BYTESOUT)
         } else {
             0
         }
@@ -290,7 +225,7 @@ impl<T: AsRef<[u8]>> CmdReq<T> {
     /// Protection-information bytes in data-in (T10_PI layout only, else 0).
     pub fn pi_bytesin(&self) -> u32 {
         if self.pi {
-            le32(self.buffer.as_ref(), cmd_req::PI_BYTESIN)
+            le_u32(self.buffer.as_ref(), cmd_req::PI_BYTESIN)
         } else {
             0
         }
@@ -377,10 +312,8 @@ pub struct CmdReqRepr {
 impl CmdReqRepr {
     /// Copies the fields out of a checked view.
     pub fn parse<T: AsRef<[u8]>>(req: &CmdReq<T>) -> CmdReqRepr {
-        let src = req.cdb();
-        let n = src.len().min(MAX_CDB_SIZE);
         let mut cdb = [0u8; MAX_CDB_SIZE];
-        cdb[..n].copy_from_slice(&src[..n]);
+        let n = copy_prefix(&mut cdb, req.cdb());
         CmdReqRepr {
             lun: req.lun(),
             tag: req.tag(),
@@ -395,7 +328,9 @@ impl CmdReqRepr {
 
     /// The CDB bytes.
     pub fn cdb(&self) -> &[u8] {
-        &self.cdb[..usize::from(self.cdb_len).min(MAX_CDB_SIZE)]
+        self.cdb
+            .get(..usize::from(self.cdb_len))
+            .unwrap_or(&self.cdb)
     }
 
     /// The parsed LUN address.
@@ -413,11 +348,11 @@ impl CmdReqRepr {
         if let Some((o, i)) = self.pi {
             req.set_pi_bytes(o, i);
         }
-        let cdb = self.cdb();
+        let cdb = self.cdb;
+        let len = usize::from(self.cdb_len);
         let dst = req.cdb_mut();
         dst.fill(0);
-        let n = dst.len().min(cdb.len());
-        dst[..n].copy_from_slice(&cdb[..n]);
+        copy_prefix(dst, cdb.get(..len).unwrap_or(&cdb));
     }
 }
 
@@ -520,15 +455,15 @@ impl<T: AsRef<[u8]>> CmdResp<T> {
     }
     /// Bytes of sense data written.
     pub fn sense_len(&self) -> u32 {
-        le32(self.buffer.as_ref(), cmd_resp::SENSE_LEN)
+        le_u32(self.buffer.as_ref(), cmd_resp::SENSE_LEN)
     }
     /// Residual byte count.
     pub fn residual(&self) -> u32 {
-        le32(self.buffer.as_ref(), cmd_resp::RESIDUAL)
+        le_u32(self.buffer.as_ref(), cmd_resp::RESIDUAL)
     }
     /// Status qualifier.
     pub fn status_qualifier(&self) -> u16 {
-        le16(self.buffer.as_ref(), cmd_resp::STATUS_QUALIFIER)
+        le_u16(self.buffer.as_ref(), cmd_resp::STATUS_QUALIFIER)
     }
     /// SCSI status.
     pub fn status(&self) -> u8 {
@@ -578,8 +513,9 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> CmdResp<T> {
     }
 }
 
-/// A command response's fixed header (the sense bytes are written separately, straight into the
-/// view's sense area, to avoid a copy).
+/// A command response's fixed header. [`CmdRespRepr::emit`] writes the header alone;
+/// [`CmdRespRepr::emit_with_sense`] and [`CmdRespRepr::to_response_bytes`] write the whole
+/// response, header and sense area, as the driver reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CmdRespRepr {
     /// Bytes of sense data.
@@ -635,6 +571,43 @@ impl CmdRespRepr {
         let mut b = [0u8; CMD_RESP_HEADER_LEN];
         let mut v = CmdResp { buffer: &mut b[..] };
         self.emit(&mut v);
+        b
+    }
+
+    /// Writes the whole response into a view: the header, then the first `sense_len` bytes of
+    /// `sense` into the sense area, then zeros to the end of the area. The sense length written
+    /// is what was copied, which is `sense_len` unless `sense` or the view's sense area (the
+    /// negotiated `sense_size`) is shorter: a driver never reads sense the device did not write.
+    pub fn emit_with_sense<T: AsRef<[u8]> + AsMut<[u8]>>(
+        &self,
+        sense: &[u8],
+        resp: &mut CmdResp<T>,
+    ) {
+        let wanted = usize::try_from(self.sense_len).unwrap_or(usize::MAX);
+        let area = resp.sense_mut();
+        let copied = copy_prefix(area, sense.get(..wanted).unwrap_or(sense));
+        if let Some(rest) = area.get_mut(copied..) {
+            rest.fill(0);
+        }
+        CmdRespRepr {
+            // copied <= sense_len, a u32.
+            sense_len: u32::try_from(copied).unwrap_or(self.sense_len),
+            ..*self
+        }
+        .emit(resp);
+    }
+
+    /// The whole response as `N` bytes (`N` is the response length for the negotiated
+    /// `sense_size`, [`cmd_resp_len`]); see [`CmdRespRepr::emit_with_sense`].
+    pub fn to_response_bytes<const N: usize>(&self, sense: &[u8]) -> [u8; N] {
+        const {
+            assert!(
+                N >= CMD_RESP_HEADER_LEN,
+                "a response holds at least its header"
+            )
+        };
+        let mut b = [0u8; N];
+        self.emit_with_sense(sense, &mut CmdResp { buffer: &mut b[..] });
         b
     }
 }
@@ -718,19 +691,19 @@ impl<T: AsRef<[u8]>> TmfReq<T> {
     }
     /// `type` (0 for TMF).
     pub fn request_type(&self) -> u32 {
-        le32(self.buffer.as_ref(), tmf_req::TYPE)
+        le_u32(self.buffer.as_ref(), tmf_req::TYPE)
     }
     /// `subtype`.
     pub fn subtype(&self) -> u32 {
-        le32(self.buffer.as_ref(), tmf_req::SUBTYPE)
+        le_u32(self.buffer.as_ref(), tmf_req::SUBTYPE)
     }
     /// Raw LUN field.
     pub fn lun(&self) -> [u8; 8] {
-        get(self.buffer.as_ref(), tmf_req::LUN)
+        field(self.buffer.as_ref(), tmf_req::LUN)
     }
     /// Tag of the task to abort/query.
     pub fn tag(&self) -> u64 {
-        le64(self.buffer.as_ref(), tmf_req::TAG)
+        le_u64(self.buffer.as_ref(), tmf_req::TAG)
     }
 }
 
@@ -840,15 +813,15 @@ impl<T: AsRef<[u8]>> AnReq<T> {
     }
     /// `type` (AN_QUERY or AN_SUBSCRIBE).
     pub fn request_type(&self) -> u32 {
-        le32(self.buffer.as_ref(), an_req::TYPE)
+        le_u32(self.buffer.as_ref(), an_req::TYPE)
     }
     /// Raw LUN field.
     pub fn lun(&self) -> [u8; 8] {
-        get(self.buffer.as_ref(), an_req::LUN)
+        field(self.buffer.as_ref(), an_req::LUN)
     }
     /// Requested event classes.
     pub fn event_requested(&self) -> u32 {
-        le32(self.buffer.as_ref(), an_req::EVENT_REQUESTED)
+        le_u32(self.buffer.as_ref(), an_req::EVENT_REQUESTED)
     }
 }
 
@@ -924,7 +897,7 @@ impl AnRespRepr {
         check_len(buf, AN_RESP_LEN)?;
         let code = byte(buf, an_resp::RESPONSE);
         Ok(AnRespRepr {
-            event_actual: le32(buf, an_resp::EVENT_ACTUAL),
+            event_actual: le_u32(buf, an_resp::EVENT_ACTUAL),
             response: Response::try_from(code)
                 .map_err(|_| VirtioScsiError::UnknownControlType(u32::from(code)))?,
         })
@@ -938,7 +911,7 @@ impl AnRespRepr {
             an_resp::EVENT_ACTUAL,
             &self.event_actual.to_le_bytes(),
         );
-        b[an_resp::RESPONSE] = self.response.code();
+        set_byte(&mut b, an_resp::RESPONSE, self.response.code());
         b
     }
 }
@@ -956,7 +929,7 @@ impl ControlRequest {
     /// Parses the device-readable part of a control request.
     pub fn parse(buf: &[u8]) -> Result<ControlRequest, VirtioScsiError> {
         check_len(buf, 4)?;
-        match le32(buf, 0..4) {
+        match le_u32(buf, 0..4) {
             ctrl_type::VIRTIO_SCSI_T_TMF => Ok(ControlRequest::Tmf(TmfReqRepr::parse(
                 &TmfReq::new_checked(buf)?,
             )?)),
@@ -1045,15 +1018,15 @@ impl<T: AsRef<[u8]>> Event<T> {
     }
     /// `event`, including the EVENTS_MISSED flag.
     pub fn event(&self) -> u32 {
-        le32(self.buffer.as_ref(), ev::EVENT)
+        le_u32(self.buffer.as_ref(), ev::EVENT)
     }
     /// Raw LUN field.
     pub fn lun(&self) -> [u8; 8] {
-        get(self.buffer.as_ref(), ev::LUN)
+        field(self.buffer.as_ref(), ev::LUN)
     }
     /// `reason`.
     pub fn reason(&self) -> u32 {
-        le32(self.buffer.as_ref(), ev::REASON)
+        le_u32(self.buffer.as_ref(), ev::REASON)
     }
 }
 
@@ -1193,16 +1166,16 @@ impl ConfigRepr {
     pub fn parse(buf: &[u8]) -> Result<ConfigRepr, Truncated> {
         check_len(buf, CONFIG_LEN)?;
         Ok(ConfigRepr {
-            num_queues: le32(buf, cfg::NUM_QUEUES),
-            seg_max: le32(buf, cfg::SEG_MAX),
-            max_sectors: le32(buf, cfg::MAX_SECTORS),
-            cmd_per_lun: le32(buf, cfg::CMD_PER_LUN),
-            event_info_size: le32(buf, cfg::EVENT_INFO_SIZE),
-            sense_size: le32(buf, cfg::SENSE_SIZE),
-            cdb_size: le32(buf, cfg::CDB_SIZE),
-            max_channel: le16(buf, cfg::MAX_CHANNEL),
-            max_target: le16(buf, cfg::MAX_TARGET),
-            max_lun: le32(buf, cfg::MAX_LUN),
+            num_queues: le_u32(buf, cfg::NUM_QUEUES),
+            seg_max: le_u32(buf, cfg::SEG_MAX),
+            max_sectors: le_u32(buf, cfg::MAX_SECTORS),
+            cmd_per_lun: le_u32(buf, cfg::CMD_PER_LUN),
+            event_info_size: le_u32(buf, cfg::EVENT_INFO_SIZE),
+            sense_size: le_u32(buf, cfg::SENSE_SIZE),
+            cdb_size: le_u32(buf, cfg::CDB_SIZE),
+            max_channel: le_u16(buf, cfg::MAX_CHANNEL),
+            max_target: le_u16(buf, cfg::MAX_TARGET),
+            max_lun: le_u32(buf, cfg::MAX_LUN),
         })
     }
 

@@ -165,6 +165,43 @@ fn flush_and_get_id() {
 }
 
 #[test]
+fn get_id_is_written_across_segments_and_cut_to_the_buffer() {
+    let mut ram = ram();
+    let mem = mem(&mut ram);
+    header(&mem, HDR, 8, 0);
+    mem.write(BUF, &[0xee; 64]).unwrap();
+    // 20 bytes split 7 + 13 over two descriptors: the name, then NUL padding.
+    let c = chain(
+        &mem,
+        &[
+            (HDR, 16, false),
+            (BUF, 7, true),
+            (BUF + 32, 13, true),
+            (STATUS, 1, true),
+        ],
+    );
+    let r = decode(&mem, &c).unwrap();
+    assert_eq!(r.write_id(&mem, b"Malloc0"), Ok(20));
+    let mut out = [0u8; 64];
+    mem.read(BUF, &mut out).unwrap();
+    assert_eq!(&out[..7], b"Malloc0");
+    assert_eq!(out[7..32], [0xee; 25]);
+    assert_eq!(out[32..45], [0; 13]);
+    assert_eq!(out[45..], [0xee; 19]);
+    // A longer name is cut to 20 bytes, a shorter buffer gets what fits.
+    let c = chain(&mem, &[(HDR, 16, false), (BUF, 6, true), (STATUS, 1, true)]);
+    let r = decode(&mem, &c).unwrap();
+    assert_eq!(r.write_id(&mem, b"a-bdev-name-longer-than-20-bytes"), Ok(6));
+    assert_eq!(r.used_len_ok(), 7);
+    mem.read(BUF, &mut out[..7]).unwrap();
+    assert_eq!(
+        &out[..7],
+        b"a-bdev0",
+        "the 7th byte is left from the first answer"
+    );
+}
+
+#[test]
 fn discard_and_write_zeroes_ranges_are_copied_out() {
     let mut ram = ram();
     let mem = mem(&mut ram);

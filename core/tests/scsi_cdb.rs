@@ -425,6 +425,33 @@ fn be_matches_a_bytewise_fold_for_every_range() {
     }
 }
 
+/// An unchecked view over a buffer shorter than its CDB reads zeros past the end instead of
+/// panicking: no accessor indexes guest bytes unchecked.
+#[test]
+fn an_unchecked_view_of_a_short_buffer_never_panics() {
+    // READ(16) needs 16 bytes; only the opcode, flags and 4 LBA bytes are here.
+    let bytes = [0x88u8, 0x08, 0x01, 0x02, 0x03, 0x04];
+    let cdb = Cdb::new_unchecked(&bytes[..]);
+    assert_eq!(cdb.opcode(), 0x88);
+    assert_eq!(cdb.len(), 16);
+    assert_eq!(cdb.bytes(), &bytes[..]);
+    assert_eq!(cdb.byte(1), 0x08);
+    assert_eq!(cdb.byte(6), 0);
+    assert_eq!(cdb.byte(usize::MAX), 0);
+    assert_eq!(cdb.be(2..6), 0x0102_0304);
+    assert_eq!(cdb.lba(), 0, "the LBA field reaches past the buffer");
+    assert_eq!(cdb.transfer_length(), 0);
+    assert_eq!(cdb.control(), 0);
+    assert_eq!(cdb.group_number(), 0);
+    let empty = Cdb::new_unchecked(&[][..]);
+    assert_eq!(empty.opcode(), 0);
+    assert_eq!(empty.be(0..8), 0);
+    assert_eq!(
+        Cdb::new_checked(&bytes[..]).err().map(|e| e.sense()),
+        Some(Sense::INVALID_FIELD_IN_CDB)
+    );
+}
+
 /// The data-path decoder accepts exactly the READ/WRITE(10/16) CDBs the general parser turns into
 /// `Read`/`Write`, with the same fields, and nothing else.
 #[test]

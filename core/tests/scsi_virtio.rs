@@ -436,3 +436,50 @@ fn header_lengths_saturate_for_absurd_driver_sizes() {
     assert!(cmd_resp_len(u32::MAX) >= u32::MAX as usize);
     assert!(CmdReq::new_checked(&CMD_REQ[..], u32::MAX).is_err());
 }
+
+#[test]
+fn whole_response_with_sense_literal_bytes() {
+    use rvhost_core::scsi::sense::Sense;
+    use rvhost_core::scsi::{Completion, ScsiStatus};
+    let c = Completion {
+        status: ScsiStatus::CheckCondition,
+        transferred: 0,
+        residual: 512,
+        sense_len: 18,
+    };
+    let mut sense = [0u8; 96];
+    assert_eq!(Sense::INVALID_FIELD_IN_CDB.emit_fixed(&mut sense), 18);
+    let repr = CmdRespRepr::for_completion(&c, 96);
+    // Stale bytes in the sense area beyond the sense are zeroed.
+    let mut buf = [0xeeu8; 12 + 96];
+    repr.emit_with_sense(&sense, &mut CmdResp::new_checked(&mut buf[..]).unwrap());
+    assert_eq!(buf[..12], [18, 0, 0, 0, 0x00, 0x02, 0, 0, 0, 0, 0x02, 0x00]);
+    assert_eq!(
+        buf[12..30],
+        [0x70, 0, 0x05, 0, 0, 0, 0, 0x0a, 0, 0, 0, 0, 0x24, 0, 0, 0, 0, 0]
+    );
+    assert!(buf[30..].iter().all(|&b| b == 0));
+    let bytes: [u8; 12 + 96] = repr.to_response_bytes(&sense);
+    assert_eq!(bytes, buf);
+
+    // A sense area smaller than the sense (the driver negotiated sense_size 8): sense_len says
+    // what was copied.
+    let cut: [u8; 12 + 8] = repr.to_response_bytes(&sense);
+    assert_eq!(cut[..4], [8, 0, 0, 0]);
+    assert_eq!(cut[12..], sense[..8]);
+    // Fewer sense bytes at hand than sense_len claims: only those are reported.
+    let short: [u8; 12 + 96] = repr.to_response_bytes(&sense[..4]);
+    assert_eq!(short[..4], [4, 0, 0, 0]);
+    assert_eq!(short[12..16], sense[..4]);
+    assert!(short[16..].iter().all(|&b| b == 0));
+    // No sense at all (GOOD): header only, zeroed sense area.
+    let good = CmdRespRepr {
+        sense_len: 0,
+        residual: 0,
+        status_qualifier: 0,
+        status: 0,
+        response: Response::Ok,
+    };
+    let ok: [u8; 12 + 96] = good.to_response_bytes(&sense);
+    assert!(ok.iter().all(|&b| b == 0));
+}

@@ -10,6 +10,7 @@ use core::ops::Range;
 
 use super::opcode as op;
 use super::sense::Sense;
+use crate::wire;
 
 /// Field offsets, per CDB layout.
 pub mod field {
@@ -207,7 +208,7 @@ pub struct Cdb<T: AsRef<[u8]>> {
 }
 
 impl<T: AsRef<[u8]>> Cdb<T> {
-    /// Wraps `buffer` without checking its length; accessors may panic on a short buffer.
+    /// Wraps `buffer` without checking its length; accessors read zeros past its end.
     pub const fn new_unchecked(buffer: T) -> Cdb<T> {
         Cdb { buffer }
     }
@@ -245,7 +246,7 @@ impl<T: AsRef<[u8]>> Cdb<T> {
     /// The operation code.
     #[inline]
     pub fn opcode(&self) -> u8 {
-        self.buffer.as_ref()[field::OPCODE]
+        self.byte(field::OPCODE)
     }
 
     /// The CDB length implied by the operation code.
@@ -262,13 +263,13 @@ impl<T: AsRef<[u8]>> Cdb<T> {
     /// The CDB bytes proper (without trailing padding of the transport's CDB field).
     pub fn bytes(&self) -> &[u8] {
         let b = self.buffer.as_ref();
-        &b[..self.len().min(b.len())]
+        b.get(..self.len()).unwrap_or(b)
     }
 
-    /// Byte `i`.
+    /// Byte `i` (0 past the end of the buffer).
     #[inline]
     pub fn byte(&self, i: usize) -> u8 {
-        self.buffer.as_ref()[i]
+        wire::byte(self.buffer.as_ref(), i)
     }
 
     /// Bit `bit` of byte `i`.
@@ -276,16 +277,11 @@ impl<T: AsRef<[u8]>> Cdb<T> {
         self.byte(i) & (1 << bit) != 0
     }
 
-    /// The big-endian unsigned integer in `range` (at most 8 bytes).
+    /// The big-endian unsigned integer in `range` (0 if the range is past the end of the
+    /// buffer; a range longer than 8 bytes keeps its last 8).
     #[inline]
     pub fn be(&self, range: Range<usize>) -> u64 {
-        let bytes = &self.buffer.as_ref()[range];
-        // One byte-swapped load instead of a shift per byte (every READ/WRITE decodes two of
-        // these); a longer range keeps its last 8 bytes, as shifting them all in would.
-        let tail = &bytes[bytes.len().saturating_sub(8)..];
-        let mut word = [0u8; 8];
-        word[8 - tail.len()..].copy_from_slice(tail);
-        u64::from_be_bytes(word)
+        wire::be_uint(self.buffer.as_ref(), range)
     }
 
     /// The CONTROL byte (the last byte of the CDB).
@@ -915,76 +911,96 @@ impl Command {
         let len = self.cdb_len();
         let out = buf.get_mut(..len).ok_or(EmitError { needed: len })?;
         out.fill(0);
-        out[0] = self.opcode();
+        wire::set_byte(out, 0, self.opcode());
         match *self {
             Command::TestUnitReady | Command::ReadCapacity10 => {}
             Command::RequestSense { desc, alloc_len } => {
-                out[1] = u8::from(desc);
-                out[field::LEN6] = alloc_len;
+                wire::set_byte(out, 1, u8::from(desc));
+                wire::set_byte(out, field::LEN6, alloc_len);
             }
             Command::Inquiry {
                 evpd,
                 page_code,
                 alloc_len,
             } => {
-                out[1] = u8::from(evpd);
-                out[field::inquiry::PAGE_CODE] = page_code;
-                out[field::inquiry::ALLOC_LEN].copy_from_slice(&alloc_len.to_be_bytes());
+                wire::set_byte(out, 1, u8::from(evpd));
+                wire::set_byte(out, field::inquiry::PAGE_CODE, page_code);
+                wire::set(out, field::inquiry::ALLOC_LEN, &alloc_len.to_be_bytes());
             }
             Command::ModeSense(m) => {
-                out[1] = (u8::from(m.llbaa && m.ten) << 4) | (u8::from(m.dbd) << 3);
-                out[field::MODE_PAGE] = (m.pc.bits() << 6) | (m.page & 0x3f);
-                out[field::MODE_SUBPAGE] = m.subpage;
+                wire::set_byte(
+                    out,
+                    1,
+                    (u8::from(m.llbaa && m.ten) << 4) | (u8::from(m.dbd) << 3),
+                );
+                wire::set_byte(out, field::MODE_PAGE, (m.pc.bits() << 6) | (m.page & 0x3f));
+                wire::set_byte(out, field::MODE_SUBPAGE, m.subpage);
                 if m.ten {
-                    out[field::LEN10].copy_from_slice(&m.alloc_len.to_be_bytes());
+                    wire::set(out, field::LEN10, &m.alloc_len.to_be_bytes());
                 } else {
-                    out[field::LEN6] = m.alloc_len as u8;
+                    wire::set_byte(out, field::LEN6, m.alloc_len as u8);
                 }
             }
             Command::ModeSelect(m) => {
-                out[1] = (u8::from(m.pf) << 4) | u8::from(m.sp);
+                wire::set_byte(out, 1, (u8::from(m.pf) << 4) | u8::from(m.sp));
                 if m.ten {
-                    out[field::LEN10].copy_from_slice(&m.param_len.to_be_bytes());
+                    wire::set(out, field::LEN10, &m.param_len.to_be_bytes());
                 } else {
-                    out[field::LEN6] = m.param_len as u8;
+                    wire::set_byte(out, field::LEN6, m.param_len as u8);
                 }
             }
             Command::StartStopUnit(s) => {
-                out[1] = u8::from(s.immed);
-                out[3] = s.power_condition_modifier & 0x0f;
-                out[field::START_STOP] = (s.power_condition << 4)
-                    | (u8::from(s.no_flush) << 2)
-                    | (u8::from(s.loej) << 1)
-                    | u8::from(s.start);
+                wire::set_byte(out, 1, u8::from(s.immed));
+                wire::set_byte(out, 3, s.power_condition_modifier & 0x0f);
+                wire::set_byte(
+                    out,
+                    field::START_STOP,
+                    (s.power_condition << 4)
+                        | (u8::from(s.no_flush) << 2)
+                        | (u8::from(s.loej) << 1)
+                        | u8::from(s.start),
+                );
             }
             Command::ReadCapacity16 { alloc_len } => {
-                out[1] = op::SAI_READ_CAPACITY_16;
-                out[field::ALLOC_LEN_10_14].copy_from_slice(&alloc_len.to_be_bytes());
+                wire::set_byte(out, 1, op::SAI_READ_CAPACITY_16);
+                wire::set(out, field::ALLOC_LEN_10_14, &alloc_len.to_be_bytes());
             }
             Command::Read(rw) | Command::Write(rw) => {
                 if rw.size == CdbSize::Six {
                     let lba = (rw.lba as u32 & 0x1f_ffff).to_be_bytes();
-                    out[field::rw6::LBA].copy_from_slice(&lba[1..]);
+                    wire::set(out, field::rw6::LBA, &lba[1..]);
                     // 256 blocks is encoded as 0.
-                    out[field::rw6::LENGTH] = rw.blocks as u8;
+                    wire::set_byte(out, field::rw6::LENGTH, rw.blocks as u8);
                 } else {
-                    out[1] = (rw.protect << 5) | (u8::from(rw.dpo) << 4) | (u8::from(rw.fua) << 3);
+                    wire::set_byte(
+                        out,
+                        1,
+                        (rw.protect << 5) | (u8::from(rw.dpo) << 4) | (u8::from(rw.fua) << 3),
+                    );
                     put_block_fields(out, rw.size, rw.lba, rw.blocks, rw.group);
                 }
             }
             Command::Verify(v) => {
-                out[1] = (v.protect << 5) | (u8::from(v.dpo) << 4) | ((v.bytchk & 0x03) << 1);
+                wire::set_byte(
+                    out,
+                    1,
+                    (v.protect << 5) | (u8::from(v.dpo) << 4) | ((v.bytchk & 0x03) << 1),
+                );
                 put_block_fields(out, v.size, v.lba, v.blocks, v.group);
             }
             Command::SynchronizeCache(s) => {
-                out[1] = u8::from(s.immed) << 1;
+                wire::set_byte(out, 1, u8::from(s.immed) << 1);
                 put_block_fields(out, s.size, s.lba, s.blocks, s.group);
             }
             Command::WriteSame(w) => {
-                out[1] = (w.protect << 5)
-                    | (u8::from(w.anchor) << 4)
-                    | (u8::from(w.unmap) << 3)
-                    | u8::from(w.ndob && w.size == CdbSize::Sixteen);
+                wire::set_byte(
+                    out,
+                    1,
+                    (w.protect << 5)
+                        | (u8::from(w.anchor) << 4)
+                        | (u8::from(w.unmap) << 3)
+                        | u8::from(w.ndob && w.size == CdbSize::Sixteen),
+                );
                 put_block_fields(out, w.size, w.lba, w.blocks, w.group);
             }
             Command::Unmap {
@@ -992,23 +1008,31 @@ impl Command {
                 group,
                 param_len,
             } => {
-                out[1] = u8::from(anchor);
-                out[field::rw10::GROUP] = group & 0x3f;
-                out[field::LEN10].copy_from_slice(&param_len.to_be_bytes());
+                wire::set_byte(out, 1, u8::from(anchor));
+                wire::set_byte(out, field::rw10::GROUP, group & 0x3f);
+                wire::set(out, field::LEN10, &param_len.to_be_bytes());
             }
             Command::ReportLuns {
                 select_report,
                 alloc_len,
             } => {
-                out[field::SELECT_REPORT] = select_report;
-                out[field::ALLOC_LEN_6_10].copy_from_slice(&alloc_len.to_be_bytes());
+                wire::set_byte(out, field::SELECT_REPORT, select_report);
+                wire::set(out, field::ALLOC_LEN_6_10, &alloc_len.to_be_bytes());
             }
             Command::ReportSupportedOpcodes(r) => {
-                out[1] = op::MI_REPORT_SUPPORTED_OPERATION_CODES;
-                out[field::RSOC_OPTIONS] = (u8::from(r.rctd) << 7) | (r.options & 0x07);
-                out[field::RSOC_OPCODE] = r.opcode;
-                out[field::RSOC_SERVICE_ACTION].copy_from_slice(&r.service_action.to_be_bytes());
-                out[field::ALLOC_LEN_6_10].copy_from_slice(&r.alloc_len.to_be_bytes());
+                wire::set_byte(out, 1, op::MI_REPORT_SUPPORTED_OPERATION_CODES);
+                wire::set_byte(
+                    out,
+                    field::RSOC_OPTIONS,
+                    (u8::from(r.rctd) << 7) | (r.options & 0x07),
+                );
+                wire::set_byte(out, field::RSOC_OPCODE, r.opcode);
+                wire::set(
+                    out,
+                    field::RSOC_SERVICE_ACTION,
+                    &r.service_action.to_be_bytes(),
+                );
+                wire::set(out, field::ALLOC_LEN_6_10, &r.alloc_len.to_be_bytes());
             }
         }
         Ok(len)
@@ -1020,19 +1044,19 @@ fn put_block_fields(out: &mut [u8], size: CdbSize, lba: u64, blocks: u32, group:
     match size {
         CdbSize::Six => {}
         CdbSize::Ten => {
-            out[field::rw10::LBA].copy_from_slice(&(lba as u32).to_be_bytes());
-            out[field::rw10::GROUP] = group;
-            out[field::rw10::LENGTH].copy_from_slice(&(blocks as u16).to_be_bytes());
+            wire::set(out, field::rw10::LBA, &(lba as u32).to_be_bytes());
+            wire::set_byte(out, field::rw10::GROUP, group);
+            wire::set(out, field::rw10::LENGTH, &(blocks as u16).to_be_bytes());
         }
         CdbSize::Twelve => {
-            out[field::rw12::LBA].copy_from_slice(&(lba as u32).to_be_bytes());
-            out[field::rw12::LENGTH].copy_from_slice(&blocks.to_be_bytes());
-            out[field::rw12::GROUP] = group;
+            wire::set(out, field::rw12::LBA, &(lba as u32).to_be_bytes());
+            wire::set(out, field::rw12::LENGTH, &blocks.to_be_bytes());
+            wire::set_byte(out, field::rw12::GROUP, group);
         }
         CdbSize::Sixteen => {
-            out[field::rw16::LBA].copy_from_slice(&lba.to_be_bytes());
-            out[field::rw16::LENGTH].copy_from_slice(&blocks.to_be_bytes());
-            out[field::rw16::GROUP] = group;
+            wire::set(out, field::rw16::LBA, &lba.to_be_bytes());
+            wire::set(out, field::rw16::LENGTH, &blocks.to_be_bytes());
+            wire::set_byte(out, field::rw16::GROUP, group);
         }
     }
 }

@@ -54,7 +54,7 @@ impl<'b> DataWriter<'b> {
         let mut left = n;
         while left > 0 {
             let k = left.min(ZEROS.len());
-            self.put(&ZEROS[..k]);
+            self.put(ZEROS.get(..k).unwrap_or(&ZEROS));
             left -= k;
         }
     }

@@ -40,6 +40,7 @@ use super::mode;
 use super::opcode as op;
 use super::sense::Sense;
 use super::ScsiStatus;
+use crate::wire;
 
 /// Most UNMAP block descriptors one command may carry (the BLOCK LIMITS page says so).
 pub const MAX_UNMAP_DESCRIPTORS: u16 = 256;
@@ -78,7 +79,7 @@ impl SerialNumber {
             return Err(LunConfigError::Serial);
         }
         let mut bytes = [0u8; MAX_SERIAL_LEN];
-        bytes[..b.len()].copy_from_slice(b);
+        wire::copy_prefix(&mut bytes, b);
         Ok(SerialNumber {
             bytes,
             len: b.len() as u8,
@@ -89,16 +90,19 @@ impl SerialNumber {
     pub fn from_uuid(uuid: &[u8; 16]) -> SerialNumber {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut bytes = [0u8; MAX_SERIAL_LEN];
-        for (i, b) in uuid.iter().enumerate() {
-            bytes[2 * i] = HEX[usize::from(b >> 4)];
-            bytes[2 * i + 1] = HEX[usize::from(b & 0x0f)];
+        for (digits, b) in bytes.chunks_exact_mut(2).zip(uuid) {
+            // Nibbles index a 16-entry table.
+            let hex = |nibble: u8| HEX.get(usize::from(nibble)).copied().unwrap_or(b'0');
+            digits.copy_from_slice(&[hex(b >> 4), hex(b & 0x0f)]);
         }
         SerialNumber { bytes, len: 32 }
     }
 
     /// The serial's bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..usize::from(self.len)]
+        self.bytes
+            .get(..usize::from(self.len))
+            .unwrap_or(&self.bytes)
     }
 }
 
@@ -146,7 +150,7 @@ pub fn pad_ascii<const N: usize>(s: &str) -> Result<[u8; N], LunConfigError> {
         return Err(LunConfigError::Identification);
     }
     let mut out = [b' '; N];
-    out[..b.len()].copy_from_slice(b);
+    wire::copy_prefix(&mut out, b);
     Ok(out)
 }
 
@@ -229,8 +233,10 @@ impl LunConfig {
         {
             return Err(LunConfigError::Identification);
         }
-        product[..prefix.len()].copy_from_slice(prefix);
-        product[prefix.len()..prefix.len() + kind.len()].copy_from_slice(kind);
+        let name = product.iter_mut().zip(prefix.iter().chain(kind));
+        for (dst, &src) in name {
+            *dst = src;
+        }
         self.product = product;
         Ok(self)
     }
@@ -381,15 +387,9 @@ impl<'d> UnmapRanges<'d> {
 }
 
 fn unmap_descriptor(d: &[u8]) -> BlockRange {
-    let mut lba = [0u8; 8];
-    let mut count = [0u8; 4];
-    if let (Some(l), Some(c)) = (d.get(0..8), d.get(8..12)) {
-        lba.copy_from_slice(l);
-        count.copy_from_slice(c);
-    }
     BlockRange {
-        lba: u64::from_be_bytes(lba),
-        blocks: u64::from(u32::from_be_bytes(count)),
+        lba: wire::be_u64(d, 0..8),
+        blocks: u64::from(wire::be_u32(d, 8..12)),
     }
 }
 
@@ -904,11 +904,11 @@ impl ScsiLun {
         // The caller copies at most MAX_PARAMETER_LIST_LEN bytes; a longer list is only valid if
         // its header describes no more than that, which the descriptor check below enforces.
         let available = param_len.min(req.data_out_len) as usize;
-        let list = &req.data_out[..available.min(req.data_out.len())];
+        let list = req.data_out.get(..available).unwrap_or(req.data_out);
         if list.len() < 8 {
             return Err(Sense::PARAMETER_LIST_LENGTH_ERROR);
         }
-        let descriptor_data_len = usize::from(u16::from_be_bytes([list[2], list[3]]));
+        let descriptor_data_len = usize::from(wire::be_u16(list, 2..4));
         // A trailing partial descriptor is ignored (SBC-4 §5.32.2).
         let count = descriptor_data_len / 16;
         if count > usize::from(self.config.max_unmap_descriptors) {

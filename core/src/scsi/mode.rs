@@ -7,6 +7,7 @@ use super::cdb::{ModeSelect, ModeSense, PageControl};
 use super::data::DataWriter;
 use super::lun::LunConfig;
 use super::sense::Sense;
+use crate::wire;
 
 /// Caching mode page code.
 pub const PAGE_CACHING: u8 = 0x08;
@@ -158,11 +159,11 @@ pub(crate) fn mode_select(
         .ok_or(Sense::PARAMETER_LIST_LENGTH_ERROR)?;
     let (block_descriptor_len, long_lba) = if req.ten {
         (
-            usize::from(u16::from_be_bytes([header[6], header[7]])),
-            header[4] & 0x01 != 0,
+            usize::from(wire::be_u16(header, 6..8)),
+            wire::byte(header, 4) & 0x01 != 0,
         )
     } else {
-        (usize::from(header[3]), false)
+        (usize::from(wire::byte(header, 3)), false)
     };
     let descriptor_size: usize = if long_lba { 16 } else { 8 };
     let pages_start = header_len + block_descriptor_len;
@@ -175,19 +176,18 @@ pub(crate) fn mode_select(
     }
     for (i, d) in descriptors.chunks_exact(descriptor_size).enumerate() {
         let base = header_len + i * descriptor_size;
+        // `d` is one whole descriptor (`chunks_exact`).
         let (blocks, block_len, blocks_at, len_at) = if long_lba {
-            let blocks = u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
             (
-                blocks,
-                u32::from_be_bytes([d[12], d[13], d[14], d[15]]),
+                wire::be_u64(d, 0..8),
+                wire::be_u32(d, 12..16),
                 base,
                 base + 12,
             )
         } else {
-            let blocks = u64::from(u32::from_be_bytes([d[0], d[1], d[2], d[3]]));
             (
-                blocks,
-                u32::from_be_bytes([0, d[5], d[6], d[7]]),
+                u64::from(wire::be_u32(d, 0..4)),
+                wire::be_uint(d, 5..8) as u32,
                 base,
                 base + 5,
             )
@@ -211,20 +211,19 @@ pub(crate) fn mode_select(
 
     let mut new_wce = None;
     let mut off = pages_start;
-    while off < list.len() {
-        let b0 = list[off];
+    while let Some(&b0) = list.get(off) {
         let subpage_format = b0 & 0x40 != 0;
         let code = b0 & 0x3f;
         let (hdr, body_len, subpage) = if subpage_format {
             let h = list
                 .get(off..off + 4)
                 .ok_or(Sense::PARAMETER_LIST_LENGTH_ERROR)?;
-            (4usize, usize::from(u16::from_be_bytes([h[2], h[3]])), h[1])
+            (4usize, usize::from(wire::be_u16(h, 2..4)), wire::byte(h, 1))
         } else {
             let h = list
                 .get(off..off + 2)
                 .ok_or(Sense::PARAMETER_LIST_LENGTH_ERROR)?;
-            (2usize, usize::from(h[1]), 0)
+            (2usize, usize::from(wire::byte(h, 1)), 0)
         };
         let end = off + hdr + body_len;
         let page = list
@@ -238,20 +237,29 @@ pub(crate) fn mode_select(
                 }
                 let current = caching_page(PageValues::Value, current_wce);
                 let changeable = caching_page(PageValues::Changeable, false);
-                // Byte 0 carries PS, which is reserved in MODE SELECT.
-                for i in 2..CACHING_LEN {
-                    if (page[i] ^ current[i]) & !changeable[i] != 0 {
-                        return Err(Sense::invalid_field_in_parameter_list(at(i), None));
-                    }
+                let fields = page.iter().zip(current.iter().zip(&changeable));
+                // Byte 0 carries PS, which is reserved in MODE SELECT; byte 1 is the length.
+                if let Some((i, _)) = fields
+                    .enumerate()
+                    .skip(2)
+                    .find(|(_, (p, (c, ch)))| (*p ^ *c) & !*ch != 0)
+                {
+                    return Err(Sense::invalid_field_in_parameter_list(at(i), None));
                 }
-                new_wce = Some(page[2] & WCE != 0);
+                new_wce = Some(wire::byte(page, 2) & WCE != 0);
             }
             (PAGE_CONTROL, 0, false) => {
                 if page.len() != CONTROL_LEN {
                     return Err(Sense::invalid_field_in_parameter_list(at(1), None));
                 }
                 let current = control_page(PageValues::Value);
-                if let Some(i) = (2..CONTROL_LEN).find(|&i| page[i] != current[i]) {
+                if let Some((i, _)) = page
+                    .iter()
+                    .zip(&current)
+                    .enumerate()
+                    .skip(2)
+                    .find(|(_, (p, c))| p != c)
+                {
                     return Err(Sense::invalid_field_in_parameter_list(at(i), None));
                 }
             }

@@ -222,9 +222,7 @@ impl Sense {
             let [hi, lo] = ptr.byte.to_be_bytes();
             full[field::SKS].copy_from_slice(&[b, hi, lo]);
         }
-        let n = buf.len().min(FIXED_SENSE_LEN);
-        buf[..n].copy_from_slice(&full[..n]);
-        n
+        crate::wire::copy_prefix(buf, &full)
     }
 
     /// Parses fixed-format sense data (response code 0x70 or 0x71).

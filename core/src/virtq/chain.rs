@@ -3,6 +3,7 @@
 use heapless::Vec;
 
 use crate::mem::{Direction, GuestMemory, MemError, Segment};
+use crate::segments::SegmentRange;
 use crate::virtio::ring::VirtqDesc;
 
 /// Entries an indirect table can usefully have: `next` is a `u16`, so a walk that starts at entry 0
@@ -87,6 +88,16 @@ impl<const N: usize> Chain<N> {
     /// Total bytes of the device-writable segments.
     pub fn writable_len(&self) -> u32 {
         self.writable_len
+    }
+
+    /// The device-readable bytes, to copy out of ([`SegmentRange::reader`]) or hand on in pieces.
+    pub fn readable_range(&self) -> SegmentRange<'_> {
+        SegmentRange::new_unchecked(self.readable(), 0, u64::from(self.readable_len))
+    }
+
+    /// The device-writable bytes, to copy into ([`SegmentRange::writer`]) or hand on in pieces.
+    pub fn writable_range(&self) -> SegmentRange<'_> {
+        SegmentRange::new_unchecked(self.writable(), 0, u64::from(self.writable_len))
     }
 
     /// How many descriptors the walk visited, including zero-length and indirect ones.
