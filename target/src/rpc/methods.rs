@@ -402,6 +402,12 @@ impl RpcMethods {
         names
     }
 
+    /// Registers one more bdev module after the built-in ones ([`crate::bdev::modules`]): its
+    /// methods are listed and served, its bdevs saved and its housekeeping ticked like theirs.
+    pub fn add_bdev_module(&mut self, module: Box<dyn AnyBdevModule>) {
+        self.modules.push(module);
+    }
+
     /// The bdev modules' periodic housekeeping (NVMe hot-remove and DMA unmapping), on the
     /// control thread between requests.
     pub fn tick_bdev_modules(&mut self) {

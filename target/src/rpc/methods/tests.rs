@@ -524,3 +524,124 @@ fn bdev_modules_register_their_methods_once_and_first() {
         }
     }
 }
+
+/// A bdev module only this test knows (null bdevs under other names): a module needs nothing
+/// but the `BdevModule` trait to be listed, served, saved and ticked.
+struct EchoModule {
+    ticks: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl EchoModule {
+    fn create(
+        &mut self,
+        cx: &mut crate::bdev::BdevContext<'_>,
+        params: Option<Value>,
+    ) -> Result<Value, RpcError> {
+        let p: ByName = decode(params)?;
+        cx.check_new_name(&p.name, [0xec; 16])?;
+        let bdev = crate::bdev::null::NullBdev::new(&p.name, 8, 512, [0xec; 16])
+            .map_err(crate::bdev::module::bdev_error)?;
+        cx.register(bdev, Box::new(|| {}))?;
+        Ok(Value::String(p.name))
+    }
+
+    fn delete(
+        &mut self,
+        cx: &mut crate::bdev::BdevContext<'_>,
+        params: Option<Value>,
+    ) -> Result<Value, RpcError> {
+        let p: ByName = decode(params)?;
+        cx.delete(&p.name)?;
+        Ok(Value::Bool(true))
+    }
+}
+
+impl crate::bdev::BdevModule for EchoModule {
+    const NAME: &'static str = "echo";
+    const METHODS: &'static [crate::bdev::module::RpcMethod<Self>] = &[
+        crate::bdev::module::RpcMethod {
+            name: "bdev_echo_create",
+            old_name: Some("construct_echo_bdev"),
+            handler: Self::create,
+        },
+        crate::bdev::module::RpcMethod {
+            name: "bdev_echo_delete",
+            old_name: None,
+            handler: Self::delete,
+        },
+    ];
+
+    fn new(_env: &ModuleEnv) -> Self {
+        EchoModule {
+            ticks: Arc::default(),
+        }
+    }
+
+    fn bdev_config(&self, bdev: &dyn Bdev) -> Option<Value> {
+        Some(json!({"method": "bdev_echo_create", "params": {"name": bdev.name()}}))
+    }
+
+    fn module_config(&self) -> Vec<Value> {
+        vec![json!({"method": "bdev_echo_set_options", "params": {}})]
+    }
+
+    fn tick(&mut self, _cx: &mut crate::bdev::BdevContext<'_>) {
+        self.ticks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_new_bdev_module_needs_only_the_trait_and_its_registration() {
+    use crate::bdev::BdevModule;
+    let (mut m, _) = methods();
+    let echo = EchoModule::new(&ModuleEnv {
+        budget: MemoryBudget::new(0),
+        app_cpumask: 1,
+    });
+    let ticks = Arc::clone(&echo.ticks);
+    m.add_bdev_module(Box::new(echo));
+
+    let listed = m.call("rpc_get_methods", None).unwrap();
+    assert!(listed
+        .as_array()
+        .unwrap()
+        .contains(&json!("bdev_echo_create")));
+    assert_eq!(
+        call(&mut m, "construct_echo_bdev", json!({"name": "E0"})),
+        Ok(json!("E0"))
+    );
+    call(
+        &mut m,
+        "bdev_null_create",
+        json!({"num_blocks": 8, "block_size": 512, "name": "N0"}),
+    )
+    .unwrap();
+    assert_eq!(
+        call(&mut m, "bdev_get_bdevs", json!({"name": "E0"})).unwrap()[0]["product_name"],
+        "Null disk"
+    );
+    // Modules delete only their own bdevs.
+    assert_eq!(
+        call(&mut m, "bdev_echo_delete", json!({"name": "N0"}))
+            .unwrap_err()
+            .code,
+        -19
+    );
+    assert_eq!(
+        call(&mut m, "bdev_null_delete", json!({"name": "E0"}))
+            .unwrap_err()
+            .code,
+        -19
+    );
+    let saved = call(&mut m, "framework_get_config", json!({"name": "bdev"})).unwrap();
+    assert_eq!(saved[0]["method"], "bdev_echo_create");
+    assert_eq!(saved[1]["method"], "bdev_null_create");
+    assert_eq!(saved[2]["method"], "bdev_echo_set_options");
+    m.tick_bdev_modules();
+    assert_eq!(ticks.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        call(&mut m, "bdev_echo_delete", json!({"name": "E0"})),
+        Ok(json!(true))
+    );
+    assert_eq!(m.bdevs().len(), 1);
+}
