@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::cmd::{cns, CompletionEntry, Status, SubmissionEntry};
-use crate::dma::{DmaError, DmaMapper, DmaRegion};
 use crate::identify::{
     active_namespace_ids, ControllerInfo, IdentifyController, IdentifyNamespace, NamespaceError,
     NamespaceInfo, Truncated, IDENTIFY_LEN,
@@ -20,6 +19,7 @@ use crate::prp::{SglSupport, PAGE_SIZE, PRP_ENTRIES_PER_PAGE};
 use crate::queue::{memory_layout, QueueFull, QueueMemory, QueuePair};
 use crate::regs::{self, Capabilities, ALL_ONES};
 use crate::vfio::{Mmio, VfioPci, VfioPciError};
+use rvhost_platform_linux::dma::{DmaBuffer, DmaError, DmaMapper, PagePolicy};
 use rvhost_platform_linux::HostMemory;
 
 /// Settings for [`Controller::open`].
@@ -131,7 +131,7 @@ struct Admin {
     qp: QueuePair,
     /// One page for Identify data and other admin payloads, after the rings and list pages.
     buffer_offset: usize,
-    memory: DmaRegion,
+    memory: DmaBuffer,
 }
 
 /// State shared by the controller handle and its I/O queue pairs.
@@ -244,12 +244,17 @@ impl Admin {
 
     fn read_buffer(&self) -> Vec<u8> {
         let mut out = vec![0u8; IDENTIFY_LEN];
-        self.memory.read_bytes(self.buffer_offset, &mut out);
+        if let Err(e) = self.memory.read_at(self.buffer_offset, &mut out) {
+            // Cannot happen: the buffer was allocated with room for it.
+            tracing::error!(%e, "admin buffer outside its DMA memory");
+        }
         out
     }
 
     fn clear_buffer(&self) {
-        self.memory.fill(self.buffer_offset, IDENTIFY_LEN, 0);
+        if let Err(e) = self.memory.fill_at(self.buffer_offset, IDENTIFY_LEN, 0) {
+            tracing::error!(%e, "admin buffer outside its DMA memory");
+        }
     }
 
     /// Runs one admin command to completion.
@@ -353,7 +358,11 @@ impl Controller {
         let (sq_len, cq_len, lists_len) = memory_layout(admin_entries);
         let buffer_offset = sq_len + cq_len + lists_len;
         let mapper: Arc<dyn DmaMapper> = pci.mapper();
-        let memory = DmaRegion::allocate(buffer_offset + PAGE_SIZE as usize, Some(mapper))?;
+        let memory = DmaBuffer::allocate_for_device(
+            buffer_offset + PAGE_SIZE as usize,
+            PagePolicy::PreferHuge,
+            mapper,
+        )?;
         let mem = queue_memory(&memory, bar, &cap, 0, admin_entries)?;
         // SAFETY: `mem` lies in `memory` (sized by `memory_layout`), which the `Admin` owns and
         // drops after the queue pair; the doorbells were bounds-checked against BAR0, which
@@ -476,9 +485,13 @@ impl Controller {
     }
 
     /// Allocates DMA memory mapped for this controller (IOVA = VA).
-    pub fn allocate_dma(&self, len: usize) -> Result<DmaRegion, NvmeError> {
+    pub fn allocate_dma(&self, len: usize) -> Result<DmaBuffer, NvmeError> {
         let mapper: Arc<dyn DmaMapper> = self.shared.pci.mapper();
-        Ok(DmaRegion::allocate(len, Some(mapper))?)
+        Ok(DmaBuffer::allocate_for_device(
+            len,
+            PagePolicy::PreferHuge,
+            mapper,
+        )?)
     }
 
     /// Maps caller memory (e.g. guest memory) for DMA at IOVA = VA, so that its addresses can be
@@ -651,7 +664,7 @@ impl Drop for HostDmaMapping {
 
 /// Carves the queue rings and list pages out of `memory` and finds the doorbells of `qid`.
 pub(crate) fn queue_memory(
-    memory: &DmaRegion,
+    memory: &DmaBuffer,
     bar: &Mmio,
     cap: &Capabilities,
     qid: u16,
@@ -659,10 +672,10 @@ pub(crate) fn queue_memory(
 ) -> Result<QueueMemory, NvmeError> {
     let (sq_len, cq_len, lists_len) = memory_layout(entries);
     let too_small = || NvmeError::Unsupported("queue memory too small".into());
-    let sq = memory.slice_ptr(0, sq_len).ok_or_else(too_small)?;
-    let cq = memory.slice_ptr(sq_len, cq_len).ok_or_else(too_small)?;
+    let sq = memory.ptr_at(0, sq_len).ok_or_else(too_small)?;
+    let cq = memory.ptr_at(sq_len, cq_len).ok_or_else(too_small)?;
     let lists = memory
-        .slice_ptr(sq_len + cq_len, lists_len.max(1))
+        .ptr_at(sq_len + cq_len, lists_len.max(1))
         .ok_or_else(too_small)?;
     let beyond = || {
         NvmeError::Unsupported(format!(

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use crate::cmd::{DsmRange, Status, SubmissionEntry};
 use crate::controller::{queue_memory, ControllerState, NvmeError, Shared};
-use crate::dma::DmaRegion;
 use crate::identify::NamespaceInfo;
+use rvhost_platform_linux::dma::{DmaBuffer, PagePolicy};
+
 use crate::prp::{build_data_pointer, total_length, DataPointerError, DmaSegment};
 use crate::queue::{memory_layout, Expired, QueuePair};
 use crate::regs::{self, ALL_ONES};
@@ -151,7 +152,7 @@ impl From<NvmeError> for IoError {
 pub struct IoQueuePair {
     // `qp` points into `memory`: dropped first.
     qp: QueuePair,
-    memory: DmaRegion,
+    memory: DmaBuffer,
     shared: Arc<Shared>,
     generation: u64,
     /// The queues must be created (again) on the controller before the next submission.
@@ -182,7 +183,11 @@ impl IoQueuePair {
         let qid = shared.allocate_qid()?;
         let built = (|| {
             let (sq, cq, lists) = memory_layout(entries);
-            let memory = DmaRegion::allocate(sq + cq + lists, Some(shared.mapper()))?;
+            let memory = DmaBuffer::allocate_for_device(
+                sq + cq + lists,
+                PagePolicy::PreferHuge,
+                shared.mapper(),
+            )?;
             let mem = queue_memory(&memory, shared.bar(), &shared.cap, qid, entries)?;
             // SAFETY: `mem` lies in `memory`, which this queue pair owns and drops after `qp`; the
             // doorbells were bounds-checked against BAR0, which `shared` keeps mapped.
@@ -224,9 +229,9 @@ impl IoQueuePair {
         self.qp.in_flight() + self.synthetic.len()
     }
 
-    /// Bytes of driver DMA memory this queue pair uses.
+    /// Bytes of driver DMA memory this queue pair uses (whole pages, as mapped).
     pub fn memory_len(&self) -> usize {
-        self.memory.len()
+        self.memory.mapping().1
     }
 
     fn namespace(&self, nsid: u32) -> Result<&NamespaceInfo, IoError> {

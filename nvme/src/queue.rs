@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use crate::cmd::{CompletionEntry, SubmissionEntry};
 use crate::prp::PAGE_SIZE;
 
-/// Raw memory a queue pair runs on. IOVA equals the virtual address (see `dma`).
+/// Raw memory a queue pair runs on. IOVA equals the virtual address (see
+/// `rvhost_platform_linux::dma`).
 #[derive(Debug, Clone, Copy)]
 pub struct QueueMemory {
     /// `entries` submission queue entries, 4 KiB aligned.

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::dma::{DmaError, DmaMapper};
 use crate::regs::ALL_ONES;
+use rvhost_platform_linux::dma::{DmaError, DmaMapper};
 
 /// VFIO region index of BAR0 (`VFIO_PCI_BAR0_REGION_INDEX`).
 const BAR0_REGION: u32 = 0;

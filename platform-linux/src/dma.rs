@@ -1,22 +1,27 @@
 //! Memory for DMA and for the target's own buffers: 2 MiB hugepages when the host has them,
-//! 4 KiB pages (with a warning) when it does not.
+//! 4 KiB pages (with a warning) when it does not. This is the only allocator of DMA memory in
+//! rvhost; the NVMe driver takes its queues, admin buffer and bounce buffers from here.
 //!
 //! Hugepages matter for two reasons: an IOMMU maps a 2 MiB page with one entry instead of 512, and
 //! hugetlb pages are never swapped or migrated, so the IOVA the NVMe driver programs stays valid.
-//! This module only hands out virtual addresses and sizes; the NVMe driver maps them through VFIO
-//! and keeps the IOVAs.
+//! With an IOMMU in front of the device physical contiguity does not matter, which is why 4 KiB
+//! pages are an acceptable fallback. Device addresses follow SPDK's rule IOVA = VA: a buffer is
+//! mapped into the IOMMU at its own virtual address by a [`DmaMapper`] (the NVMe driver's VFIO
+//! container), so no translation table is needed and any memory of this process mapped the same
+//! way (guest memory) can be handed to the device as is.
 //!
-//! Three shapes:
-//! - [`DmaBuffer`]: one exclusively owned buffer with safe slice access (bounce buffers, queues);
-//!   [`DmaBuffer::access`] lends it out as [`HostMemory`] for a bdev to copy into.
-//! - [`SharedDmaMemory`]: a buffer shared between threads, reachable only through copies
-//!   ([`HostMemory`] and offset-based helpers) because several reactors may write it at once: the
-//!   RAM bdev's backing store.
-//! - [`DmaPool`]: fixed-size buffers carved from one mapping, returned to the pool on drop.
+//! Two shapes, both reachable only through copies and raw pointers (never a Rust reference, since
+//! a device or another thread may write the bytes at any time):
+//! - [`DmaBuffer`]: one exclusively owned buffer, optionally mapped for a device
+//!   ([`DmaBuffer::allocate_for_device`]; unmapped again on drop): NVMe queues, the admin buffer,
+//!   bounce buffers;
+//! - [`SharedDmaMemory`]: a buffer shared between threads, through [`HostMemory`] and
+//!   offset-based copies, because several reactors may write it at once: the RAM bdev's backing
+//!   store.
 
 use std::io;
 use std::ptr::NonNull;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use rvhost_core::mem::MemError;
 
@@ -67,6 +72,49 @@ pub enum DmaError {
         /// The OS error.
         source: io::Error,
     },
+    /// The IOMMU mapping failed.
+    #[error("IOMMU mapping of {len:#x} bytes at IOVA {iova:#x} failed: {reason}")]
+    Map {
+        /// IOVA (= virtual address).
+        iova: u64,
+        /// Length.
+        len: u64,
+        /// What the IOMMU layer said.
+        reason: String,
+    },
+    /// The IOMMU unmapping failed.
+    #[error("IOMMU unmapping of {len:#x} bytes at IOVA {iova:#x} failed: {reason}")]
+    Unmap {
+        /// IOVA (= virtual address).
+        iova: u64,
+        /// Length.
+        len: u64,
+        /// What the IOMMU layer said.
+        reason: String,
+    },
+    /// Zero length, or a length or address that is not page aligned, given to a [`DmaMapper`].
+    #[error("DMA range {vaddr:#x}+{len:#x} is empty or not 4 KiB aligned")]
+    Alignment {
+        /// Start.
+        vaddr: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+/// Something that can make memory of this process visible to a device at IOVA = VA: an IOMMU
+/// container (the NVMe driver's VFIO container implements it).
+pub trait DmaMapper: Send + Sync + core::fmt::Debug {
+    /// Maps `[vaddr, vaddr + len)` for device reads and writes at IOVA `vaddr`.
+    ///
+    /// # Safety
+    /// The range must be mapped memory of this process that stays mapped until [`DmaMapper::unmap`]
+    /// is called, and no Rust reference may be used to access it while the device can (the device
+    /// writes it at any time; only raw-pointer, volatile or system-call access is sound).
+    unsafe fn map(&self, vaddr: u64, len: u64) -> Result<(), DmaError>;
+
+    /// Removes a mapping made by [`DmaMapper::map`] with the same range.
+    fn unmap(&self, vaddr: u64, len: u64) -> Result<(), DmaError>;
 }
 
 /// One anonymous mapping; unmapped when the last buffer using it is dropped.
@@ -174,17 +222,17 @@ pub fn configured_hugepages() -> Option<u64> {
         .ok()
 }
 
-/// A window `[offset, offset + len)` of a mapping, with range checks by host address.
+/// The first `len` bytes of a mapping (the rest is rounding to whole pages), with range checks by
+/// host address and by offset.
 #[derive(Debug)]
 struct Window {
     map: Arc<Mapping>,
-    offset: usize,
     len: usize,
 }
 
 impl Window {
     fn va(&self) -> u64 {
-        self.map.ptr_at(self.offset) as u64
+        self.map.ptr_at(0) as u64
     }
 
     /// The pointer to `[host_addr, host_addr + len)` if that lies inside this window.
@@ -200,7 +248,7 @@ impl Window {
         if end > self.len {
             return Err(unmapped(host_addr, len));
         }
-        Ok(self.map.ptr_at(self.offset + start))
+        Ok(self.map.ptr_at(start))
     }
 
     /// The pointer to `[offset, offset + len)` of this window.
@@ -210,7 +258,7 @@ impl Window {
             let addr = self.va().saturating_add(offset as u64);
             return Err(unmapped(addr, len));
         }
-        Ok(self.map.ptr_at(self.offset + offset))
+        Ok(self.map.ptr_at(offset))
     }
 
     fn copy_in(&self, dst: *mut u8, src: &[u8]) {
@@ -231,15 +279,28 @@ impl Window {
     }
 }
 
-/// An exclusively owned DMA buffer (page aligned, zero-filled when allocated).
+/// An exclusively owned DMA buffer: page aligned (2 MiB aligned on hugepages), zero-filled when
+/// allocated, and, from [`DmaBuffer::allocate_for_device`], mapped into a device's IOMMU at
+/// IOVA = VA until it is dropped.
 ///
-/// For a device, use [`va`](Self::va) and [`len`](Self::len) (and [`mapping`](Self::mapping) to
-/// map the whole underlying mapping through VFIO once).
-#[derive(Debug)]
+/// Its bytes are reached only through copies ([`write_at`](Self::write_at),
+/// [`read_at`](Self::read_at), [`fill_at`](Self::fill_at)) and raw pointers for device structures
+/// ([`ptr_at`](Self::ptr_at)), never through a Rust reference: a device may write them at any time.
 pub struct DmaBuffer {
     window: Window,
-    /// The pool to return the window to on drop, if it came from one.
-    pool: Option<Arc<PoolShared>>,
+    /// The IOMMU the whole mapping is mapped into, if any; unmapped on drop.
+    device: Option<Arc<dyn DmaMapper>>,
+}
+
+impl core::fmt::Debug for DmaBuffer {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DmaBuffer")
+            .field("va", &format_args!("{:#x}", self.va()))
+            .field("len", &self.len())
+            .field("pages", &self.page_kind())
+            .field("device_mapped", &self.device.is_some())
+            .finish()
+    }
 }
 
 impl DmaBuffer {
@@ -252,13 +313,27 @@ impl DmaBuffer {
     pub fn allocate_with(len: usize, policy: PagePolicy) -> Result<Self, DmaError> {
         let map = Arc::new(Mapping::allocate(len, policy)?);
         Ok(DmaBuffer {
-            window: Window {
-                map,
-                offset: 0,
-                len,
-            },
-            pool: None,
+            window: Window { map, len },
+            device: None,
         })
+    }
+
+    /// Allocates `len` bytes with `policy` and maps the whole underlying mapping (see
+    /// [`mapping`](Self::mapping)) for device access at IOVA = VA through `mapper`; the mapping is
+    /// removed again when the buffer is dropped.
+    pub fn allocate_for_device(
+        len: usize,
+        policy: PagePolicy,
+        mapper: Arc<dyn DmaMapper>,
+    ) -> Result<Self, DmaError> {
+        let mut buffer = Self::allocate_with(len, policy)?;
+        let (va, map_len) = buffer.mapping();
+        // SAFETY: the range is this buffer's own fresh mapping, which stays mapped until `Drop`
+        // has called `unmap` (or forever, if that fails); `DmaBuffer` never creates a reference
+        // into it.
+        unsafe { mapper.map(va, map_len as u64)? };
+        buffer.device = Some(mapper);
+        Ok(buffer)
     }
 
     /// Host virtual address of the first byte.
@@ -266,12 +341,18 @@ impl DmaBuffer {
         self.window.va()
     }
 
+    /// The I/O virtual address of the first byte, for a device: equal to [`va`](Self::va), the
+    /// address [`allocate_for_device`](Self::allocate_for_device) maps it at.
+    pub fn iova(&self) -> u64 {
+        self.va()
+    }
+
     /// Length in bytes (as asked for; the mapping may be larger).
     pub fn len(&self) -> usize {
         self.window.len
     }
 
-    /// Whether the buffer has length zero (pool buffers never do; here for completeness).
+    /// Whether the buffer has length zero (never: allocation refuses zero bytes).
     pub fn is_empty(&self) -> bool {
         self.window.len == 0
     }
@@ -286,115 +367,56 @@ impl DmaBuffer {
         self.window.map.kind == PageKind::Huge2MiB
     }
 
-    /// The whole mapping this buffer lies in, as (virtual address, length): what to map through
-    /// VFIO so every buffer of a pool is covered by one IOMMU mapping.
+    /// The whole mapping this buffer lies in, as (virtual address, length): the buffer rounded up
+    /// to whole pages, which is what an IOMMU maps.
     pub fn mapping(&self) -> (u64, usize) {
         (self.window.map.ptr.as_ptr() as u64, self.window.map.len)
     }
 
-    /// The bytes.
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: the window lies inside a live mapping held by `self.window.map`, is initialised
-        // (anonymous memory is zero-filled), and `DmaBuffer` owns it exclusively: only `&mut self`
-        // methods write to it, so no write can happen while this shared borrow lives.
-        unsafe {
-            std::slice::from_raw_parts(self.window.map.ptr_at(self.window.offset), self.window.len)
-        }
+    /// A pointer to byte `offset`, if `[offset, offset + len)` lies inside the buffer: where a
+    /// device structure (a queue ring, a PRP list) lives. Access through it must be raw or volatile.
+    pub fn ptr_at(&self, offset: usize, len: usize) -> Option<NonNull<u8>> {
+        self.window
+            .checked_offset(offset, len)
+            .ok()
+            .and_then(NonNull::new)
     }
 
-    /// The bytes, mutably.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in `as_slice`; `&mut self` guarantees no other borrow of the bytes exists.
-        unsafe {
-            std::slice::from_raw_parts_mut(
-                self.window.map.ptr_at(self.window.offset),
-                self.window.len,
-            )
-        }
+    /// Copies `src` to byte offset `offset`. Sound while a device may access other bytes; the
+    /// caller keeps the device off these bytes (before submission or after completion).
+    pub fn write_at(&self, offset: usize, src: &[u8]) -> Result<(), MemError> {
+        let dst = self.window.checked_offset(offset, src.len())?;
+        self.window.copy_in(dst, src);
+        Ok(())
     }
 
-    /// Lends the buffer out as [`HostMemory`] (by host address), for a bdev to copy into or out of.
-    /// The exclusive borrow keeps slices from existing while others write through addresses.
-    pub fn access(&mut self) -> DmaBufferAccess<'_> {
-        DmaBufferAccess { buffer: self }
+    /// Copies from byte offset `offset` into `dst`; see [`write_at`](Self::write_at).
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<(), MemError> {
+        let src = self.window.checked_offset(offset, dst.len())?;
+        self.window.copy_out(src, dst);
+        Ok(())
     }
 
-    /// Turns the buffer into memory shared between threads (the RAM bdev's backing store).
-    pub fn into_shared(mut self) -> SharedDmaMemory {
-        let window = Window {
-            map: Arc::clone(&self.window.map),
-            offset: self.window.offset,
-            len: self.window.len,
-        };
-        // The window now belongs to the shared memory for good; a pool simply has one buffer
-        // fewer to hand out.
-        self.pool = None;
-        SharedDmaMemory {
-            window: Arc::new(window),
-        }
+    /// Sets `len` bytes from offset `offset` to `byte`; see [`write_at`](Self::write_at).
+    pub fn fill_at(&self, offset: usize, len: usize, byte: u8) -> Result<(), MemError> {
+        let dst = self.window.checked_offset(offset, len)?;
+        self.window.fill(dst, len, byte);
+        Ok(())
     }
 }
 
 impl Drop for DmaBuffer {
     fn drop(&mut self) {
-        if let Some(pool) = self.pool.take() {
-            pool.give_back(self.window.offset);
+        let Some(mapper) = self.device.take() else {
+            return;
+        };
+        let (va, len) = self.mapping();
+        if let Err(e) = mapper.unmap(va, len as u64) {
+            // The IOMMU may still point at these pages: keep them forever rather than let the
+            // kernel hand them to someone else while a device can write them.
+            tracing::error!(%e, "leaking DMA memory that could not be unmapped");
+            std::mem::forget(Arc::clone(&self.window.map));
         }
-    }
-}
-
-/// A [`DmaBuffer`] lent out as [`HostMemory`]; see [`DmaBuffer::access`].
-#[derive(Debug)]
-pub struct DmaBufferAccess<'a> {
-    buffer: &'a mut DmaBuffer,
-}
-
-impl DmaBufferAccess<'_> {
-    /// Host virtual address of the buffer's first byte.
-    pub fn va(&self) -> u64 {
-        self.buffer.va()
-    }
-
-    /// Length of the buffer.
-    pub fn len(&self) -> usize {
-        self.buffer.len()
-    }
-
-    /// Whether the buffer is empty.
-    pub fn is_empty(&self) -> bool {
-        self.buffer.is_empty()
-    }
-}
-
-impl HostMemory for DmaBufferAccess<'_> {
-    fn copy_to_host(&self, host_addr: u64, src: &[u8]) -> Result<(), MemError> {
-        let w = &self.buffer.window;
-        let dst = w.checked(host_addr, src.len())?;
-        w.copy_in(dst, src);
-        Ok(())
-    }
-
-    fn copy_from_host(&self, host_addr: u64, dst: &mut [u8]) -> Result<(), MemError> {
-        let w = &self.buffer.window;
-        let src = w.checked(host_addr, dst.len())?;
-        w.copy_out(src, dst);
-        Ok(())
-    }
-
-    fn fill_host(&self, host_addr: u64, len: usize, byte: u8) -> Result<(), MemError> {
-        let w = &self.buffer.window;
-        let dst = w.checked(host_addr, len)?;
-        w.fill(dst, len, byte);
-        Ok(())
-    }
-
-    fn checked_range(&self, host_addr: u64, len: usize) -> Option<Result<HostRange<'_>, MemError>> {
-        Some(
-            self.buffer
-                .window
-                .checked(host_addr, len)
-                .map(|p| HostRange::new(p, len)),
-        )
     }
 }
 
@@ -411,12 +433,15 @@ pub struct SharedDmaMemory {
 impl SharedDmaMemory {
     /// Allocates `len` zeroed bytes, preferring hugepages.
     pub fn allocate(len: usize) -> Result<Self, DmaError> {
-        Ok(DmaBuffer::allocate(len)?.into_shared())
+        Self::allocate_with(len, PagePolicy::PreferHuge)
     }
 
     /// Allocates `len` zeroed bytes with an explicit page policy.
     pub fn allocate_with(len: usize, policy: PagePolicy) -> Result<Self, DmaError> {
-        Ok(DmaBuffer::allocate_with(len, policy)?.into_shared())
+        let map = Arc::new(Mapping::allocate(len, policy)?);
+        Ok(SharedDmaMemory {
+            window: Arc::new(Window { map, len }),
+        })
     }
 
     /// Host virtual address of the first byte.
@@ -491,111 +516,5 @@ impl HostMemory for SharedDmaMemory {
                 .checked(host_addr, len)
                 .map(|p| HostRange::new(p, len)),
         )
-    }
-}
-
-/// The part of a pool that buffers hand their window back to.
-#[derive(Debug)]
-struct PoolShared {
-    map: Arc<Mapping>,
-    buffer_size: usize,
-    count: usize,
-    /// Offsets of free buffers (a stack: the most recently freed buffer is still in cache).
-    free: Mutex<Vec<usize>>,
-}
-
-impl PoolShared {
-    fn give_back(&self, offset: usize) {
-        // A poisoned lock only means another thread panicked mid-push/pop of a plain Vec<usize>,
-        // which leaves it consistent; keep going.
-        self.free
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(offset);
-    }
-}
-
-/// Fixed-size DMA buffers (bounce buffers, request buffers) carved from one mapping.
-///
-/// Every buffer is aligned to 4 KiB (so a buffer up to 4 KiB never crosses a page, which NVMe PRP
-/// lists like). Allocation pops a free list under an uncontended lock; buffers go back on drop,
-/// from any thread. The free list is preallocated, so the pool never allocates after creation.
-#[derive(Debug, Clone)]
-pub struct DmaPool {
-    shared: Arc<PoolShared>,
-}
-
-/// Alignment of every pool buffer.
-pub const DMA_POOL_ALIGN: usize = 4096;
-
-impl DmaPool {
-    /// A pool of `count` buffers of `buffer_size` bytes each (rounded up to 4 KiB multiples).
-    pub fn new(buffer_size: usize, count: usize, policy: PagePolicy) -> Result<Self, DmaError> {
-        if buffer_size == 0 || count == 0 {
-            return Err(DmaError::ZeroSize);
-        }
-        let stride =
-            round_up(buffer_size, DMA_POOL_ALIGN).ok_or(DmaError::TooLarge(buffer_size))?;
-        let total = stride
-            .checked_mul(count)
-            .ok_or(DmaError::TooLarge(buffer_size))?;
-        let map = Arc::new(Mapping::allocate(total, policy)?);
-        // Reverse order so the first allocations come from the start of the mapping.
-        let free: Vec<usize> = (0..count).rev().map(|i| i * stride).collect();
-        Ok(DmaPool {
-            shared: Arc::new(PoolShared {
-                map,
-                buffer_size,
-                count,
-                free: Mutex::new(free),
-            }),
-        })
-    }
-
-    /// Takes a buffer, or `None` if all are in use.
-    pub fn alloc(&self) -> Option<DmaBuffer> {
-        let offset = self
-            .shared
-            .free
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop()?;
-        Some(DmaBuffer {
-            window: Window {
-                map: Arc::clone(&self.shared.map),
-                offset,
-                len: self.shared.buffer_size,
-            },
-            pool: Some(Arc::clone(&self.shared)),
-        })
-    }
-
-    /// Size of each buffer (as asked for).
-    pub fn buffer_size(&self) -> usize {
-        self.shared.buffer_size
-    }
-
-    /// Number of buffers the pool was created with.
-    pub fn capacity(&self) -> usize {
-        self.shared.count
-    }
-
-    /// Number of buffers available right now.
-    pub fn available(&self) -> usize {
-        self.shared
-            .free
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-    }
-
-    /// Whether the pool's mapping is on 2 MiB hugepages.
-    pub fn is_hugepage(&self) -> bool {
-        self.shared.map.kind == PageKind::Huge2MiB
-    }
-
-    /// The pool's whole mapping as (virtual address, length), to map through VFIO once.
-    pub fn mapping(&self) -> (u64, usize) {
-        (self.shared.map.ptr.as_ptr() as u64, self.shared.map.len)
     }
 }

@@ -14,8 +14,7 @@ use rvhost_core::mem::MemError;
 /// Memory reachable by host virtual address, with every access range-checked.
 ///
 /// Object-safe, so a bdev can take `&dyn HostMemory` and serve guest buffers (a
-/// [`crate::MemoryTable`]) and internal ones ([`crate::SharedDmaMemory`], [`crate::DmaBufferAccess`])
-/// alike. Errors report the *host* address range in [`MemError::Unmapped`].
+/// [`crate::MemoryTable`]) and internal ones ([`crate::SharedDmaMemory`]) alike. Errors report the *host* address range in [`MemError::Unmapped`].
 pub trait HostMemory: Send + Sync {
     /// Copies `src` to `[host_addr, host_addr + src.len())`.
     fn copy_to_host(&self, host_addr: u64, src: &[u8]) -> Result<(), MemError>;

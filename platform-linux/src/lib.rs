@@ -20,14 +20,15 @@
 //!
 //! **Copying by host address** ([`host`]): the object-safe trait [`HostMemory`]
 //! (`copy_to_host`, `copy_from_host`, `fill_host`, all range-checked) is what a bdev sees. It is
-//! implemented by `MemoryTable` (guest buffers), [`SharedDmaMemory`] and [`DmaBufferAccess`]
-//! (internal buffers), and by `&T`/`Arc<T>` of those. [`copy_between`] copies between two
+//! implemented by `MemoryTable` (guest buffers) and [`SharedDmaMemory`] (internal buffers), and
+//! by `&T`/`Arc<T>` of those. [`copy_between`] copies between two
 //! `HostMemory`s (a RAM bdev's store and a guest buffer) with one `memmove` when both are ours.
 //!
-//! **DMA memory** ([`dma`]): 2 MiB hugepages with a warned 4 KiB fallback ([`PagePolicy`]).
-//! [`DmaBuffer`] (exclusive, `as_slice`/`as_mut_slice`, `va()`, `len()`, `mapping()` for VFIO),
-//! [`SharedDmaMemory`] (shared between reactors, copy-only: a RAM bdev's backing store) and
-//! [`DmaPool`] (fixed-size, 4 KiB-aligned buffers from one mapping, returned on drop).
+//! **DMA memory** ([`dma`], the one DMA allocator): 2 MiB hugepages with a warned 4 KiB fallback
+//! ([`PagePolicy`]). [`DmaBuffer`] (exclusive, copy and raw-pointer access only; mapped into a
+//! device's IOMMU at IOVA = VA by a [`DmaMapper`] with `allocate_for_device`, unmapped on drop:
+//! NVMe queues and bounce buffers) and [`SharedDmaMemory`] (shared between reactors, copy-only:
+//! a RAM bdev's backing store).
 //!
 //! **Reactor placement** ([`cpu`]): [`CpuSet`] parses SPDK masks (`0x3`, `3`, `[0,1]`,
 //! `[0-3,5]`) and prints them SPDK's way (`0x3`); [`allowed_cores`], [`online_cores`],
@@ -64,9 +65,7 @@ pub use cpu::{
     allowed_cores, online_cores, pin_current_thread, pin_reactor, CpuError, CpuMaskError, CpuSet,
     NumaTopology, ReactorPlacement,
 };
-pub use dma::{
-    DmaBuffer, DmaBufferAccess, DmaError, DmaPool, PageKind, PagePolicy, SharedDmaMemory,
-};
+pub use dma::{DmaBuffer, DmaError, DmaMapper, PageKind, PagePolicy, SharedDmaMemory};
 pub use eventfd::{EventFd, EventFdError};
 pub use host::{copy_between, HostMemory};
 pub use listener::{ControlListener, ListenError, ListenerHandle};

@@ -1,11 +1,11 @@
 //! Hugepage DMA memory and its 4 KiB fallback.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rvhost_core::mem::MemError;
 use rvhost_platform_linux::dma::{configured_hugepages, HUGEPAGE_SIZE, NR_HUGEPAGES_PATH};
 use rvhost_platform_linux::{
-    copy_between, DmaBuffer, DmaError, DmaPool, HostMemory, PageKind, PagePolicy, SharedDmaMemory,
+    copy_between, DmaBuffer, DmaError, DmaMapper, PageKind, PagePolicy, SharedDmaMemory,
 };
 
 /// Tests that read or change the hugepage reservation run one at a time.
@@ -62,7 +62,7 @@ fn hugepages_when_reserved_else_fallback() {
     let free = free_hugepages();
     if free >= 4 {
         eprintln!("hugepage path: {free} free 2 MiB pages");
-        let mut buf = DmaBuffer::allocate(3 << 20).expect("hugepages are reserved");
+        let buf = DmaBuffer::allocate(3 << 20).expect("hugepages are reserved");
         assert_eq!(buf.page_kind(), PageKind::Huge2MiB);
         assert!(buf.is_hugepage());
         assert_eq!(buf.len(), 3 << 20);
@@ -70,12 +70,13 @@ fn hugepages_when_reserved_else_fallback() {
         assert_eq!(map_len, 4 << 20, "rounded up to whole 2 MiB pages");
         assert_eq!(map_va % HUGEPAGE_SIZE as u64, 0, "hugepage aligned");
         assert_eq!(buf.va(), map_va);
-        buf.as_mut_slice()[(3 << 20) - 1] = 0xee;
-        assert_eq!(buf.as_slice()[(3 << 20) - 1], 0xee);
-        assert!(
-            buf.as_slice()[..4096].iter().all(|&b| b == 0),
-            "zero-filled"
-        );
+        buf.write_at((3 << 20) - 1, &[0xee]).unwrap();
+        let mut last = [0u8];
+        buf.read_at((3 << 20) - 1, &mut last).unwrap();
+        assert_eq!(last, [0xee]);
+        let mut first = vec![0xffu8; 4096];
+        buf.read_at(0, &mut first).unwrap();
+        assert!(first.iter().all(|&b| b == 0), "zero-filled");
         assert_eq!(
             free_hugepages(),
             free - 2,
@@ -83,8 +84,8 @@ fn hugepages_when_reserved_else_fallback() {
         );
         let strict = DmaBuffer::allocate_with(HUGEPAGE_SIZE, PagePolicy::HugeOnly).unwrap();
         assert!(strict.is_hugepage());
-        let pool = DmaPool::new(4096, 64, PagePolicy::HugeOnly).unwrap();
-        assert!(pool.is_hugepage());
+        let shared = SharedDmaMemory::allocate_with(4096, PagePolicy::HugeOnly).unwrap();
+        assert!(shared.is_hugepage());
         // More than is free: HugeOnly fails, PreferHuge falls back to base pages.
         let too_many = usize::try_from(free_hugepages() + 1).unwrap() * HUGEPAGE_SIZE;
         assert!(matches!(
@@ -98,7 +99,7 @@ fn hugepages_when_reserved_else_fallback() {
         assert_eq!(fallback.page_kind(), PageKind::Base);
         drop(buf);
         drop(strict);
-        drop(pool);
+        drop(shared);
         assert_eq!(free_hugepages(), free, "hugepages are returned on drop");
     } else {
         // No hugepages can be had here (not root, or the kernel refused): fall back, and
@@ -125,13 +126,15 @@ fn fallback_when_no_hugepages_configured() {
         assert_eq!(buf.page_kind(), PageKind::Base);
         return;
     }
-    let mut buf = DmaBuffer::allocate(10_000).unwrap();
+    let buf = DmaBuffer::allocate(10_000).unwrap();
     assert_eq!(buf.page_kind(), PageKind::Base);
     assert_eq!(buf.len(), 10_000);
     assert_eq!(buf.mapping().1, 12_288, "rounded up to whole 4 KiB pages");
     assert_eq!(buf.va() % 4096, 0);
-    buf.as_mut_slice().fill(0x11);
-    assert!(buf.as_slice().iter().all(|&b| b == 0x11));
+    buf.fill_at(0, 10_000, 0x11).unwrap();
+    let mut all = vec![0u8; 10_000];
+    buf.read_at(0, &mut all).unwrap();
+    assert!(all.iter().all(|&b| b == 0x11));
 }
 
 #[test]
@@ -142,44 +145,142 @@ fn zero_and_huge_sizes_are_errors() {
         Err(DmaError::TooLarge(_))
     ));
     assert!(matches!(
-        DmaPool::new(0, 4, PagePolicy::SmallOnly),
+        SharedDmaMemory::allocate_with(0, PagePolicy::SmallOnly),
         Err(DmaError::ZeroSize)
     ));
     assert!(matches!(
-        DmaPool::new(4096, usize::MAX, PagePolicy::SmallOnly),
+        SharedDmaMemory::allocate_with(usize::MAX - 1, PagePolicy::SmallOnly),
         Err(DmaError::TooLarge(_))
     ));
 }
 
 #[test]
-fn buffer_access_is_host_memory() {
-    let mut buf = DmaBuffer::allocate_with(8192, PagePolicy::SmallOnly).unwrap();
-    let va = buf.va();
-    {
-        let access = buf.access();
-        access.copy_to_host(va + 100, b"bounce").unwrap();
-        access.fill_host(va + 8000, 192, 0xff).unwrap();
-        let mut out = [0u8; 6];
-        access.copy_from_host(va + 100, &mut out).unwrap();
-        assert_eq!(&out, b"bounce");
-        assert_eq!(
-            access.fill_host(va + 8000, 193, 0),
-            Err(MemError::Unmapped {
-                addr: va + 8000,
-                len: 193
-            })
-        );
-        assert!(access.copy_to_host(va - 1, &[0]).is_err());
-        assert!(access.copy_to_host(va + 8192, &[0]).is_err());
-        assert!(access.copy_to_host(va + 8192, &[]).is_ok());
-        assert_eq!(
-            access.copy_to_host(u64::MAX, &[0, 0]),
-            Err(MemError::Overflow)
-        );
+fn buffer_copies_are_range_checked() {
+    let buf = DmaBuffer::allocate_with(8192, PagePolicy::SmallOnly).unwrap();
+    buf.write_at(100, b"bounce").unwrap();
+    buf.fill_at(8000, 192, 0xff).unwrap();
+    let mut out = [0u8; 6];
+    buf.read_at(100, &mut out).unwrap();
+    assert_eq!(&out, b"bounce");
+    assert_eq!(
+        buf.fill_at(8000, 193, 0),
+        Err(MemError::Unmapped {
+            addr: buf.va() + 8000,
+            len: 193
+        })
+    );
+    assert!(buf.write_at(8192, &[0]).is_err());
+    assert!(buf.write_at(8192, &[]).is_ok());
+    assert_eq!(buf.write_at(usize::MAX, &[0, 0]), Err(MemError::Overflow));
+    assert!(buf.read_at(8191, &mut [0, 0]).is_err());
+    let mut tail = [0u8; 193];
+    buf.read_at(7999, &mut tail).unwrap();
+    assert_eq!(tail[0], 0);
+    assert!(tail[1..].iter().all(|&b| b == 0xff));
+    // Raw pointers for device structures: only for ranges inside the buffer.
+    assert_eq!(
+        buf.ptr_at(0, 8192).map(|p| p.as_ptr() as u64),
+        Some(buf.va())
+    );
+    assert_eq!(
+        buf.ptr_at(4096, 0).map(|p| p.as_ptr() as u64),
+        Some(buf.va() + 4096)
+    );
+    assert!(buf.ptr_at(4096, 4097).is_none());
+    assert!(buf.ptr_at(usize::MAX, 2).is_none());
+}
+
+/// Records what a device's IOMMU was asked to do; `fail_unmap` makes unmapping fail.
+#[derive(Debug, Default)]
+struct RecordingMapper {
+    log: Mutex<Vec<(&'static str, u64, u64)>>,
+    fail_unmap: bool,
+}
+
+impl DmaMapper for RecordingMapper {
+    unsafe fn map(&self, vaddr: u64, len: u64) -> Result<(), DmaError> {
+        self.log.lock().unwrap().push(("map", vaddr, len));
+        Ok(())
     }
-    assert_eq!(&buf.as_slice()[100..106], b"bounce");
-    assert!(buf.as_slice()[8000..].iter().all(|&b| b == 0xff));
-    assert_eq!(buf.as_slice()[7999], 0);
+    fn unmap(&self, vaddr: u64, len: u64) -> Result<(), DmaError> {
+        self.log.lock().unwrap().push(("unmap", vaddr, len));
+        if self.fail_unmap {
+            return Err(DmaError::Unmap {
+                iova: vaddr,
+                len,
+                reason: "test".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Is `va` inside a mapping of this process (`/proc/self/maps`)?
+fn is_mapped(va: u64) -> bool {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines().any(|l| {
+        let range = l.split_whitespace().next().unwrap_or("");
+        let (lo, hi) = range.split_once('-').unwrap_or(("0", "0"));
+        let lo = u64::from_str_radix(lo, 16).unwrap_or(0);
+        let hi = u64::from_str_radix(hi, 16).unwrap_or(0);
+        (lo..hi).contains(&va)
+    })
+}
+
+#[test]
+fn device_buffers_are_aligned_zeroed_and_mapped_with_iova_equal_to_va() {
+    let mapper = Arc::new(RecordingMapper::default());
+    let region =
+        DmaBuffer::allocate_for_device(10_000, PagePolicy::PreferHuge, mapper.clone()).unwrap();
+    assert_eq!(region.iova(), region.va());
+    assert_eq!(region.iova() % 4096, 0);
+    assert!(region.len() >= 10_000);
+    let (map_va, map_len) = region.mapping();
+    assert_eq!(map_va, region.va());
+    assert_eq!(map_len % 4096, 0);
+    if region.is_hugepage() {
+        assert_eq!(map_len % HUGEPAGE_SIZE, 0);
+        assert_eq!(map_va % HUGEPAGE_SIZE as u64, 0);
+    }
+    let mut buf = vec![0xAAu8; 64];
+    region.read_at(region.len() - 64, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    region.write_at(100, b"hello").unwrap();
+    let mut back = [0u8; 5];
+    region.read_at(100, &mut back).unwrap();
+    assert_eq!(&back, b"hello");
+    assert!(
+        region.write_at(region.len() - 2, b"abc").is_err(),
+        "out of range write refused"
+    );
+    assert!(region.ptr_at(usize::MAX, 2).is_none());
+    drop(region);
+    assert_eq!(
+        *mapper.log.lock().unwrap(),
+        vec![
+            ("map", map_va, map_len as u64),
+            ("unmap", map_va, map_len as u64)
+        ],
+        "the whole mapping is mapped for the device, and unmapped on drop"
+    );
+    assert!(!is_mapped(map_va), "then the memory is freed");
+}
+
+#[test]
+fn device_buffers_that_cannot_be_unmapped_are_leaked() {
+    let mapper = Arc::new(RecordingMapper {
+        fail_unmap: true,
+        ..RecordingMapper::default()
+    });
+    let region =
+        DmaBuffer::allocate_for_device(4096, PagePolicy::SmallOnly, mapper.clone()).unwrap();
+    let va = region.va();
+    drop(region);
+    assert_eq!(mapper.log.lock().unwrap().len(), 2);
+    assert!(
+        is_mapped(va),
+        "the IOMMU may still point at the pages: they are never given back"
+    );
 }
 
 #[test]
@@ -221,45 +322,4 @@ fn shared_memory_is_shared_between_threads() {
     let mut block = vec![0u8; 4096];
     other.read_at(0, &mut block).unwrap();
     assert!(block.iter().all(|&b| b == 1));
-}
-
-#[test]
-fn pool_hands_out_distinct_aligned_buffers_and_takes_them_back() {
-    let pool = DmaPool::new(3000, 8, PagePolicy::SmallOnly).unwrap();
-    assert_eq!(pool.capacity(), 8);
-    assert_eq!(pool.buffer_size(), 3000);
-    let mut held: Vec<DmaBuffer> = (0..8).map(|_| pool.alloc().expect("capacity 8")).collect();
-    assert!(pool.alloc().is_none());
-    assert_eq!(pool.available(), 0);
-    let (map_va, map_len) = pool.mapping();
-    let mut vas: Vec<u64> = held.iter().map(|b| b.va()).collect();
-    vas.sort_unstable();
-    vas.dedup();
-    assert_eq!(vas.len(), 8);
-    for (i, b) in held.iter_mut().enumerate() {
-        assert_eq!(b.va() % 4096, 0);
-        assert_eq!(b.len(), 3000);
-        assert!(b.va() >= map_va && b.va() + 3000 <= map_va + map_len as u64);
-        b.as_mut_slice().fill(i as u8);
-    }
-    // Writes stay inside each buffer.
-    for (i, b) in held.iter().enumerate() {
-        assert!(b.as_slice().iter().all(|&x| x == i as u8));
-    }
-    // Buffers come back on drop, from any thread.
-    let one = held.pop().unwrap();
-    std::thread::spawn(move || drop(one)).join().unwrap();
-    assert_eq!(pool.available(), 1);
-    drop(held);
-    assert_eq!(pool.available(), 8);
-    // A buffer turned into shared memory stays out of the pool for good.
-    let shared = pool.alloc().unwrap().into_shared();
-    assert_eq!(pool.available(), 7);
-    drop(shared);
-    assert_eq!(pool.available(), 7);
-    // The mapping outlives the pool while buffers remain.
-    let mut last = pool.alloc().unwrap();
-    drop(pool);
-    last.as_mut_slice()[2999] = 1;
-    assert_eq!(last.as_slice()[2999], 1);
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rvhost_nvme::pattern::{check_chunk, fill_block, ChunkContent, SelftestLayout, CHUNK_BYTES};
 use rvhost_nvme::{
-    Controller, ControllerConfig, ControllerState, DmaRegion, DmaSegment, IoError, IoQueuePair,
+    Controller, ControllerConfig, ControllerState, DmaBuffer, DmaSegment, IoError, IoQueuePair,
     NamespaceInfo,
 };
 
@@ -56,7 +56,7 @@ fn shape_segments(shape: u64, sgl: bool) -> Vec<(usize, usize)> {
 
 struct Worker<'a> {
     qp: &'a mut IoQueuePair,
-    buffer: DmaRegion,
+    buffer: DmaBuffer,
     ns: NamespaceInfo,
     qd: usize,
     sgl: bool,
@@ -92,8 +92,14 @@ impl Worker<'_> {
                 }
                 let mut pos = 0;
                 for (off, len) in shape_segments(op.shape, self.sgl) {
-                    self.buffer
-                        .write_bytes(slot * SLOT_BYTES + off, &data[pos..pos + len]);
+                    // The slot lies inside the buffer (allocated as qd * SLOT_BYTES); were it not,
+                    // the read-back check of this chunk fails.
+                    if let Err(e) = self
+                        .buffer
+                        .write_at(slot * SLOT_BYTES + off, &data[pos..pos + len])
+                    {
+                        tracing::error!(%e, slot, "test buffer");
+                    }
                     pos += len;
                 }
                 self.qp
@@ -101,7 +107,9 @@ impl Worker<'_> {
             }
             OpKind::Read(_) => {
                 // Poison the buffer so that a read that transfers nothing cannot pass.
-                self.buffer.fill(slot * SLOT_BYTES, SLOT_BYTES, 0xA5);
+                if let Err(e) = self.buffer.fill_at(slot * SLOT_BYTES, SLOT_BYTES, 0xA5) {
+                    tracing::error!(%e, slot, "test buffer");
+                }
                 self.qp
                     .read(self.ns.nsid, lba, blocks, &segments, slot as u64)
             }
@@ -116,7 +124,7 @@ impl Worker<'_> {
         let mut pos = 0;
         for (off, len) in shape_segments(op.shape, self.sgl) {
             self.buffer
-                .read_bytes(slot * SLOT_BYTES + off, &mut data[pos..pos + len]);
+                .read_at(slot * SLOT_BYTES + off, &mut data[pos..pos + len])?;
             pos += len;
         }
         if let Err(lba) = check_chunk(op.chunk, self.ns.block_size() as usize, expected, &data) {

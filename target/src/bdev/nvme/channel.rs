@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use rvhost_nvme::io::{MAX_BLOCKS_PER_COMMAND, MAX_DSM_RANGES};
 use rvhost_nvme::prp::{build_data_pointer, SglSupport};
-use rvhost_nvme::{ControllerState, DmaRegion, DmaSegment, IoError, IoQueuePair};
+use rvhost_nvme::{ControllerState, DmaBuffer, DmaSegment, IoError, IoQueuePair};
 
 use super::{memory_key, DmaRegistration, NvmeBdev};
 use crate::bdev::common::{byte_range, check_iovs};
@@ -53,7 +53,7 @@ struct CopyOut {
 pub(super) struct NvmeChannel {
     // `qp` and `bounce` are dropped before `bdev`, which keeps the controller open.
     qp: IoQueuePair,
-    bounce: DmaRegion,
+    bounce: DmaBuffer,
     bdev: Arc<NvmeBdev>,
     slot_len: usize,
     free_slots: Vec<usize>,
@@ -512,7 +512,7 @@ impl NvmeChannel {
                         .get_mut(at..at + n)
                         .ok_or_else(|| BdevError::Backend("span beyond the bounce slot".into()))?;
                     mem.copy_from_host(addr, buf).map_err(BdevError::Memory)?;
-                    if bounce.write_bytes(slot_offset + at, buf) {
+                    if bounce.write_at(slot_offset + at, buf).is_ok() {
                         Ok(())
                     } else {
                         Err(BdevError::Backend("bounce slot out of range".into()))
@@ -558,7 +558,7 @@ impl NvmeChannel {
                 let buf = scratch
                     .get_mut(at..at + n)
                     .ok_or_else(|| BdevError::Backend("span beyond the bounce slot".into()))?;
-                if !bounce.read_bytes(slot_offset + at, buf) {
+                if bounce.read_at(slot_offset + at, buf).is_err() {
                     return Err(BdevError::Backend("bounce slot out of range".into()));
                 }
                 out.mem.copy_to_host(addr, buf).map_err(BdevError::Memory)
