@@ -11,10 +11,12 @@
 //! - [`device`]: connecting to a vhost-user-blk or vhost-user-scsi target and request formats;
 //! - [`workload`]: fio-like options, the offset/direction generator and the verify patterns;
 //! - [`engine`]: the poll loop and its statistics;
-//! - [`responder`]: a trivial in-process device, to measure the initiator's own cost per I/O.
+//! - [`responder`]: a trivial in-process device, to measure the initiator's own cost per I/O;
+//! - [`probe`]: the core-to-core cache-line round trip, which bounds every poll-mode figure.
 
 pub mod device;
 pub mod engine;
+pub mod probe;
 pub mod responder;
 pub mod shm;
 pub mod vring;

@@ -18,7 +18,7 @@ use rvhost_bench::{DeviceType, RwMode, WorkloadOptions};
 #[command(name = "rvhost-perf", version, about, verbatim_doc_comment)]
 struct Cli {
     /// The target's vhost-user socket.
-    #[arg(long, value_name = "PATH", required_unless_present = "loopback")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["loopback", "probe_cores"])]
     socket: Option<PathBuf>,
     /// Device type behind the socket.
     #[arg(long = "type", value_enum, default_value = "blk")]
@@ -66,6 +66,25 @@ struct Cli {
     /// measures the initiator's own ceiling and cost per I/O.
     #[arg(long, value_name = "CPU")]
     loopback: Option<usize>,
+    /// Instead of a run, measure the cache-line round trip between two CPUs ("0,1") for
+    /// --probe-ms and print it: what bounds every poll-mode figure between those cores.
+    #[arg(long, value_name = "A,B", value_parser = parse_cpu_pair)]
+    probe_cores: Option<(usize, usize)>,
+    /// How long --probe-cores measures, in milliseconds.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    probe_ms: u64,
+}
+
+fn parse_cpu_pair(text: &str) -> Result<(usize, usize), String> {
+    let (a, b) = text
+        .split_once(',')
+        .ok_or_else(|| format!("{text}: expected two CPUs, A,B"))?;
+    let cpu = |t: &str| {
+        t.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("{t}: not a CPU number"))
+    };
+    Ok((cpu(a)?, cpu(b)?))
 }
 
 fn parse_size_u64(text: &str) -> Result<u64, String> {
@@ -151,6 +170,18 @@ fn main() -> ExitCode {
 
 fn real_main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
+    if let Some((a, b)) = cli.probe_cores {
+        let r = rvhost_bench::probe::core_round_trip(a, b, Duration::from_millis(cli.probe_ms))?;
+        if cli.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "CPU {a} <-> CPU {b}: cache-line round trip {:.0} ns (median of {} batches; min {:.0}, max {:.0})",
+                r.round_trip_ns, r.batches, r.min_ns, r.max_ns
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Some(cpu) = cli.cpu {
         // Before the memory is allocated, so it is first touched on this core's node.
         rvhost_platform_linux::cpu::pin_current_thread(cpu)
