@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Interleaved IOPS comparison of vhost-user targets driven by rvhost-perf.
+# Interleaved IOPS comparison of vhost-user targets driven by rvhost-perf and/or SPDK's bdevperf.
 #
 # Each round starts every target in turn on core 0 (and only that target, so a busy-polling
-# target never steals the core from the next one), runs rvhost-perf against it on core 1, and
-# stops it: A B C A B C ... Per-round IOPS and latencies go to a CSV; the summary gives, per target,
-# the median IOPS and latencies and the median of the per-round ratios to the baseline target.
+# target never steals the core from the next one), runs the initiator against it on core 1, and
+# stops it: A B C A B C ... (with --initiator both, each target is started once per initiator).
+# Per-round IOPS, latencies, the 1-minute load average and the cache-line round trip between the
+# two cores (measured just before and after) go to a CSV; the summary gives, per initiator and target, the
+# median IOPS and latencies, the median of the per-round ratios to the baseline target, and for
+# every rvhost target with an SPDK peer the median of the per-round ratios rvhost/SPDK.
 #
 #   bench/compare.sh                         # everything: 5 rounds x 10 s, QD 1/32/128, read+write
 #   bench/compare.sh --rounds 2 --secs 3     # a quick look
@@ -12,6 +15,7 @@
 #   bench/compare.sh --socket /path/to/vhost.sock --socket-type blk   # adds an external target
 #   bench/compare.sh --files shm             # file bdevs vs qsd on one file in /dev/shm
 #   bench/compare.sh --files direct --direct-dir /work/tmp   # O_DIRECT on a real filesystem
+#   SPDK_DIR=/path/to/spdk bench/compare.sh --spdk --initiator both   # rvhost beside SPDK v25.09
 #
 # Targets: rvhost-null rvhost-malloc qsd-null qsd-file (blk); rvhost-scsi-null rvhost-scsi-malloc
 # (scsi, with --scsi); "socket" (an already running target given by --socket, not restarted).
@@ -20,6 +24,15 @@
 # rvhost-uring-direct rvhost-aio-direct qsd-uring-direct qsd-native-direct (O_DIRECT, a file in
 # --direct-dir, default $BUILD/compare-files; --direct-prep fill|fallocate|sparse says how that file
 # is made: fill writes every block, so O_DIRECT writes are overwrites of written extents).
+# SPDK targets (SPDK's vhost app from the built tree SPDK_DIR names; never built here):
+# spdk-null spdk-malloc (blk), spdk-scsi-null (scsi), spdk-aio (blk, SPDK's aio bdev, which opens
+# with O_DIRECT, on the --files direct file). --spdk adds each rvhost target's SPDK peer and makes
+# targets run in pairs (SPDK first). Without SPDK_DIR the SPDK targets and bdevperf are skipped
+# with a message. SPDK programs run with -u (no PCI) and need 2 MiB hugepages (768 MiB).
+# --initiator rvhost-perf|bdevperf|both (bdevperf: SPDK's, as a virtio-user initiator with
+# vq_count 2). --rvhost-reactor busy|adaptive: RVHOST_BUSY_POLL=1 (the default, as SPDK's
+# reactors) or rvhost's default adaptive reactor. --nice N or --rt (SCHED_RR) runs targets,
+# initiators and the probe at that priority (--rt on a machine busy with builds).
 set -euo pipefail
 
 ROUNDS=5
@@ -43,8 +56,13 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 BUILD="${CARGO_TARGET_DIR:-$REPO/build}"
 RVHOST="${RVHOST:-}"
 PERF="${RVHOST_PERF:-}"
+SPDK_DIR="${SPDK_DIR:-}"
+SPDK=0
+INITIATORS=rvhost-perf
+RVHOST_REACTOR=busy
+NICE=""
 
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -66,6 +84,11 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift 2 ;;
     --rvhost) RVHOST="$2"; shift 2 ;;
     --perf) PERF="$2"; shift 2 ;;
+    --spdk) SPDK=1; shift ;;
+    --initiator) INITIATORS="$2"; shift 2 ;;
+    --rvhost-reactor) RVHOST_REACTOR="$2"; shift 2 ;;
+    --nice) NICE="$2"; shift 2 ;;
+    --rt) NICE=rt; shift ;;
     -h|--help) usage 0 ;;
     *) echo "compare.sh: unknown option $1" >&2; usage 2 ;;
   esac
@@ -80,6 +103,81 @@ case "$FILES" in
   *) echo "compare.sh: --files takes shm or direct" >&2; exit 2 ;;
 esac
 [ -n "$SOCKET" ] && TARGETS="$TARGETS socket"
+case "$INITIATORS" in
+  rvhost-perf|bdevperf) ;;
+  both) INITIATORS="rvhost-perf bdevperf" ;;
+  *) echo "compare.sh: --initiator takes rvhost-perf, bdevperf or both" >&2; exit 2 ;;
+esac
+case "$RVHOST_REACTOR" in
+  busy|adaptive) ;;
+  *) echo "compare.sh: --rvhost-reactor takes busy or adaptive" >&2; exit 2 ;;
+esac
+
+# The SPDK peer of an rvhost target (empty when there is none).
+spdk_peer() {
+  case "$1" in
+    rvhost-null) echo spdk-null ;;
+    rvhost-malloc) echo spdk-malloc ;;
+    rvhost-scsi-null) echo spdk-scsi-null ;;
+    rvhost-aio-direct|rvhost-uring-direct) echo spdk-aio ;;
+  esac
+}
+if [ "$SPDK" = 1 ]; then
+  # Each rvhost target preceded by its SPDK peer: SPDK, rvhost, SPDK, rvhost, ...
+  paired=""
+  for t in $TARGETS; do
+    p="$(spdk_peer "$t")"
+    if [ -n "$p" ] && [[ " $paired " != *" $p "* ]]; then paired="$paired $p"; fi
+    paired="$paired $t"
+  done
+  TARGETS="${paired# }"
+fi
+SPDK_OK=0
+if [ -n "$SPDK_DIR" ]; then
+  if [ -x "$SPDK_DIR/build/bin/vhost" ] || [ -x "$SPDK_DIR/build/examples/bdevperf" ]; then
+    SPDK_OK=1
+    # SPDK's own libraries and its isa-l submodules' (a --with-shared build), nothing else.
+    SPDK_LIBS="$SPDK_DIR/build/lib:$SPDK_DIR/isa-l/.libs:$SPDK_DIR/isa-l-crypto/.libs"
+    # No PCI (-u); one hugetlbfs file per process (-g: virtio-user passes at most 8 memory
+    # regions, and without hugepages bdevperf's virtio-user I/O never completed here); no core
+    # lock files, so a stray SPDK process elsewhere cannot make a run fail.
+    SPDK_MEM=(-u -g --disable-cpumask-locks)
+    free_huge="$(awk '/^HugePages_Free:/ {print $2}' /proc/meminfo)"
+    if [ "${free_huge:-0}" -lt 384 ]; then
+      echo "compare.sh: SPDK needs 2 MiB hugepages (768 MiB free for the vhost app and bdevperf; there are ${free_huge:-0} pages): echo 1024 > /proc/sys/vm/nr_hugepages; mount -t hugetlbfs nodev /dev/hugepages" >&2
+    fi
+  else
+    echo "compare.sh: SPDK_DIR=$SPDK_DIR has no build/bin/vhost or build/examples/bdevperf (build SPDK there first); SPDK targets and bdevperf skipped" >&2
+  fi
+fi
+if [ "$SPDK_OK" = 0 ]; then
+  kept=""
+  for t in $TARGETS; do
+    case "$t" in
+      spdk-*) [ -n "$SPDK_DIR" ] || echo "compare.sh: SPDK_DIR is not set; skipping $t" >&2 ;;
+      *) kept="$kept $t" ;;
+    esac
+  done
+  TARGETS="${kept# }"
+  if [[ " $INITIATORS " == *" bdevperf "* ]]; then
+    [ -n "$SPDK_DIR" ] || echo "compare.sh: SPDK_DIR is not set; skipping the bdevperf initiator" >&2
+    INITIATORS="${INITIATORS/bdevperf/}"
+    INITIATORS="$(echo $INITIATORS)"
+  fi
+fi
+# --nice N runs targets, initiators and the probe at that niceness; --rt under SCHED_RR priority
+# 1 (round robin, so a target's busy reactor and its vhost-user thread on the same core both get
+# turns; SCHED_FIFO would starve the latter). On a machine busy with builds only --rt keeps the
+# spinning threads on their cores: there, nice -19 still left rvhost at 0.1-0.3M IOPS where
+# --rt gave 2.5-5M.
+PRIO=(env)
+case "$NICE" in
+  "") ;;
+  rt) PRIO=(chrt -r 1) ;;
+  *) PRIO=(nice -n "$NICE") ;;
+esac
+[ -n "$TARGETS" ] || { echo "compare.sh: no target left to run" >&2; exit 2; }
+[ -n "$INITIATORS" ] || { echo "compare.sh: no initiator left to run" >&2; exit 2; }
 [ -n "$BASELINE" ] || BASELINE="${TARGETS%% *}"
 
 if [ -z "$PERF" ] || [ -z "$RVHOST" ]; then
@@ -160,8 +258,70 @@ rvhost_config() {
   fi
 }
 
+# SPDK's vhost app with the same controller, as an SPDK JSON config (subsystems).
+spdk_config() {
+  local kind="$1" bdev="$2" create
+  case "$bdev" in
+    null) create="{\"method\":\"bdev_null_create\",\"params\":{\"name\":\"Dev0\",\"num_blocks\":$BLOCKS,\"block_size\":512}}" ;;
+    malloc) create="{\"method\":\"bdev_malloc_create\",\"params\":{\"name\":\"Dev0\",\"num_blocks\":$BLOCKS,\"block_size\":512}}" ;;
+    aio-direct)
+      local file
+      file="$(backing_file direct)" || return 1
+      create="{\"method\":\"bdev_aio_create\",\"params\":{\"name\":\"Dev0\",\"filename\":\"$file\",\"block_size\":512}}" ;;
+  esac
+  local mask
+  mask="0x$(printf %x $((1 << TARGET_CPU)))"
+  if [ "$kind" = blk ]; then
+    echo "{\"subsystems\":[{\"subsystem\":\"bdev\",\"config\":[$create]},{\"subsystem\":\"vhost_blk\",\"config\":[{\"method\":\"vhost_create_blk_controller\",\"params\":{\"ctrlr\":\"perf.0\",\"dev_name\":\"Dev0\",\"cpumask\":\"$mask\"}}]}]}"
+  else
+    echo "{\"subsystems\":[{\"subsystem\":\"bdev\",\"config\":[$create]},{\"subsystem\":\"vhost_scsi\",\"config\":[{\"method\":\"vhost_create_scsi_controller\",\"params\":{\"ctrlr\":\"perf.0\",\"cpumask\":\"$mask\"}},{\"method\":\"vhost_scsi_controller_add_target\",\"params\":{\"ctrlr\":\"perf.0\",\"scsi_target_num\":0,\"bdev_name\":\"Dev0\"}}]}]}"
+  fi
+}
+
+# Runs initiator $1 against $SOCK ($TYPE) for workload $2 at depth $3; prints
+# "iops,avg_lat_us,p50_lat_us,p99_lat_us,io_errors" or ",,,,failed" (details in $WORK/init.err).
+run_initiator() {
+  local init="$1" rw="$2" qd="$3"
+  if [ "$init" = rvhost-perf ]; then
+    local json
+    json="$("${PRIO[@]}" "$PERF" --socket "$SOCK" --type "$TYPE" --rw "$rw" --bs "$BS" --qd "$qd" \
+              --time "$SECS" --size "$SIZE" --cpu "$INITIATOR_CPU" --json 2>"$WORK/init.err" || true)"
+    python3 -c '
+import json, sys
+try:
+    r = json.loads(sys.argv[1])
+except Exception:
+    print(",,,,failed"); sys.exit()
+t = r["total"]
+l = t["latency"]
+print("%.0f,%.2f,%.2f,%.2f,%d" % (t["iops"], l["avg_ns"] / 1e3, l["p50_ns"] / 1e3, l["p99_ns"] / 1e3, r["io_errors"]))
+' "$json"
+    return
+  fi
+  # SPDK's bdevperf as a virtio-user initiator of the target's socket (a fresh SPDK process each
+  # time, its reactor on the initiator core; -l prints the latency percentiles).
+  local bs_bytes
+  bs_bytes="$(size_bytes "$BS")"
+  echo "{\"subsystems\":[{\"subsystem\":\"bdev\",\"config\":[{\"method\":\"bdev_virtio_attach_controller\",\"params\":{\"name\":\"Virtio0\",\"trtype\":\"user\",\"traddr\":\"$SOCK\",\"dev_type\":\"$TYPE\",\"vq_count\":2,\"vq_size\":512}}]}]}" > "$WORK/bdevperf.json"
+  LD_LIBRARY_PATH="$SPDK_LIBS" timeout -k 5 $((SECS + 60)) "${PRIO[@]}" "$SPDK_DIR/build/examples/bdevperf" \
+    "${SPDK_MEM[@]}" -s 256 -m "0x$(printf %x $((1 << INITIATOR_CPU)))" -c "$WORK/bdevperf.json" \
+    -q "$qd" -o "$bs_bytes" -w "$rw" -t "$SECS" -l > "$WORK/bdevperf.out" 2>"$WORK/init.err" || true
+  python3 -c '
+import re, sys
+text = open(sys.argv[1], errors="replace").read().replace("\r", "\n")
+total = re.search(r"^\s*Total\s*:\s+([0-9.]+)\s+[0-9.]+\s+([0-9.]+)\s+[0-9.]+\s+([0-9.]+)", text, re.M)
+if not total or float(total.group(1)) == 0:
+    print(",,,,failed"); sys.exit()
+pct = dict((float(p), float(v)) for p, v in re.findall(r"^\s*([0-9.]+)%\s*:\s*([0-9.]+)us", text, re.M))
+iops, fails, avg = float(total.group(1)), float(total.group(2)), float(total.group(3))
+p50 = pct.get(50.0, float("nan")); p99 = pct.get(99.0, float("nan"))
+print("%.0f,%.2f,%.2f,%.2f,%d" % (iops, avg, p50, p99, round(fails * float(sys.argv[2]))))
+' "$WORK/bdevperf.out" "$SECS"
+  cat "$WORK/bdevperf.out" >> "$WORK/init.err"
+}
+
 wait_socket() {
-  for _ in $(seq 200); do
+  for _ in $(seq 400); do
     [ -S "$1" ] && return 0
     kill -0 "$TARGET_PID" 2>/dev/null || return 1
     sleep 0.05
@@ -181,8 +341,10 @@ start_target() {
       case "$t" in *scsi*) kind=scsi; TYPE=scsi ;; esac
       case "$t" in *malloc) bdev=malloc ;; rvhost-uring-*|rvhost-aio-*) bdev="${t#rvhost-}" ;; esac
       rvhost_config "$kind" "$bdev" > "$WORK/config.json"
-      # Busy polling, as SPDK's reactors: the benchmark measures the data path, not wake-ups.
-      RVHOST_BUSY_POLL=1 taskset -c "$TARGET_CPU" "$RVHOST" -m "0x$(printf %x $((1 << TARGET_CPU)))" \
+      # Busy polling by default, as SPDK's reactors; --rvhost-reactor adaptive runs what users run.
+      local busy=1
+      [ "$RVHOST_REACTOR" = busy ] || busy=""
+      RVHOST_BUSY_POLL=$busy "${PRIO[@]}" taskset -c "$TARGET_CPU" "$RVHOST" -m "0x$(printf %x $((1 << TARGET_CPU)))" \
         -S "$WORK/sock" -r "$WORK/sock/rpc.sock" -c "$WORK/config.json" -L warn \
         > "$WORK/$t.log" 2>&1 &
       TARGET_PID=$!
@@ -196,7 +358,7 @@ start_target() {
         [ -f "$SHM_FILE" ] || fallocate -l "$SIZE_BYTES" "$SHM_FILE"
         blockdev="driver=file,node-name=disk0,filename=$SHM_FILE,cache.direct=off"
       fi
-      taskset -c "$TARGET_CPU" "$QSD" --blockdev "$blockdev" \
+      "${PRIO[@]}" taskset -c "$TARGET_CPU" "$QSD" --blockdev "$blockdev" \
         --export "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=1" \
         > "$WORK/$t.log" 2>&1 &
       TARGET_PID=$!
@@ -209,10 +371,21 @@ start_target() {
       [ "$where" = direct ] && direct=on
       local file
       file="$(backing_file "$where")" || return 1
-      taskset -c "$TARGET_CPU" "$QSD" \
+      "${PRIO[@]}" taskset -c "$TARGET_CPU" "$QSD" \
         --blockdev "driver=file,node-name=disk0,filename=$file,aio=$aio,cache.direct=$direct" \
         --export "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=1,logical-block-size=512" \
         > "$WORK/$t.log" 2>&1 &
+      TARGET_PID=$!
+      ;;
+    spdk-null|spdk-malloc|spdk-scsi-null|spdk-aio)
+      local kind=blk bdev=null
+      case "$t" in spdk-scsi-*) kind=scsi; TYPE=scsi ;; esac
+      case "$t" in spdk-malloc) bdev=malloc ;; spdk-aio) bdev=aio-direct ;; esac
+      spdk_config "$kind" "$bdev" > "$WORK/config.json" || return 1
+      # SPDK's vhost app: one reactor on the target core, the controller's socket in $WORK/sock.
+      LD_LIBRARY_PATH="$SPDK_LIBS" "${PRIO[@]}" taskset -c "$TARGET_CPU" "$SPDK_DIR/build/bin/vhost" \
+        "${SPDK_MEM[@]}" -s 512 -m "0x$(printf %x $((1 << TARGET_CPU)))" -S "$WORK/sock" \
+        -r "$WORK/sock/rpc.sock" --json "$WORK/config.json" > "$WORK/$t.log" 2>&1 &
       TARGET_PID=$!
       ;;
     socket)
@@ -224,35 +397,40 @@ start_target() {
   wait_socket "$SOCK" || { echo "compare.sh: $t did not come up; log:" >&2; cat "$WORK/$t.log" >&2; return 1; }
 }
 
-echo "target,workload,qd,round,iops,avg_lat_us,p50_lat_us,p99_lat_us,io_errors" > "$OUT"
-echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r), rounds=$ROUNDS secs=$SECS bs=$BS size=$SIZE"
-echo "# targets: $TARGETS (baseline $BASELINE); target on CPU $TARGET_CPU, initiator on CPU $INITIATOR_CPU"
+# The cache-line round trip between the two cores just before a measurement (rvhost-perf
+# --probe-cores): on a VM it switches between levels as the host moves the vCPUs, and every
+# poll-mode figure follows it (bench/README.md, "Against SPDK v25.09").
+core_probe() {
+  "${PRIO[@]}" "$PERF" --probe-cores "$TARGET_CPU,$INITIATOR_CPU" --probe-ms 200 --json 2>/dev/null \
+    | python3 -c 'import json, sys; print("%.0f" % json.load(sys.stdin)["round_trip_ns"])' 2>/dev/null || true
+}
+
+echo "initiator,target,workload,qd,round,iops,avg_lat_us,p50_lat_us,p99_lat_us,io_errors,load1,core_rtt_ns,core_rtt_after_ns" > "$OUT"
+echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r), rounds=$ROUNDS secs=$SECS bs=$BS size=$SIZE, load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# targets: $TARGETS (baseline $BASELINE); initiators: $INITIATORS; rvhost reactor: $RVHOST_REACTOR; target on CPU $TARGET_CPU, initiator on CPU $INITIATOR_CPU${NICE:+, nice $NICE}"
+if [ "$SPDK_OK" = 1 ]; then
+  echo "# SPDK: $SPDK_DIR ($(git -C "$SPDK_DIR" describe --tags 2>/dev/null || cat "$SPDK_DIR/VERSION" 2>/dev/null || true))"
+fi
 echo "# per-round CSV: $OUT"
 for wl in $WORKLOADS; do
   rw="${wl%%:*}"; qd="${wl##*:}"
   for round in $(seq "$ROUNDS"); do
     for t in $TARGETS; do
-      if ! start_target "$t"; then
-        echo "$t,$rw,$qd,$round,,,,,failed" >> "$OUT"
+      for init in $INITIATORS; do
+        rtt="$(core_probe)"
+        if ! start_target "$t"; then
+          echo "$init,$t,$rw,$qd,$round,,,,,failed,,$rtt," >> "$OUT"
+          stop_target
+          continue
+        fi
+        line="$(run_initiator "$init" "$rw" "$qd")"
+        load1="$(cut -d' ' -f1 /proc/loadavg)"
         stop_target
-        continue
-      fi
-      json="$("$PERF" --socket "$SOCK" --type "$TYPE" --rw "$rw" --bs "$BS" --qd "$qd" \
-                --time "$SECS" --size "$SIZE" --cpu "$INITIATOR_CPU" --json 2>"$WORK/perf.err" || true)"
-      stop_target
-      line="$(python3 -c '
-import json, sys
-try:
-    r = json.loads(sys.argv[1])
-except Exception:
-    print(",,,,failed"); sys.exit()
-t = r["total"]
-l = t["latency"]
-print("%.0f,%.2f,%.2f,%.2f,%d" % (t["iops"], l["avg_ns"] / 1e3, l["p50_ns"] / 1e3, l["p99_ns"] / 1e3, r["io_errors"]))
-' "$json")"
-      echo "$t,$rw,$qd,$round,$line" >> "$OUT"
-      printf '%-20s %-9s qd=%-4s round %s: %s\n' "$t" "$rw" "$qd" "$round" "$line"
-      if [ "${line##*,}" = failed ]; then sed 's/^/    perf: /' "$WORK/perf.err" | tail -3; fi
+        rtt_after="$(core_probe)"
+        echo "$init,$t,$rw,$qd,$round,$line,$load1,$rtt,$rtt_after" >> "$OUT"
+        printf '%-11s %-20s %-9s qd=%-4s round %s: %s (load %s, core rtt %s/%s ns)\n' "$init" "$t" "$rw" "$qd" "$round" "$line" "$load1" "$rtt" "$rtt_after"
+        if [ "${line##*,}" = failed ]; then sed 's/^/    initiator: /' "$WORK/init.err" | tail -3; fi
+      done
     done
   done
 done
@@ -261,22 +439,43 @@ python3 - "$OUT" "$BASELINE" <<'PY'
 import csv, statistics, sys
 from collections import defaultdict
 path, baseline = sys.argv[1], sys.argv[2]
-rows = [r for r in csv.DictReader(open(path)) if r["iops"]]
-by = defaultdict(dict)   # (workload, qd) -> target -> round -> row
+all_rows = list(csv.DictReader(open(path)))
+rows = [r for r in all_rows if r["iops"]]
+loads = [float(r["load1"]) for r in all_rows if r.get("load1")]
+by = defaultdict(dict)   # (initiator, workload, qd) -> target -> round -> row
 for r in rows:
-    by[(r["workload"], r["qd"])].setdefault(r["target"], {})[r["round"]] = r
+    by[(r["initiator"], r["workload"], r["qd"])].setdefault(r["target"], {})[r["round"]] = r
+
+def ratio_median(rounds, base):
+    ratios = [float(r["iops"]) / float(base[k]["iops"]) for k, r in rounds.items()
+              if k in base and float(base[k]["iops"]) > 0]
+    return (f"{statistics.median(ratios):.2f}", ratios) if ratios else ("-", [])
+
 print()
-print(f"| workload | QD | target | median IOPS | median avg lat (us) | median p50 (us) | median p99 (us) | median per-round ratio to {baseline} | rounds |")
-print("|---|---|---|---|---|---|---|---|---|")
-for (wl, qd), targets in by.items():
+if loads:
+    print(f"load average (1 min) during the run: min {min(loads):.2f}, median {statistics.median(loads):.2f}, max {max(loads):.2f}")
+    print()
+print(f"| initiator | workload | QD | target | median IOPS | median avg lat (us) | median p50 (us) | median p99 (us) | median per-round ratio to {baseline} | rounds | core rtt before/after each round (ns) |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for (init, wl, qd), targets in by.items():
     base = targets.get(baseline, {})
     for t, rounds in targets.items():
-        iops = [float(r["iops"]) for r in rounds.values()]
-        lat = [float(r["avg_lat_us"]) for r in rounds.values()]
-        p50 = [float(r["p50_lat_us"]) for r in rounds.values()]
-        p99 = [float(r["p99_lat_us"]) for r in rounds.values()]
-        ratios = [float(r["iops"]) / float(base[k]["iops"]) for k, r in rounds.items()
-                  if k in base and float(base[k]["iops"]) > 0]
-        ratio = f"{statistics.median(ratios):.2f}" if ratios else "-"
-        print(f"| {wl} | {qd} | {t} | {statistics.median(iops):,.0f} | {statistics.median(lat):.2f} | {statistics.median(p50):.2f} | {statistics.median(p99):.2f} | {ratio} | {len(iops)} |")
+        med = lambda k: statistics.median([float(r[k]) for r in rounds.values()])
+        ratio, _ = ratio_median(rounds, base)
+        rtts = " ".join(f'{r.get("core_rtt_ns") or "-"}/{r.get("core_rtt_after_ns") or "-"}' for r in rounds.values())
+        print(f"| {init} | {wl} | {qd} | {t} | {med('iops'):,.0f} | {med('avg_lat_us'):.2f} | {med('p50_lat_us'):.2f} | {med('p99_lat_us'):.2f} | {ratio} | {len(rounds)} | {rtts} |")
+
+peers = {"rvhost-null": "spdk-null", "rvhost-malloc": "spdk-malloc",
+         "rvhost-scsi-null": "spdk-scsi-null", "rvhost-aio-direct": "spdk-aio",
+         "rvhost-uring-direct": "spdk-aio"}
+pairs = [(init, wl, qd, t, peers[t]) for (init, wl, qd), targets in by.items()
+         for t in targets if t in peers and peers[t] in targets]
+if pairs:
+    print()
+    print("| initiator | workload | QD | rvhost target | SPDK target | median per-round ratio rvhost/SPDK | per-round ratios |")
+    print("|---|---|---|---|---|---|---|")
+    for init, wl, qd, t, p in pairs:
+        targets = by[(init, wl, qd)]
+        ratio, ratios = ratio_median(targets[t], targets[p])
+        print(f"| {init} | {wl} | {qd} | {t} | {p} | {ratio} | {' '.join(f'{x:.2f}' for x in ratios)} |")
 PY
