@@ -22,10 +22,12 @@ use rvhost_target::bdev::malloc::{MallocBdev, MemoryBudget};
 use rvhost_target::bdev::null::NullBdev;
 use rvhost_target::bdev::Bdev;
 use rvhost_target::blk::BlkController;
-use rvhost_target::reactor::{DeviceId, DeviceOp, ReactorDevice};
+use rvhost_target::reactor::Task;
 use rvhost_target::scsi::ScsiController;
 use rvhost_target::vhost::memory::{GuestMemoryTable, RegionSpec};
-use rvhost_target::vhost::{DeviceBackend, QueueSetup, VirtioFeatures};
+use rvhost_target::vhost::{
+    ApplyDeviceOp, DeviceBackend, DeviceId, DeviceOp, QueueSetup, VirtioFeatures,
+};
 
 const MEM: u64 = 8 << 20;
 const QSIZE: u16 = 256;
@@ -85,7 +87,7 @@ enum Kind {
 /// The driver side of one request queue plus the device under test.
 struct Rig {
     mem: Arc<GuestMemoryTable>,
-    device: Box<dyn ReactorDevice>,
+    device: Box<dyn Task>,
     queue: u16,
     avail_idx: u16,
     used_seen: u16,
@@ -113,7 +115,7 @@ impl Rig {
         for &q in queues {
             let (desc, avail, used) = ring(q);
             let (tx, rx) = sync_channel(1);
-            device.apply(DeviceOp::StartQueue {
+            device.apply_op(DeviceOp::StartQueue {
                 index: q,
                 setup: QueueSetup {
                     size: QSIZE,

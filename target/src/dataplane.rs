@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rvhost_platform_linux::NumaTopology;
 
 use crate::bdev::Bdev;
+use crate::blk::device::BlkOp;
 use crate::blk::BlkController;
 use crate::ops::{BlkControllerSpec, ControllerInfo, ControllerOps, OpsError, ScsiControllerSpec};
-use crate::reactor::{self, DeviceOp, IdlePolicy, ReactorHandle};
+use crate::reactor::{self, IdlePolicy, ReactorHandle};
 use crate::scsi::{ScsiController, ScsiError};
 use crate::vhost::{DeviceBackend, VhostServer};
 
@@ -364,9 +365,7 @@ impl ControllerOps for Dataplane {
                 // ...and connected ones stop using it once their in-flight I/O completed.
                 for &id in devices {
                     let reactor = controller.server.reactor();
-                    if let Err(err) =
-                        reactor.device_call(id, |reply| DeviceOp::DetachBdev { reply })
-                    {
+                    if let Err(err) = reactor.task_call(id, |reply| BlkOp::DetachBdev { reply }) {
                         tracing::error!(controller = %name, %err, "hot-detach did not complete");
                     }
                 }

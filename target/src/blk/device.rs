@@ -1,18 +1,15 @@
-//! A vhost-blk session's data path, owned by one reactor.
-//!
-//! Per poll round and queue: pop a batch of heads, walk and decode each chain, submit bdev I/O
-//! (or complete at once: GET_ID, errors), then collect bdev completions, write status bytes, push
-//! used elements, publish `used.idx` once and signal the call eventfd at most once, when the driver
-//! wants it. Every request occupies a slot allocated with the queue (queue-size slots), so nothing
-//! is allocated per request.
-
-use std::sync::Arc;
+//! What a virtio-blk request is, as the vhost device shell ([`crate::vhost::device`]) hands it
+//! over: decode the chain, submit bdev I/O (or answer at once: GET_ID, errors), and on the bdev's
+//! completion write the status byte. The shell pops, walks, keeps the request's slot, puts the
+//! head on the used ring and publishes; nothing here is allocated per request.
 
 use crate::bdev::{Bdev, BdevChannel, BdevIo, IoKind, IoMemory, IoStatus, IoVec};
-use crate::reactor::vqueue::{self, VirtQueue, CHAIN_CAPACITY, POP_BATCH};
-use crate::reactor::{DeviceId, DeviceOp, ReactorDevice, Reply};
+use crate::reactor::Reply;
+use crate::vhost::device::{
+    Disposition, NewRequest, RequestHandler, Requests, VhostDevice, CHAIN_CAPACITY,
+};
 use crate::vhost::memory::GuestMemoryTable;
-use crate::vhost::QueueSetup;
+use crate::vhost::{DeviceId, VirtioFeatures};
 use rvhost_core::blk::{
     write_status, BlkLimits, BlkRequest, BlkRequestKind, BlkStatus, VirtioBlkConfig,
     VIRTIO_BLK_ID_BYTES,
@@ -79,10 +76,9 @@ impl DeviceGeometry {
     }
 }
 
-/// One request between submission and completion.
+/// One request between submission and completion (the shell keeps its head and slot).
 #[derive(Debug, Clone, Copy, Default)]
-struct Slot {
-    head: u16,
+pub struct BlkSlot {
     /// Guest address of the status byte.
     status_addr: u64,
     /// Used length to report on success (data written into the chain plus the status byte).
@@ -91,399 +87,100 @@ struct Slot {
     pending: u32,
     /// Whether any of them failed.
     failed: bool,
-    /// Between start and completion.
-    busy: bool,
-    /// The memory-table generation the request's buffers were translated with.
-    generation: u64,
 }
 
-/// One running virtqueue; `extra` is what its requests are checked against (capacity,
-/// read-only, discard limits as negotiated).
-type BlkQueue = VirtQueue<Slot, BlkLimits>;
+/// The vhost-blk operations beyond the shell's [`crate::vhost::DeviceOp`]s.
+#[derive(Debug)]
+pub enum BlkOp {
+    /// Hot-detaches the device's bdev: new requests fail; replies once in-flight I/O completed.
+    DetachBdev {
+        /// Acknowledged once drained.
+        reply: Reply<()>,
+    },
+}
 
-/// A vhost-blk session on its reactor.
-pub struct BlkDevice {
+/// A vhost-blk session on its reactor: the shell with the blk request handler.
+pub type BlkDevice = VhostDevice<BlkHandler>;
+
+/// A session device with `channel` (`None`: the bdev is detached and all I/O fails).
+pub fn new_device(
     id: DeviceId,
+    geometry: DeviceGeometry,
+    config: VirtioBlkConfig,
+    channel: Option<Box<dyn BdevChannel>>,
+) -> BlkDevice {
+    VhostDevice::new(
+        id,
+        super::MAX_QUEUES,
+        BlkHandler::new(geometry, config, channel),
+    )
+}
+
+/// What a vhost-blk session adds to the shell: the bdev channel and what requests are checked
+/// against.
+pub struct BlkHandler {
     geometry: DeviceGeometry,
     config: VirtioBlkConfig,
     channel: Option<Box<dyn BdevChannel>>,
     /// Hot-detach requested: new requests fail, in-flight ones still complete on `channel`.
     detached: bool,
-    memory: Option<Arc<GuestMemoryTable>>,
-    /// The same table as [`BdevIo::mem`] wants it; made once per table, not per request.
-    io_memory: Option<IoMemory>,
-    /// Counts memory-table swaps; requests remember the one they were translated with.
-    generation: u64,
-    /// Tables replaced while requests were in flight, with their generation: bdevs may still
-    /// access those requests' buffers. Each is dropped once no request of its generation or an
-    /// older one is in flight, so a frontend swapping tables under constant load cannot make
-    /// this grow without bound.
-    retired: Vec<(u64, Arc<GuestMemoryTable>)>,
-    queues: Vec<Option<BlkQueue>>,
     /// I/O vectors of the request being submitted (capacity reserved once).
     iovs: Vec<IoVec>,
     detach_reply: Option<Reply<()>>,
-    remove_reply: Option<Reply<()>>,
-    removed: bool,
 }
 
-impl std::fmt::Debug for BlkDevice {
+impl std::fmt::Debug for BlkHandler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlkDevice")
-            .field("id", &self.id)
+        f.debug_struct("BlkHandler")
             .field("geometry", &self.geometry)
             .field("attached", &self.channel.is_some())
             .finish_non_exhaustive()
     }
 }
 
-/// Encodes a completion tag: queue index in the high half, slot in the low half.
-fn tag(queue: usize, slot: u16) -> u64 {
-    ((queue as u64) << 32) | u64::from(slot)
-}
-
-fn untag(tag: u64) -> (usize, usize) {
-    ((tag >> 32) as usize, (tag & 0xffff_ffff) as usize)
-}
-
-impl BlkDevice {
-    /// A session device with `channel` (`None`: the bdev is detached and all I/O fails).
+impl BlkHandler {
+    /// A handler submitting to `channel` (`None`: the bdev is detached and all I/O fails).
     pub fn new(
-        id: DeviceId,
         geometry: DeviceGeometry,
         config: VirtioBlkConfig,
         channel: Option<Box<dyn BdevChannel>>,
     ) -> Self {
-        BlkDevice {
-            id,
+        BlkHandler {
             geometry,
             config,
             detached: channel.is_none(),
             channel,
-            memory: None,
-            io_memory: None,
-            generation: 0,
-            retired: Vec::new(),
-            queues: Vec::with_capacity(usize::from(super::MAX_QUEUES)),
             iovs: Vec::with_capacity(CHAIN_CAPACITY),
             detach_reply: None,
-            remove_reply: None,
-            removed: false,
         }
     }
 
-    fn in_flight(&self) -> usize {
-        self.queues.iter().flatten().map(|q| q.in_flight).sum()
-    }
-
-    fn start_queue(&mut self, index: u16, setup: QueueSetup) -> Result<(), String> {
-        let slot = vqueue::queue_slot(&mut self.queues, index, super::MAX_QUEUES)?;
-        let limits = BlkLimits::from_config(&self.config, setup.features.0);
-        *slot = Some(BlkQueue::new(&setup, limits)?);
-        let is_current = self
-            .memory
-            .as_ref()
-            .is_some_and(|m| Arc::ptr_eq(m, &setup.memory));
-        if !is_current {
-            // The session always sends its newest table; adopt it.
-            self.swap_memory(setup.memory);
-        }
-        Ok(())
-    }
-
-    /// Makes `memory` current, retiring the old table if requests still use it.
-    fn swap_memory(&mut self, memory: Arc<GuestMemoryTable>) {
-        let io: IoMemory = memory.clone();
-        self.io_memory = Some(io);
-        if let Some(old) = self.memory.replace(memory) {
-            if self.in_flight() > 0 {
-                self.retired.push((self.generation, old));
-            }
-        }
-        self.generation = self.generation.wrapping_add(1);
-    }
-
-    fn set_memory(&mut self, memory: Arc<GuestMemoryTable>) {
-        self.swap_memory(memory);
-        let Some(mem) = self.memory.as_deref() else {
-            return;
-        };
-        for (index, queue) in self.queues.iter_mut().enumerate() {
-            if let Some(q) = queue {
-                q.check_rings(mem, self.id, index);
-            }
-        }
-    }
-
-    /// Replies to deferred operations whose condition now holds and drops what is no longer used.
-    fn settle(&mut self) {
-        vqueue::settle_stopped(&mut self.queues);
-        if !self.retired.is_empty() {
-            let oldest_in_use = self
-                .queues
-                .iter()
-                .flatten()
-                .flat_map(|q| q.slots.iter())
-                .filter(|slot| slot.busy)
-                .map(|slot| slot.generation)
-                .min();
-            match oldest_in_use {
-                Some(oldest) => self.retired.retain(|(generation, _)| *generation >= oldest),
-                None => self.retired.clear(),
-            }
-        }
-        let in_flight = self.in_flight();
-        if in_flight == 0 {
-            if let Some(reply) = self.detach_reply.take() {
-                self.channel = None;
-                let _ = reply.send(());
-            }
-            if let Some(reply) = self.remove_reply.take() {
-                self.queues.iter_mut().for_each(|q| *q = None);
-                self.channel = None;
-                self.memory = None;
-                self.io_memory = None;
-                self.removed = true;
-                let _ = reply.send(());
-            }
-        }
-    }
-
-    /// Completes `slot` of queue `q` with `status`: writes the status byte and pushes the used
-    /// element (published at the end of the round).
-    fn complete(
-        q: &mut BlkQueue,
-        mem: &GuestMemoryTable,
-        slot_index: usize,
-        status: BlkStatus,
-        device: DeviceId,
-    ) {
-        let Some(slot) = q.slots.get(slot_index).copied() else {
-            return;
-        };
-        let len = if status == BlkStatus::Ok {
-            slot.used_len
-        } else {
-            1
-        };
+    /// Writes `status` for `slot` and returns the used length to report.
+    #[inline]
+    fn finish(mem: &GuestMemoryTable, slot: &BlkSlot, status: BlkStatus, device: DeviceId) -> u32 {
         if let Err(err) = write_status(mem, slot.status_addr, status) {
             // The status byte was validated at decode; only a memory-table change that removed it
             // can get here. The request still has to be returned.
             tracing::warn!(device = device.0, %err, "status byte no longer mapped");
         }
-        q.push_used(mem, slot.head, len, device);
-        if let Some(slot) = q.slots.get_mut(slot_index) {
-            slot.busy = false;
+        if status == BlkStatus::Ok {
+            slot.used_len
+        } else {
+            1
         }
-        q.in_flight = q.in_flight.saturating_sub(1);
-        if let Ok(free) = u16::try_from(slot_index) {
-            q.free.push(free);
-        }
-    }
-
-    /// Collects bdev completions.
-    fn poll_completions(&mut self, mem: &GuestMemoryTable) -> usize {
-        let Some(channel) = self.channel.as_mut() else {
-            return 0;
-        };
-        if channel.in_flight() == 0 {
-            return 0;
-        }
-        let queues = &mut self.queues;
-        let device = self.id;
-        channel.poll(&mut |io_tag, status| {
-            let (qi, si) = untag(io_tag);
-            let Some(Some(q)) = queues.get_mut(qi) else {
-                return;
-            };
-            let Some(slot) = q.slots.get_mut(si) else {
-                return;
-            };
-            slot.pending = slot.pending.saturating_sub(1);
-            if status != IoStatus::Success {
-                slot.failed = true;
-            }
-            if slot.pending == 0 {
-                let status = if slot.failed {
-                    BlkStatus::IoErr
-                } else {
-                    BlkStatus::Ok
-                };
-                Self::complete(q, mem, si, status, device);
-            }
-        })
-    }
-
-    /// Pops and starts new requests on every running queue.
-    fn poll_queues(&mut self, mem: &GuestMemoryTable, io_mem: &IoMemory) -> usize {
-        let mut work = 0;
-        for qi in 0..self.queues.len() {
-            let Some(Some(q)) = self.queues.get_mut(qi) else {
-                continue;
-            };
-            if q.stopping.is_some() || q.broken {
-                continue;
-            }
-            let room = q.free.len().min(POP_BATCH);
-            let popped = match q.vq.pop_heads(mem, &mut q.heads[..room]) {
-                Ok(n) => n,
-                Err(err) => {
-                    tracing::error!(device = self.id.0, queue = qi, %err, "avail ring unusable; queue stopped");
-                    q.broken = true;
-                    continue;
-                }
-            };
-            if popped == 0 {
-                continue;
-            }
-            // With EVENT_IDX, avail_event must trail last_avail_idx so the driver never kicks.
-            if let Err(err) = q.vq.disable_kicks(mem) {
-                tracing::error!(device = self.id.0, queue = qi, %err, "used ring unusable; queue stopped");
-                q.broken = true;
-                continue;
-            }
-            work += popped;
-            for i in 0..popped {
-                let head = q.heads[i];
-                let channel = if self.detached {
-                    None
-                } else {
-                    self.channel.as_deref_mut()
-                };
-                Self::start_request(
-                    self.id,
-                    self.generation,
-                    &self.geometry,
-                    channel,
-                    &mut self.iovs,
-                    q,
-                    qi,
-                    head,
-                    mem,
-                    io_mem,
-                );
-                if q.broken {
-                    break;
-                }
-            }
-        }
-        work
-    }
-
-    /// Walks, decodes and submits (or completes at once) the request at `head`.
-    #[allow(clippy::too_many_arguments)]
-    fn start_request(
-        device: DeviceId,
-        generation: u64,
-        geometry: &DeviceGeometry,
-        channel: Option<&mut (dyn BdevChannel + 'static)>,
-        iovs: &mut Vec<IoVec>,
-        q: &mut BlkQueue,
-        qi: usize,
-        head: u16,
-        mem: &GuestMemoryTable,
-        io_mem: &IoMemory,
-    ) {
-        let Some(slot_index) = q.free.pop() else {
-            // `poll_queues` pops at most as many heads as there are free slots.
-            tracing::error!(
-                device = device.0,
-                queue = qi,
-                "no free request slot; queue stopped"
-            );
-            q.broken = true;
-            return;
-        };
-        let si = usize::from(slot_index);
-        q.in_flight += 1;
-        let fresh = Slot {
-            head,
-            status_addr: 0,
-            used_len: 1,
-            pending: 0,
-            failed: false,
-            busy: true,
-            generation,
-        };
-        if let Some(slot) = q.slots.get_mut(si) {
-            *slot = fresh;
-        }
-
-        if let Err(err) = q.vq.walk_chain(mem, head, &mut *q.chain) {
-            match err.status_segment() {
-                Some(status) => {
-                    tracing::debug!(device = device.0, queue = qi, %err, "malformed request failed");
-                    let addr = status.guest_end().saturating_sub(1);
-                    if let Some(slot) = q.slots.get_mut(si) {
-                        slot.status_addr = addr;
-                    }
-                    Self::complete(q, mem, si, BlkStatus::IoErr, device);
-                }
-                None => {
-                    tracing::error!(device = device.0, queue = qi, %err, "malformed chain without a status byte; queue stopped (device needs reset)");
-                    Self::abandon(q, slot_index);
-                }
-            }
-            return;
-        }
-
-        let decoded = BlkRequest::<'_, MAX_RANGES>::decode(mem, &*q.chain, &q.extra);
-        let outcome = match decoded {
-            Ok(request) => {
-                let slot = q.slots.get_mut(si);
-                match slot {
-                    Some(slot) => {
-                        slot.status_addr = request.status_addr;
-                        slot.used_len = request.used_len_ok();
-                        let io_tag = tag(qi, slot_index);
-                        Self::submit(geometry, channel, iovs, slot, io_tag, &request, mem, io_mem)
-                    }
-                    None => Some(BlkStatus::IoErr),
-                }
-            }
-            Err(err) => match err.status_to_write() {
-                Some((status_addr, status)) => {
-                    tracing::debug!(device = device.0, queue = qi, %err, "request refused");
-                    if let Some(slot) = q.slots.get_mut(si) {
-                        slot.status_addr = status_addr;
-                    }
-                    Some(status)
-                }
-                None => {
-                    tracing::error!(device = device.0, queue = qi, %err, "request without a usable status byte; queue stopped (device needs reset)");
-                    Self::abandon(q, slot_index);
-                    return;
-                }
-            },
-        };
-        if let Some(status) = outcome {
-            Self::complete(q, mem, si, status, device);
-        }
-    }
-
-    /// Gives back the slot of a request that can neither be executed nor answered, and stops the
-    /// queue: the driver broke the protocol and must reset the device.
-    fn abandon(q: &mut BlkQueue, slot_index: u16) {
-        if let Some(slot) = q.slots.get_mut(usize::from(slot_index)) {
-            slot.busy = false;
-        }
-        q.in_flight = q.in_flight.saturating_sub(1);
-        q.free.push(slot_index);
-        q.fail();
     }
 
     /// Submits `request`'s bdev I/O; returns a status when the request completes at once.
-    #[allow(clippy::too_many_arguments)]
     fn submit(
-        geometry: &DeviceGeometry,
-        channel: Option<&mut (dyn BdevChannel + 'static)>,
-        iovs: &mut Vec<IoVec>,
-        slot: &mut Slot,
+        &mut self,
+        slot: &mut BlkSlot,
         io_tag: u64,
         request: &BlkRequest<'_, MAX_RANGES>,
         mem: &GuestMemoryTable,
         io_mem: &IoMemory,
     ) -> Option<BlkStatus> {
+        let geometry = &self.geometry;
+        let iovs = &mut self.iovs;
         if request.kind == BlkRequestKind::GetId {
             let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
             let name = geometry.bdev_name.as_bytes();
@@ -506,8 +203,9 @@ impl BlkDevice {
             return Some(BlkStatus::Ok);
         }
         // Hot-detached: every I/O fails.
-        let Some(channel) = channel else {
-            return Some(BlkStatus::IoErr);
+        let channel = match self.channel.as_deref_mut() {
+            Some(channel) if !self.detached => channel,
+            _ => return Some(BlkStatus::IoErr),
         };
         let writes = matches!(
             request.kind,
@@ -626,7 +324,7 @@ impl BlkDevice {
 
     fn submit_one(
         channel: &mut dyn BdevChannel,
-        slot: &mut Slot,
+        slot: &mut BlkSlot,
         io: &BdevIo<'_>,
     ) -> Option<BlkStatus> {
         match channel.submit(io) {
@@ -640,106 +338,123 @@ impl BlkDevice {
             }
         }
     }
-
-    /// Publishes each queue's used elements and signals its call eventfd if the driver wants it.
-    fn publish(&mut self, mem: &GuestMemoryTable) {
-        for (qi, queue) in self.queues.iter_mut().enumerate() {
-            if let Some(q) = queue {
-                q.publish(mem, self.id, qi);
-            }
-        }
-    }
 }
 
-impl ReactorDevice for BlkDevice {
-    fn id(&self) -> DeviceId {
-        self.id
+impl RequestHandler for BlkHandler {
+    type Request = BlkSlot;
+    /// What requests on the queue are checked against (capacity, read-only, discard limits as
+    /// negotiated).
+    type Queue = BlkLimits;
+    type Op = BlkOp;
+
+    fn start_queue(&mut self, _index: u16, features: VirtioFeatures) -> Result<BlkLimits, String> {
+        Ok(BlkLimits::from_config(&self.config, features.0))
     }
 
-    fn poll(&mut self) -> usize {
-        if self.removed {
+    #[inline]
+    fn start(&mut self, r: NewRequest<'_, Self>) -> Disposition {
+        let NewRequest {
+            device,
+            queue,
+            tag,
+            chain,
+            request: slot,
+            queue_state: limits,
+            mem,
+            io_mem,
+            ..
+        } = r;
+        let chain = match chain {
+            Ok(chain) => chain,
+            Err(err) => {
+                return match err.status_segment() {
+                    Some(status) => {
+                        tracing::debug!(device = device.0, queue, %err, "malformed request failed");
+                        slot.status_addr = status.guest_end().saturating_sub(1);
+                        Disposition::Complete(Self::finish(mem, slot, BlkStatus::IoErr, device))
+                    }
+                    None => {
+                        tracing::error!(device = device.0, queue, %err, "malformed chain without a status byte; queue stopped (device needs reset)");
+                        Disposition::Abandon
+                    }
+                };
+            }
+        };
+        slot.used_len = 1;
+        let outcome = match BlkRequest::<'_, MAX_RANGES>::decode(mem, chain, limits) {
+            Ok(request) => {
+                slot.status_addr = request.status_addr;
+                slot.used_len = request.used_len_ok();
+                self.submit(slot, tag, &request, mem, io_mem)
+            }
+            Err(err) => match err.status_to_write() {
+                Some((status_addr, status)) => {
+                    tracing::debug!(device = device.0, queue, %err, "request refused");
+                    slot.status_addr = status_addr;
+                    Some(status)
+                }
+                None => {
+                    tracing::error!(device = device.0, queue, %err, "request without a usable status byte; queue stopped (device needs reset)");
+                    return Disposition::Abandon;
+                }
+            },
+        };
+        match outcome {
+            Some(status) => Disposition::Complete(Self::finish(mem, slot, status, device)),
+            None => Disposition::Pending,
+        }
+    }
+
+    fn poll_completions(&mut self, requests: &mut Requests<'_, Self>) -> usize {
+        let Some(channel) = self.channel.as_mut() else {
+            return 0;
+        };
+        if channel.in_flight() == 0 {
             return 0;
         }
-        let mut work = 0;
-        // The tables are moved out for the round and put back, rather than cloned: an Arc clone
-        // is a locked instruction, which waits for this round's used-ring stores to drain.
-        if let (Some(mem), Some(io_mem)) = (self.memory.take(), self.io_memory.take()) {
-            work += self.poll_queues(&mem, &io_mem);
-            work += self.poll_completions(&mem);
-            if work > 0 {
-                self.publish(&mem);
-            }
-            self.memory = Some(mem);
-            self.io_memory = Some(io_mem);
-        }
-        if self.detach_reply.is_some()
-            || self.remove_reply.is_some()
-            || !self.retired.is_empty()
-            || self.queues.iter().flatten().any(|q| q.stopping.is_some())
-        {
-            self.settle();
-        }
-        work
+        let device = requests.device();
+        channel.poll(&mut |io_tag, status| {
+            requests.update(io_tag, |slot, mem| {
+                slot.pending = slot.pending.saturating_sub(1);
+                if status != IoStatus::Success {
+                    slot.failed = true;
+                }
+                if slot.pending > 0 {
+                    return None;
+                }
+                let status = if slot.failed {
+                    BlkStatus::IoErr
+                } else {
+                    BlkStatus::Ok
+                };
+                Some(Self::finish(mem, slot, status, device))
+            });
+        })
     }
 
-    fn apply(&mut self, op: DeviceOp) {
+    fn control(&mut self, op: BlkOp, _requests: &mut Requests<'_, Self>) -> bool {
         match op {
-            DeviceOp::SetMemory { memory, reply } => {
-                self.set_memory(memory);
-                let _ = reply.send(());
-            }
-            DeviceOp::StartQueue {
-                index,
-                setup,
-                reply,
-            } => {
-                let _ = reply.send(self.start_queue(index, setup));
-            }
-            DeviceOp::StopQueue { index, reply } => {
-                match self
-                    .queues
-                    .get_mut(usize::from(index))
-                    .and_then(Option::as_mut)
-                {
-                    Some(q) => q.stopping = Some(reply),
-                    None => {
-                        let _ = reply.send(None);
-                    }
-                }
-                self.settle();
-            }
-            DeviceOp::SetCall { index, call, reply } => {
-                if let Some(q) = self
-                    .queues
-                    .get_mut(usize::from(index))
-                    .and_then(Option::as_mut)
-                {
-                    q.set_call(call);
-                }
-                let _ = reply.send(());
-            }
-            DeviceOp::DetachBdev { reply } => {
+            BlkOp::DetachBdev { reply } => {
                 // From now on new requests see no channel; in-flight ones still complete through it.
                 self.detached = true;
                 self.detach_reply = Some(reply);
-                self.settle();
-            }
-            DeviceOp::Remove { reply } => {
-                for q in self.queues.iter_mut().flatten() {
-                    if let Some(stop) = q.stopping.take() {
-                        let _ = stop.send(Some(q.vq.last_avail_idx()));
-                    }
-                    // Stop popping; the queue stays until its in-flight requests completed.
-                    q.broken = true;
-                }
-                self.remove_reply = Some(reply);
-                self.settle();
+                true
             }
         }
     }
 
-    fn is_finished(&self) -> bool {
-        self.removed
+    fn settle(&mut self, requests: &mut Requests<'_, Self>) -> bool {
+        if self.detach_reply.is_some() && requests.in_flight() == 0 {
+            self.channel = None;
+            if let Some(reply) = self.detach_reply.take() {
+                let _ = reply.send(());
+            }
+        }
+        self.detach_reply.is_some()
+    }
+
+    fn remove(&mut self) {
+        self.channel = None;
     }
 }
 
@@ -751,13 +466,15 @@ mod tests {
     use std::os::fd::OwnedFd;
     use std::sync::atomic::Ordering;
     use std::sync::mpsc::{sync_channel, Receiver};
+    use std::sync::Arc;
 
     use rvhost_core::virtio::{bit, feature};
 
     use super::*;
     use crate::bdev::testing::{HeldBdev, HeldIo as Held};
+    use crate::reactor::Task;
     use crate::vhost::memory::RegionSpec;
-    use crate::vhost::VirtioFeatures;
+    use crate::vhost::{DeviceOp, QueueSetup};
 
     const MEM: u64 = 1 << 20;
     const QSIZE: u16 = 16;
@@ -816,8 +533,7 @@ mod tests {
             let controller = super::super::BlkController::new("test", Arc::clone(&bdev), readonly);
             let geometry = DeviceGeometry::of(bdev.as_ref(), readonly);
             let channel = bdev.open_channel().unwrap();
-            let mut device =
-                BlkDevice::new(DeviceId(1), geometry, controller.config(), Some(channel));
+            let mut device = new_device(DeviceId(1), geometry, controller.config(), Some(channel));
             let (mem, file) = table();
             let (tx, rx) = reply();
             device.apply(DeviceOp::SetMemory {
@@ -1000,7 +716,7 @@ mod tests {
         rig.post(0, 0);
         rig.device.poll();
         let (tx, rx) = reply();
-        rig.device.apply(DeviceOp::DetachBdev { reply: tx });
+        rig.device.apply_handler_op(BlkOp::DetachBdev { reply: tx });
         assert!(
             rx.try_recv().is_err(),
             "detach waits for the in-flight read"
@@ -1043,7 +759,7 @@ mod tests {
         };
         // No request in flight: the old table goes at once.
         swap(&mut rig);
-        assert!(rig.device.retired.is_empty());
+        assert!((rig.device.retired_tables() == 0));
         // Request 1 uses table 1; swap; request 2 uses table 2; swap.
         rig.post(0, 0);
         rig.device.poll();
@@ -1052,16 +768,16 @@ mod tests {
         rig.post(0, 1);
         rig.device.poll();
         swap(&mut rig);
-        assert_eq!(rig.device.retired.len(), 2);
+        assert_eq!(rig.device.retired_tables(), 2);
         // Request 1 completes: its table goes, request 2's stays.
         rig.held.allow.store(1, Ordering::Relaxed);
         rig.device.poll();
         assert_eq!(rig.used_idx(), 1);
-        assert_eq!(rig.device.retired.len(), 1);
+        assert_eq!(rig.device.retired_tables(), 1);
         rig.release();
         rig.device.poll();
         assert_eq!(rig.used_idx(), 2);
-        assert!(rig.device.retired.is_empty());
+        assert!((rig.device.retired_tables() == 0));
     }
 
     #[test]
@@ -1214,6 +930,5 @@ mod tests {
         assert_eq!(g.blocks(1, 8), None, "misaligned start");
         assert_eq!(g.blocks(8, 1), None, "partial block");
         assert_eq!(g.blocks(u64::MAX - 7, 8), None, "overflow");
-        assert_eq!(untag(tag(15, 1023)), (15, 1023));
     }
 }

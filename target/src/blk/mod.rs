@@ -12,16 +12,16 @@ use rvhost_core::blk::{feature as blk_feature, VirtioBlkConfig};
 use rvhost_core::virtio::{bit, feature};
 
 use crate::bdev::{Bdev, IoMemory};
-use crate::reactor::{DeviceId, ReactorDevice};
-use crate::vhost::DeviceBackend;
-use device::{BlkDevice, DeviceGeometry};
+use crate::vhost::device::DeviceType;
+use crate::vhost::DeviceId;
+use device::{BlkHandler, DeviceGeometry};
 
 /// Most queues a frontend may use (`GET_QUEUE_NUM`, config `num_queues`). QEMU gives a
 /// vhost-user-blk device one queue per vCPU by default and refuses to start if the backend offers
 /// fewer, so this is generous; a queue costs nothing until the driver starts it.
 pub const MAX_QUEUES: u16 = 64;
 /// Largest virtqueue accepted by `SET_VRING_NUM`; also the per-queue request-slot count.
-pub const MAX_QUEUE_SIZE: u16 = crate::reactor::vqueue::MAX_QUEUE_SIZE;
+pub const MAX_QUEUE_SIZE: u16 = crate::vhost::device::MAX_QUEUE_SIZE;
 /// Data segments per request we announce (`seg_max`), as QEMU does for a 128-entry queue. Longer
 /// chains (Windows guests ignore `seg_max`) still work up to the queue size.
 pub const SEG_MAX: u32 = 126;
@@ -99,7 +99,9 @@ impl BlkController {
     }
 }
 
-impl DeviceBackend for BlkController {
+impl DeviceType for BlkController {
+    type Handler = BlkHandler;
+
     fn features(&self) -> u64 {
         let g = &self.geometry;
         let mut features = bit(feature::VIRTIO_F_VERSION_1)
@@ -148,7 +150,7 @@ impl DeviceBackend for BlkController {
         }
     }
 
-    fn new_device(&self, id: DeviceId) -> Result<Box<dyn ReactorDevice>, String> {
+    fn new_handler(&self, id: DeviceId) -> Result<BlkHandler, String> {
         let channel = match self.bdev() {
             Some(bdev) => {
                 let name = bdev.name().to_string();
@@ -160,11 +162,10 @@ impl DeviceBackend for BlkController {
             None => None,
         };
         tracing::debug!(controller = %self.name, device = id.0, detached = channel.is_none(), "new blk session");
-        Ok(Box::new(BlkDevice::new(
-            id,
+        Ok(BlkHandler::new(
             self.geometry.clone(),
             self.config(),
             channel,
-        )))
+        ))
     }
 }

@@ -1,10 +1,14 @@
 //! Reactors: one poll-mode thread per core of the target's cpumask.
 //!
-//! A reactor owns its devices outright (their virtqueues, bdev channels and request slots), so
-//! the data path takes no locks and shares no mutable state. Everything else reaches a reactor as
-//! a [`Command`] over its SPSC control ring; a command that changes a device carries a reply
-//! sender, and the sender of the command (a vhost-user control thread or the RPC thread) blocks on
-//! the reply, so a frontend is only answered once the change is in effect on the data path.
+//! A reactor runs [`Task`]s and knows nothing else about them: each round it drains its one
+//! control ring, then polls every task once. A task owns its state outright (for a vhost device:
+//! its virtqueues, bdev channels and request slots), so the data path takes no locks and shares
+//! no mutable state. Everything else reaches a task as a [`Message`] over its reactor's SPSC
+//! control ring ([`Command::Task`]); a message that changes a task carries a reply sender, and the
+//! sender (a vhost-user control thread or the RPC thread) blocks on the reply, so a frontend is
+//! only answered once the change is in effect on the data path. What the messages mean is the
+//! sender's and the task's business (the vhost layer's device operations, for instance): this
+//! module imports nothing of the layers above it.
 //!
 //! Several control threads send to the same reactor, while the ring has one producer: the
 //! producer half therefore sits behind a mutex on the *control* side. The reactor side (the
@@ -19,7 +23,7 @@
 //! first, doubling every [`SLEEP_STEP_ROUNDS`] sleeping rounds up to [`IDLE_SLEEP_MAX`] (a reactor
 //! idle for a couple of seconds wakes about a thousand times a second). Any work resets it to
 //! spinning, so only the first request after a quiet spell waits for the sleep to end. [`IdlePolicy::BusyPoll`] (for benchmarks: `RVHOST_BUSY_POLL=1`, or
-//! [`crate::dataplane::DataplaneOptions`]) never yields.
+//! the data plane's options) never yields.
 //!
 //! The trade-off, measured (bench/README.md, "QD1 latency and the idle policy"): while a driver
 //! keeps even one request in flight both policies answer alike (QD1 p50 ≈ 0.3–0.9 µs), because
@@ -27,6 +31,7 @@
 //! a core, a busy-polling one all of it. Adaptive stays the default because rvhost shares its
 //! cores more often than SPDK's dedicated-core deployments do.
 
+use std::any::Any;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -34,8 +39,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rvhost_platform_linux::{spsc, NumaTopology};
-
-pub mod vqueue;
 
 /// Capacity of each reactor's control ring. Control commands are rare and synchronous, so a
 /// handful of slots absorbs every burst (several control threads at once).
@@ -67,109 +70,52 @@ pub enum IdlePolicy {
     BusyPoll,
 }
 
-/// Identifies a device (one vhost-user session of a controller) on its reactor.
+/// Identifies a task on its reactor (for the vhost layer: one vhost-user session's device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct DeviceId(pub u64);
+pub struct TaskId(pub u64);
 
 /// The sending half of a command's reply.
 pub type Reply<T> = SyncSender<T>;
 
-/// A device as a reactor drives it: a vhost-blk session's queues, for instance.
-pub trait ReactorDevice: Send {
-    /// The device's identity, for routing [`Command::Device`].
-    fn id(&self) -> DeviceId;
-    /// One poll round: new requests, bdev completions, used-ring publishing, deferred replies.
-    /// Returns how much work was done (0 when idle).
+/// A control message for one task. The reactor only routes it; what it means is between the
+/// sender and the task (which downcasts it to the message types it understands). Control
+/// messages are rare, so the box costs nothing on the data path.
+pub type Message = Box<dyn Any + Send>;
+
+/// Something a reactor polls: a vhost session's device, for instance. The reactor knows nothing
+/// else about it.
+pub trait Task: Send {
+    /// The task's identity, for routing [`Command::Task`] messages.
+    fn id(&self) -> TaskId;
+    /// One poll round. Returns how much work was done (0 when idle).
     fn poll(&mut self) -> usize;
-    /// Applies a control operation.
-    fn apply(&mut self, op: DeviceOp);
-    /// Whether the device was removed and has drained; the reactor then drops it.
+    /// Handles a control message (it carries its own reply sender, if any).
+    fn control(&mut self, message: Message);
+    /// Whether the task is done; the reactor then drops it.
     fn is_finished(&self) -> bool;
-}
-
-/// A change to one device's queues or memory, applied on its reactor.
-pub enum DeviceOp {
-    /// Swaps in a new guest memory table. The device keeps the old one alive while requests that
-    /// use it are in flight.
-    SetMemory {
-        /// The new table.
-        memory: Arc<crate::vhost::memory::GuestMemoryTable>,
-        /// Acknowledged once swapped in.
-        reply: Reply<()>,
-    },
-    /// Starts polling a virtqueue.
-    StartQueue {
-        /// Queue index.
-        index: u16,
-        /// Everything the queue needs.
-        setup: crate::vhost::QueueSetup,
-        /// The outcome (a ring that does not lie in guest memory is refused).
-        reply: Reply<Result<(), String>>,
-    },
-    /// Stops a virtqueue after its in-flight requests completed; replies with the next avail
-    /// index to process (vhost-user `GET_VRING_BASE`).
-    StopQueue {
-        /// Queue index.
-        index: u16,
-        /// The queue's `last_avail_idx` once drained, or `None` if it was not running.
-        reply: Reply<Option<u16>>,
-    },
-    /// Replaces a running queue's call eventfd (`None`: stop signalling).
-    SetCall {
-        /// Queue index.
-        index: u16,
-        /// The new eventfd.
-        call: Option<Arc<crate::vhost::EventNotifier>>,
-        /// Acknowledged once in effect.
-        reply: Reply<()>,
-    },
-    /// Hot-detaches the device's bdev: new requests fail; replies once in-flight I/O completed.
-    DetachBdev {
-        /// Acknowledged once drained.
-        reply: Reply<()>,
-    },
-    /// Stops every queue and removes the device once its in-flight I/O completed.
-    Remove {
-        /// Acknowledged once drained; the reactor drops the device after replying.
-        reply: Reply<()>,
-    },
-}
-
-impl std::fmt::Debug for DeviceOp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = match self {
-            DeviceOp::SetMemory { .. } => "SetMemory",
-            DeviceOp::StartQueue { .. } => "StartQueue",
-            DeviceOp::StopQueue { .. } => "StopQueue",
-            DeviceOp::SetCall { .. } => "SetCall",
-            DeviceOp::DetachBdev { .. } => "DetachBdev",
-            DeviceOp::Remove { .. } => "Remove",
-        };
-        f.write_str(name)
-    }
 }
 
 /// A message to a reactor.
 pub enum Command {
-    /// Takes ownership of a new device.
-    AddDevice {
-        /// The device.
-        device: Box<dyn ReactorDevice>,
-        /// Acknowledged once the device is polled.
+    /// Takes ownership of a new task.
+    AddTask {
+        /// The task.
+        task: Box<dyn Task>,
+        /// Acknowledged once the task is polled.
         reply: Reply<()>,
     },
-    /// An operation on one device. If the device does not exist the reply sender is dropped, which
-    /// the waiting side sees as an error.
-    Device(DeviceId, DeviceOp),
-    /// Ends the reactor thread (devices are dropped without draining: the process is exiting).
+    /// A control message for one task. If the task does not exist the message (and the reply
+    /// sender in it) is dropped, which the waiting side sees as an error.
+    Task(TaskId, Message),
+    /// Ends the reactor thread (tasks are dropped without draining: the process is exiting).
     Shutdown,
 }
 
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Command::AddDevice { device, .. } => write!(f, "AddDevice({:?})", device.id()),
-            Command::Device(id, op) => write!(f, "Device({id:?}, {op:?})"),
+            Command::AddTask { task, .. } => write!(f, "AddTask({:?})", task.id()),
+            Command::Task(id, _) => write!(f, "Task({id:?})"),
             Command::Shutdown => f.write_str("Shutdown"),
         }
     }
@@ -184,8 +130,8 @@ pub enum ReactorError {
     /// The reactor did not answer in time.
     #[error("reactor {0} did not answer within {1:?}")]
     Timeout(u32, Duration),
-    /// The command named a device the reactor does not have.
-    #[error("reactor {0} dropped the command (unknown device)")]
+    /// The command named a task the reactor does not have (or the task dropped the reply).
+    #[error("reactor {0} dropped the command (unknown task)")]
     Dropped(u32),
 }
 
@@ -205,7 +151,7 @@ pub struct ReactorStats {
 pub struct ReactorHandle {
     core: u32,
     commands: Mutex<spsc::Producer<Command>>,
-    /// Devices placed here, for least-loaded placement.
+    /// Controllers placed here, for least-loaded placement.
     load: AtomicUsize,
     stats: Arc<ReactorStats>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -299,13 +245,13 @@ impl ReactorHandle {
         }
     }
 
-    /// Sends `op` to device `id` and waits for its reply.
-    pub fn device_call<T>(
+    /// Sends the message `make` builds to task `id` and waits for its reply.
+    pub fn task_call<T, M: Send + 'static>(
         &self,
-        id: DeviceId,
-        make: impl FnOnce(Reply<T>) -> DeviceOp,
+        id: TaskId,
+        make: impl FnOnce(Reply<T>) -> M,
     ) -> Result<T, ReactorError> {
-        self.call(|reply| Command::Device(id, make(reply)))
+        self.call(|reply| Command::Task(id, Box::new(make(reply))))
     }
 
     /// Asks the thread to exit and joins it. Calling it again (or after the thread ended) is a
@@ -357,7 +303,7 @@ pub fn spawn(
     let reactor = Reactor {
         core,
         commands: consumer,
-        devices: Vec::new(),
+        tasks: Vec::new(),
         idle,
         stats: Arc::clone(&stats),
     };
@@ -396,7 +342,7 @@ pub fn spawn(
 struct Reactor {
     core: u32,
     commands: spsc::Consumer<Command>,
-    devices: Vec<Box<dyn ReactorDevice>>,
+    tasks: Vec<Box<dyn Task>>,
     idle: IdlePolicy,
     stats: Arc<ReactorStats>,
 }
@@ -428,18 +374,18 @@ impl Reactor {
                     return;
                 }
             }
-            // One `is_finished` call per device and round (it is virtual): a device that finished
-            // in the previous round's poll is dropped one round later.
+            // One `is_finished` call per task and round (it is virtual): a task that finished in
+            // the previous round's poll is dropped one round later.
             let mut finished = false;
-            for device in self.devices.iter_mut() {
-                if device.is_finished() {
+            for task in self.tasks.iter_mut() {
+                if task.is_finished() {
                     finished = true;
                     continue;
                 }
-                work = work.saturating_add(device.poll());
+                work = work.saturating_add(task.poll());
             }
             if finished {
-                self.devices.retain(|d| !d.is_finished());
+                self.tasks.retain(|t| !t.is_finished());
             }
 
             rounds = rounds.wrapping_add(1);
@@ -488,14 +434,14 @@ impl Reactor {
     /// Applies one command; `false` means shut down.
     fn apply(&mut self, command: Command) -> bool {
         match command {
-            Command::AddDevice { device, reply } => {
-                self.devices.push(device);
-                // The control side may have given up waiting; the device is added regardless.
+            Command::AddTask { task, reply } => {
+                self.tasks.push(task);
+                // The control side may have given up waiting; the task is added regardless.
                 let _ = reply.send(());
             }
-            Command::Device(id, op) => match self.devices.iter_mut().find(|d| d.id() == id) {
-                Some(device) => device.apply(op),
-                None => tracing::warn!(core = self.core, ?id, ?op, "command for unknown device"),
+            Command::Task(id, message) => match self.tasks.iter_mut().find(|t| t.id() == id) {
+                Some(task) => task.control(message),
+                None => tracing::warn!(core = self.core, ?id, "message for unknown task"),
             },
             Command::Shutdown => return false,
         }
@@ -509,26 +455,29 @@ mod tests {
 
     use super::*;
 
+    /// The one control message the test task understands.
+    struct Remove(Reply<()>);
+
     /// Counts its polls; finishes when removed.
     struct Counting {
-        id: DeviceId,
+        id: TaskId,
         polls: Arc<AtomicU64>,
         removed: bool,
         work: Arc<AtomicBool>,
     }
 
-    impl ReactorDevice for Counting {
-        fn id(&self) -> DeviceId {
+    impl Task for Counting {
+        fn id(&self) -> TaskId {
             self.id
         }
         fn poll(&mut self) -> usize {
             self.polls.fetch_add(1, Ordering::Relaxed);
             usize::from(self.work.load(Ordering::Relaxed))
         }
-        fn apply(&mut self, op: DeviceOp) {
-            if let DeviceOp::Remove { reply } = op {
+        fn control(&mut self, message: Message) {
+            if let Ok(remove) = message.downcast::<Remove>() {
                 self.removed = true;
-                let _ = reply.send(());
+                let _ = remove.0.send(());
             }
         }
         fn is_finished(&self) -> bool {
@@ -545,31 +494,34 @@ mod tests {
     }
 
     #[test]
-    fn reactor_polls_devices_routes_commands_and_stops() {
+    fn reactor_polls_tasks_routes_commands_and_stops() {
         let reactor = spawn(0, IdlePolicy::Adaptive, Arc::new(NumaTopology::unknown())).unwrap();
         assert_eq!(reactor.core(), 0);
         let polls = Arc::new(AtomicU64::new(0));
         let work = Arc::new(AtomicBool::new(true));
-        let device = Box::new(Counting {
-            id: DeviceId(7),
+        let task = Box::new(Counting {
+            id: TaskId(7),
             polls: Arc::clone(&polls),
             removed: false,
             work: Arc::clone(&work),
         });
         reactor
-            .call(|reply| Command::AddDevice { device, reply })
+            .call(|reply| Command::AddTask { task, reply })
             .unwrap();
         wait_until("polls", || polls.load(Ordering::Relaxed) > 1000);
         wait_until("busy time", || {
             reactor.stats().busy_ns.load(Ordering::Relaxed) > 0
         });
 
-        // A command for a device the reactor does not have is dropped, and the caller hears so.
-        let unknown = reactor.device_call(DeviceId(8), |reply| DeviceOp::Remove { reply });
+        // A command for a task the reactor does not have is dropped, and the caller hears so.
+        let unknown = reactor.task_call(TaskId(8), Remove);
+        assert!(matches!(unknown, Err(ReactorError::Dropped(0))));
+        // A message the task does not understand is dropped with its reply sender, too.
+        let unknown = reactor.task_call(TaskId(7), |reply: Reply<()>| (reply, 0u8));
         assert!(matches!(unknown, Err(ReactorError::Dropped(0))));
 
         // A reactor that finds work in every round never sleeps (it may have slept before the
-        // device arrived) ...
+        // task arrived) ...
         let sleeps = || reactor.stats().idle_sleeps.load(Ordering::Relaxed);
         let busy_sleeps = sleeps();
         let seen = polls.load(Ordering::Relaxed);
@@ -579,23 +531,21 @@ mod tests {
         work.store(false, Ordering::Relaxed);
         wait_until("idle sleeps", || sleeps() > busy_sleeps);
 
-        reactor
-            .device_call(DeviceId(7), |reply| DeviceOp::Remove { reply })
-            .unwrap();
+        reactor.task_call(TaskId(7), Remove).unwrap();
         let after_remove = polls.load(Ordering::Relaxed);
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(
             polls.load(Ordering::Relaxed),
             after_remove,
-            "a finished device is dropped"
+            "a finished task is dropped"
         );
 
         reactor.shutdown();
         assert!(reactor.is_finished());
         assert!(reactor
-            .call(|reply| Command::AddDevice {
-                device: Box::new(Counting {
-                    id: DeviceId(9),
+            .call(|reply| Command::AddTask {
+                task: Box::new(Counting {
+                    id: TaskId(9),
                     polls: Arc::new(AtomicU64::new(0)),
                     removed: false,
                     work: Arc::new(AtomicBool::new(false)),

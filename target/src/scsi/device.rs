@@ -23,9 +23,10 @@ use rvhost_core::virtio_scsi::{event, feature as scsi_feature};
 
 use super::{TargetOp, CDB_SIZE, MAX_QUEUE_SIZE, MAX_TARGETS, SENSE_SIZE};
 use crate::bdev::{BdevChannel, BdevIo, IoKind, IoMemory, IoStatus, IoVec};
-use crate::reactor::vqueue::{self, VirtQueue, CHAIN_CAPACITY, POP_BATCH};
-use crate::reactor::{DeviceId, DeviceOp, ReactorDevice, Reply};
+use crate::reactor::{Message, Reply, Task};
 use crate::vhost::memory::GuestMemoryTable;
+use crate::vhost::vqueue::{self, VirtQueue, CHAIN_CAPACITY, POP_BATCH};
+use crate::vhost::{DeviceId, DeviceOp};
 use crate::vhost::{QueueSetup, VirtioFeatures};
 
 /// Index of the control queue.
@@ -418,7 +419,6 @@ pub struct ScsiDevice {
     scratch: Scratch,
     /// Writes whose bdev part completed and that now need a flush: (queue, slot).
     to_flush: Vec<(usize, usize)>,
-    detach_reply: Option<Reply<()>>,
     remove_reply: Option<Reply<()>>,
     removed: bool,
 }
@@ -466,7 +466,6 @@ impl ScsiDevice {
                 pattern: Vec::with_capacity(CHAIN_CAPACITY),
             },
             to_flush: Vec::with_capacity(usize::from(MAX_QUEUE_SIZE)),
-            detach_reply: None,
             remove_reply: None,
             removed: false,
         }
@@ -612,12 +611,6 @@ impl ScsiDevice {
         }
         if self.in_flight() == 0 {
             self.retired.clear();
-            if let Some(reply) = self.detach_reply.take() {
-                for target in self.targets.iter_mut() {
-                    target.take();
-                }
-                let _ = reply.send(());
-            }
             if let Some(reply) = self.remove_reply.take() {
                 self.queues.iter_mut().for_each(|q| *q = None);
                 self.targets.iter_mut().for_each(|t| *t = None);
@@ -629,7 +622,6 @@ impl ScsiDevice {
             }
         }
         self.settle_pending = !self.tmfs.is_empty()
-            || self.detach_reply.is_some()
             || self.remove_reply.is_some()
             || !self.retired.is_empty()
             || self.targets.iter().flatten().any(|t| t.removing.is_some())
@@ -1377,7 +1369,7 @@ fn finish(
     q.release_slot(si);
 }
 
-impl ReactorDevice for ScsiDevice {
+impl Task for ScsiDevice {
     fn id(&self) -> DeviceId {
         self.id
     }
@@ -1421,7 +1413,21 @@ impl ReactorDevice for ScsiDevice {
         work
     }
 
-    fn apply(&mut self, op: DeviceOp) {
+    fn control(&mut self, message: Message) {
+        match message.downcast::<DeviceOp>() {
+            Ok(op) => self.apply(*op),
+            Err(_) => tracing::warn!(device = self.id.0, "unknown control message dropped"),
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.removed
+    }
+}
+
+impl ScsiDevice {
+    /// Applies a control operation.
+    pub fn apply(&mut self, op: DeviceOp) {
         match op {
             DeviceOp::SetMemory { memory, reply } => {
                 self.set_memory(memory);
@@ -1461,26 +1467,12 @@ impl ReactorDevice for ScsiDevice {
                 }
                 let _ = reply.send(());
             }
-            DeviceOp::DetachBdev { reply } => {
-                for target in self.targets.iter_mut().flatten() {
-                    // Nobody waits on these: the device-wide reply covers them.
-                    let (tx, _rx) = std::sync::mpsc::sync_channel(1);
-                    target.removing.get_or_insert(tx);
-                }
-                self.detach_reply = Some(reply);
-                self.settle_pending = true;
-                self.settle();
-            }
             DeviceOp::Remove { reply } => {
                 self.remove_reply = Some(reply);
                 self.settle_pending = true;
                 self.settle();
             }
         }
-    }
-
-    fn is_finished(&self) -> bool {
-        self.removed
     }
 }
 
@@ -1535,7 +1527,7 @@ mod tests {
     use crate::bdev::Bdev;
     use crate::scsi::ScsiController;
     use crate::vhost::memory::RegionSpec;
-    use crate::vhost::{DeviceBackend, EventNotifier};
+    use crate::vhost::{ApplyDeviceOp, DeviceBackend, EventNotifier};
 
     const MEM: u64 = 1 << 20;
     const QSIZE: u16 = 16;
@@ -1578,7 +1570,7 @@ mod tests {
     struct Rig {
         mem: Arc<GuestMemoryTable>,
         controller: Arc<ScsiController>,
-        device: Box<dyn ReactorDevice>,
+        device: Box<dyn Task>,
         avail: [u16; 3],
     }
 
@@ -1596,7 +1588,7 @@ mod tests {
             let mut device = controller.new_device(DeviceId(1)).unwrap();
             let mem = table();
             let (tx, rx) = sync_channel(1);
-            device.apply(DeviceOp::SetMemory {
+            device.apply_op(DeviceOp::SetMemory {
                 memory: Arc::clone(&mem),
                 reply: tx,
             });
@@ -1617,7 +1609,7 @@ mod tests {
                     memory: Arc::clone(&mem),
                 };
                 let (tx, rx) = sync_channel(1);
-                device.apply(DeviceOp::StartQueue {
+                device.apply_op(DeviceOp::StartQueue {
                     index: q,
                     setup,
                     reply: tx,
@@ -1799,7 +1791,7 @@ mod tests {
         let file = std::fs::File::from(efd.as_fd().try_clone_to_owned().unwrap());
         let call = Arc::new(EventNotifier::from_file(file).unwrap());
         let (tx, rx) = sync_channel(1);
-        rig.device.apply(DeviceOp::SetCall {
+        rig.device.apply_op(DeviceOp::SetCall {
             index: 2,
             call: Some(call),
             reply: tx,

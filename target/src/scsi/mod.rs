@@ -19,8 +19,9 @@ use rvhost_core::virtio::{bit, feature};
 use rvhost_core::virtio_scsi::{feature as scsi_feature, ConfigRepr};
 
 use crate::bdev::{Bdev, BdevError, IoKind, IoMemory};
-use crate::reactor::{DeviceId, ReactorDevice};
+use crate::reactor::Task;
 use crate::vhost::DeviceBackend;
+use crate::vhost::DeviceId;
 use device::{AttachedTarget, ScsiDevice};
 
 /// Targets per controller (SPDK's `SPDK_VHOST_SCSI_CTRLR_MAX_DEVS`).
@@ -28,7 +29,7 @@ pub const MAX_TARGETS: usize = 8;
 /// Request queues a frontend may use (`num_queues`); the device has two more (control, event).
 pub const MAX_REQUEST_QUEUES: u16 = 16;
 /// Largest virtqueue accepted by `SET_VRING_NUM`; also the per-queue request-slot count.
-pub const MAX_QUEUE_SIZE: u16 = crate::reactor::vqueue::MAX_QUEUE_SIZE;
+pub const MAX_QUEUE_SIZE: u16 = crate::vhost::vqueue::MAX_QUEUE_SIZE;
 /// Sense buffer size in responses. QEMU's vhost-scsi refuses any other value from the driver.
 pub const SENSE_SIZE: u32 = 96;
 /// CDB size in requests. QEMU's vhost-scsi refuses any other value from the driver.
@@ -446,7 +447,7 @@ impl DeviceBackend for ScsiController {
         }
     }
 
-    fn new_device(&self, id: DeviceId) -> Result<Box<dyn ReactorDevice>, String> {
+    fn new_device(&self, id: DeviceId) -> Result<Box<dyn Task>, String> {
         let mut state = self.lock();
         let mut targets = Vec::with_capacity(MAX_TARGETS);
         for spec in &state.targets {

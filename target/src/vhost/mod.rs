@@ -21,8 +21,10 @@
 //!   the end of their file, unaligned offsets) or a message the `vhost` crate cannot parse closes
 //!   the connection.
 
+pub mod device;
 pub mod memory;
 pub mod session;
+pub mod vqueue;
 
 use std::fs::File;
 use std::io;
@@ -36,9 +38,84 @@ use rvhost_platform_linux::{ControlListener, ListenError, ListenerHandle};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
 use crate::bdev::IoMemory;
-use crate::reactor::{Command, DeviceId, ReactorDevice, ReactorHandle};
+use crate::reactor::{Command, Message, ReactorHandle, Reply, Task};
 use memory::GuestMemoryTable;
 use session::Session;
+
+/// Identifies a session's device on its reactor (the reactor's task id). Unique over the
+/// process's lifetime.
+pub use crate::reactor::TaskId as DeviceId;
+
+/// A change to one device's queues or memory, applied on its reactor. Sent as a reactor
+/// [`Message`]; the device downcasts it.
+pub enum DeviceOp {
+    /// Swaps in a new guest memory table. The device keeps the old one alive while requests that
+    /// use it are in flight.
+    SetMemory {
+        /// The new table.
+        memory: Arc<GuestMemoryTable>,
+        /// Acknowledged once swapped in.
+        reply: Reply<()>,
+    },
+    /// Starts polling a virtqueue.
+    StartQueue {
+        /// Queue index.
+        index: u16,
+        /// Everything the queue needs.
+        setup: QueueSetup,
+        /// The outcome (a ring that does not lie in guest memory is refused).
+        reply: Reply<Result<(), String>>,
+    },
+    /// Stops a virtqueue after its in-flight requests completed; replies with the next avail
+    /// index to process (vhost-user `GET_VRING_BASE`).
+    StopQueue {
+        /// Queue index.
+        index: u16,
+        /// The queue's `last_avail_idx` once drained, or `None` if it was not running.
+        reply: Reply<Option<u16>>,
+    },
+    /// Replaces a running queue's call eventfd (`None`: stop signalling).
+    SetCall {
+        /// Queue index.
+        index: u16,
+        /// The new eventfd.
+        call: Option<Arc<EventNotifier>>,
+        /// Acknowledged once in effect.
+        reply: Reply<()>,
+    },
+    /// Stops every queue (answering waiting stops) and removes the device once its in-flight
+    /// requests completed.
+    Remove {
+        /// Acknowledged once drained; the reactor drops the device after replying.
+        reply: Reply<()>,
+    },
+}
+
+impl std::fmt::Debug for DeviceOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            DeviceOp::SetMemory { .. } => "SetMemory",
+            DeviceOp::StartQueue { .. } => "StartQueue",
+            DeviceOp::StopQueue { .. } => "StopQueue",
+            DeviceOp::SetCall { .. } => "SetCall",
+            DeviceOp::Remove { .. } => "Remove",
+        };
+        f.write_str(name)
+    }
+}
+
+/// Applying a [`DeviceOp`] to a device held as a reactor task, as the reactor would deliver it
+/// (for tests and benchmarks that drive a device without a reactor thread).
+pub trait ApplyDeviceOp {
+    /// Delivers `op` as a control message.
+    fn apply_op(&mut self, op: DeviceOp);
+}
+
+impl<T: Task + ?Sized> ApplyDeviceOp for T {
+    fn apply_op(&mut self, op: DeviceOp) {
+        self.control(Box::new(op) as Message);
+    }
+}
 
 /// Virtio feature bits as negotiated with the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -105,7 +182,7 @@ pub trait DeviceBackend: Send + Sync {
     /// Largest queue size accepted by `SET_VRING_NUM`.
     fn max_queue_size(&self) -> u16;
     /// Builds the reactor-side device for a new frontend session.
-    fn new_device(&self, id: DeviceId) -> Result<Box<dyn ReactorDevice>, String>;
+    fn new_device(&self, id: DeviceId) -> Result<Box<dyn Task>, String>;
     /// A session received a new memory table (before its device does): lets the bdevs behind
     /// the controller prepare it ([`crate::bdev::Bdev::prepare_memory`]).
     fn prepare_memory(&self, _mem: &IoMemory) {}
@@ -367,10 +444,10 @@ impl SessionThread {
                 return None;
             }
         };
-        if let Err(err) = self
-            .reactor
-            .call(|reply| Command::AddDevice { device, reply })
-        {
+        if let Err(err) = self.reactor.call(|reply| Command::AddTask {
+            task: device,
+            reply,
+        }) {
             tracing::error!(controller = %self.name, %err, "cannot place device on reactor");
             return None;
         }

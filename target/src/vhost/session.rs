@@ -27,8 +27,9 @@ use rvhost_platform_linux::MAX_MEM_SLOTS;
 
 use super::memory::{GuestMemoryTable, RegionSpec};
 use super::{DeviceBackend, EventNotifier, QueueSetup, VirtioFeatures};
+use super::{DeviceId, DeviceOp};
 use crate::bdev::IoMemory;
-use crate::reactor::{DeviceId, DeviceOp, ReactorHandle};
+use crate::reactor::ReactorHandle;
 
 /// The protocol features rvhost offers. REPLY_ACK is added by the `vhost` crate itself.
 pub const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
@@ -157,7 +158,7 @@ impl Session {
         let index = u16::try_from(idx).unwrap_or(u16::MAX);
         let stopped = self
             .reactor
-            .device_call(self.id, |reply| DeviceOp::StopQueue { index, reply });
+            .task_call(self.id, |reply| DeviceOp::StopQueue { index, reply });
         let vring = &mut self.vrings[idx];
         vring.running = false;
         match stopped {
@@ -195,7 +196,7 @@ impl Session {
         let index = u16::try_from(idx).unwrap_or(u16::MAX);
         let started = self
             .reactor
-            .device_call(self.id, |reply| DeviceOp::StartQueue {
+            .task_call(self.id, |reply| DeviceOp::StartQueue {
                 index,
                 setup,
                 reply,
@@ -237,7 +238,7 @@ impl Session {
         let memory = Arc::clone(&table);
         if let Err(err) = self
             .reactor
-            .device_call(self.id, |reply| DeviceOp::SetMemory { memory, reply })
+            .task_call(self.id, |reply| DeviceOp::SetMemory { memory, reply })
         {
             return refuse(self, true, format_args!("installing memory table: {err}"));
         }
@@ -262,7 +263,7 @@ impl Session {
         }
         if let Err(err) = self
             .reactor
-            .device_call(self.id, |reply| DeviceOp::Remove { reply })
+            .task_call(self.id, |reply| DeviceOp::Remove { reply })
         {
             tracing::error!(device = self.id.0, %err, "removing device from reactor");
         }
@@ -442,9 +443,9 @@ impl VhostUserBackendReqHandlerMut for Session {
         self.vrings[idx].call = call.clone();
         if self.vrings[idx].running {
             let index = u16::from(index);
-            if let Err(err) = self
-                .reactor
-                .device_call(self.id, |reply| DeviceOp::SetCall { index, call, reply })
+            if let Err(err) =
+                self.reactor
+                    .task_call(self.id, |reply| DeviceOp::SetCall { index, call, reply })
             {
                 return refuse(self, true, format_args!("call fd: {err}"));
             }

@@ -1,16 +1,16 @@
-//! The part of a running virtqueue's life every vhost device shares (vhost-blk, vhost-scsi):
-//! starting it from a [`QueueSetup`], its request slots, the call and error eventfds, stopping
-//! it once drained (`GET_VRING_BASE`), checking its rings against a new memory table, and
-//! publishing the used ring with at most one call-eventfd write per round. What a request *is*
-//! stays with the device; this module knows nothing of virtio-blk or virtio-scsi.
+//! One running virtqueue as the device shell keeps it: started from a [`QueueSetup`], its
+//! request slots and free list, the call and error eventfds, stopping once drained
+//! (`GET_VRING_BASE`), checking its rings against a new memory table, and publishing the used
+//! ring with at most one call-eventfd write per round. Private to the shell: a device type sees a
+//! queue only through the shell's request contexts.
 
 use std::sync::Arc;
 
 use rvhost_core::virtq::{Chain, QueueConfig, SplitQueue};
 
-use super::{DeviceId, Reply};
-use crate::vhost::memory::GuestMemoryTable;
-use crate::vhost::{EventNotifier, QueueSetup};
+use super::super::memory::GuestMemoryTable;
+use super::super::{DeviceId, EventNotifier, QueueSetup};
+use crate::reactor::Reply;
 
 /// Largest virtqueue accepted by `SET_VRING_NUM`; also the per-queue request-slot count.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
@@ -19,34 +19,48 @@ pub const CHAIN_CAPACITY: usize = MAX_QUEUE_SIZE as usize;
 /// Heads popped per queue per round: bounds the time one busy queue keeps the others waiting.
 pub const POP_BATCH: usize = 32;
 
-/// One running virtqueue with request slots of type `S` and device-specific state `X`.
-pub struct VirtQueue<S, X> {
-    /// The split ring.
-    pub vq: SplitQueue,
-    /// Where completions are signalled (`None`: nowhere yet; QEMU may send it later).
-    pub call: Option<Arc<EventNotifier>>,
-    /// The frontend's error eventfd, signalled when the driver breaks the queue.
-    pub err: Option<Arc<EventNotifier>>,
-    /// The chain being decoded (one per queue, reused).
-    pub chain: Box<Chain<CHAIN_CAPACITY>>,
-    /// Heads popped this round.
-    pub heads: [u16; POP_BATCH],
-    /// One slot per descriptor a request can start at.
-    pub slots: Vec<S>,
-    /// Free slot indices (popped from the end: slot 0 first).
-    pub free: Vec<u16>,
-    /// Requests started and not yet completed.
-    pub in_flight: usize,
-    /// GET_VRING_BASE / disable in progress: no new requests; reply once drained.
-    pub stopping: Option<Reply<Option<u16>>>,
-    /// The driver broke the queue (a chain without a place for the answer, rings outside
-    /// memory): nothing more is processed until the frontend restarts the queue.
-    pub broken: bool,
-    /// What the device keeps per queue (blk: the request limits negotiated for it).
-    pub extra: X,
+/// One request slot: what the shell keeps of a request, and what the device type keeps (`R`).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Slot<R> {
+    /// The chain's head, returned on the used ring.
+    pub(super) head: u16,
+    /// Between start and completion.
+    pub(super) busy: bool,
+    /// The memory-table generation the request's buffers were translated with.
+    pub(super) generation: u64,
+    /// The device type's per-request state.
+    pub(super) request: R,
 }
 
-impl<S, X> std::fmt::Debug for VirtQueue<S, X> {
+/// One running virtqueue with device-type request state `R` and per-queue state `Q`.
+pub(super) struct VirtQueue<R, Q> {
+    pub(super) vq: SplitQueue,
+    /// Where completions are signalled (`None`: nowhere yet; QEMU may send it later).
+    call: Option<Arc<EventNotifier>>,
+    /// The frontend's error eventfd, signalled when the driver breaks the queue.
+    err: Option<Arc<EventNotifier>>,
+    /// The chain being decoded (one per queue, reused).
+    pub(super) chain: Box<Chain<CHAIN_CAPACITY>>,
+    /// Heads popped this round.
+    pub(super) heads: [u16; POP_BATCH],
+    /// One slot per descriptor a request can start at.
+    pub(super) slots: Vec<Slot<R>>,
+    /// Free slot indices (popped from the end: slot 0 first).
+    free: Vec<u16>,
+    /// Requests started and not yet completed.
+    in_flight: usize,
+    /// GET_VRING_BASE / disable / remove in progress: no new requests; reply once drained.
+    stopping: Option<Reply<Option<u16>>>,
+    /// Remove in progress: no new requests; the queue goes once drained.
+    removing: bool,
+    /// The driver broke the queue (a chain without a place for the answer, rings outside
+    /// memory): nothing more is processed until the frontend restarts the queue.
+    broken: bool,
+    /// What the device type keeps per queue (blk: the request limits negotiated for it).
+    pub(super) state: Q,
+}
+
+impl<R, Q> std::fmt::Debug for VirtQueue<R, Q> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VirtQueue")
             .field("in_flight", &self.in_flight)
@@ -56,10 +70,10 @@ impl<S, X> std::fmt::Debug for VirtQueue<S, X> {
     }
 }
 
-impl<S: Default + Clone, X> VirtQueue<S, X> {
+impl<R: Default + Copy, Q> VirtQueue<R, Q> {
     /// Starts a queue as `setup` describes it: rings checked against the memory table, the next
     /// avail index and the used index taken over, guest kicks turned off (the reactor polls).
-    pub fn new(setup: &QueueSetup, extra: X) -> Result<Self, String> {
+    pub(super) fn new(setup: &QueueSetup, state: Q) -> Result<Self, String> {
         if setup.size > MAX_QUEUE_SIZE {
             return Err(format!("queue size {} over {MAX_QUEUE_SIZE}", setup.size));
         }
@@ -83,22 +97,23 @@ impl<S: Default + Clone, X> VirtQueue<S, X> {
             err: setup.err.clone(),
             chain: Box::new(Chain::new()),
             heads: [0; POP_BATCH],
-            slots: vec![S::default(); usize::from(setup.size)],
+            slots: vec![Slot::default(); usize::from(setup.size)],
             free: (0..setup.size).rev().collect(),
             in_flight: 0,
             stopping: None,
+            removing: false,
             broken: false,
-            extra,
+            state,
         })
     }
 }
 
-impl<S, X> VirtQueue<S, X> {
+impl<R, Q> VirtQueue<R, Q> {
     /// Replaces the call eventfd and signals the new one once: QEMU may hand it over only after
     /// the queue started (when the guest unmasks the queue's MSI-X vector), and a completion
     /// published before then was signalled to nobody. A spurious interrupt only makes the
     /// driver look at its ring; a missed one can leave it waiting forever.
-    pub fn set_call(&mut self, call: Option<Arc<EventNotifier>>) {
+    pub(super) fn set_call(&mut self, call: Option<Arc<EventNotifier>>) {
         if let Some(call) = &call {
             call.notify();
         }
@@ -106,15 +121,69 @@ impl<S, X> VirtQueue<S, X> {
     }
 
     /// Marks the queue broken by the driver and tells the frontend through the error eventfd.
-    pub fn fail(&mut self) {
+    pub(super) fn fail(&mut self) {
         self.broken = true;
         if let Some(err) = &self.err {
             err.notify();
         }
     }
 
+    /// Stops the queue without telling the frontend (the target could not use its rings).
+    pub(super) fn stop_broken(&mut self) {
+        self.broken = true;
+    }
+
+    /// Whether new requests may be popped.
+    #[inline]
+    pub(super) fn accepts_requests(&self) -> bool {
+        self.stopping.is_none() && !self.broken && !self.removing
+    }
+
+    /// Free request slots.
+    #[inline]
+    pub(super) fn free_slots(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Requests started and not yet completed.
+    #[inline]
+    pub(super) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Takes a free slot for the request at `head`; `None` if none is free.
+    #[inline]
+    pub(super) fn take_slot(&mut self, head: u16, generation: u64) -> Option<usize>
+    where
+        R: Default,
+    {
+        let index = usize::from(self.free.pop()?);
+        let slot = self.slots.get_mut(index)?;
+        slot.head = head;
+        slot.busy = true;
+        slot.generation = generation;
+        slot.request = R::default();
+        self.in_flight += 1;
+        Some(index)
+    }
+
+    /// Frees slot `index` (its request completed or was abandoned).
+    #[inline]
+    pub(super) fn release_slot(&mut self, index: usize) {
+        if let Some(slot) = self.slots.get_mut(index) {
+            if !slot.busy {
+                return;
+            }
+            slot.busy = false;
+        }
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if let Ok(free) = u16::try_from(index) {
+            self.free.push(free);
+        }
+    }
+
     /// Checks the rings against a new memory table; a queue whose rings left guest memory stops.
-    pub fn check_rings(&mut self, mem: &GuestMemoryTable, device: DeviceId, queue: usize) {
+    pub(super) fn check_rings(&mut self, mem: &GuestMemoryTable, device: DeviceId, queue: usize) {
         if let Err(err) = self.vq.check_rings(mem) {
             tracing::error!(device = device.0, queue, %err, "rings left guest memory; queue stopped");
             self.broken = true;
@@ -124,7 +193,13 @@ impl<S, X> VirtQueue<S, X> {
     /// Pushes a used element (published by [`VirtQueue::publish`]); a ring that cannot be
     /// written stops the queue.
     #[inline]
-    pub fn push_used(&mut self, mem: &GuestMemoryTable, head: u16, len: u32, device: DeviceId) {
+    pub(super) fn push_used(
+        &mut self,
+        mem: &GuestMemoryTable,
+        head: u16,
+        len: u32,
+        device: DeviceId,
+    ) {
         if let Err(err) = self.vq.push_used(mem, head, len) {
             tracing::error!(device = device.0, %err, "used ring write failed; queue stopped");
             self.broken = true;
@@ -133,7 +208,7 @@ impl<S, X> VirtQueue<S, X> {
 
     /// Publishes the used elements pushed since the last call (one `used.idx` store) and writes
     /// the call eventfd if the driver asked to be notified of them.
-    pub fn publish(&mut self, mem: &GuestMemoryTable, device: DeviceId, queue: usize) {
+    pub(super) fn publish(&mut self, mem: &GuestMemoryTable, device: DeviceId, queue: usize) {
         if let Err(err) = self.vq.publish_used(mem) {
             tracing::error!(device = device.0, queue, %err, "publishing used ring failed; queue stopped");
             self.broken = true;
@@ -153,50 +228,37 @@ impl<S, X> VirtQueue<S, X> {
         }
     }
 
+    /// Starts stopping: no new requests; `reply` is answered once drained. A stop that was already
+    /// waiting is answered at once (the frontend sent two).
+    pub(super) fn stop(&mut self, reply: Reply<Option<u16>>) {
+        if let Some(earlier) = self.stopping.replace(reply) {
+            let _ = earlier.send(Some(self.vq.last_avail_idx()));
+        }
+    }
+
+    /// Whether a stop is waiting.
+    pub(super) fn is_stopping(&self) -> bool {
+        self.stopping.is_some()
+    }
+
+    /// Removal: answers a waiting stop now and accepts no new requests; the queue goes once its
+    /// in-flight requests completed.
+    pub(super) fn remove(&mut self) {
+        if let Some(stop) = self.stopping.take() {
+            let _ = stop.send(Some(self.vq.last_avail_idx()));
+        }
+        self.removing = true;
+    }
+
     /// Whether the queue is stopping and has drained, so its stop can be answered.
-    pub fn drained(&self) -> bool {
+    pub(super) fn drained(&self) -> bool {
         self.stopping.is_some() && self.in_flight == 0
     }
 
     /// Answers a drained queue's stop with the next avail index to process.
-    pub fn finish_stop(self) {
+    pub(super) fn finish_stop(self) {
         if let Some(reply) = self.stopping {
             let _ = reply.send(Some(self.vq.last_avail_idx()));
         }
     }
-}
-
-/// Answers the stop of every drained queue in `queues` and removes it.
-pub fn settle_stopped<S, X>(queues: &mut [Option<VirtQueue<S, X>>]) {
-    for queue in queues.iter_mut() {
-        if queue.as_ref().is_some_and(VirtQueue::drained) {
-            if let Some(q) = queue.take() {
-                q.finish_stop();
-            }
-        }
-    }
-}
-
-/// Makes room for queue `index` in a table that grows to the highest started queue (capacity
-/// for all is reserved up front, so a round scans only queues a frontend can use) and returns
-/// its slot, unless the index is out of range or the queue there still has requests in flight.
-pub fn queue_slot<S, X>(
-    queues: &mut Vec<Option<VirtQueue<S, X>>>,
-    index: u16,
-    max_queues: u16,
-) -> Result<&mut Option<VirtQueue<S, X>>, String> {
-    if index >= max_queues {
-        return Err(format!("queue {index} out of range"));
-    }
-    let i = usize::from(index);
-    if queues.len() <= i {
-        queues.resize_with(i + 1, || None);
-    }
-    let slot = queues
-        .get_mut(i)
-        .ok_or_else(|| format!("queue {index} out of range"))?;
-    if slot.as_ref().is_some_and(|q| q.in_flight > 0) {
-        return Err(format!("queue {index} still has requests in flight"));
-    }
-    Ok(slot)
 }

@@ -1,0 +1,727 @@
+//! The vhost device shell: everything a vhost device does that does not depend on what its
+//! requests mean, written once for every device type (vhost-blk, vhost-scsi, and any later one).
+//!
+//! [`VhostDevice<H>`] is the reactor [`Task`] of one frontend session. It owns
+//!
+//! - the queue table (started queues only; capacity for all reserved up front) and each queue's
+//!   split ring, chain buffer, call and error eventfds and request slots;
+//! - the guest memory table, its swap on `SET_MEM_TABLE` and the retirement of replaced tables
+//!   (one bounded rule: a table is dropped once no request translated with it, or with an older
+//!   one, is in flight, so a frontend swapping tables under constant load cannot make the list
+//!   grow without bound);
+//! - the dispatch of [`DeviceOp`]s: start, stop (`GET_VRING_BASE`, answered once the queue's
+//!   requests completed), call eventfd changes, memory changes, and removal (every queue stops,
+//!   waiting stoppers are answered, and the device goes once nothing is in flight);
+//! - the slot pool and the completion tag (queue and slot, round-tripped through the bdev);
+//! - the poll skeleton: pop a batch of heads per queue, walk each chain, hand it to the device
+//!   type, poll the device type's completions, then publish each queue's used ring once and write
+//!   its call eventfd at most once.
+//!
+//! A device type supplies only a [`DeviceType`] (control side: features, config space, queue
+//! count, a new [`RequestHandler`] per session) and the [`RequestHandler`] (data side: what a
+//! request is, how it is submitted to bdev channels and completed, and the device-specific
+//! control operations). The handler is a type parameter, not a trait object, so the data path
+//! makes no virtual calls into it.
+//!
+//! # Where per-queue features go
+//!
+//! Every feature that concerns a queue rather than what its requests mean has one place here:
+//! the inflight log for reconnect (slot taken / released: `VirtQueue::take_slot` and
+//! `VirtQueue::release_slot`), the packed ring (`VirtQueue::vq` and the pop / push / publish
+//! calls of the poll skeleton), the dirty log for migration (`Requests::complete`, where a
+//! request's writable buffers and the used element are written), interrupt coalescing
+//! (`VirtQueue::publish`, the one place a call eventfd is written after a completion), per-queue
+//! statistics (`VhostDevice::poll_queue` and `Requests::complete`).
+
+mod vqueue;
+
+use std::sync::Arc;
+
+use rvhost_core::virtq::{Chain, ChainError};
+
+use super::memory::GuestMemoryTable;
+use super::{DeviceBackend, DeviceId, DeviceOp, QueueSetup, VirtioFeatures};
+use crate::bdev::IoMemory;
+use crate::reactor::{Message, Reply, Task};
+use vqueue::VirtQueue;
+pub use vqueue::{CHAIN_CAPACITY, MAX_QUEUE_SIZE, POP_BATCH};
+
+/// A descriptor chain as a device type reads it.
+pub type DescChain = Chain<CHAIN_CAPACITY>;
+
+/// The control side of a device type: what the vhost-user server offers a frontend, and a new
+/// [`RequestHandler`] for each session. Every `DeviceType` is a [`DeviceBackend`].
+pub trait DeviceType: Send + Sync + 'static {
+    /// The data side of one session.
+    type Handler: RequestHandler;
+    /// Virtio feature bits offered (without `VHOST_USER_F_PROTOCOL_FEATURES`, added by the
+    /// server).
+    fn features(&self) -> u64;
+    /// Reads `len` bytes of the device's virtio config space at `offset` (`GET_CONFIG`);
+    /// [`config_range`] does it for a config space held as bytes.
+    fn read_config(&self, offset: u32, len: u32) -> Result<Vec<u8>, String>;
+    /// Most queues a frontend may use (`GET_QUEUE_NUM`).
+    fn max_queues(&self) -> u16;
+    /// Largest queue size accepted by `SET_VRING_NUM`.
+    fn max_queue_size(&self) -> u16 {
+        MAX_QUEUE_SIZE
+    }
+    /// The request handler of a new frontend session whose device is `id`.
+    fn new_handler(&self, id: DeviceId) -> Result<Self::Handler, String>;
+    /// A session received a new memory table (before its device does): lets the bdevs behind
+    /// the controller prepare it ([`crate::bdev::Bdev::prepare_memory`]).
+    fn prepare_memory(&self, _mem: &IoMemory) {}
+}
+
+impl<T: DeviceType> DeviceBackend for T {
+    fn features(&self) -> u64 {
+        DeviceType::features(self)
+    }
+
+    fn read_config(&self, offset: u32, len: u32) -> Result<Vec<u8>, String> {
+        DeviceType::read_config(self, offset, len)
+    }
+
+    fn max_queues(&self) -> u16 {
+        DeviceType::max_queues(self)
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        DeviceType::max_queue_size(self)
+    }
+
+    fn new_device(&self, id: DeviceId) -> Result<Box<dyn Task>, String> {
+        let handler = self.new_handler(id)?;
+        Ok(Box::new(VhostDevice::new(
+            id,
+            DeviceType::max_queues(self),
+            handler,
+        )))
+    }
+
+    fn prepare_memory(&self, mem: &IoMemory) {
+        DeviceType::prepare_memory(self, mem);
+    }
+}
+
+/// Bytes `offset..offset + len` of a config space; an error if they are not all inside it.
+pub fn config_range(bytes: &[u8], offset: u32, len: u32) -> Result<Vec<u8>, String> {
+    let start = usize::try_from(offset).map_err(|e| e.to_string())?;
+    let len = usize::try_from(len).map_err(|e| e.to_string())?;
+    let end = start
+        .checked_add(len)
+        .filter(|&e| e <= bytes.len())
+        .ok_or_else(|| format!("config read of {len} bytes at {start} is out of range"))?;
+    bytes
+        .get(start..end)
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| format!("config read of {len} bytes at {start} is out of range"))
+}
+
+/// What becomes of a request the handler was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Submitted: the handler completes it later ([`Requests::complete`] with its tag).
+    Pending,
+    /// Answered now: the head goes on the used ring with this used length.
+    Complete(u32),
+    /// Neither executable nor answerable (no place for a status): the slot is freed and the
+    /// queue stops until the frontend restarts it (the error eventfd tells it so).
+    Abandon,
+}
+
+/// A request the shell popped and hands to [`RequestHandler::start`].
+pub struct NewRequest<'a, H: RequestHandler + ?Sized> {
+    /// The session's device.
+    pub device: DeviceId,
+    /// Queue index.
+    pub queue: u16,
+    /// The chain's head.
+    pub head: u16,
+    /// Identifies the request to bdev completions and [`Requests`] (queue and slot).
+    pub tag: u64,
+    /// The walked chain, or why the driver's chain was refused.
+    pub chain: Result<&'a DescChain, ChainError>,
+    /// The handler's per-request state (reset to its default).
+    pub request: &'a mut H::Request,
+    /// The handler's state for this queue.
+    pub queue_state: &'a H::Queue,
+    /// Guest memory.
+    pub mem: &'a GuestMemoryTable,
+    /// The same table as a bdev I/O wants it.
+    pub io_mem: &'a IoMemory,
+}
+
+impl<H: RequestHandler + ?Sized> std::fmt::Debug for NewRequest<'_, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewRequest")
+            .field("device", &self.device)
+            .field("queue", &self.queue)
+            .field("head", &self.head)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The data side of a device type, one per session, polled on the reactor by its
+/// [`VhostDevice`].
+pub trait RequestHandler: Send + 'static {
+    /// What a request keeps between submission and completion (in a slot the shell owns).
+    type Request: Default + Copy + Send;
+    /// What the handler keeps per running queue.
+    type Queue: Send;
+    /// The device type's own control operations (sent as reactor messages, like [`DeviceOp`]).
+    type Op: Send + 'static;
+
+    /// Queue `index` starts with the negotiated `features`: its per-queue state.
+    fn start_queue(&mut self, index: u16, features: VirtioFeatures) -> Result<Self::Queue, String>;
+
+    /// How many heads to pop from queue `index` this round, at most `room` (0: leave it).
+    #[inline]
+    fn pop_budget(&mut self, _index: u16, room: usize) -> usize {
+        room
+    }
+
+    /// Decodes and submits (or answers at once) one popped request.
+    fn start(&mut self, request: NewRequest<'_, Self>) -> Disposition;
+
+    /// Collects the completions of submitted requests; returns how many.
+    fn poll_completions(&mut self, requests: &mut Requests<'_, Self>) -> usize;
+
+    /// Called once per poll round after the queues and completions, with the round's work.
+    #[inline]
+    fn end_round(&mut self, _work: usize) {}
+
+    /// Applies a device-specific control operation. Returns whether something now waits for
+    /// [`RequestHandler::settle`].
+    fn control(&mut self, op: Self::Op, requests: &mut Requests<'_, Self>) -> bool;
+
+    /// Replies to deferred operations whose condition now holds; returns whether something still
+    /// waits. Called after a control operation asked for it, and every round until it says no.
+    fn settle(&mut self, _requests: &mut Requests<'_, Self>) -> bool {
+        false
+    }
+
+    /// The session is removed and nothing is in flight: release bdev channels and the like.
+    fn remove(&mut self) {}
+}
+
+/// Encodes a completion tag: queue index in the high half, slot in the low half.
+#[inline]
+fn tag(queue: usize, slot: usize) -> u64 {
+    ((queue as u64) << 32) | (slot as u64 & 0xffff_ffff)
+}
+
+#[inline]
+fn untag(tag: u64) -> (usize, usize) {
+    ((tag >> 32) as usize, (tag & 0xffff_ffff) as usize)
+}
+
+type Queue<H> = VirtQueue<<H as RequestHandler>::Request, <H as RequestHandler>::Queue>;
+
+/// The requests in flight, as a handler sees them while completing them.
+pub struct Requests<'a, H: RequestHandler + ?Sized> {
+    device: DeviceId,
+    queues: &'a mut [Option<Queue<H>>],
+    mem: Option<&'a GuestMemoryTable>,
+    io_mem: Option<&'a IoMemory>,
+}
+
+impl<H: RequestHandler + ?Sized> std::fmt::Debug for Requests<'_, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Requests")
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, H: RequestHandler + ?Sized> Requests<'a, H> {
+    /// The session's device.
+    pub fn device(&self) -> DeviceId {
+        self.device
+    }
+
+    /// Guest memory (`None` before the frontend sent a table; no request is in flight then).
+    #[inline]
+    pub fn mem(&self) -> Option<&'a GuestMemoryTable> {
+        self.mem
+    }
+
+    /// Guest memory as a bdev I/O wants it.
+    #[inline]
+    pub fn io_mem(&self) -> Option<&'a IoMemory> {
+        self.io_mem
+    }
+
+    /// Runs `f` on the request in flight with `tag`; if it returns a used length the request
+    /// is complete: its head goes on the used ring (published at the end of the round) and its
+    /// slot is freed. One lookup for both, on the completion path.
+    #[inline]
+    pub fn update(
+        &mut self,
+        tag: u64,
+        f: impl FnOnce(&mut H::Request, &'a GuestMemoryTable) -> Option<u32>,
+    ) {
+        let (qi, si) = untag(tag);
+        let Some(mem) = self.mem else {
+            return;
+        };
+        let Some(Some(q)) = self.queues.get_mut(qi) else {
+            return;
+        };
+        let Some(slot) = q.slots.get_mut(si) else {
+            return;
+        };
+        if !slot.busy {
+            return;
+        }
+        if let Some(used_len) = f(&mut slot.request, mem) {
+            let head = slot.head;
+            q.push_used(mem, head, used_len, self.device);
+            q.release_slot(si);
+        }
+    }
+
+    /// The state of the request in flight with `tag`.
+    #[inline]
+    pub fn get_mut(&mut self, tag: u64) -> Option<&mut H::Request> {
+        let (qi, si) = untag(tag);
+        let slot = self.queues.get_mut(qi)?.as_mut()?.slots.get_mut(si)?;
+        slot.busy.then_some(&mut slot.request)
+    }
+
+    /// Completes the request with `tag`: its head goes on the used ring with `used_len`
+    /// (published at the end of the round) and its slot is freed.
+    #[inline]
+    pub fn complete(&mut self, tag: u64, used_len: u32) {
+        let (qi, si) = untag(tag);
+        let Some(Some(q)) = self.queues.get_mut(qi) else {
+            return;
+        };
+        let Some(slot) = q.slots.get(si) else {
+            return;
+        };
+        if !slot.busy {
+            return;
+        }
+        let head = slot.head;
+        if let Some(mem) = self.mem {
+            q.push_used(mem, head, used_len, self.device);
+        }
+        q.release_slot(si);
+    }
+
+    /// Requests in flight on all queues.
+    pub fn in_flight(&self) -> usize {
+        self.queues.iter().flatten().map(|q| q.in_flight()).sum()
+    }
+
+    /// Every request in flight on the queues from `first_queue` on, with its tag.
+    pub fn in_flight_requests(
+        &self,
+        first_queue: usize,
+    ) -> impl Iterator<Item = (u64, &H::Request)> + '_ {
+        self.queues
+            .iter()
+            .enumerate()
+            .skip(first_queue)
+            .filter_map(|(qi, q)| q.as_ref().map(|q| (qi, q)))
+            .flat_map(|(qi, q)| {
+                q.slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.busy)
+                    .map(move |(si, s)| (tag(qi, si), &s.request))
+            })
+    }
+}
+
+/// A vhost device: one frontend session's queues and memory on its reactor, with a device
+/// type's request handler.
+pub struct VhostDevice<H: RequestHandler> {
+    id: DeviceId,
+    handler: H,
+    max_queues: u16,
+    memory: Option<Arc<GuestMemoryTable>>,
+    /// The same table as [`crate::bdev::BdevIo::mem`] wants it; made once per table.
+    io_memory: Option<IoMemory>,
+    /// Counts memory-table swaps; requests remember the one they were translated with.
+    generation: u64,
+    /// Tables replaced while requests were in flight, with their generation: bdevs may still
+    /// access those requests' buffers. Each is dropped once no request of its generation or an
+    /// older one is in flight.
+    retired: Vec<(u64, Arc<GuestMemoryTable>)>,
+    /// Started queues; grows to the highest queue started (capacity for all reserved up front),
+    /// so a round scans only queues a frontend can use.
+    queues: Vec<Option<Queue<H>>>,
+    /// Something waits for [`VhostDevice::settle`]: a stopping queue, a retired table, the
+    /// removal, or the handler.
+    settle_pending: bool,
+    /// The handler has something waiting for its `settle`.
+    handler_pending: bool,
+    remove_reply: Option<Reply<()>>,
+    removed: bool,
+}
+
+impl<H: RequestHandler> std::fmt::Debug for VhostDevice<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostDevice")
+            .field("id", &self.id)
+            .field("queues", &self.queues)
+            .field("retired", &self.retired.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: RequestHandler> VhostDevice<H> {
+    /// A device with at most `max_queues` queues whose requests `handler` serves.
+    pub fn new(id: DeviceId, max_queues: u16, handler: H) -> Self {
+        VhostDevice {
+            id,
+            handler,
+            max_queues,
+            memory: None,
+            io_memory: None,
+            generation: 0,
+            retired: Vec::new(),
+            queues: Vec::with_capacity(usize::from(max_queues)),
+            settle_pending: false,
+            handler_pending: false,
+            remove_reply: None,
+            removed: false,
+        }
+    }
+
+    /// The request handler.
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
+    /// Memory tables kept alive for requests in flight.
+    pub fn retired_tables(&self) -> usize {
+        self.retired.len()
+    }
+
+    /// Requests in flight on all queues.
+    pub fn in_flight(&self) -> usize {
+        self.queues.iter().flatten().map(|q| q.in_flight()).sum()
+    }
+
+    /// Applies a vhost device operation.
+    pub fn apply(&mut self, op: DeviceOp) {
+        match op {
+            DeviceOp::SetMemory { memory, reply } => {
+                self.set_memory(memory);
+                let _ = reply.send(());
+            }
+            DeviceOp::StartQueue {
+                index,
+                setup,
+                reply,
+            } => {
+                let _ = reply.send(self.start_queue(index, setup));
+            }
+            DeviceOp::StopQueue { index, reply } => {
+                match self
+                    .queues
+                    .get_mut(usize::from(index))
+                    .and_then(Option::as_mut)
+                {
+                    Some(q) => {
+                        q.stop(reply);
+                        self.settle_pending = true;
+                    }
+                    None => {
+                        let _ = reply.send(None);
+                    }
+                }
+                self.settle();
+            }
+            DeviceOp::SetCall { index, call, reply } => {
+                if let Some(q) = self
+                    .queues
+                    .get_mut(usize::from(index))
+                    .and_then(Option::as_mut)
+                {
+                    q.set_call(call);
+                }
+                let _ = reply.send(());
+            }
+            DeviceOp::Remove { reply } => {
+                for q in self.queues.iter_mut().flatten() {
+                    q.remove();
+                }
+                // A second Remove replaces the first; the first waiter hears "dropped".
+                self.remove_reply = Some(reply);
+                self.settle_pending = true;
+                self.settle();
+            }
+        }
+    }
+
+    /// Applies one of the handler's own operations.
+    pub fn apply_handler_op(&mut self, op: H::Op) {
+        let mut requests = Requests {
+            device: self.id,
+            queues: &mut self.queues,
+            mem: self.memory.as_deref(),
+            io_mem: self.io_memory.as_ref(),
+        };
+        if self.handler.control(op, &mut requests) {
+            self.handler_pending = true;
+            self.settle_pending = true;
+        }
+        self.settle();
+    }
+
+    fn start_queue(&mut self, index: u16, setup: QueueSetup) -> Result<(), String> {
+        if index >= self.max_queues {
+            return Err(format!("queue {index} out of range"));
+        }
+        let i = usize::from(index);
+        if self
+            .queues
+            .get(i)
+            .and_then(Option::as_ref)
+            .is_some_and(|q| q.in_flight() > 0)
+        {
+            return Err(format!("queue {index} still has requests in flight"));
+        }
+        // Everything that can fail first, so a refused start changes nothing.
+        let state = self.handler.start_queue(index, setup.features)?;
+        let queue = Queue::<H>::new(&setup, state)?;
+        if self.queues.len() <= i {
+            self.queues.resize_with(i + 1, || None);
+        }
+        if let Some(slot) = self.queues.get_mut(i) {
+            *slot = Some(queue);
+        }
+        let is_current = self
+            .memory
+            .as_ref()
+            .is_some_and(|m| Arc::ptr_eq(m, &setup.memory));
+        if !is_current {
+            // The session always sends its newest table; adopt it.
+            self.swap_memory(setup.memory);
+        }
+        Ok(())
+    }
+
+    /// Makes `memory` current, retiring the old table if requests still use it.
+    fn swap_memory(&mut self, memory: Arc<GuestMemoryTable>) {
+        let io: IoMemory = memory.clone();
+        self.io_memory = Some(io);
+        if let Some(old) = self.memory.replace(memory) {
+            if self.in_flight() > 0 {
+                self.retired.push((self.generation, old));
+                self.settle_pending = true;
+            }
+        }
+        self.generation = self.generation.wrapping_add(1);
+    }
+
+    fn set_memory(&mut self, memory: Arc<GuestMemoryTable>) {
+        self.swap_memory(memory);
+        let Some(mem) = self.memory.as_deref() else {
+            return;
+        };
+        for (index, queue) in self.queues.iter_mut().enumerate() {
+            if let Some(q) = queue {
+                q.check_rings(mem, self.id, index);
+            }
+        }
+    }
+
+    /// Replies to deferred operations whose condition now holds and drops what is no longer
+    /// used; publishes what the handler completed meanwhile.
+    fn settle(&mut self) {
+        if !self.settle_pending {
+            return;
+        }
+        if self.handler_pending {
+            let mut requests = Requests {
+                device: self.id,
+                queues: &mut self.queues,
+                mem: self.memory.as_deref(),
+                io_mem: self.io_memory.as_ref(),
+            };
+            self.handler_pending = self.handler.settle(&mut requests);
+        }
+        for queue in self.queues.iter_mut() {
+            if queue.as_ref().is_some_and(VirtQueue::drained) {
+                if let Some(q) = queue.take() {
+                    q.finish_stop();
+                }
+            }
+        }
+        if !self.retired.is_empty() {
+            let oldest_in_use = self
+                .queues
+                .iter()
+                .flatten()
+                .flat_map(|q| q.slots.iter())
+                .filter(|slot| slot.busy)
+                .map(|slot| slot.generation)
+                .min();
+            match oldest_in_use {
+                Some(oldest) => self.retired.retain(|(generation, _)| *generation >= oldest),
+                None => self.retired.clear(),
+            }
+        }
+        if let Some(mem) = self.memory.as_deref() {
+            for (qi, queue) in self.queues.iter_mut().enumerate() {
+                if let Some(q) = queue {
+                    q.publish(mem, self.id, qi);
+                }
+            }
+        }
+        if self.remove_reply.is_some() && self.in_flight() == 0 {
+            self.handler.remove();
+            self.queues.iter_mut().for_each(|q| *q = None);
+            self.memory = None;
+            self.io_memory = None;
+            self.retired.clear();
+            self.removed = true;
+            if let Some(reply) = self.remove_reply.take() {
+                let _ = reply.send(());
+            }
+        }
+        self.settle_pending = self.handler_pending
+            || self.remove_reply.is_some()
+            || !self.retired.is_empty()
+            || self.queues.iter().flatten().any(VirtQueue::is_stopping);
+    }
+
+    /// Pops and starts new requests on queue `qi`.
+    #[inline]
+    fn poll_queue(&mut self, qi: usize, mem: &GuestMemoryTable, io_mem: &IoMemory) -> usize {
+        let Some(Some(q)) = self.queues.get_mut(qi) else {
+            return 0;
+        };
+        if !q.accepts_requests() {
+            return 0;
+        }
+        let room = q.free_slots().min(POP_BATCH);
+        let index = qi as u16;
+        let room = self.handler.pop_budget(index, room).min(room);
+        if room == 0 {
+            return 0;
+        }
+        let popped = match q.vq.pop_heads(mem, &mut q.heads[..room]) {
+            Ok(n) => n,
+            Err(err) => {
+                tracing::error!(device = self.id.0, queue = qi, %err, "avail ring unusable; queue stopped");
+                q.stop_broken();
+                return 0;
+            }
+        };
+        if popped == 0 {
+            return 0;
+        }
+        // With EVENT_IDX, avail_event must trail last_avail_idx so the driver never kicks.
+        if let Err(err) = q.vq.disable_kicks(mem) {
+            tracing::error!(device = self.id.0, queue = qi, %err, "used ring unusable; queue stopped");
+            q.stop_broken();
+            return 0;
+        }
+        for i in 0..popped {
+            let head = q.heads[i];
+            let Some(si) = q.take_slot(head, self.generation) else {
+                // `room` is at most the free slot count.
+                tracing::error!(
+                    device = self.id.0,
+                    queue = qi,
+                    "no free request slot; queue stopped"
+                );
+                q.stop_broken();
+                break;
+            };
+            let chain = match q.vq.walk_chain(mem, head, &mut *q.chain) {
+                Ok(()) => Ok(&*q.chain),
+                Err(err) => Err(err),
+            };
+            let Some(slot) = q.slots.get_mut(si) else {
+                break;
+            };
+            let request = NewRequest {
+                device: self.id,
+                queue: index,
+                head,
+                tag: tag(qi, si),
+                chain,
+                request: &mut slot.request,
+                queue_state: &q.state,
+                mem,
+                io_mem,
+            };
+            match self.handler.start(request) {
+                Disposition::Pending => {}
+                Disposition::Complete(len) => {
+                    q.push_used(mem, head, len, self.id);
+                    q.release_slot(si);
+                }
+                Disposition::Abandon => {
+                    q.release_slot(si);
+                    q.fail();
+                    break;
+                }
+            }
+        }
+        popped
+    }
+}
+
+impl<H: RequestHandler> Task for VhostDevice<H> {
+    fn id(&self) -> DeviceId {
+        self.id
+    }
+
+    fn poll(&mut self) -> usize {
+        if self.removed {
+            return 0;
+        }
+        let mut work = 0;
+        // The tables are moved out for the round and put back, rather than cloned: an Arc clone
+        // is a locked instruction, which waits for this round's used-ring stores to drain.
+        if let (Some(mem), Some(io_mem)) = (self.memory.take(), self.io_memory.take()) {
+            for qi in 0..self.queues.len() {
+                work += self.poll_queue(qi, &mem, &io_mem);
+            }
+            let mut requests = Requests {
+                device: self.id,
+                queues: &mut self.queues,
+                mem: Some(&mem),
+                io_mem: Some(&io_mem),
+            };
+            work += self.handler.poll_completions(&mut requests);
+            self.handler.end_round(work);
+            if work > 0 {
+                for (qi, queue) in self.queues.iter_mut().enumerate() {
+                    if let Some(q) = queue {
+                        q.publish(&mem, self.id, qi);
+                    }
+                }
+            }
+            self.memory = Some(mem);
+            self.io_memory = Some(io_mem);
+        }
+        if self.settle_pending {
+            self.settle();
+        }
+        work
+    }
+
+    fn control(&mut self, message: Message) {
+        let message = match message.downcast::<DeviceOp>() {
+            Ok(op) => return self.apply(*op),
+            Err(other) => other,
+        };
+        match message.downcast::<H::Op>() {
+            Ok(op) => self.apply_handler_op(*op),
+            Err(_) => tracing::warn!(device = self.id.0, "unknown control message dropped"),
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.removed
+    }
+}
