@@ -32,7 +32,7 @@
 //! cores more often than SPDK's dedicated-core deployments do.
 
 use std::any::Any;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -155,6 +155,8 @@ pub struct ReactorHandle {
     load: AtomicUsize,
     stats: Arc<ReactorStats>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Set for a reactor driven by its caller ([`manual`]) while its [`ManualReactor`] lives.
+    manual: Option<Arc<AtomicBool>>,
 }
 
 impl ReactorHandle {
@@ -214,6 +216,9 @@ impl ReactorHandle {
     }
 
     fn is_finished(&self) -> bool {
+        if let Some(alive) = &self.manual {
+            return !alive.load(Ordering::Acquire);
+        }
         match self.thread.lock() {
             Ok(guard) => guard.as_ref().is_none_or(|t| t.is_finished()),
             Err(_) => true,
@@ -243,6 +248,12 @@ impl ReactorHandle {
                 }
             }
         }
+    }
+
+    /// Queues `message` for task `id` without waiting; the message carries its own reply sender
+    /// if the sender wants one (several tasks can then be asked at once and waited for after).
+    pub fn post(&self, id: TaskId, message: Message) -> Result<(), ReactorError> {
+        self.send(Command::Task(id, message))
     }
 
     /// Sends the message `make` builds to task `id` and waits for its reply.
@@ -335,7 +346,66 @@ pub fn spawn(
         load: AtomicUsize::new(0),
         stats,
         thread: Mutex::new(Some(thread)),
+        manual: None,
     }))
+}
+
+/// A reactor without a thread: the caller delivers its control messages to a task it polls
+/// itself ([`ManualReactor::deliver`]). For tests and benchmarks that drive a task synchronously
+/// while other threads talk to it through an ordinary [`ReactorHandle`].
+pub fn manual(core: u32) -> (Arc<ReactorHandle>, ManualReactor) {
+    let (producer, consumer) = spsc::channel(CONTROL_RING_SLOTS);
+    let alive = Arc::new(AtomicBool::new(true));
+    let handle = Arc::new(ReactorHandle {
+        core,
+        commands: Mutex::new(producer),
+        load: AtomicUsize::new(0),
+        stats: Arc::new(ReactorStats::default()),
+        thread: Mutex::new(None),
+        manual: Some(Arc::clone(&alive)),
+    });
+    (
+        handle,
+        ManualReactor {
+            commands: consumer,
+            alive,
+        },
+    )
+}
+
+/// The consuming side of a [`manual`] reactor's control ring.
+pub struct ManualReactor {
+    commands: spsc::Consumer<Command>,
+    alive: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for ManualReactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManualReactor").finish_non_exhaustive()
+    }
+}
+
+impl ManualReactor {
+    /// Delivers every queued message for `task` to it; messages for other tasks (and
+    /// `AddTask`) are dropped with their reply senders. Returns how many were delivered.
+    pub fn deliver(&mut self, task: &mut dyn Task) -> usize {
+        let mut delivered = 0;
+        while let Some(command) = self.commands.try_pop() {
+            if let Command::Task(id, message) = command {
+                if id == task.id() {
+                    task.control(message);
+                    delivered += 1;
+                }
+            }
+        }
+        delivered
+    }
+}
+
+impl Drop for ManualReactor {
+    fn drop(&mut self) {
+        self.alive.store(false, Ordering::Release);
+    }
 }
 
 /// The reactor thread's state; owned by that thread alone.
@@ -451,8 +521,6 @@ impl Reactor {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
-
     use super::*;
 
     /// The one control message the test task understands.
@@ -553,6 +621,37 @@ mod tests {
                 reply,
             })
             .is_err());
+    }
+
+    #[test]
+    fn a_manual_reactor_delivers_messages_to_the_task_its_caller_polls() {
+        let (handle, mut manual) = manual(3);
+        let mut task = Counting {
+            id: TaskId(1),
+            polls: Arc::new(AtomicU64::new(0)),
+            removed: false,
+            work: Arc::new(AtomicBool::new(false)),
+        };
+        let caller = {
+            let handle = Arc::clone(&handle);
+            std::thread::spawn(move || handle.task_call(TaskId(1), Remove))
+        };
+        while !caller.is_finished() {
+            manual.deliver(&mut task);
+            std::thread::yield_now();
+        }
+        caller.join().unwrap().unwrap();
+        assert!(task.is_finished());
+        // A message for another task is dropped, and its sender hears so.
+        let (tx, rx) = mpsc::sync_channel::<()>(1);
+        handle.post(TaskId(2), Box::new(Remove(tx))).unwrap();
+        assert_eq!(manual.deliver(&mut task), 0);
+        assert!(rx.recv().is_err());
+        drop(manual);
+        assert!(matches!(
+            handle.task_call(TaskId(1), Remove),
+            Err(ReactorError::Gone(3))
+        ));
     }
 
     #[test]
