@@ -22,7 +22,7 @@ use rvhost_target::bdev::malloc::{MallocBdev, MemoryBudget};
 use rvhost_target::bdev::null::NullBdev;
 use rvhost_target::bdev::Bdev;
 use rvhost_target::blk::BlkController;
-use rvhost_target::reactor::Task;
+use rvhost_target::reactor::{self, ManualReactor, Task};
 use rvhost_target::scsi::ScsiController;
 use rvhost_target::vhost::memory::{GuestMemoryTable, RegionSpec};
 use rvhost_target::vhost::{
@@ -88,6 +88,8 @@ enum Kind {
 struct Rig {
     mem: Arc<GuestMemoryTable>,
     device: Box<dyn Task>,
+    /// Keeps the device's (thread-less) reactor handle usable.
+    _reactor: ManualReactor,
     queue: u16,
     avail_idx: u16,
     used_seen: u16,
@@ -96,14 +98,16 @@ struct Rig {
 impl Rig {
     fn new(kind: Kind, bdev: Arc<dyn Bdev>) -> Rig {
         let mem = table();
+        // No reactor thread: the bench polls the device itself.
+        let (reactor, manual) = reactor::manual(0);
         let mut device = match kind {
             Kind::Blk => BlkController::new("bench", bdev, false)
-                .new_device(DeviceId(1))
+                .new_device(DeviceId(1), &reactor)
                 .expect("blk device"),
             Kind::Scsi => {
                 let c = ScsiController::new("bench");
                 c.add_target(Some(0), bdev).expect("target");
-                c.new_device(DeviceId(1)).expect("scsi device")
+                c.new_device(DeviceId(1), &reactor).expect("scsi device")
             }
         };
         let features = bit(feature::VIRTIO_F_VERSION_1) | bit(feature::VIRTIO_F_RING_EVENT_IDX);
@@ -167,6 +171,7 @@ impl Rig {
         let mut rig = Rig {
             mem,
             device,
+            _reactor: manual,
             queue,
             avail_idx: 0,
             used_seen: 0,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use rvhost_core::mem::GuestMemory;
 use rvhost_platform_linux::NumaTopology;
-use rvhost_target::reactor::{self, IdlePolicy, Reply};
+use rvhost_target::reactor::{self, IdlePolicy, ReactorHandle, Reply};
 use rvhost_target::vhost::device::{
     config_range, DeviceType, Disposition, NewRequest, RequestHandler, Requests,
 };
@@ -57,7 +57,11 @@ impl DeviceType for ReverseType {
         2
     }
 
-    fn new_handler(&self, _id: DeviceId) -> Result<Reverser, String> {
+    fn new_handler(
+        &self,
+        _id: DeviceId,
+        _reactor: &Arc<ReactorHandle>,
+    ) -> Result<Reverser, String> {
         self.sessions.fetch_add(1, Ordering::SeqCst);
         Ok(Reverser {
             key: 0,

@@ -381,11 +381,13 @@ impl RequestHandler for BlkHandler {
             }
         };
         slot.used_len = 1;
-        let outcome = match BlkRequest::<'_, MAX_RANGES>::decode(mem, chain, limits) {
+        // Matched by reference: moving the decoded request out of the `Result` copies it.
+        let decoded = BlkRequest::<'_, MAX_RANGES>::decode(mem, chain, limits);
+        let outcome = match &decoded {
             Ok(request) => {
                 slot.status_addr = request.status_addr;
                 slot.used_len = request.used_len_ok();
-                self.submit(slot, tag, &request, mem, io_mem)
+                self.submit(slot, tag, request, mem, io_mem)
             }
             Err(err) => match err.status_to_write() {
                 Some((status_addr, status)) => {

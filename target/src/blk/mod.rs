@@ -12,6 +12,7 @@ use rvhost_core::blk::{feature as blk_feature, VirtioBlkConfig};
 use rvhost_core::virtio::{bit, feature};
 
 use crate::bdev::{Bdev, IoMemory};
+use crate::reactor::ReactorHandle;
 use crate::vhost::device::DeviceType;
 use crate::vhost::DeviceId;
 use device::{BlkHandler, DeviceGeometry};
@@ -150,7 +151,11 @@ impl DeviceType for BlkController {
         }
     }
 
-    fn new_handler(&self, id: DeviceId) -> Result<BlkHandler, String> {
+    fn new_handler(
+        &self,
+        id: DeviceId,
+        _reactor: &Arc<ReactorHandle>,
+    ) -> Result<BlkHandler, String> {
         let channel = match self.bdev() {
             Some(bdev) => {
                 let name = bdev.name().to_string();

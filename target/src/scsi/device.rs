@@ -1585,7 +1585,8 @@ mod tests {
             for (t, bdev) in targets {
                 controller.add_target(Some(*t), Arc::clone(bdev)).unwrap();
             }
-            let mut device = controller.new_device(DeviceId(1)).unwrap();
+            let (reactor, _manual) = crate::reactor::manual(0);
+            let mut device = controller.new_device(DeviceId(1), &reactor).unwrap();
             let mem = table();
             let (tx, rx) = sync_channel(1);
             device.apply_op(DeviceOp::SetMemory {

@@ -447,7 +447,11 @@ impl DeviceBackend for ScsiController {
         }
     }
 
-    fn new_device(&self, id: DeviceId) -> Result<Box<dyn Task>, String> {
+    fn new_device(
+        &self,
+        id: DeviceId,
+        _reactor: &Arc<crate::reactor::ReactorHandle>,
+    ) -> Result<Box<dyn Task>, String> {
         let mut state = self.lock();
         let mut targets = Vec::with_capacity(MAX_TARGETS);
         for spec in &state.targets {

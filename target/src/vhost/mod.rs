@@ -181,8 +181,13 @@ pub trait DeviceBackend: Send + Sync {
     fn max_queues(&self) -> u16;
     /// Largest queue size accepted by `SET_VRING_NUM`.
     fn max_queue_size(&self) -> u16;
-    /// Builds the reactor-side device for a new frontend session.
-    fn new_device(&self, id: DeviceId) -> Result<Box<dyn Task>, String>;
+    /// Builds the reactor-side device for a new frontend session, which `reactor` will poll
+    /// (control messages for the device go through it).
+    fn new_device(
+        &self,
+        id: DeviceId,
+        reactor: &Arc<ReactorHandle>,
+    ) -> Result<Box<dyn Task>, String>;
     /// A session received a new memory table (before its device does): lets the bdevs behind
     /// the controller prepare it ([`crate::bdev::Bdev::prepare_memory`]).
     fn prepare_memory(&self, _mem: &IoMemory) {}
@@ -437,7 +442,7 @@ impl SessionThread {
                 return None;
             }
         };
-        let device = match self.backend.new_device(id) {
+        let device = match self.backend.new_device(id, &self.reactor) {
             Ok(device) => device,
             Err(why) => {
                 tracing::error!(controller = %self.name, "cannot create device: {why}");

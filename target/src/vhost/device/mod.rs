@@ -42,7 +42,7 @@ use rvhost_core::virtq::{Chain, ChainError};
 use super::memory::GuestMemoryTable;
 use super::{DeviceBackend, DeviceId, DeviceOp, QueueSetup, VirtioFeatures};
 use crate::bdev::IoMemory;
-use crate::reactor::{Message, Reply, Task};
+use crate::reactor::{Message, ReactorHandle, Reply, Task};
 use vqueue::VirtQueue;
 pub use vqueue::{CHAIN_CAPACITY, MAX_QUEUE_SIZE, POP_BATCH};
 
@@ -66,8 +66,13 @@ pub trait DeviceType: Send + Sync + 'static {
     fn max_queue_size(&self) -> u16 {
         MAX_QUEUE_SIZE
     }
-    /// The request handler of a new frontend session whose device is `id`.
-    fn new_handler(&self, id: DeviceId) -> Result<Self::Handler, String>;
+    /// The request handler of a new frontend session whose device is `id`, polled by `reactor`
+    /// (the device type's own operations reach the device through it).
+    fn new_handler(
+        &self,
+        id: DeviceId,
+        reactor: &Arc<ReactorHandle>,
+    ) -> Result<Self::Handler, String>;
     /// A session received a new memory table (before its device does): lets the bdevs behind
     /// the controller prepare it ([`crate::bdev::Bdev::prepare_memory`]).
     fn prepare_memory(&self, _mem: &IoMemory) {}
@@ -90,8 +95,12 @@ impl<T: DeviceType> DeviceBackend for T {
         DeviceType::max_queue_size(self)
     }
 
-    fn new_device(&self, id: DeviceId) -> Result<Box<dyn Task>, String> {
-        let handler = self.new_handler(id)?;
+    fn new_device(
+        &self,
+        id: DeviceId,
+        reactor: &Arc<ReactorHandle>,
+    ) -> Result<Box<dyn Task>, String> {
+        let handler = self.new_handler(id, reactor)?;
         Ok(Box::new(VhostDevice::new(
             id,
             DeviceType::max_queues(self),
@@ -121,8 +130,11 @@ pub fn config_range(bytes: &[u8], offset: u32, len: u32) -> Result<Vec<u8>, Stri
 /// What becomes of a request the handler was given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposition {
-    /// Submitted: the handler completes it later ([`Requests::complete`] with its tag).
+    /// Submitted: the handler completes it later ([`Requests::update`] with its tag).
     Pending,
+    /// Waits for something the handler decides in [`RequestHandler::settle`] (which then runs
+    /// at the end of this round and every round after until it says nothing waits).
+    Deferred,
     /// Answered now: the head goes on the used ring with this used length.
     Complete(u32),
     /// Neither executable nor answerable (no place for a status): the slot is freed and the
@@ -175,9 +187,17 @@ pub trait RequestHandler: Send + 'static {
     /// Queue `index` starts with the negotiated `features`: its per-queue state.
     fn start_queue(&mut self, index: u16, features: VirtioFeatures) -> Result<Self::Queue, String>;
 
-    /// How many heads to pop from queue `index` this round, at most `room` (0: leave it).
+    /// Each round the queues are polled from this index to the last, then the ones before it
+    /// (virtio-scsi: request queues first, control and event queues after them).
     #[inline]
-    fn pop_budget(&mut self, _index: u16, room: usize) -> usize {
+    fn first_polled_queue(&self) -> usize {
+        0
+    }
+
+    /// How many heads to pop from queue `index` this round, at most `room` (0: leave it);
+    /// `work` is how many requests the round has popped so far.
+    #[inline]
+    fn pop_budget(&mut self, _index: u16, room: usize, _work: usize) -> usize {
         room
     }
 
@@ -593,7 +613,13 @@ impl<H: RequestHandler> VhostDevice<H> {
 
     /// Pops and starts new requests on queue `qi`.
     #[inline]
-    fn poll_queue(&mut self, qi: usize, mem: &GuestMemoryTable, io_mem: &IoMemory) -> usize {
+    fn poll_queue(
+        &mut self,
+        qi: usize,
+        mem: &GuestMemoryTable,
+        io_mem: &IoMemory,
+        work: usize,
+    ) -> usize {
         let Some(Some(q)) = self.queues.get_mut(qi) else {
             return 0;
         };
@@ -602,7 +628,7 @@ impl<H: RequestHandler> VhostDevice<H> {
         }
         let room = q.free_slots().min(POP_BATCH);
         let index = qi as u16;
-        let room = self.handler.pop_budget(index, room).min(room);
+        let room = self.handler.pop_budget(index, room, work).min(room);
         if room == 0 {
             return 0;
         }
@@ -655,6 +681,10 @@ impl<H: RequestHandler> VhostDevice<H> {
             };
             match self.handler.start(request) {
                 Disposition::Pending => {}
+                Disposition::Deferred => {
+                    self.handler_pending = true;
+                    self.settle_pending = true;
+                }
                 Disposition::Complete(len) => {
                     q.push_used(mem, head, len, self.id);
                     q.release_slot(si);
@@ -683,8 +713,12 @@ impl<H: RequestHandler> Task for VhostDevice<H> {
         // The tables are moved out for the round and put back, rather than cloned: an Arc clone
         // is a locked instruction, which waits for this round's used-ring stores to drain.
         if let (Some(mem), Some(io_mem)) = (self.memory.take(), self.io_memory.take()) {
-            for qi in 0..self.queues.len() {
-                work += self.poll_queue(qi, &mem, &io_mem);
+            let first = self.handler.first_polled_queue();
+            for qi in first..self.queues.len() {
+                work += self.poll_queue(qi, &mem, &io_mem, work);
+            }
+            for qi in 0..first.min(self.queues.len()) {
+                work += self.poll_queue(qi, &mem, &io_mem, work);
             }
             let mut requests = Requests {
                 device: self.id,
