@@ -5,6 +5,7 @@
 //! path needs no locks: submissions and completions on a channel happen on one thread only.
 
 pub mod common;
+pub mod fanout;
 pub mod file;
 pub mod module;
 pub mod registry;

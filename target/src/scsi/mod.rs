@@ -7,7 +7,9 @@
 //! change to every session's device and waits until each has applied it (for a detach: until
 //! the target's in-flight I/O completed), and the device posts a hot-plug event to the guest.
 
+mod bdev_lun;
 pub mod device;
+mod segments;
 
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
