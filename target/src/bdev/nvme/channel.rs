@@ -13,6 +13,7 @@ use rvhost_nvme::{ControllerState, DmaBuffer, DmaSegment, IoError, IoQueuePair};
 
 use super::{memory_key, DmaRegistration, NvmeBdev};
 use crate::bdev::common::{byte_range, check_iovs};
+use crate::bdev::fanout::Fanout;
 use crate::bdev::{
     report_completions, Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoMemory, IoStatus, IoVec,
 };
@@ -31,9 +32,8 @@ const SLOT_TAG_BITS: u32 = 16;
 /// One bdev I/O, possibly split over several commands.
 struct ChannelIo {
     tag: u64,
-    /// Commands still outstanding.
-    outstanding: u32,
-    failed: bool,
+    /// Its commands still outstanding and how they ended (the first failure wins).
+    fanout: Fanout,
     /// Bounce slots held until the I/O completes.
     slots: Vec<usize>,
     /// A zero-copy I/O keeps the mapping of its buffers (and so the memory) until it completes.
@@ -231,8 +231,7 @@ impl NvmeChannel {
     fn new_io(&mut self, tag: u64) -> usize {
         let io = ChannelIo {
             tag,
-            outstanding: 0,
-            failed: false,
+            fanout: Fanout::new(),
             slots: Vec::new(),
             registration: None,
             copy_out: None,
@@ -258,25 +257,23 @@ impl NvmeChannel {
             return;
         };
         if let Some(out) = io.copy_out.take() {
-            if !io.failed {
+            if io.fanout.status() == IoStatus::Success {
                 if let Err(e) = self.copy_out(&io.slots, &out) {
                     tracing::warn!(bdev = %self.bdev.name, %e, "copying read data to the guest failed");
-                    io.failed = true;
+                    io.fanout.fail(IoStatus::Failed);
                 }
             }
         }
         self.free_slots.extend(io.slots);
         self.free_ios.push(index);
-        let status = if io.failed {
+        let status = io.fanout.status();
+        if status != IoStatus::Success {
             self.bdev
                 .ctrl
                 .stats
                 .failed_ios
                 .fetch_add(1, Ordering::Relaxed);
-            IoStatus::Failed
-        } else {
-            IoStatus::Success
-        };
+        }
         self.completions.push_back((io.tag, status));
     }
 
@@ -299,9 +296,13 @@ impl NvmeChannel {
                 tracing::error!(index, "NVMe completion for an unknown I/O");
                 continue;
             };
-            io.outstanding = io.outstanding.saturating_sub(1);
-            io.failed |= !ok;
-            if io.outstanding == 0 && hold != Some(index) {
+            let status = if ok {
+                IoStatus::Success
+            } else {
+                IoStatus::Failed
+            };
+            let last = io.fanout.completed(status).is_some();
+            if last && hold != Some(index) {
                 self.finish(index);
             }
         }
@@ -311,14 +312,14 @@ impl NvmeChannel {
 
     fn io_outstanding(&self, index: usize) -> u32 {
         match self.ios.get(index) {
-            Some(Some(io)) => io.outstanding,
+            Some(Some(io)) => io.fanout.outstanding(),
             _ => 0,
         }
     }
 
     fn mark_failed(&mut self, index: usize) {
         if let Some(Some(io)) = self.ios.get_mut(index) {
-            io.failed = true;
+            io.fanout.fail(IoStatus::Failed);
         }
     }
 
@@ -372,7 +373,7 @@ impl NvmeChannel {
             match issue(&mut self.qp, tag) {
                 Ok(()) => {
                     if let Some(Some(io)) = self.ios.get_mut(index) {
-                        io.outstanding += 1;
+                        io.fanout.issued(Ok::<(), IoError>(()));
                     }
                     self.bdev
                         .ctrl
@@ -387,6 +388,10 @@ impl NvmeChannel {
                 Err(e) => {
                     self.failure_log
                         .failed(&self.bdev.name, "NVMe command not submitted", &e);
+                    // The I/O fails; the caller issues no further commands for it.
+                    if let Some(Some(io)) = self.ios.get_mut(index) {
+                        io.fanout.issued(Err(e));
+                    }
                     return false;
                 }
             }

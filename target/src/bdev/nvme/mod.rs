@@ -21,10 +21,12 @@
 //! controller cannot take (PRP rules without SGL support, byte-aligned buffers). Every I/O is
 //! counted as zero copy or bounced, with the reason (`bdev_get_bdevs`, `driver_specific.nvme`).
 //!
-//! I/O larger than one command is split; the I/O completes when the last command does and fails
-//! if any one fails. A failed or removed controller fails every I/O (the driver's timeout, abort
-//! and reset logic bounds how long a command can stay outstanding); waits within `submit` for a
-//! free bounce slot or queue entry are additionally bounded by [`NvmeBdevConfig::io_timeout`].
+//! I/O larger than one command (the controller's transfer limit, DSM range limits) is split; the
+//! I/O completes when the last command does and fails if any one fails (a [`super::fanout::Fanout`]
+//! per I/O keeps that count, as for every request served by several bdev I/Os). A failed or
+//! removed controller fails every I/O (the driver's timeout, abort and reset logic bounds how long
+//! a command can stay outstanding); waits within `submit` for a free bounce slot or queue entry
+//! are additionally bounded by [`NvmeBdevConfig::io_timeout`].
 
 mod channel;
 mod module;
