@@ -12,10 +12,10 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM};
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::{fmt, reload, EnvFilter};
 
+use rvhost_target::app::methods::LogControl;
 use rvhost_target::app::{available_memory, App, AppConfig, Exit};
 use rvhost_target::cli::Cli;
 use rvhost_target::dataplane::Dataplane;
-use rvhost_target::rpc::methods::LogControl;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

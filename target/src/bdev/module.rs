@@ -3,7 +3,7 @@
 //! it registers (under SPDK's current and old names), writes the `save_config` calls that
 //! recreate them, and may do periodic housekeeping on the control thread.
 //!
-//! The JSON-RPC layer (`rpc::methods`) knows modules only through this trait: it lists their
+//! The control plane (`app::methods`) knows modules only through this trait: it lists their
 //! methods, dispatches calls to them, asks the module that created each bdev for its saved call,
 //! and ticks them. Adding a module takes its own file and one line in [`super::modules`] (see
 //! there).
@@ -67,8 +67,8 @@ pub trait BdevModule: Send + Sized + 'static {
         Vec::new()
     }
 
-    /// Periodic housekeeping on the control thread, at least every
-    /// [`crate::app::SHUTDOWN_POLL`] (100 ms).
+    /// Periodic housekeeping on the control thread, at least every 100 ms (the control loop's
+    /// `app::SHUTDOWN_POLL`).
     fn tick(&mut self, _cx: &mut BdevContext<'_>) {}
 }
 

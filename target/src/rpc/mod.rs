@@ -1,11 +1,11 @@
 //! SPDK-compatible JSON-RPC: the protocol ([`jsonrpc`]), the Unix-socket server ([`server`]) and
-//! the methods ([`methods`]).
+//! the error replies every method gives. It knows nothing of what the methods do: the bdev
+//! modules (`bdev::module`) and the control plane (`app::methods`) serve them.
 //!
 //! Wire format, as SPDK's `lib/jsonrpc`: JSON-RPC 2.0 objects streamed over a Unix stream socket
 //! with no length prefix or delimiter; each reply is one JSON object followed by `\n`.
 
 pub mod jsonrpc;
-pub mod methods;
 pub mod server;
 
 use std::fmt;

@@ -3,7 +3,10 @@
 //!
 //! The control thread (the caller of [`App::run`]) owns the bdevs and is the only thread that
 //! runs RPC methods or calls the data plane; connection threads only frame requests and hand them
-//! over. It wakes at least every [`SHUTDOWN_POLL`] to notice a shutdown request from a signal.
+//! over. It wakes at least every [`SHUTDOWN_POLL`] to notice a shutdown request from a signal,
+//! and then ticks the bdev modules' housekeeping. The methods it serves are in [`methods`].
+
+pub mod methods;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,9 +20,9 @@ use crate::bdev::malloc::MemoryBudget;
 use crate::config::{self, ConfigError};
 use crate::ops::ControllerOps;
 use crate::rpc::jsonrpc::{handle_message, Dispatch};
-use crate::rpc::methods::{KillRequest, LogControl, RpcMethods};
 use crate::rpc::server::{Incoming, RpcServer, ServerError, QUEUED_MESSAGES};
 use crate::rpc::RpcError;
+use methods::{KillRequest, LogControl, RpcMethods};
 
 /// How often the control loop checks for a shutdown request when no RPC arrives.
 pub const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
@@ -269,8 +272,8 @@ pub fn available_memory() -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use super::methods::tests::FakeOps;
     use super::*;
-    use crate::rpc::methods::tests::FakeOps;
     use std::io::{BufRead, BufReader, Read, Write};
     use std::os::unix::net::UnixStream;
     use std::path::Path;

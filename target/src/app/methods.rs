@@ -19,9 +19,6 @@ use serde_json::{json, Value};
 
 use rvhost_platform_linux::cpu::CpuSet;
 
-use super::errno::{EBUSY, EEXIST, EINVAL, ENODEV, ENOTSUP};
-use super::jsonrpc::Dispatch;
-use super::{RpcError, INTERNAL_ERROR, METHOD_NOT_FOUND};
 use crate::bdev::malloc::MemoryBudget;
 use crate::bdev::module::{
     decode, delete_bdev, registry_error, AnyBdevModule, BdevContext, BdevUsers, ByName, ModuleEnv,
@@ -29,6 +26,9 @@ use crate::bdev::module::{
 use crate::bdev::registry::{uuid_string, RegistryError};
 use crate::bdev::{Bdev, BdevRegistry, IoKind};
 use crate::ops::{BlkControllerSpec, ControllerOps, OpsError, ScsiControllerSpec};
+use crate::rpc::errno::{EBUSY, EEXIST, EINVAL, ENODEV, ENOTSUP};
+use crate::rpc::jsonrpc::Dispatch;
+use crate::rpc::{RpcError, INTERNAL_ERROR, METHOD_NOT_FOUND};
 
 /// A signal `spdk_kill_instance` asked for, acted on once its reply has been sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
