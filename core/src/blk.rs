@@ -907,14 +907,17 @@ impl<'c, const R: usize> BlkRequest<'c, R> {
         read_exact(&mut reader, mem, &mut raw).map_err(reject)?;
         let header = BlkReqHeaderRepr::parse(&BlkReqHeader { buffer: &raw[..] });
 
-        // readable_len >= header_len (checked above).
-        let readable_payload = readable
-            .tail(u64::from(header_len))
-            .unwrap_or(DataSegments::EMPTY);
-        // The status segment is writable and non-empty, so writable_len >= 1.
-        let writable_payload = chain
-            .writable_range()
-            .take(u64::from(chain.writable_len().saturating_sub(1)));
+        // The chain's own lengths, so no re-checking: readable_len >= header_len (checked
+        // above), and the status segment is writable and non-empty, so writable_len >= 1.
+        let readable_payload_len = readable_len - header_len;
+        let writable_payload_len = chain.writable_len().saturating_sub(1);
+        let readable_payload = SegmentRange::new_unchecked(
+            chain.readable(),
+            u64::from(header_len),
+            u64::from(readable_payload_len),
+        );
+        let writable_payload =
+            SegmentRange::new_unchecked(chain.writable(), 0, u64::from(writable_payload_len));
 
         let mut request = BlkRequest {
             head: chain.head(),
@@ -929,19 +932,27 @@ impl<'c, const R: usize> BlkRequest<'c, R> {
         use request_type::*;
         match header.request_type {
             VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
-                let (kind, data, other) = if header.request_type == VIRTIO_BLK_T_IN {
-                    (BlkRequestKind::Read, writable_payload, readable_payload)
+                let (kind, data, data_len, other_len) = if header.request_type == VIRTIO_BLK_T_IN {
+                    (
+                        BlkRequestKind::Read,
+                        writable_payload,
+                        writable_payload_len,
+                        readable_payload_len,
+                    )
                 } else {
-                    (BlkRequestKind::Write, readable_payload, writable_payload)
+                    (
+                        BlkRequestKind::Write,
+                        readable_payload,
+                        readable_payload_len,
+                        writable_payload_len,
+                    )
                 };
                 if kind == BlkRequestKind::Write && limits.read_only {
                     return Err(reject(BlkReject::ReadOnly));
                 }
-                if !other.is_empty() {
+                if other_len != 0 {
                     return Err(reject(BlkReject::WrongDirection));
                 }
-                // A chain's lengths are below 2^32 (checked when it was walked).
-                let data_len = u32::try_from(data.len()).unwrap_or(u32::MAX);
                 if data_len % SECTOR_SIZE != 0 {
                     return Err(reject(BlkReject::UnalignedLength(data_len)));
                 }
@@ -968,10 +979,10 @@ impl<'c, const R: usize> BlkRequest<'c, R> {
                 if limits.read_only {
                     return Err(reject(BlkReject::ReadOnly));
                 }
-                if !writable_payload.is_empty() {
+                if writable_payload_len != 0 {
                     return Err(reject(BlkReject::WrongDirection));
                 }
-                let list_len = u32::try_from(readable_payload.len()).unwrap_or(u32::MAX);
+                let list_len = readable_payload_len;
                 let entry_len = DiscardWriteZeroes::<&[u8]>::LEN as u32;
                 if list_len == 0 || list_len % entry_len != 0 {
                     return Err(reject(BlkReject::BadRangeList { len: list_len }));
