@@ -13,6 +13,7 @@ pub mod testing;
 
 // The bdev modules, each registered by one line in `modules` below.
 pub mod aio;
+pub mod delay;
 pub mod malloc;
 pub mod null;
 pub mod nvme;
@@ -35,6 +36,7 @@ pub fn modules(env: &ModuleEnv) -> Vec<Box<dyn module::AnyBdevModule>> {
         Box::new(aio::AioModule::new(env)),
         Box::new(nvme::NvmeModule::new(env)),
         Box::new(uring::UringModule::new(env)),
+        Box::new(delay::DelayModule::new(env)),
     ]
 }
 

@@ -496,7 +496,7 @@ fn bdev_modules_register_their_methods_once_and_first() {
     // The modules' methods come first, in module order, as `rpc_get_methods` always listed them.
     let current = m.method_names(false);
     assert_eq!(
-        current[..14],
+        current[..17],
         [
             "bdev_malloc_create",
             "bdev_malloc_delete",
@@ -511,6 +511,9 @@ fn bdev_modules_register_their_methods_once_and_first() {
             "bdev_uring_create",
             "bdev_uring_delete",
             "bdev_uring_rescan",
+            "bdev_delay_create",
+            "bdev_delay_delete",
+            "bdev_delay_update_latency",
             "bdev_get_bdevs",
         ]
     );
