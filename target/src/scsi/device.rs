@@ -1,18 +1,16 @@
-//! A vhost-scsi session: the virtio-scsi transport, owned by one reactor.
+//! The virtio-scsi transport, as the vhost device shell ([`crate::vhost::device`]) hands it
+//! requests.
 //!
 //! Queue 0 is the control queue (task management, asynchronous notification; [`control`]), queue
 //! 1 the event queue (hot-plug events; [`events`]), queues 2.. the request queues. A request's
 //! virtio-scsi header is decoded here, the command routed to its target, and the virtio-scsi
 //! response written here; what the command does to the target's bdev is
-//! [`super::bdev_lun`]'s. Every request queue slot is allocated with the queue, and each target's
-//! LUN gets one bdev channel per session, so nothing is allocated per request and the data path
-//! takes no lock.
+//! [`super::bdev_lun`]'s. The shell owns the queues, slots, memory table and the session's
+//! lifecycle; each target's LUN gets one bdev channel per session, so nothing is allocated per
+//! request and the data path takes no lock.
 //!
-//! Target changes (hot-attach, hot-detach) arrive from the controller on [`TargetOp`]s, drained at
-//! the start of every poll round.
-
-use std::sync::mpsc::Receiver;
-use std::sync::Arc;
+//! Target changes (hot-attach, hot-detach) arrive as [`TargetOp`]s over the reactor's control
+//! ring, like every other control operation.
 
 use rvhost_core::mem::{GuestMemory, Segment};
 use rvhost_core::scsi::ScsiLun;
@@ -33,12 +31,13 @@ use super::bdev_lun::{
 };
 use super::segments::gather;
 use super::{TargetOp, CDB_SIZE, MAX_QUEUE_SIZE, MAX_TARGETS, SENSE_SIZE};
-use crate::bdev::{BdevChannel, IoMemory};
-use crate::reactor::{Message, Reply, Task};
+use crate::bdev::BdevChannel;
+use crate::reactor::Reply;
+use crate::vhost::device::{
+    Disposition, NewRequest, RequestHandler, Requests, VhostDevice, CHAIN_CAPACITY,
+};
 use crate::vhost::memory::GuestMemoryTable;
-use crate::vhost::vqueue::{self, VirtQueue, CHAIN_CAPACITY, POP_BATCH};
-use crate::vhost::{DeviceId, DeviceOp};
-use crate::vhost::{QueueSetup, VirtioFeatures};
+use crate::vhost::{DeviceId, VirtioFeatures};
 
 /// Index of the control queue.
 pub const CONTROL_QUEUE: usize = 0;
@@ -49,10 +48,9 @@ pub const FIRST_REQUEST_QUEUE: usize = 2;
 
 /// Events held while the driver has no event buffer posted; more are reported as missed.
 pub const MAX_PENDING_EVENTS: usize = 64;
-/// Busy rounds between two looks at the control queue, the event queue and target changes. Those
-/// are rare, so a round that served commands skips them (saving a ring-index load and a channel
-/// check per round); a round without command work always looks. A task management function or a
-/// target change waits at most this many busy rounds, a few microseconds.
+/// Busy rounds between two looks at the control queue. It is rare, so a round that served
+/// commands skips it (saving a ring-index load per round); a round without command work always
+/// looks. A task management function waits at most this many busy rounds, a few microseconds.
 const MGMT_INTERVAL: u32 = 32;
 /// Response segments remembered per request; Linux uses one.
 const RESP_SEGMENTS: usize = 4;
@@ -133,47 +131,16 @@ impl RespTarget {
     }
 }
 
-/// One command between submission and completion.
+/// One command between submission and completion (the shell keeps its head and slot).
 #[derive(Debug, Clone, Copy, Default)]
-struct Slot {
-    head: u16,
+pub struct ScsiSlot {
     target: u8,
     /// The driver's tag, for ABORT TASK / QUERY TASK.
     tag: u64,
     seq: u64,
-    active: bool,
     resp: RespTarget,
     /// The command's state on its LUN's bdev.
     io: LunIo,
-}
-
-/// One running virtqueue.
-type ScsiQueue = VirtQueue<Slot, ()>;
-
-impl ScsiQueue {
-    fn take_slot(&mut self) -> Option<usize> {
-        let s = self.free.pop()?;
-        self.in_flight += 1;
-        Some(usize::from(s))
-    }
-
-    fn release_slot(&mut self, si: usize) {
-        if let Some(slot) = self.slots.get_mut(si) {
-            slot.active = false;
-        }
-        self.in_flight = self.in_flight.saturating_sub(1);
-        if let Ok(s) = u16::try_from(si) {
-            self.free.push(s);
-        }
-    }
-}
-
-fn tag(queue: usize, slot: usize) -> u64 {
-    ((queue as u64) << 32) | (slot as u64 & 0xffff_ffff)
-}
-
-fn untag(tag: u64) -> (usize, usize) {
-    ((tag >> 32) as usize, (tag & 0xffff_ffff) as usize)
 }
 
 /// Scratch buffers of the command being started (allocated once per session).
@@ -182,72 +149,46 @@ struct Scratch {
     exec: ExecScratch,
 }
 
-/// A vhost-scsi session on its reactor.
-pub struct ScsiDevice {
+/// A vhost-scsi session on its reactor: the shell with the virtio-scsi transport.
+pub type ScsiDevice = VhostDevice<ScsiTransport>;
+
+/// What a vhost-scsi session adds to the shell: its targets, task management, hot-plug events.
+pub struct ScsiTransport {
     id: DeviceId,
-    control: Receiver<TargetOp>,
     targets: Vec<Option<AttachedTarget>>,
     features: VirtioFeatures,
-    memory: Option<Arc<GuestMemoryTable>>,
-    /// The same table as [`BdevIo::mem`] wants it; made once per table, not per request.
-    io_memory: Option<IoMemory>,
-    retired: Vec<Arc<GuestMemoryTable>>,
-    /// Started queues; grows to the highest queue started (capacity for all of them is reserved
-    /// up front), so a round scans only queues a frontend can use.
-    queues: Vec<Option<ScsiQueue>>,
-    max_queues: u16,
-    /// Busy rounds since the management queues and target changes were last looked at.
+    /// Busy rounds since the control queue was last looked at.
     rounds_since_mgmt: u32,
-    /// Something waits for [`ScsiDevice::settle`] (a stopping queue, a removed target, a TMF, a
-    /// retired table, a detach or removal); cleared by `settle` once nothing does.
-    settle_pending: bool,
     events: EventBacklog,
     tmfs: Vec<PendingTmf>,
     scratch: Scratch,
-    remove_reply: Option<Reply<()>>,
-    removed: bool,
 }
 
-impl std::fmt::Debug for ScsiDevice {
+impl std::fmt::Debug for ScsiTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ScsiDevice")
+        f.debug_struct("ScsiTransport")
             .field("id", &self.id)
             .field("targets", &self.targets)
             .finish_non_exhaustive()
     }
 }
 
-impl ScsiDevice {
-    /// A session device with the targets attached when it was created, taking later target
-    /// changes from `control`.
-    pub fn new(
-        id: DeviceId,
-        targets: Vec<Option<AttachedTarget>>,
-        max_queues: u16,
-        control: Receiver<TargetOp>,
-    ) -> Self {
+impl ScsiTransport {
+    /// A session's transport with the targets attached when it was created.
+    pub fn new(id: DeviceId, targets: Vec<Option<AttachedTarget>>) -> Self {
         let mut targets = targets;
         targets.resize_with(MAX_TARGETS, || None);
-        ScsiDevice {
+        ScsiTransport {
             id,
-            control,
             targets,
             features: VirtioFeatures(0),
-            memory: None,
-            io_memory: None,
-            retired: Vec::new(),
-            queues: Vec::with_capacity(usize::from(max_queues)),
-            max_queues,
             rounds_since_mgmt: 0,
-            settle_pending: false,
             events: EventBacklog::default(),
             tmfs: Vec::new(),
             scratch: Scratch {
                 header: [0; REQ_LEN],
                 exec: ExecScratch::new(CHAIN_CAPACITY, usize::from(MAX_QUEUE_SIZE)),
             },
-            remove_reply: None,
-            removed: false,
         }
     }
 
@@ -255,257 +196,26 @@ impl ScsiDevice {
         self.features.has(scsi_feature::VIRTIO_SCSI_F_HOTPLUG)
     }
 
-    fn in_flight(&self) -> usize {
-        self.queues.iter().flatten().map(|q| q.in_flight).sum()
-    }
-
-    fn target_op(&mut self, op: TargetOp) {
-        match op {
-            TargetOp::Attach {
-                target,
-                attached,
-                reply,
-            } => {
-                let t = usize::from(target);
-                if let Some(slot) = self.targets.get_mut(t) {
-                    if slot.as_ref().is_some_and(|old| old.lun.in_flight() > 0) {
-                        // The controller never reuses a slot before its detach completed.
-                        tracing::error!(
-                            device = self.id.0,
-                            target,
-                            "attach over a busy target refused"
-                        );
-                    } else {
-                        *slot = Some(*attached);
-                        if self.hotplug() {
-                            self.events
-                                .push(transport_reset(target, event::VIRTIO_SCSI_EVT_RESET_RESCAN));
-                        }
-                        tracing::info!(device = self.id.0, target, "target attached");
-                    }
-                }
-                let _ = reply.send(());
-            }
-            TargetOp::Detach { target, reply } => {
-                match self
-                    .targets
-                    .get_mut(usize::from(target))
-                    .and_then(Option::as_mut)
-                {
-                    Some(t) => {
-                        t.removing = Some(reply);
-                        self.settle_pending = true;
-                    }
-                    None => {
-                        let _ = reply.send(());
-                    }
-                }
-            }
-        }
-    }
-
-    fn start_queue(&mut self, index: u16, setup: QueueSetup) -> Result<(), String> {
-        // Range and in-flight checks first, so a refused start changes nothing.
-        vqueue::queue_slot(&mut self.queues, index, self.max_queues)?;
-        let queue = ScsiQueue::new(&setup, ())?;
-        if let Some(current) = &self.memory {
-            if !Arc::ptr_eq(current, &setup.memory) {
-                self.retired.push(Arc::clone(current));
-                self.settle_pending = true;
-            }
-        }
-        self.features = setup.features;
-        self.install_memory(Arc::clone(&setup.memory));
-        if let Some(slot) = self.queues.get_mut(usize::from(index)) {
-            *slot = Some(queue);
-        }
-        Ok(())
-    }
-
-    /// Makes `memory` current; returns the table it replaces.
-    fn install_memory(&mut self, memory: Arc<GuestMemoryTable>) -> Option<Arc<GuestMemoryTable>> {
-        let io: IoMemory = memory.clone();
-        self.io_memory = Some(io);
-        self.memory.replace(memory)
-    }
-
-    fn set_memory(&mut self, memory: Arc<GuestMemoryTable>) {
-        if let Some(old) = self.install_memory(memory) {
-            if self.in_flight() > 0 {
-                self.retired.push(old);
-                self.settle_pending = true;
-            }
-        }
-        let Some(mem) = self.memory.as_deref() else {
-            return;
+    /// Handles one command on a request queue.
+    fn command(&mut self, r: NewRequest<'_, Self>) -> Disposition {
+        let NewRequest {
+            device: id,
+            queue: qi,
+            head,
+            tag: io_tag,
+            chain,
+            request: slot,
+            mem,
+            io_mem,
+            ..
+        } = r;
+        let chain = match chain {
+            Ok(chain) => chain,
+            Err(err) => return malformed(id, qi, &err),
         };
-        for (index, queue) in self.queues.iter_mut().enumerate() {
-            if let Some(q) = queue {
-                q.check_rings(mem, self.id, index);
-            }
-        }
-    }
-
-    /// Sequence number of the oldest command in flight on `target`, and whether `tag` is.
-    fn in_flight_on(&self, target: u8, tag: Option<u64>) -> (Option<u64>, bool) {
-        let mut oldest: Option<u64> = None;
-        let mut found = false;
-        for q in self.queues.iter().skip(FIRST_REQUEST_QUEUE).flatten() {
-            for s in q.slots.iter().filter(|s| s.active && s.target == target) {
-                oldest = Some(oldest.map_or(s.seq, |o| o.min(s.seq)));
-                if Some(s.tag) == tag {
-                    found = true;
-                }
-            }
-        }
-        (oldest, found)
-    }
-
-    /// Replies to deferred operations whose condition now holds.
-    fn settle(&mut self) {
-        if let Some(mem) = self.memory.take() {
-            self.settle_tmfs(&mem);
-            self.memory = Some(mem);
-        }
-        vqueue::settle_stopped(&mut self.queues);
-        let hotplug = self.hotplug();
-        for (t, slot) in self.targets.iter_mut().enumerate() {
-            let done = slot
-                .as_ref()
-                .is_some_and(|t| t.removing.is_some() && t.lun.in_flight() == 0);
-            if done {
-                if let Some(target) = slot.take() {
-                    if let Some(reply) = target.removing {
-                        let _ = reply.send(());
-                    }
-                    let target_id = u8::try_from(t).unwrap_or(u8::MAX);
-                    if hotplug {
-                        self.events.push(transport_reset(
-                            target_id,
-                            event::VIRTIO_SCSI_EVT_RESET_REMOVED,
-                        ));
-                    }
-                    tracing::info!(device = self.id.0, target = t, "target detached");
-                }
-            }
-        }
-        if self.in_flight() == 0 {
-            self.retired.clear();
-            if let Some(reply) = self.remove_reply.take() {
-                self.queues.iter_mut().for_each(|q| *q = None);
-                self.targets.iter_mut().for_each(|t| *t = None);
-                self.tmfs.clear();
-                self.memory = None;
-                self.io_memory = None;
-                self.removed = true;
-                let _ = reply.send(());
-            }
-        }
-        self.settle_pending = !self.tmfs.is_empty()
-            || self.remove_reply.is_some()
-            || !self.retired.is_empty()
-            || self.targets.iter().flatten().any(|t| t.removing.is_some())
-            || self.queues.iter().flatten().any(|q| q.stopping.is_some());
-    }
-
-    /// Pops and handles new requests on the running queues among `queues`.
-    fn poll_queues(
-        &mut self,
-        mem: &GuestMemoryTable,
-        io_mem: &IoMemory,
-        queues: std::ops::Range<usize>,
-    ) -> usize {
-        let mut work = 0;
-        for qi in queues {
-            if qi == EVENT_QUEUE && !self.events.has_work() {
-                continue;
-            }
-            let Some(Some(q)) = self.queues.get_mut(qi) else {
-                continue;
-            };
-            if q.stopping.is_some() || q.broken {
-                continue;
-            }
-            let room = q.free.len().min(POP_BATCH);
-            let room = if qi == EVENT_QUEUE {
-                room.min(self.events.pending.len().max(1))
-            } else {
-                room
-            };
-            let popped = match q.vq.pop_heads(mem, &mut q.heads[..room]) {
-                Ok(n) => n,
-                Err(err) => {
-                    tracing::error!(device = self.id.0, queue = qi, %err, "avail ring unusable; queue stopped");
-                    q.broken = true;
-                    continue;
-                }
-            };
-            if popped == 0 {
-                continue;
-            }
-            if let Err(err) = q.vq.disable_kicks(mem) {
-                tracing::error!(device = self.id.0, queue = qi, %err, "used ring unusable; queue stopped");
-                q.broken = true;
-                continue;
-            }
-            work += popped;
-            for i in 0..popped {
-                let head = match self.queues.get(qi).and_then(Option::as_ref) {
-                    Some(q) => q.heads[i],
-                    None => break,
-                };
-                match qi {
-                    CONTROL_QUEUE => self.control_request(mem, head),
-                    EVENT_QUEUE => self.event_buffer(mem, head),
-                    _ => self.command(mem, io_mem, qi, head),
-                }
-                if self
-                    .queues
-                    .get(qi)
-                    .and_then(Option::as_ref)
-                    .is_none_or(|q| q.broken)
-                {
-                    break;
-                }
-            }
-        }
-        work
-    }
-
-    /// Walks `head`'s chain on queue `qi` into the queue's chain buffer. On a malformed chain the
-    /// head is returned unused (or the queue stopped if even the head is bad); `false` then.
-    fn walk(&mut self, mem: &GuestMemoryTable, qi: usize, head: u16) -> bool {
-        let id = self.id;
-        let Some(Some(q)) = self.queues.get_mut(qi) else {
-            return false;
-        };
-        match q.vq.walk_chain(mem, head, &mut *q.chain) {
-            Ok(()) => true,
-            Err(err) => {
-                if err.head_is_valid() {
-                    tracing::debug!(device = id.0, queue = qi, %err, "malformed chain returned unused");
-                    q.push_used(mem, head, 0, id);
-                } else {
-                    tracing::error!(device = id.0, queue = qi, %err, "bad head; queue stopped (device needs reset)");
-                    q.fail();
-                }
-                false
-            }
-        }
-    }
-
-    /// Handles one command on request queue `qi`.
-    fn command(&mut self, mem: &GuestMemoryTable, io_mem: &IoMemory, qi: usize, head: u16) {
-        if !self.walk(mem, qi, head) {
-            return;
-        }
-        let id = self.id;
-        let Some(Some(q)) = self.queues.get_mut(qi) else {
-            return;
-        };
-        let readable_len = u64::from(q.chain.readable_len());
-        let writable_len = u64::from(q.chain.writable_len());
-        let resp = match RespTarget::of(q.chain.writable(), RESP_LEN) {
+        let readable_len = u64::from(chain.readable_len());
+        let writable_len = u64::from(chain.writable_len());
+        let resp = match RespTarget::of(chain.writable(), RESP_LEN) {
             Some(r) if readable_len >= REQ_LEN as u64 => r,
             _ => {
                 tracing::debug!(
@@ -513,17 +223,15 @@ impl ScsiDevice {
                     queue = qi,
                     "command without room for header or response; returned unused"
                 );
-                q.push_used(mem, head, 0, id);
-                return;
+                return Disposition::Complete(0);
             }
         };
         let sc = &mut self.scratch;
-        gather(mem, q.chain.readable(), 0, &mut sc.header);
+        gather(mem, chain.readable(), 0, &mut sc.header);
         // Fields are read from the header in place; copying it into a CmdReqRepr cost a tenth of
         // a command's instructions.
         let Ok(req) = CmdReq::new_checked(&sc.header[..], CDB_SIZE) else {
-            q.push_used(mem, head, 0, id);
-            return;
+            return Disposition::Complete(0);
         };
         tracing::trace!(
             device = id.0,
@@ -553,28 +261,18 @@ impl ScsiDevice {
                 response: Response::BadTarget,
             };
             write_response(mem, &resp, &header, &[]);
-            q.push_used(mem, head, RESP_LEN as u32, id);
-            return;
-        };
-        let Some(si) = q.take_slot() else {
-            tracing::error!(
-                device = id.0,
-                queue = qi,
-                "no free request slot; queue stopped"
-            );
-            q.broken = true;
-            return;
+            return Disposition::Complete(RESP_LEN as u32);
         };
 
         let cmd = Command {
             cdb: req.cdb(),
             data_out: DataBuffers {
-                segs: q.chain.readable(),
+                segs: chain.readable(),
                 skip: REQ_LEN as u64,
                 len: data_out_len,
             },
             data_in: DataBuffers {
-                segs: q.chain.writable(),
+                segs: chain.writable(),
                 skip: RESP_LEN as u64,
                 len: data_in_len,
             },
@@ -582,22 +280,17 @@ impl ScsiDevice {
         let answer = if addr.lun != 0 {
             answer_without_lun(&cmd, mem, &mut sc.exec)
         } else {
-            let Some(slot) = q.slots.get_mut(si) else {
-                return;
-            };
             match target
                 .lun
-                .start(&cmd, mem, io_mem, tag(qi, si), &mut slot.io, &mut sc.exec)
+                .start(&cmd, mem, io_mem, io_tag, &mut slot.io, &mut sc.exec)
             {
                 Started::Submitted => {
-                    slot.head = head;
                     slot.target = addr.target;
                     slot.tag = req.tag();
                     slot.seq = target.next_seq;
-                    slot.active = true;
                     slot.resp = resp;
                     target.next_seq = target.next_seq.wrapping_add(1);
-                    return;
+                    return Disposition::Pending;
                 }
                 Started::Done(answer) => answer,
             }
@@ -611,84 +304,198 @@ impl ScsiDevice {
         );
         write_response(mem, &resp, &header, sc.exec.sense());
         let len = (RESP_LEN as u64).saturating_add(answer.data_in);
-        q.push_used(mem, head, u32::try_from(len).unwrap_or(u32::MAX), id);
-        q.release_slot(si);
+        Disposition::Complete(u32::try_from(len).unwrap_or(u32::MAX))
     }
 
-    /// Collects bdev completions of every target.
-    fn poll_completions(&mut self, mem: &GuestMemoryTable, io_mem: &IoMemory) -> usize {
+    fn target_op(&mut self, op: TargetOp) -> bool {
+        match op {
+            TargetOp::Attach {
+                target,
+                attached,
+                reply,
+            } => {
+                let t = usize::from(target);
+                if let Some(slot) = self.targets.get_mut(t) {
+                    if slot.as_ref().is_some_and(|old| old.lun.in_flight() > 0) {
+                        // The controller never reuses a slot before its detach completed.
+                        tracing::error!(
+                            device = self.id.0,
+                            target,
+                            "attach over a busy target refused"
+                        );
+                    } else {
+                        *slot = Some(*attached);
+                        if self.hotplug() {
+                            self.events
+                                .push(transport_reset(target, event::VIRTIO_SCSI_EVT_RESET_RESCAN));
+                        }
+                        tracing::info!(device = self.id.0, target, "target attached");
+                    }
+                }
+                let _ = reply.send(());
+                false
+            }
+            TargetOp::Detach { target, reply } => {
+                match self
+                    .targets
+                    .get_mut(usize::from(target))
+                    .and_then(Option::as_mut)
+                {
+                    Some(t) => {
+                        t.removing = Some(reply);
+                        true
+                    }
+                    None => {
+                        let _ = reply.send(());
+                        false
+                    }
+                }
+            }
+        }
+    }
+
+    /// Finishes detaches whose target drained; returns whether one still waits.
+    fn settle_detaches(&mut self) -> bool {
+        let hotplug = self.hotplug();
+        let mut waiting = false;
+        for (t, slot) in self.targets.iter_mut().enumerate() {
+            let Some(target) = slot.as_ref() else {
+                continue;
+            };
+            if target.removing.is_none() {
+                continue;
+            }
+            if target.lun.in_flight() > 0 {
+                waiting = true;
+                continue;
+            }
+            if let Some(target) = slot.take() {
+                if let Some(reply) = target.removing {
+                    let _ = reply.send(());
+                }
+                let target_id = u8::try_from(t).unwrap_or(u8::MAX);
+                if hotplug {
+                    self.events.push(transport_reset(
+                        target_id,
+                        event::VIRTIO_SCSI_EVT_RESET_REMOVED,
+                    ));
+                }
+                tracing::info!(device = self.id.0, target = t, "target detached");
+            }
+        }
+        waiting
+    }
+}
+
+/// A chain the driver broke: returned unused if its head is valid, else the queue stops.
+fn malformed(id: DeviceId, queue: u16, err: &rvhost_core::virtq::ChainError) -> Disposition {
+    if err.head_is_valid() {
+        tracing::debug!(device = id.0, queue, %err, "malformed chain returned unused");
+        Disposition::Complete(0)
+    } else {
+        tracing::error!(device = id.0, queue, %err, "bad head; queue stopped (device needs reset)");
+        Disposition::Abandon
+    }
+}
+
+impl RequestHandler for ScsiTransport {
+    type Request = ScsiSlot;
+    type Queue = ();
+    type Op = TargetOp;
+
+    fn start_queue(&mut self, _index: u16, features: VirtioFeatures) -> Result<(), String> {
+        self.features = features;
+        Ok(())
+    }
+
+    #[inline]
+    fn first_polled_queue(&self) -> usize {
+        FIRST_REQUEST_QUEUE
+    }
+
+    #[inline]
+    fn pop_budget(&mut self, index: u16, room: usize, work: usize) -> usize {
+        match usize::from(index) {
+            CONTROL_QUEUE => {
+                // Polled after the request queues: `work` is this round's command work.
+                self.rounds_since_mgmt = self.rounds_since_mgmt.saturating_add(1);
+                if work == 0 || self.rounds_since_mgmt >= MGMT_INTERVAL {
+                    self.rounds_since_mgmt = 0;
+                    room
+                } else {
+                    0
+                }
+            }
+            EVENT_QUEUE if self.events.has_work() => room.min(self.events.pending.len().max(1)),
+            EVENT_QUEUE => 0,
+            _ => room,
+        }
+    }
+
+    #[inline]
+    fn start(&mut self, request: NewRequest<'_, Self>) -> Disposition {
+        match usize::from(request.queue) {
+            CONTROL_QUEUE => self.control_request(request),
+            EVENT_QUEUE => self.event_buffer(request),
+            _ => self.command(request),
+        }
+    }
+
+    fn poll_completions(&mut self, requests: &mut Requests<'_, Self>) -> usize {
         let mut work = 0;
-        let mut slots = RequestSlots {
-            queues: &mut self.queues,
-            mem,
-            device: self.id,
+        let Some(io_mem) = requests.io_mem() else {
+            return 0;
         };
+        let mut slots = RequestSlots { requests };
         for target in self.targets.iter_mut().flatten() {
             work += target.lun.poll(io_mem, &mut self.scratch.exec, &mut slots);
         }
         work
     }
-    /// Publishes each queue's used elements and signals its call eventfd if the driver wants it.
-    fn publish(&mut self, mem: &GuestMemoryTable) {
-        for (qi, queue) in self.queues.iter_mut().enumerate() {
-            if let Some(q) = queue {
-                q.publish(mem, self.id, qi);
-            }
-        }
+
+    fn control(&mut self, op: TargetOp, _requests: &mut Requests<'_, Self>) -> bool {
+        self.target_op(op)
     }
 
-    fn drain_target_ops(&mut self) -> usize {
-        let mut work = 0;
-        // Empty or disconnected (the controller is gone): nothing more to apply.
-        while let Ok(op) = self.control.try_recv() {
-            work += 1;
-            self.target_op(op);
-        }
-        work
+    fn settle(&mut self, requests: &mut Requests<'_, Self>) -> bool {
+        let tmfs_waiting = self.settle_tmfs(requests);
+        let detaches_waiting = self.settle_detaches();
+        tmfs_waiting || detaches_waiting
+    }
+
+    fn remove(&mut self) {
+        self.targets.iter_mut().for_each(|t| *t = None);
+        self.tmfs.clear();
     }
 }
 
-/// The request slots of a session's queues, as its LUNs find commands by tag.
-struct RequestSlots<'a> {
-    queues: &'a mut Vec<Option<ScsiQueue>>,
-    mem: &'a GuestMemoryTable,
-    device: DeviceId,
+/// The shell's request slots as the LUNs find commands by tag.
+struct RequestSlots<'r, 'a> {
+    requests: &'r mut Requests<'a, ScsiTransport>,
 }
 
-impl LunIoSlots for RequestSlots<'_> {
+impl LunIoSlots for RequestSlots<'_, '_> {
     fn io(&mut self, io_tag: u64) -> Option<&mut LunIo> {
-        let (qi, si) = untag(io_tag);
-        let slot = self.queues.get_mut(qi)?.as_mut()?.slots.get_mut(si)?;
-        Some(&mut slot.io)
+        self.requests.get_mut(io_tag).map(|slot| &mut slot.io)
     }
 
-    /// Writes a command's response, returns its head and frees its slot.
+    /// Writes a command's response; the shell returns its head and frees its slot.
     fn complete(&mut self, io_tag: u64, answer: &Answer, sense: &[u8]) {
-        let (qi, si) = untag(io_tag);
-        let Some(Some(q)) = self.queues.get_mut(qi) else {
-            return;
-        };
-        let Some(slot) = q.slots.get(si).copied() else {
-            return;
-        };
-        let header = CmdRespRepr::for_completion(&answer.completion, SENSE_SIZE);
-        tracing::trace!(
-            device = self.device.0,
-            head = slot.head,
-            status = header.status,
-            "command completed"
-        );
-        if !write_response(self.mem, &slot.resp, &header, sense) {
-            tracing::warn!(device = self.device.0, "response buffer no longer mapped");
-        }
-        let len = (RESP_LEN as u64).saturating_add(answer.data_in);
-        q.push_used(
-            self.mem,
-            slot.head,
-            u32::try_from(len).unwrap_or(u32::MAX),
-            self.device,
-        );
-        q.release_slot(si);
+        let device = self.requests.device();
+        self.requests.update(io_tag, |slot, mem| {
+            let header = CmdRespRepr::for_completion(&answer.completion, SENSE_SIZE);
+            tracing::trace!(
+                device = device.0,
+                tag = slot.tag,
+                status = header.status,
+                "command completed"
+            );
+            if !write_response(mem, &slot.resp, &header, sense) {
+                tracing::warn!(device = device.0, "response buffer no longer mapped");
+            }
+            let len = (RESP_LEN as u64).saturating_add(answer.data_in);
+            Some(u32::try_from(len).unwrap_or(u32::MAX))
+        });
     }
 }
 
@@ -711,113 +518,6 @@ fn write_response(
         area.copy_from_slice(sense);
     }
     resp.write(mem, &bytes)
-}
-
-impl Task for ScsiDevice {
-    fn id(&self) -> DeviceId {
-        self.id
-    }
-
-    fn poll(&mut self) -> usize {
-        if self.removed {
-            // Still answer target changes so the controller never waits for a dead session.
-            return self.drain_target_ops();
-        }
-        // The tables are moved out for the round and put back, rather than cloned: an Arc clone
-        // is a locked instruction, which waits for this round's used-ring stores to drain.
-        let mut work = 0;
-        if let (Some(mem), Some(io_mem)) = (self.memory.take(), self.io_memory.take()) {
-            work += self.poll_queues(&mem, &io_mem, FIRST_REQUEST_QUEUE..self.queues.len());
-            work += self.poll_completions(&mem, &io_mem);
-            self.rounds_since_mgmt = self.rounds_since_mgmt.saturating_add(1);
-            if work == 0 || self.rounds_since_mgmt >= MGMT_INTERVAL {
-                self.rounds_since_mgmt = 0;
-                work += self.drain_target_ops();
-                let mgmt_end = FIRST_REQUEST_QUEUE.min(self.queues.len());
-                work += self.poll_queues(&mem, &io_mem, CONTROL_QUEUE..mgmt_end);
-            }
-            self.memory = Some(mem);
-            self.io_memory = Some(io_mem);
-        } else {
-            work += self.drain_target_ops();
-        }
-        let deferred = self.settle_pending;
-        if deferred {
-            self.settle();
-        }
-        if self.events.has_work() && self.memory.is_some() {
-            work += self.poll_events_only();
-        }
-        if work > 0 || deferred {
-            if let Some(mem) = self.memory.take() {
-                self.publish(&mem);
-                self.memory = Some(mem);
-            }
-        }
-        work
-    }
-
-    fn control(&mut self, message: Message) {
-        match message.downcast::<DeviceOp>() {
-            Ok(op) => self.apply(*op),
-            Err(_) => tracing::warn!(device = self.id.0, "unknown control message dropped"),
-        }
-    }
-
-    fn is_finished(&self) -> bool {
-        self.removed
-    }
-}
-
-impl ScsiDevice {
-    /// Applies a control operation.
-    pub fn apply(&mut self, op: DeviceOp) {
-        match op {
-            DeviceOp::SetMemory { memory, reply } => {
-                self.set_memory(memory);
-                let _ = reply.send(());
-            }
-            DeviceOp::StartQueue {
-                index,
-                setup,
-                reply,
-            } => {
-                let _ = reply.send(self.start_queue(index, setup));
-            }
-            DeviceOp::StopQueue { index, reply } => {
-                match self
-                    .queues
-                    .get_mut(usize::from(index))
-                    .and_then(Option::as_mut)
-                {
-                    Some(q) => {
-                        q.stopping = Some(reply);
-                        self.settle_pending = true;
-                    }
-                    None => {
-                        let _ = reply.send(None);
-                    }
-                }
-                self.settle();
-            }
-            DeviceOp::SetCall { index, call, reply } => {
-                if let Some(q) = self
-                    .queues
-                    .get_mut(usize::from(index))
-                    .and_then(Option::as_mut)
-                {
-                    // virtio-scsi never times commands out: a missed signal would hang the driver.
-                    q.set_call(call);
-                }
-                let _ = reply.send(());
-            }
-            DeviceOp::Remove { reply } => {
-                self.remove_reply = Some(reply);
-                self.settle_pending = true;
-                self.settle();
-            }
-        }
-    }
 }
 
 #[cfg(test)]

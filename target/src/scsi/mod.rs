@@ -4,14 +4,15 @@
 //! [`ScsiController`] is the control-side half (features, config space, which bdev is behind
 //! which target). Every frontend session gets a [`device::ScsiDevice`] on the controller's
 //! reactor. Targets may be attached and detached while sessions run: the controller sends the
-//! change to every session's device and waits until each has applied it (for a detach: until
-//! the target's in-flight I/O completed), and the device posts a hot-plug event to the guest.
+//! change to every session's device over its reactor's control ring (as every control operation
+//! travels) and waits until each has applied it (for a detach: until the target's in-flight I/O
+//! completed), and the device posts a hot-plug event to the guest.
 
 mod bdev_lun;
 pub mod device;
 mod segments;
 
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -21,17 +22,17 @@ use rvhost_core::virtio::{bit, feature};
 use rvhost_core::virtio_scsi::{feature as scsi_feature, ConfigRepr};
 
 use crate::bdev::{Bdev, BdevError, IoKind, IoMemory};
-use crate::reactor::Task;
-use crate::vhost::DeviceBackend;
+use crate::reactor::ReactorHandle;
+use crate::vhost::device::{config_range, DeviceType};
 use crate::vhost::DeviceId;
-use device::{AttachedTarget, ScsiDevice};
+use device::{AttachedTarget, ScsiTransport};
 
 /// Targets per controller (SPDK's `SPDK_VHOST_SCSI_CTRLR_MAX_DEVS`).
 pub const MAX_TARGETS: usize = 8;
 /// Request queues a frontend may use (`num_queues`); the device has two more (control, event).
 pub const MAX_REQUEST_QUEUES: u16 = 16;
 /// Largest virtqueue accepted by `SET_VRING_NUM`; also the per-queue request-slot count.
-pub const MAX_QUEUE_SIZE: u16 = crate::vhost::vqueue::MAX_QUEUE_SIZE;
+pub const MAX_QUEUE_SIZE: u16 = crate::vhost::device::MAX_QUEUE_SIZE;
 /// Sense buffer size in responses. QEMU's vhost-scsi refuses any other value from the driver.
 pub const SENSE_SIZE: u32 = 96;
 /// CDB size in requests. QEMU's vhost-scsi refuses any other value from the driver.
@@ -183,9 +184,17 @@ pub struct LunInfo {
     pub bdev_name: String,
 }
 
+/// A connected session: its device and the reactor that polls it.
 struct Session {
     device: DeviceId,
-    ops: Sender<TargetOp>,
+    reactor: Arc<ReactorHandle>,
+}
+
+impl Session {
+    /// Queues `op` on the session's reactor; `false` if that reactor is gone.
+    fn send(&self, op: TargetOp) -> bool {
+        self.reactor.post(self.device, Box::new(op)).is_ok()
+    }
 }
 
 struct State {
@@ -284,7 +293,7 @@ impl ScsiController {
                 attached: Box::new(attached),
                 reply: tx,
             };
-            if session.ops.send(op).is_ok() {
+            if session.send(op) {
                 replies.push((session.device, rx));
                 kept.push(session);
             }
@@ -320,10 +329,7 @@ impl ScsiController {
         let mut replies = Vec::new();
         state.sessions.retain(|session| {
             let (tx, rx) = mpsc::sync_channel(1);
-            let sent = session
-                .ops
-                .send(TargetOp::Detach { target, reply: tx })
-                .is_ok();
+            let sent = session.send(TargetOp::Detach { target, reply: tx });
             if sent {
                 replies.push((session.device, rx));
             }
@@ -405,7 +411,9 @@ impl ScsiController {
     }
 }
 
-impl DeviceBackend for ScsiController {
+impl DeviceType for ScsiController {
+    type Handler = ScsiTransport;
+
     fn features(&self) -> u64 {
         // CHANGE is offered because QEMU's `param_change` property defaults to on and a frontend
         // acknowledging it must not fail the handshake; the device may send PARAM_CHANGE events.
@@ -417,14 +425,7 @@ impl DeviceBackend for ScsiController {
     }
 
     fn read_config(&self, offset: u32, len: u32) -> Result<Vec<u8>, String> {
-        let bytes = self.config().to_bytes();
-        let start = usize::try_from(offset).map_err(|e| e.to_string())?;
-        let len = usize::try_from(len).map_err(|e| e.to_string())?;
-        let end = start
-            .checked_add(len)
-            .filter(|&e| e <= bytes.len())
-            .ok_or_else(|| format!("config read of {len} bytes at {start} is out of range"))?;
-        Ok(bytes[start..end].to_vec())
+        config_range(&self.config().to_bytes(), offset, len)
     }
 
     fn max_queues(&self) -> u16 {
@@ -449,11 +450,11 @@ impl DeviceBackend for ScsiController {
         }
     }
 
-    fn new_device(
+    fn new_handler(
         &self,
         id: DeviceId,
-        _reactor: &Arc<crate::reactor::ReactorHandle>,
-    ) -> Result<Box<dyn Task>, String> {
+        reactor: &Arc<ReactorHandle>,
+    ) -> Result<ScsiTransport, String> {
         let mut state = self.lock();
         let mut targets = Vec::with_capacity(MAX_TARGETS);
         for spec in &state.targets {
@@ -462,18 +463,12 @@ impl DeviceBackend for ScsiController {
                 None => None,
             });
         }
-        let (tx, rx) = mpsc::channel();
         state.sessions.push(Session {
             device: id,
-            ops: tx,
+            reactor: Arc::clone(reactor),
         });
         tracing::debug!(controller = %self.name, device = id.0, "new scsi session");
-        Ok(Box::new(ScsiDevice::new(
-            id,
-            targets,
-            self.max_queues(),
-            rx,
-        )))
+        Ok(ScsiTransport::new(id, targets))
     }
 }
 

@@ -24,7 +24,6 @@
 pub mod device;
 pub mod memory;
 pub mod session;
-pub mod vqueue;
 
 use std::fs::File;
 use std::io;

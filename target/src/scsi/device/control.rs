@@ -1,17 +1,22 @@
-//! The control queue of a vhost-scsi session: task management functions (answered at once, or
-//! once the commands they concern have left the bdev) and asynchronous notification queries.
+//! The control queue of a vhost-scsi session: task management functions (answered once the
+//! commands they concern have left the bdev, or at once when they concern none) and asynchronous
+//! notification queries.
 
 use rvhost_core::virtio_scsi::{
     tmf_resp, AnRespRepr, ControlRequest, LunAddress, Response, TmfReqRepr, TmfSubtype, TMF_REQ_LEN,
 };
 
-use super::{RespTarget, ScsiDevice, CONTROL_QUEUE};
+use super::{malformed, RespTarget, ScsiTransport, FIRST_REQUEST_QUEUE};
 use crate::scsi::segments::{gather, scatter};
-use crate::vhost::memory::GuestMemoryTable;
+use crate::vhost::device::{Disposition, NewRequest, Requests};
 
 /// What a pending task management function waits for.
 #[derive(Debug, Clone, Copy)]
 enum TmfWait {
+    /// QUERY TASK: answered at once, with whether the command with this tag is in flight.
+    QueryTask(u64),
+    /// QUERY TASK SET: answered at once, with whether any command is in flight.
+    QueryTaskSet,
     /// The command with this tag is no longer in flight (ABORT TASK).
     Task(u64),
     /// Every command that arrived before the TMF completed (task set aborts, resets).
@@ -28,35 +33,63 @@ enum TmfEffect {
     NexusReset,
 }
 
+/// A TMF waiting in its control-queue slot (the shell's tag) for the commands it concerns.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct PendingTmf {
-    head: u16,
+    tag: u64,
     resp: RespTarget,
     target: u8,
     wait: TmfWait,
     effect: TmfEffect,
 }
 
-impl ScsiDevice {
-    pub(super) fn settle_tmfs(&mut self, mem: &GuestMemoryTable) {
-        if self.tmfs.is_empty() {
-            return;
+/// Sequence number of the oldest command in flight on `target`, and whether `tag` is.
+fn in_flight_on(
+    requests: &Requests<'_, ScsiTransport>,
+    target: u8,
+    tag: Option<u64>,
+) -> (Option<u64>, bool) {
+    let mut oldest: Option<u64> = None;
+    let mut found = false;
+    for (_, s) in requests
+        .in_flight_requests(FIRST_REQUEST_QUEUE)
+        .filter(|(_, s)| s.target == target)
+    {
+        oldest = Some(oldest.map_or(s.seq, |o| o.min(s.seq)));
+        if Some(s.tag) == tag {
+            found = true;
         }
+    }
+    (oldest, found)
+}
+
+impl ScsiTransport {
+    /// Answers the TMFs whose wait is over; returns whether any still waits.
+    pub(super) fn settle_tmfs(&mut self, requests: &mut Requests<'_, Self>) -> bool {
         let mut i = 0;
         while i < self.tmfs.len() {
             let tmf = self.tmfs[i];
             let (oldest, found) = match tmf.wait {
-                TmfWait::Task(tag) => self.in_flight_on(tmf.target, Some(tag)),
-                TmfWait::OlderThan(_) => self.in_flight_on(tmf.target, None),
+                TmfWait::Task(tag) | TmfWait::QueryTask(tag) => {
+                    in_flight_on(requests, tmf.target, Some(tag))
+                }
+                TmfWait::OlderThan(_) | TmfWait::QueryTaskSet => {
+                    in_flight_on(requests, tmf.target, None)
+                }
             };
-            let done = match tmf.wait {
-                TmfWait::Task(_) => !found,
-                TmfWait::OlderThan(seq) => oldest.is_none_or(|o| o >= seq),
+            let response = match tmf.wait {
+                TmfWait::QueryTask(_) if found => Response::FunctionSucceeded,
+                TmfWait::QueryTaskSet if oldest.is_some() => Response::FunctionSucceeded,
+                TmfWait::QueryTask(_) | TmfWait::QueryTaskSet => Response::FUNCTION_COMPLETE,
+                TmfWait::Task(_) if !found => Response::FUNCTION_COMPLETE,
+                TmfWait::OlderThan(seq) if oldest.is_none_or(|o| o >= seq) => {
+                    Response::FUNCTION_COMPLETE
+                }
+                TmfWait::Task(_) | TmfWait::OlderThan(_) => {
+                    i += 1;
+                    continue;
+                }
             };
-            if !done {
-                i += 1;
-                continue;
-            }
             self.tmfs.swap_remove(i);
             if let Some(Some(target)) = self.targets.get_mut(usize::from(tmf.target)) {
                 match tmf.effect {
@@ -66,26 +99,25 @@ impl ScsiDevice {
                 }
             }
             tracing::info!(device = self.id.0, target = tmf.target, ?tmf.effect, "task management function complete");
-            if let Some(Some(q)) = self.queues.get_mut(CONTROL_QUEUE) {
-                tmf.resp.write(mem, &tmf_resp(Response::FUNCTION_COMPLETE));
-                q.push_used(mem, tmf.head, 1, self.id);
-                q.in_flight = q.in_flight.saturating_sub(1);
-            }
+            requests.update(tmf.tag, |_, mem| {
+                tmf.resp.write(mem, &tmf_resp(response));
+                Some(1)
+            });
         }
+        !self.tmfs.is_empty()
     }
 
     /// Handles one control-queue request.
-    pub(super) fn control_request(&mut self, mem: &GuestMemoryTable, head: u16) {
-        if !self.walk(mem, CONTROL_QUEUE, head) {
-            return;
-        }
-        let id = self.id;
-        let Some(Some(q)) = self.queues.get_mut(CONTROL_QUEUE) else {
-            return;
+    pub(super) fn control_request(&mut self, r: NewRequest<'_, Self>) -> Disposition {
+        let id = r.device;
+        let mem = r.mem;
+        let chain = match r.chain {
+            Ok(chain) => chain,
+            Err(err) => return malformed(id, r.queue, &err),
         };
         let mut buf = [0u8; TMF_REQ_LEN];
-        let n = gather(mem, q.chain.readable(), 0, &mut buf);
-        let writable_len = q.chain.writable_len() as usize;
+        let n = gather(mem, chain.readable(), 0, &mut buf);
+        let writable_len = chain.writable_len() as usize;
         let request = ControlRequest::parse(&buf[..n]);
         let (reply, len): ([u8; 5], usize) = match request {
             Ok(ControlRequest::An(an)) => {
@@ -103,13 +135,12 @@ impl ScsiDevice {
                 (resp.to_bytes(), 5)
             }
             Ok(ControlRequest::Tmf(tmf)) => {
-                let Some(resp) = RespTarget::of(q.chain.writable(), 1) else {
-                    q.push_used(mem, head, 0, id);
-                    return;
+                let Some(resp) = RespTarget::of(chain.writable(), 1) else {
+                    return Disposition::Complete(0);
                 };
-                match self.task_management(mem, &tmf, head, resp) {
+                match self.task_management(&tmf, r.tag, resp) {
                     Some(response) => ([response.code(), 0, 0, 0, 0], 1),
-                    None => return,
+                    None => return Disposition::Deferred,
                 }
             }
             Err(err) => {
@@ -126,58 +157,38 @@ impl ScsiDevice {
                 ([response.code(), 0, 0, 0, 0], 1)
             }
         };
-        let Some(Some(q)) = self.queues.get_mut(CONTROL_QUEUE) else {
-            return;
-        };
         let len = len.min(writable_len);
-        let written = scatter(mem, q.chain.writable(), 0, &reply[..len]);
-        q.push_used(mem, head, u32::try_from(written).unwrap_or(0), id);
+        let written = scatter(mem, chain.writable(), 0, &reply[..len]);
+        Disposition::Complete(u32::try_from(written).unwrap_or(0))
     }
 
-    /// Answers a TMF at once, or queues it until the commands it concerns are gone (`None`).
-    pub(super) fn task_management(
+    /// Answers a TMF at once, or queues it to be answered by [`ScsiTransport::settle_tmfs`]
+    /// (`None`), which sees the commands in flight.
+    fn task_management(
         &mut self,
-        mem: &GuestMemoryTable,
         tmf: &TmfReqRepr,
-        head: u16,
+        tag: u64,
         resp: RespTarget,
     ) -> Option<Response> {
         let Ok(addr) = LunAddress::parse(&tmf.lun) else {
             return Some(Response::BadTarget);
         };
-        let exists = self
+        let Some(target) = self
             .targets
             .get(usize::from(addr.target))
             .and_then(Option::as_ref)
-            .is_some_and(|t| t.removing.is_none());
-        if !exists {
+            .filter(|t| t.removing.is_none())
+        else {
             return Some(Response::BadTarget);
-        }
+        };
         if addr.lun != 0 {
             return Some(Response::IncorrectLun);
         }
-        let next_seq = self
-            .targets
-            .get(usize::from(addr.target))
-            .and_then(Option::as_ref)
-            .map_or(0, |t| t.next_seq);
-        let (oldest, found) = self.in_flight_on(addr.target, Some(tmf.tag));
+        let next_seq = target.next_seq;
         tracing::info!(device = self.id.0, target = addr.target, subtype = ?tmf.subtype, tag = tmf.tag, "task management function");
         let (wait, effect) = match tmf.subtype {
-            TmfSubtype::QueryTask => {
-                return Some(if found {
-                    Response::FunctionSucceeded
-                } else {
-                    Response::FUNCTION_COMPLETE
-                })
-            }
-            TmfSubtype::QueryTaskSet => {
-                return Some(if oldest.is_some() {
-                    Response::FunctionSucceeded
-                } else {
-                    Response::FUNCTION_COMPLETE
-                })
-            }
+            TmfSubtype::QueryTask => (TmfWait::QueryTask(tmf.tag), TmfEffect::None),
+            TmfSubtype::QueryTaskSet => (TmfWait::QueryTaskSet, TmfEffect::None),
             TmfSubtype::ClearAca => return Some(Response::FunctionRejected),
             // A command cannot be taken back from the bdev: it is "aborted" once it has finished.
             TmfSubtype::AbortTask => (TmfWait::Task(tmf.tag), TmfEffect::None),
@@ -188,18 +199,12 @@ impl ScsiDevice {
             TmfSubtype::ITNexusReset => (TmfWait::OlderThan(next_seq), TmfEffect::NexusReset),
         };
         self.tmfs.push(PendingTmf {
-            head,
+            tag,
             resp,
             target: addr.target,
             wait,
             effect,
         });
-        if let Some(Some(q)) = self.queues.get_mut(CONTROL_QUEUE) {
-            q.in_flight += 1;
-        }
-        self.settle_pending = true;
-        // Answered at once when nothing needs to drain.
-        self.settle_tmfs(mem);
         None
     }
 }

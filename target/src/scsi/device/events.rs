@@ -5,10 +5,9 @@ use std::collections::VecDeque;
 
 use rvhost_core::virtio_scsi::{event, EventRepr, EVENT_LEN};
 
-use super::{ScsiDevice, EVENT_QUEUE, MAX_PENDING_EVENTS};
+use super::{malformed, ScsiTransport, MAX_PENDING_EVENTS};
 use crate::scsi::segments::scatter;
-use crate::vhost::memory::GuestMemoryTable;
-use crate::vhost::vqueue::POP_BATCH;
+use crate::vhost::device::{Disposition, NewRequest};
 
 /// Hot-plug events waiting for an event-queue buffer.
 #[derive(Debug, Default)]
@@ -76,32 +75,28 @@ pub(super) fn transport_reset(target: u8, reason: u32) -> EventRepr {
     }
 }
 
-impl ScsiDevice {
-    /// Delivers one pending event into the event buffer at `head`.
-    pub(super) fn event_buffer(&mut self, mem: &GuestMemoryTable, head: u16) {
-        if !self.walk(mem, EVENT_QUEUE, head) {
-            return;
-        }
-        let id = self.id;
-        let Some(Some(q)) = self.queues.get_mut(EVENT_QUEUE) else {
-            return;
+impl ScsiTransport {
+    /// Delivers one pending event into the event buffer the driver posted (popped only while an
+    /// event is pending).
+    pub(super) fn event_buffer(&mut self, r: NewRequest<'_, Self>) -> Disposition {
+        let id = r.device;
+        let chain = match r.chain {
+            Ok(chain) => chain,
+            Err(err) => return malformed(id, r.queue, &err),
         };
         let Some(e) = self.events.next() else {
-            // Popped only when an event is pending; give the buffer back unused.
-            q.push_used(mem, head, 0, id);
-            return;
+            // Give the buffer back unused.
+            return Disposition::Complete(0);
         };
-        if q.chain.writable_len() < EVENT_LEN as u32 {
+        if chain.writable_len() < EVENT_LEN as u32 {
             tracing::debug!(device = id.0, "event buffer too small; returned unused");
             self.events.unpop(e);
-            q.push_used(mem, head, 0, id);
-            return;
+            return Disposition::Complete(0);
         }
         let bytes = e.to_bytes();
-        if scatter(mem, q.chain.writable(), 0, &bytes) != EVENT_LEN {
+        if scatter(r.mem, chain.writable(), 0, &bytes) != EVENT_LEN {
             self.events.unpop(e);
-            q.push_used(mem, head, 0, id);
-            return;
+            return Disposition::Complete(0);
         }
         tracing::debug!(
             device = id.0,
@@ -111,37 +106,6 @@ impl ScsiDevice {
             missed = e.events_missed,
             "event delivered"
         );
-        q.push_used(mem, head, EVENT_LEN as u32, id);
-    }
-
-    /// Delivers events raised during this round (by a detach that just drained) without waiting
-    /// for the next round's queue pass.
-    pub(super) fn poll_events_only(&mut self) -> usize {
-        let Some(mem) = self.memory.clone() else {
-            return 0;
-        };
-        let Some(Some(q)) = self.queues.get_mut(EVENT_QUEUE) else {
-            return 0;
-        };
-        if q.stopping.is_some() || q.broken {
-            return 0;
-        }
-        let room = self.events.pending.len().clamp(1, POP_BATCH);
-        let popped = match q.vq.pop_heads(mem.as_ref(), &mut q.heads[..room]) {
-            Ok(n) => n,
-            Err(err) => {
-                tracing::error!(device = self.id.0, %err, "event queue avail ring unusable; queue stopped");
-                q.broken = true;
-                return 0;
-            }
-        };
-        for i in 0..popped {
-            let head = match self.queues.get(EVENT_QUEUE).and_then(Option::as_ref) {
-                Some(q) => q.heads[i],
-                None => break,
-            };
-            self.event_buffer(&mem, head);
-        }
-        popped
+        Disposition::Complete(EVENT_LEN as u32)
     }
 }

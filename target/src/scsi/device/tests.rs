@@ -4,6 +4,7 @@
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::sync_channel;
+use std::sync::Arc;
 
 use rvhost_core::mem::GuestMemory;
 use rvhost_core::virtio::{bit, feature};
@@ -13,9 +14,10 @@ use super::*;
 use crate::bdev::malloc::{MallocBdev, MemoryBudget};
 use crate::bdev::testing::{HeldBdev, HeldIo as Held};
 use crate::bdev::Bdev;
+use crate::reactor::{ManualReactor, Task};
 use crate::scsi::ScsiController;
 use crate::vhost::memory::RegionSpec;
-use crate::vhost::{ApplyDeviceOp, DeviceBackend, EventNotifier};
+use crate::vhost::{ApplyDeviceOp, DeviceBackend, DeviceOp, EventNotifier, QueueSetup};
 
 const MEM: u64 = 1 << 20;
 const QSIZE: u16 = 16;
@@ -59,6 +61,8 @@ struct Rig {
     mem: Arc<GuestMemoryTable>,
     controller: Arc<ScsiController>,
     device: Box<dyn Task>,
+    /// The device's reactor, driven by the test: target changes arrive through it.
+    reactor: ManualReactor,
     avail: [u16; 3],
 }
 
@@ -73,8 +77,8 @@ impl Rig {
         for (t, bdev) in targets {
             controller.add_target(Some(*t), Arc::clone(bdev)).unwrap();
         }
-        let (reactor, _manual) = crate::reactor::manual(0);
-        let mut device = controller.new_device(DeviceId(1), &reactor).unwrap();
+        let (handle, reactor) = crate::reactor::manual(0);
+        let mut device = controller.new_device(DeviceId(1), &handle).unwrap();
         let mem = table();
         let (tx, rx) = sync_channel(1);
         device.apply_op(DeviceOp::SetMemory {
@@ -108,6 +112,7 @@ impl Rig {
             mem,
             controller,
             device,
+            reactor,
             avail: [0; 3],
         }
     }
@@ -228,6 +233,7 @@ impl Rig {
         let controller = Arc::clone(&self.controller);
         let worker = std::thread::spawn(move || change(controller));
         while !worker.is_finished() {
+            self.reactor.deliver(&mut *self.device);
             self.device.poll();
             std::thread::yield_now();
         }
