@@ -611,27 +611,32 @@ impl<H: RequestHandler> VhostDevice<H> {
             || self.queues.iter().flatten().any(VirtQueue::is_stopping);
     }
 
-    /// Pops and starts new requests on queue `qi`.
+    /// How many heads queue `qi` may pop this round (0: leave it). Decided before
+    /// [`VhostDevice::poll_queue`] is called, so a queue left alone costs no call.
     #[inline]
-    fn poll_queue(
-        &mut self,
-        qi: usize,
-        mem: &GuestMemoryTable,
-        io_mem: &IoMemory,
-        work: usize,
-    ) -> usize {
-        let Some(Some(q)) = self.queues.get_mut(qi) else {
+    fn pop_budget(&mut self, qi: usize, work: usize) -> usize {
+        let Some(Some(q)) = self.queues.get(qi) else {
             return 0;
         };
         if !q.accepts_requests() {
             return 0;
         }
         let room = q.free_slots().min(POP_BATCH);
-        let index = qi as u16;
-        let room = self.handler.pop_budget(index, room, work).min(room);
-        if room == 0 {
+        self.handler.pop_budget(qi as u16, room, work).min(room)
+    }
+
+    /// Pops (at most `room`) and starts new requests on queue `qi`.
+    fn poll_queue(
+        &mut self,
+        qi: usize,
+        room: usize,
+        mem: &GuestMemoryTable,
+        io_mem: &IoMemory,
+    ) -> usize {
+        let Some(Some(q)) = self.queues.get_mut(qi) else {
             return 0;
-        }
+        };
+        let index = qi as u16;
         let popped = match q.vq.pop_heads(mem, &mut q.heads[..room]) {
             Ok(n) => n,
             Err(err) => {
@@ -714,11 +719,11 @@ impl<H: RequestHandler> Task for VhostDevice<H> {
         // is a locked instruction, which waits for this round's used-ring stores to drain.
         if let (Some(mem), Some(io_mem)) = (self.memory.take(), self.io_memory.take()) {
             let first = self.handler.first_polled_queue();
-            for qi in first..self.queues.len() {
-                work += self.poll_queue(qi, &mem, &io_mem, work);
-            }
-            for qi in 0..first.min(self.queues.len()) {
-                work += self.poll_queue(qi, &mem, &io_mem, work);
+            for qi in (first..self.queues.len()).chain(0..first.min(self.queues.len())) {
+                let room = self.pop_budget(qi, work);
+                if room > 0 {
+                    work += self.poll_queue(qi, room, &mem, &io_mem);
+                }
             }
             let mut requests = Requests {
                 device: self.id,
