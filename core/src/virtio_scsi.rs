@@ -583,18 +583,29 @@ impl CmdRespRepr {
         sense: &[u8],
         resp: &mut CmdResp<T>,
     ) {
-        let wanted = usize::try_from(self.sense_len).unwrap_or(usize::MAX);
-        let area = resp.sense_mut();
-        let copied = copy_prefix(area, sense.get(..wanted).unwrap_or(sense));
-        if let Some(rest) = area.get_mut(copied..) {
+        let copied = self.emit_header_and_sense(sense, resp);
+        if let Some(rest) = resp.sense_mut().get_mut(copied..) {
             rest.fill(0);
         }
+    }
+
+    /// The header and the sense bytes, without touching the rest of the sense area; returns how
+    /// many sense bytes were copied.
+    #[inline]
+    fn emit_header_and_sense<T: AsRef<[u8]> + AsMut<[u8]>>(
+        &self,
+        sense: &[u8],
+        resp: &mut CmdResp<T>,
+    ) -> usize {
+        let wanted = usize::try_from(self.sense_len).unwrap_or(usize::MAX);
+        let copied = copy_prefix(resp.sense_mut(), sense.get(..wanted).unwrap_or(sense));
         CmdRespRepr {
             // copied <= sense_len, a u32.
             sense_len: u32::try_from(copied).unwrap_or(self.sense_len),
             ..*self
         }
         .emit(resp);
+        copied
     }
 
     /// The whole response as `N` bytes (`N` is the response length for the negotiated
@@ -607,7 +618,8 @@ impl CmdRespRepr {
             )
         };
         let mut b = [0u8; N];
-        self.emit_with_sense(sense, &mut CmdResp { buffer: &mut b[..] });
+        // `b` starts zeroed: only the header and the sense bytes need writing.
+        self.emit_header_and_sense(sense, &mut CmdResp { buffer: &mut b[..] });
         b
     }
 }
