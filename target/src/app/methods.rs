@@ -26,7 +26,7 @@ use crate::bdev::module::{
 use crate::bdev::registry::{uuid_string, RegistryError};
 use crate::bdev::{Bdev, BdevRegistry, IoKind};
 use crate::ops::{BlkControllerSpec, ControllerOps, OpsError, ScsiControllerSpec};
-use crate::rpc::errno::{EBUSY, EEXIST, EINVAL, ENODEV, ENOTSUP};
+use crate::rpc::errno::{EBUSY, EEXIST, EINVAL, ENODEV, ENOTSUP, EPERM};
 use crate::rpc::jsonrpc::Dispatch;
 use crate::rpc::{RpcError, INTERNAL_ERROR, METHOD_NOT_FOUND};
 
@@ -425,9 +425,26 @@ impl RpcMethods {
         Ok(Value::Bool(true))
     }
 
+    /// Bdev `name` for a controller to export: ENODEV if there is none, EPERM if a bdev stacked
+    /// on it claimed it (SPDK refuses to open a bdev a module claimed for writing).
+    fn exportable_bdev(&self, name: &str) -> Result<Arc<dyn Bdev>, RpcError> {
+        let bdev = self
+            .bdevs
+            .get(name)
+            .ok_or_else(|| RpcError::errno(ENODEV, format!("no bdev named {name}")))?;
+        if let Some(by) = self.bdevs.claimed_by(bdev.name()) {
+            return Err(RpcError::errno(
+                EPERM,
+                format!("bdev {} is claimed by bdev {by}", bdev.name()),
+            ));
+        }
+        Ok(bdev)
+    }
+
     fn bdev_json(&self, bdev: &Arc<dyn Bdev>) -> Value {
         let uuid = uuid_string(bdev.uuid());
-        let claimed = self.ops.bdev_in_use(bdev.name());
+        let module_claim = self.bdevs.claimed_by(bdev.name()).is_some();
+        let claimed = module_claim || self.ops.bdev_in_use(bdev.name());
         let mut info = json!({
             "name": bdev.name(),
             "aliases": [uuid],
@@ -469,11 +486,14 @@ impl RpcMethods {
         });
         if claimed {
             if let Value::Object(map) = &mut info {
-                // vhost-blk opens its bdev for writing, which SPDK reports as this claim.
-                map.insert(
-                    "claim_type".into(),
-                    Value::String("read_many_write_one".into()),
-                );
+                // A bdev stacked on this one claims it as SPDK's module claim does; vhost-blk
+                // opens its bdev for writing, which SPDK reports as the other claim.
+                let claim_type = if module_claim {
+                    "exclusive_write"
+                } else {
+                    "read_many_write_one"
+                };
+                map.insert("claim_type".into(), Value::String(claim_type.into()));
             }
         }
         info
@@ -511,10 +531,7 @@ impl RpcMethods {
         if p.packed_ring == Some(true) {
             tracing::warn!(ctrlr = %p.ctrlr, "packed virtqueues are not supported; offering split virtqueues only");
         }
-        let bdev = self
-            .bdevs
-            .get(&p.dev_name)
-            .ok_or_else(|| RpcError::errno(ENODEV, format!("no bdev named {}", p.dev_name)))?;
+        let bdev = self.exportable_bdev(&p.dev_name)?;
         let readonly = p.readonly.unwrap_or(false);
         let spec = BlkControllerSpec {
             name: p.ctrlr.clone(),
@@ -591,10 +608,7 @@ impl RpcMethods {
     ) -> Result<Value, RpcError> {
         let p: AddScsiTarget = decode(params)?;
         let target = scsi_target_num(p.scsi_target_num, true)?;
-        let bdev = self
-            .bdevs
-            .get(&p.bdev_name)
-            .ok_or_else(|| RpcError::errno(ENODEV, format!("no bdev named {}", p.bdev_name)))?;
+        let bdev = self.exportable_bdev(&p.bdev_name)?;
         let t = self
             .ops
             .scsi_add_target(&p.ctrlr, target, bdev)

@@ -20,7 +20,7 @@ use serde_json::Value;
 use super::malloc::MemoryBudget;
 use super::registry::{uuid_string, validate_name, OnRemove, RegistryError};
 use super::{Bdev, BdevError, BdevRegistry};
-use crate::rpc::errno::{EEXIST, EINVAL, ENODEV, ENOMEM};
+use crate::rpc::errno::{EEXIST, EINVAL, ENODEV, ENOMEM, EPERM};
 use crate::rpc::{RpcError, INTERNAL_ERROR};
 
 /// What every module may need from the application, given when the modules are created.
@@ -207,6 +207,18 @@ impl<'a> BdevContext<'a> {
             .map_err(registry_error)
     }
 
+    /// Claims bdev `name` for bdev `by`, which the calling module stacks on it
+    /// ([`BdevRegistry::claim`]): ENODEV if it does not exist, EPERM if another bdev claimed it.
+    /// The claim lasts until `by` is deleted or the claim is [released](Self::release).
+    pub fn claim(&mut self, name: &str, by: &str) -> Result<Arc<dyn Bdev>, RpcError> {
+        self.bdevs.claim(name, by).map_err(registry_error)
+    }
+
+    /// Releases the claim on bdev `name` (a bdev stacked on it could not be registered).
+    pub fn release(&mut self, name: &str) {
+        self.bdevs.release(name);
+    }
+
     /// Deletes bdev `name` (a name or UUID alias), which must be one of the calling module's
     /// (ENODEV otherwise), first hot-detaching it from every controller that uses it.
     pub fn delete(&mut self, name: &str) -> Result<(), RpcError> {
@@ -268,12 +280,13 @@ pub fn bdev_error(err: BdevError) -> RpcError {
     }
 }
 
-/// A registry error as SPDK reports it: EEXIST, ENODEV or EINVAL.
+/// A registry error as SPDK reports it: EEXIST, ENODEV, EINVAL or EPERM.
 pub fn registry_error(err: RegistryError) -> RpcError {
     match err {
         RegistryError::Exists(_) => RpcError::errno(EEXIST, err),
         RegistryError::NotFound(_) => RpcError::errno(ENODEV, err),
         RegistryError::InvalidName { .. } => RpcError::errno(EINVAL, err),
+        RegistryError::Claimed { .. } => RpcError::errno(EPERM, err),
     }
 }
 

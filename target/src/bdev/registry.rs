@@ -17,6 +17,14 @@ pub enum RegistryError {
     /// No bdev with that name.
     #[error("no bdev named {0}")]
     NotFound(String),
+    /// The bdev is claimed by another bdev stacked on it.
+    #[error("bdev {name} is claimed by bdev {by}")]
+    Claimed {
+        /// The claimed bdev.
+        name: String,
+        /// The bdev that claims it.
+        by: String,
+    },
     /// The name cannot be used.
     #[error("invalid bdev name {name:?}: {reason}")]
     InvalidName {
@@ -36,6 +44,8 @@ struct Entry {
     owner: &'static str,
     uuid_alias: String,
     on_remove: Option<OnRemove>,
+    /// The bdev stacked on this one that claimed it (SPDK's module claim, exclusive write).
+    claimed_by: Option<String>,
 }
 
 /// Bdevs in creation order (the order `bdev_get_bdevs` lists them in, as SPDK does).
@@ -118,6 +128,7 @@ impl BdevRegistry {
             owner,
             uuid_alias,
             on_remove: Some(on_remove),
+            claimed_by: None,
         });
         Ok(())
     }
@@ -161,7 +172,8 @@ impl BdevRegistry {
         self.entries.is_empty()
     }
 
-    /// Removes a bdev by name or UUID alias and tells its module to refuse further I/O.
+    /// Removes a bdev by name or UUID alias and tells its module to refuse further I/O. The
+    /// claims it held on the bdevs under it are released.
     pub fn remove(&mut self, name: &str) -> Result<Arc<dyn Bdev>, RegistryError> {
         let index = self
             .position(name)
@@ -170,7 +182,44 @@ impl BdevRegistry {
         if let Some(on_remove) = entry.on_remove.take() {
             on_remove();
         }
+        for other in &mut self.entries {
+            if other.claimed_by.as_deref() == Some(entry.bdev.name()) {
+                other.claimed_by = None;
+            }
+        }
         Ok(entry.bdev)
+    }
+
+    /// Claims bdev `name` (a name or UUID alias) for bdev `by`, stacked on it, as SPDK's
+    /// `spdk_bdev_module_claim_bdev` does: until `by` is removed (or [`BdevRegistry::release`]),
+    /// no other bdev may claim it and no controller may export it. Returns the claimed bdev.
+    pub fn claim(&mut self, name: &str, by: &str) -> Result<Arc<dyn Bdev>, RegistryError> {
+        let entry = self
+            .position(name)
+            .and_then(|i| self.entries.get_mut(i))
+            .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
+        if let Some(holder) = &entry.claimed_by {
+            return Err(RegistryError::Claimed {
+                name: entry.bdev.name().to_owned(),
+                by: holder.clone(),
+            });
+        }
+        entry.claimed_by = Some(by.to_owned());
+        Ok(Arc::clone(&entry.bdev))
+    }
+
+    /// Releases a claim [`BdevRegistry::claim`] made on bdev `name`.
+    pub fn release(&mut self, name: &str) {
+        if let Some(entry) = self.position(name).and_then(|i| self.entries.get_mut(i)) {
+            entry.claimed_by = None;
+        }
+    }
+
+    /// The bdev that claimed bdev `name`, if any.
+    pub fn claimed_by(&self, name: &str) -> Option<&str> {
+        self.position(name)
+            .and_then(|i| self.entries.get(i))
+            .and_then(|e| e.claimed_by.as_deref())
     }
 }
 
@@ -237,6 +286,31 @@ mod tests {
         assert_eq!(removed.load(Ordering::SeqCst), 1);
         assert!(reg.is_empty());
         reg.insert(null("A", 1), Box::new(|| {})).unwrap();
+    }
+
+    #[test]
+    fn a_claim_is_exclusive_and_released_with_its_holder() {
+        let mut reg = BdevRegistry::new();
+        reg.insert(null("Base", 1), Box::new(|| {})).unwrap();
+        reg.insert(null("Top", 2), Box::new(|| {})).unwrap();
+        assert_eq!(
+            reg.claim("Nope", "Top").err(),
+            Some(RegistryError::NotFound("Nope".into()))
+        );
+        assert_eq!(reg.claim("Base", "Top").unwrap().name(), "Base");
+        assert_eq!(reg.claimed_by("Base"), Some("Top"));
+        assert_eq!(
+            reg.claim(&uuid_string([1; 16]), "Other").err(),
+            Some(RegistryError::Claimed {
+                name: "Base".into(),
+                by: "Top".into()
+            })
+        );
+        reg.remove("Top").unwrap();
+        assert_eq!(reg.claimed_by("Base"), None);
+        reg.claim("Base", "Other").unwrap();
+        reg.release("Base");
+        assert_eq!(reg.claimed_by("Base"), None);
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub const INTERNAL_ERROR: i32 = -32603;
 
 /// SPDK replies `-errno` for failures of the operation itself; these are the ones rvhost uses.
 pub mod errno {
+    /// Operation not permitted (a bdev claimed by another bdev module).
+    pub const EPERM: i32 = 1;
     /// No such process / entry.
     pub const ENOENT: i32 = 2;
     /// Out of memory.
@@ -41,6 +43,7 @@ pub mod errno {
     /// The C library's text for `errno`, which SPDK puts at the start of its error messages.
     pub fn text(errno: i32) -> &'static str {
         match errno {
+            EPERM => "Operation not permitted",
             ENOENT => "No such file or directory",
             ENOMEM => "Cannot allocate memory",
             EBUSY => "Device or resource busy",
