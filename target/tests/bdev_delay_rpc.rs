@@ -136,6 +136,15 @@ fn delay_bdev_through_spdk_rpc() {
         "1",
     ]);
     assert!(claimed.contains("\"code\": -1"), "{claimed}");
+    // ... and cannot be exported by a controller.
+    let exported = target.spdk_err(&["vhost_create_blk_controller", "vhost.0", "Malloc0"]);
+    assert!(
+        exported.contains("\"code\": -1") && exported.contains("Operation not permitted"),
+        "{exported}"
+    );
+    let base = &target.spdk_json(&["bdev_get_bdevs", "-b", "Malloc0"])[0];
+    assert_eq!(base["claimed"], true);
+    assert_eq!(base["claim_type"], "exclusive_write");
     let not_delay = target.spdk_err(&["bdev_delay_update_latency", "Malloc0", "avg_read", "5"]);
     assert!(
         not_delay.contains("\"code\": -32602") && not_delay.contains("does not exist"),
@@ -198,6 +207,8 @@ fn delay_bdev_through_spdk_rpc() {
     // Deleting releases the base: a new delay bdev may claim it.
     target.spdk_ok(&["bdev_delay_delete", "Delay0"]);
     assert_eq!(bdev_names(&target), ["Malloc0"]);
+    let base = &target.spdk_json(&["bdev_get_bdevs", "-b", "Malloc0"])[0];
+    assert_eq!(base["claimed"], false);
     let gone = target.spdk_err(&["bdev_delay_delete", "Delay0"]);
     assert!(gone.contains("\"code\": -19"), "{gone}");
     let not_ours = target.spdk_err(&["bdev_delay_delete", "Malloc0"]);

@@ -15,6 +15,10 @@
 //! - `bdev_delay_update_latency` changes a latency at run time without checking it against the
 //!   others (only `bdev_delay_create` refuses a p99 below its average).
 //!
+//! The base bdev is claimed ([`BdevContext::claim`]) while the delay bdev exists: no other
+//! delay bdev may stack on it and no controller may export it (EPERM, as in SPDK); deleting the
+//! delay bdev releases it.
+//!
 //! Where rvhost differs: `bdev_delay_create` on a base bdev that does not exist fails with
 //! ENODEV, whereas SPDK answers success and creates the delay bdev when the base appears; a UUID
 //! not given is random, whereas SPDK derives it from the base bdev's. When the base bdev is
@@ -38,14 +42,11 @@ use serde_json::{json, Value};
 use super::module::{decode, parse_uuid, BdevContext, BdevModule, ByName, ModuleEnv, RpcMethod};
 use super::registry::uuid_string;
 use super::{Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoMemory, IoStatus};
-use crate::rpc::errno::{EINVAL, ENODEV};
+use crate::rpc::errno::EINVAL;
 use crate::rpc::RpcError;
 
 /// I/Os a channel tracks before its tables have to grow (a virtqueue holds at most 1024).
 const CHANNEL_CAPACITY: usize = 1024;
-
-/// `-EPERM`, SPDK's answer when the base bdev is already claimed by another module.
-const EPERM: i32 = 1;
 
 /// One of the four latencies of a delay bdev, as `bdev_delay_update_latency` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -431,23 +432,9 @@ impl DelayModule {
         self.forget_removed();
         let uuid = parse_uuid(p.uuid.as_deref())?;
         cx.check_new_name(&p.name, uuid)?;
-        let base = cx.bdevs().get(&p.base_bdev_name).ok_or_else(|| {
-            RpcError::errno(ENODEV, format!("no bdev named {}", p.base_bdev_name))
-        })?;
-        if let Some(other) = self
-            .bdevs
-            .iter()
-            .find(|d| std::ptr::addr_eq(Arc::as_ptr(&d.base), Arc::as_ptr(&base)))
-        {
-            return Err(RpcError::new(
-                -EPERM,
-                format!(
-                    "Operation not permitted: bdev {} is already claimed by delay bdev {}",
-                    base.name(),
-                    other.name
-                ),
-            ));
-        }
+        // Claimed until the delay bdev is deleted: no second delay bdev on it, no controller
+        // exporting it (SPDK: EPERM).
+        let base = cx.claim(&p.base_bdev_name, &p.name)?;
         let latencies = Latencies {
             avg_read_us: p.avg_read_latency,
             p99_read_us: p.p99_read_latency,
@@ -456,10 +443,13 @@ impl DelayModule {
         };
         let bdev = DelayBdev::new(&p.name, uuid, base, latencies);
         let removed = Arc::clone(&bdev);
-        cx.register(
+        if let Err(err) = cx.register(
             Arc::clone(&bdev) as Arc<dyn Bdev>,
             Box::new(move || removed.mark_removed()),
-        )?;
+        ) {
+            cx.release(&p.base_bdev_name);
+            return Err(err);
+        }
         tracing::info!(bdev = %p.name, base = %p.base_bdev_name, ?latencies, "created delay bdev");
         self.bdevs.push(bdev);
         Ok(Value::String(p.name))

@@ -648,3 +648,41 @@ fn a_new_bdev_module_needs_only_the_trait_and_its_registration() {
     );
     assert_eq!(m.bdevs().len(), 1);
 }
+
+#[test]
+fn a_bdev_claimed_by_a_stacked_bdev_cannot_be_exported() {
+    let (mut m, ops) = methods();
+    call(
+        &mut m,
+        "bdev_malloc_create",
+        json!({"name": "Malloc0", "num_blocks": 8, "block_size": 512}),
+    )
+    .unwrap();
+    call(&mut m, "bdev_delay_create", json!({"base_bdev_name": "Malloc0", "name": "Delay0",
+        "avg_read_latency": 1, "p99_read_latency": 1, "avg_write_latency": 1, "p99_write_latency": 1})).unwrap();
+    let b = call(&mut m, "bdev_get_bdevs", json!({"name": "Malloc0"})).unwrap();
+    assert_eq!(
+        (&b[0]["claimed"], &b[0]["claim_type"]),
+        (&json!(true), &json!("exclusive_write"))
+    );
+    let blk = json!({"ctrlr": "vhost.0", "dev_name": "Malloc0"});
+    assert_eq!(
+        call(&mut m, "vhost_create_blk_controller", blk.clone())
+            .unwrap_err()
+            .code,
+        -1
+    );
+    assert!(ops.controllers.lock().unwrap().is_empty());
+    // The stacked bdev is exportable; deleting it releases the base.
+    call(
+        &mut m,
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "vhost.1", "dev_name": "Delay0"}),
+    )
+    .unwrap();
+    call(&mut m, "bdev_delay_delete", json!({"name": "Delay0"})).unwrap();
+    assert_eq!(
+        call(&mut m, "vhost_create_blk_controller", blk),
+        Ok(json!(true))
+    );
+}

@@ -329,6 +329,7 @@ fn module_creates_claims_updates_saves_and_follows_its_base() {
         -22
     );
     // The base is claimed: no second delay bdev on it.
+    assert_eq!(reg.claimed_by("Malloc0"), Some("Delay0"));
     assert_eq!(
         code(create(
             &mut module,
@@ -407,6 +408,7 @@ fn module_creates_claims_updates_saves_and_follows_its_base() {
         json!(true)
     );
     assert!(!reg.contains("Delay0"));
+    assert_eq!(reg.claimed_by("Malloc0"), None);
     assert_eq!(
         code(call(
             &mut module,
