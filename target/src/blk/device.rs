@@ -3,6 +3,7 @@
 //! completion write the status byte. The shell pops, walks, keeps the request's slot, puts the
 //! head on the used ring and publishes; nothing here is allocated per request.
 
+use crate::bdev::fanout::Fanout;
 use crate::bdev::{Bdev, BdevChannel, BdevIo, IoKind, IoMemory, IoStatus, IoVec};
 use crate::reactor::Reply;
 use crate::vhost::device::{
@@ -83,10 +84,18 @@ pub struct BlkSlot {
     status_addr: u64,
     /// Used length to report on success (data written into the chain plus the status byte).
     used_len: u32,
-    /// Bdev I/Os still outstanding (DISCARD may need several).
-    pending: u32,
-    /// Whether any of them failed.
-    failed: bool,
+    /// The request's bdev I/Os (DISCARD and WRITE_ZEROES fan out into one per range).
+    fanout: Fanout,
+}
+
+/// The virtio-blk status of a request whose bdev I/Os ended with `status`.
+#[inline]
+fn blk_status(status: IoStatus) -> BlkStatus {
+    if status == IoStatus::Success {
+        BlkStatus::Ok
+    } else {
+        BlkStatus::IoErr
+    }
 }
 
 /// The vhost-blk operations beyond the shell's [`crate::vhost::DeviceOp`]s.
@@ -282,7 +291,6 @@ impl BlkHandler {
                 }) {
                     return Some(BlkStatus::IoErr);
                 }
-                let mut submitted = 0u32;
                 for range in &request.ranges {
                     let Some((offset_blocks, num_blocks)) =
                         geometry.blocks(range.sector, u64::from(range.num_sectors))
@@ -300,22 +308,19 @@ impl BlkHandler {
                         tag: io_tag,
                         mem: io_mem,
                     };
-                    match channel.submit(&io) {
-                        Ok(()) => submitted += 1,
-                        Err(err) => {
-                            tracing::debug!(%err, "bdev refused a range");
-                            slot.failed = true;
-                        }
+                    let submitted = channel.submit(&io);
+                    if let Err(err) = &submitted {
+                        tracing::debug!(%err, "bdev refused a range");
+                    }
+                    // A refused range fails the request; the ranges already submitted complete.
+                    if !slot.fanout.issued(submitted) {
+                        break;
                     }
                 }
-                if submitted == 0 {
-                    return Some(if slot.failed {
-                        BlkStatus::IoErr
-                    } else {
-                        BlkStatus::Ok
-                    });
+                if slot.fanout.is_done() {
+                    // Nothing went to the bdev (empty ranges), or it refused the first range.
+                    return Some(blk_status(slot.fanout.status()));
                 }
-                slot.pending = submitted;
                 None
             }
             BlkRequestKind::GetId => Some(BlkStatus::Ok),
@@ -327,15 +332,14 @@ impl BlkHandler {
         slot: &mut BlkSlot,
         io: &BdevIo<'_>,
     ) -> Option<BlkStatus> {
-        match channel.submit(io) {
-            Ok(()) => {
-                slot.pending = 1;
-                None
-            }
-            Err(err) => {
-                tracing::debug!(%err, "bdev refused I/O");
-                Some(BlkStatus::IoErr)
-            }
+        let submitted = channel.submit(io);
+        if let Err(err) = &submitted {
+            tracing::debug!(%err, "bdev refused I/O");
+        }
+        if slot.fanout.issued(submitted) {
+            None
+        } else {
+            Some(BlkStatus::IoErr)
         }
     }
 }
@@ -417,19 +421,8 @@ impl RequestHandler for BlkHandler {
         let device = requests.device();
         channel.poll(&mut |io_tag, status| {
             requests.update(io_tag, |slot, mem| {
-                slot.pending = slot.pending.saturating_sub(1);
-                if status != IoStatus::Success {
-                    slot.failed = true;
-                }
-                if slot.pending > 0 {
-                    return None;
-                }
-                let status = if slot.failed {
-                    BlkStatus::IoErr
-                } else {
-                    BlkStatus::Ok
-                };
-                Some(Self::finish(mem, slot, status, device))
+                let status = slot.fanout.completed(status)?;
+                Some(Self::finish(mem, slot, blk_status(status), device))
             });
         })
     }
