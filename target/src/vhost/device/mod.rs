@@ -625,7 +625,9 @@ impl<H: RequestHandler> VhostDevice<H> {
         self.handler.pop_budget(qi as u16, room, work).min(room)
     }
 
-    /// Pops (at most `room`) and starts new requests on queue `qi`.
+    /// Pops (at most `room`) and starts new requests on queue `qi`. One call site: inlined into
+    /// the poll loop (out of line it cost blk 30 instructions per request at batch 32).
+    #[inline]
     fn poll_queue(
         &mut self,
         qi: usize,
