@@ -100,6 +100,14 @@ pub trait GuestMemory {
 
     /// Stores `val` as little-endian to the naturally aligned `u16` at `addr` as one atomic access.
     fn store_u16(&self, addr: u64, val: u16, order: Ordering) -> Result<(), MemError>;
+
+    /// A hint that the byte at `addr` will soon be read (or, with `write`, written): an
+    /// implementation may start moving its cache line towards this core. It never fails and has
+    /// no visible effect; an unmapped `addr` is ignored. The default does nothing.
+    #[inline]
+    fn prefetch(&self, addr: u64, write: bool) {
+        let _ = (addr, write);
+    }
 }
 
 impl<M: GuestMemory + ?Sized> GuestMemory for &M {
@@ -117,6 +125,10 @@ impl<M: GuestMemory + ?Sized> GuestMemory for &M {
     }
     fn store_u16(&self, addr: u64, val: u16, order: Ordering) -> Result<(), MemError> {
         (**self).store_u16(addr, val, order)
+    }
+    #[inline]
+    fn prefetch(&self, addr: u64, write: bool) {
+        (**self).prefetch(addr, write)
     }
 }
 

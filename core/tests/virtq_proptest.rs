@@ -190,10 +190,16 @@ proptest! {
         check_chain(&chain)?;
         let mut heads = [0u16; 16];
         if let Ok(n) = q.pop_heads(&mem, &mut heads) {
+            q.prefetch_chains(&mem, &heads[..n]);
             for &h in &heads[..n] {
                 let _ = q.walk_chain(&mem, h, &mut chain);
                 check_chain(&chain)?;
             }
+        }
+        q.set_last_avail_idx(head);
+        if let Ok(n) = q.pop_heads_pipelined(&mem, &mut heads) {
+            prop_assert!(n <= heads.len());
+            q.prefetch_chains(&mem, &heads[..n]);
         }
         let _ = q.disable_kicks(&mem);
         let _ = q.needs_notification(&mem);

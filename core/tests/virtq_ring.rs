@@ -100,6 +100,80 @@ fn pop_heads_reads_the_spec_layout() {
 }
 
 #[test]
+fn pipelined_pop_takes_half_of_what_is_pending_rounded_up() {
+    let mut ram = ram();
+    let mem = mem(&mut ram);
+    let mut q = SplitQueue::new(config(64), 0).unwrap();
+    let mut heads = [0xffffu16; 32];
+    assert_eq!(q.pop_heads_pipelined(&mem, &mut heads), Ok(0));
+    make_available(&mem, 64, &[7]);
+    assert_eq!(
+        q.pop_heads_pipelined(&mem, &mut heads),
+        Ok(1),
+        "one pending: taken"
+    );
+    assert_eq!(heads[0], 7);
+    make_available(&mem, 64, &[1, 2, 3, 4, 5]);
+    assert_eq!(
+        q.pop_heads_pipelined(&mem, &mut heads),
+        Ok(3),
+        "5 pending: 3"
+    );
+    assert_eq!(&heads[..3], &[1, 2, 3]);
+    assert_eq!(
+        q.pop_heads_pipelined(&mem, &mut heads),
+        Ok(1),
+        "2 pending: 1"
+    );
+    assert_eq!(
+        q.pop_heads_pipelined(&mem, &mut heads),
+        Ok(1),
+        "1 pending: 1"
+    );
+    assert_eq!(heads[0], 5);
+    assert_eq!(q.last_avail_idx(), 6);
+    let many: Vec<u16> = (0..64).collect();
+    make_available(&mem, 64, &many);
+    assert_eq!(
+        q.pop_heads_pipelined(&mem, &mut heads),
+        Ok(32),
+        "64 pending: 32, the batch is full"
+    );
+    assert_eq!(q.pop_heads_pipelined(&mem, &mut heads[..8]), Ok(8));
+    assert_eq!(q.pending(&mem), Ok(24));
+    // The driver's index is checked as by pop_heads.
+    mem.store_u16(
+        AVAIL + 2,
+        q.last_avail_idx().wrapping_add(65),
+        Ordering::Release,
+    )
+    .unwrap();
+    assert!(matches!(
+        q.pop_heads_pipelined(&mem, &mut heads),
+        Err(QueueError::AvailIdxTooFarAhead { .. })
+    ));
+}
+
+#[test]
+fn prefetching_chains_never_fails_or_changes_anything() {
+    let mut ram = ram();
+    let mem = mem(&mut ram);
+    let q = SplitQueue::new(config(4), 0).unwrap();
+    // Descriptor 0 points outside memory; heads beyond the queue are ignored.
+    mem.write(DESC, &u64::MAX.to_le_bytes()).unwrap();
+    let before = ram_snapshot(&mem);
+    q.prefetch_chains(&mem, &[0, 1, 3, 4, 0xffff]);
+    assert_eq!(ram_snapshot(&mem), before);
+    assert_eq!(q.last_avail_idx(), 0);
+}
+
+fn ram_snapshot<M: GuestMemory>(mem: &M) -> Vec<u8> {
+    let mut bytes = vec![0u8; 0x1000];
+    mem.read(DESC, &mut bytes).unwrap();
+    bytes
+}
+
+#[test]
 fn pop_wraps_around_the_ring_and_the_index() {
     let mut ram = ram();
     let mem = mem(&mut ram);

@@ -494,6 +494,27 @@ impl GuestMemory for MemoryTable {
         atomic.store(val.to_le(), store_ordering(order));
         Ok(())
     }
+
+    #[inline]
+    fn prefetch(&self, addr: u64, write: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if let Ok((r, offset)) = self.find_gpa(addr, 1) {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0, _MM_HINT_T0};
+            let ptr = r.ptr_at(offset).cast_const().cast::<i8>();
+            // SAFETY: a prefetch never faults and has no architectural effect (it only moves a
+            // cache line); `ptr` is inside a live mapping anyway, and SSE is part of x86_64.
+            // Measured gain: see bench/README.md, "Against SPDK v25.09".
+            unsafe {
+                if write {
+                    _mm_prefetch::<_MM_HINT_ET0>(ptr);
+                } else {
+                    _mm_prefetch::<_MM_HINT_T0>(ptr);
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (addr, write);
+    }
 }
 
 impl MemoryTable {

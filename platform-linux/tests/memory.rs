@@ -202,6 +202,18 @@ fn atomic_u16_accesses() {
 }
 
 #[test]
+fn prefetch_is_a_hint_anywhere() {
+    let (file, table, _, _) = two_regions();
+    file.write_all_at(&[0x34, 0x12], 0x13004).unwrap();
+    // Mapped, unmapped, region ends and the top of the address space: no fault, no change.
+    for addr in [0x10_0004, 0x10000, 0xffff, 0, u64::MAX, u64::MAX - 63] {
+        table.prefetch(addr, false);
+        table.prefetch(addr, true);
+    }
+    assert_eq!(table.load_u16(0x10_0004, Ordering::Acquire), Ok(0x1234));
+}
+
+#[test]
 fn frontend_addresses_translate_through_userspace_addr() {
     let (_file, table, _, _) = two_regions();
     assert_eq!(table.frontend_va_to_gpa(VA_LOW), Ok(0));

@@ -639,7 +639,7 @@ impl<H: RequestHandler> VhostDevice<H> {
             return 0;
         };
         let index = qi as u16;
-        let popped = match q.vq.pop_heads(mem, &mut q.heads[..room]) {
+        let popped = match q.vq.pop_heads_pipelined(mem, &mut q.heads[..room]) {
             Ok(n) => n,
             Err(err) => {
                 tracing::error!(device = self.id.0, queue = qi, %err, "avail ring unusable; queue stopped");
@@ -656,6 +656,8 @@ impl<H: RequestHandler> VhostDevice<H> {
             q.stop_broken();
             return 0;
         }
+        // Every header is a line the driver just wrote: fetch them all before decoding any.
+        q.vq.prefetch_chains(mem, &q.heads[..popped]);
         for i in 0..popped {
             let head = q.heads[i];
             let Some(si) = q.take_slot(head, self.generation) else {
