@@ -6,7 +6,7 @@ use core::sync::atomic::Ordering;
 
 use rvhost_core::mem::{GuestMemory, MemError};
 use rvhost_core::virtio::{bit, feature};
-use rvhost_core::virtq::{QueueConfig, QueueError, RingPart, SplitQueue};
+use rvhost_core::virtq::{QueueConfig, QueueError, RingPart, SplitQueue, POP_SPLIT_ABOVE};
 use virtq_support::*;
 
 const EVENT_IDX: u64 = 1 << 29;
@@ -100,51 +100,59 @@ fn pop_heads_reads_the_spec_layout() {
 }
 
 #[test]
-fn pipelined_pop_takes_half_of_what_is_pending_rounded_up() {
+fn pipelined_pop_takes_half_of_what_is_pending_above_the_split_threshold() {
     let mut ram = ram();
     let mem = mem(&mut ram);
-    let mut q = SplitQueue::new(config(64), 0).unwrap();
+    let mut q = SplitQueue::new(config(128), 0).unwrap();
     let mut heads = [0xffffu16; 32];
     assert_eq!(q.pop_heads_pipelined(&mem, &mut heads), Ok(0));
-    make_available(&mem, 64, &[7]);
+    make_available(&mem, 128, &[7]);
     assert_eq!(
         q.pop_heads_pipelined(&mem, &mut heads),
         Ok(1),
         "one pending: taken"
     );
     assert_eq!(heads[0], 7);
-    make_available(&mem, 64, &[1, 2, 3, 4, 5]);
+    let burst: Vec<u16> = (0..POP_SPLIT_ABOVE as u16).collect();
+    make_available(&mem, 128, &burst);
     assert_eq!(
         q.pop_heads_pipelined(&mem, &mut heads),
-        Ok(3),
-        "5 pending: 3"
+        Ok(POP_SPLIT_ABOVE),
+        "up to the threshold: all of it"
     );
-    assert_eq!(&heads[..3], &[1, 2, 3]);
+    assert_eq!(&heads[..POP_SPLIT_ABOVE], &burst[..]);
+    let burst: Vec<u16> = (0..32).collect();
+    make_available(&mem, 128, &burst);
     assert_eq!(
         q.pop_heads_pipelined(&mem, &mut heads),
-        Ok(1),
-        "2 pending: 1"
+        Ok(16),
+        "32 pending: half"
     );
+    assert_eq!(&heads[..16], &burst[..16]);
     assert_eq!(
         q.pop_heads_pipelined(&mem, &mut heads),
-        Ok(1),
-        "1 pending: 1"
+        Ok(16),
+        "16 pending: all"
     );
-    assert_eq!(heads[0], 5);
-    assert_eq!(q.last_avail_idx(), 6);
-    let many: Vec<u16> = (0..64).collect();
-    make_available(&mem, 64, &many);
+    assert_eq!(&heads[..16], &burst[16..]);
+    make_available(&mem, 128, &[1; 17]);
+    assert_eq!(
+        q.pop_heads_pipelined(&mem, &mut heads),
+        Ok(9),
+        "17 pending: 9"
+    );
+    make_available(&mem, 128, &[2; 100]);
     assert_eq!(
         q.pop_heads_pipelined(&mem, &mut heads),
         Ok(32),
-        "64 pending: 32, the batch is full"
+        "108 pending: as many as fit"
     );
     assert_eq!(q.pop_heads_pipelined(&mem, &mut heads[..8]), Ok(8));
-    assert_eq!(q.pending(&mem), Ok(24));
+    assert_eq!(q.pending(&mem), Ok(68));
     // The driver's index is checked as by pop_heads.
     mem.store_u16(
         AVAIL + 2,
-        q.last_avail_idx().wrapping_add(65),
+        q.last_avail_idx().wrapping_add(129),
         Ordering::Release,
     )
     .unwrap();

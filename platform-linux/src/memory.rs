@@ -503,7 +503,8 @@ impl GuestMemory for MemoryTable {
             let ptr = r.ptr_at(offset).cast_const().cast::<i8>();
             // SAFETY: a prefetch never faults and has no architectural effect (it only moves a
             // cache line); `ptr` is inside a live mapping anyway, and SSE is part of x86_64.
-            // Measured gain: see bench/README.md, "Against SPDK v25.09".
+            // Measured gain: +13 % IOPS (median 2.48M -> 2.80M) at blk null QD32 with the
+            // request headers prefetched (bench/README.md, "Against SPDK v25.09").
             unsafe {
                 if write {
                     _mm_prefetch::<_MM_HINT_ET0>(ptr);

@@ -70,6 +70,10 @@ use crate::virtio::ring::{
 };
 use crate::virtio::{feature, has_feature};
 
+/// [`SplitQueue::pop_heads_pipelined`] takes everything pending up to this many buffers, half
+/// of it above.
+pub const POP_SPLIT_ABOVE: usize = 16;
+
 /// Where a split virtqueue lives, as the driver configured it (guest physical addresses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueConfig {
@@ -341,21 +345,30 @@ impl SplitQueue {
         self.pop_pending(mem, heads, usize::from(pending))
     }
 
-    /// Pops like [`SplitQueue::pop_heads`], but at most half (rounded up) of what is pending.
+    /// Pops like [`SplitQueue::pop_heads`], but only half (rounded up) of what is pending when
+    /// more than [`POP_SPLIT_ABOVE`] buffers are.
     ///
     /// A device that takes everything the driver made available, completes it and publishes it
     /// in one round runs in lock-step with a driver that resubmits what it reaps: each side
     /// waits while the other works (at queue depth 32 with 32-head batches, every round took
     /// exactly 32 requests). Taking half lets the driver reap and resubmit the first half while
-    /// the device works on the second, as a device publishing per request would; with more
-    /// pending than `heads` holds, nothing changes.
+    /// the device works on the second, as a device publishing per request would. Up to
+    /// [`POP_SPLIT_ABOVE`] pending buffers are taken at once: smaller batches would pay the
+    /// round's fixed costs (the `avail.idx` miss, the `used.idx` publish and its fence) for too
+    /// few requests, and a driver that submits a burst and waits for all of it gets its burst
+    /// back in two rounds, not in a halving series.
     pub fn pop_heads_pipelined<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
         heads: &mut [u16],
     ) -> Result<usize, QueueError> {
-        let pending = self.pending(mem)?;
-        self.pop_pending(mem, heads, usize::from(pending).div_ceil(2))
+        let pending = usize::from(self.pending(mem)?);
+        let take = if pending > POP_SPLIT_ABOVE {
+            pending.div_ceil(2)
+        } else {
+            pending
+        };
+        self.pop_pending(mem, heads, take)
     }
 
     fn pop_pending<M: GuestMemory + ?Sized>(
