@@ -87,6 +87,7 @@ fn truncated(needed: u64, got: u64) -> Truncated {
 }
 
 /// The total length of `segments` (a sum of `u32`s: cannot overflow a `u64` for any slice).
+#[inline]
 pub fn total_len(segments: &[Segment]) -> u64 {
     segments
         .iter()
@@ -110,6 +111,7 @@ impl<'s> SegmentRange<'s> {
     };
 
     /// Every byte of `segments`.
+    #[inline]
     pub fn whole(segments: &'s [Segment]) -> Self {
         SegmentRange {
             segments,
@@ -147,6 +149,7 @@ impl<'s> SegmentRange<'s> {
     }
 
     /// Bytes `offset..offset + len` of this range.
+    #[inline]
     pub fn sub(&self, offset: u64, len: u64) -> Result<SegmentRange<'s>, Truncated> {
         let end = offset
             .checked_add(len)
@@ -163,6 +166,7 @@ impl<'s> SegmentRange<'s> {
     }
 
     /// Bytes from `offset` to the end of this range.
+    #[inline]
     pub fn tail(&self, offset: u64) -> Result<SegmentRange<'s>, Truncated> {
         let len = self
             .len
@@ -172,6 +176,7 @@ impl<'s> SegmentRange<'s> {
     }
 
     /// The first `len` bytes, or the whole range if it is shorter.
+    #[inline]
     pub fn take(&self, len: u64) -> SegmentRange<'s> {
         SegmentRange {
             len: self.len.min(len),

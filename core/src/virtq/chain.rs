@@ -71,31 +71,37 @@ impl<const N: usize> Chain<N> {
     }
 
     /// The device-readable segments (driver → device).
+    #[inline]
     pub fn readable(&self) -> &[Segment] {
         self.segments.get(..self.first_writable).unwrap_or(&[])
     }
 
     /// The device-writable segments (device → driver).
+    #[inline]
     pub fn writable(&self) -> &[Segment] {
         self.segments.get(self.first_writable..).unwrap_or(&[])
     }
 
     /// Total bytes of the device-readable segments.
+    #[inline]
     pub fn readable_len(&self) -> u32 {
         self.readable_len
     }
 
     /// Total bytes of the device-writable segments.
+    #[inline]
     pub fn writable_len(&self) -> u32 {
         self.writable_len
     }
 
     /// The device-readable bytes, to copy out of ([`SegmentRange::reader`]) or hand on in pieces.
+    #[inline]
     pub fn readable_range(&self) -> SegmentRange<'_> {
         SegmentRange::new_unchecked(self.readable(), 0, u64::from(self.readable_len))
     }
 
     /// The device-writable bytes, to copy into ([`SegmentRange::writer`]) or hand on in pieces.
+    #[inline]
     pub fn writable_range(&self) -> SegmentRange<'_> {
         SegmentRange::new_unchecked(self.writable(), 0, u64::from(self.writable_len))
     }
