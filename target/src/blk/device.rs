@@ -13,9 +13,7 @@ use crate::vhost::memory::GuestMemoryTable;
 use crate::vhost::{DeviceId, VirtioFeatures};
 use rvhost_core::blk::{
     write_status, BlkLimits, BlkRequest, BlkRequestKind, BlkStatus, VirtioBlkConfig,
-    VIRTIO_BLK_ID_BYTES,
 };
-use rvhost_core::mem::GuestMemory;
 
 /// Ranges per DISCARD / WRITE_ZEROES request we accept (`max_discard_seg`); each becomes one bdev
 /// I/O, and they are copied out of guest memory into a fixed-capacity list.
@@ -191,25 +189,11 @@ impl BlkHandler {
         let geometry = &self.geometry;
         let iovs = &mut self.iovs;
         if request.kind == BlkRequestKind::GetId {
-            let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
-            let name = geometry.bdev_name.as_bytes();
-            let n = name.len().min(VIRTIO_BLK_ID_BYTES);
-            id[..n].copy_from_slice(&name[..n]);
-            let mut written = 0usize;
-            for seg in request.data.iter() {
-                let Some(rest) = id.get(written..) else { break };
-                if rest.is_empty() {
-                    break;
-                }
-                let take = usize::try_from(seg.len)
-                    .unwrap_or(usize::MAX)
-                    .min(rest.len());
-                if mem.write(seg.guest_addr, &rest[..take]).is_err() {
-                    return Some(BlkStatus::IoErr);
-                }
-                written += take;
-            }
-            return Some(BlkStatus::Ok);
+            // As much of the NUL-padded name as the buffers hold; used_len_ok counts the same.
+            return Some(match request.write_id(mem, geometry.bdev_name.as_bytes()) {
+                Ok(_) => BlkStatus::Ok,
+                Err(_) => BlkStatus::IoErr,
+            });
         }
         // Hot-detached: every I/O fails.
         let channel = match self.channel.as_deref_mut() {
@@ -463,6 +447,7 @@ mod tests {
     use std::sync::mpsc::{sync_channel, Receiver};
     use std::sync::Arc;
 
+    use rvhost_core::mem::GuestMemory;
     use rvhost_core::virtio::{bit, feature};
 
     use super::*;

@@ -18,11 +18,11 @@
 //! response format. Nothing here allocates per command or takes a lock: the scratch buffers
 //! ([`ExecScratch`]) are allocated once per session.
 
-use rvhost_core::mem::{GuestMemory, Segment};
+use rvhost_core::mem::GuestMemory;
 use rvhost_core::scsi::lun::{execute_without_lun, IoError, UnitAttention};
 use rvhost_core::scsi::{Completion, IoOp, IoPlan, Outcome, Request, ScsiLun};
+use rvhost_core::segments::SegmentRange;
 
-use super::segments::{gather, scatter, sub_iovs};
 use super::SENSE_SIZE;
 use crate::bdev::fanout::Fanout;
 use crate::bdev::{BdevChannel, BdevIo, IoKind, IoMemory, IoStatus, IoVec};
@@ -34,27 +34,15 @@ const DATA_OUT_SCRATCH: usize = 65536;
 /// Blocks one bdev write of a WRITE SAME covers (its I/O vector repeats the pattern).
 const WRITE_SAME_BLOCKS_PER_IO: u64 = 64;
 
-/// Guest buffers of one direction of a command: `len` bytes starting `skip` bytes into `segs`
-/// (the bytes before them belong to the transport's header or response).
-#[derive(Debug, Clone, Copy)]
-pub struct DataBuffers<'a> {
-    /// The chain's segments of this direction.
-    pub segs: &'a [Segment],
-    /// Transport bytes in front of the data.
-    pub skip: u64,
-    /// Data bytes.
-    pub len: u64,
-}
-
 /// A command as the transport decoded it.
 #[derive(Debug, Clone, Copy)]
 pub struct Command<'a> {
     /// The CDB (as long as the transport's CDB field; trailing bytes are ignored).
     pub cdb: &'a [u8],
-    /// Data from the initiator.
-    pub data_out: DataBuffers<'a>,
-    /// Room for data to the initiator.
-    pub data_in: DataBuffers<'a>,
+    /// Data from the initiator: the guest bytes after the transport's request header.
+    pub data_out: SegmentRange<'a>,
+    /// Room for data to the initiator: the guest bytes after the transport's response.
+    pub data_in: SegmentRange<'a>,
 }
 
 /// How a command ended, for the transport's response. The sense bytes are
@@ -177,8 +165,8 @@ pub fn answer_without_lun<M: GuestMemory + ?Sized>(
     let r = Request {
         cdb: cmd.cdb,
         data_out: &[],
-        data_out_len: cmd.data_out.len,
-        data_in_len: cmd.data_in.len,
+        data_out_len: cmd.data_out.len(),
+        data_in_len: cmd.data_in.len(),
         luns: &[0],
     };
     let c = execute_without_lun(&r, &mut scratch.data_in, &mut scratch.sense);
@@ -195,11 +183,24 @@ fn immediate<M: GuestMemory + ?Sized>(
     let n = usize::try_from(c.transferred)
         .unwrap_or(usize::MAX)
         .min(data_in.len());
-    scatter(mem, cmd.data_in.segs, cmd.data_in.skip, &data_in[..n]);
+    // As much as the initiator's buffers take; the residual reports the rest.
+    let _ = cmd.data_in.writer().write(mem, &data_in[..n]);
     Answer {
         completion: c,
         data_in: c.transferred,
     }
+}
+
+/// Appends host-address vectors for the first `len` bytes of `range`; false if it is shorter.
+fn host_iovs(range: &SegmentRange<'_>, len: u64, iovs: &mut Vec<IoVec>) -> bool {
+    let Ok(data) = range.sub(0, len) else {
+        return false;
+    };
+    iovs.extend(data.iter().map(|piece| IoVec {
+        addr: piece.host_addr,
+        len: piece.len,
+    }));
+    true
 }
 
 fn io_error(status: IoStatus) -> Result<(), IoError> {
@@ -282,19 +283,19 @@ impl BdevLun {
         let copy = self
             .lun
             .data_out_copy_len(cmd.cdb)
-            .min(usize::try_from(cmd.data_out.len).unwrap_or(usize::MAX))
+            .min(usize::try_from(cmd.data_out.len()).unwrap_or(usize::MAX))
             .min(data_out.len());
-        let copied = gather(
-            mem,
-            cmd.data_out.segs,
-            cmd.data_out.skip,
-            &mut data_out[..copy],
-        );
+        // Unreadable data-out reaches the model as none (a parameter list length error).
+        let copied = cmd
+            .data_out
+            .reader()
+            .read(mem, &mut data_out[..copy])
+            .unwrap_or(0);
         let r = Request {
             cdb: cmd.cdb,
             data_out: &data_out[..copied],
-            data_out_len: cmd.data_out.len,
-            data_in_len: cmd.data_in.len,
+            data_out_len: cmd.data_out.len(),
+            data_in_len: cmd.data_in.len(),
             luns: &[0],
         };
         let plan = match self.lun.execute(&r, data_in, sense) {
@@ -364,14 +365,14 @@ impl BdevLun {
         match plan.op {
             IoOp::Read { lba, blocks, .. } => {
                 iovs.clear();
-                if !sub_iovs(cmd.data_in.segs, cmd.data_in.skip, plan.data_len, iovs) {
+                if !host_iovs(&cmd.data_in, plan.data_len, iovs) {
                     return Err(IoError::Medium);
                 }
                 one(IoKind::Read, lba, blocks, iovs);
             }
             IoOp::Write { lba, blocks, fua } => {
                 iovs.clear();
-                if !sub_iovs(cmd.data_out.segs, cmd.data_out.skip, plan.data_len, iovs) {
+                if !host_iovs(&cmd.data_out, plan.data_len, iovs) {
                     return Err(IoError::Medium);
                 }
                 one(IoKind::Write, lba, blocks, iovs);
@@ -404,7 +405,7 @@ impl BdevLun {
                 // The pattern is the first block of the initiator's data-out; the bdev writes it
                 // straight from guest memory, repeated in the I/O vector.
                 pattern.clear();
-                if !sub_iovs(cmd.data_out.segs, cmd.data_out.skip, block_size, pattern) {
+                if !host_iovs(&cmd.data_out, block_size, pattern) {
                     return Err(IoError::Unsupported);
                 }
                 let mut done = 0u64;
@@ -508,7 +509,7 @@ mod tests {
 
     use std::sync::{Arc, Mutex};
 
-    use rvhost_core::mem::{ByteMemory, Direction};
+    use rvhost_core::mem::{ByteMemory, Direction, Segment};
     use rvhost_core::scsi::lun::LunConfig;
     use rvhost_core::scsi::ScsiStatus;
 
@@ -650,16 +651,8 @@ mod tests {
             }];
             let cmd = Command {
                 cdb,
-                data_out: DataBuffers {
-                    segs: if out.is_empty() { &[] } else { &out_seg },
-                    skip: 0,
-                    len: out.len() as u64,
-                },
-                data_in: DataBuffers {
-                    segs: &in_seg,
-                    skip: 0,
-                    len: 4096,
-                },
+                data_out: SegmentRange::whole(if out.is_empty() { &[] } else { &out_seg }),
+                data_in: SegmentRange::whole(&in_seg),
             };
             self.lun.start(
                 &cmd,

@@ -14,8 +14,9 @@
 
 use rvhost_core::mem::{GuestMemory, Segment};
 use rvhost_core::scsi::ScsiLun;
+use rvhost_core::segments::SegmentRange;
 use rvhost_core::virtio_scsi::{
-    cmd_req_len, cmd_resp_len, CmdReq, CmdResp, CmdRespRepr, LunAddress, Response,
+    cmd_req_len, cmd_resp_len, CmdReq, CmdRespRepr, LunAddress, Response,
 };
 use rvhost_core::virtio_scsi::{event, feature as scsi_feature};
 
@@ -26,10 +27,8 @@ use control::PendingTmf;
 use events::{transport_reset, EventBacklog};
 
 use super::bdev_lun::{
-    answer_without_lun, Answer, BdevLun, Command, DataBuffers, ExecScratch, LunIo, LunIoSlots,
-    Started,
+    answer_without_lun, Answer, BdevLun, Command, ExecScratch, LunIo, LunIoSlots, Started,
 };
-use super::segments::gather;
 use super::{TargetOp, CDB_SIZE, MAX_QUEUE_SIZE, MAX_TARGETS, SENSE_SIZE};
 use crate::bdev::BdevChannel;
 use crate::reactor::Reply;
@@ -227,7 +226,19 @@ impl ScsiTransport {
             }
         };
         let sc = &mut self.scratch;
-        gather(mem, chain.readable(), 0, &mut sc.header);
+        if chain
+            .readable_range()
+            .reader()
+            .read_exact(mem, &mut sc.header)
+            .is_err()
+        {
+            tracing::debug!(
+                device = id.0,
+                queue = qi,
+                "command header unreadable; returned unused"
+            );
+            return Disposition::Complete(0);
+        }
         // Fields are read from the header in place; copying it into a CmdReqRepr cost a tenth of
         // a command's instructions.
         let Ok(req) = CmdReq::new_checked(&sc.header[..], CDB_SIZE) else {
@@ -266,16 +277,15 @@ impl ScsiTransport {
 
         let cmd = Command {
             cdb: req.cdb(),
-            data_out: DataBuffers {
-                segs: chain.readable(),
-                skip: REQ_LEN as u64,
-                len: data_out_len,
-            },
-            data_in: DataBuffers {
-                segs: chain.writable(),
-                skip: RESP_LEN as u64,
-                len: data_in_len,
-            },
+            // Both tails exist: the lengths were checked against REQ_LEN and RESP_LEN above.
+            data_out: chain
+                .readable_range()
+                .tail(REQ_LEN as u64)
+                .unwrap_or(SegmentRange::EMPTY),
+            data_in: chain
+                .writable_range()
+                .tail(RESP_LEN as u64)
+                .unwrap_or(SegmentRange::EMPTY),
         };
         let answer = if addr.lun != 0 {
             answer_without_lun(&cmd, mem, &mut sc.exec)
@@ -507,16 +517,7 @@ fn write_response(
     header: &CmdRespRepr,
     sense: &[u8],
 ) -> bool {
-    let mut bytes = [0u8; RESP_LEN];
-    let Ok(mut view) = CmdResp::new_checked(&mut bytes[..]) else {
-        return false;
-    };
-    header.emit(&mut view);
-    let sense_len = usize::try_from(header.sense_len).unwrap_or(usize::MAX);
-    let sense = sense.get(..sense_len).unwrap_or(sense);
-    if let Some(area) = view.sense_mut().get_mut(..sense.len()) {
-        area.copy_from_slice(sense);
-    }
+    let bytes: [u8; RESP_LEN] = header.to_response_bytes(sense);
     resp.write(mem, &bytes)
 }
 

@@ -10,7 +10,6 @@
 
 mod bdev_lun;
 pub mod device;
-mod segments;
 
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};

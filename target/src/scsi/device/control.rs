@@ -7,7 +7,6 @@ use rvhost_core::virtio_scsi::{
 };
 
 use super::{malformed, RespTarget, ScsiTransport, FIRST_REQUEST_QUEUE};
-use crate::scsi::segments::{gather, scatter};
 use crate::vhost::device::{Disposition, NewRequest, Requests};
 
 /// What a pending task management function waits for.
@@ -116,7 +115,12 @@ impl ScsiTransport {
             Err(err) => return malformed(id, r.queue, &err),
         };
         let mut buf = [0u8; TMF_REQ_LEN];
-        let n = gather(mem, chain.readable(), 0, &mut buf);
+        // An unreadable request parses as a truncated one.
+        let n = chain
+            .readable_range()
+            .reader()
+            .read(mem, &mut buf)
+            .unwrap_or(0);
         let writable_len = chain.writable_len() as usize;
         let request = ControlRequest::parse(&buf[..n]);
         let (reply, len): ([u8; 5], usize) = match request {
@@ -158,7 +162,11 @@ impl ScsiTransport {
             }
         };
         let len = len.min(writable_len);
-        let written = scatter(mem, chain.writable(), 0, &reply[..len]);
+        let written = chain
+            .writable_range()
+            .writer()
+            .write(mem, &reply[..len])
+            .unwrap_or(0);
         Disposition::Complete(u32::try_from(written).unwrap_or(0))
     }
 

@@ -6,7 +6,6 @@ use std::collections::VecDeque;
 use rvhost_core::virtio_scsi::{event, EventRepr, EVENT_LEN};
 
 use super::{malformed, ScsiTransport, MAX_PENDING_EVENTS};
-use crate::scsi::segments::scatter;
 use crate::vhost::device::{Disposition, NewRequest};
 
 /// Hot-plug events waiting for an event-queue buffer.
@@ -94,7 +93,12 @@ impl ScsiTransport {
             return Disposition::Complete(0);
         }
         let bytes = e.to_bytes();
-        if scatter(r.mem, chain.writable(), 0, &bytes) != EVENT_LEN {
+        if chain
+            .writable_range()
+            .writer()
+            .write_all(r.mem, &bytes)
+            .is_err()
+        {
             self.events.unpop(e);
             return Disposition::Complete(0);
         }
