@@ -6,7 +6,9 @@ use serde_json::Value;
 
 use super::file::modules::{io_worker_cores, FileBdevList};
 use super::file::{FileBdevConfig, FileEngine};
-use super::module::{decode, parse_uuid, BdevContext, BdevModule, ByName, ModuleEnv, RpcMethod};
+use super::module::{
+    decode, delete_by_name, parse_uuid, BdevContext, BdevModule, ModuleEnv, RpcMethod,
+};
 use super::Bdev;
 use crate::rpc::errno::ENOTSUP;
 use crate::rpc::RpcError;
@@ -58,16 +60,6 @@ impl AioModule {
         )
     }
 
-    fn delete(
-        &mut self,
-        cx: &mut BdevContext<'_>,
-        params: Option<Value>,
-    ) -> Result<Value, RpcError> {
-        let p: ByName = decode(params)?;
-        cx.delete(&p.name)?;
-        Ok(Value::Bool(true))
-    }
-
     fn rescan(
         &mut self,
         cx: &mut BdevContext<'_>,
@@ -88,7 +80,7 @@ impl BdevModule for AioModule {
         RpcMethod {
             name: "bdev_aio_delete",
             old_name: Some("delete_aio_bdev"),
-            handler: Self::delete,
+            handler: delete_by_name,
         },
         RpcMethod {
             name: "bdev_aio_rescan",

@@ -20,8 +20,8 @@ use serde_json::Value;
 
 use super::common::{byte_range, check_block_size, check_iovs};
 use super::module::{
-    bdev_error, check_physical_block_size, decode, geometry_config, parse_uuid, refuse_metadata,
-    BdevContext, BdevModule, ByName, ModuleEnv, RpcMethod,
+    bdev_error, check_physical_block_size, decode, delete_by_name, geometry_config, parse_uuid,
+    refuse_metadata, BdevContext, BdevModule, ModuleEnv, RpcMethod,
 };
 use super::{report_completions, Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoStatus};
 
@@ -329,16 +329,6 @@ impl MallocModule {
             }
         }
     }
-
-    fn delete(
-        &mut self,
-        cx: &mut BdevContext<'_>,
-        params: Option<Value>,
-    ) -> Result<Value, RpcError> {
-        let p: ByName = decode(params)?;
-        cx.delete(&p.name)?;
-        Ok(Value::Bool(true))
-    }
 }
 
 impl BdevModule for MallocModule {
@@ -352,7 +342,7 @@ impl BdevModule for MallocModule {
         RpcMethod {
             name: "bdev_malloc_delete",
             old_name: Some("delete_malloc_bdev"),
-            handler: Self::delete,
+            handler: delete_by_name,
         },
     ];
 

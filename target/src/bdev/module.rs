@@ -343,6 +343,18 @@ pub fn geometry_config(method: &str, bdev: &dyn Bdev) -> Value {
     })
 }
 
+/// The delete method of a module whose bdevs need nothing beyond being unregistered
+/// (`{"name": ...}` -> `true`); a module can only delete bdevs it created.
+pub fn delete_by_name<M>(
+    _module: &mut M,
+    cx: &mut BdevContext<'_>,
+    params: Option<Value>,
+) -> Result<Value, RpcError> {
+    let p: ByName = decode(params)?;
+    cx.delete(&p.name)?;
+    Ok(Value::Bool(true))
+}
+
 /// Parameters `{"name": ...}` (the delete methods).
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

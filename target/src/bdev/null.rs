@@ -13,8 +13,8 @@ use serde_json::Value;
 
 use super::common::{byte_range, check_block_size, check_iovs};
 use super::module::{
-    bdev_error, check_physical_block_size, decode, geometry_config, parse_uuid, refuse_metadata,
-    BdevContext, BdevModule, ByName, ModuleEnv, RpcMethod,
+    bdev_error, check_physical_block_size, decode, delete_by_name, geometry_config, parse_uuid,
+    refuse_metadata, BdevContext, BdevModule, ModuleEnv, RpcMethod,
 };
 use super::{report_completions, Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoStatus};
 use crate::rpc::errno::EINVAL;
@@ -187,16 +187,6 @@ impl NullModule {
         tracing::info!(bdev = %p.name, num_blocks = p.num_blocks, block_size = p.block_size, "created null bdev");
         Ok(Value::String(p.name))
     }
-
-    fn delete(
-        &mut self,
-        cx: &mut BdevContext<'_>,
-        params: Option<Value>,
-    ) -> Result<Value, RpcError> {
-        let p: ByName = decode(params)?;
-        cx.delete(&p.name)?;
-        Ok(Value::Bool(true))
-    }
 }
 
 impl BdevModule for NullModule {
@@ -210,7 +200,7 @@ impl BdevModule for NullModule {
         RpcMethod {
             name: "bdev_null_delete",
             old_name: Some("delete_null_bdev"),
-            handler: Self::delete,
+            handler: delete_by_name,
         },
     ];
 

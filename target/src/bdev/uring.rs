@@ -6,7 +6,9 @@ use serde_json::Value;
 
 use super::file::modules::{io_worker_cores, FileBdevList};
 use super::file::{FileBdevConfig, FileEngine};
-use super::module::{decode, parse_uuid, BdevContext, BdevModule, ByName, ModuleEnv, RpcMethod};
+use super::module::{
+    decode, delete_by_name, parse_uuid, BdevContext, BdevModule, ModuleEnv, RpcMethod,
+};
 use super::Bdev;
 use crate::rpc::RpcError;
 
@@ -51,16 +53,6 @@ impl UringModule {
         )
     }
 
-    fn delete(
-        &mut self,
-        cx: &mut BdevContext<'_>,
-        params: Option<Value>,
-    ) -> Result<Value, RpcError> {
-        let p: ByName = decode(params)?;
-        cx.delete(&p.name)?;
-        Ok(Value::Bool(true))
-    }
-
     fn rescan(
         &mut self,
         cx: &mut BdevContext<'_>,
@@ -81,7 +73,7 @@ impl BdevModule for UringModule {
         RpcMethod {
             name: "bdev_uring_delete",
             old_name: None,
-            handler: Self::delete,
+            handler: delete_by_name,
         },
         RpcMethod {
             name: "bdev_uring_rescan",
