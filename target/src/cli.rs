@@ -19,8 +19,9 @@ pub const DEFAULT_SOCKET_DIR: &str = "/var/tmp";
 /// directory, and logs the QEMU arguments that attach it. Configure it further at run time with
 /// SPDK's client, e.g. `spdk-rpc -s /var/tmp/spdk.sock bdev_get_bdevs`.
 ///
-/// Stop it with Ctrl-C, SIGTERM, or `spdk-rpc spdk_kill_instance SIGTERM`; controller and RPC
-/// sockets are removed on the way out.
+/// Stop it with Ctrl-C, SIGTERM, or `spdk-rpc spdk_kill_instance SIGTERM`: it takes no new guest
+/// requests, lets those in flight complete (within --shutdown-timeout), removes the controller and
+/// RPC sockets and exits 0.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "rvhost", version, about, long_about, verbatim_doc_comment)]
 pub struct Cli {
@@ -58,6 +59,12 @@ pub struct Cli {
     #[arg(long = "no-default")]
     pub no_default: bool,
 
+    /// On SIGTERM, SIGINT or `spdk_kill_instance SIGTERM`, how long to wait for the guests'
+    /// requests in flight to complete (no new ones are taken) before exiting. If they do not all
+    /// complete in time rvhost says so and exits with status 1 without waiting further.
+    #[arg(long = "shutdown-timeout", value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+    pub shutdown_timeout: std::time::Duration,
+
     /// Log level (error, warn, info, debug, trace) or a tracing filter such as
     /// `rvhost_target=debug`. RUST_LOG, if set, takes precedence.
     #[arg(
@@ -67,6 +74,14 @@ pub struct Cli {
         default_value = "info"
     )]
     pub log: String,
+}
+
+/// Parses a non-negative number of seconds (fractions allowed).
+pub fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    std::time::Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text}: {e}"))
 }
 
 /// Parses an SPDK CPU mask into a bit mask of cores 0..=63.

@@ -3,17 +3,21 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use rvhost_platform_linux::NumaTopology;
 
 use crate::bdev::Bdev;
 use crate::blk::device::BlkOp;
 use crate::blk::BlkController;
-use crate::ops::{BlkControllerSpec, ControllerInfo, ControllerOps, OpsError, ScsiControllerSpec};
+use crate::ops::{
+    BlkControllerSpec, ControllerInfo, ControllerOps, DrainReport, OpsError, ScsiControllerSpec,
+};
 use crate::reactor::{self, IdlePolicy, ReactorHandle};
 use crate::scsi::{ScsiController, ScsiError};
-use crate::vhost::{DeviceBackend, VhostServer};
+use crate::vhost::{DeviceBackend, DeviceId, DeviceOp, DrainProgress, VhostServer};
 
 /// Longest Unix socket path (`sun_path` is 108 bytes including the terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -372,6 +376,56 @@ impl ControllerOps for Dataplane {
             });
             tracing::info!(controller = %name, bdev = bdev_name, "bdev hot-detached");
         }
+    }
+
+    fn drain(&self, timeout: Duration) -> DrainReport {
+        let deadline = Instant::now() + timeout;
+        // Every device is asked first and waited for after, so they drain in parallel.
+        let mut waiting = Vec::new();
+        for (name, controller) in lock(&self.controllers).iter() {
+            let reactor = controller.server.reactor();
+            for id in controller.server.refuse_new_sessions() {
+                // Room for both answers: the reactor never waits for this thread.
+                let (reply, answer) = mpsc::sync_channel(2);
+                match reactor.post(id, Box::new(DeviceOp::Drain { reply })) {
+                    Ok(()) => waiting.push((name.clone(), id, answer)),
+                    Err(err) => {
+                        tracing::warn!(controller = %name, device = id.0, %err, "cannot drain");
+                    }
+                }
+            }
+        }
+        let mut report = DrainReport::default();
+        let mut late = |name: &str, id: DeviceId| {
+            report.timed_out += 1;
+            tracing::warn!(controller = %name, device = id.0, "requests still in flight when the shutdown timeout passed");
+        };
+        let mut closed = Vec::new();
+        let mut requests = 0;
+        for (name, id, answer) in waiting {
+            match answer.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(DrainProgress::Closed { in_flight }) => {
+                    requests += in_flight;
+                    closed.push((name, id, answer));
+                }
+                Ok(DrainProgress::Drained) => closed.push((name, id, answer)),
+                // The frontend disconnected meanwhile; its device's removal drained it.
+                Err(RecvTimeoutError::Disconnected) => {}
+                Err(RecvTimeoutError::Timeout) => late(&name, id),
+            }
+        }
+        tracing::info!(
+            "{} sessions take no new requests; waiting for the {requests} in flight",
+            closed.len()
+        );
+        for (name, id, answer) in closed {
+            match answer.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(_) | Err(RecvTimeoutError::Disconnected) => report.sessions += 1,
+                Err(RecvTimeoutError::Timeout) => late(&name, id),
+            }
+        }
+        report.requests = requests;
+        report
     }
 
     fn reactors_info(&self) -> serde_json::Value {

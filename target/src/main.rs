@@ -74,6 +74,7 @@ fn run(cli: &Cli, log: LogControl) -> anyhow::Result<()> {
         ignore_init_errors: cli.json_ignore_init_errors,
         no_default: cli.no_default,
         log_level: cli.log.clone(),
+        shutdown_timeout: cli.shutdown_timeout,
     };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -91,10 +92,14 @@ fn run(cli: &Cli, log: LogControl) -> anyhow::Result<()> {
             return Err(err.into());
         }
     };
-    let exit = app.run();
-    if exit == Exit::Kill {
-        tracing::warn!("spdk_kill_instance SIGKILL: exiting without cleaning up");
-        signal_hook::low_level::raise(SIGKILL).context("raising SIGKILL")?;
+    match app.run() {
+        Exit::Clean => {}
+        Exit::Kill => {
+            tracing::warn!("spdk_kill_instance SIGKILL: exiting without cleaning up");
+            signal_hook::low_level::raise(SIGKILL).context("raising SIGKILL")?;
+        }
+        // Tearing down the data plane would wait for the stuck requests again.
+        Exit::DrainTimedOut => std::process::exit(1),
     }
     dataplane.shutdown();
     Ok(())

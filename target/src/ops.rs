@@ -68,6 +68,17 @@ pub struct ControllerInfo {
     pub backend_specific: serde_json::Value,
 }
 
+/// What the drain of a stopping process found ([`ControllerOps::drain`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Frontend sessions drained.
+    pub sessions: usize,
+    /// Requests that were in flight when the drain began, all completed and published.
+    pub requests: usize,
+    /// Sessions whose requests had not all completed when the time was up.
+    pub timed_out: usize,
+}
+
 /// The data plane as the control plane sees it. Every method is called from the control thread
 /// and returns once the change is in effect on the reactors.
 pub trait ControllerOps: Send + Sync {
@@ -84,6 +95,14 @@ pub trait ControllerOps: Send + Sync {
     fn detach_bdev(&self, bdev_name: &str);
     /// `framework_get_reactors`' result.
     fn reactors_info(&self) -> serde_json::Value;
+    /// The process is stopping: every controller stops starting sessions and every session stops
+    /// taking new requests; returns once the requests in flight completed and their used entries
+    /// were published to the frontends, or once `timeout` passed. Connections stay open (the
+    /// caller deletes the controllers afterwards).
+    fn drain(&self, timeout: std::time::Duration) -> DrainReport {
+        let _ = timeout;
+        DrainReport::default()
+    }
     /// Creates a vhost-user-scsi controller without targets and starts listening on its socket.
     fn create_scsi_controller(&self, spec: ScsiControllerSpec) -> Result<(), OpsError> {
         Err(OpsError::InvalidParams(format!(

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -35,6 +35,8 @@ pub const DEFAULT_CONTROLLER: &str = "vhost.0";
 pub const DEFAULT_BDEV_BYTES: u64 = 256 * 1024 * 1024;
 /// Block size of the default RAM bdev.
 pub const DEFAULT_BLOCK_SIZE: u32 = 512;
+/// How long a stopping target waits for the requests in flight by default.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the application is asked to do at start.
 #[derive(Debug, Clone)]
@@ -55,6 +57,8 @@ pub struct AppConfig {
     pub no_default: bool,
     /// The log level or filter in force (`-L`), reported by `log_get_level`.
     pub log_level: String,
+    /// How long a stop waits for the requests in flight to complete.
+    pub shutdown_timeout: Duration,
 }
 
 /// Why the application could not start.
@@ -98,6 +102,10 @@ pub enum Exit {
     Clean,
     /// `spdk_kill_instance SIGKILL`: the caller should kill the process without cleaning up.
     Kill,
+    /// A stop whose requests in flight did not all complete within the shutdown timeout: the
+    /// caller should exit at once with a failure status (tearing the controllers down would
+    /// wait for those requests again).
+    DrainTimedOut,
 }
 
 /// A running target's control plane.
@@ -107,6 +115,7 @@ pub struct App {
     events: Receiver<Incoming>,
     server: Option<RpcServer>,
     shutdown: Arc<AtomicBool>,
+    shutdown_timeout: Duration,
 }
 
 impl App {
@@ -175,6 +184,7 @@ impl App {
             events,
             server: Some(server),
             shutdown,
+            shutdown_timeout: config.shutdown_timeout,
         })
     }
 
@@ -183,17 +193,53 @@ impl App {
         &self.methods
     }
 
-    /// Serves RPC until a shutdown is requested; then stops serving, removes the RPC socket and
-    /// deletes every controller (which removes their sockets).
+    /// Serves RPC until a shutdown is requested; then stops serving, removes the RPC socket,
+    /// drains the controllers (no new guest requests; those in flight complete and are published
+    /// to the guests, within the shutdown timeout) and deletes every controller (which removes
+    /// their sockets).
     pub fn run(mut self) -> Exit {
         let exit = self.serve();
         // Stop taking requests before tearing down what they would act on.
         drop(self.server.take());
         if exit == Exit::Clean {
+            if !self.drain() {
+                return Exit::DrainTimedOut;
+            }
             delete_all_controllers(self.methods.ops().as_ref());
             tracing::info!("shut down cleanly");
         }
         exit
+    }
+
+    /// Lets the guests' requests in flight complete before the controllers go, so a target
+    /// started again from the same configuration finds every used ring up to date. Returns
+    /// whether they all completed in time.
+    fn drain(&self) -> bool {
+        let timeout = self.shutdown_timeout;
+        tracing::info!(
+            timeout_s = timeout.as_secs_f64(),
+            "stopping: no new guest requests; draining those in flight"
+        );
+        let started = Instant::now();
+        let report = self.methods.ops().drain(timeout);
+        let took = started.elapsed().as_secs_f64();
+        if report.timed_out > 0 {
+            tracing::error!(
+                "shutdown timeout ({:.1} s) hit: {} of {} sessions still had requests in flight \
+                 ({} requests of the others completed); exiting without waiting for them",
+                timeout.as_secs_f64(),
+                report.timed_out,
+                report.sessions + report.timed_out,
+                report.requests
+            );
+            return false;
+        }
+        tracing::info!(
+            "drained {} requests in flight from {} sessions in {took:.3} s",
+            report.requests,
+            report.sessions
+        );
+        true
     }
 
     fn serve(&mut self) -> Exit {
@@ -295,6 +341,7 @@ mod tests {
             ignore_init_errors: false,
             no_default: false,
             log_level: "info".into(),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
         }
     }
 

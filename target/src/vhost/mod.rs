@@ -88,6 +88,29 @@ pub enum DeviceOp {
         /// Acknowledged once drained; the reactor drops the device after replying.
         reply: Reply<()>,
     },
+    /// The process is stopping: every queue (and any queue started later) stops taking new
+    /// requests; the requests in flight complete as usual, their used entries are published and
+    /// the driver is notified. The device stays (the connection is closed later), so the
+    /// frontend's used index then matches everything the device took, and a restarted target
+    /// has nothing to resubmit.
+    Drain {
+        /// Told [`DrainProgress::Closed`] at once, then [`DrainProgress::Drained`] once nothing
+        /// is in flight and the used rings are published. Needs room for both (a channel of
+        /// capacity 2), so the reactor never blocks on it.
+        reply: Reply<DrainProgress>,
+    },
+}
+
+/// What a device tells the sender of a [`DeviceOp::Drain`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainProgress {
+    /// No queue takes new requests any more; this many were in flight.
+    Closed {
+        /// Requests in flight when the drain began.
+        in_flight: usize,
+    },
+    /// They all completed and were published.
+    Drained,
 }
 
 impl std::fmt::Debug for DeviceOp {
@@ -98,6 +121,7 @@ impl std::fmt::Debug for DeviceOp {
             DeviceOp::StopQueue { .. } => "StopQueue",
             DeviceOp::SetCall { .. } => "SetCall",
             DeviceOp::Remove { .. } => "Remove",
+            DeviceOp::Drain { .. } => "Drain",
         };
         f.write_str(name)
     }
@@ -232,6 +256,9 @@ struct SessionEntry {
 #[derive(Debug, Default)]
 struct ServerShared {
     stop: AtomicBool,
+    /// The process is stopping: connections are still served, but no new session starts (its
+    /// device would take requests a drain does not wait for).
+    refuse_sessions: AtomicBool,
     /// Connected sessions. Held while a session's device is created or removed, so a hot-detach
     /// cannot slip between the two.
     sessions: Mutex<Vec<SessionEntry>>,
@@ -320,6 +347,17 @@ impl VhostServer {
         let sessions = lock(&self.shared.sessions);
         let ids: Vec<DeviceId> = sessions.iter().map(|s| s.device).collect();
         f(&ids)
+    }
+
+    /// Starts no session for new connections from now on (they are closed at once); connected
+    /// sessions go on. Returns the devices of the sessions connected now, which are all the
+    /// server will ever have.
+    pub fn refuse_new_sessions(&self) -> Vec<DeviceId> {
+        let sessions = lock(&self.shared.sessions);
+        // Set under the lock `open` checks it under: a session either is listed here or sees
+        // the flag.
+        self.shared.refuse_sessions.store(true, Ordering::SeqCst);
+        sessions.iter().map(|s| s.device).collect()
     }
 
     /// Closes every connection (draining its device), stops the threads and removes the socket.
@@ -431,7 +469,9 @@ impl SessionThread {
         let mut sessions = lock(&self.shared.sessions);
         // Checked under the lock `stop` takes after setting the flag: either `stop` sees this
         // session and shuts its socket down, or this sees the flag.
-        if self.shared.stop.load(Ordering::SeqCst) {
+        if self.shared.stop.load(Ordering::SeqCst)
+            || self.shared.refuse_sessions.load(Ordering::SeqCst)
+        {
             return None;
         }
         let connection = match stream.try_clone() {

@@ -10,8 +10,10 @@
 //!   one, is in flight, so a frontend swapping tables under constant load cannot make the list
 //!   grow without bound);
 //! - the dispatch of [`DeviceOp`]s: start, stop (`GET_VRING_BASE`, answered once the queue's
-//!   requests completed), call eventfd changes, memory changes, and removal (every queue stops,
-//!   waiting stoppers are answered, and the device goes once nothing is in flight);
+//!   requests completed), call eventfd changes, memory changes, removal (every queue stops,
+//!   waiting stoppers are answered, and the device goes once nothing is in flight) and the drain
+//!   of a stopping process (no queue takes new requests; answered once those in flight completed
+//!   and were published, so the frontend's used index covers everything the device took);
 //! - the slot pool and the completion tag (queue and slot, round-tripped through the bdev);
 //! - the poll skeleton: pop a batch of heads per queue, walk each chain, hand it to the device
 //!   type, poll the device type's completions, then publish each queue's used ring once and write
@@ -40,7 +42,7 @@ use std::sync::Arc;
 use rvhost_core::virtq::{Chain, ChainError};
 
 use super::memory::GuestMemoryTable;
-use super::{DeviceBackend, DeviceId, DeviceOp, QueueSetup, VirtioFeatures};
+use super::{DeviceBackend, DeviceId, DeviceOp, DrainProgress, QueueSetup, VirtioFeatures};
 use crate::bdev::IoMemory;
 use crate::reactor::{Message, ReactorHandle, Reply, Task};
 use vqueue::VirtQueue;
@@ -380,6 +382,10 @@ pub struct VhostDevice<H: RequestHandler> {
     handler_pending: bool,
     remove_reply: Option<Reply<()>>,
     removed: bool,
+    /// The process is stopping: no queue, not even one started later, takes new requests.
+    draining: bool,
+    /// Told [`DrainProgress::Drained`] once nothing is in flight.
+    drain_reply: Option<Reply<DrainProgress>>,
 }
 
 impl<H: RequestHandler> std::fmt::Debug for VhostDevice<H> {
@@ -408,6 +414,8 @@ impl<H: RequestHandler> VhostDevice<H> {
             handler_pending: false,
             remove_reply: None,
             removed: false,
+            draining: false,
+            drain_reply: None,
         }
     }
 
@@ -475,6 +483,18 @@ impl<H: RequestHandler> VhostDevice<H> {
                 self.settle_pending = true;
                 self.settle();
             }
+            DeviceOp::Drain { reply } => {
+                self.draining = true;
+                for q in self.queues.iter_mut().flatten() {
+                    q.close();
+                }
+                let in_flight = self.in_flight();
+                let _ = reply.send(DrainProgress::Closed { in_flight });
+                // A second Drain replaces the first; the first waiter hears "dropped".
+                self.drain_reply = Some(reply);
+                self.settle_pending = true;
+                self.settle();
+            }
         }
     }
 
@@ -508,7 +528,10 @@ impl<H: RequestHandler> VhostDevice<H> {
         }
         // Everything that can fail first, so a refused start changes nothing.
         let state = self.handler.start_queue(index, setup.features)?;
-        let queue = Queue::<H>::new(&setup, state)?;
+        let mut queue = Queue::<H>::new(&setup, state)?;
+        if self.draining {
+            queue.close();
+        }
         if self.queues.len() <= i {
             self.queues.resize_with(i + 1, || None);
         }
@@ -594,6 +617,13 @@ impl<H: RequestHandler> VhostDevice<H> {
                 }
             }
         }
+        if self.drain_reply.is_some() && self.in_flight() == 0 {
+            // Everything completed has been published (above, or in the poll round that
+            // completed it, which publishes before it settles).
+            if let Some(reply) = self.drain_reply.take() {
+                let _ = reply.send(DrainProgress::Drained);
+            }
+        }
         if self.remove_reply.is_some() && self.in_flight() == 0 {
             self.handler.remove();
             self.queues.iter_mut().for_each(|q| *q = None);
@@ -607,6 +637,7 @@ impl<H: RequestHandler> VhostDevice<H> {
         }
         self.settle_pending = self.handler_pending
             || self.remove_reply.is_some()
+            || self.drain_reply.is_some()
             || !self.retired.is_empty()
             || self.queues.iter().flatten().any(VirtQueue::is_stopping);
     }

@@ -51,8 +51,9 @@ pub(super) struct VirtQueue<R, Q> {
     in_flight: usize,
     /// GET_VRING_BASE / disable / remove in progress: no new requests; reply once drained.
     stopping: Option<Reply<Option<u16>>>,
-    /// Remove in progress: no new requests; the queue goes once drained.
-    removing: bool,
+    /// Remove or process stop in progress: no new requests (the queue goes once drained when
+    /// removed).
+    closed: bool,
     /// The driver broke the queue (a chain without a place for the answer, rings outside
     /// memory): nothing more is processed until the frontend restarts the queue.
     broken: bool,
@@ -103,7 +104,7 @@ impl<R: Default + Copy, Q> VirtQueue<R, Q> {
             free: (0..setup.size).rev().collect(),
             in_flight: 0,
             stopping: None,
-            removing: false,
+            closed: false,
             broken: false,
             pushed: false,
             state,
@@ -139,7 +140,7 @@ impl<R, Q> VirtQueue<R, Q> {
     /// Whether new requests may be popped.
     #[inline]
     pub(super) fn accepts_requests(&self) -> bool {
-        self.stopping.is_none() && !self.broken && !self.removing
+        self.stopping.is_none() && !self.broken && !self.closed
     }
 
     /// Free request slots.
@@ -260,7 +261,12 @@ impl<R, Q> VirtQueue<R, Q> {
         if let Some(stop) = self.stopping.take() {
             let _ = stop.send(Some(self.vq.last_avail_idx()));
         }
-        self.removing = true;
+        self.closed = true;
+    }
+
+    /// Takes no new requests from now on; those in flight complete as usual (process stop).
+    pub(super) fn close(&mut self) {
+        self.closed = true;
     }
 
     /// Whether the queue is stopping and has drained, so its stop can be answered.
