@@ -131,6 +131,7 @@ impl Rig {
                     call: None,
                     err: None,
                     memory: Arc::clone(&mem),
+                    inflight: None,
                 },
                 reply: tx,
             });

@@ -23,6 +23,7 @@
 extern crate std;
 
 pub mod blk;
+pub mod inflight;
 pub mod mem;
 pub mod scsi;
 pub mod segments;

@@ -30,6 +30,11 @@
 //! NVMe queues and bounce buffers) and [`SharedDmaMemory`] (shared between reactors, copy-only:
 //! a RAM bdev's backing store).
 //!
+//! **Inflight regions** ([`inflight`]): [`InflightMemory::create`] (a sealed memfd for
+//! `GET_INFLIGHT_FD`), [`InflightMemory::map`] (a frontend's region for `SET_INFLIGHT_FD`: sealed
+//! against shrinking, long enough, page-aligned offset), copies in and out, and single release
+//! stores of 1, 2 and 8 bytes for the per-request bookkeeping.
+//!
 //! **Reactor placement** ([`cpu`]): [`CpuSet`] parses SPDK masks (`0x3`, `3`, `[0,1]`,
 //! `[0-3,5]`) and prints them SPDK's way (`0x3`); [`allowed_cores`], [`online_cores`],
 //! [`pin_current_thread`], and [`pin_reactor`] which also binds the thread's memory to the core's
@@ -56,6 +61,7 @@ pub mod cpu;
 pub mod dma;
 pub mod eventfd;
 pub mod host;
+pub mod inflight;
 pub mod listener;
 pub mod memory;
 pub mod spsc;
@@ -68,6 +74,7 @@ pub use cpu::{
 pub use dma::{DmaBuffer, DmaError, DmaMapper, PageKind, PagePolicy, SharedDmaMemory};
 pub use eventfd::{EventFd, EventFdError};
 pub use host::{copy_between, HostMemory};
+pub use inflight::{InflightMemory, InflightMemoryError};
 pub use listener::{ControlListener, ListenError, ListenerHandle};
 pub use memory::{MemoryTable, MemoryTableError, RegionSpec, MAX_MEM_SLOTS};
 pub use rvhost_core::mem::MemError;

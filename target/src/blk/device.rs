@@ -547,6 +547,7 @@ mod tests {
                 call: None,
                 err: None,
                 memory: Arc::clone(&self.mem),
+                inflight: None,
             };
             let (tx, rx) = reply();
             self.device.apply(DeviceOp::StartQueue {

@@ -13,8 +13,11 @@
 //! - virtio features: the device's (see [`DeviceBackend::features`]) plus
 //!   `VHOST_USER_F_PROTOCOL_FEATURES`;
 //! - protocol features: `MQ`, `CONFIG` (read-only config space), `REPLY_ACK`,
-//!   `CONFIGURE_MEM_SLOTS` (up to [`rvhost_platform_linux::MAX_MEM_SLOTS`] regions) and
-//!   `RESET_DEVICE`; no dirty logging, inflight tracking or device-state transfer;
+//!   `CONFIGURE_MEM_SLOTS` (up to [`rvhost_platform_linux::MAX_MEM_SLOTS`] regions),
+//!   `RESET_DEVICE` and `INFLIGHT_SHMFD` (the inflight log of [`inflight`]: `GET_INFLIGHT_FD`
+//!   allocates a sealed memfd, `SET_INFLIGHT_FD` maps the one a frontend kept across a restart;
+//!   each queue then resubmits what the previous backend left unfinished); no dirty logging or
+//!   device-state transfer;
 //! - refusals: a request that is merely unacceptable (a vring size over the device's limit, ring
 //!   addresses outside the memory table, a config write) gets a negative `REPLY_ACK` and the
 //!   session goes on; a memory table that cannot be mapped as described (overlaps, regions past
@@ -22,6 +25,7 @@
 //!   the connection.
 
 pub mod device;
+pub mod inflight;
 pub mod memory;
 pub mod session;
 
@@ -191,6 +195,9 @@ pub struct QueueSetup {
     pub err: Option<Arc<EventNotifier>>,
     /// The memory table in force when the queue starts.
     pub memory: Arc<GuestMemoryTable>,
+    /// The queue's part of the inflight region (`INFLIGHT_SHMFD` negotiated and a region set):
+    /// the queue resubmits what it lists and logs every request in it.
+    pub inflight: Option<inflight::InflightQueue>,
 }
 
 /// The device-specific side of a vhost-user controller (vhost-blk, vhost-scsi).

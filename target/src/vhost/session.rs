@@ -25,6 +25,7 @@ use std::os::fd::OwnedFd;
 
 use rvhost_platform_linux::MAX_MEM_SLOTS;
 
+use super::inflight::InflightRegion;
 use super::memory::{GuestMemoryTable, RegionSpec};
 use super::{DeviceBackend, EventNotifier, QueueSetup, VirtioFeatures};
 use super::{DeviceId, DeviceOp};
@@ -36,7 +37,22 @@ pub const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatur
     .union(VhostUserProtocolFeatures::CONFIG)
     .union(VhostUserProtocolFeatures::REPLY_ACK)
     .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
-    .union(VhostUserProtocolFeatures::RESET_DEVICE);
+    .union(VhostUserProtocolFeatures::RESET_DEVICE)
+    .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+
+/// Environment switch for tests only: set to `1`, the target does not offer `INFLIGHT_SHMFD`, so
+/// a restart under out-of-order I/O loses requests (the negative control of the restart tests).
+pub const NO_INFLIGHT_ENV: &str = "RVHOST_TEST_NO_INFLIGHT";
+
+/// The protocol features offered to a new session ([`PROTOCOL_FEATURES`], less inflight
+/// tracking when [`NO_INFLIGHT_ENV`] is set).
+pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
+    if std::env::var_os(NO_INFLIGHT_ENV).is_some_and(|v| v == "1") {
+        PROTOCOL_FEATURES.difference(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    } else {
+        PROTOCOL_FEATURES
+    }
+}
 
 /// The control thread's record of one vring.
 #[derive(Debug, Default)]
@@ -64,9 +80,12 @@ pub struct Session {
     id: DeviceId,
     offered_features: u64,
     acked_features: u64,
+    offered_protocol_features: VhostUserProtocolFeatures,
     acked_protocol_features: u64,
     vrings: Vec<VringState>,
     memory: Option<Arc<GuestMemoryTable>>,
+    /// The inflight region (`GET_INFLIGHT_FD` made it or `SET_INFLIGHT_FD` handed it over).
+    inflight: Option<Arc<InflightRegion>>,
     /// Set by a handler method that refused a request: `Some(true)` means the connection must be
     /// dropped (its device state can no longer be trusted), `Some(false)` that a negative
     /// acknowledgement was enough.
@@ -115,9 +134,11 @@ impl Session {
             id,
             offered_features,
             acked_features: 0,
+            offered_protocol_features: offered_protocol_features(),
             acked_protocol_features: 0,
             vrings,
             memory: None,
+            inflight: None,
             refused: None,
         }
     }
@@ -182,6 +203,22 @@ impl Session {
         let (Some((desc, avail, used)), Some(memory)) = (vring.addrs, self.memory.clone()) else {
             return Ok(());
         };
+        let index = u16::try_from(idx).unwrap_or(u16::MAX);
+        let inflight_negotiated =
+            self.acked_protocol_features & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() != 0;
+        let inflight = match &self.inflight {
+            Some(region) if inflight_negotiated => match region.queue(index) {
+                Some(part) => Some(part),
+                None => {
+                    return refuse(
+                        self,
+                        false,
+                        format_args!("vring {idx} has no part in the inflight region"),
+                    )
+                }
+            },
+            _ => None,
+        };
         let setup = QueueSetup {
             size: vring.size,
             desc_gpa: desc,
@@ -192,8 +229,8 @@ impl Session {
             call: vring.call.clone(),
             err: vring.err.clone(),
             memory,
+            inflight,
         };
-        let index = u16::try_from(idx).unwrap_or(u16::MAX);
         let started = self
             .reactor
             .task_call(self.id, |reply| DeviceOp::StartQueue {
@@ -210,6 +247,19 @@ impl Session {
             Ok(Err(why)) => refuse(self, false, format_args!("vring {idx} not started: {why}")),
             Err(err) => refuse(self, true, format_args!("vring {idx}: {err}")),
         }
+    }
+
+    /// Checks the queue count and size a frontend asks an inflight region for.
+    fn check_inflight_shape(&self, num_queues: u16, queue_size: u16) -> Result<(), String> {
+        let max_queues = self.backend.max_queues();
+        let max_size = self.backend.max_queue_size();
+        if num_queues == 0 || num_queues > max_queues {
+            return Err(format!("{num_queues} queues (1..={max_queues})"));
+        }
+        if queue_size == 0 || queue_size > max_size || !queue_size.is_power_of_two() {
+            return Err(format!("queue size {queue_size} (max {max_size})"));
+        }
+        Ok(())
     }
 
     fn stop_all(&mut self) -> VuResult<()> {
@@ -466,11 +516,11 @@ impl VhostUserBackendReqHandlerMut for Session {
     }
 
     fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
-        Ok(PROTOCOL_FEATURES)
+        Ok(self.offered_protocol_features)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
-        let offered = PROTOCOL_FEATURES.bits();
+        let offered = self.offered_protocol_features.bits();
         if features & !offered != 0 {
             return refuse(
                 self,
@@ -540,13 +590,66 @@ impl VhostUserBackendReqHandlerMut for Session {
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> VuResult<(VhostUserInflight, File)> {
-        refuse(self, false, "inflight tracking not supported")
+        let (num_queues, queue_size) = (inflight.num_queues, inflight.queue_size);
+        if let Err(why) = self.check_inflight_shape(num_queues, queue_size) {
+            return refuse(self, false, format_args!("GET_INFLIGHT_FD: {why}"));
+        }
+        let region = match InflightRegion::create(num_queues, queue_size) {
+            Ok(region) => Arc::new(region),
+            Err(why) => return refuse(self, false, format_args!("GET_INFLIGHT_FD: {why}")),
+        };
+        let file = match region.file().try_clone_to_owned() {
+            Ok(fd) => File::from(fd),
+            Err(err) => return refuse(self, false, format_args!("GET_INFLIGHT_FD: {err}")),
+        };
+        let reply = VhostUserInflight {
+            mmap_size: u64::try_from(region.len()).unwrap_or(u64::MAX),
+            mmap_offset: 0,
+            num_queues,
+            queue_size,
+        };
+        tracing::debug!(
+            device = self.id.0,
+            num_queues,
+            queue_size,
+            bytes = region.len(),
+            "inflight region allocated"
+        );
+        self.inflight = Some(region);
+        Ok((reply, file))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
-        refuse(self, false, "inflight tracking not supported")
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        let (num_queues, queue_size) = (inflight.num_queues, inflight.queue_size);
+        if let Err(why) = self.check_inflight_shape(num_queues, queue_size) {
+            return refuse(self, true, format_args!("SET_INFLIGHT_FD: {why}"));
+        }
+        if self.vrings.iter().any(|v| v.running) {
+            return refuse(self, true, "SET_INFLIGHT_FD while vrings are running");
+        }
+        match InflightRegion::map(
+            OwnedFd::from(file),
+            inflight.mmap_offset,
+            inflight.mmap_size,
+            num_queues,
+            queue_size,
+        ) {
+            Ok(region) => {
+                tracing::debug!(
+                    device = self.id.0,
+                    num_queues,
+                    queue_size,
+                    "inflight region mapped"
+                );
+                self.inflight = Some(Arc::new(region));
+                Ok(())
+            }
+            // The device cannot keep its promise to the frontend without the region: the
+            // connection goes (the frontend reconnects), the process and other devices stay.
+            Err(why) => refuse(self, true, format_args!("SET_INFLIGHT_FD: {why}")),
+        }
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {

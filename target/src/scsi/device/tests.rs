@@ -99,6 +99,7 @@ impl Rig {
                 call: None,
                 err: None,
                 memory: Arc::clone(&mem),
+                inflight: None,
             };
             let (tx, rx) = sync_channel(1);
             device.apply_op(DeviceOp::StartQueue {

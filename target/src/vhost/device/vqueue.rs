@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use rvhost_core::virtq::{Chain, QueueConfig, SplitQueue};
 
+use super::super::inflight::InflightLog;
 use super::super::memory::GuestMemoryTable;
 use super::super::{DeviceId, EventNotifier, QueueSetup};
 use crate::reactor::Reply;
@@ -59,6 +60,11 @@ pub(super) struct VirtQueue<R, Q> {
     broken: bool,
     /// Used elements were pushed since the last publish.
     pushed: bool,
+    /// The inflight log, when the frontend negotiated `INFLIGHT_SHMFD` and gave a region.
+    inflight: Option<InflightLog>,
+    /// Heads the inflight log says were popped and never completed by an earlier backend, in
+    /// the order they were popped: started before any new avail entry.
+    pub(super) resubmit: Vec<u16>,
     /// What the device type keeps per queue (blk: the request limits negotiated for it).
     pub(super) state: Q,
 }
@@ -92,7 +98,20 @@ impl<R: Default + Copy, Q> VirtQueue<R, Q> {
         vq.set_last_avail_idx(setup.last_avail);
         // The used index the driver has seen is what is in the ring (equal to last_avail after a
         // clean stop; after a backend restart it is the only trustworthy value).
-        vq.sync_used_idx_from_ring(mem).map_err(|e| e.to_string())?;
+        let used_idx = vq.sync_used_idx_from_ring(mem).map_err(|e| e.to_string())?;
+        let (inflight, resubmit) = match &setup.inflight {
+            Some(part) => {
+                let (log, resubmit) =
+                    InflightLog::start(part.clone(), setup.size, used_idx, setup.features.0)?;
+                // The heads still inflight are the ones popped after the last used one (popped in
+                // avail order, marked in that order): the next new head follows them. This is
+                // what the frontend's base would be had the old backend stopped cleanly.
+                let pending = u16::try_from(resubmit.len()).unwrap_or(u16::MAX);
+                vq.set_last_avail_idx(used_idx.wrapping_add(pending));
+                (Some(log), resubmit)
+            }
+            None => (None, Vec::new()),
+        };
         vq.disable_kicks(mem).map_err(|e| e.to_string())?;
         Ok(VirtQueue {
             vq,
@@ -107,6 +126,8 @@ impl<R: Default + Copy, Q> VirtQueue<R, Q> {
             closed: false,
             broken: false,
             pushed: false,
+            inflight,
+            resubmit,
             state,
         })
     }
@@ -168,6 +189,9 @@ impl<R, Q> VirtQueue<R, Q> {
         slot.generation = generation;
         slot.request = R::default();
         self.in_flight += 1;
+        if let Some(log) = &mut self.inflight {
+            log.mark(head);
+        }
         Some(index)
     }
 
@@ -208,6 +232,10 @@ impl<R, Q> VirtQueue<R, Q> {
         if let Err(err) = self.vq.push_used(mem, head, len) {
             tracing::error!(device = device.0, %err, "used ring write failed; queue stopped");
             self.broken = true;
+            return;
+        }
+        if let Some(log) = &mut self.inflight {
+            log.link(head);
         }
     }
 
@@ -227,6 +255,9 @@ impl<R, Q> VirtQueue<R, Q> {
             tracing::error!(device = device.0, queue, %err, "publishing used ring failed; queue stopped");
             self.broken = true;
             return;
+        }
+        if let Some(log) = &mut self.inflight {
+            log.published(self.vq.used_idx());
         }
         match self.vq.needs_notification(mem) {
             Ok(true) => {
