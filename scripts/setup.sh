@@ -4,7 +4,7 @@
 set -euo pipefail
 
 need_apt=()
-for pkg in libhwloc-dev libudev-dev pkg-config qemu-system-x86 qemu-system-common busybox-static cpio kmod sg3-utils; do
+for pkg in libhwloc-dev libudev-dev pkg-config qemu-system-x86 qemu-system-common busybox-static cpio kmod sg3-utils systemd; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM};
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::{fmt, reload, EnvFilter};
@@ -53,6 +54,21 @@ fn init_logging(level: &str) -> LogControl {
     })
 }
 
+/// Tells systemd (`Type=notify`, through `NOTIFY_SOCKET`; nothing without it) that start-up is
+/// complete. [`App::start`] returns only once the start-up configuration is applied, so every
+/// configured controller's socket listens, and the RPC socket is bound last.
+fn notify_ready(app: &App, config: &AppConfig) {
+    let controllers = app.methods().ops().controllers(None).map_or(0, |c| c.len());
+    let status = format!(
+        "serving {controllers} controllers; RPC on {}",
+        config.rpc_socket.display()
+    );
+    let states = [NotifyState::Ready, NotifyState::Status(&status)];
+    if let Err(err) = sd_notify::notify(&states) {
+        tracing::warn!(%err, "cannot notify the service manager (NOTIFY_SOCKET) of start-up");
+    }
+}
+
 fn run(cli: &Cli, log: LogControl) -> anyhow::Result<()> {
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [SIGINT, SIGTERM, SIGQUIT, SIGHUP] {
@@ -92,6 +108,7 @@ fn run(cli: &Cli, log: LogControl) -> anyhow::Result<()> {
             return Err(err.into());
         }
     };
+    notify_ready(&app, &config);
     match app.run() {
         Exit::Clean => {}
         Exit::Kill => {

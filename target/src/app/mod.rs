@@ -201,6 +201,10 @@ impl App {
         let exit = self.serve();
         // Stop taking requests before tearing down what they would act on.
         drop(self.server.take());
+        // Tells systemd (Type=notify; nothing without NOTIFY_SOCKET) that the stop has begun.
+        if let Err(err) = sd_notify::notify(&[sd_notify::NotifyState::Stopping]) {
+            tracing::warn!(%err, "cannot notify the service manager (NOTIFY_SOCKET) of the stop");
+        }
         if exit == Exit::Clean {
             if !self.drain() {
                 return Exit::DrainTimedOut;
