@@ -24,7 +24,7 @@ pub struct Chain<const N: usize> {
     first_writable: usize,
     readable_len: u32,
     writable_len: u32,
-    descriptors: u32,
+    pub(super) descriptors: u32,
 }
 
 impl<const N: usize> Default for Chain<N> {
@@ -51,7 +51,7 @@ impl<const N: usize> Chain<N> {
         N
     }
 
-    fn reset(&mut self, head: u16) {
+    pub(super) fn reset(&mut self, head: u16) {
         self.head = head;
         self.segments.clear();
         self.first_writable = 0;
@@ -111,7 +111,7 @@ impl<const N: usize> Chain<N> {
         self.descriptors
     }
 
-    fn push(&mut self, seg: Segment) -> Result<(), ChainErrorKind> {
+    pub(super) fn push(&mut self, seg: Segment) -> Result<(), ChainErrorKind> {
         // Lengths are bounded by the walk's total-length check, which runs first.
         match seg.direction {
             Direction::DeviceReadable => {
@@ -203,6 +203,15 @@ pub enum ChainErrorKind {
         /// The chain buffer's capacity.
         capacity: usize,
     },
+    /// Packed ring: a descriptor of a popped list is no longer the available descriptor it was
+    /// when popped (its wrap bits, `NEXT` or buffer ID changed while the device owned it).
+    PackedDescriptorChanged {
+        /// Its position in the descriptor ring.
+        pos: u16,
+    },
+    /// Packed ring: an indirect descriptor in a list of several (§2.8, "Scatter-Gather Support":
+    /// a list holds either direct descriptors or one indirect one).
+    IndirectInList,
 }
 
 impl ChainErrorKind {
@@ -264,6 +273,15 @@ impl core::fmt::Display for ChainErrorKind {
             }
             ChainErrorKind::CapacityExceeded { capacity } => {
                 write!(f, "chain has more than {capacity} segments")
+            }
+            ChainErrorKind::PackedDescriptorChanged { pos } => {
+                write!(
+                    f,
+                    "descriptor at ring position {pos} changed after it was popped"
+                )
+            }
+            ChainErrorKind::IndirectInList => {
+                f.write_str("indirect descriptor in a list of several descriptors")
             }
         }
     }

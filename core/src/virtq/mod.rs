@@ -57,6 +57,7 @@
 //! ```
 
 mod chain;
+pub mod packed;
 
 pub use chain::{Chain, ChainError, ChainErrorKind};
 

@@ -1,0 +1,785 @@
+//! The packed virtqueue (virtio 1.2 §2.8) as a poll-mode device sees it.
+//!
+//! One descriptor ring serves both directions: the driver marks a descriptor available by
+//! setting its `AVAIL` bit to the driver's ring wrap counter and `USED` to the inverse; the device
+//! marks a list used by writing one used descriptor (buffer ID, written length, `AVAIL` and `USED`
+//! both equal to the device's wrap counter) at its own next position, then skips as many
+//! positions as the list had descriptors. Both counters start at 1 and flip each time their side
+//! passes the end of the ring. Two 4-byte event suppression structures replace the split ring's
+//! flags and event indices.
+//!
+//! [`PackedQueue`] has the split ring's shape (see [`crate::virtq`]), so a device runs the same
+//! poll round on either: `pop_heads` (here the heads are [`PackedHead`]s: a list's position,
+//! descriptor count and buffer ID), `walk_chain` into the same [`Chain`], `push_used`,
+//! `publish_used` once per round, `needs_notification`. The three addresses are those vhost-user
+//! and the transports pass for any ring, in a [`QueueConfig`]: `desc_table` is the descriptor
+//! ring, `avail_ring` the Driver Area (driver event suppression), `used_ring` the Device Area
+//! (device event suppression).
+//!
+//! ```
+//! use rvhost_core::mem::{ByteMemory, GuestMemory};
+//! use rvhost_core::virtio::{bit, feature};
+//! use rvhost_core::virtq::packed::{avail_bits, PackedDesc, PackedHead, PackedQueue};
+//! use rvhost_core::virtq::{Chain, QueueConfig};
+//! use core::sync::atomic::Ordering;
+//!
+//! // A 64 KiB guest with a 16-entry ring at 0x0, driver area at 0x100, device area at 0x104.
+//! let mut ram = vec![0u8; 0x1_0000];
+//! let mem = ByteMemory::new(0, 0x7f00_0000_0000, &mut ram);
+//! let config = QueueConfig { size: 16, desc_table: 0x0, avail_ring: 0x100, used_ring: 0x104 };
+//! let features = bit(feature::VIRTIO_F_VERSION_1) | bit(feature::VIRTIO_F_RING_PACKED);
+//! let mut queue = PackedQueue::new(config, features)?;
+//! queue.check_rings(&mem)?;
+//!
+//! // What a driver does: buffer 3, one writable 512-byte element, available in lap 1.
+//! let desc = PackedDesc { addr: 0x1000, len: 512, id: 3, flags: 2 | avail_bits(true) };
+//! mem.write(0x0, &desc.to_bytes())?;
+//!
+//! let mut heads = [PackedHead::default(); 32];
+//! let mut chain: Chain<128> = Chain::new();
+//!
+//! // --- one poll round ---
+//! queue.disable_kicks(&mem)?;
+//! let popped = queue.pop_heads(&mem, &mut heads)?;
+//! for &head in &heads[..popped] {
+//!     match queue.walk_chain(&mem, head, &mut chain) {
+//!         Ok(()) => queue.push_used(&mem, head, chain.writable_len())?,
+//!         // As with the split ring: fail the request through its status segment, or return it
+//!         // unused if `head_is_valid()`, else mark the device DEVICE_NEEDS_RESET.
+//!         Err(e) => { let _ = e; }
+//!     }
+//! }
+//! queue.publish_used(&mem)?; // the batch's first used descriptor's flags, written last
+//! if queue.needs_notification(&mem)? {
+//!     // write 1 to the call eventfd
+//! }
+//! let mut used = [0u8; 16];
+//! mem.read(0x0, &mut used)?;
+//! let used = PackedDesc::from_bytes(&used);
+//! assert_eq!((used.id, used.len, used.flags), (3, 512, 0x8082)); // AVAIL|USED|WRITE
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod desc;
+mod walk;
+
+pub use desc::{
+    avail_bits, is_available, pack_off_wrap, used_bits, EventSuppress, PackedDesc, DESC_RING_ALIGN,
+    EVENT_SUPPRESS_ALIGN, EVENT_SUPPRESS_SIZE, MAX_PACKED_QUEUE_SIZE, RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE, RING_EVENT_FLAGS_MASK, RING_EVENT_WRAP_BIT,
+    VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_USED,
+    VIRTQ_DESC_F_WRITE,
+};
+pub use walk::MAX_INDIRECT_ENTRIES;
+
+use core::sync::atomic::{fence, Ordering};
+
+use crate::mem::{GuestMemory, MemError};
+use crate::virtio::{feature, has_feature};
+use crate::virtq::{Chain, ChainError, QueueConfig, POP_SPLIT_ABOVE};
+
+use desc::{FLAGS_OFFSET, ID_OFFSET, LEN_OFFSET};
+
+/// One of the three parts of a packed virtqueue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackedRingPart {
+    /// The descriptor ring (Descriptor Area).
+    DescRing,
+    /// The driver event suppression structure (Driver Area): read by the device.
+    DriverEvent,
+    /// The device event suppression structure (Device Area): written by the device.
+    DeviceEvent,
+}
+
+/// An error configuring or accessing a packed virtqueue. Every one of them means the queue cannot
+/// be trusted any more: the device should set `DEVICE_NEEDS_RESET`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackedQueueError {
+    /// The queue size is zero or above 32768.
+    InvalidSize(u16),
+    /// A part's address violates its required alignment (§2.8, "Structure Size and Alignment").
+    Misaligned {
+        /// Which part.
+        part: PackedRingPart,
+        /// Its guest address.
+        addr: u64,
+    },
+    /// A part does not lie inside one mapped region, or an access to it failed.
+    Memory {
+        /// Which part.
+        part: PackedRingPart,
+        /// Why.
+        err: MemError,
+    },
+    /// A descriptor after the first of a list (the one before it has `NEXT`) is not marked
+    /// available for its lap: the driver must write the whole list before its first descriptor.
+    NotAvailable {
+        /// Ring position of the descriptor.
+        pos: u16,
+    },
+    /// A list is longer than the queue (a `NEXT` on every descriptor).
+    ListTooLong {
+        /// Ring position of the list's first descriptor.
+        pos: u16,
+    },
+    /// The driver made available more descriptors than the ring holds: one the device had
+    /// popped and not yet returned is marked available again.
+    Overcommitted {
+        /// Ring position of the list's first descriptor.
+        pos: u16,
+    },
+    /// The device tried to return a buffer ID that is not below the queue size.
+    UsedIdOutOfRange {
+        /// The offending ID.
+        id: u16,
+    },
+    /// The device tried to return a list of zero descriptors, or more descriptors than it has
+    /// popped and not yet returned (a [`PackedHead`] that does not come from this queue).
+    UsedCountInvalid {
+        /// The list's descriptor count.
+        count: u16,
+        /// Descriptors popped and not yet returned.
+        outstanding: u16,
+    },
+    /// A ring position (vhost-user vring base: position in bits 0..15, wrap counter in bit 15)
+    /// that is not below the queue size, or a used position more than a ring ahead of or behind
+    /// the available one.
+    InvalidRingState {
+        /// The value as given.
+        value: u16,
+    },
+}
+
+impl core::fmt::Display for PackedQueueError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            PackedQueueError::InvalidSize(size) => {
+                write!(f, "packed queue size {size} is not in 1..=32768")
+            }
+            PackedQueueError::Misaligned { part, addr } => {
+                write!(f, "{part:?} at {addr:#x} is misaligned")
+            }
+            PackedQueueError::Memory { part, err } => write!(f, "{part:?}: {err}"),
+            PackedQueueError::NotAvailable { pos } => write!(
+                f,
+                "descriptor at ring position {pos} continues a list but is not available"
+            ),
+            PackedQueueError::ListTooLong { pos } => write!(
+                f,
+                "list at ring position {pos} is longer than the queue (loop?)"
+            ),
+            PackedQueueError::Overcommitted { pos } => write!(
+                f,
+                "list at ring position {pos} reuses descriptors the device has not returned"
+            ),
+            PackedQueueError::UsedIdOutOfRange { id } => {
+                write!(f, "used buffer id {id} is outside the queue")
+            }
+            PackedQueueError::UsedCountInvalid { count, outstanding } => write!(
+                f,
+                "returning {count} descriptors with {outstanding} outstanding"
+            ),
+            PackedQueueError::InvalidRingState { value } => {
+                write!(f, "ring position {value:#x} is outside the queue")
+            }
+        }
+    }
+}
+
+impl core::error::Error for PackedQueueError {}
+
+/// A list popped from the packed ring: what [`PackedQueue::walk_chain`] needs to read it and
+/// [`PackedQueue::push_used`] needs to return it. A device keeps it with the request (it is
+/// `Copy`, six bytes) as it keeps the head index of a split-ring chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PackedHead {
+    /// Buffer ID, from the list's last descriptor: what goes into the used descriptor.
+    pub id: u16,
+    /// Ring position of the list's first descriptor.
+    pub pos: u16,
+    /// Descriptors the list occupies in the ring (an indirect table counts as one).
+    pub count: u16,
+    /// The driver's wrap counter in the lap of `pos`.
+    pub wrap: bool,
+}
+
+/// The device side of one packed virtqueue.
+#[derive(Debug, Clone)]
+pub struct PackedQueue {
+    config: QueueConfig,
+    event_idx: bool,
+    indirect: bool,
+    /// Next ring position to pop, and the driver's wrap counter there.
+    next_avail: u16,
+    avail_wrap: bool,
+    /// Next ring position to write a used descriptor at, and the device's wrap counter there
+    /// (includes pushed but unpublished descriptors).
+    next_used: u16,
+    used_wrap: bool,
+    /// Descriptors popped and not yet returned: the ring positions `next_used..next_avail`.
+    outstanding: u16,
+    /// The first used descriptor pushed since the last publish (position, flags): its flags are
+    /// written last, by [`PackedQueue::publish_used`], so the driver (which polls only its next
+    /// position) sees the batch at once.
+    unpublished_head: Option<(u16, u16)>,
+    /// Descriptors pushed since the last publish.
+    unpublished: u32,
+    /// The used position as last published, and the device's wrap counter there.
+    published_used: u16,
+    published_wrap: bool,
+    /// Descriptors published since the last notification decision.
+    unsignalled: u32,
+    /// The published used position at the last notification decision; `None` until the first,
+    /// after which the driver is notified unconditionally once (as the split ring does).
+    signalled: Option<(u16, bool)>,
+    /// What the device event suppression structure was last set to (so that polling rounds do
+    /// not dirty its cache line with the same value).
+    kicks: Option<EventSuppress>,
+}
+
+impl PackedQueue {
+    /// A queue at `config` with the negotiated `features` (only `VIRTIO_F_RING_EVENT_IDX` and
+    /// `VIRTIO_F_RING_INDIRECT_DESC` matter here). Both wrap counters start at 1, both positions
+    /// at 0 (§2.8, "Driver and Device Ring Wrap Counters").
+    pub fn new(config: QueueConfig, features: u64) -> Result<Self, PackedQueueError> {
+        if config.size == 0 || config.size > MAX_PACKED_QUEUE_SIZE {
+            return Err(PackedQueueError::InvalidSize(config.size));
+        }
+        for (part, addr, align) in [
+            (PackedRingPart::DescRing, config.desc_table, DESC_RING_ALIGN),
+            (
+                PackedRingPart::DriverEvent,
+                config.avail_ring,
+                EVENT_SUPPRESS_ALIGN,
+            ),
+            (
+                PackedRingPart::DeviceEvent,
+                config.used_ring,
+                EVENT_SUPPRESS_ALIGN,
+            ),
+        ] {
+            if addr % align != 0 {
+                return Err(PackedQueueError::Misaligned { part, addr });
+            }
+        }
+        Ok(PackedQueue {
+            config,
+            event_idx: has_feature(features, feature::VIRTIO_F_RING_EVENT_IDX),
+            indirect: has_feature(features, feature::VIRTIO_F_RING_INDIRECT_DESC),
+            next_avail: 0,
+            avail_wrap: true,
+            next_used: 0,
+            used_wrap: true,
+            outstanding: 0,
+            unpublished_head: None,
+            unpublished: 0,
+            published_used: 0,
+            published_wrap: true,
+            unsignalled: 0,
+            signalled: None,
+            kicks: None,
+        })
+    }
+
+    /// The queue's addresses and size.
+    pub fn config(&self) -> QueueConfig {
+        self.config
+    }
+
+    /// The queue size.
+    pub fn size(&self) -> u16 {
+        self.config.size
+    }
+
+    /// Whether `VIRTIO_F_RING_EVENT_IDX` was negotiated.
+    pub fn event_idx_enabled(&self) -> bool {
+        self.event_idx
+    }
+
+    /// Whether `VIRTIO_F_RING_INDIRECT_DESC` was negotiated.
+    pub fn indirect_enabled(&self) -> bool {
+        self.indirect
+    }
+
+    /// Descriptors popped and not yet returned.
+    pub fn outstanding(&self) -> u16 {
+        self.outstanding
+    }
+
+    /// Checks that the three parts lie inside mapped guest memory (call after the rings are
+    /// configured and after every memory-table change).
+    pub fn check_rings<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<(), PackedQueueError> {
+        for (part, addr, len) in [
+            (
+                PackedRingPart::DescRing,
+                self.config.desc_table,
+                PackedDesc::SIZE as u64 * u64::from(self.config.size),
+            ),
+            (
+                PackedRingPart::DriverEvent,
+                self.config.avail_ring,
+                EVENT_SUPPRESS_SIZE,
+            ),
+            (
+                PackedRingPart::DeviceEvent,
+                self.config.used_ring,
+                EVENT_SUPPRESS_SIZE,
+            ),
+        ] {
+            mem.translate(addr, len)
+                .map_err(|err| PackedQueueError::Memory { part, err })?;
+        }
+        Ok(())
+    }
+
+    /// The next position to pop and the driver's wrap counter there, in the vhost-user vring base
+    /// form of a packed ring (`GET_VRING_BASE`): position in bits 0..15, wrap counter in bit 15.
+    pub fn last_avail_idx(&self) -> u16 {
+        pack_off_wrap(self.next_avail, self.avail_wrap)
+    }
+
+    /// Sets the next position to pop (vhost-user `SET_VRING_BASE`, the form of
+    /// [`PackedQueue::last_avail_idx`]). The used position follows it, with nothing outstanding,
+    /// as for a queue that starts or restarts after every buffer was returned; a reconnect with
+    /// requests in flight sets it afterwards with [`PackedQueue::set_used_idx`].
+    pub fn set_last_avail_idx(&mut self, value: u16) -> Result<(), PackedQueueError> {
+        let (pos, wrap) = self.unpack(value)?;
+        self.next_avail = pos;
+        self.avail_wrap = wrap;
+        self.reset_used(pos, wrap);
+        self.outstanding = 0;
+        Ok(())
+    }
+
+    /// The next position to write a used descriptor at and the device's wrap counter there
+    /// (same form as [`PackedQueue::last_avail_idx`]); includes pushed, unpublished descriptors.
+    pub fn used_idx(&self) -> u16 {
+        pack_off_wrap(self.next_used, self.used_wrap)
+    }
+
+    /// Sets the used position (reconnecting with requests in flight): the descriptors between it
+    /// and the available position count as popped and not returned. Drops unpublished used
+    /// descriptors and forgets the last notification, so the next
+    /// [`PackedQueue::needs_notification`] says yes.
+    pub fn set_used_idx(&mut self, value: u16) -> Result<(), PackedQueueError> {
+        let (pos, wrap) = self.unpack(value)?;
+        let outstanding = self.distance((pos, wrap), (self.next_avail, self.avail_wrap));
+        let outstanding =
+            u16::try_from(outstanding).map_err(|_| PackedQueueError::InvalidRingState { value })?;
+        if outstanding > self.config.size {
+            return Err(PackedQueueError::InvalidRingState { value });
+        }
+        self.reset_used(pos, wrap);
+        self.outstanding = outstanding;
+        Ok(())
+    }
+
+    fn reset_used(&mut self, pos: u16, wrap: bool) {
+        self.next_used = pos;
+        self.used_wrap = wrap;
+        self.published_used = pos;
+        self.published_wrap = wrap;
+        self.unpublished_head = None;
+        self.unpublished = 0;
+        self.unsignalled = 0;
+        self.signalled = None;
+    }
+
+    fn unpack(&self, value: u16) -> Result<(u16, bool), PackedQueueError> {
+        let pos = value & !RING_EVENT_WRAP_BIT;
+        if pos >= self.config.size {
+            return Err(PackedQueueError::InvalidRingState { value });
+        }
+        Ok((pos, value & RING_EVENT_WRAP_BIT != 0))
+    }
+
+    /// A position and wrap counter as one number modulo twice the ring: laps with wrap counter 1
+    /// are `0..size`, laps with wrap counter 0 are `size..2 * size`.
+    fn linear(&self, (pos, wrap): (u16, bool)) -> u32 {
+        let size = u32::from(self.config.size);
+        // Positions from the guest (event offsets) may be >= size: reduce them first.
+        let pos = u32::from(pos) % (2 * size);
+        (pos + if wrap { 0 } else { size }) % (2 * size)
+    }
+
+    /// How many positions `to` is ahead of `from`, modulo twice the ring.
+    fn distance(&self, from: (u16, bool), to: (u16, bool)) -> u32 {
+        let twice = 2 * u32::from(self.config.size);
+        (self.linear(to) + twice - self.linear(from)) % twice
+    }
+
+    /// `(pos, wrap)` moved `n <= size` positions on.
+    fn advance(&self, pos: u16, wrap: bool, n: u16) -> (u16, bool) {
+        let size = u32::from(self.config.size);
+        let next = u32::from(pos) + u32::from(n);
+        if next >= size {
+            // `next - size < size <= 32768`.
+            ((next - size) as u16, !wrap)
+        } else {
+            (next as u16, wrap)
+        }
+    }
+
+    /// Guest address of the descriptor at ring position `pos` plus `offset` bytes.
+    fn desc_addr(&self, pos: u16, offset: u64) -> Result<u64, PackedQueueError> {
+        (u64::from(pos) * PackedDesc::SIZE as u64 + offset)
+            .checked_add(self.config.desc_table)
+            .ok_or(PackedQueueError::Memory {
+                part: PackedRingPart::DescRing,
+                err: MemError::Overflow,
+            })
+    }
+
+    /// `flags` of the descriptor at `pos`, loaded with Acquire so that the rest of the descriptor
+    /// (and of its list, which the driver wrote before the first descriptor's flags) is visible.
+    fn load_flags<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        pos: u16,
+    ) -> Result<u16, PackedQueueError> {
+        mem.load_u16(self.desc_addr(pos, FLAGS_OFFSET)?, Ordering::Acquire)
+            .map_err(|err| PackedQueueError::Memory {
+                part: PackedRingPart::DescRing,
+                err,
+            })
+    }
+
+    /// Whether the driver has made a list available at the next position.
+    pub fn has_available<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+    ) -> Result<bool, PackedQueueError> {
+        Ok(is_available(
+            self.load_flags(mem, self.next_avail)?,
+            self.avail_wrap,
+        ))
+    }
+
+    /// Pops the list at the next position, if the driver made one available: follows its `NEXT`
+    /// flags (each descriptor must be available in its lap) to its last descriptor, whose buffer
+    /// ID it reads. Nothing else is validated here; [`PackedQueue::walk_chain`] does that.
+    pub fn pop_head<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<Option<PackedHead>, PackedQueueError> {
+        let start = (self.next_avail, self.avail_wrap);
+        let mut flags = self.load_flags(mem, start.0)?;
+        if !is_available(flags, start.1) {
+            return Ok(None);
+        }
+        let size = self.config.size;
+        let (mut pos, mut wrap) = start;
+        let mut count: u16 = 0;
+        let id = loop {
+            if count == size {
+                return Err(PackedQueueError::ListTooLong { pos: start.0 });
+            }
+            count += 1;
+            if u32::from(self.outstanding) + u32::from(count) > u32::from(size) {
+                return Err(PackedQueueError::Overcommitted { pos: start.0 });
+            }
+            let here = pos;
+            (pos, wrap) = self.advance(pos, wrap, 1);
+            if flags & VIRTQ_DESC_F_NEXT == 0 {
+                let mut raw = [0u8; 2];
+                mem.read(self.desc_addr(here, ID_OFFSET)?, &mut raw)
+                    .map_err(|err| PackedQueueError::Memory {
+                        part: PackedRingPart::DescRing,
+                        err,
+                    })?;
+                break u16::from_le_bytes(raw);
+            }
+            flags = self.load_flags(mem, pos)?;
+            if !is_available(flags, wrap) {
+                return Err(PackedQueueError::NotAvailable { pos });
+            }
+        };
+        self.next_avail = pos;
+        self.avail_wrap = wrap;
+        self.outstanding += count;
+        Ok(Some(PackedHead {
+            id,
+            pos: start.0,
+            count,
+            wrap: start.1,
+        }))
+    }
+
+    /// Pops up to `heads.len()` lists in the order the driver made them available and returns
+    /// how many were written to `heads`.
+    ///
+    /// A malformed list (see [`PackedQueueError`]) stops the batch: the lists before it are
+    /// returned, and the error comes from the next call, which starts at the malformed list.
+    pub fn pop_heads<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        heads: &mut [PackedHead],
+    ) -> Result<usize, PackedQueueError> {
+        let mut popped = 0;
+        for out in heads.iter_mut() {
+            match self.pop_head(mem) {
+                Ok(Some(head)) => *out = head,
+                Ok(None) => break,
+                Err(err) if popped == 0 => return Err(err),
+                Err(_) => break,
+            }
+            popped += 1;
+        }
+        Ok(popped)
+    }
+
+    /// Pops like [`PackedQueue::pop_heads`], but keeps only half (rounded up) of the lists when
+    /// more than [`POP_SPLIT_ABOVE`] were available, for the reason
+    /// [`crate::virtq::SplitQueue::pop_heads_pipelined`] gives. A packed ring has no index that
+    /// says how many lists are pending, so this counts at most `heads.len()` of them and puts the
+    /// second half back (the next round pops them again).
+    pub fn pop_heads_pipelined<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        heads: &mut [PackedHead],
+    ) -> Result<usize, PackedQueueError> {
+        let popped = self.pop_heads(mem, heads)?;
+        if popped <= POP_SPLIT_ABOVE {
+            return Ok(popped);
+        }
+        let take = popped.div_ceil(2);
+        let (Some(first_back), Some(back)) = (heads.get(take), heads.get(take..popped)) else {
+            return Ok(popped);
+        };
+        // These lists were popped just now, so their counts are part of `outstanding`.
+        let returned = back.iter().fold(0u16, |sum, h| sum.saturating_add(h.count));
+        self.next_avail = first_back.pos;
+        self.avail_wrap = first_back.wrap;
+        self.outstanding = self.outstanding.saturating_sub(returned);
+        Ok(take)
+    }
+
+    /// Starts fetching the first buffer of each list (a virtio-blk or virtio-scsi header) before
+    /// any is walked, as [`crate::virtq::SplitQueue::prefetch_chains`] does. Only a hint.
+    pub fn prefetch_chains<M: GuestMemory + ?Sized>(&self, mem: &M, heads: &[PackedHead]) {
+        for head in heads {
+            let Ok(addr) = self.desc_addr(head.pos, 0) else {
+                continue;
+            };
+            let mut raw = [0u8; PackedDesc::SIZE];
+            if mem.read(addr, &mut raw).is_ok() {
+                let desc = PackedDesc::from_bytes(&raw);
+                mem.prefetch(desc.addr, false);
+            }
+        }
+    }
+
+    /// Walks the popped list `head` into `chain` (see [`ChainError`] for how rejections are
+    /// reported; [`ChainError::head`] is the buffer ID). Walk the lists in the order they were
+    /// popped, each before a used descriptor is pushed for a later one: a used descriptor
+    /// overwrites the ring position it is written at, which may hold a popped list.
+    pub fn walk_chain<M: GuestMemory + ?Sized, const N: usize>(
+        &self,
+        mem: &M,
+        head: PackedHead,
+        chain: &mut Chain<N>,
+    ) -> Result<(), ChainError> {
+        let params = walk::WalkParams {
+            ring: self.config.desc_table,
+            size: self.config.size,
+            indirect: self.indirect,
+        };
+        walk::walk(mem, params, head, chain)
+    }
+
+    /// Writes the used descriptor for `head` (its buffer ID, `len` = bytes written into the
+    /// list, `WRITE` if that is not zero, `AVAIL` and `USED` equal to the device's wrap counter)
+    /// at the next used position, and moves that position on by the list's descriptor count.
+    /// The first descriptor pushed after a publish becomes visible only with
+    /// [`PackedQueue::publish_used`]; the driver polls that position, so it sees none of the
+    /// batch before all of it.
+    pub fn push_used<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        head: PackedHead,
+        len: u32,
+    ) -> Result<(), PackedQueueError> {
+        if head.id >= self.config.size {
+            return Err(PackedQueueError::UsedIdOutOfRange { id: head.id });
+        }
+        if head.count == 0 || head.count > self.outstanding {
+            return Err(PackedQueueError::UsedCountInvalid {
+                count: head.count,
+                outstanding: self.outstanding,
+            });
+        }
+        let pos = self.next_used;
+        let memory_err = |err| PackedQueueError::Memory {
+            part: PackedRingPart::DescRing,
+            err,
+        };
+        // `len` and `id` are adjacent (bytes 8..14): one write.
+        let mut len_id = [0u8; 6];
+        crate::wire::set(&mut len_id, 0..4, &len.to_le_bytes());
+        crate::wire::set(&mut len_id, 4..6, &head.id.to_le_bytes());
+        mem.write(self.desc_addr(pos, LEN_OFFSET)?, &len_id)
+            .map_err(memory_err)?;
+        let flags = used_bits(self.used_wrap) | if len > 0 { VIRTQ_DESC_F_WRITE } else { 0 };
+        if self.unpublished_head.is_none() {
+            self.unpublished_head = Some((pos, flags));
+        } else {
+            mem.store_u16(self.desc_addr(pos, FLAGS_OFFSET)?, flags, Ordering::Release)
+                .map_err(memory_err)?;
+        }
+        (self.next_used, self.used_wrap) = self.advance(pos, self.used_wrap, head.count);
+        self.outstanding -= head.count;
+        self.unpublished = self.unpublished.saturating_add(u32::from(head.count));
+        Ok(())
+    }
+
+    /// Makes every pushed used descriptor visible to the driver: one Release store of the flags
+    /// of the first one, which orders every other write of the batch before it.
+    pub fn publish_used<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<(), PackedQueueError> {
+        let Some((pos, flags)) = self.unpublished_head.take() else {
+            return Ok(());
+        };
+        mem.store_u16(self.desc_addr(pos, FLAGS_OFFSET)?, flags, Ordering::Release)
+            .map_err(|err| PackedQueueError::Memory {
+                part: PackedRingPart::DescRing,
+                err,
+            })?;
+        self.published_used = self.next_used;
+        self.published_wrap = self.used_wrap;
+        self.unsignalled = self.unsignalled.saturating_add(self.unpublished);
+        self.unpublished = 0;
+        Ok(())
+    }
+
+    /// [`PackedQueue::push_used`] and [`PackedQueue::publish_used`] in one.
+    pub fn add_used<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        head: PackedHead,
+        len: u32,
+    ) -> Result<(), PackedQueueError> {
+        self.push_used(mem, head, len)?;
+        self.publish_used(mem)
+    }
+
+    /// The driver event suppression structure, `flags` loaded (Acquire) before `off_wrap`: the
+    /// driver writes `off_wrap` first.
+    pub fn driver_event<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+    ) -> Result<EventSuppress, PackedQueueError> {
+        let err = |err| PackedQueueError::Memory {
+            part: PackedRingPart::DriverEvent,
+            err,
+        };
+        let base = self.config.avail_ring;
+        let flags_addr = base.checked_add(2).ok_or(err(MemError::Overflow))?;
+        let flags = mem.load_u16(flags_addr, Ordering::Acquire).map_err(err)?;
+        let off_wrap = mem.load_u16(base, Ordering::Acquire).map_err(err)?;
+        let mut raw = [0u8; EVENT_SUPPRESS_SIZE as usize];
+        crate::wire::set(&mut raw, 0..2, &off_wrap.to_le_bytes());
+        crate::wire::set(&mut raw, 2..4, &flags.to_le_bytes());
+        Ok(EventSuppress::from_bytes(&raw))
+    }
+
+    /// Whether the driver wants a used-buffer notification for what was published since the last
+    /// time this returned (§2.8, "Driver and Device Event Suppression"): `ENABLE` yes, `DISABLE`
+    /// no, `DESC` if one of the used descriptors published since then was written at the
+    /// structure's offset in the lap of its wrap counter. Without `VIRTIO_F_RING_EVENT_IDX` a
+    /// `DESC` (and the reserved mode) counts as `ENABLE`: a notification too many is harmless, a
+    /// missing one hangs the driver. Never if nothing was published since the last decision.
+    /// Call it once per poll round after [`PackedQueue::publish_used`].
+    pub fn needs_notification<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<bool, PackedQueueError> {
+        let new = (self.published_used, self.published_wrap);
+        let advanced = self.unsignalled;
+        let old = self.signalled;
+        if old.is_some() && advanced == 0 {
+            return Ok(false);
+        }
+        // The used flags store must be globally visible before the driver's structure is read,
+        // or a driver that just enabled notifications and saw no used descriptor waits forever.
+        fence(Ordering::SeqCst);
+        let event = self.driver_event(mem)?;
+        self.signalled = Some(new);
+        self.unsignalled = 0;
+        Ok(match (event, old) {
+            (EventSuppress::Disable, _) => false,
+            (EventSuppress::Desc { offset, wrap }, Some(old)) if self.event_idx => {
+                self.crossed((offset, wrap), old, advanced)
+            }
+            _ => true,
+        })
+    }
+
+    /// Whether moving the used position `advanced` descriptors on from `old` wrote at `event`.
+    fn crossed(&self, event: (u16, bool), old: (u16, bool), advanced: u32) -> bool {
+        if advanced >= u32::from(self.config.size) {
+            // Past every position once: whichever lap the driver meant, say yes.
+            return true;
+        }
+        self.distance(old, event) < advanced
+    }
+
+    fn set_device_event<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        event: EventSuppress,
+    ) -> Result<(), PackedQueueError> {
+        if self.kicks == Some(event) {
+            return Ok(());
+        }
+        let err = |err| PackedQueueError::Memory {
+            part: PackedRingPart::DeviceEvent,
+            err,
+        };
+        let raw = event.to_bytes();
+        let base = self.config.used_ring;
+        let flags_addr = base.checked_add(2).ok_or(err(MemError::Overflow))?;
+        // `off_wrap` first, `flags` (what the driver tests first) last.
+        mem.store_u16(base, crate::wire::le_u16(&raw, 0..2), Ordering::Release)
+            .map_err(err)?;
+        mem.store_u16(
+            flags_addr,
+            crate::wire::le_u16(&raw, 2..4),
+            Ordering::Release,
+        )
+        .map_err(err)?;
+        self.kicks = Some(event);
+        Ok(())
+    }
+
+    /// Poll mode: asks the driver not to notify (kick) the device (`RING_EVENT_FLAGS_DISABLE`
+    /// in the device event suppression structure, honoured with or without EVENT_IDX). Written
+    /// once; later calls cost a comparison.
+    pub fn disable_kicks<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<(), PackedQueueError> {
+        self.set_device_event(mem, EventSuppress::Disable)
+    }
+
+    /// Interrupt mode: asks the driver to kick for the next list it makes available (with
+    /// EVENT_IDX: `DESC` at the next position to pop; without: `ENABLE`), then re-checks the
+    /// ring. Returns whether a list is already available (then poll again instead of sleeping).
+    pub fn enable_kicks<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<bool, PackedQueueError> {
+        let event = if self.event_idx {
+            EventSuppress::Desc {
+                offset: self.next_avail,
+                wrap: self.avail_wrap,
+            }
+        } else {
+            EventSuppress::Enable
+        };
+        self.set_device_event(mem, event)?;
+        fence(Ordering::SeqCst);
+        self.has_available(mem)
+    }
+}
