@@ -105,6 +105,8 @@ pub struct Reaped {
     pub flags: u16,
     /// Ring position it was found at.
     pub pos: u16,
+    /// Ring descriptors the list occupied (what the driver skips).
+    pub count: u16,
 }
 
 /// The driver side of one packed ring: wrap counters, free buffer IDs and the length of each
@@ -189,16 +191,13 @@ impl Driver {
         Some((id, first))
     }
 
-    /// Makes `elems` available through one indirect descriptor whose table is at `table`.
-    pub fn add_indirect(
-        &mut self,
-        mem: &ByteMemory<'_>,
-        table: u64,
-        elems: &[Elem],
-    ) -> Option<(u16, u16)> {
-        if self.free == 0 {
+    /// Makes `elems` (at most 16) available through one indirect descriptor; the table goes to
+    /// the buffer ID's own 256-byte slot at [`TABLES`].
+    pub fn add_indirect(&mut self, mem: &ByteMemory<'_>, elems: &[Elem]) -> Option<(u16, u16)> {
+        if self.free == 0 || elems.len() > 16 {
             return None;
         }
+        let table = TABLES + 0x100 * u64::from(*self.free_ids.last()?);
         for (k, e) in elems.iter().enumerate() {
             let d = PackedDesc {
                 addr: e.addr,
@@ -235,15 +234,15 @@ impl Driver {
         let flags = mem
             .load_u16(RING + 16 * u64::from(pos) + 14, Ordering::Acquire)
             .unwrap();
+        // Used in this lap: USED equal to the wrap counter, and AVAIL equal to USED. The second
+        // test matters: a position the device skipped (inside a longer list it used) still holds
+        // the driver's available descriptor from the previous lap, whose USED bit is this lap's
+        // wrap counter (Linux's driver tests both bits for this reason).
         let used = flags & USED != 0;
-        if used != self.used_wrap {
+        let avail = flags & AVAIL != 0;
+        if used != self.used_wrap || avail != used {
             return None;
         }
-        let avail = flags & AVAIL != 0;
-        assert_eq!(
-            avail, used,
-            "used descriptor at {pos}: AVAIL must equal USED"
-        );
         let d = ring_desc(mem, pos);
         let count = self
             .lists
@@ -257,6 +256,7 @@ impl Driver {
             len: d.len,
             flags,
             pos,
+            count,
         })
     }
 }
