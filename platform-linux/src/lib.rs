@@ -75,6 +75,6 @@ pub use dma::{DmaBuffer, DmaError, DmaMapper, PageKind, PagePolicy, SharedDmaMem
 pub use eventfd::{EventFd, EventFdError};
 pub use host::{copy_between, HostMemory};
 pub use inflight::{InflightMemory, InflightMemoryError};
-pub use listener::{ControlListener, ListenError, ListenerHandle};
+pub use listener::{ControlListener, ListenError, ListenerHandle, SocketAccess};
 pub use memory::{MemoryTable, MemoryTableError, RegionSpec, MAX_MEM_SLOTS};
 pub use rvhost_core::mem::MemError;

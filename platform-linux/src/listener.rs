@@ -10,8 +10,9 @@
 //! this listener bound (same device and inode).
 
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,6 +36,78 @@ pub enum ListenError {
         /// The OS error.
         source: io::Error,
     },
+}
+
+/// Who may connect to a control socket. Applied to the socket file after `bind(2)` and before
+/// `listen(2)`, so no connection is ever accepted under other permissions (until `listen` a
+/// connect is refused whatever the file's mode).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Group owner of the socket file; `None`: the process's group.
+    pub group: Option<u32>,
+    /// Permission bits of the socket file (connecting needs write permission); `None`: what the
+    /// umask leaves.
+    pub mode: Option<u32>,
+}
+
+/// Binds a Unix stream socket at `path`, applies `access` to the file, then listens.
+fn bind_listening(path: &Path, access: &SocketAccess) -> io::Result<UnixListener> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: `sockaddr_un` is a plain C struct for which all-zero bytes are a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path empty, too long or containing NUL",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: socket(2) with constant arguments; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a descriptor socket(2) just returned, owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `addr` is a live, initialised sockaddr_un and `len` (family, path, NUL) is within
+    // it; `socket` is open for the call.
+    let bound = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
+            len as libc::socklen_t,
+        )
+    };
+    if bound < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let listening = apply_access(path, access).and_then(|()| {
+        // SAFETY: listen(2) on the bound socket `socket` owns.
+        if unsafe { libc::listen(socket.as_raw_fd(), libc::SOMAXCONN) } < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(err) = listening {
+        let _ = std::fs::remove_file(path);
+        return Err(err);
+    }
+    Ok(UnixListener::from(socket))
+}
+
+fn apply_access(path: &Path, access: &SocketAccess) -> io::Result<()> {
+    if let Some(gid) = access.group {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
+    if let Some(mode) = access.mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
 }
 
 /// Identity of the socket file a listener created.
@@ -77,6 +150,11 @@ impl ControlListener {
     /// Binds `path`. A stale socket left by a process that is gone is replaced; a socket that a
     /// live process still accepts on is not (`InUse`), nor is a file that is not a socket.
     pub fn bind(path: &Path) -> Result<Self, ListenError> {
+        Self::bind_with(path, &SocketAccess::default())
+    }
+
+    /// [`ControlListener::bind`], with the socket file's group and mode set before it listens.
+    pub fn bind_with(path: &Path, access: &SocketAccess) -> Result<Self, ListenError> {
         let io_err = |source| ListenError::Io {
             path: path.to_owned(),
             source,
@@ -85,7 +163,7 @@ impl ControlListener {
             // A stale socket: nobody accepts on it any more.
             std::fs::remove_file(path).map_err(io_err)?;
         }
-        let listener = UnixListener::bind(path).map_err(|e| {
+        let listener = bind_listening(path, access).map_err(|e| {
             if e.kind() == io::ErrorKind::AddrInUse {
                 // Another process bound it between our check and our bind.
                 ListenError::InUse(path.to_owned())

@@ -101,6 +101,7 @@ fn dataplane(c: &mut Criterion) {
         dir.clone(),
         DataplaneOptions {
             idle: IdlePolicy::BusyPoll,
+            ..DataplaneOptions::default()
         },
     )
     .expect("data plane");

@@ -59,6 +59,26 @@ pub struct Cli {
     #[arg(long = "no-default")]
     pub no_default: bool,
 
+    /// Group owner of the controllers' vhost-user sockets (a name from /etc/group, or a number).
+    /// With --socket-mode 0660 the group's members (the VMM's user, e.g. libvirt's QEMU) may
+    /// connect and other users may not. Set before a socket accepts its first connection.
+    #[arg(long = "socket-group", value_name = "GROUP", value_parser = parse_group)]
+    pub socket_group: Option<u32>,
+
+    /// Permission bits of the controllers' sockets, in octal (e.g. 0660; connecting needs write
+    /// permission). Default: what the umask leaves.
+    #[arg(long = "socket-mode", value_name = "MODE", value_parser = parse_mode)]
+    pub socket_mode: Option<u32>,
+
+    /// Group owner of the RPC socket (a name from /etc/group, or a number).
+    #[arg(long = "rpc-socket-group", value_name = "GROUP", value_parser = parse_group)]
+    pub rpc_socket_group: Option<u32>,
+
+    /// Permission bits of the RPC socket, in octal (e.g. 0600: only rvhost's user may configure
+    /// it). Default: what the umask leaves.
+    #[arg(long = "rpc-socket-mode", value_name = "MODE", value_parser = parse_mode)]
+    pub rpc_socket_mode: Option<u32>,
+
     /// On SIGTERM, SIGINT or `spdk_kill_instance SIGTERM`, how long to wait for the guests'
     /// requests in flight to complete (no new ones are taken) before exiting. If they do not all
     /// complete in time rvhost says so and exits with status 1 without waiting further.
@@ -74,6 +94,38 @@ pub struct Cli {
         default_value = "info"
     )]
     pub log: String,
+}
+
+/// Parses a group: a number, or a name looked up in /etc/group.
+pub fn parse_group(text: &str) -> Result<u32, String> {
+    if let Ok(gid) = text.parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group")
+        .map_err(|e| format!("cannot read /etc/group to look up {text:?}: {e}"))?;
+    group_id(&groups, text).ok_or_else(|| format!("no group {text:?} in /etc/group"))
+}
+
+/// The id of group `name` in the text of an /etc/group file (`name:password:gid:members`).
+fn group_id(groups: &str, name: &str) -> Option<u32> {
+    groups.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        if fields.next()? != name {
+            return None;
+        }
+        fields.nth(1)?.trim().parse().ok()
+    })
+}
+
+/// Parses permission bits in octal (`660`, `0660`, `0o660`); at most 0777.
+pub fn parse_mode(text: &str) -> Result<u32, String> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!(
+            "{text:?} is not a permission mode in octal (0000-0777)"
+        )),
+    }
 }
 
 /// Parses a non-negative number of seconds (fractions allowed).
@@ -153,6 +205,37 @@ mod tests {
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }
+    }
+
+    #[test]
+    fn parses_socket_groups_and_modes() {
+        let cli = Cli::try_parse_from([
+            "rvhost",
+            "--socket-group",
+            "0",
+            "--socket-mode",
+            "0660",
+            "--rpc-socket-group",
+            "root",
+            "--rpc-socket-mode",
+            "600",
+        ])
+        .unwrap();
+        assert_eq!((cli.socket_group, cli.socket_mode), (Some(0), Some(0o660)));
+        assert_eq!(
+            (cli.rpc_socket_group, cli.rpc_socket_mode),
+            (Some(0), Some(0o600))
+        );
+        assert_eq!(parse_mode("0o755"), Ok(0o755));
+        for bad in ["0888", "1777", "rw", "", "-1"] {
+            assert!(parse_mode(bad).is_err(), "{bad}");
+        }
+        let groups = "root:x:0:\nkvm:x:104:qemu,alice\nlibvirt-qemu:x:64055:\nbroken\n";
+        assert_eq!(group_id(groups, "kvm"), Some(104));
+        assert_eq!(group_id(groups, "libvirt-qemu"), Some(64055));
+        assert_eq!(group_id(groups, "qemu"), None);
+        assert_eq!(group_id(groups, "broken"), None);
+        assert!(parse_group("no-such-group-here").is_err());
     }
 
     #[test]

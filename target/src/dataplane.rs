@@ -7,7 +7,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use rvhost_platform_linux::NumaTopology;
+use rvhost_platform_linux::{NumaTopology, SocketAccess};
 
 use crate::bdev::Bdev;
 use crate::blk::device::BlkOp;
@@ -27,6 +27,8 @@ const MAX_SOCKET_PATH: usize = 107;
 pub struct DataplaneOptions {
     /// What reactors do when idle (see [`crate::reactor`]).
     pub idle: IdlePolicy,
+    /// Group and mode of every controller socket, set before it accepts.
+    pub socket_access: SocketAccess,
 }
 
 /// Setting this environment variable to `1` makes [`DataplaneOptions::default`] busy-poll, so a
@@ -42,6 +44,7 @@ impl Default for DataplaneOptions {
             } else {
                 IdlePolicy::Adaptive
             },
+            socket_access: SocketAccess::default(),
         }
     }
 }
@@ -110,6 +113,7 @@ struct Controller {
 pub struct Dataplane {
     cpumask: u64,
     socket_dir: PathBuf,
+    socket_access: SocketAccess,
     reactors: Vec<Arc<ReactorHandle>>,
     controllers: Mutex<BTreeMap<String, Controller>>,
     next_controller_id: Mutex<u64>,
@@ -158,6 +162,7 @@ impl Dataplane {
         Ok(Arc::new(Dataplane {
             cpumask,
             socket_dir,
+            socket_access: options.socket_access,
             reactors,
             controllers: Mutex::new(BTreeMap::new()),
             next_controller_id: Mutex::new(1),
@@ -254,8 +259,14 @@ impl Dataplane {
             ControllerKind::Blk(blk) => blk.clone(),
             ControllerKind::Scsi(scsi) => scsi.clone(),
         };
-        let server = VhostServer::start(&name, &socket, backend, Arc::clone(&reactor))
-            .map_err(|err| OpsError::Internal(err.to_string()))?;
+        let server = VhostServer::start_with_access(
+            &name,
+            &socket,
+            backend,
+            Arc::clone(&reactor),
+            &self.socket_access,
+        )
+        .map_err(|err| OpsError::Internal(err.to_string()))?;
         reactor.adjust_load(true);
         let id = {
             let mut next = lock(&self.next_controller_id);

@@ -13,10 +13,11 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM};
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::{fmt, reload, EnvFilter};
 
+use rvhost_platform_linux::SocketAccess;
 use rvhost_target::app::methods::LogControl;
 use rvhost_target::app::{available_memory, App, AppConfig, Exit};
 use rvhost_target::cli::Cli;
-use rvhost_target::dataplane::Dataplane;
+use rvhost_target::dataplane::{Dataplane, DataplaneOptions};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -91,6 +92,10 @@ fn run(cli: &Cli, log: LogControl) -> anyhow::Result<()> {
         no_default: cli.no_default,
         log_level: cli.log.clone(),
         shutdown_timeout: cli.shutdown_timeout,
+        rpc_socket_access: SocketAccess {
+            group: cli.rpc_socket_group,
+            mode: cli.rpc_socket_mode,
+        },
     };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -99,8 +104,15 @@ fn run(cli: &Cli, log: LogControl) -> anyhow::Result<()> {
         memory_mib = memory_bytes / (1024 * 1024),
         "starting rvhost"
     );
-    let dataplane =
-        Dataplane::start(cli.cpumask, cli.socket_dir.clone()).context("starting the data plane")?;
+    let options = DataplaneOptions {
+        socket_access: SocketAccess {
+            group: cli.socket_group,
+            mode: cli.socket_mode,
+        },
+        ..DataplaneOptions::default()
+    };
+    let dataplane = Dataplane::start_with(cli.cpumask, cli.socket_dir.clone(), options)
+        .context("starting the data plane")?;
     let app = match App::start(&config, dataplane.clone(), shutdown, Some(log)) {
         Ok(app) => app,
         Err(err) => {

@@ -14,6 +14,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rvhost_platform_linux::SocketAccess;
 use serde_json::{json, Value};
 
 use crate::bdev::malloc::MemoryBudget;
@@ -59,6 +60,8 @@ pub struct AppConfig {
     pub log_level: String,
     /// How long a stop waits for the requests in flight to complete.
     pub shutdown_timeout: Duration,
+    /// Group and mode of the RPC socket, set before it accepts.
+    pub rpc_socket_access: SocketAccess,
 }
 
 /// Why the application could not start.
@@ -172,7 +175,11 @@ impl App {
             }
         }
         let (sender, events) = mpsc::sync_channel(QUEUED_MESSAGES);
-        let server = match RpcServer::start(&config.rpc_socket, sender) {
+        let server = match RpcServer::start_with_access(
+            &config.rpc_socket,
+            sender,
+            &config.rpc_socket_access,
+        ) {
             Ok(server) => server,
             Err(err) => {
                 delete_all_controllers(methods.ops().as_ref());
@@ -346,6 +353,7 @@ mod tests {
             no_default: false,
             log_level: "info".into(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            rpc_socket_access: SocketAccess::default(),
         }
     }
 

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rvhost_platform_linux::{ControlListener, ListenError, ListenerHandle};
+use rvhost_platform_linux::{ControlListener, ListenError, ListenerHandle, SocketAccess};
 use serde_json::Value;
 
 use super::jsonrpc::error_response;
@@ -138,7 +138,16 @@ impl RpcServer {
     ///
     /// A stale socket left by a crashed process is replaced; a live one is not.
     pub fn start(path: &Path, events: SyncSender<Incoming>) -> Result<Self, ServerError> {
-        let listener = ControlListener::bind(path).map_err(ServerError::from)?;
+        Self::start_with_access(path, events, &SocketAccess::default())
+    }
+
+    /// [`RpcServer::start`], with the socket file's group and mode set before it accepts.
+    pub fn start_with_access(
+        path: &Path,
+        events: SyncSender<Incoming>,
+        access: &SocketAccess,
+    ) -> Result<Self, ServerError> {
+        let listener = ControlListener::bind_with(path, access).map_err(ServerError::from)?;
         let handle = listener.handle();
         let acceptor = std::thread::Builder::new()
             .name("rpc-accept".into())

@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use rvhost_platform_linux::{ControlListener, ListenError, ListenerHandle};
+use rvhost_platform_linux::{ControlListener, ListenError, ListenerHandle, SocketAccess};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
 use crate::bdev::IoMemory;
@@ -298,12 +298,23 @@ impl VhostServer {
         backend: Arc<dyn DeviceBackend>,
         reactor: Arc<ReactorHandle>,
     ) -> Result<Self, ServerError> {
+        Self::start_with_access(name, socket, backend, reactor, &SocketAccess::default())
+    }
+
+    /// [`VhostServer::start`], with the socket file's group and mode set before it accepts.
+    pub fn start_with_access(
+        name: &str,
+        socket: &Path,
+        backend: Arc<dyn DeviceBackend>,
+        reactor: Arc<ReactorHandle>,
+        access: &SocketAccess,
+    ) -> Result<Self, ServerError> {
         let io_err = |source| ServerError::Io {
             path: socket.to_path_buf(),
             source,
         };
         // A stale socket from an earlier run is replaced (SPDK does too); a live one is not.
-        let listener = ControlListener::bind(socket).map_err(|e| match e {
+        let listener = ControlListener::bind_with(socket, access).map_err(|e| match e {
             ListenError::InUse(p) => ServerError::SocketInUse(p),
             ListenError::NotASocket(p) => ServerError::PathInUse(p),
             ListenError::Io { path, source } => ServerError::Io { path, source },
