@@ -57,9 +57,11 @@
 //! ```
 
 mod chain;
+mod device_ring;
 pub mod packed;
 
 pub use chain::{Chain, ChainError, ChainErrorKind};
+pub use device_ring::{AnyHead, AnyRing, AnyRingError, DeviceRing, RingHead};
 
 use core::sync::atomic::{fence, Ordering};
 
