@@ -11,17 +11,27 @@ pub const DEFAULT_RPC_SOCKET: &str = "/var/tmp/spdk.sock";
 /// The default directory for controller sockets.
 pub const DEFAULT_SOCKET_DIR: &str = "/var/tmp";
 
-/// rvhost: a poll-mode vhost-user storage target (virtio-blk for QEMU guests), configured over
-/// SPDK-compatible JSON-RPC.
+/// rvhost: a poll-mode vhost-user storage target. It serves virtio-blk and virtio-scsi disks to
+/// QEMU guests from reactor threads pinned to cores, and is configured over SPDK-compatible
+/// JSON-RPC (SPDK's `spdk-rpc` works against it).
+///
+/// Controllers: vhost-user-blk (one bdev; vhost_create_blk_controller) and vhost-user-scsi
+/// (bdevs as targets 0-7, attached and detached while the guest runs;
+/// vhost_create_scsi_controller, vhost_scsi_controller_add_target). Bdevs: RAM
+/// (bdev_malloc_create), null, files and block devices through io_uring or Linux AIO
+/// (bdev_uring_create, bdev_aio_create), NVMe through rvhost's own VFIO driver
+/// (bdev_nvme_attach_controller), and delay bdevs stacked on another (bdev_delay_create).
+/// `spdk-rpc rpc_get_methods` lists every method.
 ///
 /// With no -c/--json file (and without --no-default) it creates a 256 MiB RAM bdev `Malloc0`
 /// (512-byte blocks), exports it as the vhost-user-blk controller `vhost.0` in the socket
-/// directory, and logs the QEMU arguments that attach it. Configure it further at run time with
-/// SPDK's client, e.g. `spdk-rpc -s /var/tmp/spdk.sock bdev_get_bdevs`.
+/// directory, and logs the QEMU arguments that attach it. `spdk-rpc save_config` writes the
+/// running configuration in the format -c reads.
 ///
 /// Stop it with Ctrl-C, SIGTERM, or `spdk-rpc spdk_kill_instance SIGTERM`: it takes no new guest
 /// requests, lets those in flight complete (within --shutdown-timeout), removes the controller and
-/// RPC sockets and exits 0.
+/// RPC sockets and exits 0. QEMU with `-chardev socket,...,reconnect=1` reconnects to a restarted
+/// rvhost by itself. Under systemd (Type=notify) it sends READY=1 once every socket listens.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "rvhost", version, about, long_about, verbatim_doc_comment)]
 pub struct Cli {
@@ -249,6 +259,16 @@ mod tests {
             "--rpc-socket",
             "--json",
             "Malloc0",
+            "virtio-scsi",
+            "vhost_create_scsi_controller",
+            "bdev_uring_create",
+            "bdev_aio_create",
+            "bdev_nvme_attach_controller",
+            "bdev_delay_create",
+            "--shutdown-timeout",
+            "--socket-group",
+            "--rpc-socket-mode",
+            "reconnect=1",
         ] {
             assert!(help.contains(needle), "{needle} missing from --help");
         }
