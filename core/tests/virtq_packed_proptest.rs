@@ -5,7 +5,9 @@
 //! made available, in order, with their buffer IDs, lengths and elements; the driver reaps
 //! exactly the used descriptors published, in the order they were pushed, with their lengths and
 //! wrap bits, and nothing before it is published; notifications follow the driver's event
-//! suppression structure.
+//! suppression structure. A second property writes hostile rings (wrap bits of the wrong lap,
+//! used bits, stray flags, IDs out of range, buffers and indirect tables anywhere) and checks that
+//! the device never panics, never yields a segment outside guest memory, and keeps its accounting.
 
 mod packed_support;
 
@@ -279,5 +281,165 @@ proptest! {
         let features = (if indirect { INDIRECT_DESC } else { 0 })
             | (if event_idx { EVENT_IDX } else { 0 });
         run(size, features, &ops)?;
+    }
+}
+
+/// Addresses that hit guest memory, its edges, or nothing at all.
+fn guest_addr() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        4 => (0u64..RAM as u64).prop_map(|o| BASE + o),
+        2 => (0u64..0x400).prop_map(|o| TABLES + 16 * o),
+        1 => (0u64..64).prop_map(|o| BASE + RAM as u64 - o),
+        1 => (0u64..64).prop_map(|o| BASE.wrapping_sub(o)),
+        1 => any::<u64>(),
+        1 => (0u64..64).prop_map(|o| u64::MAX - o),
+    ]
+}
+
+fn desc_len() -> impl Strategy<Value = u32> {
+    prop_oneof![
+        4 => 0u32..4096,
+        2 => (0u32..8).prop_map(|n| 16 * n),
+        1 => any::<u32>(),
+        1 => (0u32..16).prop_map(|o| u32::MAX - o),
+    ]
+}
+
+/// A descriptor (flags: NEXT/WRITE/INDIRECT only, or anything) with how its wrap bits are to be
+/// set once its lap is known: 0 available in its lap (most of the time), 1 used in its lap, 2
+/// available in the other lap, 3 as generated. IDs in range or not.
+fn hostile_desc(size: u16) -> impl Strategy<Value = (rvhost_core::virtq::packed::PackedDesc, u8)> {
+    let flags = prop_oneof![12 => 0u16..4, 3 => 4u16..8, 1 => any::<u16>()];
+    let mode = prop_oneof![12 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8), 1 => Just(3u8)];
+    let id = prop_oneof![8 => 0..size, 1 => any::<u16>()];
+    (guest_addr(), desc_len(), id, flags, mode).prop_map(|(addr, len, id, flags, mode)| {
+        (
+            rvhost_core::virtq::packed::PackedDesc {
+                addr,
+                len,
+                id,
+                flags,
+            },
+            mode,
+        )
+    })
+}
+
+fn inside_memory(s: &Segment) -> bool {
+    let Some(end) = s.guest_addr.checked_add(u64::from(s.len)) else {
+        return false;
+    };
+    s.guest_addr >= BASE
+        && end <= BASE + RAM as u64
+        && s.host_addr == host(s.guest_addr)
+        && s.len > 0
+}
+
+fn check_chain<const N: usize>(c: &Chain<N>) -> Result<(), TestCaseError> {
+    prop_assert!(c.segments().len() <= N);
+    for s in c.segments() {
+        prop_assert!(inside_memory(s), "segment outside guest memory: {:?}", s);
+    }
+    let readable: u64 = c.readable().iter().map(|s| u64::from(s.len)).sum();
+    let writable: u64 = c.writable().iter().map(|s| u64::from(s.len)).sum();
+    prop_assert_eq!(readable, u64::from(c.readable_len()));
+    prop_assert_eq!(writable, u64::from(c.writable_len()));
+    prop_assert!(readable + writable <= u64::from(u32::MAX));
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    /// Whatever the guest writes into the ring, its indirect tables and its event structure, the
+    /// device never panics, never yields a segment outside guest memory, keeps its descriptor
+    /// accounting, and returns every list whose buffer ID is in range.
+    #[test]
+    fn hostile_rings_never_escape_guest_memory(
+        (size, ring, tables, start) in (1u16..=64).prop_flat_map(|size| (
+            Just(size),
+            prop::collection::vec(hostile_desc(size), usize::from(size)),
+            prop::collection::vec(hostile_desc(size), 0..64),
+            // A position in the ring with either wrap counter, now and then one outside it.
+            prop_oneof![8 => (0..size, any::<bool>()).prop_map(|(p, w)| p | u16::from(w) << 15),
+                        1 => any::<u16>()],
+        )),
+        features in 0u64..4,
+        event in any::<[u8; 4]>(),
+        pipelined in any::<bool>(),
+        reverse in any::<bool>(),
+    ) {
+        let mut ram = ram();
+        let mem = mem(&mut ram);
+        let (start_pos, start_wrap) = (start & 0x7fff, start & 0x8000 != 0);
+        for (pos, (d, mode)) in ring.iter().enumerate() {
+            let pos = pos as u16;
+            // The lap the device meets this position in first.
+            let lap = if pos >= start_pos { start_wrap } else { !start_wrap };
+            let bits = match mode {
+                0 => rvhost_core::virtq::packed::avail_bits(lap),
+                1 => rvhost_core::virtq::packed::used_bits(lap),
+                2 => rvhost_core::virtq::packed::avail_bits(!lap),
+                _ => 0,
+            };
+            put_ring_desc(&mem, pos, rvhost_core::virtq::packed::PackedDesc { flags: d.flags | bits, ..*d });
+        }
+        for (k, (d, _)) in tables.iter().enumerate() {
+            rvhost_core::mem::GuestMemory::write(&mem, TABLES + 16 * k as u64, &d.to_bytes()).unwrap();
+        }
+        rvhost_core::mem::GuestMemory::write(&mem, DRIVER_EVENT, &event).unwrap();
+        let features = (features & 1) << 28 | (features >> 1) << 29;
+        let mut q = PackedQueue::new(config(size), features).unwrap();
+        if q.set_last_avail_idx(start).is_err() {
+            prop_assert!(start & 0x7fff >= size);
+            return Ok(());
+        }
+        let mut heads = [PackedHead::default(); 80];
+        let mut small = Chain::<4>::new();
+        let mut big = Chain::<64>::new();
+        let mut stuck = 0u32;
+        for _ in 0..3 {
+            let popped = if pipelined {
+                q.pop_heads_pipelined(&mem, &mut heads)
+            } else {
+                q.pop_heads(&mem, &mut heads)
+            };
+            let Ok(popped) = popped else { break };
+            if popped == 0 {
+                break;
+            }
+            let popped_descs: u32 = heads[..popped].iter().map(|h| u32::from(h.count)).sum();
+            prop_assert_eq!(u32::from(q.outstanding()), popped_descs + stuck);
+            let mut lens = Vec::new();
+            for head in &heads[..popped] {
+                prop_assert!(head.pos < size && head.count >= 1 && head.count <= size);
+                let r = q.walk_chain(&mem, *head, &mut small);
+                check_chain(&small)?;
+                let r2 = q.walk_chain(&mem, *head, &mut big);
+                check_chain(&big)?;
+                for e in [r.err(), r2.err()].into_iter().flatten() {
+                    prop_assert_eq!(e.head, head.id);
+                    if let Some(s) = e.last_segment {
+                        prop_assert!(inside_memory(&s));
+                    }
+                    prop_assert_eq!(e.head_is_valid(), head.id < size);
+                }
+                lens.push(if r2.is_ok() { big.writable_len() } else { 0 });
+            }
+            let mut order: Vec<usize> = (0..popped).collect();
+            if reverse {
+                order.reverse();
+            }
+            for i in order {
+                let result = q.push_used(&mem, heads[i], lens[i]);
+                prop_assert_eq!(result.is_ok(), heads[i].id < size);
+                if result.is_err() {
+                    stuck += u32::from(heads[i].count);
+                }
+            }
+            q.publish_used(&mem).unwrap();
+            q.needs_notification(&mem).unwrap();
+            q.enable_kicks(&mem).unwrap();
+        }
     }
 }
