@@ -224,6 +224,13 @@ fn introspection_through_spdk_rpc() {
     let list = reactors["reactors"].as_array().expect("reactors list");
     assert_eq!(list.len(), 1, "{reactors}");
     assert_eq!(list[0]["lcore"], 0);
+    // SPDK's shape: busy and idle in ticks of tick_rate (nanoseconds here), threads per reactor.
+    assert_eq!(reactors["tick_rate"], 1_000_000_000u64, "{reactors}");
+    assert!(
+        list[0]["busy"].is_u64() && list[0]["idle"].is_u64(),
+        "{reactors}"
+    );
+    assert!(list[0]["lw_threads"].is_array(), "{reactors}");
 }
 
 #[test]
