@@ -1,8 +1,8 @@
 //! # rvhost-core
 //!
 //! Everything a virtio guest can write reaches rvhost through the parsers in this crate: the split
-//! virtqueue (descriptor chains), virtio-blk requests, virtio-scsi requests and the SCSI CDBs they
-//! carry. The crate is `#![no_std]`, never allocates and contains no `unsafe`, so the same code runs
+//! and packed virtqueues (descriptor chains), virtio-blk requests, virtio-scsi requests and the
+//! SCSI CDBs they carry. The crate is `#![no_std]`, never allocates and contains no `unsafe`, so the same code runs
 //! in the Linux target, on bare metal, or inside a guest as a virtio-vhost-user backend.
 //!
 //! Rules every module follows:

@@ -28,7 +28,7 @@ pub mod feature {
     pub const VIRTIO_F_VERSION_1: u32 = 32;
     /// The device is behind an IOMMU / has restricted DMA (§6).
     pub const VIRTIO_F_ACCESS_PLATFORM: u32 = 33;
-    /// The packed virtqueue layout (§2.8); rvhost only implements the split layout.
+    /// The packed virtqueue layout (§2.8, `virtq::packed`).
     pub const VIRTIO_F_RING_PACKED: u32 = 34;
     /// Buffers are used in the order they were made available.
     pub const VIRTIO_F_IN_ORDER: u32 = 35;
