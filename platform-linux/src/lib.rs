@@ -65,6 +65,7 @@ pub mod inflight;
 pub mod listener;
 pub mod memory;
 pub mod spsc;
+pub mod tsc;
 pub mod uring;
 
 pub use cpu::{

@@ -460,14 +460,15 @@ impl ControllerOps for Dataplane {
                 let stats = r.stats();
                 serde_json::json!({
                     "lcore": r.core(),
-                    "busy": stats.busy_ns.load(std::sync::atomic::Ordering::Relaxed),
-                    "idle": stats.idle_ns.load(std::sync::atomic::Ordering::Relaxed),
+                    "busy": stats.busy_ticks.load(std::sync::atomic::Ordering::Relaxed),
+                    "idle": stats.idle_ticks.load(std::sync::atomic::Ordering::Relaxed),
                     "in_interrupt": false,
                     "lw_threads": threads,
                 })
             })
             .collect();
-        // Busy/idle are reported in nanoseconds, so the "tick rate" is 1 GHz.
-        serde_json::json!({ "tick_rate": 1_000_000_000u64, "pid": std::process::id(), "reactors": reactors })
+        // Busy and idle are time-stamp counter ticks, as in SPDK.
+        let tick_rate = rvhost_platform_linux::tsc::ticks_per_second();
+        serde_json::json!({ "tick_rate": tick_rate, "pid": std::process::id(), "reactors": reactors })
     }
 }

@@ -224,8 +224,14 @@ fn introspection_through_spdk_rpc() {
     let list = reactors["reactors"].as_array().expect("reactors list");
     assert_eq!(list.len(), 1, "{reactors}");
     assert_eq!(list[0]["lcore"], 0);
-    // SPDK's shape: busy and idle in ticks of tick_rate (nanoseconds here), threads per reactor.
-    assert_eq!(reactors["tick_rate"], 1_000_000_000u64, "{reactors}");
+    // SPDK's shape: busy and idle in ticks of tick_rate (the time-stamp counter's), threads per
+    // reactor.
+    assert!(
+        reactors["tick_rate"]
+            .as_u64()
+            .is_some_and(|r| r >= 1_000_000),
+        "{reactors}"
+    );
     assert!(
         list[0]["busy"].is_u64() && list[0]["idle"].is_u64(),
         "{reactors}"
