@@ -259,3 +259,136 @@ fn a_stop_whose_requests_outlast_the_timeout_exits_1_and_says_so() {
     assert!(log.contains("shutdown timeout (0.5 s) hit"), "{log}");
     assert_eq!(used_idx(&driver), 0);
 }
+
+/// vhost-scsi: the drain is the device shell's, so a scsi session drains the same way. Event
+/// buffers the driver posted wait for events that never come; they are not requests in flight
+/// (the transport takes them only with an event pending) and do not hold the stop up.
+#[test]
+fn sigterm_drains_a_vhost_scsi_session_too() {
+    const REQUEST_QUEUE: usize = 2;
+    const EVENT_QUEUE: usize = 1;
+    const REQ_LEN: u32 = 51;
+    const RESP_LEN: u32 = 108;
+    let us = DELAY.as_micros() as u64;
+    let config =
+        std::env::temp_dir().join(format!("rvhost-graceful-scsi-{}.json", std::process::id()));
+    let text = serde_json::json!({"subsystems": [
+        {"subsystem": "bdev", "config": [
+            {"method": "bdev_malloc_create",
+             "params": {"name": "Malloc0", "num_blocks": 2048, "block_size": 512}},
+            {"method": "bdev_delay_create",
+             "params": {"base_bdev_name": "Malloc0", "name": "Delay0",
+                        "avg_read_latency": us, "p99_read_latency": us,
+                        "avg_write_latency": us, "p99_write_latency": us}}]},
+        {"subsystem": "vhost_scsi", "config": [
+            {"method": "vhost_create_scsi_controller", "params": {"ctrlr": "scsi.0"}},
+            {"method": "vhost_scsi_controller_add_target",
+             "params": {"ctrlr": "scsi.0", "scsi_target_num": 0, "bdev_name": "Delay0"}}]}]});
+    std::fs::write(&config, text.to_string()).expect("writing the configuration");
+    let mut target = Target::start("scsi", &["-c", config.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&config);
+    let mut driver = Driver::connect(
+        &target.dir.join("scsi.0"),
+        VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX,
+    );
+    driver.set_mem_table();
+    for q in 0..3 {
+        driver.setup_queue(q);
+    }
+    let queue = |driver: &Driver, index: usize| {
+        let q = driver
+            .queues
+            .iter()
+            .find(|q| q.index == index)
+            .expect("queue");
+        (q.desc, q.used, q.data, q.buffer_addr())
+    };
+    // An event buffer, as a guest's driver keeps one posted.
+    let (_, _, _, event_buf) = queue(&driver, EVENT_QUEUE);
+    driver.post(
+        EVENT_QUEUE,
+        &[Desc {
+            addr: event_buf,
+            len: 16,
+            flags: F_WRITE,
+            next: 0,
+        }],
+    );
+    // READ(10) of one block at LBA i, each with its own descriptors.
+    let (table, used, data, _) = queue(&driver, REQUEST_QUEUE);
+    let addrs = |i: u16| {
+        let i = u64::from(i);
+        (
+            data + i * 0x40,
+            data + 0x1000 + i * 0x80,
+            data + 0x2000 + i * 0x200,
+        )
+    };
+    for i in 0..IN_FLIGHT {
+        let (req, resp, buf) = addrs(i);
+        let mut header = vec![0u8; REQ_LEN as usize];
+        header[0..8].copy_from_slice(&[1, 0, 0x40, 0, 0, 0, 0, 0]);
+        header[8..16].copy_from_slice(&u64::from(i).to_le_bytes());
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x28;
+        cdb[2..6].copy_from_slice(&u32::from(i).to_be_bytes());
+        cdb[8] = 1;
+        header[19..29].copy_from_slice(&cdb);
+        driver.ram.write(req, &header);
+        driver.ram.write(resp, &[0xee; RESP_LEN as usize]);
+        let first = i * 3;
+        let descs = [
+            Desc {
+                addr: req,
+                len: REQ_LEN,
+                flags: F_NEXT,
+                next: first + 1,
+            },
+            Desc {
+                addr: resp,
+                len: RESP_LEN,
+                flags: F_NEXT | F_WRITE,
+                next: first + 2,
+            },
+            Desc {
+                addr: buf,
+                len: 512,
+                flags: F_WRITE,
+                next: 0,
+            },
+        ];
+        for (slot, desc) in (first..).zip(descs) {
+            driver
+                .ram
+                .write(table + 16 * u64::from(slot), &desc.bytes());
+        }
+        driver.post_head(REQUEST_QUEUE, &[], first);
+    }
+    let avail_event = |driver: &Driver| driver.ram.load_u16(used + 4 + 8 * u64::from(QUEUE_SIZE));
+    let used_idx = |driver: &Driver| driver.ram.load_u16(used + 2);
+    wait_until("the target took every command", &target, || {
+        avail_event(&driver) == IN_FLIGHT - 1
+    });
+    assert_eq!(used_idx(&driver), 0, "completed before the delay");
+
+    signal(&target, "TERM");
+    let status = target.wait_exit(Duration::from_secs(30));
+    let log = target.log();
+    assert!(status.success(), "exit status {status}\n{log}");
+    assert_eq!(
+        used_idx(&driver),
+        IN_FLIGHT,
+        "used index after the stop\n{log}"
+    );
+    for i in 0..IN_FLIGHT {
+        let (_, resp, _) = addrs(i);
+        let r = driver.ram.read(resp, RESP_LEN as usize);
+        assert_eq!((r[11], r[10]), (0, 0), "response and status of command {i}");
+    }
+    assert!(
+        log.contains(&format!(
+            "drained {IN_FLIGHT} requests in flight from 1 sessions"
+        )),
+        "{log}"
+    );
+}
