@@ -4,7 +4,10 @@
 set -euo pipefail
 
 need_apt=()
-for pkg in libhwloc-dev libudev-dev pkg-config qemu-system-x86 qemu-system-common busybox-static cpio kmod sg3-utils systemd; do
+# ceph-*: the one-host cluster of the rbd bdev tests (scripts/ceph-cluster.sh); librbd-dev: the rbd
+# bdev links librbd and librados.
+for pkg in libhwloc-dev libudev-dev pkg-config qemu-system-x86 qemu-system-common busybox-static cpio kmod sg3-utils systemd \
+  ceph-mon ceph-osd ceph-mgr ceph-common librbd-dev; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -245,6 +245,12 @@ impl HostBuffers {
         SpareIovecs(v)
     }
 
+    /// The buffers not yet transferred, as `iovec`s for a library that reads or writes them
+    /// asynchronously (librbd); they stay valid while `self` lives.
+    pub fn pending_iovecs(&self) -> &[libc::iovec] {
+        self.pending()
+    }
+
     fn pending(&self) -> &[libc::iovec] {
         self.iovecs.get(self.first..).unwrap_or_default()
     }

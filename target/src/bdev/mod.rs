@@ -17,6 +17,7 @@ pub mod delay;
 pub mod malloc;
 pub mod null;
 pub mod nvme;
+pub mod rbd;
 pub mod uring;
 
 pub use module::{BdevContext, BdevModule, ModuleEnv};
@@ -37,6 +38,7 @@ pub fn modules(env: &ModuleEnv) -> Vec<Box<dyn module::AnyBdevModule>> {
         Box::new(nvme::NvmeModule::new(env)),
         Box::new(uring::UringModule::new(env)),
         Box::new(delay::DelayModule::new(env)),
+        Box::new(rbd::RbdModule::new(env)),
     ]
 }
 

@@ -496,7 +496,7 @@ fn bdev_modules_register_their_methods_once_and_first() {
     // The modules' methods come first, in module order, as `rpc_get_methods` always listed them.
     let current = m.method_names(false);
     assert_eq!(
-        current[..17],
+        current[..23],
         [
             "bdev_malloc_create",
             "bdev_malloc_delete",
@@ -514,6 +514,12 @@ fn bdev_modules_register_their_methods_once_and_first() {
             "bdev_delay_create",
             "bdev_delay_delete",
             "bdev_delay_update_latency",
+            "bdev_rbd_register_cluster",
+            "bdev_rbd_unregister_cluster",
+            "bdev_rbd_get_clusters_info",
+            "bdev_rbd_create",
+            "bdev_rbd_delete",
+            "bdev_rbd_resize",
             "bdev_get_bdevs",
         ]
     );
