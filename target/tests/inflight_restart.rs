@@ -43,6 +43,15 @@ const RESTARTS: usize = 10;
 /// How long a request may stay outstanding after a restart before the run counts as hung.
 const RESUME_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How each restart ends the running process.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stop {
+    /// SIGKILL: a crash; the next process resubmits from the inflight log.
+    Kill,
+    /// SIGTERM: a graceful stop; in-flight requests complete first, nothing is resubmitted.
+    Term,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     Blk,
@@ -134,9 +143,23 @@ impl Rvhost {
         }
     }
 
-    /// SIGKILL, then reap.
-    fn kill(&mut self) {
-        self.child.kill().expect("SIGKILL");
+    /// Stops the process with `stop` and reaps it (a graceful stop within 30 s).
+    fn stop(&mut self, stop: Stop) {
+        match stop {
+            Stop::Kill => self.child.kill().expect("SIGKILL"),
+            Stop::Term => {
+                let sent = Command::new("kill")
+                    .args(["-TERM", &self.child.id().to_string()])
+                    .status()
+                    .expect("kill -TERM");
+                assert!(sent.success(), "kill -TERM failed");
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while self.child.try_wait().expect("wait").is_none() {
+                    assert!(Instant::now() < deadline, "rvhost ignored SIGTERM");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
         self.child.wait().expect("reap");
     }
 }
@@ -524,8 +547,8 @@ struct Outcome {
     resubmitting_restarts: usize,
 }
 
-/// Ten SIGKILL restarts under the verifying writers; `Err` says what went wrong first.
-fn restart_run(kind: Kind, no_inflight: bool, tag: &str) -> Result<Outcome, String> {
+/// Ten restarts under the verifying writers; `Err` says what went wrong first.
+fn restart_run(kind: Kind, stop: Stop, no_inflight: bool, tag: &str) -> Result<Outcome, String> {
     let dir = PathBuf::from(format!("/tmp/rvi-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
@@ -565,7 +588,7 @@ fn restart_run(kind: Kind, no_inflight: bool, tag: &str) -> Result<Outcome, Stri
         for restart in 1..=RESTARTS {
             front.run(Duration::from_millis(300 + rng.next(400)), true, &mut seq)?;
             let outstanding = front.slots.iter().filter(|s| s.op != Op::Idle).count();
-            target.kill();
+            target.stop(stop);
             front.frontend = None;
             // Completions published before the kill are the frontend's to take.
             front.reap();
@@ -614,7 +637,8 @@ fn restart_run(kind: Kind, no_inflight: bool, tag: &str) -> Result<Outcome, Stri
 }
 
 fn assert_passes(kind: Kind, tag: &str) {
-    let outcome = restart_run(kind, false, tag).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+    let outcome =
+        restart_run(kind, Stop::Kill, false, tag).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
     eprintln!(
         "{kind:?}: {RESTARTS} SIGKILL restarts ({} of them resubmitted requests), {} requests \
          completed, slowest resume {:?}",
@@ -642,8 +666,23 @@ fn scsi_survives_ten_sigkill_restarts_under_out_of_order_io() {
 }
 
 #[test]
+fn blk_survives_ten_sigterm_restarts_and_needs_no_resubmission() {
+    let outcome =
+        restart_run(Kind::Blk, Stop::Term, false, "term").unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "Blk: {RESTARTS} SIGTERM restarts, {} requests completed, slowest resume {:?}",
+        outcome.completed, outcome.slowest_resume
+    );
+    assert!(outcome.completed > 100, "the writers made progress");
+    assert!(outcome.slowest_resume < RESUME_TIMEOUT);
+    // A graceful stop completes and publishes what it popped: the next process finds nothing
+    // inflight.
+    assert_eq!(outcome.resubmitting_restarts, 0);
+}
+
+#[test]
 fn without_inflight_tracking_the_same_restarts_lose_or_double_requests() {
-    match restart_run(Kind::Blk, true, "control") {
+    match restart_run(Kind::Blk, Stop::Kill, true, "control") {
         Ok(outcome) => panic!(
             "negative control passed ({} requests): the restart test cannot detect loss",
             outcome.completed
