@@ -20,8 +20,8 @@ pub const DEFAULT_SOCKET_DIR: &str = "/var/tmp";
 /// vhost_create_scsi_controller, vhost_scsi_controller_add_target). Bdevs: RAM
 /// (bdev_malloc_create), null, files and block devices through io_uring or Linux AIO
 /// (bdev_uring_create, bdev_aio_create), NVMe through rvhost's own VFIO driver
-/// (bdev_nvme_attach_controller), and delay bdevs stacked on another (bdev_delay_create).
-/// `spdk-rpc rpc_get_methods` lists every method.
+/// (bdev_nvme_attach_controller), Ceph RBD images (bdev_rbd_create), and delay bdevs stacked on
+/// another (bdev_delay_create). `spdk-rpc rpc_get_methods` lists every method.
 ///
 /// With no -c/--json file (and without --no-default) it creates a 256 MiB RAM bdev `Malloc0`
 /// (512-byte blocks), exports it as the vhost-user-blk controller `vhost.0` in the socket
@@ -265,6 +265,7 @@ mod tests {
             "bdev_aio_create",
             "bdev_nvme_attach_controller",
             "bdev_delay_create",
+            "bdev_rbd_create",
             "--shutdown-timeout",
             "--socket-group",
             "--rpc-socket-mode",
