@@ -18,6 +18,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rvhost_core::mem::GuestMemory;
 use rvhost_core::virtio::{bit, feature};
+use rvhost_target::bdev::iostat::CountedBdev;
 use rvhost_target::bdev::malloc::{MallocBdev, MemoryBudget};
 use rvhost_target::bdev::null::NullBdev;
 use rvhost_target::bdev::Bdev;
@@ -217,12 +218,19 @@ fn malloc() -> Arc<dyn Bdev> {
     MallocBdev::new("Malloc0", BLOCKS, 512, [2; 16], &budget).expect("malloc bdev")
 }
 
+/// A null bdev as the registry holds it: every channel counts its I/O for `bdev_get_iostat`
+/// (`bdev::iostat`). Beside `blk_null`, what that counting costs per request.
+fn counted_null() -> Arc<dyn Bdev> {
+    Arc::new(CountedBdev::new(null()))
+}
+
 /// Makes the bdev a case runs on.
 type MakeBdev = fn() -> Arc<dyn Bdev>;
 
 fn device_poll(c: &mut Criterion) {
-    let cases: [(&str, Kind, MakeBdev); 4] = [
+    let cases: [(&str, Kind, MakeBdev); 5] = [
         ("blk_null", Kind::Blk, null),
+        ("blk_null_iostat", Kind::Blk, counted_null),
         ("scsi_null", Kind::Scsi, null),
         ("blk_malloc", Kind::Blk, malloc),
         ("scsi_malloc", Kind::Scsi, malloc),

@@ -150,6 +150,16 @@ const METHODS: &[Method] = &[
         handler: RpcMethods::log_get_level,
     },
     Method {
+        name: "bdev_get_iostat",
+        old_name: None,
+        handler: RpcMethods::bdev_get_iostat,
+    },
+    Method {
+        name: "bdev_reset_iostat",
+        old_name: None,
+        handler: RpcMethods::bdev_reset_iostat,
+    },
+    Method {
         name: "bdev_wait_for_examine",
         old_name: None,
         handler: RpcMethods::bdev_wait_for_examine,
@@ -905,6 +915,8 @@ pub fn qemu_blk_args(socket: &std::path::Path, name: &str) -> String {
         socket.display()
     )
 }
+
+mod iostat;
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -7,6 +7,7 @@
 pub mod common;
 pub mod fanout;
 pub mod file;
+pub mod iostat;
 pub mod module;
 pub mod registry;
 pub mod testing;

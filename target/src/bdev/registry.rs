@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use super::iostat::{BdevIoStats, CountedBdev};
 use super::Bdev;
 
 /// Longest bdev name accepted (SPDK does not limit it; a bound keeps replies and logs sane).
@@ -39,7 +40,10 @@ pub enum RegistryError {
 pub type OnRemove = Box<dyn FnOnce() + Send>;
 
 struct Entry {
+    /// A [`CountedBdev`] around the module's bdev.
     bdev: Arc<dyn Bdev>,
+    /// Its I/O statistics.
+    stats: Arc<BdevIoStats>,
     /// The module that created it.
     owner: &'static str,
     uuid_alias: String,
@@ -123,14 +127,30 @@ impl BdevRegistry {
         if self.position(&uuid_alias).is_some() {
             return Err(RegistryError::Exists(uuid_alias));
         }
+        // Every channel opened to a registered bdev counts its I/O (`bdev_get_iostat`).
+        let counted = CountedBdev::new(bdev);
+        let stats = Arc::clone(counted.stats());
         self.entries.push(Entry {
-            bdev,
+            bdev: Arc::new(counted),
+            stats,
             owner,
             uuid_alias,
             on_remove: Some(on_remove),
             claimed_by: None,
         });
         Ok(())
+    }
+
+    /// The I/O statistics of the bdev `name` (a name or UUID alias).
+    pub fn iostat(&self, name: &str) -> Option<(Arc<dyn Bdev>, Arc<BdevIoStats>)> {
+        self.position(name)
+            .and_then(|i| self.entries.get(i))
+            .map(|e| (Arc::clone(&e.bdev), Arc::clone(&e.stats)))
+    }
+
+    /// Every bdev with its I/O statistics, in creation order.
+    pub fn iter_iostat(&self) -> impl Iterator<Item = (&Arc<dyn Bdev>, &Arc<BdevIoStats>)> {
+        self.entries.iter().map(|e| (&e.bdev, &e.stats))
     }
 
     /// Whether `name` (a name or UUID alias) is taken.

@@ -1,0 +1,549 @@
+//! I/O statistics per bdev, as SPDK's `bdev_get_iostat` reports them.
+//!
+//! Every channel a reactor opens to a bdev in the registry is a [`CountedChannel`]: it gives the
+//! bdev's own channel a tag of its own (an index into a slot table holding the caller's tag, the
+//! kind, the bytes and the submission tick), and on completion adds the I/O to its
+//! [`ChannelStats`]. Those counters belong to the reactor that owns the channel: only it writes
+//! them, with plain stores of its own running totals (relaxed atomics, so the control thread may
+//! read them at any time); no atomic is shared between reactors and nothing locks on the data
+//! path. The control thread sums the channels of a bdev when asked ([`BdevIoStats::snapshot`]).
+//!
+//! What is counted is what SPDK counts: successful reads, writes and unmaps (ops, bytes, latency
+//! ticks from submission to the completion's poll, min and max); failed I/Os count as errors.
+//! Flushes and write-zeroes are not counted, as in SPDK.
+//!
+//! A reset cannot write a reactor's counters. Sums are reset by remembering what they were
+//! (a baseline subtracted from later reads); min and max by a reset generation the control
+//! thread raises and the channel applies at its next completion (until it has, the channel's
+//! min and max read as none).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rvhost_platform_linux::tsc;
+use serde_json::{json, Map, Value};
+
+use super::{Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoMemory, IoStatus};
+
+/// Slots a counted channel reserves when it opens, so that a queue's usual depth never grows
+/// the table on the data path.
+const INITIAL_SLOTS: usize = 256;
+
+/// One kind's counters in a channel (read, write or unmap).
+#[derive(Debug)]
+struct KindCounters {
+    ops: AtomicU64,
+    bytes: AtomicU64,
+    latency_ticks: AtomicU64,
+    max_latency_ticks: AtomicU64,
+    /// `u64::MAX` while no I/O of this kind completed since the last min/max reset.
+    min_latency_ticks: AtomicU64,
+}
+
+impl Default for KindCounters {
+    fn default() -> Self {
+        Self {
+            ops: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            latency_ticks: AtomicU64::new(0),
+            max_latency_ticks: AtomicU64::new(0),
+            min_latency_ticks: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+/// Adds `value` to a counter only the calling reactor writes (a load and a store, no locked
+/// read-modify-write).
+#[inline]
+fn add(counter: &AtomicU64, value: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(value),
+        Ordering::Relaxed,
+    );
+}
+
+impl KindCounters {
+    #[inline]
+    fn record(&self, bytes: u64, latency: u64) {
+        add(&self.ops, 1);
+        add(&self.bytes, bytes);
+        add(&self.latency_ticks, latency);
+        if latency > self.max_latency_ticks.load(Ordering::Relaxed) {
+            self.max_latency_ticks.store(latency, Ordering::Relaxed);
+        }
+        if latency < self.min_latency_ticks.load(Ordering::Relaxed) {
+            self.min_latency_ticks.store(latency, Ordering::Relaxed);
+        }
+    }
+
+    fn reset_minmax(&self) {
+        self.max_latency_ticks.store(0, Ordering::Relaxed);
+        self.min_latency_ticks.store(u64::MAX, Ordering::Relaxed);
+    }
+
+    fn read(&self, minmax_valid: bool) -> KindTotals {
+        KindTotals {
+            ops: self.ops.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            latency_ticks: self.latency_ticks.load(Ordering::Relaxed),
+            max_latency_ticks: if minmax_valid {
+                self.max_latency_ticks.load(Ordering::Relaxed)
+            } else {
+                0
+            },
+            min_latency_ticks: if minmax_valid {
+                self.min_latency_ticks.load(Ordering::Relaxed)
+            } else {
+                u64::MAX
+            },
+        }
+    }
+}
+
+/// The counters of one channel: written by the reactor that owns the channel, read by the
+/// control thread.
+#[derive(Debug, Default)]
+pub struct ChannelStats {
+    read: KindCounters,
+    write: KindCounters,
+    unmap: KindCounters,
+    failed: AtomicU64,
+    /// The min/max reset generation the control thread asked for.
+    minmax_requested: AtomicU64,
+    /// The generation the channel has applied (written by the reactor).
+    minmax_applied: AtomicU64,
+}
+
+impl ChannelStats {
+    fn read(&self) -> Totals {
+        let valid = self.minmax_applied.load(Ordering::Acquire)
+            == self.minmax_requested.load(Ordering::Relaxed);
+        Totals {
+            read: self.read.read(valid),
+            write: self.write.read(valid),
+            unmap: self.unmap.read(valid),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// One kind's totals as reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KindTotals {
+    /// Completed operations.
+    pub ops: u64,
+    /// Bytes they moved (or unmapped).
+    pub bytes: u64,
+    /// Sum of their latencies, in ticks.
+    pub latency_ticks: u64,
+    /// Longest latency since the last min/max reset (0 if none).
+    pub max_latency_ticks: u64,
+    /// Shortest latency since the last min/max reset (`u64::MAX` if none).
+    pub min_latency_ticks: u64,
+}
+
+impl Default for KindTotals {
+    fn default() -> Self {
+        Self {
+            ops: 0,
+            bytes: 0,
+            latency_ticks: 0,
+            max_latency_ticks: 0,
+            min_latency_ticks: u64::MAX,
+        }
+    }
+}
+
+impl KindTotals {
+    fn add(&mut self, other: &KindTotals) {
+        self.ops = self.ops.wrapping_add(other.ops);
+        self.bytes = self.bytes.wrapping_add(other.bytes);
+        self.latency_ticks = self.latency_ticks.wrapping_add(other.latency_ticks);
+        self.max_latency_ticks = self.max_latency_ticks.max(other.max_latency_ticks);
+        self.min_latency_ticks = self.min_latency_ticks.min(other.min_latency_ticks);
+    }
+
+    /// The sums since `base` was taken (min and max are not sums and stay).
+    fn since(&self, base: &KindTotals) -> KindTotals {
+        KindTotals {
+            ops: self.ops.wrapping_sub(base.ops),
+            bytes: self.bytes.wrapping_sub(base.bytes),
+            latency_ticks: self.latency_ticks.wrapping_sub(base.latency_ticks),
+            ..*self
+        }
+    }
+
+    fn json(&self, kind: &str, out: &mut Map<String, Value>) {
+        let min = if self.min_latency_ticks == u64::MAX {
+            0
+        } else {
+            self.min_latency_ticks
+        };
+        out.insert(format!("{kind}_latency_ticks"), json!(self.latency_ticks));
+        out.insert(
+            format!("max_{kind}_latency_ticks"),
+            json!(self.max_latency_ticks),
+        );
+        out.insert(format!("min_{kind}_latency_ticks"), json!(min));
+    }
+}
+
+/// A bdev's (or one channel's) statistics as reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Successful reads.
+    pub read: KindTotals,
+    /// Successful writes.
+    pub write: KindTotals,
+    /// Successful unmaps.
+    pub unmap: KindTotals,
+    /// I/Os the bdev failed.
+    pub failed: u64,
+}
+
+impl Totals {
+    fn add(&mut self, other: &Totals) {
+        self.read.add(&other.read);
+        self.write.add(&other.write);
+        self.unmap.add(&other.unmap);
+        self.failed = self.failed.wrapping_add(other.failed);
+    }
+
+    fn since(&self, base: &Totals) -> Totals {
+        Totals {
+            read: self.read.since(&base.read),
+            write: self.write.since(&base.write),
+            unmap: self.unmap.since(&base.unmap),
+            failed: self.failed.wrapping_sub(base.failed),
+        }
+    }
+
+    fn clear_minmax(&mut self) {
+        for kind in [&mut self.read, &mut self.write, &mut self.unmap] {
+            kind.max_latency_ticks = 0;
+            kind.min_latency_ticks = u64::MAX;
+        }
+    }
+
+    /// The members SPDK's `spdk_bdev_dump_io_stat_json` writes, in its order (copy is not an
+    /// operation rvhost's bdevs offer, so its counters are always 0).
+    pub fn json(&self, out: &mut Map<String, Value>, with_errors: bool) {
+        out.insert("bytes_read".into(), json!(self.read.bytes));
+        out.insert("num_read_ops".into(), json!(self.read.ops));
+        out.insert("bytes_written".into(), json!(self.write.bytes));
+        out.insert("num_write_ops".into(), json!(self.write.ops));
+        out.insert("bytes_unmapped".into(), json!(self.unmap.bytes));
+        out.insert("num_unmap_ops".into(), json!(self.unmap.ops));
+        out.insert("bytes_copied".into(), json!(0));
+        out.insert("num_copy_ops".into(), json!(0));
+        self.read.json("read", out);
+        self.write.json("write", out);
+        self.unmap.json("unmap", out);
+        KindTotals::default().json("copy", out);
+        if with_errors {
+            let mut errors = Map::new();
+            if self.failed != 0 {
+                errors.insert("failed".into(), json!(self.failed));
+            }
+            out.insert("io_error".into(), Value::Object(errors));
+        }
+    }
+}
+
+/// How `bdev_reset_iostat` (and `bdev_get_iostat`'s `reset_mode`) resets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetMode {
+    /// Every counter.
+    All,
+    /// Only the min and max latencies.
+    MaxMin,
+    /// Only the error counts.
+    Errors,
+}
+
+/// A channel of the bdev, as the control thread tracks it.
+#[derive(Debug)]
+struct ChannelEntry {
+    stats: Arc<ChannelStats>,
+    /// What its sums were at the last reset.
+    baseline: Totals,
+    /// Order of opening (1 for the bdev's first channel), reported as `thread_id` per channel.
+    ordinal: u64,
+}
+
+#[derive(Debug, Default)]
+struct StatsInner {
+    channels: Vec<ChannelEntry>,
+    /// What closed channels counted since the last reset.
+    retired: Totals,
+    opened: u64,
+}
+
+/// The statistics of one bdev: the channels' counters and what closed channels left. Only the
+/// control thread and channel opening take its lock, never the data path.
+#[derive(Debug, Default)]
+pub struct BdevIoStats {
+    inner: Mutex<StatsInner>,
+}
+
+impl BdevIoStats {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StatsInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn register(&self) -> Arc<ChannelStats> {
+        let stats = Arc::new(ChannelStats::default());
+        let mut inner = self.lock();
+        inner.opened += 1;
+        let ordinal = inner.opened;
+        inner.channels.push(ChannelEntry {
+            stats: Arc::clone(&stats),
+            baseline: Totals::default(),
+            ordinal,
+        });
+        stats
+    }
+
+    /// Folds channels no longer open into `retired`.
+    fn prune(inner: &mut StatsInner) {
+        let mut index = 0;
+        while index < inner.channels.len() {
+            if Arc::strong_count(&inner.channels[index].stats) == 1 {
+                let entry = inner.channels.swap_remove(index);
+                let left = entry.stats.read().since(&entry.baseline);
+                inner.retired.add(&left);
+            } else {
+                index += 1;
+            }
+        }
+        inner.channels.sort_by_key(|c| c.ordinal);
+    }
+
+    /// The bdev's totals: its open channels' and what closed ones counted.
+    pub fn snapshot(&self) -> Totals {
+        let mut inner = self.lock();
+        Self::prune(&mut inner);
+        let mut total = inner.retired;
+        for channel in &inner.channels {
+            total.add(&channel.stats.read().since(&channel.baseline));
+        }
+        total
+    }
+
+    /// Each open channel's totals with its ordinal.
+    pub fn per_channel(&self) -> Vec<(u64, Totals)> {
+        let mut inner = self.lock();
+        Self::prune(&mut inner);
+        inner
+            .channels
+            .iter()
+            .map(|c| (c.ordinal, c.stats.read().since(&c.baseline)))
+            .collect()
+    }
+
+    /// Resets the counters `mode` names.
+    pub fn reset(&self, mode: ResetMode) {
+        let mut inner = self.lock();
+        Self::prune(&mut inner);
+        match mode {
+            ResetMode::All => inner.retired = Totals::default(),
+            ResetMode::MaxMin => inner.retired.clear_minmax(),
+            ResetMode::Errors => inner.retired.failed = 0,
+        }
+        for channel in &mut inner.channels {
+            match mode {
+                ResetMode::All => {
+                    channel.baseline = channel.stats.read();
+                    channel
+                        .stats
+                        .minmax_requested
+                        .fetch_add(1, Ordering::Release);
+                }
+                ResetMode::MaxMin => {
+                    channel
+                        .stats
+                        .minmax_requested
+                        .fetch_add(1, Ordering::Release);
+                }
+                ResetMode::Errors => {
+                    channel.baseline.failed = channel.stats.failed.load(Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// A bdev in the registry: the module's bdev with its statistics. Every property is the
+/// module's; only the channels it opens are [`CountedChannel`]s.
+#[derive(Debug)]
+pub struct CountedBdev {
+    inner: Arc<dyn Bdev>,
+    stats: Arc<BdevIoStats>,
+}
+
+impl CountedBdev {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Bdev>) -> Self {
+        Self {
+            inner,
+            stats: Arc::new(BdevIoStats::default()),
+        }
+    }
+
+    /// The bdev's statistics.
+    pub fn stats(&self) -> &Arc<BdevIoStats> {
+        &self.stats
+    }
+}
+
+impl Bdev for CountedBdev {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn product_name(&self) -> &str {
+        self.inner.product_name()
+    }
+    fn module_name(&self) -> &'static str {
+        self.inner.module_name()
+    }
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn num_blocks(&self) -> u64 {
+        self.inner.num_blocks()
+    }
+    fn uuid(&self) -> [u8; 16] {
+        self.inner.uuid()
+    }
+    fn supports(&self, kind: IoKind) -> bool {
+        self.inner.supports(kind)
+    }
+    fn open_channel(self: Arc<Self>) -> Result<Box<dyn BdevChannel>, BdevError> {
+        let inner = Arc::clone(&self.inner).open_channel()?;
+        Ok(Box::new(CountedChannel {
+            inner,
+            stats: self.stats.register(),
+            block_size: u64::from(self.inner.block_size()),
+            slots: Vec::with_capacity(INITIAL_SLOTS),
+            free: Vec::with_capacity(INITIAL_SLOTS),
+            minmax_applied: 0,
+        }))
+    }
+    fn prepare_memory(&self, mem: &IoMemory) {
+        self.inner.prepare_memory(mem)
+    }
+    fn driver_specific(&self) -> Value {
+        self.inner.driver_specific()
+    }
+}
+
+/// What a counted channel remembers of an I/O in flight.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    tag: u64,
+    /// Submission tick.
+    start: u64,
+    bytes: u64,
+    kind: IoKind,
+}
+
+/// A channel that counts what it completes (see the module documentation).
+pub struct CountedChannel {
+    inner: Box<dyn BdevChannel>,
+    stats: Arc<ChannelStats>,
+    block_size: u64,
+    /// I/Os in flight by the tag given to the inner channel.
+    slots: Vec<InFlight>,
+    free: Vec<u32>,
+    /// The min/max reset generation last applied.
+    minmax_applied: u64,
+}
+
+impl std::fmt::Debug for CountedChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CountedChannel")
+            .field(
+                "in_flight",
+                &self.slots.len().saturating_sub(self.free.len()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl BdevChannel for CountedChannel {
+    #[inline]
+    fn submit(&mut self, io: &BdevIo<'_>) -> Result<(), BdevError> {
+        let entry = InFlight {
+            tag: io.tag,
+            start: tsc::ticks(),
+            bytes: io.num_blocks.wrapping_mul(self.block_size),
+            kind: io.kind,
+        };
+        let index = match self.free.pop() {
+            Some(index) => {
+                if let Some(slot) = self.slots.get_mut(index as usize) {
+                    *slot = entry;
+                }
+                index
+            }
+            None => {
+                let index = u32::try_from(self.slots.len())
+                    .map_err(|_| BdevError::Backend("too many I/Os in flight".into()))?;
+                self.slots.push(entry);
+                index
+            }
+        };
+        let inner_io = BdevIo {
+            tag: u64::from(index),
+            ..*io
+        };
+        let submitted = self.inner.submit(&inner_io);
+        if submitted.is_err() {
+            self.free.push(index);
+        }
+        submitted
+    }
+
+    #[inline]
+    fn poll(&mut self, done: &mut dyn FnMut(u64, IoStatus)) -> usize {
+        let slots = &self.slots;
+        let free = &mut self.free;
+        let stats = &*self.stats;
+        let applied = &mut self.minmax_applied;
+        let mut now = 0;
+        self.inner.poll(&mut |index, status| {
+            let Some(entry) = usize::try_from(index).ok().and_then(|i| slots.get(i)) else {
+                tracing::error!(index, "bdev completed an I/O it was not given");
+                return;
+            };
+            free.push(index as u32);
+            if now == 0 {
+                now = tsc::ticks();
+                let requested = stats.minmax_requested.load(Ordering::Relaxed);
+                if requested != *applied {
+                    for kind in [&stats.read, &stats.write, &stats.unmap] {
+                        kind.reset_minmax();
+                    }
+                    *applied = requested;
+                    stats.minmax_applied.store(requested, Ordering::Release);
+                }
+            }
+            if status == IoStatus::Success {
+                let latency = now.saturating_sub(entry.start);
+                match entry.kind {
+                    IoKind::Read => stats.read.record(entry.bytes, latency),
+                    IoKind::Write => stats.write.record(entry.bytes, latency),
+                    IoKind::Unmap => stats.unmap.record(entry.bytes, latency),
+                    IoKind::Flush | IoKind::WriteZeroes => {}
+                }
+            } else {
+                add(&stats.failed, 1);
+            }
+            done(entry.tag, status);
+        })
+    }
+
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+}
