@@ -44,12 +44,13 @@ spawn() {
   echo $! >"$dir/run/$name.pid"
 }
 
-# A TCP port on 127.0.0.1 nothing listens on.
+# A TCP port on 127.0.0.1 no socket uses, below the kernel's ephemeral range (32768 and up), so
+# no client connection takes it between the check and the monitor's bind.
 free_port() {
   local port
   for _ in $(seq 1 100); do
-    port=$((20000 + RANDOM % 20000))
-    if ! ss -Htln "sport = :$port" | grep -q .; then
+    port=$((10000 + RANDOM % 20000))
+    if ! ss -Htan "sport = :$port" | grep -q .; then
       echo "$port"
       return
     fi

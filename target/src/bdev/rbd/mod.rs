@@ -28,7 +28,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rvhost_platform_linux::uring::{HostBuffers, SpareIovecs};
-use rvhost_rbd::{AioOp, Cluster, ClusterConfig, CompletionQueue, Image, RbdError};
+pub use rvhost_rbd::ClusterConfig;
+use rvhost_rbd::{AioOp, Cluster, CompletionQueue, Image, RbdError};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -145,6 +146,64 @@ pub struct RbdBdev {
 }
 
 impl RbdBdev {
+    /// Opens image `origin.rbd_name` of pool `origin.pool_name` on `cluster` as bdev `name` of
+    /// `block_size` blocks (`block_size` checked by the caller): ENOENT for a missing pool or
+    /// image, EINVAL for an image smaller than one block.
+    fn open(
+        name: &str,
+        uuid: [u8; 16],
+        cluster: &Arc<Cluster>,
+        origin: Origin,
+        block_size: u32,
+    ) -> Result<Arc<RbdBdev>, RpcError> {
+        let pool = cluster.pool(&origin.pool_name).map_err(|e| rbd_error(&e))?;
+        let image = Image::open(&pool, &origin.rbd_name).map_err(|e| rbd_error(&e))?;
+        let size = image.size().map_err(|e| rbd_error(&e))?;
+        let num_blocks = size / u64::from(block_size);
+        if num_blocks == 0 {
+            return Err(RpcError::errno(
+                EINVAL,
+                format!(
+                    "image {}/{} ({size} bytes) is smaller than one block of {block_size}",
+                    origin.pool_name, origin.rbd_name
+                ),
+            ));
+        }
+        Ok(Arc::new(RbdBdev {
+            name: name.to_owned(),
+            uuid,
+            block_size,
+            num_blocks: AtomicU64::new(num_blocks),
+            image: Arc::new(image),
+            origin,
+            removed: AtomicBool::new(false),
+        }))
+    }
+
+    /// Opens `pool_name/rbd_name` through a connection of its own made from `config` (what
+    /// `bdev_rbd_create` with `config` does, without registering the bdev): for tests that
+    /// export it directly.
+    pub fn open_with_config(
+        name: &str,
+        uuid: [u8; 16],
+        config: &ClusterConfig,
+        pool_name: &str,
+        rbd_name: &str,
+        block_size: u32,
+    ) -> Result<Arc<RbdBdev>, RpcError> {
+        check_block_size(block_size).map_err(super::module::bdev_error)?;
+        let cluster = Cluster::connect(config, DEFAULT_OPTIONS).map_err(|e| rbd_error(&e))?;
+        let origin = Origin {
+            pool_name: pool_name.to_owned(),
+            rbd_name: rbd_name.to_owned(),
+            user_id: config.user_id.clone(),
+            config: Some(config.options.clone()),
+            cluster_name: None,
+            cluster_fields: None,
+        };
+        RbdBdev::open(name, uuid, &cluster, origin, block_size)
+    }
+
     fn is_removed(&self) -> bool {
         self.removed.load(Ordering::Acquire)
     }
@@ -528,35 +587,16 @@ impl RbdModule {
                 )
             }
         };
-        let pool = cluster.pool(&p.pool_name).map_err(|e| rbd_error(&e))?;
-        let image = Image::open(&pool, &p.rbd_name).map_err(|e| rbd_error(&e))?;
-        let size = image.size().map_err(|e| rbd_error(&e))?;
-        let num_blocks = size / u64::from(p.block_size);
-        if num_blocks == 0 {
-            return Err(RpcError::errno(
-                EINVAL,
-                format!(
-                    "image {}/{} ({size} bytes) is smaller than one block of {}",
-                    p.pool_name, p.rbd_name, p.block_size
-                ),
-            ));
-        }
-        let bdev = Arc::new(RbdBdev {
-            name: name.clone(),
-            uuid,
-            block_size: p.block_size,
-            num_blocks: AtomicU64::new(num_blocks),
-            image: Arc::new(image),
-            origin: Origin {
-                pool_name: p.pool_name.clone(),
-                rbd_name: p.rbd_name.clone(),
-                user_id: p.user_id,
-                config,
-                cluster_name: p.cluster_name,
-                cluster_fields,
-            },
-            removed: AtomicBool::new(false),
-        });
+        let origin = Origin {
+            pool_name: p.pool_name.clone(),
+            rbd_name: p.rbd_name.clone(),
+            user_id: p.user_id,
+            config,
+            cluster_name: p.cluster_name,
+            cluster_fields,
+        };
+        let bdev = RbdBdev::open(&name, uuid, &cluster, origin, p.block_size)?;
+        let num_blocks = bdev.num_blocks();
         let removed = Arc::clone(&bdev);
         cx.register(
             Arc::clone(&bdev) as Arc<dyn Bdev>,
