@@ -32,28 +32,51 @@ pub const VIRTIO_SCSI_MODULES: &[&str] = &[
 /// One vhost-user device given to the guest.
 #[derive(Debug, Clone)]
 pub enum VhostUserDevice {
-    Blk { socket: PathBuf, num_queues: u16 },
-    Scsi { socket: PathBuf, num_queues: u16 },
+    Blk {
+        socket: PathBuf,
+        num_queues: u16,
+    },
+    Scsi {
+        socket: PathBuf,
+        num_queues: u16,
+    },
+    /// vhost-user-blk on a chardev with `reconnect=1`: QEMU reconnects by itself, once a second,
+    /// to a backend that was stopped or died (and resumes the guest's I/O through it).
+    BlkReconnect {
+        socket: PathBuf,
+        num_queues: u16,
+    },
 }
 
 impl VhostUserDevice {
     fn qemu_args(&self, index: usize) -> [String; 4] {
         // QEMU 7.2 spells the queue-count property differently for the two devices.
-        let (socket, driver, queues) = match self {
+        let (socket, driver, queues, chardev_opts) = match self {
             Self::Blk { socket, num_queues } => (
                 socket,
                 "vhost-user-blk-pci",
                 format!("num-queues={num_queues}"),
+                "",
+            ),
+            Self::BlkReconnect { socket, num_queues } => (
+                socket,
+                "vhost-user-blk-pci",
+                format!("num-queues={num_queues}"),
+                ",reconnect=1",
             ),
             Self::Scsi { socket, num_queues } => (
                 socket,
                 "vhost-user-scsi-pci",
                 format!("num_queues={num_queues}"),
+                "",
             ),
         };
         [
             "-chardev".into(),
-            format!("socket,id=vhost{index},path={}", socket.display()),
+            format!(
+                "socket,id=vhost{index},path={}{chardev_opts}",
+                socket.display()
+            ),
             "-device".into(),
             format!("{driver},chardev=vhost{index},{queues}"),
         ]

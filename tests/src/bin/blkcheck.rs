@@ -26,6 +26,12 @@ const USAGE: &str = "usage:
   blkcheck flush  DEV
   blkcheck size   DEV
   blkcheck expect-write-error DEV OFFSET LEN
+  blkcheck writers DEV OFFSET LEN THREADS SECONDS HANG_SECONDS
+                                       (verifying writers: each thread writes its own 4 KiB blocks
+                                        with a sequence number, reads each back once acknowledged,
+                                        and at the end every block must hold its last acknowledged
+                                        write; prints ok:writes=N:max_ms=M, the first error, or
+                                        hung:... as soon as one I/O takes HANG_SECONDS)
 All numbers are bytes (decimal, or hex with 0x); OFFSET, LEN, IO_SIZE and BUF_MISALIGN must suit
 O_DIRECT (multiples of the logical block size).";
 
@@ -366,6 +372,162 @@ fn expect_write_error(args: &[String]) -> Result<String, CheckError> {
     Err(CheckError::WriteAccepted)
 }
 
+const WRITER_BLOCK: u64 = 4096;
+
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
+/// One verifying writer: thread `t` of `threads` owns every `threads`-th block of the range.
+/// Returns the writes done and the seed of each block's last acknowledged write.
+fn writer(
+    file: &File,
+    offset: u64,
+    blocks: u64,
+    t: u64,
+    threads: u64,
+    until: std::time::Instant,
+    busy_since_ms: &std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
+) -> Result<(u64, Vec<(u64, u64)>), CheckError> {
+    use std::sync::atomic::Ordering;
+    let mut wbuf = AlignedBuf::new(WRITER_BLOCK as usize, 0)?;
+    let mut rbuf = AlignedBuf::new(WRITER_BLOCK as usize, 0)?;
+    let mine: Vec<u64> = (t..blocks).step_by(threads as usize).collect();
+    let mut last = vec![0u64; mine.len()];
+    let mut writes = 0u64;
+    let mut i = 0usize;
+    while std::time::Instant::now() < until && !mine.is_empty() {
+        let k = i % mine.len();
+        i += 1;
+        let pos = offset + mine[k] * WRITER_BLOCK;
+        writes += 1;
+        // The seed names the thread and the sequence number: a stale or lost write reads back
+        // as another seed's pattern.
+        let seed = (t << 40) | writes;
+        fill_pattern(wbuf.bytes_mut(), seed, pos);
+        let since = epoch.elapsed().as_millis() as u64 + 1;
+        busy_since_ms.store(since, Ordering::Relaxed);
+        file.write_all_at(wbuf.bytes(), pos)
+            .map_err(|source| CheckError::Io {
+                what: "write",
+                offset: pos,
+                source,
+            })?;
+        last[k] = seed;
+        rbuf.bytes_mut().fill(0xA5);
+        busy_since_ms.store(epoch.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+        file.read_exact_at(rbuf.bytes_mut(), pos)
+            .map_err(|source| CheckError::Io {
+                what: "read",
+                offset: pos,
+                source,
+            })?;
+        busy_since_ms.store(0, Ordering::Relaxed);
+        check_block(rbuf.bytes(), seed, pos)?;
+    }
+    Ok((writes, mine.iter().copied().zip(last).collect()))
+}
+
+fn check_block(data: &[u8], seed: u64, pos: u64) -> Result<(), CheckError> {
+    let mut bad = data.chunks_exact(8).enumerate().filter_map(|(i, word)| {
+        let at = pos + i as u64 * 8;
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(word);
+        let found = u64::from_le_bytes(raw);
+        let expected = pattern_word(seed, at);
+        (found != expected).then_some((at, expected, found))
+    });
+    match bad.next() {
+        None => Ok(()),
+        Some((offset, expected, found)) => Err(CheckError::Mismatch {
+            offset,
+            expected,
+            found,
+            bad_words: 1 + bad.count() as u64,
+        }),
+    }
+}
+
+fn writers(args: &[String]) -> Result<String, CheckError> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+    let [dev, offset, len, threads, seconds, hang] = args else {
+        return Err(CheckError::Usage(
+            "need DEV OFFSET LEN THREADS SECONDS HANG_SECONDS".into(),
+        ));
+    };
+    let offset = parse_num(offset, "OFFSET")?;
+    let blocks = parse_num(len, "LEN")? / WRITER_BLOCK;
+    let threads = parse_num(threads, "THREADS")?.clamp(1, 64);
+    let until = Instant::now() + Duration::from_secs(parse_num(seconds, "SECONDS")?);
+    let hang_ms = parse_num(hang, "HANG_SECONDS")? * 1000;
+    let epoch = Instant::now();
+    let busy: Vec<AtomicU64> = (0..threads).map(|_| AtomicU64::new(0)).collect();
+    let max_ms = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    let results = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (busy, done) = (&busy[t as usize], &done);
+                let dev = dev.clone();
+                scope.spawn(move || {
+                    let result = open_direct(&dev, true).and_then(|file| {
+                        writer(&file, offset, blocks, t, threads, until, busy, epoch)
+                    });
+                    done.fetch_add(1, Ordering::Relaxed);
+                    result
+                })
+            })
+            .collect();
+        // The watchdog: the longest any I/O has waited, and a hang reported while the stuck
+        // thread still waits (the process cannot exit before its I/O completes).
+        while done.load(Ordering::Relaxed) < threads {
+            let now = epoch.elapsed().as_millis() as u64 + 1;
+            for (t, b) in busy.iter().enumerate() {
+                let since = b.load(Ordering::Relaxed);
+                if since != 0 {
+                    let waited = now.saturating_sub(since);
+                    max_ms.fetch_max(waited, Ordering::Relaxed);
+                    if waited >= hang_ms {
+                        println!("hung:thread={t}:waited_ms={waited}");
+                        let _ = std::io::Write::flush(&mut std::io::stdout());
+                        std::process::exit(3);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or(Err(CheckError::Usage("writer panicked".into())))
+            })
+            .collect::<Vec<_>>()
+    });
+    let file = open_direct(dev, false)?;
+    let mut rbuf = AlignedBuf::new(WRITER_BLOCK as usize, 0)?;
+    let mut writes = 0;
+    for result in results {
+        let (n, last) = result?;
+        writes += n;
+        // Every write was acknowledged: each block holds its last one.
+        for (block, seed) in last.into_iter().filter(|(_, seed)| *seed != 0) {
+            let pos = offset + block * WRITER_BLOCK;
+            rbuf.bytes_mut().fill(0xA5);
+            file.read_exact_at(rbuf.bytes_mut(), pos)
+                .map_err(|source| CheckError::Io {
+                    what: "read",
+                    offset: pos,
+                    source,
+                })?;
+            check_block(rbuf.bytes(), seed, pos)?;
+        }
+    }
+    Ok(format!(
+        "ok:writes={writes}:max_ms={}",
+        max_ms.load(Ordering::Relaxed)
+    ))
+}
+
 fn run(args: &[String]) -> Result<String, CheckError> {
     let Some((command, rest)) = args.split_first() else {
         return Err(CheckError::Usage("no command".into()));
@@ -379,6 +541,7 @@ fn run(args: &[String]) -> Result<String, CheckError> {
         "flush" => flush(rest).map(|()| "ok".into()),
         "size" => size(rest).map(|n| n.to_string()),
         "expect-write-error" => expect_write_error(rest),
+        "writers" => writers(rest),
         other => Err(CheckError::Usage(format!("unknown command {other:?}"))),
     }
 }
