@@ -160,6 +160,16 @@ const METHODS: &[Method] = &[
         handler: RpcMethods::bdev_reset_iostat,
     },
     Method {
+        name: "bdev_enable_histogram",
+        old_name: None,
+        handler: RpcMethods::bdev_enable_histogram,
+    },
+    Method {
+        name: "bdev_get_histogram",
+        old_name: None,
+        handler: RpcMethods::bdev_get_histogram,
+    },
+    Method {
         name: "bdev_wait_for_examine",
         old_name: None,
         handler: RpcMethods::bdev_wait_for_examine,

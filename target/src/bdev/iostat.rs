@@ -17,8 +17,8 @@
 //! thread raises and the channel applies at its next completion (until it has, the channel's
 //! min and max read as none).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use rvhost_platform_linux::tsc;
 use serde_json::{json, Map, Value};
@@ -112,6 +112,10 @@ pub struct ChannelStats {
     minmax_requested: AtomicU64,
     /// The generation the channel has applied (written by the reactor).
     minmax_applied: AtomicU64,
+    /// Which completions the latency histogram takes ([`HistogramFilter`] as a number; 0: off).
+    histogram_filter: AtomicU8,
+    /// Latency histogram buckets in SPDK's layout, allocated the first time it is enabled.
+    histogram: OnceLock<Box<[AtomicU64]>>,
 }
 
 impl ChannelStats {
@@ -125,6 +129,64 @@ impl ChannelStats {
             failed: self.failed.load(Ordering::Relaxed),
         }
     }
+}
+
+/// SPDK's default histogram geometry (`spdk_histogram_data_alloc`): 2^7 buckets per power of
+/// two, ranges 0 to 57 (every 64-bit tick count). `bdev_get_histogram` reports it so SPDK's
+/// `scripts/histogram.py` decodes the buckets.
+pub const HISTOGRAM_GRANULARITY: u32 = 7;
+/// The first range (`min_range`).
+pub const HISTOGRAM_MIN_RANGE: u32 = 0;
+/// The last range (`max_range`).
+pub const HISTOGRAM_MAX_RANGE: u32 = 64 - HISTOGRAM_GRANULARITY;
+/// Buckets in a histogram: ranges x buckets per range.
+pub const HISTOGRAM_BUCKETS: usize =
+    ((HISTOGRAM_MAX_RANGE - HISTOGRAM_MIN_RANGE + 1) as usize) << HISTOGRAM_GRANULARITY;
+
+/// The bucket of a latency of `ticks`, as `spdk_histogram_data_tally` places it.
+#[inline]
+pub fn histogram_bucket(ticks: u64) -> usize {
+    let lsb = 64 - HISTOGRAM_GRANULARITY;
+    let clz = ticks.leading_zeros();
+    let range = lsb.saturating_sub(clz);
+    let shift = range.saturating_sub(1);
+    let index = (ticks >> shift) & ((1 << HISTOGRAM_GRANULARITY) - 1);
+    ((range as usize) << HISTOGRAM_GRANULARITY) + index as usize
+}
+
+/// Which completions a latency histogram takes (SPDK's `opc`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistogramFilter {
+    /// Every kind.
+    All,
+    /// One kind only.
+    Kind(IoKind),
+}
+
+impl HistogramFilter {
+    fn code(self) -> u8 {
+        match self {
+            HistogramFilter::All => 1,
+            HistogramFilter::Kind(IoKind::Read) => 2,
+            HistogramFilter::Kind(IoKind::Write) => 3,
+            HistogramFilter::Kind(IoKind::Unmap) => 4,
+            HistogramFilter::Kind(IoKind::Flush) => 5,
+            HistogramFilter::Kind(IoKind::WriteZeroes) => 6,
+        }
+    }
+}
+
+#[inline]
+fn kind_code(kind: IoKind) -> u8 {
+    HistogramFilter::Kind(kind).code()
+}
+
+fn new_buckets() -> Box<[AtomicU64]> {
+    (0..HISTOGRAM_BUCKETS).map(|_| AtomicU64::new(0)).collect()
+}
+
+fn read_buckets(buckets: &[AtomicU64]) -> Vec<u64> {
+    buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect()
 }
 
 /// One kind's totals as reported.
@@ -269,6 +331,8 @@ struct ChannelEntry {
     baseline: Totals,
     /// Order of opening (1 for the bdev's first channel), reported as `thread_id` per channel.
     ordinal: u64,
+    /// Its histogram buckets when the histogram was last enabled.
+    histogram_baseline: Vec<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -277,6 +341,10 @@ struct StatsInner {
     /// What closed channels counted since the last reset.
     retired: Totals,
     opened: u64,
+    /// The histogram's filter while it is enabled.
+    histogram: Option<HistogramFilter>,
+    /// What closed channels' histograms counted since it was enabled.
+    retired_histogram: Vec<u64>,
 }
 
 /// The statistics of one bdev: the channels' counters and what closed channels left. Only the
@@ -296,10 +364,17 @@ impl BdevIoStats {
         let mut inner = self.lock();
         inner.opened += 1;
         let ordinal = inner.opened;
+        if let Some(filter) = inner.histogram {
+            stats.histogram.get_or_init(new_buckets);
+            stats
+                .histogram_filter
+                .store(filter.code(), Ordering::Release);
+        }
         inner.channels.push(ChannelEntry {
             stats: Arc::clone(&stats),
             baseline: Totals::default(),
             ordinal,
+            histogram_baseline: Vec::new(),
         });
         stats
     }
@@ -312,6 +387,10 @@ impl BdevIoStats {
                 let entry = inner.channels.swap_remove(index);
                 let left = entry.stats.read().since(&entry.baseline);
                 inner.retired.add(&left);
+                if inner.histogram.is_some() {
+                    let counts = entry.histogram_since_baseline();
+                    add_buckets(&mut inner.retired_histogram, &counts);
+                }
             } else {
                 index += 1;
             }
@@ -370,6 +449,62 @@ impl BdevIoStats {
                 }
             }
         }
+    }
+}
+
+impl ChannelEntry {
+    fn histogram_since_baseline(&self) -> Vec<u64> {
+        let mut counts = match self.stats.histogram.get() {
+            Some(buckets) => read_buckets(buckets),
+            None => vec![0; HISTOGRAM_BUCKETS],
+        };
+        for (count, base) in counts.iter_mut().zip(&self.histogram_baseline) {
+            *count = count.wrapping_sub(*base);
+        }
+        counts
+    }
+}
+
+fn add_buckets(into: &mut Vec<u64>, counts: &[u64]) {
+    if into.len() < counts.len() {
+        into.resize(counts.len(), 0);
+    }
+    for (sum, count) in into.iter_mut().zip(counts) {
+        *sum = sum.wrapping_add(*count);
+    }
+}
+
+impl BdevIoStats {
+    /// Starts (afresh) or stops the latency histogram of every channel of the bdev.
+    pub fn set_histogram(&self, filter: Option<HistogramFilter>) {
+        let mut inner = self.lock();
+        Self::prune(&mut inner);
+        inner.histogram = filter;
+        inner.retired_histogram = vec![0; HISTOGRAM_BUCKETS];
+        let code = filter.map_or(0, HistogramFilter::code);
+        for channel in &mut inner.channels {
+            if filter.is_some() {
+                let buckets = channel.stats.histogram.get_or_init(new_buckets);
+                channel.histogram_baseline = read_buckets(buckets);
+            }
+            channel
+                .stats
+                .histogram_filter
+                .store(code, Ordering::Release);
+        }
+    }
+
+    /// The bdev's histogram buckets (SPDK's layout) since it was enabled, or `None` while it is
+    /// not.
+    pub fn histogram(&self) -> Option<Vec<u64>> {
+        let mut inner = self.lock();
+        Self::prune(&mut inner);
+        inner.histogram?;
+        let mut total = inner.retired_histogram.clone();
+        for channel in &inner.channels {
+            add_buckets(&mut total, &channel.histogram_since_baseline());
+        }
+        Some(total)
     }
 }
 
@@ -511,6 +646,8 @@ impl BdevChannel for CountedChannel {
         let stats = &*self.stats;
         let applied = &mut self.minmax_applied;
         let mut now = 0;
+        let mut histogram_filter = 0;
+        let mut histogram: Option<&[AtomicU64]> = None;
         self.inner.poll(&mut |index, status| {
             let Some(entry) = usize::try_from(index).ok().and_then(|i| slots.get(i)) else {
                 tracing::error!(index, "bdev completed an I/O it was not given");
@@ -527,9 +664,20 @@ impl BdevChannel for CountedChannel {
                     *applied = requested;
                     stats.minmax_applied.store(requested, Ordering::Release);
                 }
+                histogram_filter = stats.histogram_filter.load(Ordering::Acquire);
+                if histogram_filter != 0 {
+                    histogram = stats.histogram.get().map(|b| &b[..]);
+                }
+            }
+            let latency = now.saturating_sub(entry.start);
+            if let Some(buckets) = histogram {
+                if histogram_filter == 1 || histogram_filter == kind_code(entry.kind) {
+                    if let Some(bucket) = buckets.get(histogram_bucket(latency)) {
+                        add(bucket, 1);
+                    }
+                }
             }
             if status == IoStatus::Success {
-                let latency = now.saturating_sub(entry.start);
                 match entry.kind {
                     IoKind::Read => stats.read.record(entry.bytes, latency),
                     IoKind::Write => stats.write.record(entry.bytes, latency),
@@ -545,5 +693,50 @@ impl BdevChannel for CountedChannel {
 
     fn in_flight(&self) -> usize {
         self.inner.in_flight()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `spdk_histogram_data_tally` for the default geometry, written out as SPDK's C does it, as
+    /// a reference.
+    #[allow(clippy::implicit_saturating_sub)]
+    fn spdk_bucket(datapoint: u64) -> usize {
+        let granularity = 7u32;
+        let lsb = 64 - granularity;
+        let clz = if datapoint > 0 {
+            datapoint.leading_zeros()
+        } else {
+            64
+        };
+        let range = if clz <= lsb { lsb - clz } else { 0 };
+        let shift = if range == 0 { 0 } else { range - 1 };
+        let index = (datapoint >> shift) & ((1 << granularity) - 1);
+        ((range as usize) << granularity) + index as usize
+    }
+
+    #[test]
+    fn histogram_buckets_are_spdks() {
+        let mut points = vec![
+            0,
+            1,
+            2,
+            127,
+            128,
+            129,
+            255,
+            256,
+            1000,
+            u64::MAX,
+            u64::MAX - 1,
+        ];
+        points.extend((0..64).map(|s| 1u64 << s));
+        points.extend((1..64).map(|s| (1u64 << s) - 1));
+        for p in points {
+            assert_eq!(histogram_bucket(p), spdk_bucket(p), "{p}");
+            assert!(histogram_bucket(p) < HISTOGRAM_BUCKETS, "{p}");
+        }
     }
 }

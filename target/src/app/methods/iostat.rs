@@ -5,10 +5,14 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::RpcMethods;
-use crate::bdev::iostat::{BdevIoStats, ResetMode};
+use crate::bdev::iostat::{
+    BdevIoStats, HistogramFilter, ResetMode, HISTOGRAM_GRANULARITY, HISTOGRAM_MAX_RANGE,
+    HISTOGRAM_MIN_RANGE,
+};
 use crate::bdev::module::decode;
+use crate::bdev::IoKind;
 use crate::rpc::errno::{EINVAL, ENODEV};
-use crate::rpc::RpcError;
+use crate::rpc::{RpcError, INTERNAL_ERROR};
 
 /// SPDK's `reset_mode` / `mode` values.
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -149,5 +153,131 @@ impl RpcMethods {
             }
         }
         Ok(Value::Bool(true))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnableHistogram {
+    name: String,
+    enable: bool,
+    opc: Option<String>,
+    granularity: Option<u8>,
+    min_nsec: Option<u64>,
+    max_nsec: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetHistogram {
+    name: String,
+}
+
+/// Standard base64 with padding (RFC 4648), as SPDK encodes the histogram.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+impl RpcMethods {
+    pub(super) fn bdev_enable_histogram(
+        &mut self,
+        params: Option<Value>,
+    ) -> Result<Value, RpcError> {
+        let p: EnableHistogram = decode(params)?;
+        let (_, stats) = self
+            .bdevs
+            .iostat(&p.name)
+            .ok_or_else(|| not_found(&p.name))?;
+        if !p.enable {
+            stats.set_histogram(None);
+            return Ok(Value::Bool(true));
+        }
+        if p.granularity
+            .is_some_and(|g| u32::from(g) != HISTOGRAM_GRANULARITY)
+            || p.min_nsec.is_some()
+            || p.max_nsec.is_some()
+        {
+            return Err(RpcError::errno(
+                EINVAL,
+                format!(
+                    "rvhost keeps SPDK's default histogram (granularity {HISTOGRAM_GRANULARITY}, every latency); granularity, min_nsec and max_nsec cannot change it"
+                ),
+            ));
+        }
+        let filter = match p.opc.as_deref() {
+            None => HistogramFilter::All,
+            Some("read") => HistogramFilter::Kind(IoKind::Read),
+            Some("write") => HistogramFilter::Kind(IoKind::Write),
+            Some("unmap") => HistogramFilter::Kind(IoKind::Unmap),
+            Some("flush") => HistogramFilter::Kind(IoKind::Flush),
+            Some("write_zeroes") => HistogramFilter::Kind(IoKind::WriteZeroes),
+            Some(other) => {
+                return Err(RpcError::errno(
+                    EINVAL,
+                    format!("opc {other:?}: one of read, write, unmap, flush, write_zeroes"),
+                ))
+            }
+        };
+        stats.set_histogram(Some(filter));
+        Ok(Value::Bool(true))
+    }
+
+    pub(super) fn bdev_get_histogram(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
+        let p: GetHistogram = decode(params)?;
+        let (_, stats) = self
+            .bdevs
+            .iostat(&p.name)
+            .ok_or_else(|| not_found(&p.name))?;
+        let buckets = stats.histogram().ok_or_else(|| {
+            RpcError::new(
+                INTERNAL_ERROR,
+                format!("the histogram of bdev {} is not enabled", p.name),
+            )
+        })?;
+        let bytes: Vec<u8> = buckets.iter().flat_map(|b| b.to_le_bytes()).collect();
+        Ok(json!({
+            "histogram": base64(&bytes),
+            "granularity": HISTOGRAM_GRANULARITY,
+            "min_range": HISTOGRAM_MIN_RANGE,
+            "max_range": HISTOGRAM_MAX_RANGE,
+            "tsc_rate": rvhost_platform_linux::tsc::ticks_per_second(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::base64;
+
+    #[test]
+    fn base64_matches_rfc_4648_vectors() {
+        for (input, expected) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(input.as_bytes()), expected);
+        }
     }
 }
