@@ -342,6 +342,10 @@ mod rvhost {
         let mut target = start();
         let socket = malloc_controller(&mut target, "M2", 32768, 512, "vhost.2", true);
         let stat_socket = malloc_controller(&mut target, "Stat0", 32768, 512, "vhost.stat", false);
+        target.rpc_ok(
+            "bdev_enable_histogram",
+            serde_json::json!({"name": "Stat0", "enable": true}),
+        );
         let disk = Disk {
             size_bytes: 16 * MIB,
             block_size: 512,
@@ -401,6 +405,42 @@ mod rvhost {
             field("read_latency_ticks") > 0 && field("write_latency_ticks") > 0,
             "{stat}"
         );
+
+        // The latency histogram, enabled before the boot, holds every read and write (and the
+        // flushes, which iostat does not count) in SPDK's encoding.
+        let histogram = target.rpc_ok("bdev_get_histogram", serde_json::json!({"name": "Stat0"}));
+        let bytes = unbase64(histogram["histogram"].as_str().unwrap_or_default());
+        let ranges = histogram["max_range"].as_u64().unwrap_or(0) + 1;
+        let granularity = histogram["granularity"].as_u64().unwrap_or(0);
+        assert_eq!(
+            bytes.len() as u64,
+            (ranges << granularity) * 8,
+            "{histogram}"
+        );
+        let counted: u64 = bytes
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .sum();
+        assert!(
+            counted >= reported[0] + reported[2] && counted <= reported[0] + reported[2] + 64,
+            "histogram holds {counted} I/Os, iostat {reported:?}"
+        );
+    }
+
+    /// Standard base64 (RFC 4648) back to bytes.
+    fn unbase64(text: &str) -> Vec<u8> {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let (mut bits, mut nbits, mut out) = (0u32, 0, Vec::new());
+        for c in text.bytes().filter(|&c| c != b'=') {
+            let value = ALPHABET.iter().position(|&a| a == c).unwrap_or(0) as u32;
+            bits = (bits << 6) | value;
+            nbits += 6;
+            if nbits >= 8 {
+                nbits -= 8;
+                out.push((bits >> nbits) as u8);
+            }
+        }
+        out
     }
 
     #[test]
