@@ -587,11 +587,12 @@ fn restart_run(kind: Kind, stop: Stop, no_inflight: bool, tag: &str) -> Result<O
     let result = (|| {
         for restart in 1..=RESTARTS {
             front.run(Duration::from_millis(300 + rng.next(400)), true, &mut seq)?;
-            let outstanding = front.slots.iter().filter(|s| s.op != Op::Idle).count();
             target.stop(stop);
             front.frontend = None;
-            // Completions published before the kill are the frontend's to take.
+            // Completions published before the stop are the frontend's to take (after a graceful
+            // stop that is all of them); what is left must complete after the restart.
             front.reap();
+            let outstanding = front.slots.iter().filter(|s| s.op != Op::Idle).count();
             target = Rvhost::start(&dir, &["-c", &config], no_inflight, restart);
             let restarted = Instant::now();
             let before = front.completed;
