@@ -77,6 +77,9 @@ use crate::virtio::{feature, has_feature};
 /// of it above.
 pub const POP_SPLIT_ABOVE: usize = 16;
 
+/// Available-ring entries read with one copy when popping.
+const POP_RUN: usize = 32;
+
 /// Where a split virtqueue lives, as the driver configured it (guest physical addresses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueConfig {
@@ -381,18 +384,40 @@ impl SplitQueue {
         pending: usize,
     ) -> Result<usize, QueueError> {
         let count = pending.min(heads.len());
-        for out in heads.iter_mut().take(count) {
-            let entry = self.avail_addr(RING_ARRAY_OFFSET + 2 * self.slot(self.next_avail))?;
-            let mut raw = [0u8; 2];
-            mem.read(entry, &mut raw)
-                .map_err(|err| QueueError::Memory {
-                    part: RingPart::Avail,
-                    err,
-                })?;
-            *out = u16::from_le_bytes(raw);
-            self.next_avail = self.next_avail.wrapping_add(1);
+        // The entries are read in runs (up to the ring's end, at most `POP_RUN` at a time): one
+        // translation and one copy per run instead of per head (30 instructions per request at
+        // 16 heads a round).
+        let mut done = 0;
+        while let Some(out) = heads.get_mut(done..count).filter(|rest| !rest.is_empty()) {
+            let slot = self.slot(self.next_avail);
+            let to_ring_end = usize::from(self.config.size) - slot as usize;
+            let run = out.len().min(to_ring_end).min(POP_RUN);
+            let entry = self.avail_addr(RING_ARRAY_OFFSET + 2 * slot)?;
+            let avail_err = |err| QueueError::Memory {
+                part: RingPart::Avail,
+                err,
+            };
+            if let [head] = out {
+                // A fixed-size copy: a lone head is the common case at low queue depth.
+                let mut raw = [0u8; 2];
+                mem.read(entry, &mut raw).map_err(avail_err)?;
+                *head = u16::from_le_bytes(raw);
+            } else {
+                let mut raw = [0u8; 2 * POP_RUN];
+                let Some(raw) = raw.get_mut(..2 * run) else {
+                    break;
+                };
+                mem.read(entry, raw).map_err(avail_err)?;
+                for (head, bytes) in out.iter_mut().zip(raw.chunks_exact(2)) {
+                    if let &[lo, hi] = bytes {
+                        *head = u16::from_le_bytes([lo, hi]);
+                    }
+                }
+            }
+            self.next_avail = self.next_avail.wrapping_add(run as u16);
+            done += run;
         }
-        Ok(count)
+        Ok(done)
     }
 
     /// Pops one head index, if the driver made one available.
@@ -412,6 +437,9 @@ impl SplitQueue {
     /// each is a cache miss on this core; issued together they overlap, where walking and
     /// decoding one request at a time takes them one after the other. Only a hint: nothing is
     /// validated or returned, and a malformed chain is left for [`SplitQueue::walk_chain`].
+    // Out of line: inlined into a large poll loop (virtio-scsi's), its descriptor read and
+    // translations were left as calls, about 90 instructions per request; on its own it is ~50.
+    #[inline(never)]
     pub fn prefetch_chains<M: GuestMemory + ?Sized>(&self, mem: &M, heads: &[u16]) {
         for &head in heads {
             if let Some(desc) = self.read_desc(mem, head) {
