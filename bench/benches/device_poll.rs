@@ -18,7 +18,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rvhost_core::mem::GuestMemory;
 use rvhost_core::virtio::{bit, feature};
-use rvhost_target::bdev::iostat::CountedBdev;
+use rvhost_target::bdev::iostat::{CountedBdev, HistogramFilter};
 use rvhost_target::bdev::malloc::{MallocBdev, MemoryBudget};
 use rvhost_target::bdev::null::NullBdev;
 use rvhost_target::bdev::Bdev;
@@ -224,13 +224,21 @@ fn counted_null() -> Arc<dyn Bdev> {
     Arc::new(CountedBdev::new(null()))
 }
 
+/// The counted null bdev with its latency histogram on (`bdev_enable_histogram`).
+fn histogram_null() -> Arc<dyn Bdev> {
+    let counted = CountedBdev::new(null());
+    counted.stats().set_histogram(Some(HistogramFilter::All));
+    Arc::new(counted)
+}
+
 /// Makes the bdev a case runs on.
 type MakeBdev = fn() -> Arc<dyn Bdev>;
 
 fn device_poll(c: &mut Criterion) {
-    let cases: [(&str, Kind, MakeBdev); 5] = [
+    let cases: [(&str, Kind, MakeBdev); 6] = [
         ("blk_null", Kind::Blk, null),
         ("blk_null_iostat", Kind::Blk, counted_null),
+        ("blk_null_histogram", Kind::Blk, histogram_null),
         ("scsi_null", Kind::Scsi, null),
         ("blk_malloc", Kind::Blk, malloc),
         ("scsi_malloc", Kind::Scsi, malloc),
