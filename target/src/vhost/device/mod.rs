@@ -546,7 +546,6 @@ impl<H: RequestHandler> VhostDevice<H> {
             // The session always sends its newest table; adopt it.
             self.swap_memory(setup.memory);
         }
-        self.resubmit(i);
         Ok(())
     }
 
@@ -670,12 +669,17 @@ impl<H: RequestHandler> VhostDevice<H> {
         let Some(Some(q)) = self.queues.get_mut(qi) else {
             return 0;
         };
-        let popped = match q.vq.pop_heads_pipelined(mem, &mut q.heads[..room]) {
-            Ok(n) => n,
-            Err(err) => {
-                tracing::error!(device = self.id.0, queue = qi, %err, "avail ring unusable; queue stopped");
-                q.stop_broken();
-                return 0;
+        // Heads an earlier backend left inflight go first, before any new avail entry.
+        let popped = if q.has_resubmit() {
+            q.take_resubmit(room)
+        } else {
+            match q.vq.pop_heads_pipelined(mem, &mut q.heads[..room]) {
+                Ok(n) => n,
+                Err(err) => {
+                    tracing::error!(device = self.id.0, queue = qi, %err, "avail ring unusable; queue stopped");
+                    q.stop_broken();
+                    return 0;
+                }
             }
         };
         if popped == 0 {
@@ -689,19 +693,8 @@ impl<H: RequestHandler> VhostDevice<H> {
         }
         // Every header is a line the driver just wrote: fetch them all before decoding any.
         q.vq.prefetch_chains(mem, &q.heads[..popped]);
-        self.start_heads(qi, popped, mem, io_mem);
-        popped
-    }
-
-    /// Takes a slot for and starts each of the first `count` heads in queue `qi`'s `heads`
-    /// (popped this round, or resubmitted from the inflight log).
-    #[inline(always)]
-    fn start_heads(&mut self, qi: usize, count: usize, mem: &GuestMemoryTable, io_mem: &IoMemory) {
-        let Some(Some(q)) = self.queues.get_mut(qi) else {
-            return;
-        };
         let index = qi as u16;
-        for i in 0..count.min(POP_BATCH) {
+        for i in 0..popped {
             let head = q.heads[i];
             let Some(si) = q.take_slot(head, self.generation) else {
                 // `room` is at most the free slot count.
@@ -748,36 +741,7 @@ impl<H: RequestHandler> VhostDevice<H> {
                 }
             }
         }
-    }
-
-    /// Starts the heads queue `qi`'s inflight log left to resubmit, in the order they were
-    /// first popped, before the queue takes any new avail entry.
-    fn resubmit(&mut self, qi: usize) {
-        let (Some(mem), Some(io_mem)) = (self.memory.take(), self.io_memory.take()) else {
-            return;
-        };
-        while let Some(Some(q)) = self.queues.get_mut(qi) {
-            if q.resubmit.is_empty() || !q.accepts_requests() {
-                q.resubmit.clear();
-                break;
-            }
-            let count = q.resubmit.len().min(POP_BATCH);
-            for (dst, head) in q.heads.iter_mut().zip(q.resubmit.drain(..count)) {
-                *dst = head;
-            }
-            tracing::debug!(
-                device = self.id.0,
-                queue = qi,
-                count,
-                "resubmitting inflight requests"
-            );
-            self.start_heads(qi, count, &mem, &io_mem);
-        }
-        if let Some(q) = self.queues.get_mut(qi).and_then(Option::as_mut) {
-            q.publish(&mem, self.id, qi);
-        }
-        self.memory = Some(mem);
-        self.io_memory = Some(io_mem);
+        popped
     }
 }
 

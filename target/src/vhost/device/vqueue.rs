@@ -62,9 +62,9 @@ pub(super) struct VirtQueue<R, Q> {
     pushed: bool,
     /// The inflight log, when the frontend negotiated `INFLIGHT_SHMFD` and gave a region.
     inflight: Option<InflightLog>,
-    /// Heads the inflight log says were popped and never completed by an earlier backend, in
-    /// the order they were popped: started before any new avail entry.
-    pub(super) resubmit: Vec<u16>,
+    /// Heads the inflight log says were popped and never completed by an earlier backend, last
+    /// popped first (taken from the end): started before any new avail entry.
+    resubmit: Vec<u16>,
     /// What the device type keeps per queue (blk: the request limits negotiated for it).
     pub(super) state: Q,
 }
@@ -101,13 +101,14 @@ impl<R: Default + Copy, Q> VirtQueue<R, Q> {
         let used_idx = vq.sync_used_idx_from_ring(mem).map_err(|e| e.to_string())?;
         let (inflight, resubmit) = match &setup.inflight {
             Some(part) => {
-                let (log, resubmit) =
+                let (log, mut resubmit) =
                     InflightLog::start(part.clone(), setup.size, used_idx, setup.features.0)?;
                 // The heads still inflight are the ones popped after the last used one (popped in
                 // avail order, marked in that order): the next new head follows them. This is
                 // what the frontend's base would be had the old backend stopped cleanly.
                 let pending = u16::try_from(resubmit.len()).unwrap_or(u16::MAX);
                 vq.set_last_avail_idx(used_idx.wrapping_add(pending));
+                resubmit.reverse();
                 (Some(log), resubmit)
             }
             None => (None, Vec::new()),
@@ -162,6 +163,26 @@ impl<R, Q> VirtQueue<R, Q> {
     #[inline]
     pub(super) fn accepts_requests(&self) -> bool {
         self.stopping.is_none() && !self.broken && !self.closed
+    }
+
+    /// Whether heads from the inflight log wait to be resubmitted.
+    #[inline]
+    pub(super) fn has_resubmit(&self) -> bool {
+        !self.resubmit.is_empty()
+    }
+
+    /// Moves up to `room` heads waiting for resubmission, in the order they were first popped,
+    /// into `heads`; returns how many.
+    pub(super) fn take_resubmit(&mut self, room: usize) -> usize {
+        let mut n = 0;
+        while n < room.min(POP_BATCH) {
+            let Some(head) = self.resubmit.pop() else {
+                break;
+            };
+            self.heads[n] = head;
+            n += 1;
+        }
+        n
     }
 
     /// Free request slots.
@@ -219,8 +240,9 @@ impl<R, Q> VirtQueue<R, Q> {
     }
 
     /// Pushes a used element (published by [`VirtQueue::publish`]); a ring that cannot be
-    /// written stops the queue.
-    #[inline]
+    /// written stops the queue. Always inlined: it is on every request's path, and the inflight
+    /// branch made the compiler leave it out of line (a call per request).
+    #[inline(always)]
     pub(super) fn push_used(
         &mut self,
         mem: &GuestMemoryTable,
