@@ -399,6 +399,50 @@ fn lun_reset_waits_for_in_flight_io_and_query_task_sees_it() {
 }
 
 #[test]
+fn a_tmf_completed_while_its_queue_stops_is_published_before_the_stop_is_answered() {
+    let held = Arc::new(Held::default());
+    let bdev: Arc<dyn Bdev> = Arc::new(HeldBdev(Arc::clone(&held)));
+    let mut rig = Rig::new(&[(0, bdev)]);
+    rig.command(0, 0, 77, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[], 512);
+    rig.device.poll();
+    // LOGICAL UNIT RESET waits for the read, so the control queue has one request in flight.
+    rig.tmf(5, 0, 0);
+    rig.device.poll();
+    assert_eq!(rig.used_idx(0), 0);
+    // The frontend stops the control queue (GET_VRING_BASE): the stop waits for the TMF.
+    let (tx, rx) = sync_channel(1);
+    rig.device.apply_op(DeviceOp::StopQueue {
+        index: 0,
+        reply: tx,
+    });
+    assert!(
+        rx.try_recv().is_err(),
+        "the stop waits for the TMF in flight"
+    );
+    // The read completes; the TMF completes with it, as the device settles.
+    held.release.store(true, Ordering::Relaxed);
+    let mut answered = None;
+    for _ in 0..4 {
+        rig.device.poll();
+        if let Ok(next_avail) = rx.try_recv() {
+            answered = Some(next_avail);
+            break;
+        }
+    }
+    assert_eq!(
+        answered,
+        Some(Some(1)),
+        "the stop is answered with the next avail index"
+    );
+    assert_eq!(rig.tmf_response(), Response::FUNCTION_COMPLETE.code());
+    assert_eq!(
+        rig.used_idx(0),
+        1,
+        "the TMF's used element is published before the queue's stop is answered"
+    );
+}
+
+#[test]
 fn hot_attach_and_detach_post_events_queued_until_buffers_arrive() {
     let mut rig = Rig::new(&[(0, malloc("M0", 64, 512))]);
     let t = rig.while_polling(|c| c.add_target(None, malloc("M1", 64, 512)).unwrap());

@@ -589,13 +589,6 @@ impl<H: RequestHandler> VhostDevice<H> {
             };
             self.handler_pending = self.handler.settle(&mut requests);
         }
-        for queue in self.queues.iter_mut() {
-            if queue.as_ref().is_some_and(VirtQueue::drained) {
-                if let Some(q) = queue.take() {
-                    q.finish_stop();
-                }
-            }
-        }
         if !self.retired.is_empty() {
             let oldest_in_use = self
                 .queues
@@ -614,6 +607,16 @@ impl<H: RequestHandler> VhostDevice<H> {
             for (qi, queue) in self.queues.iter_mut().enumerate() {
                 if let Some(q) = queue {
                     q.publish(mem, self.id, qi);
+                }
+            }
+        }
+        // Only now answer the stops of drained queues: what the handler completed while settling
+        // (a TMF that waited for the I/O it covers) is on the used ring and published above, so
+        // the next avail index handed to the frontend never runs ahead of a published used index.
+        for queue in self.queues.iter_mut() {
+            if queue.as_ref().is_some_and(VirtQueue::drained) {
+                if let Some(q) = queue.take() {
+                    q.finish_stop();
                 }
             }
         }
