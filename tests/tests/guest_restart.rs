@@ -6,7 +6,8 @@
 //! error, every acknowledged write must read back, and no single I/O may wait more than a few
 //! seconds across the restarts.
 //!
-//! In the same boot, the negative control: the same restarts with inflight tracking withheld
+//! In the same boot, ten graceful restarts (SIGTERM: rvhost drains what is in flight, exits 0 and
+//! says how many requests it drained) under the same writers, and the negative control: the same restarts with inflight tracking withheld
 //! (`RVHOST_TEST_NO_INFLIGHT=1`) must make the writers detect a loss (a request that never
 //! completes, or data that is not what was acknowledged).
 
@@ -83,8 +84,45 @@ fn kill9(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Stops rvhost with SIGTERM and returns what went wrong, if anything: it must exit 0 within
+/// its shutdown timeout and log the drain.
+fn terminate(child: &mut Child, dir: &Path, run: u32) -> Option<String> {
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    if !sent.is_ok_and(|s| s.success()) {
+        kill9(child);
+        return Some(format!("run {run}: kill -TERM failed"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                kill9(child);
+                return Some(format!(
+                    "run {run}: rvhost did not exit within 30 s of SIGTERM"
+                ));
+            }
+        }
+    };
+    let log = std::fs::read_to_string(dir.join(format!("rvhost-{run}.log"))).unwrap_or_default();
+    if !status.success() {
+        return Some(format!(
+            "run {run}: rvhost exited with {status} after SIGTERM"
+        ));
+    }
+    if !log.contains("drained") {
+        return Some(format!(
+            "run {run}: no drain line in rvhost's log after SIGTERM"
+        ));
+    }
+    None
+}
+
 #[test]
-fn guest_io_survives_ten_sigkill_restarts_and_the_control_loses_it() {
+fn guest_io_survives_ten_sigkill_and_ten_sigterm_restarts_and_the_control_loses_it() {
     init_test_logging();
     let dir = scratch_dir("restart");
     let image = dir.join("disk.img");
@@ -121,11 +159,12 @@ fn guest_io_survives_ten_sigkill_restarts_and_the_control_loses_it() {
             num_queues: 1,
         })
         .binary(env!("CARGO_BIN_EXE_blkcheck"))
-        .env("PHASES", "inflight control")
+        .env("PHASES", "inflight graceful control")
         .env("RUN_SECONDS", RUN_SECONDS)
         .env("HANG_SECONDS", HANG_SECONDS)
         .timeout(Duration::from_secs(600));
     let mut runs = 0u32;
+    let mut stop_failures = Vec::new();
     let mut seed = 0x9e37_79b9u64;
     let mut pause = || {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
@@ -142,9 +181,14 @@ fn guest_io_survives_ten_sigkill_restarts_and_the_control_loses_it() {
             runs += 1;
             target = spawn(&dir, &["-c", &config], true, runs);
         }
+        let graceful = value == "graceful";
         for _ in 0..RESTARTS {
             std::thread::sleep(pause());
-            kill9(&mut target);
+            if graceful {
+                stop_failures.extend(terminate(&mut target, &dir, runs));
+            } else {
+                kill9(&mut target);
+            }
             runs += 1;
             target = spawn(&dir, &["-c", &config], no_inflight, runs);
         }
@@ -155,11 +199,15 @@ fn guest_io_survives_ten_sigkill_restarts_and_the_control_loses_it() {
         .get("inflight_writers")
         .unwrap_or("missing")
         .to_string();
+    let graceful = output
+        .get("graceful_writers")
+        .unwrap_or("missing")
+        .to_string();
     let control = output
         .get("control_writers")
         .unwrap_or("missing")
         .to_string();
-    eprintln!("inflight phase: {inflight}; control phase: {control}");
+    eprintln!("inflight phase: {inflight}; graceful phase: {graceful}; control phase: {control}");
     assert!(
         inflight.starts_with("ok:"),
         "writers across {RESTARTS} SIGKILL restarts: {inflight}\n{}",
@@ -173,6 +221,24 @@ fn guest_io_survives_ten_sigkill_restarts_and_the_control_loses_it() {
     assert!(
         max_ms < MAX_STALL_MS,
         "a guest I/O waited {max_ms} ms across a restart"
+    );
+    assert!(
+        graceful.starts_with("ok:"),
+        "writers across {RESTARTS} SIGTERM restarts: {graceful}\n{}",
+        output.diagnostics()
+    );
+    let graceful_max_ms: u64 = graceful
+        .rsplit("max_ms=")
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("max_ms");
+    assert!(
+        graceful_max_ms < MAX_STALL_MS,
+        "a guest I/O waited {graceful_max_ms} ms across a graceful restart"
+    );
+    assert!(
+        stop_failures.is_empty(),
+        "graceful stops: {stop_failures:?}"
     );
     assert!(
         !control.starts_with("ok:") && control != "missing",
