@@ -6,7 +6,7 @@
 //!
 //! [`BlkRequest::decode`] reads everything a request needs out of guest memory exactly once (the
 //! header and any discard/write-zeroes ranges), checks it against the device's limits, and leaves
-//! the data buffers as validated [`Segment`]s for zero-copy I/O. Its errors say whether a status
+//! the data buffers as a validated [`DataSegments`] range for zero-copy I/O. Its errors say whether a status
 //! byte can still be written ([`BlkError::status_to_write`]).
 //!
 //! Serving one request, after [`crate::virtq::SplitQueue::walk_chain`] succeeded:

@@ -10,7 +10,7 @@
 //! No function here panics, whatever the buffer: a getter whose field lies outside the buffer
 //! returns zero and a setter does nothing. After `new_checked` that cannot happen for a fixed
 //! field, so the fallback costs one compare and never changes an answer; for data whose length is
-//! not checked up front (parameter lists, sense bytes), use [`array`] or `slice::get`, which say
+//! not checked up front (parameter lists, sense bytes), use [`array`](fn@array) or `slice::get`, which say
 //! `None` instead of guessing.
 
 use core::fmt;
