@@ -12,6 +12,14 @@
 //! ticks from submission to the completion's poll, min and max); failed I/Os count as errors.
 //! Flushes and write-zeroes are not counted, as in SPDK.
 //!
+//! Where SPDK reads the time-stamp counter for every I/O at submission and at completion, a
+//! counted channel reads it once per batch: at the first submission after a poll of the channel
+//! (the I/Os a reactor submits before it polls the channel again share that tick) and at the first
+//! completion a poll reports (the others of that poll share it). An I/O's latency may thus include
+//! the time its reactor took to submit the I/Os before it in the same batch, and leave out the time
+//! it took to report the completions before it: both within one pass of the reactor's loop,
+//! microseconds against a device's latency, so min, max and sum keep their meaning.
+//!
 //! A reset cannot write a reactor's counters. Sums are reset by remembering what they were
 //! (a baseline subtracted from later reads); min and max by a reset generation the control
 //! thread raises and the channel applies at its next completion (until it has, the channel's
@@ -104,9 +112,8 @@ impl KindCounters {
 /// control thread.
 #[derive(Debug, Default)]
 pub struct ChannelStats {
-    read: KindCounters,
-    write: KindCounters,
-    unmap: KindCounters,
+    /// Reads, writes and unmaps, indexed by [`counted_index`].
+    kinds: [KindCounters; COUNTED_KINDS],
     failed: AtomicU64,
     /// The min/max reset generation the control thread asked for.
     minmax_requested: AtomicU64,
@@ -123,11 +130,29 @@ impl ChannelStats {
         let valid = self.minmax_applied.load(Ordering::Acquire)
             == self.minmax_requested.load(Ordering::Relaxed);
         Totals {
-            read: self.read.read(valid),
-            write: self.write.read(valid),
-            unmap: self.unmap.read(valid),
+            read: self.kinds[READ].read(valid),
+            write: self.kinds[WRITE].read(valid),
+            unmap: self.kinds[UNMAP].read(valid),
             failed: self.failed.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// Kinds a channel counts: reads, writes and unmaps.
+const COUNTED_KINDS: usize = 3;
+const READ: usize = 0;
+const WRITE: usize = 1;
+const UNMAP: usize = 2;
+
+/// The index of `kind`'s counters in [`ChannelStats`], `COUNTED_KINDS` for a kind SPDK does
+/// not count (flush, write-zeroes).
+#[inline]
+fn counted_index(kind: IoKind) -> u8 {
+    match kind {
+        IoKind::Read => READ as u8,
+        IoKind::Write => WRITE as u8,
+        IoKind::Unmap => UNMAP as u8,
+        IoKind::Flush | IoKind::WriteZeroes => COUNTED_KINDS as u8,
     }
 }
 
@@ -560,8 +585,9 @@ impl Bdev for CountedBdev {
             stats: self.stats.register(),
             block_size: u64::from(self.inner.block_size()),
             slots: Vec::with_capacity(INITIAL_SLOTS),
-            free: Vec::with_capacity(INITIAL_SLOTS),
+            free_head: NO_FREE_SLOT,
             minmax_applied: 0,
+            submit_tick: 0,
         }))
     }
     fn prepare_memory(&self, mem: &IoMemory) {
@@ -572,14 +598,20 @@ impl Bdev for CountedBdev {
     }
 }
 
+/// The end of a counted channel's list of free slots.
+const NO_FREE_SLOT: u32 = u32::MAX;
+
 /// What a counted channel remembers of an I/O in flight.
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
+    /// The submitter's tag; in a free slot, the index of the next free slot.
     tag: u64,
     /// Submission tick.
     start: u64,
     bytes: u64,
     kind: IoKind,
+    /// [`counted_index`] of the kind.
+    counted: u8,
 }
 
 /// A channel that counts what it completes (see the module documentation).
@@ -587,46 +619,61 @@ pub struct CountedChannel {
     inner: Box<dyn BdevChannel>,
     stats: Arc<ChannelStats>,
     block_size: u64,
-    /// I/Os in flight by the tag given to the inner channel.
+    /// I/Os in flight by the tag given to the inner channel, and free slots.
     slots: Vec<InFlight>,
-    free: Vec<u32>,
+    /// The first free slot (the free slots are a list through their `tag`), or `NO_FREE_SLOT`.
+    free_head: u32,
     /// The min/max reset generation last applied.
     minmax_applied: u64,
+    /// The tick of this submission batch (the I/Os submitted since the last poll), read at its
+    /// first submission; 0 until then.
+    submit_tick: u64,
 }
 
 impl std::fmt::Debug for CountedChannel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CountedChannel")
-            .field(
-                "in_flight",
-                &self.slots.len().saturating_sub(self.free.len()),
-            )
+            .field("slots", &self.slots.len())
             .finish_non_exhaustive()
+    }
+}
+
+impl CountedChannel {
+    /// Adds a slot holding `entry` (when none is free) and returns its index. Out of the submission
+    /// path's way: a channel reserves the slots of a queue's usual depth when it opens.
+    #[cold]
+    #[inline(never)]
+    fn add_slot(&mut self, entry: InFlight) -> Result<u32, BdevError> {
+        let index = u32::try_from(self.slots.len())
+            .ok()
+            .filter(|&index| index != NO_FREE_SLOT)
+            .ok_or_else(|| BdevError::Backend("too many I/Os in flight".into()))?;
+        self.slots.push(entry);
+        Ok(index)
     }
 }
 
 impl BdevChannel for CountedChannel {
     #[inline]
     fn submit(&mut self, io: &BdevIo<'_>) -> Result<(), BdevError> {
+        if self.submit_tick == 0 {
+            self.submit_tick = tsc::ticks();
+        }
         let entry = InFlight {
             tag: io.tag,
-            start: tsc::ticks(),
+            start: self.submit_tick,
             bytes: io.num_blocks.wrapping_mul(self.block_size),
             kind: io.kind,
+            counted: counted_index(io.kind),
         };
-        let index = match self.free.pop() {
-            Some(index) => {
-                if let Some(slot) = self.slots.get_mut(index as usize) {
-                    *slot = entry;
-                }
+        let index = match self.slots.get_mut(self.free_head as usize) {
+            Some(slot) => {
+                let index = self.free_head;
+                self.free_head = slot.tag as u32;
+                *slot = entry;
                 index
             }
-            None => {
-                let index = u32::try_from(self.slots.len())
-                    .map_err(|_| BdevError::Backend("too many I/Os in flight".into()))?;
-                self.slots.push(entry);
-                index
-            }
+            None => self.add_slot(entry)?,
         };
         let inner_io = BdevIo {
             tag: u64::from(index),
@@ -634,31 +681,38 @@ impl BdevChannel for CountedChannel {
         };
         let submitted = self.inner.submit(&inner_io);
         if submitted.is_err() {
-            self.free.push(index);
+            if let Some(slot) = self.slots.get_mut(index as usize) {
+                slot.tag = u64::from(self.free_head);
+                self.free_head = index;
+            }
         }
         submitted
     }
 
     #[inline]
     fn poll(&mut self, done: &mut dyn FnMut(u64, IoStatus)) -> usize {
-        let slots = &self.slots;
-        let free = &mut self.free;
+        // The next submission starts a new batch with a fresh tick.
+        self.submit_tick = 0;
+        let slots = &mut self.slots;
+        let free_head = &mut self.free_head;
         let stats = &*self.stats;
         let applied = &mut self.minmax_applied;
         let mut now = 0;
         let mut histogram_filter = 0;
         let mut histogram: Option<&[AtomicU64]> = None;
         self.inner.poll(&mut |index, status| {
-            let Some(entry) = usize::try_from(index).ok().and_then(|i| slots.get(i)) else {
+            let Some(slot) = usize::try_from(index).ok().and_then(|i| slots.get_mut(i)) else {
                 tracing::error!(index, "bdev completed an I/O it was not given");
                 return;
             };
-            free.push(index as u32);
+            let entry = *slot;
+            slot.tag = u64::from(*free_head);
+            *free_head = index as u32;
             if now == 0 {
                 now = tsc::ticks();
                 let requested = stats.minmax_requested.load(Ordering::Relaxed);
                 if requested != *applied {
-                    for kind in [&stats.read, &stats.write, &stats.unmap] {
+                    for kind in &stats.kinds {
                         kind.reset_minmax();
                     }
                     *applied = requested;
@@ -678,11 +732,8 @@ impl BdevChannel for CountedChannel {
                 }
             }
             if status == IoStatus::Success {
-                match entry.kind {
-                    IoKind::Read => stats.read.record(entry.bytes, latency),
-                    IoKind::Write => stats.write.record(entry.bytes, latency),
-                    IoKind::Unmap => stats.unmap.record(entry.bytes, latency),
-                    IoKind::Flush | IoKind::WriteZeroes => {}
+                if let Some(counters) = stats.kinds.get(usize::from(entry.counted)) {
+                    counters.record(entry.bytes, latency);
                 }
             } else {
                 add(&stats.failed, 1);
