@@ -15,6 +15,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rustix::process::{kill_process, Pid, Signal};
+
 use rvhost_tests::files::{scratch_dir, sparse_file};
 use rvhost_tests::host::which;
 use rvhost_tests::{
@@ -87,10 +89,8 @@ fn kill9(child: &mut Child) {
 /// Stops rvhost with SIGTERM and returns what went wrong, if anything: it must exit 0 within
 /// its shutdown timeout and log the drain.
 fn terminate(child: &mut Child, dir: &Path, run: u32) -> Option<String> {
-    let sent = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    if !sent.is_ok_and(|s| s.success()) {
+    let pid = i32::try_from(child.id()).ok().and_then(Pid::from_raw);
+    if pid.is_none_or(|pid| kill_process(pid, Signal::TERM).is_err()) {
         kill9(child);
         return Some(format!("run {run}: kill -TERM failed"));
     }
