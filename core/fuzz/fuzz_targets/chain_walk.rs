@@ -4,41 +4,13 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use rvhost_core::mem::{ByteMemory, Direction, Segment};
+use rvhost_core::mem::ByteMemory;
 use rvhost_core::virtq::{Chain, QueueConfig, SplitQueue};
 
-/// Guest memory: 64 KiB at guest address 0x1_0000 (so address 0 and the top of memory are holes).
-const BASE: u64 = 0x1_0000;
-const SIZE: usize = 0x1_0000;
-const HOST: u64 = 0x7f00_0000_0000;
+#[path = "common/chain_check.rs"]
+mod chain_check;
 
-fn inside(s: &Segment) -> bool {
-    let end = s.guest_addr.checked_add(u64::from(s.len));
-    s.len > 0
-        && s.guest_addr >= BASE
-        && end.is_some_and(|e| e <= BASE + SIZE as u64)
-        && s.host_addr == HOST + (s.guest_addr - BASE)
-}
-
-fn check<const N: usize>(c: &Chain<N>) {
-    assert!(c.segments().len() <= N);
-    for s in c.segments() {
-        assert!(inside(s), "segment escapes guest memory: {s:?}");
-    }
-    assert!(c
-        .readable()
-        .iter()
-        .all(|s| s.direction == Direction::DeviceReadable));
-    assert!(c
-        .writable()
-        .iter()
-        .all(|s| s.direction == Direction::DeviceWritable));
-    let r: u64 = c.readable().iter().map(|s| u64::from(s.len)).sum();
-    let w: u64 = c.writable().iter().map(|s| u64::from(s.len)).sum();
-    assert_eq!(r, u64::from(c.readable_len()));
-    assert_eq!(w, u64::from(c.writable_len()));
-    assert!(r + w <= u64::from(u32::MAX));
-}
+use chain_check::{check, inside, BASE, HOST, SIZE};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 4 {
