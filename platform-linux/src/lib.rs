@@ -35,6 +35,11 @@
 //! against shrinking, long enough, page-aligned offset), copies in and out, and single release
 //! stores of 1, 2 and 8 bytes for the per-request bookkeeping.
 //!
+//! **Dirty log** ([`dirty_log`]): [`DirtyLog::map`] maps a frontend's migration log
+//! (`SET_LOG_BASE`: sealed memfd, offset and size checked), `check_covers(gpa_end)` refuses one
+//! too small for the memory table, `mark(gpa, len)` sets the bits of the 4 KiB pages written
+//! with atomic ORs.
+//!
 //! **Reactor placement** ([`cpu`]): [`CpuSet`] parses SPDK masks (`0x3`, `3`, `[0,1]`,
 //! `[0-3,5]`) and prints them SPDK's way (`0x3`); [`allowed_cores`], [`online_cores`],
 //! [`pin_current_thread`], and [`pin_reactor`] which also binds the thread's memory to the core's
@@ -58,6 +63,7 @@
 
 pub mod aio;
 pub mod cpu;
+pub mod dirty_log;
 pub mod dma;
 pub mod eventfd;
 pub mod host;
@@ -72,6 +78,7 @@ pub use cpu::{
     allowed_cores, online_cores, pin_current_thread, pin_reactor, CpuError, CpuMaskError, CpuSet,
     NumaTopology, ReactorPlacement,
 };
+pub use dirty_log::{DirtyLog, DirtyLogError, LOG_PAGE_SIZE};
 pub use dma::{DmaBuffer, DmaError, DmaMapper, PageKind, PagePolicy, SharedDmaMemory};
 pub use eventfd::{EventFd, EventFdError};
 pub use host::{copy_between, HostMemory};

@@ -349,6 +349,12 @@ impl MemoryTable {
         self.regions.iter().map(|r| (r.spec, r.host_base))
     }
 
+    /// One past the highest guest physical address of any region (0 for an empty table): what a
+    /// dirty log must cover.
+    pub fn gpa_end(&self) -> u64 {
+        self.regions.iter().map(|r| r.gpa_end).max().unwrap_or(0)
+    }
+
     /// The same memory through vm-memory's [`GuestMemoryMmap`] (sharing the mappings).
     pub fn vm_memory(&self) -> &GuestMemoryMmap {
         &self.vm
