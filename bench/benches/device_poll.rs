@@ -18,6 +18,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rvhost_core::mem::GuestMemory;
 use rvhost_core::virtio::{bit, feature};
+use rvhost_platform_linux::{DirtyLog, InflightMemory, LOG_PAGE_SIZE};
 use rvhost_target::bdev::iostat::{CountedBdev, HistogramFilter};
 use rvhost_target::bdev::malloc::{MallocBdev, MemoryBudget};
 use rvhost_target::bdev::null::NullBdev;
@@ -97,7 +98,8 @@ struct Rig {
 }
 
 impl Rig {
-    fn new(kind: Kind, bdev: Arc<dyn Bdev>) -> Rig {
+    /// `log`: dirty logging on (a migration in progress), every write marked in a log.
+    fn new(kind: Kind, bdev: Arc<dyn Bdev>, log: bool) -> Rig {
         let mem = table();
         // No reactor thread: the bench polls the device itself.
         let (reactor, manual) = reactor::manual(0);
@@ -133,10 +135,20 @@ impl Rig {
                     err: None,
                     memory: Arc::clone(&mem),
                     inflight: None,
+                    used_log_gpa: None,
                 },
                 reply: tx,
             });
             rx.recv().expect("reply").expect("queue started");
+        }
+        if log {
+            let (tx, rx) = sync_channel(1);
+            device.apply_op(DeviceOp::SetLog {
+                log: Some(dirty_log()),
+                used_log: queues.iter().map(|&q| (q, Some(ring(q).2))).collect(),
+                reply: tx,
+            });
+            rx.recv().expect("log set");
         }
         let queue = *queues.last().expect("a request queue");
         // Request slot i owns descriptors 3i..3i+2, written once.
@@ -209,6 +221,14 @@ impl Rig {
     }
 }
 
+/// A dirty log covering the bench's guest memory, in a sealed memfd as QEMU allocates it.
+fn dirty_log() -> Arc<DirtyLog> {
+    let bytes = MEM / LOG_PAGE_SIZE / 8;
+    let memfd = InflightMemory::create(bytes as usize).expect("log memfd");
+    let fd = memfd.file().try_clone_to_owned().expect("dup log fd");
+    Arc::new(DirtyLog::map(fd, 0, bytes).expect("map log"))
+}
+
 fn null() -> Arc<dyn Bdev> {
     NullBdev::new("Null0", BLOCKS, 512, [1; 16]).expect("null bdev")
 }
@@ -235,18 +255,21 @@ fn histogram_null() -> Arc<dyn Bdev> {
 type MakeBdev = fn() -> Arc<dyn Bdev>;
 
 fn device_poll(c: &mut Criterion) {
-    let cases: [(&str, Kind, MakeBdev); 6] = [
-        ("blk_null", Kind::Blk, null),
-        ("blk_null_iostat", Kind::Blk, counted_null),
-        ("blk_null_histogram", Kind::Blk, histogram_null),
-        ("scsi_null", Kind::Scsi, null),
-        ("blk_malloc", Kind::Blk, malloc),
-        ("scsi_malloc", Kind::Scsi, malloc),
+    // `_log`: dirty logging on, as while a migration runs.
+    let cases: [(&str, Kind, MakeBdev, bool); 8] = [
+        ("blk_null", Kind::Blk, null, false),
+        ("blk_null_iostat", Kind::Blk, counted_null, false),
+        ("blk_null_histogram", Kind::Blk, histogram_null, false),
+        ("scsi_null", Kind::Scsi, null, false),
+        ("blk_malloc", Kind::Blk, malloc, false),
+        ("scsi_malloc", Kind::Scsi, malloc, false),
+        ("blk_null_log", Kind::Blk, null, true),
+        ("scsi_null_log", Kind::Scsi, null, true),
     ];
-    for (name, kind, bdev) in cases {
+    for (name, kind, bdev, log) in cases {
         let mut g = c.benchmark_group(name);
         for batch in [1u16, 32] {
-            let mut rig = Rig::new(kind, bdev());
+            let mut rig = Rig::new(kind, bdev(), log);
             g.throughput(Throughput::Elements(u64::from(batch)));
             g.bench_function(format!("read4k_batch{batch}"), |b| {
                 b.iter(|| rig.round(batch))

@@ -548,6 +548,7 @@ mod tests {
                 err: None,
                 memory: Arc::clone(&self.mem),
                 inflight: None,
+                used_log_gpa: None,
             };
             let (tx, rx) = reply();
             self.device.apply(DeviceOp::StartQueue {

@@ -16,8 +16,12 @@
 //!   `CONFIGURE_MEM_SLOTS` (up to [`rvhost_platform_linux::MAX_MEM_SLOTS`] regions),
 //!   `RESET_DEVICE` and `INFLIGHT_SHMFD` (the inflight log of [`inflight`]: `GET_INFLIGHT_FD`
 //!   allocates a sealed memfd, `SET_INFLIGHT_FD` maps the one a frontend kept across a restart;
-//!   each queue then resubmits what the previous backend left unfinished); no dirty logging or
-//!   device-state transfer;
+//!   each queue then resubmits what the previous backend left unfinished) and `LOG_SHMFD` with
+//!   the virtio feature `VHOST_F_LOG_ALL` (live migration: `SET_LOG_BASE` maps the frontend's
+//!   dirty log, `SET_FEATURES` turns marking on and off under running queues, `SET_VRING_ADDR`
+//!   with `VHOST_VRING_F_LOG` names where a used ring is logged; the device shell marks every
+//!   page it writes, see [`device`]); no device-state transfer (the vring base is all the state
+//!   a stopped queue has);
 //! - refusals: a request that is merely unacceptable (a vring size over the device's limit, ring
 //!   addresses outside the memory table, a config write) gets a negative `REPLY_ACK` and the
 //!   session goes on; a memory table that cannot be mapped as described (overlaps, regions past
@@ -37,7 +41,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use rvhost_platform_linux::{ControlListener, ListenError, ListenerHandle, SocketAccess};
+use rvhost_platform_linux::{ControlListener, DirtyLog, ListenError, ListenerHandle, SocketAccess};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
 use crate::bdev::IoMemory;
@@ -86,6 +90,18 @@ pub enum DeviceOp {
         /// Acknowledged once in effect.
         reply: Reply<()>,
     },
+    /// Turns dirty logging on (`log` is the frontend's migration log) or off (`None`) for every
+    /// queue, and sets where each listed queue logs its used ring (`SET_VRING_ADDR`'s
+    /// `log_guest_addr` when `VHOST_VRING_F_LOG` is set, else `None`). Requests already in flight
+    /// are marked when they complete, so logging turns on and off without stopping I/O.
+    SetLog {
+        /// The log, or `None` to stop marking.
+        log: Option<Arc<DirtyLog>>,
+        /// Per queue index: where its used ring is logged.
+        used_log: Vec<(u16, Option<u64>)>,
+        /// Acknowledged once in effect (the frontend may then read or replace the log).
+        reply: Reply<()>,
+    },
     /// Stops every queue (answering waiting stops) and removes the device once its in-flight
     /// requests completed.
     Remove {
@@ -124,6 +140,7 @@ impl std::fmt::Debug for DeviceOp {
             DeviceOp::StartQueue { .. } => "StartQueue",
             DeviceOp::StopQueue { .. } => "StopQueue",
             DeviceOp::SetCall { .. } => "SetCall",
+            DeviceOp::SetLog { .. } => "SetLog",
             DeviceOp::Remove { .. } => "Remove",
             DeviceOp::Drain { .. } => "Drain",
         };
@@ -193,6 +210,9 @@ pub struct QueueSetup {
     pub call: Option<Arc<EventNotifier>>,
     /// Where to report a queue the driver broke (`SET_VRING_ERR`).
     pub err: Option<Arc<EventNotifier>>,
+    /// Where the used ring is logged while a migration logs (`SET_VRING_ADDR` with
+    /// `VHOST_VRING_F_LOG`: its `log_guest_addr`).
+    pub used_log_gpa: Option<u64>,
     /// The memory table in force when the queue starts.
     pub memory: Arc<GuestMemoryTable>,
     /// The queue's part of the inflight region (`INFLIGHT_SHMFD` negotiated and a region set):

@@ -23,7 +23,7 @@ use vhost::VhostUserMemoryRegionBase;
 
 use std::os::fd::OwnedFd;
 
-use rvhost_platform_linux::MAX_MEM_SLOTS;
+use rvhost_platform_linux::{DirtyLog, MAX_MEM_SLOTS};
 
 use super::inflight::InflightRegion;
 use super::memory::{GuestMemoryTable, RegionSpec};
@@ -38,7 +38,17 @@ pub const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatur
     .union(VhostUserProtocolFeatures::REPLY_ACK)
     .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
     .union(VhostUserProtocolFeatures::RESET_DEVICE)
-    .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+    .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    .union(VhostUserProtocolFeatures::LOG_SHMFD);
+
+/// `VHOST_F_LOG_ALL`: the virtio feature bit with which the frontend turns dirty logging on and
+/// off (live migration).
+pub const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
+
+/// Environment switch for tests only: set to `1`, the target accepts the frontend's dirty log
+/// but never marks it, so a migration under guest reads leaves stale pages on the destination
+/// (the negative control of the migration test).
+pub const NO_DIRTY_MARKING_ENV: &str = "RVHOST_TEST_NO_DIRTY_MARKING";
 
 /// Environment switch for tests only: set to `1`, the target does not offer `INFLIGHT_SHMFD`, so
 /// a restart under out-of-order I/O loses requests (the negative control of the restart tests).
@@ -68,6 +78,9 @@ struct VringState {
     kick: Option<Option<File>>,
     call: Option<Arc<EventNotifier>>,
     err: Option<Arc<EventNotifier>>,
+    /// `log_guest_addr` of the last `SET_VRING_ADDR` with `VHOST_VRING_F_LOG`: where the used
+    /// ring is logged.
+    log_gpa: Option<u64>,
     enabled: bool,
     /// Live on the reactor.
     running: bool,
@@ -86,6 +99,10 @@ pub struct Session {
     memory: Option<Arc<GuestMemoryTable>>,
     /// The inflight region (`GET_INFLIGHT_FD` made it or `SET_INFLIGHT_FD` handed it over).
     inflight: Option<Arc<InflightRegion>>,
+    /// The migration's dirty log (`SET_LOG_BASE`); marked while `LOG_ALL` is negotiated.
+    log: Option<Arc<DirtyLog>>,
+    /// False when [`NO_DIRTY_MARKING_ENV`] is set (tests only).
+    mark_dirty: bool,
     /// Set by a handler method that refused a request: `Some(true)` means the connection must be
     /// dropped (its device state can no longer be trusted), `Some(false)` that a negative
     /// acknowledgement was enough.
@@ -124,7 +141,7 @@ impl Session {
     /// A fresh session for device `id` (already added to `reactor`).
     pub fn new(backend: Arc<dyn DeviceBackend>, reactor: Arc<ReactorHandle>, id: DeviceId) -> Self {
         let offered_features =
-            backend.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            backend.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | LOG_ALL;
         let vrings = (0..backend.max_queues())
             .map(|_| VringState::default())
             .collect();
@@ -139,6 +156,8 @@ impl Session {
             vrings,
             memory: None,
             inflight: None,
+            log: None,
+            mark_dirty: std::env::var_os(NO_DIRTY_MARKING_ENV).is_none_or(|v| v != "1"),
             refused: None,
         }
     }
@@ -228,6 +247,7 @@ impl Session {
             features: VirtioFeatures(self.acked_features),
             call: vring.call.clone(),
             err: vring.err.clone(),
+            used_log_gpa: vring.log_gpa,
             memory,
             inflight,
         };
@@ -247,6 +267,40 @@ impl Session {
             Ok(Err(why)) => refuse(self, false, format_args!("vring {idx} not started: {why}")),
             Err(err) => refuse(self, true, format_args!("vring {idx}: {err}")),
         }
+    }
+
+    /// The log the queues mark: the frontend's, while `LOG_ALL` is negotiated.
+    fn active_log(&self) -> Option<Arc<DirtyLog>> {
+        if self.acked_features & LOG_ALL != 0 && self.mark_dirty {
+            self.log.clone()
+        } else {
+            None
+        }
+    }
+
+    /// Sends the running queues the current logging state (log on or off, where each logs its
+    /// used ring) and waits until it is in effect, so the frontend's next read of the log sees
+    /// every write made before its request was answered.
+    fn sync_log(&mut self) -> VuResult<()> {
+        // Sent even with no queue running: the device applies it to the queues it starts later.
+        let log = self.active_log();
+        let used_log = self
+            .vrings
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.running)
+            .map(|(i, v)| (u16::try_from(i).unwrap_or(u16::MAX), v.log_gpa))
+            .collect();
+        let on = log.is_some();
+        if let Err(err) = self.reactor.task_call(self.id, |reply| DeviceOp::SetLog {
+            log,
+            used_log,
+            reply,
+        }) {
+            return refuse(self, true, format_args!("dirty logging: {err}"));
+        }
+        tracing::info!(device = self.id.0, on, "dirty logging");
+        Ok(())
     }
 
     /// Checks the queue count and size a frontend asks an inflight region for.
@@ -278,7 +332,11 @@ impl Session {
         for vring in &mut self.vrings {
             *vring = VringState::default();
         }
+        let logging = self.acked_features & LOG_ALL != 0;
         self.acked_features = 0;
+        if logging {
+            self.sync_log()?;
+        }
         result
     }
 
@@ -358,11 +416,19 @@ impl VhostUserBackendReqHandlerMut for Session {
                 ),
             );
         }
-        if self.vrings.iter().any(|v| v.running) {
-            // Only a device reset may change features under running queues; keep the old ones.
+        let changed = features ^ self.acked_features;
+        let running = self.vrings.iter().any(|v| v.running);
+        if running && changed & !LOG_ALL != 0 {
+            // Only a device reset may change features under running queues (dirty logging
+            // aside); keep the old ones.
             return refuse(self, false, "SET_FEATURES while vrings are running");
         }
         self.acked_features = features;
+        if changed & LOG_ALL != 0 {
+            // Migration starts or ends: the queues mark (or stop marking) from their next
+            // completion on, without stopping.
+            self.sync_log()?;
+        }
         tracing::debug!(
             device = self.id.0,
             features = format_args!("{features:#x}"),
@@ -411,27 +477,40 @@ impl VhostUserBackendReqHandlerMut for Session {
     fn set_vring_addr(
         &mut self,
         index: u32,
-        _flags: VhostUserVringAddrFlags,
+        flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
-        _log: u64,
+        log: u64,
     ) -> VuResult<()> {
         let idx = self.vring_index(index)?;
-        if self.vrings[idx].running {
-            return refuse(
-                self,
-                false,
-                format_args!("SET_VRING_ADDR on running vring {index}"),
-            );
-        }
         let Some(memory) = self.memory.clone() else {
             return refuse(self, false, "SET_VRING_ADDR before a memory table");
         };
+        let log_gpa = flags
+            .contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG)
+            .then_some(log);
         let translate = |va: u64| memory.frontend_va_to_gpa(va);
         match (translate(descriptor), translate(available), translate(used)) {
+            (Ok(desc), Ok(avail), Ok(used)) if self.vrings[idx].running => {
+                // A migration starting or ending turns used-ring logging on or off under a
+                // running ring (QEMU does so after `SET_FEATURES`); moving the ring is refused.
+                if self.vrings[idx].addrs != Some((desc, avail, used)) {
+                    return refuse(
+                        self,
+                        false,
+                        format_args!("SET_VRING_ADDR moving running vring {index}"),
+                    );
+                }
+                if self.vrings[idx].log_gpa != log_gpa {
+                    self.vrings[idx].log_gpa = log_gpa;
+                    self.sync_log()?;
+                }
+                Ok(())
+            }
             (Ok(desc), Ok(avail), Ok(used)) => {
                 self.vrings[idx].addrs = Some((desc, avail, used));
+                self.vrings[idx].log_gpa = log_gpa;
                 self.maybe_start_vring(idx)
             }
             _ => refuse(
@@ -701,7 +780,26 @@ impl VhostUserBackendReqHandlerMut for Session {
         refuse(self, false, "no shared memory regions")
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        refuse(self, false, "dirty logging not supported")
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
+        // The frontend waits for the reply (it has no REPLY_ACK to fall back on), so a refused
+        // log closes the connection rather than leave it waiting.
+        let (offset, size) = (log.mmap_offset, log.mmap_size);
+        let mapped = match DirtyLog::map(OwnedFd::from(file), offset, size) {
+            Ok(mapped) => mapped,
+            Err(err) => return refuse(self, true, format_args!("SET_LOG_BASE: {err}")),
+        };
+        if let Some(memory) = &self.memory {
+            if let Err(err) = mapped.check_covers(memory.gpa_end()) {
+                return refuse(self, true, format_args!("SET_LOG_BASE: {err}"));
+            }
+        }
+        tracing::debug!(device = self.id.0, offset, size, "dirty log mapped");
+        // The old log (if any) is unmapped once the reactor let go of it: after the reply, so
+        // nothing is marked in it after the frontend was told the new one is in use.
+        self.log = Some(Arc::new(mapped));
+        if self.acked_features & LOG_ALL != 0 {
+            self.sync_log()?;
+        }
+        Ok(())
     }
 }

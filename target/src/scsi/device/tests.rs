@@ -100,6 +100,7 @@ impl Rig {
                 err: None,
                 memory: Arc::clone(&mem),
                 inflight: None,
+                used_log_gpa: None,
             };
             let (tx, rx) = sync_channel(1);
             device.apply_op(DeviceOp::StartQueue {

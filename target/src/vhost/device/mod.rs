@@ -30,8 +30,10 @@
 //! Every feature that concerns a queue rather than what its requests mean has one place here:
 //! the inflight log for reconnect (slot taken / released: `VirtQueue::take_slot` and
 //! `VirtQueue::release_slot`), the packed ring (`VirtQueue::vq` and the pop / push / publish
-//! calls of the poll skeleton), the dirty log for migration (`Requests::complete`, where a
-//! request's writable buffers and the used element are written), interrupt coalescing
+//! calls of the poll skeleton), the dirty log for migration (`VirtQueue::push_used`, the one
+//! place every completion passes: it marks the chain's device-writable buffers and the used
+//! element before `used.idx` is published, and `VirtQueue::publish` marks the used ring; while
+//! logging is off this costs one test of an `Option`), interrupt coalescing
 //! (`VirtQueue::publish`, the one place a call eventfd is written after a completion), per-queue
 //! statistics (`VhostDevice::poll_queue` and `Requests::complete`).
 
@@ -372,6 +374,8 @@ pub struct VhostDevice<H: RequestHandler> {
     /// access those requests' buffers. Each is dropped once no request of its generation or an
     /// older one is in flight.
     retired: Vec<(u64, Arc<GuestMemoryTable>)>,
+    /// The migration's dirty log while logging is on (every queue holds it too).
+    log: Option<Arc<rvhost_platform_linux::DirtyLog>>,
     /// Started queues; grows to the highest queue started (capacity for all reserved up front),
     /// so a round scans only queues a frontend can use.
     queues: Vec<Option<Queue<H>>>,
@@ -409,6 +413,7 @@ impl<H: RequestHandler> VhostDevice<H> {
             io_memory: None,
             generation: 0,
             retired: Vec::new(),
+            log: None,
             queues: Vec::with_capacity(usize::from(max_queues)),
             settle_pending: false,
             handler_pending: false,
@@ -474,6 +479,27 @@ impl<H: RequestHandler> VhostDevice<H> {
                 }
                 let _ = reply.send(());
             }
+            DeviceOp::SetLog {
+                log,
+                used_log,
+                reply,
+            } => {
+                for (index, gpa) in used_log {
+                    if let Some(q) = self
+                        .queues
+                        .get_mut(usize::from(index))
+                        .and_then(Option::as_mut)
+                    {
+                        q.set_logging(log.as_ref(), Some(gpa));
+                    }
+                }
+                for q in self.queues.iter_mut().flatten() {
+                    q.set_logging(log.as_ref(), None);
+                }
+                tracing::debug!(device = self.id.0, on = log.is_some(), "dirty logging");
+                self.log = log;
+                let _ = reply.send(());
+            }
             DeviceOp::Remove { reply } => {
                 for q in self.queues.iter_mut().flatten() {
                     q.remove();
@@ -529,6 +555,9 @@ impl<H: RequestHandler> VhostDevice<H> {
         // Everything that can fail first, so a refused start changes nothing.
         let state = self.handler.start_queue(index, setup.features)?;
         let mut queue = Queue::<H>::new(&setup, state)?;
+        if self.log.is_some() {
+            queue.set_logging(self.log.as_ref(), None);
+        }
         if self.draining {
             queue.close();
         }

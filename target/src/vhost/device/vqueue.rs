@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use rvhost_core::virtq::{Chain, QueueConfig, SplitQueue};
+use rvhost_platform_linux::DirtyLog;
 
 use super::super::inflight::InflightLog;
 use super::super::memory::GuestMemoryTable;
@@ -65,8 +66,23 @@ pub(super) struct VirtQueue<R, Q> {
     /// Heads the inflight log says were popped and never completed by an earlier backend, last
     /// popped first (taken from the end): started before any new avail entry.
     resubmit: Vec<u16>,
+    /// Dirty logging while a migration runs (`None`: off, the data path's only cost is this
+    /// test). Set by [`VirtQueue::set_logging`].
+    logging: Option<Box<QueueLogging>>,
+    /// Where the used ring is logged (`SET_VRING_ADDR` with `VHOST_VRING_F_LOG`:
+    /// `log_guest_addr`); `None`: the frontend did not ask for the used ring to be logged.
+    used_log_gpa: Option<u64>,
     /// What the device type keeps per queue (blk: the request limits negotiated for it).
     pub(super) state: Q,
+}
+
+/// A queue's dirty logging: the log, and the guest range of its used ring to mark.
+#[derive(Debug)]
+struct QueueLogging {
+    log: Arc<DirtyLog>,
+    /// Guest address and length of the whole used ring (header, elements and `avail_event`),
+    /// if the frontend asked for it to be logged.
+    used_ring: Option<(u64, u64)>,
 }
 
 impl<R, Q> std::fmt::Debug for VirtQueue<R, Q> {
@@ -129,6 +145,8 @@ impl<R: Default + Copy, Q> VirtQueue<R, Q> {
             pushed: false,
             inflight,
             resubmit,
+            logging: None,
+            used_log_gpa: setup.used_log_gpa,
             state,
         })
     }
@@ -144,6 +162,32 @@ impl<R, Q> VirtQueue<R, Q> {
             call.notify();
         }
         self.call = call;
+    }
+
+    /// Turns dirty logging on (`Some(log)`) or off, and sets where the used ring is logged
+    /// (`used_log_gpa`, see [`VirtQueue::used_log_gpa`]; `None` leaves it as it is).
+    pub(super) fn set_logging(
+        &mut self,
+        log: Option<&Arc<DirtyLog>>,
+        used_log_gpa: Option<Option<u64>>,
+    ) {
+        if let Some(gpa) = used_log_gpa {
+            self.used_log_gpa = gpa;
+        }
+        let size = u64::from(self.vq.size());
+        // Header (flags, idx), the elements, avail_event.
+        let used_len = 4 + 8 * size + 2;
+        self.logging = log.map(|log| {
+            Box::new(QueueLogging {
+                log: Arc::clone(log),
+                used_ring: self.used_log_gpa.map(|gpa| (gpa, used_len)),
+            })
+        });
+        if let Some(logging) = &self.logging {
+            // Everything already on the used ring (and avail_event) may be newer than the copy
+            // the frontend is about to send.
+            logging.mark_used_ring();
+        }
     }
 
     /// Marks the queue broken by the driver and tells the frontend through the error eventfd.
@@ -251,10 +295,16 @@ impl<R, Q> VirtQueue<R, Q> {
         device: DeviceId,
     ) {
         self.pushed = true;
+        // The one dirty-log hook of the data path: the request's data and status are written,
+        // its used element is about to be; both are marked before `used.idx` publishes them.
+        let slot = self.vq.used_idx();
         if let Err(err) = self.vq.push_used(mem, head, len) {
             tracing::error!(device = device.0, %err, "used ring write failed; queue stopped");
             self.broken = true;
             return;
+        }
+        if let Some(logging) = &self.logging {
+            logging.mark_completion(&self.vq, mem, head, slot, &mut self.chain);
         }
         if let Some(log) = &mut self.inflight {
             log.link(head);
@@ -277,6 +327,9 @@ impl<R, Q> VirtQueue<R, Q> {
             tracing::error!(device = device.0, queue, %err, "publishing used ring failed; queue stopped");
             self.broken = true;
             return;
+        }
+        if let Some(logging) = &self.logging {
+            logging.mark_used_ring();
         }
         if let Some(log) = &mut self.inflight {
             log.published(self.vq.used_idx());
@@ -331,6 +384,50 @@ impl<R, Q> VirtQueue<R, Q> {
     pub(super) fn finish_stop(self) {
         if let Some(reply) = self.stopping {
             let _ = reply.send(Some(self.vq.last_avail_idx()));
+        }
+    }
+}
+
+impl QueueLogging {
+    /// Marks what completing the request at `head` wrote: every device-writable buffer of its
+    /// chain (read data, status byte, SCSI response and sense), walked again from the descriptor
+    /// table (the driver may not touch it before the head is used), and the used element at
+    /// `slot`. Out of line: it runs only while a migration logs.
+    #[cold]
+    #[inline(never)]
+    fn mark_completion(
+        &self,
+        vq: &SplitQueue,
+        mem: &GuestMemoryTable,
+        head: u16,
+        slot: u16,
+        chain: &mut Chain<CHAIN_CAPACITY>,
+    ) {
+        match vq.walk_chain(mem, head, chain) {
+            Ok(()) => {
+                for segment in chain.writable() {
+                    self.log.mark(segment.guest_addr, u64::from(segment.len));
+                }
+            }
+            // A refused chain was answered in its last writable descriptor, if it had one.
+            Err(err) => {
+                if let Some(status) = err.status_segment() {
+                    self.log.mark(status.guest_addr, u64::from(status.len));
+                }
+            }
+        }
+        if let Some((gpa, _)) = self.used_ring {
+            let offset = 4 + 8 * u64::from(slot & (vq.size().wrapping_sub(1)));
+            self.log.mark(gpa.wrapping_add(offset), 8);
+        }
+    }
+
+    /// Marks the whole used ring (after a `used.idx` store, or when logging starts).
+    #[cold]
+    #[inline(never)]
+    fn mark_used_ring(&self) {
+        if let Some((gpa, len)) = self.used_ring {
+            self.log.mark(gpa, len);
         }
     }
 }
