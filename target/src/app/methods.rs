@@ -170,6 +170,11 @@ const METHODS: &[Method] = &[
         handler: RpcMethods::bdev_get_histogram,
     },
     Method {
+        name: "bdev_set_qos_limit",
+        old_name: Some("set_bdev_qos_limit"),
+        handler: RpcMethods::bdev_set_qos_limit,
+    },
+    Method {
         name: "bdev_wait_for_examine",
         old_name: None,
         handler: RpcMethods::bdev_wait_for_examine,
@@ -472,12 +477,7 @@ impl RpcMethods {
             "block_size": bdev.block_size(),
             "num_blocks": bdev.num_blocks(),
             "uuid": uuid,
-            "assigned_rate_limits": {
-                "rw_ios_per_sec": 0,
-                "rw_mbytes_per_sec": 0,
-                "r_mbytes_per_sec": 0,
-                "w_mbytes_per_sec": 0
-            },
+            "assigned_rate_limits": self.bdev_rate_limits(bdev.name()),
             "claimed": claimed,
             "zoned": false,
             "supported_io_types": {
@@ -749,6 +749,7 @@ impl RpcMethods {
                     }
                 }
                 calls.extend(self.modules.iter().flat_map(|m| m.module_config()));
+                calls.extend(self.qos_config_calls());
                 Ok(Value::Array(calls))
             }
             "vhost_blk" => {
@@ -927,6 +928,7 @@ pub fn qemu_blk_args(socket: &std::path::Path, name: &str) -> String {
 }
 
 mod iostat;
+mod qos;
 
 #[cfg(test)]
 pub(crate) mod tests;

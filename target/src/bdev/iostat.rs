@@ -24,14 +24,20 @@
 //! (a baseline subtracted from later reads); min and max by a reset generation the control
 //! thread raises and the channel applies at its next completion (until it has, the channel's
 //! min and max read as none).
+//!
+//! A counted channel also applies the bdev's rate limits ([`super::qos`]): while a limit is set,
+//! an I/O that finds its quota used up waits in the channel (counted as in flight) and is
+//! submitted at a later poll; its latency includes the wait, as in SPDK.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use rvhost_platform_linux::tsc;
 use serde_json::{json, Map, Value};
 
-use super::{Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoMemory, IoStatus};
+use super::qos::BdevQos;
+use super::{Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoMemory, IoStatus, IoVec};
 
 /// Slots a counted channel reserves when it opens, so that a queue's usual depth never grows
 /// the table on the data path.
@@ -377,9 +383,16 @@ struct StatsInner {
 #[derive(Debug, Default)]
 pub struct BdevIoStats {
     inner: Mutex<StatsInner>,
+    /// The bdev's rate limits, which its channels apply.
+    qos: Arc<BdevQos>,
 }
 
 impl BdevIoStats {
+    /// The bdev's rate limits (`bdev_set_qos_limit`).
+    pub fn qos(&self) -> &Arc<BdevQos> {
+        &self.qos
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, StatsInner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -583,6 +596,8 @@ impl Bdev for CountedBdev {
         Ok(Box::new(CountedChannel {
             inner,
             stats: self.stats.register(),
+            qos: Arc::clone(&self.stats.qos),
+            waiting: VecDeque::new(),
             block_size: u64::from(self.inner.block_size()),
             slots: Vec::with_capacity(INITIAL_SLOTS),
             free_head: NO_FREE_SLOT,
@@ -618,6 +633,10 @@ struct InFlight {
 pub struct CountedChannel {
     inner: Box<dyn BdevChannel>,
     stats: Arc<ChannelStats>,
+    /// The bdev's rate limits.
+    qos: Arc<BdevQos>,
+    /// I/Os waiting for a rate limit's quota, oldest first.
+    waiting: VecDeque<WaitingIo>,
     block_size: u64,
     /// I/Os in flight by the tag given to the inner channel, and free slots.
     slots: Vec<InFlight>,
@@ -638,7 +657,89 @@ impl std::fmt::Debug for CountedChannel {
     }
 }
 
+/// An I/O a rate limit holds back: what the inner channel is to be given, owned.
+struct WaitingIo {
+    kind: IoKind,
+    offset_blocks: u64,
+    num_blocks: u64,
+    iovs: Vec<IoVec>,
+    /// The slot index (the inner channel's tag).
+    index: u32,
+    mem: IoMemory,
+}
+
 impl CountedChannel {
+    /// Submits `io` (already given slot `index`) under the bdev's rate limits: at once if its
+    /// quota allows and nothing waits before it, else it waits (see [`super::qos`]).
+    #[cold]
+    #[inline(never)]
+    fn submit_limited(&mut self, io: &BdevIo<'_>, index: u32) -> Result<(), BdevError> {
+        let bytes = io.num_blocks.wrapping_mul(self.block_size);
+        if self.waiting.is_empty() && self.qos.admit(io.kind, bytes) {
+            return self.submit_inner(io, index);
+        }
+        self.qos.count_queued();
+        self.waiting.push_back(WaitingIo {
+            kind: io.kind,
+            offset_blocks: io.offset_blocks,
+            num_blocks: io.num_blocks,
+            iovs: io.iovs.to_vec(),
+            index,
+            mem: IoMemory::clone(io.mem),
+        });
+        Ok(())
+    }
+
+    /// Gives `io` (in slot `index`) to the inner channel; frees the slot if it refuses it.
+    #[inline]
+    fn submit_inner(&mut self, io: &BdevIo<'_>, index: u32) -> Result<(), BdevError> {
+        let submitted = self.inner.submit(io);
+        if submitted.is_err() {
+            if let Some(slot) = self.slots.get_mut(index as usize) {
+                slot.tag = u64::from(self.free_head);
+                self.free_head = index;
+            }
+        }
+        submitted
+    }
+
+    /// Submits the waiting I/Os the rate limits now admit (all of them once no limit is set), in
+    /// order, passing over those a limit still holds (SPDK's `bdev_qos_io_submit`). One the
+    /// inner channel refuses completes as failed through `done`.
+    #[cold]
+    #[inline(never)]
+    fn submit_waiting(&mut self, done: &mut dyn FnMut(u64, IoStatus)) {
+        let limited = self.qos.enabled();
+        if limited {
+            self.qos.refill(tsc::ticks());
+        }
+        let mut waiting = std::mem::take(&mut self.waiting);
+        waiting.retain(|w| {
+            let bytes = w.num_blocks.wrapping_mul(self.block_size);
+            if limited && !self.qos.admit(w.kind, bytes) {
+                return true;
+            }
+            let io = BdevIo {
+                kind: w.kind,
+                offset_blocks: w.offset_blocks,
+                num_blocks: w.num_blocks,
+                iovs: &w.iovs,
+                tag: u64::from(w.index),
+                mem: &w.mem,
+            };
+            let tag = self.slots.get(w.index as usize).map(|s| s.tag);
+            if let Err(err) = self.submit_inner(&io, w.index) {
+                tracing::debug!(%err, "bdev refused an I/O a rate limit held back");
+                add(&self.stats.failed, 1);
+                if let Some(tag) = tag {
+                    done(tag, IoStatus::Failed);
+                }
+            }
+            false
+        });
+        self.waiting = waiting;
+    }
+
     /// Adds a slot holding `entry` (when none is free) and returns its index. Out of the submission
     /// path's way: a channel reserves the slots of a queue's usual depth when it opens.
     #[cold]
@@ -679,18 +780,17 @@ impl BdevChannel for CountedChannel {
             tag: u64::from(index),
             ..*io
         };
-        let submitted = self.inner.submit(&inner_io);
-        if submitted.is_err() {
-            if let Some(slot) = self.slots.get_mut(index as usize) {
-                slot.tag = u64::from(self.free_head);
-                self.free_head = index;
-            }
+        if self.qos.enabled() {
+            return self.submit_limited(&inner_io, index);
         }
-        submitted
+        self.submit_inner(&inner_io, index)
     }
 
     #[inline]
     fn poll(&mut self, done: &mut dyn FnMut(u64, IoStatus)) -> usize {
+        if !self.waiting.is_empty() {
+            self.submit_waiting(done);
+        }
         // The next submission starts a new batch with a fresh tick.
         self.submit_tick = 0;
         let slots = &mut self.slots;
@@ -743,7 +843,7 @@ impl BdevChannel for CountedChannel {
     }
 
     fn in_flight(&self) -> usize {
-        self.inner.in_flight()
+        self.inner.in_flight() + self.waiting.len()
     }
 }
 

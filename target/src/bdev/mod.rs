@@ -9,6 +9,7 @@ pub mod fanout;
 pub mod file;
 pub mod iostat;
 pub mod module;
+pub mod qos;
 pub mod registry;
 pub mod testing;
 
