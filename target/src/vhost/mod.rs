@@ -21,13 +21,15 @@
 //!   dirty log, `SET_FEATURES` turns marking on and off under running queues, `SET_VRING_ADDR`
 //!   with `VHOST_VRING_F_LOG` names where a used ring is logged; the device shell marks every
 //!   page it writes, see [`device`]); no device-state transfer (the vring base is all the state
-//!   a stopped queue has);
+//!   a stopped queue has); `BACKEND_REQ` (the backend channel of [`backend_channel`], on which
+//!   a config change is announced);
 //! - refusals: a request that is merely unacceptable (a vring size over the device's limit, ring
 //!   addresses outside the memory table, a config write) gets a negative `REPLY_ACK` and the
 //!   session goes on; a memory table that cannot be mapped as described (overlaps, regions past
 //!   the end of their file, unaligned offsets) or a message the `vhost` crate cannot parse closes
 //!   the connection.
 
+pub mod backend_channel;
 pub mod device;
 pub mod inflight;
 pub mod memory;
@@ -46,6 +48,7 @@ use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
 use crate::bdev::IoMemory;
 use crate::reactor::{Command, Message, ReactorHandle, Reply, Task};
+use backend_channel::BackendChannel;
 use memory::GuestMemoryTable;
 use session::Session;
 
@@ -277,6 +280,8 @@ struct SessionEntry {
     device: DeviceId,
     /// A clone of the connection, so `stop` can unblock the session's thread.
     connection: UnixStream,
+    /// Where config changes are announced to the frontend.
+    backend_channel: Arc<BackendChannel>,
 }
 
 /// State shared between a server's threads and the RPC thread.
@@ -398,6 +403,28 @@ impl VhostServer {
         sessions.iter().map(|s| s.device).collect()
     }
 
+    /// Tells every connected frontend that the device's config space changed (a bdev changed
+    /// size) over its backend channel; returns how many were told.
+    pub fn notify_config_change(&self) -> usize {
+        let channels: Vec<(DeviceId, Arc<BackendChannel>)> = lock(&self.shared.sessions)
+            .iter()
+            .map(|s| (s.device, Arc::clone(&s.backend_channel)))
+            .collect();
+        let mut told = 0;
+        for (device, channel) in channels {
+            match channel.config_changed() {
+                Ok(true) => told += 1,
+                Ok(false) => tracing::warn!(socket = %self.socket.display(), device = device.0,
+                    "the frontend gave no backend channel: its guest is not told of the config change"),
+                Err(err) => {
+                    tracing::warn!(socket = %self.socket.display(), device = device.0, %err,
+                    "config change not sent")
+                }
+            }
+        }
+        told
+    }
+
     /// Closes every connection (draining its device), stops the threads and removes the socket.
     pub fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
@@ -503,7 +530,12 @@ struct SessionThread {
 impl SessionThread {
     /// Registers the session's device on the reactor; `None` if the server is stopping or the
     /// device cannot be created.
-    fn open(&self, stream: &UnixStream, id: DeviceId) -> Option<Arc<Mutex<Session>>> {
+    fn open(
+        &self,
+        stream: &UnixStream,
+        id: DeviceId,
+        backend_channel: &Arc<BackendChannel>,
+    ) -> Option<Arc<Mutex<Session>>> {
         let mut sessions = lock(&self.shared.sessions);
         // Checked under the lock `stop` takes after setting the flag: either `stop` sees this
         // session and shuts its socket down, or this sees the flag.
@@ -536,6 +568,7 @@ impl SessionThread {
         sessions.push(SessionEntry {
             device: id,
             connection,
+            backend_channel: Arc::clone(backend_channel),
         });
         Some(Arc::new(Mutex::new(Session::new(
             Arc::clone(&self.backend),
@@ -546,13 +579,22 @@ impl SessionThread {
 
     /// Serves one frontend until it disconnects or breaks the protocol.
     fn serve(self, stream: UnixStream, id: DeviceId) {
-        let Some(session) = self.open(&stream, id) else {
+        let backend_channel = Arc::new(BackendChannel::default());
+        let peek = match stream.try_clone() {
+            Ok(peek) => peek,
+            Err(err) => {
+                tracing::error!(controller = %self.name, %err, "cannot clone connection");
+                return;
+            }
+        };
+        let Some(session) = self.open(&stream, id, &backend_channel) else {
             return;
         };
         tracing::info!(controller = %self.name, device = id.0, "frontend connected");
 
         let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(&session));
         while !self.shared.stop.load(Ordering::SeqCst) {
+            backend_channel.peek(&peek);
             let Err(err) = handler.handle_request() else {
                 continue;
             };

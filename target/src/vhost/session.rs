@@ -39,7 +39,8 @@ pub const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatur
     .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
     .union(VhostUserProtocolFeatures::RESET_DEVICE)
     .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
-    .union(VhostUserProtocolFeatures::LOG_SHMFD);
+    .union(VhostUserProtocolFeatures::LOG_SHMFD)
+    .union(VhostUserProtocolFeatures::BACKEND_REQ);
 
 /// `VHOST_F_LOG_ALL`: the virtio feature bit with which the frontend turns dirty logging on and
 /// off (live migration).
