@@ -886,6 +886,19 @@ fn unit_attention_is_reported_once_and_spares_inquiry() {
     );
 }
 
+#[test]
+fn resize_reports_capacity_changed_once_then_the_new_capacity() {
+    let mut l = lun();
+    assert!(l.resize(0).is_err(), "a unit of no blocks is refused");
+    assert_eq!(l.pending_unit_attention(), None);
+    l.resize(0x1000).unwrap();
+    assert_eq!(l.config().num_blocks, 0x1000);
+    let s = exec(&mut l, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8).check();
+    assert_eq!(kcq(s), (SenseKey::UnitAttention, 0x2a, 0x09));
+    let r = exec(&mut l, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8);
+    assert_eq!(r.good(), &[0x00, 0x00, 0x0f, 0xff, 0x00, 0x00, 0x02, 0x00]);
+}
+
 // ---- REPORT LUNS ---------------------------------------------------------------------------------
 
 #[test]

@@ -389,6 +389,35 @@ impl ControllerOps for Dataplane {
         }
     }
 
+    fn bdev_resized(&self, bdev_name: &str, num_blocks: u64) {
+        let controllers = lock(&self.controllers);
+        for (name, controller) in controllers.iter() {
+            let blk = match &controller.kind {
+                ControllerKind::Blk(blk) if blk.bdev_name().as_deref() == Some(bdev_name) => blk,
+                ControllerKind::Blk(_) => continue,
+                ControllerKind::Scsi(scsi) => {
+                    scsi.resize_bdev(bdev_name, num_blocks);
+                    continue;
+                }
+            };
+            // The config space first (a frontend re-reads it when told), then the sessions'
+            // range checks, then the frontends.
+            blk.resize(num_blocks);
+            controller.server.with_devices(|devices| {
+                for &id in devices {
+                    let reactor = controller.server.reactor();
+                    if let Err(err) =
+                        reactor.task_call(id, |reply| BlkOp::Resize { num_blocks, reply })
+                    {
+                        tracing::error!(controller = %name, %err, "resize did not reach a session");
+                    }
+                }
+            });
+            let told = controller.server.notify_config_change();
+            tracing::info!(controller = %name, bdev = bdev_name, num_blocks, frontends = told, "blk controller resized");
+        }
+    }
+
     fn drain(&self, timeout: Duration) -> DrainReport {
         let deadline = Instant::now() + timeout;
         // Every device is asked first and waited for after, so they drain in parallel.

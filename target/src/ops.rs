@@ -93,6 +93,12 @@ pub trait ControllerOps: Send + Sync {
     /// Hot-detaches a bdev from every controller using it: later I/O to it fails (blk: IOERR)
     /// and nothing crashes. Returns after in-flight I/O to it completed.
     fn detach_bdev(&self, bdev_name: &str);
+    /// Bdev `bdev_name` now has `num_blocks` blocks: every controller using it checks I/O
+    /// against the new size and tells its frontends (blk: config-change notification over the
+    /// backend channel; scsi: capacity-changed unit attention and PARAM_CHANGE event).
+    fn bdev_resized(&self, bdev_name: &str, num_blocks: u64) {
+        let _ = (bdev_name, num_blocks);
+    }
     /// `framework_get_reactors`' result.
     fn reactors_info(&self) -> serde_json::Value;
     /// The process is stopping: every controller stops starting sessions and every session stops

@@ -535,6 +535,19 @@ impl ScsiLun {
         }
     }
 
+    /// The backing device changed size: from now on the unit has `num_blocks` blocks (READ
+    /// CAPACITY, range checks) and a CAPACITY DATA HAS CHANGED unit attention is established.
+    /// A size the configuration cannot have (zero, or over 2^64 bytes) is refused and changes
+    /// nothing.
+    pub fn resize(&mut self, num_blocks: u64) -> Result<(), LunConfigError> {
+        let mut config = self.config;
+        config.num_blocks = num_blocks;
+        config.validate()?;
+        self.config = config;
+        self.raise_unit_attention(UnitAttention::CapacityChanged);
+        Ok(())
+    }
+
     /// The unit attention that would be reported next, if any.
     pub fn pending_unit_attention(&self) -> Option<UnitAttention> {
         UnitAttention::ALL

@@ -907,6 +907,9 @@ impl BdevUsers for OpsUsers<'_> {
     fn detach_bdev(&self, name: &str) {
         self.0.detach_bdev(name);
     }
+    fn bdev_resized(&self, name: &str, num_blocks: u64) {
+        self.0.bdev_resized(name, num_blocks);
+    }
 }
 
 /// The QEMU command-line arguments that attach vhost-user-blk controller `name` on `socket`.

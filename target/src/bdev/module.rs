@@ -147,6 +147,10 @@ pub trait BdevUsers {
     fn bdev_in_use(&self, name: &str) -> bool;
     /// Hot-detaches bdev `name` from every controller using it (their later I/O to it fails).
     fn detach_bdev(&self, name: &str);
+    /// Bdev `name` now has `num_blocks` blocks: every controller using it checks I/O against
+    /// the new size and tells its frontends (blk: a config-change notification; scsi: a
+    /// capacity-changed unit attention and event). Returns once in effect.
+    fn bdev_resized(&self, _name: &str, _num_blocks: u64) {}
 }
 
 /// What a module call may do to the bdev list.
@@ -217,6 +221,13 @@ impl<'a> BdevContext<'a> {
     /// Releases the claim on bdev `name` (a bdev stacked on it could not be registered).
     pub fn release(&mut self, name: &str) {
         self.bdevs.release(name);
+    }
+
+    /// Announces that bdev `name` (one of the calling module's) changed size to `num_blocks`
+    /// blocks: the controllers using it tell their guests ([`BdevUsers::bdev_resized`]).
+    pub fn announce_resize(&self, name: &str, num_blocks: u64) {
+        tracing::info!(bdev = name, num_blocks, "bdev resized; telling its users");
+        self.users.bdev_resized(name, num_blocks);
     }
 
     /// Deletes bdev `name` (a name or UUID alias), which must be one of the calling module's

@@ -2,10 +2,11 @@
 //! data, for measuring the rest of the stack.
 //!
 //! As in SPDK, a read leaves the caller's buffers as they were (they are not zeroed), writes and
-//! write-zeroes are discarded, and flush and unmap are not supported.
+//! write-zeroes are discarded, and flush and unmap are not supported. `bdev_null_resize` grows
+//! one (in MiB, never shrinking it, as SPDK) and tells the controllers using it.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -17,7 +18,7 @@ use super::module::{
     refuse_metadata, BdevContext, BdevModule, ModuleEnv, RpcMethod,
 };
 use super::{report_completions, Bdev, BdevChannel, BdevError, BdevIo, IoKind, IoStatus};
-use crate::rpc::errno::EINVAL;
+use crate::rpc::errno::{EINVAL, ENODEV};
 use crate::rpc::RpcError;
 
 /// Completions a channel can hold before its queue has to grow.
@@ -28,7 +29,7 @@ const COMPLETION_CAPACITY: usize = 1024;
 pub struct NullBdev {
     name: String,
     block_size: u32,
-    num_blocks: u64,
+    num_blocks: AtomicU64,
     uuid: [u8; 16],
     removed: AtomicBool,
 }
@@ -55,7 +56,7 @@ impl NullBdev {
         Ok(Arc::new(NullBdev {
             name: name.to_owned(),
             block_size,
-            num_blocks,
+            num_blocks: AtomicU64::new(num_blocks),
             uuid,
             removed: AtomicBool::new(false),
         }))
@@ -81,7 +82,7 @@ impl Bdev for NullBdev {
         self.block_size
     }
     fn num_blocks(&self) -> u64 {
-        self.num_blocks
+        self.num_blocks.load(Ordering::Acquire)
     }
     fn uuid(&self) -> [u8; 16] {
         self.uuid
@@ -111,9 +112,10 @@ impl BdevChannel for NullChannel {
         if bdev.removed.load(Ordering::Acquire) {
             return Err(BdevError::Removed(bdev.name.clone()));
         }
-        let (_, len) = byte_range(io, bdev.num_blocks, bdev.block_size)?;
+        let num_blocks = bdev.num_blocks();
+        let (_, len) = byte_range(io, num_blocks, bdev.block_size)?;
         if matches!(io.kind, IoKind::Read | IoKind::Write) {
-            check_iovs(io, len, bdev.num_blocks)?;
+            check_iovs(io, len, num_blocks)?;
         }
         let status = if bdev.supports(io.kind) {
             IoStatus::Success
@@ -133,9 +135,21 @@ impl BdevChannel for NullChannel {
     }
 }
 
-/// The `null` module: null bdevs created and deleted over JSON-RPC.
+/// The `null` module: null bdevs created, resized and deleted over JSON-RPC.
 #[derive(Debug, Default)]
-pub struct NullModule;
+pub struct NullModule {
+    /// Every null bdev created (deleted ones are dropped at the next call).
+    bdevs: Vec<Arc<NullBdev>>,
+}
+
+/// `bdev_null_resize`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NullResize {
+    name: String,
+    /// MiB.
+    new_size: u64,
+}
 
 /// `bdev_null_create` (SPDK's `rpc_bdev_null_create`).
 #[derive(Deserialize)]
@@ -183,9 +197,53 @@ impl NullModule {
         cx.check_new_name(&p.name, uuid)?;
         let bdev = NullBdev::new(&p.name, p.num_blocks, p.block_size, uuid).map_err(bdev_error)?;
         let removed = Arc::clone(&bdev);
-        cx.register(bdev, Box::new(move || removed.mark_removed()))?;
+        cx.register(
+            Arc::clone(&bdev) as Arc<dyn Bdev>,
+            Box::new(move || removed.mark_removed()),
+        )?;
+        self.bdevs.retain(|b| !b.removed.load(Ordering::Acquire));
+        self.bdevs.push(bdev);
         tracing::info!(bdev = %p.name, num_blocks = p.num_blocks, block_size = p.block_size, "created null bdev");
         Ok(Value::String(p.name))
+    }
+}
+
+impl NullModule {
+    /// SPDK's `bdev_null_resize`: grows the bdev to `new_size` MiB (EINVAL for a smaller size)
+    /// and tells the controllers using it.
+    fn resize(
+        &mut self,
+        cx: &mut BdevContext<'_>,
+        params: Option<Value>,
+    ) -> Result<Value, RpcError> {
+        let p: NullResize = decode(params)?;
+        self.bdevs.retain(|b| !b.removed.load(Ordering::Acquire));
+        let Some(bdev) = self.bdevs.iter().find(|b| b.name == p.name) else {
+            return Err(RpcError::errno(
+                ENODEV,
+                format!("no null bdev named {}", p.name),
+            ));
+        };
+        let block_size = u64::from(bdev.block_size);
+        let current = bdev.num_blocks();
+        let blocks = p
+            .new_size
+            .checked_mul(1 << 20)
+            .map(|bytes| bytes / block_size)
+            .ok_or_else(|| {
+                RpcError::errno(EINVAL, format!("new_size {} MiB is too large", p.new_size))
+            })?;
+        if p.new_size < current.saturating_mul(block_size) >> 20 {
+            return Err(RpcError::errno(
+                EINVAL,
+                "the new bdev size must not be smaller than the current one",
+            ));
+        }
+        bdev.num_blocks.store(blocks, Ordering::Release);
+        if blocks != current {
+            cx.announce_resize(&bdev.name, blocks);
+        }
+        Ok(Value::Bool(true))
     }
 }
 
@@ -202,10 +260,15 @@ impl BdevModule for NullModule {
             old_name: Some("delete_null_bdev"),
             handler: delete_by_name,
         },
+        RpcMethod {
+            name: "bdev_null_resize",
+            old_name: None,
+            handler: Self::resize,
+        },
     ];
 
     fn new(_env: &ModuleEnv) -> Self {
-        NullModule
+        NullModule::default()
     }
 
     fn bdev_config(&self, bdev: &dyn Bdev) -> Option<Value> {

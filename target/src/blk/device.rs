@@ -22,7 +22,8 @@ pub const MAX_RANGES: usize = 16;
 /// Sector size of virtio-blk requests, whatever the device's block size.
 const SECTOR: u64 = 512;
 
-/// What a session needs to know about its bdev; fixed for the session's life.
+/// What a session needs to know about its bdev; fixed for the session's life but for its size
+/// ([`BlkOp::Resize`]).
 #[derive(Debug, Clone)]
 pub struct DeviceGeometry {
     /// The bdev's name (the GET_ID answer, truncated to 20 bytes).
@@ -104,6 +105,14 @@ pub enum BlkOp {
         /// Acknowledged once drained.
         reply: Reply<()>,
     },
+    /// The bdev changed size: requests are checked against `num_blocks` from now on (the
+    /// controller then tells the frontend, which re-reads the config space).
+    Resize {
+        /// The new size in blocks.
+        num_blocks: u64,
+        /// Acknowledged once in effect.
+        reply: Reply<()>,
+    },
 }
 
 /// A vhost-blk session on its reactor: the shell with the blk request handler.
@@ -134,6 +143,8 @@ pub struct BlkHandler {
     /// I/O vectors of the request being submitted (capacity reserved once).
     iovs: Vec<IoVec>,
     detach_reply: Option<Reply<()>>,
+    /// Capacity in sectors after a resize; the queues' limits were fixed when they started.
+    resized_capacity: Option<u64>,
 }
 
 impl std::fmt::Debug for BlkHandler {
@@ -159,6 +170,7 @@ impl BlkHandler {
             channel,
             iovs: Vec::with_capacity(CHAIN_CAPACITY),
             detach_reply: None,
+            resized_capacity: None,
         }
     }
 
@@ -369,6 +381,17 @@ impl RequestHandler for BlkHandler {
             }
         };
         slot.used_len = 1;
+        let resized;
+        let limits = match self.resized_capacity {
+            None => limits,
+            Some(capacity) => {
+                resized = BlkLimits {
+                    capacity,
+                    ..*limits
+                };
+                &resized
+            }
+        };
         // Matched by reference: moving the decoded request out of the `Result` copies it.
         let decoded = BlkRequest::<'_, MAX_RANGES>::decode(mem, chain, limits);
         let outcome = match &decoded {
@@ -411,8 +434,21 @@ impl RequestHandler for BlkHandler {
         })
     }
 
-    fn control(&mut self, op: BlkOp, _requests: &mut Requests<'_, Self>) -> bool {
+    fn control(&mut self, op: BlkOp, requests: &mut Requests<'_, Self>) -> bool {
         match op {
+            BlkOp::Resize { num_blocks, reply } => {
+                self.geometry.num_blocks = num_blocks;
+                let capacity = self.geometry.capacity_sectors();
+                self.config.capacity = capacity;
+                self.resized_capacity = Some(capacity);
+                tracing::info!(
+                    device = requests.device().0,
+                    num_blocks,
+                    "blk device resized"
+                );
+                let _ = reply.send(());
+                false
+            }
             BlkOp::DetachBdev { reply } => {
                 // From now on new requests see no channel; in-flight ones still complete through it.
                 self.detached = true;

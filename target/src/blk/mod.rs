@@ -6,6 +6,7 @@
 
 pub mod device;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rvhost_core::blk::{feature as blk_feature, VirtioBlkConfig};
@@ -38,6 +39,8 @@ pub const MAX_DISCARD_SECTORS: u32 = 1 << 23;
 pub struct BlkController {
     name: String,
     geometry: DeviceGeometry,
+    /// The size in blocks the config space reports (the bdev's, as of its last resize).
+    num_blocks: AtomicU64,
     /// The exported bdev; `None` once hot-detached.
     bdev: Mutex<Option<Arc<dyn Bdev>>>,
 }
@@ -48,6 +51,7 @@ impl BlkController {
         let geometry = DeviceGeometry::of(bdev.as_ref(), readonly);
         BlkController {
             name: name.to_string(),
+            num_blocks: AtomicU64::new(geometry.num_blocks),
             geometry,
             bdev: Mutex::new(Some(bdev)),
         }
@@ -72,13 +76,31 @@ impl BlkController {
         *self.bdev.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
+    /// Records the bdev's new size, for the config space and for sessions started from now on;
+    /// the caller tells the running sessions ([`device::BlkOp::Resize`]) and then the frontends.
+    pub fn resize(&self, num_blocks: u64) {
+        self.num_blocks.store(num_blocks, Ordering::Release);
+    }
+
+    /// The size in blocks the config space reports.
+    pub fn num_blocks(&self) -> u64 {
+        self.num_blocks.load(Ordering::Acquire)
+    }
+
+    fn geometry(&self) -> DeviceGeometry {
+        DeviceGeometry {
+            num_blocks: self.num_blocks(),
+            ..self.geometry.clone()
+        }
+    }
+
     /// The config space as the driver sees it.
     pub fn config(&self) -> VirtioBlkConfig {
         let g = &self.geometry;
         // Capacity is always in 512-byte sectors, whatever the block size.
         let sectors_per_block = u64::from(g.block_size / 512);
         let mut config = VirtioBlkConfig {
-            capacity: g.num_blocks.saturating_mul(sectors_per_block),
+            capacity: self.num_blocks().saturating_mul(sectors_per_block),
             size_max: SIZE_MAX,
             seg_max: SEG_MAX,
             blk_size: g.block_size,
@@ -167,10 +189,6 @@ impl DeviceType for BlkController {
             None => None,
         };
         tracing::debug!(controller = %self.name, device = id.0, detached = channel.is_none(), "new blk session");
-        Ok(BlkHandler::new(
-            self.geometry.clone(),
-            self.config(),
-            channel,
-        ))
+        Ok(BlkHandler::new(self.geometry(), self.config(), channel))
     }
 }

@@ -19,7 +19,7 @@
 //! ([`ExecScratch`]) are allocated once per session.
 
 use rvhost_core::mem::GuestMemory;
-use rvhost_core::scsi::lun::{execute_without_lun, IoError, UnitAttention};
+use rvhost_core::scsi::lun::{execute_without_lun, IoError, LunConfigError, UnitAttention};
 use rvhost_core::scsi::{Completion, IoOp, IoPlan, Outcome, Request, ScsiLun};
 use rvhost_core::segments::SegmentRange;
 
@@ -254,6 +254,12 @@ impl BdevLun {
     /// LOGICAL UNIT RESET: mode pages back to their defaults, unit attention.
     pub fn reset(&mut self) {
         self.lun.reset();
+    }
+
+    /// The bdev changed size: the LUN reports `num_blocks` from now on, with a CAPACITY DATA HAS
+    /// CHANGED unit attention.
+    pub fn resize(&mut self, num_blocks: u64) -> Result<(), LunConfigError> {
+        self.lun.resize(num_blocks)
     }
 
     /// I_T NEXUS RESET: a power-on unit attention.

@@ -24,7 +24,7 @@ mod control;
 mod events;
 
 use control::PendingTmf;
-use events::{transport_reset, EventBacklog};
+use events::{capacity_changed, transport_reset, EventBacklog};
 
 use super::bdev_lun::{
     answer_without_lun, Answer, BdevLun, Command, ExecScratch, LunIo, LunIoSlots, Started,
@@ -340,6 +340,42 @@ impl ScsiTransport {
                                 .push(transport_reset(target, event::VIRTIO_SCSI_EVT_RESET_RESCAN));
                         }
                         tracing::info!(device = self.id.0, target, "target attached");
+                    }
+                }
+                let _ = reply.send(());
+                false
+            }
+            TargetOp::Resize {
+                target,
+                num_blocks,
+                reply,
+            } => {
+                if let Some(t) = self
+                    .targets
+                    .get_mut(usize::from(target))
+                    .and_then(Option::as_mut)
+                {
+                    match t.lun.resize(num_blocks) {
+                        Ok(()) => {
+                            // QEMU's vhost-user-scsi hands the backend only the features on
+                            // its own list, which has HOTPLUG but not CHANGE, although the
+                            // driver negotiates CHANGE (`param_change` defaults to on): a driver
+                            // with either one reads the event queue and takes the event.
+                            if self.features.has(scsi_feature::VIRTIO_SCSI_F_CHANGE)
+                                || self.hotplug()
+                            {
+                                self.events.push(capacity_changed(target));
+                            }
+                            tracing::info!(
+                                device = self.id.0,
+                                target,
+                                num_blocks,
+                                "target resized"
+                            );
+                        }
+                        Err(err) => {
+                            tracing::error!(device = self.id.0, target, num_blocks, %err, "target not resized")
+                        }
                     }
                 }
                 let _ = reply.send(());

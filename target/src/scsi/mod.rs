@@ -98,6 +98,16 @@ pub enum TargetOp {
         /// Acknowledged once drained.
         reply: SyncSender<()>,
     },
+    /// The target's bdev changed size: its LUN raises a capacity-changed unit attention and the
+    /// device posts a PARAM_CHANGE event; answered once in effect.
+    Resize {
+        /// Target number.
+        target: u8,
+        /// The new size in blocks.
+        num_blocks: u64,
+        /// Acknowledged once applied.
+        reply: SyncSender<()>,
+    },
 }
 
 impl std::fmt::Debug for TargetOp {
@@ -105,6 +115,9 @@ impl std::fmt::Debug for TargetOp {
         match self {
             TargetOp::Attach { target, .. } => write!(f, "Attach({target})"),
             TargetOp::Detach { target, .. } => write!(f, "Detach({target})"),
+            TargetOp::Resize {
+                target, num_blocks, ..
+            } => write!(f, "Resize({target}, {num_blocks})"),
         }
     }
 }
@@ -357,6 +370,43 @@ impl ScsiController {
             let replies = Self::send_detach(&mut state, target);
             wait_all(&self.name, replies);
             tracing::info!(controller = %self.name, target, bdev = bdev_name, "target detached with its bdev");
+            count += 1;
+        }
+        count
+    }
+
+    /// Every target backed by `bdev_name` now has `num_blocks` blocks: sessions started from
+    /// now on see that size, and every connected session's LUN raises a capacity-changed unit
+    /// attention and posts a PARAM_CHANGE event. Returns how many targets use the bdev.
+    pub fn resize_bdev(&self, bdev_name: &str, num_blocks: u64) -> usize {
+        let mut state = self.lock();
+        let mut count = 0;
+        for t in 0..MAX_TARGETS {
+            let Some(spec) = state
+                .targets
+                .get_mut(t)
+                .and_then(Option::as_mut)
+                .filter(|s| s.bdev.name() == bdev_name)
+            else {
+                continue;
+            };
+            spec.lun.num_blocks = num_blocks;
+            let target = u8::try_from(t).unwrap_or(u8::MAX);
+            let mut replies = Vec::new();
+            state.sessions.retain(|session| {
+                let (tx, rx) = mpsc::sync_channel(1);
+                let sent = session.send(TargetOp::Resize {
+                    target,
+                    num_blocks,
+                    reply: tx,
+                });
+                if sent {
+                    replies.push((session.device, rx));
+                }
+                sent
+            });
+            wait_all(&self.name, replies);
+            tracing::info!(controller = %self.name, target, bdev = bdev_name, num_blocks, "target resized");
             count += 1;
         }
         count

@@ -496,12 +496,13 @@ fn bdev_modules_register_their_methods_once_and_first() {
     // The modules' methods come first, in module order, as `rpc_get_methods` always listed them.
     let current = m.method_names(false);
     assert_eq!(
-        current[..23],
+        current[..24],
         [
             "bdev_malloc_create",
             "bdev_malloc_delete",
             "bdev_null_create",
             "bdev_null_delete",
+            "bdev_null_resize",
             "bdev_aio_create",
             "bdev_aio_delete",
             "bdev_aio_rescan",

@@ -65,6 +65,17 @@ fn event_lun(target: u8) -> [u8; 8] {
     [1, target, 0, 0, 0, 0, 0, 0]
 }
 
+/// A PARAM_CHANGE event for `target`'s LUN 0 carrying CAPACITY DATA HAS CHANGED (ASC 2Ah,
+/// ASCQ 09h): Linux rescans the device and picks up its new size.
+pub(super) fn capacity_changed(target: u8) -> EventRepr {
+    EventRepr {
+        event: event::VIRTIO_SCSI_T_PARAM_CHANGE,
+        events_missed: false,
+        lun: event_lun(target),
+        reason: 0x2a | (0x09 << 8),
+    }
+}
+
 pub(super) fn transport_reset(target: u8, reason: u32) -> EventRepr {
     EventRepr {
         event: event::VIRTIO_SCSI_T_TRANSPORT_RESET,
