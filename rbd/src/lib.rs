@@ -220,11 +220,33 @@ unsafe impl Sync for Image {}
 impl Image {
     /// Opens image `name` of `pool` for reading and writing (ENOENT if there is none).
     pub fn open(pool: &Arc<Pool>, name: &str) -> Result<Image, RbdError> {
+        Self::open_as(pool, name, false)
+    }
+
+    /// Opens image `name` of `pool` for reading only (`rbd_open_read_only`: writes fail with
+    /// EROFS, and the image's exclusive lock is never taken, so any number of readers may
+    /// share it with one writer).
+    pub fn open_read_only(pool: &Arc<Pool>, name: &str) -> Result<Image, RbdError> {
+        Self::open_as(pool, name, true)
+    }
+
+    fn open_as(pool: &Arc<Pool>, name: &str, read_only: bool) -> Result<Image, RbdError> {
         let name_c = cstring(name)?;
         let mut raw: sys::rbd_image_t = ptr::null_mut();
-        // SAFETY: valid I/O context; NUL-terminated name; valid out pointer; no snapshot (null).
-        let ret = unsafe { sys::rbd_open(pool.raw, name_c.as_ptr(), &mut raw, ptr::null()) };
-        check(ret, || format!("rbd_open({name})"))?;
+        let ret = if read_only {
+            // SAFETY: valid I/O context; NUL-terminated name; valid out pointer; no snapshot.
+            unsafe { sys::rbd_open_read_only(pool.raw, name_c.as_ptr(), &mut raw, ptr::null()) }
+        } else {
+            // SAFETY: as above.
+            unsafe { sys::rbd_open(pool.raw, name_c.as_ptr(), &mut raw, ptr::null()) }
+        };
+        check(ret, || {
+            if read_only {
+                format!("rbd_open_read_only({name})")
+            } else {
+                format!("rbd_open({name})")
+            }
+        })?;
         Ok(Image {
             raw,
             name: name.to_owned(),

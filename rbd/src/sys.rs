@@ -40,6 +40,12 @@ extern "C" {
         image: *mut rbd_image_t,
         snap_name: *const c_char,
     ) -> c_int;
+    pub fn rbd_open_read_only(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        image: *mut rbd_image_t,
+        snap_name: *const c_char,
+    ) -> c_int;
     pub fn rbd_close(image: rbd_image_t) -> c_int;
     pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
     pub fn rbd_resize(image: rbd_image_t, size: u64) -> c_int;

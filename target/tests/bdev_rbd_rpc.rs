@@ -6,12 +6,14 @@
 
 mod ceph_common;
 mod rpc_common;
+mod vhost_support;
 
 use std::time::{Duration, Instant};
 
 use ceph_common::Ceph;
 use rpc_common::Target;
 use serde_json::{json, Value};
+use vhost_support::{pattern, Driver, S_OK, T_OUT, VIRTIO_F_VERSION_1};
 
 fn bdev_names(target: &Target) -> Vec<String> {
     target
@@ -227,7 +229,50 @@ fn rbd_bdev_through_spdk_rpc() {
     let busy = target.spdk_err(&["bdev_rbd_unregister_cluster", "c0"]);
     assert!(busy.contains("\"code\": -16"), "{busy}");
 
-    // save_config: the cluster first, then the bdevs; `-c` recreates them.
+    // A cluster with a core mask: every thread librados starts for it runs on core 1 only (the
+    // target's reactor has core 0; nothing else of the process is restricted to core 1).
+    let before = threads_on_core_1(target.pid());
+    assert_eq!(
+        target.ok(
+            "bdev_rbd_register_cluster",
+            json!({"name": "c1", "config_file": conf, "key_file": keyring, "core_mask": "0x2"}),
+        ),
+        "c1"
+    );
+    assert_eq!(
+        target.spdk_json(&["bdev_rbd_get_clusters_info", "-b", "c1"])["core_mask"],
+        "0x2"
+    );
+    let pinned = threads_on_core_1(target.pid());
+    assert!(
+        before.is_empty()
+            && pinned
+                .iter()
+                .filter(|n| n.starts_with("msgr-worker"))
+                .count()
+                >= 1,
+        "librados threads restricted to core_mask 0x2: before {before:?}, after {pinned:?}"
+    );
+    let bad_mask = target.err_code(
+        "bdev_rbd_register_cluster",
+        json!({"name": "c2", "config_file": conf, "key_file": keyring, "core_mask": "zz"}),
+    );
+    assert_eq!(bad_mask, -22);
+
+    // Read-only (rbd_open_read_only): reads and flushes only; on that cluster.
+    target.ok(
+        "bdev_rbd_create",
+        json!({"name": "RbdRo", "cluster_name": "c1", "pool_name": "rbd", "rbd_name": "img1",
+               "block_size": 512, "read_only": true}),
+    );
+    let io_types = &target.spdk_json(&["bdev_get_bdevs", "-b", "RbdRo"])[0]["supported_io_types"];
+    assert_eq!(io_types["read"], true, "{io_types}");
+    assert_eq!(io_types["flush"], true, "{io_types}");
+    for kind in ["write", "unmap", "write_zeroes"] {
+        assert_eq!(io_types[kind], false, "{kind}: {io_types}");
+    }
+
+    // save_config: the clusters first, then the bdevs; `-c` recreates them.
     let saved = target.spdk_json(&["save_config"]);
     let bdev_calls: Vec<Value> = saved["subsystems"]
         .as_array()
@@ -247,10 +292,17 @@ fn rbd_bdev_through_spdk_rpc() {
         methods,
         [
             "bdev_rbd_register_cluster",
+            "bdev_rbd_register_cluster",
+            "bdev_rbd_create",
             "bdev_rbd_create",
             "bdev_rbd_create"
         ]
     );
+    let read_only = bdev_calls
+        .iter()
+        .find(|c| c["params"]["name"] == "RbdRo")
+        .unwrap();
+    assert_eq!(read_only["params"]["read_only"], true, "{read_only}");
     let file = target.dir.join("saved.json");
     std::fs::write(&file, saved.to_string()).unwrap();
     {
@@ -265,6 +317,11 @@ fn rbd_bdev_through_spdk_rpc() {
         );
     }
 
+    assert_eq!(target.ok("bdev_rbd_delete", json!({"name": "RbdRo"})), true);
+    target.spdk_ok(&["bdev_rbd_unregister_cluster", "c1"]);
+
+    killed_lock_holder_does_not_block_the_next_process(&ceph, conf, keyring);
+
     // Delete (current and old names), then the cluster can go.
     assert_eq!(target.spdk_ok(&["bdev_rbd_delete", "Rbd0"]).trim(), "");
     assert_eq!(target.ok("delete_rbd_bdev", json!({"name": "Ceph0"})), true);
@@ -276,6 +333,85 @@ fn rbd_bdev_through_spdk_rpc() {
     assert!(none.contains("\"code\": -2"), "{none}");
     let none = target.spdk_err(&["bdev_rbd_unregister_cluster", "c0"]);
     assert!(none.contains("\"code\": -2"), "{none}");
+}
+
+/// A writer process killed with SIGKILL holds the image's exclusive lock (it never called
+/// `rbd_close`); a second process opening the image must still serve writes. librbd breaks the
+/// dead owner's lock once the cluster dropped its watch (`osd_client_watch_timeout`, 30 s by
+/// default): until then the first write waits, and completes without an error.
+fn killed_lock_holder_does_not_block_the_next_process(ceph: &Ceph, conf: &str, keyring: &str) {
+    ceph.rbd(&["create", "--size", "16", "locked"]);
+    let writer = |tag: &str| {
+        let target = Target::start(tag, &["--no-default"]);
+        target.ok(
+            "bdev_rbd_register_cluster",
+            json!({"name": "c", "config_file": conf, "key_file": keyring}),
+        );
+        target.ok(
+            "bdev_rbd_create",
+            json!({"name": "Lock0", "cluster_name": "c", "pool_name": "rbd",
+                   "rbd_name": "locked", "block_size": 512}),
+        );
+        target.spdk_ok(&["vhost_create_blk_controller", "vhost.lock", "Lock0"]);
+        target
+    };
+    let first = writer("lock-a");
+    let mut driver = Driver::ready(&first.dir.join("vhost.lock"), VIRTIO_F_VERSION_1);
+    assert_eq!(driver.write_blocks(0, 0, &pattern(1, 4096)), S_OK);
+    let locks = String::from_utf8_lossy(&ceph.rbd(&["lock", "ls", "locked"])).into_owned();
+    assert!(
+        locks.contains("auto"),
+        "the writer holds the exclusive lock: {locks}"
+    );
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &first.pid().to_string()])
+        .status()
+        .expect("kill -KILL");
+    assert!(killed.success());
+    drop(driver);
+    drop(first);
+
+    let second = writer("lock-b");
+    let mut driver = Driver::ready(&second.dir.join("vhost.lock"), VIRTIO_F_VERSION_1);
+    let (status, back) = driver.read_blocks(0, 0, 4096);
+    assert_eq!(
+        (status, back),
+        (S_OK, pattern(1, 4096)),
+        "the killed writer's data"
+    );
+    let started = Instant::now();
+    let data = pattern(2, 4096);
+    let (status, _) =
+        driver.request_within(0, T_OUT, 8, Some((&data, false)), Duration::from_secs(90));
+    let waited = started.elapsed();
+    assert_eq!(
+        status,
+        S_OK,
+        "first write after the kill:\n{}",
+        second.log()
+    );
+    assert_eq!(driver.write_blocks(0, 16, &data), S_OK);
+    eprintln!("first write after the lock holder's SIGKILL completed in {waited:?}");
+}
+
+/// The names of process `pid`'s threads whose affinity is core 1 alone.
+fn threads_on_core_1(pid: u32) -> Vec<String> {
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let on_1 = status.lines().any(|l| {
+            l.split_once(':')
+                .is_some_and(|(k, v)| k == "Cpus_allowed_list" && v.trim() == "1")
+        });
+        if on_1 {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            names.push(comm.trim().to_owned());
+        }
+    }
+    names
 }
 
 fn info_of(conf: &str, keyring: &str) -> Value {

@@ -66,6 +66,32 @@ else
     result scsi_present no
 fi
 
+# Resize: at this phase the host grows both images through rvhost A (bdev_rbd_resize), so A
+# tells its guest (blk: config-change notification; scsi: PARAM_CHANGE event, the driver
+# rescans) and B, which has image blk open too, notices the new size and tells its guest as
+# well. Nothing here asks for a rescan.
+result phase resize
+NEW=$((${RESIZED_MIB:-96} * MIB))
+# wait_size NAME DEV: waits up to 30 s for DEV to have the new size, reports the size seen.
+wait_size() {
+    tries=300
+    while [ "$(blkcheck size $2)" != "$NEW" ]; do
+        tries=$((tries - 1)); [ "$tries" -gt 0 ] || break; usleep 100000
+    done
+    result "resize_$1_size" "$(blkcheck size $2)"
+}
+wait_size blk $A
+wait_size shared $B
+check blk_resized_write blkcheck write $A $((NEW - MIB)) $MIB 71 65536
+check blk_resized_verify blkcheck verify $A $((NEW - MIB)) $MIB 71 65536
+check blk_resized_flush blkcheck flush $A
+if [ -n "$S" ]; then
+    wait_size scsi /dev/$S
+    check scsi_resized_write blkcheck write /dev/$S $((NEW - MIB)) $MIB 72 65536
+    check scsi_resized_verify blkcheck verify /dev/$S $((NEW - MIB)) $MIB 72 65536
+    check scsi_resized_flush blkcheck flush /dev/$S
+fi
+
 # Fault: the host kills one OSD (of two; pool size 2, min_size 1) with SIGKILL and restarts it
 # while this loop writes and verifies on A. No I/O error may reach the guest.
 result phase fault

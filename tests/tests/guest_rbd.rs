@@ -4,6 +4,9 @@
 //!   `Rbd1` (image `scsi`, 4 KiB blocks): patterns, flush, discard, offloaded write-zeroes;
 //! - the same image `blk` exported by a second rvhost process: what one writes and flushes, the
 //!   other reads (the shared storage live migration between hosts needs);
+//! - both images grown with `bdev_rbd_resize` under the running guest: it sees the new sizes
+//!   (blk through the config-change notification, on A's and on B's disk; scsi through the
+//!   PARAM_CHANGE event) and writes at the new end;
 //! - one OSD killed with SIGKILL under the guest's write/verify loop and restarted: no I/O error
 //!   reaches the guest and the data stays;
 //! - afterwards `rbd export` of both images holds exactly what the guest wrote, zeros where it
@@ -27,6 +30,8 @@ use rvhost_tests::{
 const SCRIPT: &str = include_str!("../guest/rbd.sh");
 const MIB: u64 = 1 << 20;
 const IMAGE_MIB: u64 = 64;
+/// What the guest's resize phase grows both images to.
+const RESIZED_MIB: u64 = 96;
 
 fn blkcheck() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_blkcheck"))
@@ -76,7 +81,14 @@ fn assert_zeros(file: &Path, offset: u64, len: u64, what: &str) {
 /// What `checks PREFIX DEV SEED` in tests/guest/rbd.sh left on the image.
 fn assert_checks(file: &Path, seed: u64, what: &str) {
     let size = std::fs::metadata(file).unwrap().len();
-    assert_eq!(size, IMAGE_MIB * MIB, "{what}: exported size");
+    assert_eq!(
+        size,
+        RESIZED_MIB * MIB,
+        "{what}: exported size (after the resize)"
+    );
+    // Written at the end before the resize, and at the new end after it.
+    let size = IMAGE_MIB * MIB;
+    assert_pattern(file, RESIZED_MIB * MIB - MIB, MIB, seed + 10, what);
     assert_pattern(file, MIB, MIB, seed, what);
     assert_zeros(file, 2 * MIB, MIB, what);
     assert_pattern(file, 3 * MIB, MIB, seed, what);
@@ -159,10 +171,21 @@ fn rvhost_rbd_blk_scsi_shared_and_osd_failure() {
             num_queues: 1,
         })
         .env("FAULT_SECONDS", 30)
+        .env("RESIZED_MIB", RESIZED_MIB)
         .binary(blkcheck());
     let dir = ceph.dir.clone();
     let mut fault: Option<std::thread::JoinHandle<Result<(), String>>> = None;
+    let mut resized = false;
     let out = run_guest_with(&config, |key, value| {
+        if key == "phase" && value == "resize" {
+            for bdev in ["Rbd0", "Rbd1"] {
+                a.rpc_ok(
+                    "bdev_rbd_resize",
+                    json!({"name": bdev, "new_size": RESIZED_MIB}),
+                );
+            }
+            resized = true;
+        }
         if key == "phase" && value == "fault" {
             let dir = dir.clone();
             fault = Some(std::thread::spawn(move || {
@@ -204,6 +227,15 @@ fn rvhost_rbd_blk_scsi_shared_and_osd_failure() {
     }
     assert!(a.is_running() && b.is_running(), "an rvhost exited");
 
+    assert!(resized, "the guest never reached the resize phase");
+    for p in ["blk", "shared", "scsi"] {
+        out.assert_eq(
+            &format!("resize_{p}_size"),
+            &(RESIZED_MIB * MIB).to_string(),
+        );
+    }
+    out.assert_all_ok("blk_resized_");
+    out.assert_all_ok("scsi_resized_");
     for p in ["blk", "scsi"] {
         out.assert_eq(&format!("{p}_size"), &(IMAGE_MIB * MIB).to_string());
         out.assert_all_ok(&format!("{p}_io_"));

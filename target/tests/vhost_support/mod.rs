@@ -435,6 +435,18 @@ impl Driver {
         sector: u64,
         data: Option<(&[u8], bool)>,
     ) -> (u8, u32) {
+        self.request_within(index, req_type, sector, data, TIMEOUT)
+    }
+
+    /// [`Driver::request`], waiting up to `timeout` for its completion.
+    pub fn request_within(
+        &mut self,
+        index: usize,
+        req_type: u32,
+        sector: u64,
+        data: Option<(&[u8], bool)>,
+        timeout: Duration,
+    ) -> (u8, u32) {
         let (hdr, status, buf) = {
             let q = self.queue(index);
             (q.header_addr(), q.status_addr(), q.buffer_addr())
@@ -467,7 +479,9 @@ impl Driver {
             next: 0,
         });
         self.post(index, &descs);
-        let (id, len) = self.wait_used(index);
+        let (id, len) = self
+            .wait_used_for(index, timeout)
+            .expect("request completed in time");
         assert_eq!(id, 0, "used id is the head");
         (self.ram.read(status, 1)[0], len)
     }

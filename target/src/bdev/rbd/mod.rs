@@ -20,14 +20,23 @@
 //! channel's poll. A cluster that stops answering fails I/O with IOERR after
 //! `rados_osd_op_timeout`.
 //!
-//! Where rvhost differs from SPDK: `read_only` and `core_mask` are refused unless off/absent;
-//! the image size is re-read every tick, so a resize by another client (`rbd resize`) shows up
-//! in `bdev_get_bdevs` too.
+//! `read_only` opens the image with `rbd_open_read_only` (no exclusive lock; writes, discards
+//! and write-zeroes are refused by the bdev, as SPDK reports them unsupported). A cluster's
+//! `core_mask` restricts the threads librados and librbd start for it: SPDK sets its calling
+//! thread's affinity around connecting; rvhost connects, and opens the cluster's images, on a
+//! short-lived thread restricted to the mask, whose affinity every thread they start inherits.
+//!
+//! Where rvhost differs from SPDK: SPDK also reports discard as supported on a read-only bdev
+//! (librbd then fails it); the image size is re-read every tick, so a resize by another client
+//! (`rbd resize`) shows up in `bdev_get_bdevs` and reaches the guests too, as a resize through
+//! `bdev_rbd_resize` does ([`BdevContext::announce_resize`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use rvhost_platform_linux::cpu::set_current_thread_affinity;
 use rvhost_platform_linux::uring::{HostBuffers, SpareIovecs};
+use rvhost_platform_linux::CpuSet;
 pub use rvhost_rbd::ClusterConfig;
 use rvhost_rbd::{AioOp, Cluster, CompletionQueue, Image, RbdError};
 use serde::Deserialize;
@@ -55,6 +64,32 @@ const CHANNEL_CAPACITY: usize = 256;
 /// A librados/librbd failure as a JSON-RPC error: the negative errno and its text, as SPDK.
 fn rbd_error(err: &RbdError) -> RpcError {
     RpcError::new(-err.errno(), err.to_string())
+}
+
+/// Runs `f` on a thread of its own restricted to `cores` (when given), so that every thread
+/// librados or librbd starts from it inherits that affinity (a cluster's `core_mask`).
+fn with_affinity<T: Send>(
+    cores: Option<&CpuSet>,
+    f: impl FnOnce() -> Result<T, RpcError> + Send,
+) -> Result<T, RpcError> {
+    let Some(cores) = cores else { return f() };
+    std::thread::scope(|scope| {
+        let worker = std::thread::Builder::new()
+            .name("rbd-affinity".into())
+            .spawn_scoped(scope, move || {
+                set_current_thread_affinity(cores).map_err(|e| {
+                    RpcError::errno(EINVAL, format!("core_mask: cannot run on those cores: {e}"))
+                })?;
+                f()
+            })
+            .map_err(|e| RpcError::errno(EINVAL, format!("cannot start a thread: {e}")))?;
+        worker.join().unwrap_or_else(|_| {
+            Err(RpcError::new(
+                crate::rpc::INTERNAL_ERROR,
+                "connecting to the cluster panicked",
+            ))
+        })
+    })
 }
 
 /// Key/value configuration (`config`, `config_param`) in the order given.
@@ -93,6 +128,8 @@ struct RegisteredCluster {
     config_param: Option<Options>,
     config_file: Option<String>,
     key_file: Option<String>,
+    /// `core_mask` as given, and the cores it selects.
+    core_mask: Option<(String, CpuSet)>,
     handle: Arc<Cluster>,
 }
 
@@ -110,6 +147,9 @@ impl RegisteredCluster {
         }
         if let Some(f) = &self.key_file {
             out.insert("key_file".into(), f.clone().into());
+        }
+        if let Some((mask, _)) = &self.core_mask {
+            out.insert("core_mask".into(), mask.clone().into());
         }
     }
 
@@ -131,6 +171,8 @@ struct Origin {
     cluster_name: Option<String>,
     /// The registered cluster's fields (`driver_specific` shows them, as SPDK does).
     cluster_fields: Option<Map<String, Value>>,
+    /// Opened with `rbd_open_read_only`.
+    read_only: bool,
 }
 
 /// An rbd bdev.
@@ -157,7 +199,12 @@ impl RbdBdev {
         block_size: u32,
     ) -> Result<Arc<RbdBdev>, RpcError> {
         let pool = cluster.pool(&origin.pool_name).map_err(|e| rbd_error(&e))?;
-        let image = Image::open(&pool, &origin.rbd_name).map_err(|e| rbd_error(&e))?;
+        let image = if origin.read_only {
+            Image::open_read_only(&pool, &origin.rbd_name)
+        } else {
+            Image::open(&pool, &origin.rbd_name)
+        }
+        .map_err(|e| rbd_error(&e))?;
         let size = image.size().map_err(|e| rbd_error(&e))?;
         let num_blocks = size / u64::from(block_size);
         if num_blocks == 0 {
@@ -200,6 +247,7 @@ impl RbdBdev {
             config: Some(config.options.clone()),
             cluster_name: None,
             cluster_fields: None,
+            read_only: false,
         };
         RbdBdev::open(name, uuid, &cluster, origin, block_size)
     }
@@ -232,6 +280,9 @@ impl RbdBdev {
             p.insert("cluster_name".into(), c.clone().into());
         }
         p.insert("uuid".into(), uuid_string(self.uuid).into());
+        if o.read_only {
+            p.insert("read_only".into(), true.into());
+        }
         Value::Object(p)
     }
 }
@@ -263,8 +314,11 @@ impl Bdev for RbdBdev {
     fn uuid(&self) -> [u8; 16] {
         self.uuid
     }
-    fn supports(&self, _kind: IoKind) -> bool {
-        true
+    fn supports(&self, kind: IoKind) -> bool {
+        match kind {
+            IoKind::Read | IoKind::Flush => true,
+            IoKind::Write | IoKind::Unmap | IoKind::WriteZeroes => !self.origin.read_only,
+        }
     }
     fn open_channel(self: Arc<Self>) -> Result<Box<dyn BdevChannel>, BdevError> {
         if self.is_removed() {
@@ -317,6 +371,12 @@ impl BdevChannel for RbdChannel {
         let bdev = &*self.bdev;
         if bdev.is_removed() {
             return Err(BdevError::Removed(bdev.name.clone()));
+        }
+        if bdev.origin.read_only && !matches!(io.kind, IoKind::Read | IoKind::Flush) {
+            return Err(BdevError::Backend(format!(
+                "rbd bdev {} is read-only",
+                bdev.name
+            )));
         }
         let num_blocks = bdev.num_blocks();
         let op = match io.kind {
@@ -452,12 +512,20 @@ impl RbdModule {
         params: Option<Value>,
     ) -> Result<Value, RpcError> {
         let p: RegisterCluster = decode(params)?;
-        if p.core_mask.is_some() {
-            return Err(RpcError::errno(
-                EINVAL,
-                "core_mask is not supported: librbd's threads run where the kernel places them",
-            ));
-        }
+        let core_mask = match p.core_mask {
+            None => None,
+            Some(mask) => {
+                let cores = CpuSet::parse(&mask)
+                    .map_err(|e| RpcError::errno(EINVAL, format!("core_mask {mask:?}: {e}")))?;
+                if cores.is_empty() {
+                    return Err(RpcError::errno(
+                        EINVAL,
+                        format!("core_mask {mask:?} selects no core"),
+                    ));
+                }
+                Some((mask, cores))
+            }
+        };
         if self.clusters.iter().any(|c| c.name == p.name) {
             return Err(RpcError::errno(
                 EEXIST,
@@ -471,7 +539,9 @@ impl RbdModule {
             key_file: p.key_file.clone().map(Into::into),
             options: config_param.clone().unwrap_or_default(),
         };
-        let handle = Cluster::connect(&config, DEFAULT_OPTIONS).map_err(|e| rbd_error(&e))?;
+        let handle = with_affinity(core_mask.as_ref().map(|(_, c)| c), || {
+            Cluster::connect(&config, DEFAULT_OPTIONS).map_err(|e| rbd_error(&e))
+        })?;
         tracing::info!(cluster = %p.name, "registered rbd cluster");
         self.clusters.push(RegisteredCluster {
             name: p.name.clone(),
@@ -479,6 +549,7 @@ impl RbdModule {
             config_param,
             config_file: p.config_file,
             key_file: p.key_file,
+            core_mask,
             handle,
         });
         Ok(Value::String(p.name))
@@ -548,13 +619,6 @@ impl RbdModule {
         params: Option<Value>,
     ) -> Result<Value, RpcError> {
         let p: RbdCreate = decode(params)?;
-        if p.read_only == Some(true) {
-            return Err(RpcError::errno(
-                EINVAL,
-                "read_only rbd bdevs are not supported (export the bdev read-only instead: \
-                 vhost_create_blk_controller -r)",
-            ));
-        }
         check_block_size(p.block_size).map_err(super::module::bdev_error)?;
         let uuid = parse_uuid(p.uuid.as_deref())?;
         let name = p.name.clone().unwrap_or_else(|| Self::next_name(cx));
@@ -562,7 +626,7 @@ impl RbdModule {
         self.forget_removed();
         let config = parse_options(p.config, "config")?;
         // Everything below that fails drops what it opened: nothing is left half-created.
-        let (cluster, cluster_fields) = match &p.cluster_name {
+        let (cluster, cluster_fields, cores) = match &p.cluster_name {
             Some(cluster_name) => {
                 let Some(c) = self.clusters.iter().find(|c| &c.name == cluster_name) else {
                     return Err(RpcError::errno(
@@ -572,7 +636,8 @@ impl RbdModule {
                 };
                 let mut fields = Map::new();
                 c.fields(&mut fields);
-                (Arc::clone(&c.handle), Some(fields))
+                let cores = c.core_mask.as_ref().map(|(_, cores)| *cores);
+                (Arc::clone(&c.handle), Some(fields), cores)
             }
             None => {
                 let cc = ClusterConfig {
@@ -584,6 +649,7 @@ impl RbdModule {
                 (
                     Cluster::connect(&cc, DEFAULT_OPTIONS).map_err(|e| rbd_error(&e))?,
                     None,
+                    None,
                 )
             }
         };
@@ -594,8 +660,12 @@ impl RbdModule {
             config,
             cluster_name: p.cluster_name,
             cluster_fields,
+            read_only: p.read_only.unwrap_or(false),
         };
-        let bdev = RbdBdev::open(&name, uuid, &cluster, origin, p.block_size)?;
+        // The image's own threads start where the cluster's do.
+        let bdev = with_affinity(cores.as_ref(), || {
+            RbdBdev::open(&name, uuid, &cluster, origin, p.block_size)
+        })?;
         let num_blocks = bdev.num_blocks();
         let removed = Arc::clone(&bdev);
         cx.register(
@@ -621,7 +691,7 @@ impl RbdModule {
 
     fn resize(
         &mut self,
-        _cx: &mut BdevContext<'_>,
+        cx: &mut BdevContext<'_>,
         params: Option<Value>,
     ) -> Result<Value, RpcError> {
         let p: RbdResize = decode(params)?;
@@ -657,6 +727,9 @@ impl RbdModule {
         let blocks = bytes / u64::from(bdev.block_size);
         bdev.num_blocks.store(blocks, Ordering::Release);
         tracing::info!(bdev = %bdev.name, num_blocks = blocks, "resized rbd bdev");
+        if blocks * u64::from(bdev.block_size) != current {
+            cx.announce_resize(&bdev.name, blocks);
+        }
         Ok(Value::Bool(true))
     }
 }
@@ -721,12 +794,13 @@ impl BdevModule for RbdModule {
     }
 
     /// Picks up size changes made by other clients of the images.
-    fn tick(&mut self, _cx: &mut BdevContext<'_>) {
+    fn tick(&mut self, cx: &mut BdevContext<'_>) {
         self.forget_removed();
         for bdev in &self.bdevs {
             match bdev.refresh_size() {
                 Ok(Some(blocks)) => {
-                    tracing::info!(bdev = %bdev.name, num_blocks = blocks, "rbd image size changed")
+                    tracing::info!(bdev = %bdev.name, num_blocks = blocks, "rbd image size changed");
+                    cx.announce_resize(&bdev.name, blocks);
                 }
                 Ok(None) => {}
                 Err(e) => tracing::debug!(bdev = %bdev.name, "cannot read the image size: {e}"),
