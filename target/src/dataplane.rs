@@ -126,6 +126,44 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A core's user, system and interrupt (hard and soft) time, in the kernel's clock ticks.
+type CpuTimes = (u64, u64, u64);
+
+/// Core `core`'s [`CpuTimes`] from `/proc/stat`, as SPDK's `framework_get_reactors` reports them.
+fn cpu_times(core: u32) -> Option<CpuTimes> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let label = format!("cpu{core}");
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(label.as_str()))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq ...
+    let field = |i: usize| fields.get(i).copied().unwrap_or(0);
+    Some((field(0), field(2), field(5).saturating_add(field(6))))
+}
+
+/// The cores' times when the data plane started, which SPDK subtracts.
+static START_CPU_TIMES: std::sync::OnceLock<Vec<(u32, CpuTimes)>> = std::sync::OnceLock::new();
+
+/// [`cpu_times`] since the data plane started.
+fn cpu_times_since_start(core: u32) -> Option<CpuTimes> {
+    let (usr, sys, irq) = cpu_times(core)?;
+    let (usr0, sys0, irq0) = START_CPU_TIMES
+        .get()
+        .and_then(|all| all.iter().find(|(c, _)| *c == core))
+        .map(|(_, times)| *times)
+        .unwrap_or_default();
+    Some((
+        usr.saturating_sub(usr0),
+        sys.saturating_sub(sys0),
+        irq.saturating_sub(irq0),
+    ))
+}
+
 impl Dataplane {
     /// Starts one reactor per core in `cpumask`; controllers' sockets go to `socket_dir`.
     pub fn start(cpumask: u64, socket_dir: PathBuf) -> Result<Arc<Self>, DataplaneError> {
@@ -146,6 +184,12 @@ impl Dataplane {
             source,
         })?;
         let topology = Arc::new(NumaTopology::detect());
+        START_CPU_TIMES.get_or_init(|| {
+            (0..64u32)
+                .filter(|c| cpumask & (1u64 << c) != 0)
+                .filter_map(|c| Some((c, cpu_times(c)?)))
+                .collect()
+        });
         let mut reactors = Vec::new();
         for core in (0..64u32).filter(|c| cpumask & (1u64 << c) != 0) {
             match reactor::spawn(core, options.idle, Arc::clone(&topology)) {
@@ -487,11 +531,16 @@ impl ControllerOps for Dataplane {
                     })
                     .collect();
                 let stats = r.stats();
+                let (usr, sys, irq) = cpu_times_since_start(r.core()).unwrap_or_default();
                 serde_json::json!({
                     "lcore": r.core(),
+                    "tid": stats.tid.load(std::sync::atomic::Ordering::Relaxed),
                     "busy": stats.busy_ticks.load(std::sync::atomic::Ordering::Relaxed),
                     "idle": stats.idle_ticks.load(std::sync::atomic::Ordering::Relaxed),
                     "in_interrupt": false,
+                    "irq": irq,
+                    "sys": sys,
+                    "usr": usr,
                     "lw_threads": threads,
                 })
             })
@@ -499,5 +548,36 @@ impl ControllerOps for Dataplane {
         // Busy and idle are time-stamp counter ticks, as in SPDK.
         let tick_rate = rvhost_platform_linux::tsc::ticks_per_second();
         serde_json::json!({ "tick_rate": tick_rate, "pid": std::process::id(), "reactors": reactors })
+    }
+
+    fn threads_info(&self) -> Vec<crate::ops::ThreadInfo> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let controllers = lock(&self.controllers);
+        controllers
+            .iter()
+            .map(|(name, c)| {
+                let reactor = c.server.reactor();
+                let pollers = c.server.with_devices(|ids| {
+                    ids.iter()
+                        .filter_map(|&id| {
+                            let stats = reactor.stats().task(id)?;
+                            Some(crate::ops::PollerInfo {
+                                id: id.0,
+                                runs: stats.runs.load(Relaxed),
+                                busy_runs: stats.busy_runs.load(Relaxed),
+                                busy_ticks: stats.busy_ticks.load(Relaxed),
+                                idle_ticks: stats.idle_ticks.load(Relaxed),
+                            })
+                        })
+                        .collect()
+                });
+                crate::ops::ThreadInfo {
+                    name: name.clone(),
+                    id: c.id,
+                    cpumask: c.cpumask,
+                    pollers,
+                }
+            })
+            .collect()
     }
 }

@@ -68,6 +68,35 @@ pub struct ControllerInfo {
     pub backend_specific: serde_json::Value,
 }
 
+/// One controller as an SPDK thread: SPDK's vhost runs each controller on a thread of its own,
+/// which its reactor polls; rvhost's reactors poll the controllers' sessions directly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadInfo {
+    /// The controller's name.
+    pub name: String,
+    /// Its id (as `framework_get_reactors` lists it under `lw_threads`).
+    pub id: u64,
+    /// The cores it may run on.
+    pub cpumask: u64,
+    /// One poller per connected session.
+    pub pollers: Vec<PollerInfo>,
+}
+
+/// One session's device, polled by its reactor every round (SPDK's `vdev_worker` poller).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollerInfo {
+    /// The session's device id.
+    pub id: u64,
+    /// Polls.
+    pub runs: u64,
+    /// Polls that found work.
+    pub busy_runs: u64,
+    /// Ticks spent in polls that found work.
+    pub busy_ticks: u64,
+    /// Ticks spent in polls that found none.
+    pub idle_ticks: u64,
+}
+
 /// What the drain of a stopping process found ([`ControllerOps::drain`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DrainReport {
@@ -101,6 +130,11 @@ pub trait ControllerOps: Send + Sync {
     }
     /// `framework_get_reactors`' result.
     fn reactors_info(&self) -> serde_json::Value;
+    /// The controllers as SPDK's threads, with their sessions' polls as pollers
+    /// (`thread_get_stats`, `thread_get_pollers`).
+    fn threads_info(&self) -> Vec<ThreadInfo> {
+        Vec::new()
+    }
     /// The process is stopping: every controller stops starting sessions and every session stops
     /// taking new requests; returns once the requests in flight completed and their used entries
     /// were published to the frontends, or once `timeout` passed. Connections stay open (the

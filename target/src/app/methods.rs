@@ -110,6 +110,21 @@ const METHODS: &[Method] = &[
         handler: RpcMethods::framework_get_reactors,
     },
     Method {
+        name: "thread_get_stats",
+        old_name: None,
+        handler: RpcMethods::thread_get_stats,
+    },
+    Method {
+        name: "thread_get_pollers",
+        old_name: None,
+        handler: RpcMethods::thread_get_pollers,
+    },
+    Method {
+        name: "framework_get_scheduler",
+        old_name: None,
+        handler: RpcMethods::framework_get_scheduler,
+    },
+    Method {
         name: "spdk_kill_instance",
         old_name: Some("kill_instance"),
         handler: RpcMethods::spdk_kill_instance,
@@ -932,6 +947,7 @@ pub fn qemu_blk_args(socket: &std::path::Path, name: &str) -> String {
 
 mod iostat;
 mod qos;
+mod threads;
 
 #[cfg(test)]
 pub(crate) mod tests;

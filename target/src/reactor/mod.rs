@@ -148,6 +148,83 @@ pub struct ReactorStats {
     pub idle_ticks: AtomicU64,
     /// Times an adaptive reactor slept because it had been idle (0 for a busy-polling one).
     pub idle_sleeps: AtomicU64,
+    /// The reactor thread's Linux thread id (0 until it runs).
+    pub tid: AtomicU64,
+    /// The counters of the tasks the reactor polls, registered when a task is added and
+    /// dropped when it finishes (the control path; the reactor never takes this lock in a round
+    /// that only polls).
+    tasks: Mutex<Vec<(TaskId, Arc<TaskStats>)>>,
+}
+
+impl ReactorStats {
+    /// The counters of task `id`, while the reactor polls it.
+    pub fn task(&self, id: TaskId) -> Option<Arc<TaskStats>> {
+        let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks
+            .iter()
+            .find(|(task, _)| *task == id)
+            .map(|(_, stats)| Arc::clone(stats))
+    }
+
+    fn add_task(&self, id: TaskId, stats: Arc<TaskStats>) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.push((id, stats));
+    }
+
+    fn remove_task(&self, id: TaskId) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.retain(|(task, _)| *task != id);
+    }
+}
+
+/// What one task's polls cost, as SPDK counts a poller's runs and a thread's busy and idle time
+/// (`thread_get_stats`, `thread_get_pollers`). Published by the reactor with its own counters.
+#[derive(Debug, Default)]
+pub struct TaskStats {
+    /// Polls.
+    pub runs: AtomicU64,
+    /// Polls that found work.
+    pub busy_runs: AtomicU64,
+    /// Ticks spent in polls that found work.
+    pub busy_ticks: AtomicU64,
+    /// Ticks spent in polls that found none.
+    pub idle_ticks: AtomicU64,
+}
+
+/// A task with its counters, kept by the reactor thread alone and published with its own.
+struct Polled {
+    task: Box<dyn Task>,
+    runs: u64,
+    busy_runs: u64,
+    busy_ticks: u64,
+    idle_ticks: u64,
+    shared: Arc<TaskStats>,
+}
+
+impl Polled {
+    #[inline]
+    fn record(&mut self, busy: bool, ticks: u64) {
+        self.runs = self.runs.wrapping_add(1);
+        if busy {
+            self.busy_runs = self.busy_runs.wrapping_add(1);
+            self.busy_ticks = self.busy_ticks.wrapping_add(ticks);
+        } else {
+            self.idle_ticks = self.idle_ticks.wrapping_add(ticks);
+        }
+    }
+
+    fn publish(&self) {
+        self.shared.runs.store(self.runs, Ordering::Relaxed);
+        self.shared
+            .busy_runs
+            .store(self.busy_runs, Ordering::Relaxed);
+        self.shared
+            .busy_ticks
+            .store(self.busy_ticks, Ordering::Relaxed);
+        self.shared
+            .idle_ticks
+            .store(self.idle_ticks, Ordering::Relaxed);
+    }
 }
 
 /// The control side's view of a reactor.
@@ -416,9 +493,17 @@ impl Drop for ManualReactor {
 struct Reactor {
     core: u32,
     commands: spsc::Consumer<Command>,
-    tasks: Vec<Box<dyn Task>>,
+    tasks: Vec<Polled>,
     idle: IdlePolicy,
     stats: Arc<ReactorStats>,
+}
+
+/// The calling thread's Linux thread id, as `/proc/thread-self` names it (0 if it cannot be read).
+fn current_tid() -> u64 {
+    std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|link| link.file_name()?.to_str()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// How long an adaptive reactor sleeps after `sleeping_rounds` rounds of sleep without work.
@@ -477,6 +562,7 @@ impl TimeAccount {
 impl Reactor {
     fn run(mut self) {
         tracing::info!(core = self.core, "reactor started");
+        self.stats.tid.store(current_tid(), Ordering::Relaxed);
         let mut empty_rounds: u32 = 0;
         let mut rounds: u32 = 0;
         let mut time = TimeAccount::new();
@@ -490,17 +576,31 @@ impl Reactor {
                 }
             }
             // One `is_finished` call per task and round (it is virtual): a task that finished in
-            // the previous round's poll is dropped one round later.
+            // the previous round's poll is dropped one round later. Each poll is timed from the
+            // end of the one before (the first from the round's start): one counter read per
+            // task and round.
             let mut finished = false;
-            for task in self.tasks.iter_mut() {
-                if task.is_finished() {
+            let mut mark = time.round_start;
+            for polled in self.tasks.iter_mut() {
+                if polled.task.is_finished() {
                     finished = true;
                     continue;
                 }
-                work = work.saturating_add(task.poll());
+                let done = polled.task.poll();
+                let now = tsc::ticks();
+                polled.record(done > 0, now.saturating_sub(mark));
+                mark = now;
+                work = work.saturating_add(done);
             }
             if finished {
-                self.tasks.retain(|t| !t.is_finished());
+                let stats = &self.stats;
+                self.tasks.retain(|p| {
+                    let keep = !p.task.is_finished();
+                    if !keep {
+                        stats.remove_task(p.task.id());
+                    }
+                    keep
+                });
             }
 
             rounds = rounds.wrapping_add(1);
@@ -526,6 +626,9 @@ impl Reactor {
             time.end_round(work > 0);
             if rounds % publish_every == 0 {
                 time.publish(&self.stats);
+                for polled in &self.tasks {
+                    polled.publish();
+                }
                 rounds = 0;
             }
         }
@@ -535,12 +638,21 @@ impl Reactor {
     fn apply(&mut self, command: Command) -> bool {
         match command {
             Command::AddTask { task, reply } => {
-                self.tasks.push(task);
+                let shared = Arc::new(TaskStats::default());
+                self.stats.add_task(task.id(), Arc::clone(&shared));
+                self.tasks.push(Polled {
+                    task,
+                    runs: 0,
+                    busy_runs: 0,
+                    busy_ticks: 0,
+                    idle_ticks: 0,
+                    shared,
+                });
                 // The control side may have given up waiting; the task is added regardless.
                 let _ = reply.send(());
             }
-            Command::Task(id, message) => match self.tasks.iter_mut().find(|t| t.id() == id) {
-                Some(task) => task.control(message),
+            Command::Task(id, message) => match self.tasks.iter_mut().find(|p| p.task.id() == id) {
+                Some(polled) => polled.task.control(message),
                 None => tracing::warn!(core = self.core, ?id, "message for unknown task"),
             },
             Command::Shutdown => return false,
