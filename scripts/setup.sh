@@ -22,3 +22,5 @@ done
 
 # SPDK's own JSON-RPC client, used to prove wire compatibility.
 command -v spdk-rpc >/dev/null || pip install -q spdk==26.9
+# A real Prometheus text-format parser for the metrics endpoint's test.
+python3 -c 'import prometheus_client' 2>/dev/null || pip install -q prometheus-client==0.26.0

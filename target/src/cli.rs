@@ -95,6 +95,12 @@ pub struct Cli {
     #[arg(long = "shutdown-timeout", value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
     pub shutdown_timeout: std::time::Duration,
 
+    /// Serve metrics in Prometheus' text format at http://ADDR/metrics: HOST:PORT (an IP
+    /// address, e.g. 127.0.0.1:9477; port 0 picks a free port, which the log names) or
+    /// unix:PATH. Off by default.
+    #[arg(long = "metrics", value_name = "ADDR")]
+    pub metrics: Option<crate::app::metrics::MetricsAddr>,
+
     /// Log level (error, warn, info, debug, trace) or a tracing filter such as
     /// `rvhost_target=debug`. RUST_LOG, if set, takes precedence.
     #[arg(

@@ -96,6 +96,7 @@ fn run(cli: &Cli, log: LogControl) -> anyhow::Result<()> {
             group: cli.rpc_socket_group,
             mode: cli.rpc_socket_mode,
         },
+        metrics: cli.metrics.clone(),
     };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),

@@ -125,6 +125,11 @@ const METHODS: &[Method] = &[
         handler: RpcMethods::framework_get_scheduler,
     },
     Method {
+        name: "rvhost_get_metrics",
+        old_name: None,
+        handler: RpcMethods::rvhost_get_metrics,
+    },
+    Method {
         name: "spdk_kill_instance",
         old_name: Some("kill_instance"),
         handler: RpcMethods::spdk_kill_instance,
@@ -946,6 +951,7 @@ pub fn qemu_blk_args(socket: &std::path::Path, name: &str) -> String {
 }
 
 mod iostat;
+mod metrics;
 mod qos;
 mod threads;
 

@@ -7,6 +7,7 @@
 //! and then ticks the bdev modules' housekeeping. The methods it serves are in [`methods`].
 
 pub mod methods;
+pub mod metrics;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,6 +63,8 @@ pub struct AppConfig {
     pub shutdown_timeout: Duration,
     /// Group and mode of the RPC socket, set before it accepts.
     pub rpc_socket_access: SocketAccess,
+    /// Where to serve metrics (Prometheus text format), if anywhere.
+    pub metrics: Option<metrics::MetricsAddr>,
 }
 
 /// Why the application could not start.
@@ -96,6 +99,9 @@ pub enum AppError {
     /// The RPC server could not start.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
 }
 
 /// How [`App::run`] ended.
@@ -117,6 +123,7 @@ pub struct App {
     methods: RpcMethods,
     events: Receiver<Incoming>,
     server: Option<RpcServer>,
+    metrics: Option<metrics::MetricsServer>,
     shutdown: Arc<AtomicBool>,
     shutdown_timeout: Duration,
 }
@@ -175,6 +182,7 @@ impl App {
             }
         }
         let (sender, events) = mpsc::sync_channel(QUEUED_MESSAGES);
+        let sender_for_metrics = sender.clone();
         let server = match RpcServer::start_with_access(
             &config.rpc_socket,
             sender,
@@ -186,10 +194,21 @@ impl App {
                 return Err(err.into());
             }
         };
+        let metrics = match &config.metrics {
+            None => None,
+            Some(addr) => match metrics::MetricsServer::start(addr, sender_for_metrics) {
+                Ok(server) => Some(server),
+                Err(err) => {
+                    delete_all_controllers(methods.ops().as_ref());
+                    return Err(err.into());
+                }
+            },
+        };
         Ok(App {
             methods,
             events,
             server: Some(server),
+            metrics,
             shutdown,
             shutdown_timeout: config.shutdown_timeout,
         })
@@ -208,6 +227,7 @@ impl App {
         let exit = self.serve();
         // Stop taking requests before tearing down what they would act on.
         drop(self.server.take());
+        drop(self.metrics.take());
         // Tells systemd (Type=notify; nothing without NOTIFY_SOCKET) that the stop has begun.
         if let Err(err) = sd_notify::notify(&[sd_notify::NotifyState::Stopping]) {
             tracing::warn!(%err, "cannot notify the service manager (NOTIFY_SOCKET) of the stop");
@@ -354,6 +374,7 @@ mod tests {
             log_level: "info".into(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             rpc_socket_access: SocketAccess::default(),
+            metrics: None,
         }
     }
 
