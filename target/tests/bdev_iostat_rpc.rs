@@ -280,13 +280,57 @@ fn histogram_counts_every_completion_in_spdks_encoding() {
         ),
         -22
     );
+    for bad in [
+        json!({"name": "Stat0", "enable": true, "granularity": 8}),
+        json!({"name": "Stat0", "enable": true, "granularity": 0}),
+        json!({"name": "Stat0", "enable": true, "min_nsec": 5000, "max_nsec": 5000}),
+    ] {
+        assert_eq!(
+            target.err_code("bdev_enable_histogram", bad.clone()),
+            -22,
+            "{bad}"
+        );
+    }
     assert_eq!(
         target.err_code(
             "bdev_enable_histogram",
-            json!({"name": "Stat0", "enable": true, "granularity": 3})
+            json!({"name": "Stat0", "enable": true, "granularity": 300})
         ),
-        -22
+        -32602
     );
+
+    // Another geometry (SPDK's client options): 2^3 buckets per range, latencies from 1 us to
+    // 1 ms; faster ones count in the first bucket, slower ones in the last.
+    target.spdk_ok(&[
+        "bdev_enable_histogram",
+        "Stat0",
+        "--histogram",
+        "--granularity",
+        "3",
+        "--min-nsec",
+        "1000",
+        "--max-nsec",
+        "1000000",
+    ]);
+    for _ in 0..5 {
+        assert_eq!(driver.read_blocks(0, 0, 512).0, S_OK);
+    }
+    let reply = target.spdk_json(&["bdev_get_histogram", "Stat0"]);
+    assert_eq!(u(&reply, "granularity"), 3, "{reply}");
+    let tick_rate = u(&reply, "tsc_rate");
+    let range = |ticks: u64| (64 - 3u64).saturating_sub(u64::from(ticks.leading_zeros()));
+    assert_eq!(
+        u(&reply, "min_range"),
+        range(tick_rate / 1_000_000),
+        "{reply}"
+    );
+    assert_eq!(
+        u(&reply, "max_range"),
+        range(tick_rate / 1000 - 1),
+        "{reply}"
+    );
+    assert_eq!(buckets(&reply).iter().sum::<u64>(), 5, "{reply}");
+    target.spdk_ok(&["bdev_enable_histogram", "Stat0", "--no-histogram"]);
     assert_eq!(
         target.err_code(
             "bdev_enable_histogram",

@@ -185,6 +185,93 @@ pub fn histogram_bucket(ticks: u64) -> usize {
     ((range as usize) << HISTOGRAM_GRANULARITY) + index as usize
 }
 
+/// The geometry of a histogram as SPDK's `spdk_histogram_data_alloc_sized_ext` makes it: 2^g
+/// buckets per range, ranges `min_range..=max_range` (latencies below the first range count in
+/// its first bucket, those above the last in its last bucket).
+///
+/// Channels always count in the default geometry (granularity 7, every range); a histogram
+/// enabled with another geometry is computed from those counts when it is read
+/// ([`HistogramGeometry::rebin`]). That is exact for every granularity up to 7: a bucket of
+/// granularity g holds the latencies whose g + 1 leading bits are equal, a union of default
+/// buckets, and all the latencies of a default bucket have the same length, so the same range
+/// and the same clamping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistogramGeometry {
+    /// Bits of precision (buckets per range: 2^granularity).
+    pub granularity: u32,
+    /// The first range.
+    pub min_range: u32,
+    /// The last range.
+    pub max_range: u32,
+}
+
+impl Default for HistogramGeometry {
+    fn default() -> Self {
+        Self {
+            granularity: HISTOGRAM_GRANULARITY,
+            min_range: HISTOGRAM_MIN_RANGE,
+            max_range: HISTOGRAM_MAX_RANGE,
+        }
+    }
+}
+
+impl HistogramGeometry {
+    /// SPDK's geometry for latencies in `[min_ticks, max_ticks)`; `None` if the interval is
+    /// empty or `granularity` is not 1 to [`HISTOGRAM_GRANULARITY`].
+    pub fn new(granularity: u32, min_ticks: u64, max_ticks: u64) -> Option<Self> {
+        if !(1..=HISTOGRAM_GRANULARITY).contains(&granularity) || min_ticks >= max_ticks {
+            return None;
+        }
+        let range = |ticks: u64| (64 - granularity).saturating_sub(ticks.leading_zeros());
+        Some(Self {
+            granularity,
+            min_range: range(min_ticks),
+            max_range: range(max_ticks - 1),
+        })
+    }
+
+    /// Buckets in a histogram of this geometry.
+    pub fn buckets(&self) -> usize {
+        ((self.max_range - self.min_range + 1) as usize) << self.granularity
+    }
+
+    /// The bucket `spdk_histogram_data_tally` counts a latency of `ticks` in.
+    pub fn bucket(&self, ticks: u64) -> usize {
+        let per_range = 1u64 << self.granularity;
+        let range = (64 - self.granularity).saturating_sub(ticks.leading_zeros());
+        let (range, index) = if range < self.min_range {
+            (self.min_range, 0)
+        } else if range > self.max_range {
+            (self.max_range, per_range - 1)
+        } else {
+            (range, (ticks >> range.saturating_sub(1)) & (per_range - 1))
+        };
+        (((range - self.min_range) as usize) << self.granularity) + index as usize
+    }
+
+    /// Counts in the default geometry regrouped into this one.
+    pub fn rebin(&self, default_counts: &[u64]) -> Vec<u64> {
+        let mut out = vec![0u64; self.buckets()];
+        for (bucket, &count) in default_counts.iter().enumerate() {
+            if count == 0 {
+                continue;
+            }
+            // The smallest latency of the default bucket stands for all of it.
+            let range = (bucket >> HISTOGRAM_GRANULARITY) as u32;
+            let index = (bucket & ((1 << HISTOGRAM_GRANULARITY) - 1)) as u64;
+            let ticks = if range == 0 {
+                index
+            } else {
+                ((1u64 << HISTOGRAM_GRANULARITY) + index) << (range - 1)
+            };
+            if let Some(sum) = out.get_mut(self.bucket(ticks)) {
+                *sum = sum.wrapping_add(count);
+            }
+        }
+        out
+    }
+}
+
 /// Which completions a latency histogram takes (SPDK's `opc`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HistogramFilter {
@@ -374,6 +461,8 @@ struct StatsInner {
     opened: u64,
     /// The histogram's filter while it is enabled.
     histogram: Option<HistogramFilter>,
+    /// The geometry it is reported in.
+    histogram_geometry: HistogramGeometry,
     /// What closed channels' histograms counted since it was enabled.
     retired_histogram: Vec<u64>,
 }
@@ -515,9 +604,15 @@ fn add_buckets(into: &mut Vec<u64>, counts: &[u64]) {
 impl BdevIoStats {
     /// Starts (afresh) or stops the latency histogram of every channel of the bdev.
     pub fn set_histogram(&self, filter: Option<HistogramFilter>) {
+        self.set_histogram_in(filter, HistogramGeometry::default());
+    }
+
+    /// [`BdevIoStats::set_histogram`], reported in `geometry`.
+    pub fn set_histogram_in(&self, filter: Option<HistogramFilter>, geometry: HistogramGeometry) {
         let mut inner = self.lock();
         Self::prune(&mut inner);
         inner.histogram = filter;
+        inner.histogram_geometry = geometry;
         inner.retired_histogram = vec![0; HISTOGRAM_BUCKETS];
         let code = filter.map_or(0, HistogramFilter::code);
         for channel in &mut inner.channels {
@@ -543,6 +638,13 @@ impl BdevIoStats {
             add_buckets(&mut total, &channel.histogram_since_baseline());
         }
         Some(total)
+    }
+
+    /// The bdev's histogram in the geometry it was enabled with, or `None` while it is not.
+    pub fn histogram_in_geometry(&self) -> Option<(HistogramGeometry, Vec<u64>)> {
+        let counts = self.histogram()?;
+        let geometry = self.lock().histogram_geometry;
+        Some((geometry, geometry.rebin(&counts)))
     }
 }
 
@@ -866,6 +968,84 @@ mod tests {
         let shift = if range == 0 { 0 } else { range - 1 };
         let index = (datapoint >> shift) & ((1 << granularity) - 1);
         ((range as usize) << granularity) + index as usize
+    }
+
+    /// `spdk_histogram_data_tally` with any geometry, written out as SPDK's C does it.
+    #[allow(clippy::implicit_saturating_sub)]
+    fn spdk_tally(granularity: u32, min_range: u32, max_range: u32, datapoint: u64) -> usize {
+        let lsb = 64 - granularity;
+        let clz = if datapoint > 0 {
+            datapoint.leading_zeros()
+        } else {
+            64
+        };
+        let mut range = if clz <= lsb { lsb - clz } else { 0 };
+        let index;
+        if range < min_range {
+            range = min_range;
+            index = 0;
+        } else if range > max_range {
+            range = max_range;
+            index = (1u64 << granularity) - 1;
+        } else {
+            let shift = if range == 0 { 0 } else { range - 1 };
+            index = (datapoint >> shift) & ((1 << granularity) - 1);
+        }
+        (((range - min_range) as usize) << granularity) + index as usize
+    }
+
+    #[test]
+    #[allow(clippy::implicit_saturating_sub)]
+    fn other_geometries_are_spdks_and_rebin_exactly() {
+        let mut points: Vec<u64> = vec![0, 1, 2, 3, 127, 128, 129, 1000, 2395, 2_400_000];
+        points.extend((0..64).map(|s| 1u64 << s));
+        points.extend((1..64).map(|s| (1u64 << s) - 1));
+        points.extend((1..64).map(|s| (1u64 << s) + 12345 % (1u64 << s)));
+        for granularity in 1..=7 {
+            for (min, max) in [
+                (0, u64::MAX),
+                (2400, 288_000_000_000),
+                (1, 2),
+                (100, 1 << 20),
+            ] {
+                let geometry = HistogramGeometry::new(granularity, min, max).unwrap();
+                let lsb = 64 - granularity;
+                let spdk_range = |v: u64| {
+                    let clz = if v > 0 { v.leading_zeros() } else { 64 };
+                    if clz <= lsb {
+                        lsb - clz
+                    } else {
+                        0
+                    }
+                };
+                assert_eq!(geometry.min_range, spdk_range(min));
+                assert_eq!(geometry.max_range, spdk_range(max - 1));
+                let mut default_counts = vec![0u64; HISTOGRAM_BUCKETS];
+                let mut expected = vec![0u64; geometry.buckets()];
+                for &p in &points {
+                    let bucket = spdk_tally(granularity, geometry.min_range, geometry.max_range, p);
+                    assert_eq!(
+                        geometry.bucket(p),
+                        bucket,
+                        "g{granularity} {min}..{max}: {p}"
+                    );
+                    expected[bucket] += 1;
+                    default_counts[histogram_bucket(p)] += 1;
+                }
+                assert_eq!(
+                    geometry.rebin(&default_counts),
+                    expected,
+                    "g{granularity} {min}..{max}"
+                );
+            }
+        }
+        assert_eq!(
+            HistogramGeometry::new(7, 0, u64::MAX),
+            Some(HistogramGeometry::default())
+        );
+        assert!(HistogramGeometry::new(8, 0, 10).is_none());
+        assert!(HistogramGeometry::new(0, 0, 10).is_none());
+        assert!(HistogramGeometry::new(5, 10, 10).is_none());
     }
 
     #[test]

@@ -6,8 +6,7 @@ use serde_json::{json, Map, Value};
 
 use super::RpcMethods;
 use crate::bdev::iostat::{
-    BdevIoStats, HistogramFilter, ResetMode, HISTOGRAM_GRANULARITY, HISTOGRAM_MAX_RANGE,
-    HISTOGRAM_MIN_RANGE,
+    BdevIoStats, HistogramFilter, HistogramGeometry, ResetMode, HISTOGRAM_GRANULARITY,
 };
 use crate::bdev::module::decode;
 use crate::bdev::IoKind;
@@ -209,18 +208,28 @@ impl RpcMethods {
             stats.set_histogram(None);
             return Ok(Value::Bool(true));
         }
-        if p.granularity
-            .is_some_and(|g| u32::from(g) != HISTOGRAM_GRANULARITY)
-            || p.min_nsec.is_some()
-            || p.max_nsec.is_some()
-        {
-            return Err(RpcError::errno(
-                EINVAL,
-                format!(
-                    "rvhost keeps SPDK's default histogram (granularity {HISTOGRAM_GRANULARITY}, every latency); granularity, min_nsec and max_nsec cannot change it"
+        // Absent bounds keep every latency (SPDK's spdk_histogram_data_alloc geometry).
+        let granularity = p.granularity.map_or(HISTOGRAM_GRANULARITY, u32::from);
+        let hz = u128::from(rvhost_platform_linux::tsc::ticks_per_second());
+        let to_ticks =
+            |nsec: u64| u64::try_from(u128::from(nsec) * hz / 1_000_000_000).unwrap_or(u64::MAX);
+        let min_ticks = p.min_nsec.map_or(0, to_ticks);
+        let max_ticks = match p.max_nsec {
+            None | Some(u64::MAX) => u64::MAX,
+            Some(nsec) => to_ticks(nsec),
+        };
+        let geometry =
+            HistogramGeometry::new(granularity, min_ticks, max_ticks).ok_or_else(|| {
+                RpcError::errno(
+                    EINVAL,
+                    format!(
+                    "granularity {granularity}, min_nsec {:?}, max_nsec {:?}: granularity is 1 to \
+                     {HISTOGRAM_GRANULARITY} (the precision rvhost counts with) and min_nsec \
+                     below max_nsec",
+                    p.min_nsec, p.max_nsec
                 ),
-            ));
-        }
+                )
+            })?;
         let filter = match p.opc.as_deref() {
             None => HistogramFilter::All,
             Some("read") => HistogramFilter::Kind(IoKind::Read),
@@ -235,7 +244,7 @@ impl RpcMethods {
                 ))
             }
         };
-        stats.set_histogram(Some(filter));
+        stats.set_histogram_in(Some(filter), geometry);
         Ok(Value::Bool(true))
     }
 
@@ -245,7 +254,7 @@ impl RpcMethods {
             .bdevs
             .iostat(&p.name)
             .ok_or_else(|| not_found(&p.name))?;
-        let buckets = stats.histogram().ok_or_else(|| {
+        let (geometry, buckets) = stats.histogram_in_geometry().ok_or_else(|| {
             RpcError::new(
                 INTERNAL_ERROR,
                 format!("the histogram of bdev {} is not enabled", p.name),
@@ -254,9 +263,9 @@ impl RpcMethods {
         let bytes: Vec<u8> = buckets.iter().flat_map(|b| b.to_le_bytes()).collect();
         Ok(json!({
             "histogram": base64(&bytes),
-            "granularity": HISTOGRAM_GRANULARITY,
-            "min_range": HISTOGRAM_MIN_RANGE,
-            "max_range": HISTOGRAM_MAX_RANGE,
+            "granularity": geometry.granularity,
+            "min_range": geometry.min_range,
+            "max_range": geometry.max_range,
             "tsc_rate": rvhost_platform_linux::tsc::ticks_per_second(),
         }))
     }
