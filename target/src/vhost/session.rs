@@ -46,9 +46,10 @@ pub const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatur
 /// off (live migration).
 pub const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
 
-/// Environment switch for tests only: set to `1`, the target accepts the frontend's dirty log
-/// but never marks it, so a migration under guest reads leaves stale pages on the destination
-/// (the negative control of the migration test).
+/// Environment switch for tests only: set to `1`, the target logs its used rings but not the
+/// buffers it writes (read data, status, responses), so a migration under guest reads leaves
+/// stale data on the destination while the rings stay consistent and the guest runs on (the
+/// negative control of the migration test).
 pub const NO_DIRTY_MARKING_ENV: &str = "RVHOST_TEST_NO_DIRTY_MARKING";
 
 /// Environment switch for tests only: set to `1`, the target does not offer `INFLIGHT_SHMFD`, so
@@ -102,8 +103,6 @@ pub struct Session {
     inflight: Option<Arc<InflightRegion>>,
     /// The migration's dirty log (`SET_LOG_BASE`); marked while `LOG_ALL` is negotiated.
     log: Option<Arc<DirtyLog>>,
-    /// False when [`NO_DIRTY_MARKING_ENV`] is set (tests only).
-    mark_dirty: bool,
     /// Set by a handler method that refused a request: `Some(true)` means the connection must be
     /// dropped (its device state can no longer be trusted), `Some(false)` that a negative
     /// acknowledgement was enough.
@@ -158,7 +157,6 @@ impl Session {
             memory: None,
             inflight: None,
             log: None,
-            mark_dirty: std::env::var_os(NO_DIRTY_MARKING_ENV).is_none_or(|v| v != "1"),
             refused: None,
         }
     }
@@ -272,7 +270,7 @@ impl Session {
 
     /// The log the queues mark: the frontend's, while `LOG_ALL` is negotiated.
     fn active_log(&self) -> Option<Arc<DirtyLog>> {
-        if self.acked_features & LOG_ALL != 0 && self.mark_dirty {
+        if self.acked_features & LOG_ALL != 0 {
             self.log.clone()
         } else {
             None

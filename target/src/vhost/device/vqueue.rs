@@ -11,6 +11,7 @@ use rvhost_platform_linux::DirtyLog;
 
 use super::super::inflight::InflightLog;
 use super::super::memory::GuestMemoryTable;
+use super::super::session::NO_DIRTY_MARKING_ENV;
 use super::super::{DeviceId, EventNotifier, QueueSetup};
 use crate::reactor::Reply;
 
@@ -83,6 +84,9 @@ struct QueueLogging {
     /// Guest address and length of the whole used ring (header, elements and `avail_event`),
     /// if the frontend asked for it to be logged.
     used_ring: Option<(u64, u64)>,
+    /// Whether the buffers a request wrote are marked (always, but for the negative control of
+    /// the migration test: [`NO_DIRTY_MARKING_ENV`]).
+    mark_buffers: bool,
 }
 
 impl<R, Q> std::fmt::Debug for VirtQueue<R, Q> {
@@ -177,10 +181,12 @@ impl<R, Q> VirtQueue<R, Q> {
         let size = u64::from(self.vq.size());
         // Header (flags, idx), the elements, avail_event.
         let used_len = 4 + 8 * size + 2;
+        let mark_buffers = std::env::var_os(NO_DIRTY_MARKING_ENV).is_none_or(|v| v != "1");
         self.logging = log.map(|log| {
             Box::new(QueueLogging {
                 log: Arc::clone(log),
                 used_ring: self.used_log_gpa.map(|gpa| (gpa, used_len)),
+                mark_buffers,
             })
         });
         if let Some(logging) = &self.logging {
@@ -297,13 +303,14 @@ impl<R, Q> VirtQueue<R, Q> {
         self.pushed = true;
         // The one dirty-log hook of the data path: the request's data and status are written,
         // its used element is about to be; both are marked before `used.idx` publishes them.
-        let slot = self.vq.used_idx();
         if let Err(err) = self.vq.push_used(mem, head, len) {
             tracing::error!(device = device.0, %err, "used ring write failed; queue stopped");
             self.broken = true;
             return;
         }
         if let Some(logging) = &self.logging {
+            // The element just written is the one before the used index.
+            let slot = self.vq.used_idx().wrapping_sub(1);
             logging.mark_completion(&self.vq, mem, head, slot, &mut self.chain);
         }
         if let Some(log) = &mut self.inflight {
@@ -404,6 +411,7 @@ impl QueueLogging {
         chain: &mut Chain<CHAIN_CAPACITY>,
     ) {
         match vq.walk_chain(mem, head, chain) {
+            _ if !self.mark_buffers => {}
             Ok(()) => {
                 for segment in chain.writable() {
                     self.log.mark(segment.guest_addr, u64::from(segment.len));
