@@ -477,7 +477,7 @@ fn wait_with_timeout(
     }
 }
 
-fn qemu_command(
+pub(crate) fn qemu_command(
     config: &GuestConfig,
     kernel: &Kernel,
     initrd: &Path,

@@ -25,6 +25,7 @@ pub mod error;
 pub mod files;
 pub mod guest;
 pub mod host;
+pub mod migration;
 pub mod peer;
 
 pub use error::{HarnessError, Result};

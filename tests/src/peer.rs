@@ -335,6 +335,12 @@ impl Rvhost {
 
     /// Starts rvhost with extra command-line arguments.
     pub fn start_with_args(extra: &[&str]) -> Result<Self> {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// Starts rvhost with extra command-line arguments and environment variables (test switches
+    /// such as `RVHOST_TEST_NO_DIRTY_MARKING`).
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let binary = rvhost_binary()?;
         let dir = scratch_dir("rvhost")?;
         let socket_dir = dir.join("sockets");
@@ -351,7 +357,8 @@ impl Rvhost {
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            );
+            )
+            .envs(env.iter().copied());
         let mut process = ManagedChild::spawn(command, dir.join("rvhost.log"))?;
         let timeout = Duration::from_secs(60);
         process.wait_for_path("rvhost", &rpc_socket, timeout)?;

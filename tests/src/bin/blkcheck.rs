@@ -32,6 +32,14 @@ const USAGE: &str = "usage:
                                         and at the end every block must hold its last acknowledged
                                         write; prints ok:writes=N:max_ms=M, the first error, or
                                         hung:... as soon as one I/O takes HANG_SECONDS)
+  blkcheck readhold DEV OFFSET SLOT_LEN REGIONS SLOTS SEED MARKER_OFFSET MARKER HANG_SECONDS READY
+                                       (the device writes guest memory: reads region i % REGIONS
+                                        (SLOT_LEN bytes at OFFSET + r * SLOT_LEN, written with seed
+                                        SEED + r) into slot i % SLOTS of one buffer, again and
+                                        again, until the 8 bytes at MARKER_OFFSET read MARKER; then
+                                        every slot must hold the region last read into it; creates
+                                        the file READY once reading; prints ok:reads=N,
+                                        stale:slots=K/SLOTS:..., or hung:...)
 All numbers are bytes (decimal, or hex with 0x); OFFSET, LEN, IO_SIZE and BUF_MISALIGN must suit
 O_DIRECT (multiples of the logical block size).";
 
@@ -55,6 +63,12 @@ enum CheckError {
         found: u64,
     },
     WriteAccepted,
+    Stale {
+        slots: usize,
+        of: usize,
+        bad_words: u64,
+        reads: u64,
+    },
 }
 
 impl std::fmt::Display for CheckError {
@@ -71,6 +85,10 @@ impl std::fmt::Display for CheckError {
             ),
             Self::NotZero { offset, found } => write!(f, "not-zero@{offset}:found={found:#018x}"),
             Self::WriteAccepted => write!(f, "write-accepted"),
+            Self::Stale { slots, of, bad_words, reads } => write!(
+                f,
+                "stale:slots={slots}/{of}:bad_words={bad_words}:reads={reads}"
+            ),
         }
     }
 }
@@ -528,6 +546,164 @@ fn writers(args: &[String]) -> Result<String, CheckError> {
     ))
 }
 
+/// The `readhold` loop's parameters.
+struct ReadHold {
+    offset: u64,
+    slot_len: u64,
+    regions: u64,
+    slots: u64,
+    seed: u64,
+    marker_offset: u64,
+    marker: u64,
+    /// Created once the first read completed (the host may then start moving the VM).
+    ready: String,
+}
+
+impl ReadHold {
+    fn region_offset(&self, region: u64) -> u64 {
+        self.offset + region * self.slot_len
+    }
+}
+
+/// Reads regions into slots until the marker appears; returns the reads done and, per slot, the
+/// region it last received (`u64::MAX`: none).
+fn readhold_loop(
+    file: &File,
+    p: &ReadHold,
+    buf: &mut AlignedBuf,
+    busy_since_ms: &std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
+) -> Result<(u64, Vec<u64>), CheckError> {
+    use std::sync::atomic::Ordering;
+    let slot_len = to_usize(p.slot_len, "SLOT_LEN")?;
+    let mut marker = AlignedBuf::new(PAGE_SIZE, 0)?;
+    let mut last = vec![u64::MAX; to_usize(p.slots, "SLOTS")?];
+    let mut reads = 0u64;
+    loop {
+        let region = reads % p.regions;
+        let slot = to_usize(reads % p.slots, "SLOTS")?;
+        let pos = p.region_offset(region);
+        let data = &mut buf.bytes_mut()[slot * slot_len..(slot + 1) * slot_len];
+        busy_since_ms.store(epoch.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+        file.read_exact_at(data, pos)
+            .map_err(|source| CheckError::Io {
+                what: "read",
+                offset: pos,
+                source,
+            })?;
+        last[slot] = region;
+        reads += 1;
+        if reads == 1 {
+            File::create(&p.ready).map_err(|source| CheckError::Io {
+                what: "create ready file",
+                offset: 0,
+                source,
+            })?;
+        }
+        file.read_exact_at(marker.bytes_mut(), p.marker_offset)
+            .map_err(|source| CheckError::Io {
+                what: "read marker",
+                offset: p.marker_offset,
+                source,
+            })?;
+        busy_since_ms.store(0, Ordering::Relaxed);
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(&marker.bytes()[..8]);
+        if u64::from_le_bytes(raw) == p.marker {
+            return Ok((reads, last));
+        }
+    }
+}
+
+/// The device writes guest memory the guest never touches: it reads known regions into the
+/// slots of one large buffer until the host says (through the marker block) that the VM moved,
+/// then checks every slot. A migration that did not re-send what the device wrote after a page
+/// was copied leaves stale slots on the destination.
+fn readhold(args: &[String]) -> Result<String, CheckError> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+    let [dev, offset, slot_len, regions, slots, seed, marker_offset, marker, hang, ready] = args
+    else {
+        return Err(CheckError::Usage(
+            "need DEV OFFSET SLOT_LEN REGIONS SLOTS SEED MARKER_OFFSET MARKER HANG_SECONDS READY"
+                .into(),
+        ));
+    };
+    let p = ReadHold {
+        offset: parse_num(offset, "OFFSET")?,
+        slot_len: parse_num(slot_len, "SLOT_LEN")?,
+        regions: parse_num(regions, "REGIONS")?,
+        slots: parse_num(slots, "SLOTS")?,
+        seed: parse_num(seed, "SEED")?,
+        marker_offset: parse_num(marker_offset, "MARKER_OFFSET")?,
+        marker: parse_num(marker, "MARKER")?,
+        ready: ready.clone(),
+    };
+    if p.slot_len == 0 || p.regions == 0 || p.slots == 0 {
+        return Err(CheckError::Usage(
+            "SLOT_LEN, REGIONS and SLOTS must be non-zero".into(),
+        ));
+    }
+    let hang_ms = parse_num(hang, "HANG_SECONDS")? * 1000;
+    let total = p
+        .slot_len
+        .checked_mul(p.slots)
+        .ok_or_else(|| CheckError::Usage("buffer size overflows".into()))?;
+    let mut buf = AlignedBuf::new(to_usize(total, "buffer")?, 0)?;
+    // Written by the CPU once (so every page exists), afterwards only by the device.
+    buf.bytes_mut().fill(0xA5);
+    let file = open_direct(dev, false)?;
+    let epoch = Instant::now();
+    let busy = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    let result = std::thread::scope(|scope| {
+        let handle = scope.spawn(|| {
+            let result = readhold_loop(&file, &p, &mut buf, &busy, epoch);
+            done.store(1, Ordering::Relaxed);
+            result
+        });
+        while done.load(Ordering::Relaxed) == 0 {
+            let since = busy.load(Ordering::Relaxed);
+            let now = epoch.elapsed().as_millis() as u64 + 1;
+            if since != 0 && now.saturating_sub(since) >= hang_ms {
+                println!("hung:waited_ms={}", now.saturating_sub(since));
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+                std::process::exit(3);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        handle
+            .join()
+            .unwrap_or(Err(CheckError::Usage("reader panicked".into())))
+    });
+    let (reads, last) = result?;
+    let slot_len = to_usize(p.slot_len, "SLOT_LEN")?;
+    let mut stale = Vec::new();
+    let mut bad_words = 0u64;
+    for (slot, &region) in last.iter().enumerate() {
+        if region == u64::MAX {
+            continue;
+        }
+        let data = &buf.bytes()[slot * slot_len..(slot + 1) * slot_len];
+        if let Err(CheckError::Mismatch { bad_words: n, .. }) =
+            check_block(data, p.seed + region, p.region_offset(region))
+        {
+            stale.push(slot);
+            bad_words += n;
+        }
+    }
+    if stale.is_empty() {
+        Ok(format!("ok:reads={reads}"))
+    } else {
+        Err(CheckError::Stale {
+            slots: stale.len(),
+            of: last.len(),
+            bad_words,
+            reads,
+        })
+    }
+}
+
 fn run(args: &[String]) -> Result<String, CheckError> {
     let Some((command, rest)) = args.split_first() else {
         return Err(CheckError::Usage("no command".into()));
@@ -542,6 +718,7 @@ fn run(args: &[String]) -> Result<String, CheckError> {
         "size" => size(rest).map(|n| n.to_string()),
         "expect-write-error" => expect_write_error(rest),
         "writers" => writers(rest),
+        "readhold" => readhold(rest),
         other => Err(CheckError::Usage(format!("unknown command {other:?}"))),
     }
 }
