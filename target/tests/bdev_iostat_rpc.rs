@@ -123,7 +123,19 @@ fn iostat_counts_what_the_frontend_sent() {
     assert_eq!(per["name"], "Stat0", "{per}");
     let channels = per["channels"].as_array().expect("channels");
     assert_eq!(channels.len(), 1, "{per}");
-    assert!(channels[0]["thread_id"].as_u64().is_some(), "{per}");
+    // Its thread is the controller's, as thread_get_stats names it.
+    let threads = target.spdk_json(&["thread_get_stats"]);
+    let controller = threads["threads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "vhost.stat")
+        .unwrap_or_else(|| panic!("{threads}"));
+    assert_eq!(
+        channels[0]["thread_id"], controller["id"],
+        "{per}\n{threads}"
+    );
+    assert!(u(&channels[0], "thread_id") > 0, "{per}");
     expect(&channels[0]);
 
     // maxmin: the sums stay, min and max start over; the next read sets both.

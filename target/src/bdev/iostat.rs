@@ -129,6 +129,9 @@ pub struct ChannelStats {
     histogram_filter: AtomicU8,
     /// Latency histogram buckets in SPDK's layout, allocated the first time it is enabled.
     histogram: OnceLock<Box<[AtomicU64]>>,
+    /// The reactor task (a vhost session's device) that polls the channel, recorded at its
+    /// first poll; 0 until then.
+    owner_task: AtomicU64,
 }
 
 impl ChannelStats {
@@ -536,14 +539,21 @@ impl BdevIoStats {
         total
     }
 
-    /// Each open channel's totals with its ordinal.
-    pub fn per_channel(&self) -> Vec<(u64, Totals)> {
+    /// Each open channel's totals with the reactor task that polls it (`None` before its first
+    /// poll, which its first I/O brings).
+    pub fn per_channel(&self) -> Vec<(Option<u64>, Totals)> {
         let mut inner = self.lock();
         Self::prune(&mut inner);
         inner
             .channels
             .iter()
-            .map(|c| (c.ordinal, c.stats.read().since(&c.baseline)))
+            .map(|c| {
+                let owner = match c.stats.owner_task.load(Ordering::Relaxed) {
+                    0 => None,
+                    task => Some(task),
+                };
+                (owner, c.stats.read().since(&c.baseline))
+            })
             .collect()
     }
 
@@ -705,6 +715,7 @@ impl Bdev for CountedBdev {
             free_head: NO_FREE_SLOT,
             minmax_applied: 0,
             submit_tick: 0,
+            owner_recorded: false,
         }))
     }
     fn prepare_memory(&self, mem: &IoMemory) {
@@ -749,6 +760,8 @@ pub struct CountedChannel {
     /// The tick of this submission batch (the I/Os submitted since the last poll), read at its
     /// first submission; 0 until then.
     submit_tick: u64,
+    /// Whether the task polling the channel is recorded (`ChannelStats::owner_task`).
+    owner_recorded: bool,
 }
 
 impl std::fmt::Debug for CountedChannel {
@@ -842,6 +855,17 @@ impl CountedChannel {
         self.waiting = waiting;
     }
 
+    /// Records the reactor task polling the channel, for `bdev_get_iostat`'s per-channel
+    /// `thread_id`.
+    #[cold]
+    #[inline(never)]
+    fn record_owner(&mut self) {
+        if let Some(task) = crate::reactor::current_task() {
+            self.stats.owner_task.store(task.0, Ordering::Relaxed);
+            self.owner_recorded = true;
+        }
+    }
+
     /// Adds a slot holding `entry` (when none is free) and returns its index. Out of the submission
     /// path's way: a channel reserves the slots of a queue's usual depth when it opens.
     #[cold]
@@ -890,6 +914,9 @@ impl BdevChannel for CountedChannel {
 
     #[inline]
     fn poll(&mut self, done: &mut dyn FnMut(u64, IoStatus)) -> usize {
+        if !self.owner_recorded {
+            self.record_owner();
+        }
         if !self.waiting.is_empty() {
             self.submit_waiting(done);
         }

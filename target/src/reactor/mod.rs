@@ -191,9 +191,25 @@ pub struct TaskStats {
     pub idle_ticks: AtomicU64,
 }
 
+thread_local! {
+    /// The task this reactor thread is polling (its id; 0 outside a task's poll).
+    static CURRENT_TASK: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// The task the calling reactor thread is polling, when called from inside its poll (so that
+/// what a task's poll reaches, a bdev channel say, can tell whose it is).
+pub fn current_task() -> Option<TaskId> {
+    match CURRENT_TASK.with(std::cell::Cell::get) {
+        0 => None,
+        id => Some(TaskId(id)),
+    }
+}
+
 /// A task with its counters, kept by the reactor thread alone and published with its own.
 struct Polled {
     task: Box<dyn Task>,
+    /// The task's id (asked once: `id` is a virtual call).
+    id: u64,
     runs: u64,
     busy_runs: u64,
     busy_ticks: u64,
@@ -586,12 +602,14 @@ impl Reactor {
                     finished = true;
                     continue;
                 }
+                CURRENT_TASK.with(|current| current.set(polled.id));
                 let done = polled.task.poll();
                 let now = tsc::ticks();
                 polled.record(done > 0, now.saturating_sub(mark));
                 mark = now;
                 work = work.saturating_add(done);
             }
+            CURRENT_TASK.with(|current| current.set(0));
             if finished {
                 let stats = &self.stats;
                 self.tasks.retain(|p| {
@@ -641,6 +659,7 @@ impl Reactor {
                 let shared = Arc::new(TaskStats::default());
                 self.stats.add_task(task.id(), Arc::clone(&shared));
                 self.tasks.push(Polled {
+                    id: task.id().0,
                     task,
                     runs: 0,
                     busy_runs: 0,

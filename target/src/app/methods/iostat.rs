@@ -108,12 +108,22 @@ impl RpcMethods {
                 .into_iter()
                 .next()
                 .ok_or_else(|| RpcError::errno(EINVAL, "no bdev named"))?;
+            // SPDK's thread_id is the thread that owns the channel: here the controller whose
+            // session polls it, by the id thread_get_stats gives it (0 before the channel's
+            // first I/O, or once its session is gone).
+            let threads = self.ops.threads_info();
+            let thread_of = |task: u64| {
+                threads
+                    .iter()
+                    .find(|t| t.pollers.iter().any(|p| p.id == task))
+                    .map_or(0, |t| t.id)
+            };
             let channels: Vec<Value> = stats
                 .per_channel()
                 .into_iter()
-                .map(|(ordinal, totals)| {
+                .map(|(owner, totals)| {
                     let mut entry = Map::new();
-                    entry.insert("thread_id".into(), json!(ordinal));
+                    entry.insert("thread_id".into(), json!(owner.map_or(0, thread_of)));
                     totals.json(&mut entry, false);
                     Value::Object(entry)
                 })
