@@ -153,7 +153,7 @@ pub fn write_status<M: GuestMemory + ?Sized>(
     status_addr: u64,
     status: BlkStatus,
 ) -> Result<(), MemError> {
-    mem.write(status_addr, &[status.as_u8()])
+    mem.write_array(status_addr, &[status.as_u8()])
 }
 
 mod hdr_field {

@@ -497,7 +497,7 @@ impl SplitQueue {
         let addr = self.used_addr(
             RING_ARRAY_OFFSET + VirtqUsedElem::SIZE as u64 * self.slot(self.next_used),
         )?;
-        mem.write(addr, &elem.to_bytes())
+        mem.write_array(addr, &elem.to_bytes())
             .map_err(|err| QueueError::Memory {
                 part: RingPart::Used,
                 err,
