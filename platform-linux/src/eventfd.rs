@@ -134,6 +134,31 @@ impl EventFd {
         }
     }
 
+    /// Blocks until the counter is non-zero or `timeout` passed, then resets the counter;
+    /// returns whether it had been signalled.
+    pub fn wait(&self, timeout: std::time::Duration) -> io::Result<bool> {
+        let mut pollfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ts = libc::timespec {
+            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
+        };
+        // SAFETY: one valid pollfd for our open fd, a valid timespec, no signal mask (null).
+        let n = unsafe { libc::ppoll(&mut pollfd, 1, &ts, std::ptr::null()) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return if err.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(err)
+            };
+        }
+        Ok(n > 0 && self.consume()? > 0)
+    }
+
     /// A second handle to the same eventfd.
     pub fn try_clone(&self) -> io::Result<Self> {
         Ok(EventFd {

@@ -73,6 +73,7 @@ pub mod memory;
 pub mod spsc;
 pub mod tsc;
 pub mod uring;
+pub mod waker;
 
 pub use cpu::{
     allowed_cores, online_cores, pin_current_thread, pin_reactor, CpuError, CpuMaskError, CpuSet,

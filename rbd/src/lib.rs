@@ -22,7 +22,9 @@ use std::ffi::{c_int, c_void, CString};
 use std::path::PathBuf;
 use std::ptr;
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use rvhost_platform_linux::{waker, EventFd};
 
 pub use rvhost_platform_linux::uring::HostBuffers;
 
@@ -302,6 +304,7 @@ impl Image {
         };
         let call = op.call_name();
         let is_read = matches!(op, AioOp::Read { .. });
+        queue.take_thread_waker();
         let mut record = queue.record();
         record.token = token;
         record.result = 0;
@@ -343,6 +346,9 @@ impl Image {
             }
         };
         if started >= 0 {
+            if queue.wake.get().is_some() {
+                waker::expect(1);
+            }
             return Ok(());
         }
         if ret >= 0 {
@@ -438,6 +444,8 @@ struct Record {
     result: isize,
     op: Option<AioOp>,
     done: Sender<Box<Record>>,
+    /// The submitting thread's waker, signalled once the record is on its queue.
+    wake: Arc<OnceLock<Arc<EventFd>>>,
 }
 
 /// Runs on a librbd thread when an operation completes: takes the record back and moves it to
@@ -451,7 +459,13 @@ unsafe extern "C" fn on_complete(completion: sys::rbd_completion_t, arg: *mut c_
     // SAFETY: as above; nothing uses the completion afterwards.
     unsafe { sys::rbd_aio_release(completion) };
     let done = record.done.clone();
-    let _ = done.send(record);
+    let wake = Arc::clone(&record.wake);
+    if done.send(record).is_ok() {
+        if let Some(waker) = wake.get() {
+            // A failed write leaves the submitter to find the completion by polling.
+            let _ = waker.signal();
+        }
+    }
 }
 
 /// A finished operation.
@@ -471,6 +485,8 @@ pub struct Completion {
 pub struct CompletionQueue {
     done_tx: Sender<Box<Record>>,
     done_rx: Receiver<Box<Record>>,
+    /// The waker of the thread that submits (a reactor's), once known: completions signal it.
+    wake: Arc<OnceLock<Arc<EventFd>>>,
     /// Records to reuse (boxed: librbd holds each by its address while in flight).
     #[allow(clippy::vec_box)]
     free: Vec<Box<Record>>,
@@ -492,6 +508,7 @@ impl CompletionQueue {
         let mut queue = CompletionQueue {
             done_tx,
             done_rx,
+            wake: Arc::new(OnceLock::new()),
             free: Vec::with_capacity(capacity),
         };
         for _ in 0..capacity {
@@ -507,7 +524,19 @@ impl CompletionQueue {
             result: 0,
             op: None,
             done: self.done_tx.clone(),
+            wake: Arc::clone(&self.wake),
         })
+    }
+
+    /// Takes the submitting thread's waker ([`waker::current`]) the first time the queue is
+    /// used on a thread that has one (a channel is opened on a control thread and used on its
+    /// reactor).
+    fn take_thread_waker(&mut self) {
+        if self.wake.get().is_none() {
+            if let Some(waker) = waker::current() {
+                let _ = self.wake.set(waker);
+            }
+        }
     }
 
     fn record(&mut self) -> Box<Record> {
@@ -532,7 +561,12 @@ impl CompletionQueue {
                     done(completion);
                     count += 1;
                 }
-                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return count,
+                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => {
+                    if count > 0 && self.wake.get().is_some() {
+                        waker::arrived(count);
+                    }
+                    return count;
+                }
             }
         }
     }

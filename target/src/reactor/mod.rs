@@ -25,6 +25,13 @@
 //! spinning, so only the first request after a quiet spell waits for the sleep to end. [`IdlePolicy::BusyPoll`] (for benchmarks: `RVHOST_BUSY_POLL=1`, or
 //! the data plane's options) never yields.
 //!
+//! Each reactor installs a wake-up eventfd as its thread's waker
+//! (`rvhost_platform_linux::waker`). A bdev whose operations complete on other threads (rbd:
+//! librbd's) has them signal it and counts them; while such completions are expected, an
+//! adaptive reactor past [`WAKER_SPIN_ROUNDS`] blocks on the eventfd (at most [`IDLE_SLEEP`]) instead
+//! of yielding or sleeping, so it leaves the core to those threads and sees each completion at
+//! once.
+//!
 //! The trade-off, measured (bench/README.md, "QD1 latency and the idle policy"): while a driver
 //! keeps even one request in flight both policies answer alike (QD1 p50 ≈ 0.3–0.9 µs), because
 //! the reactor never sees 4096 empty rounds in a row; an idle adaptive reactor uses about 2 % of
@@ -38,7 +45,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rvhost_platform_linux::{spsc, tsc, NumaTopology};
+use rvhost_platform_linux::{spsc, tsc, waker, NumaTopology};
 
 /// Capacity of each reactor's control ring. Control commands are rare and synchronous, so a
 /// handful of slots absorbs every burst (several control threads at once).
@@ -46,6 +53,10 @@ const CONTROL_RING_SLOTS: usize = 64;
 
 /// Empty poll rounds after which an adaptive reactor starts yielding its core.
 pub const SPIN_ROUNDS: u32 = 4096;
+/// Empty poll rounds after which an adaptive reactor that waits for completions from other
+/// threads blocks on its waker: they take hundreds of microseconds (a network round trip), and
+/// spinning meanwhile only keeps the threads that complete them off the core.
+pub const WAKER_SPIN_ROUNDS: u32 = 256;
 /// Empty poll rounds after which an adaptive reactor starts sleeping between rounds.
 pub const YIELD_ROUNDS: u32 = 32 * 1024;
 /// How long an idle adaptive reactor sleeps between rounds.
@@ -579,6 +590,18 @@ impl Reactor {
     fn run(mut self) {
         tracing::info!(core = self.core, "reactor started");
         self.stats.tid.store(current_tid(), Ordering::Relaxed);
+        // Completions from other threads (librbd's) signal it; see the idle branch below.
+        let wake = match rvhost_platform_linux::EventFd::new() {
+            Ok(fd) => {
+                let fd = Arc::new(fd);
+                waker::install(Arc::clone(&fd));
+                Some(fd)
+            }
+            Err(err) => {
+                tracing::warn!(core = self.core, %err, "no wake-up eventfd: the reactor polls for librbd's completions");
+                None
+            }
+        };
         let mut empty_rounds: u32 = 0;
         let mut rounds: u32 = 0;
         let mut time = TimeAccount::new();
@@ -627,7 +650,18 @@ impl Reactor {
             } else {
                 empty_rounds = empty_rounds.saturating_add(1);
                 if self.idle == IdlePolicy::Adaptive {
-                    if empty_rounds > YIELD_ROUNDS {
+                    let waiting_for_others =
+                        empty_rounds > WAKER_SPIN_ROUNDS && waker::expected() > 0;
+                    if let (true, Some(wake)) = (waiting_for_others, wake.as_ref()) {
+                        // Operations in flight on other threads will signal the waker: block
+                        // on it, leaving the core to them, and wake at the first completion
+                        // (yielding instead lets a loaded machine's other work run for whole
+                        // time slices before the reactor sees it). At most IDLE_SLEEP, so the
+                        // other devices of this reactor are polled as often as when it sleeps.
+                        if let Err(err) = wake.wait(IDLE_SLEEP) {
+                            tracing::debug!(%err, "waiting on the wake-up eventfd");
+                        }
+                    } else if empty_rounds > YIELD_ROUNDS {
                         self.stats.idle_sleeps.fetch_add(1, Ordering::Relaxed);
                         std::thread::sleep(idle_sleep(empty_rounds - YIELD_ROUNDS));
                     } else if empty_rounds > SPIN_ROUNDS {
