@@ -20,7 +20,7 @@ use rvhost_core::mem::GuestMemory;
 use rvhost_platform_linux::NumaTopology;
 use rvhost_target::reactor::{self, IdlePolicy, ReactorHandle, Reply};
 use rvhost_target::vhost::device::{
-    config_range, DeviceType, Disposition, NewRequest, RequestHandler, Requests,
+    config_range, DeviceType, Disposition, NewRequest, RequestHandler, Requests, ShellRing,
 };
 use rvhost_target::vhost::{DeviceId, VhostServer, VirtioFeatures};
 use vhost::VhostBackend;
@@ -141,7 +141,7 @@ impl RequestHandler for Reverser {
         Disposition::Pending
     }
 
-    fn poll_completions(&mut self, requests: &mut Requests<'_, Self>) -> usize {
+    fn poll_completions<V: ShellRing>(&mut self, requests: &mut Requests<'_, Self, V>) -> usize {
         let key = self.key;
         let n = self.done.len();
         for tag in self.done.drain(..) {
@@ -157,7 +157,11 @@ impl RequestHandler for Reverser {
         n
     }
 
-    fn control(&mut self, op: ReverseOp, requests: &mut Requests<'_, Self>) -> bool {
+    fn control<V: ShellRing>(
+        &mut self,
+        op: ReverseOp,
+        requests: &mut Requests<'_, Self, V>,
+    ) -> bool {
         let ReverseOp::SetKey { key, reply } = op;
         assert!(requests.in_flight() <= self.done.len());
         let _ = reply.send(std::mem::replace(&mut self.key, key));

@@ -7,7 +7,7 @@ use crate::bdev::fanout::Fanout;
 use crate::bdev::{Bdev, BdevChannel, BdevIo, IoKind, IoMemory, IoStatus, IoVec};
 use crate::reactor::Reply;
 use crate::vhost::device::{
-    Disposition, NewRequest, RequestHandler, Requests, VhostDevice, CHAIN_CAPACITY,
+    Disposition, NewRequest, RequestHandler, Requests, ShellRing, VhostDevice, CHAIN_CAPACITY,
 };
 use crate::vhost::memory::GuestMemoryTable;
 use crate::vhost::{DeviceId, VirtioFeatures};
@@ -418,7 +418,7 @@ impl RequestHandler for BlkHandler {
         }
     }
 
-    fn poll_completions(&mut self, requests: &mut Requests<'_, Self>) -> usize {
+    fn poll_completions<V: ShellRing>(&mut self, requests: &mut Requests<'_, Self, V>) -> usize {
         let Some(channel) = self.channel.as_mut() else {
             return 0;
         };
@@ -434,7 +434,7 @@ impl RequestHandler for BlkHandler {
         })
     }
 
-    fn control(&mut self, op: BlkOp, requests: &mut Requests<'_, Self>) -> bool {
+    fn control<V: ShellRing>(&mut self, op: BlkOp, requests: &mut Requests<'_, Self, V>) -> bool {
         match op {
             BlkOp::Resize { num_blocks, reply } => {
                 self.geometry.num_blocks = num_blocks;
@@ -458,7 +458,7 @@ impl RequestHandler for BlkHandler {
         }
     }
 
-    fn settle(&mut self, requests: &mut Requests<'_, Self>) -> bool {
+    fn settle<V: ShellRing>(&mut self, requests: &mut Requests<'_, Self, V>) -> bool {
         if self.detach_reply.is_some() && requests.in_flight() == 0 {
             self.channel = None;
             if let Some(reply) = self.detach_reply.take() {

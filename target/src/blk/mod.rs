@@ -130,6 +130,7 @@ impl DeviceType for BlkController {
         let mut features = bit(feature::VIRTIO_F_VERSION_1)
             | bit(feature::VIRTIO_F_RING_INDIRECT_DESC)
             | bit(feature::VIRTIO_F_RING_EVENT_IDX)
+            | bit(feature::VIRTIO_F_RING_PACKED)
             | bit(blk_feature::VIRTIO_BLK_F_SIZE_MAX)
             | bit(blk_feature::VIRTIO_BLK_F_SEG_MAX)
             | bit(blk_feature::VIRTIO_BLK_F_BLK_SIZE)

@@ -33,7 +33,7 @@ use super::{TargetOp, CDB_SIZE, MAX_QUEUE_SIZE, MAX_TARGETS, SENSE_SIZE};
 use crate::bdev::BdevChannel;
 use crate::reactor::Reply;
 use crate::vhost::device::{
-    Disposition, NewRequest, RequestHandler, Requests, VhostDevice, CHAIN_CAPACITY,
+    Disposition, NewRequest, RequestHandler, Requests, ShellRing, VhostDevice, CHAIN_CAPACITY,
 };
 use crate::vhost::memory::GuestMemoryTable;
 use crate::vhost::{DeviceId, VirtioFeatures};
@@ -501,7 +501,7 @@ impl RequestHandler for ScsiTransport {
         }
     }
 
-    fn poll_completions(&mut self, requests: &mut Requests<'_, Self>) -> usize {
+    fn poll_completions<V: ShellRing>(&mut self, requests: &mut Requests<'_, Self, V>) -> usize {
         let mut work = 0;
         let Some(io_mem) = requests.io_mem() else {
             return 0;
@@ -513,11 +513,15 @@ impl RequestHandler for ScsiTransport {
         work
     }
 
-    fn control(&mut self, op: TargetOp, _requests: &mut Requests<'_, Self>) -> bool {
+    fn control<V: ShellRing>(
+        &mut self,
+        op: TargetOp,
+        _requests: &mut Requests<'_, Self, V>,
+    ) -> bool {
         self.target_op(op)
     }
 
-    fn settle(&mut self, requests: &mut Requests<'_, Self>) -> bool {
+    fn settle<V: ShellRing>(&mut self, requests: &mut Requests<'_, Self, V>) -> bool {
         let tmfs_waiting = self.settle_tmfs(requests);
         let detaches_waiting = self.settle_detaches();
         tmfs_waiting || detaches_waiting
@@ -530,11 +534,11 @@ impl RequestHandler for ScsiTransport {
 }
 
 /// The shell's request slots as the LUNs find commands by tag.
-struct RequestSlots<'r, 'a> {
-    requests: &'r mut Requests<'a, ScsiTransport>,
+struct RequestSlots<'r, 'a, V: ShellRing> {
+    requests: &'r mut Requests<'a, ScsiTransport, V>,
 }
 
-impl LunIoSlots for RequestSlots<'_, '_> {
+impl<V: ShellRing> LunIoSlots for RequestSlots<'_, '_, V> {
     fn io(&mut self, io_tag: u64) -> Option<&mut LunIo> {
         self.requests.get_mut(io_tag).map(|slot| &mut slot.io)
     }

@@ -469,6 +469,7 @@ impl DeviceType for ScsiController {
         bit(feature::VIRTIO_F_VERSION_1)
             | bit(feature::VIRTIO_F_RING_INDIRECT_DESC)
             | bit(feature::VIRTIO_F_RING_EVENT_IDX)
+            | bit(feature::VIRTIO_F_RING_PACKED)
             | bit(scsi_feature::VIRTIO_SCSI_F_HOTPLUG)
             | bit(scsi_feature::VIRTIO_SCSI_F_CHANGE)
     }

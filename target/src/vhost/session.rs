@@ -182,6 +182,11 @@ impl Session {
         }
     }
 
+    /// Whether the frontend negotiated packed rings (`VIRTIO_F_RING_PACKED`).
+    fn packed_negotiated(&self) -> bool {
+        self.acked_features & (1 << rvhost_core::virtio::feature::VIRTIO_F_RING_PACKED) != 0
+    }
+
     fn protocol_features_acked(&self) -> bool {
         self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
     }
@@ -532,12 +537,35 @@ impl VhostUserBackendReqHandlerMut for Session {
                 format_args!("SET_VRING_BASE on running vring {index}"),
             );
         }
-        let Ok(base) = u16::try_from(base) else {
-            return refuse(
-                self,
-                false,
-                format_args!("vring {index} base {base} over 16 bits"),
-            );
+        let base = if self.packed_negotiated() {
+            // Packed ring (vhost-user.rst, "Vring base"): next position to pop in bits 0..15,
+            // the driver's wrap counter in bit 15; QEMU adds the used position and the device's
+            // wrap counter in bits 16..32. They differ only if a backend stopped with requests in
+            // flight, which the packed ring cannot resubmit without an inflight log (none for
+            // packed yet): the used position follows the avail one, as after a clean stop.
+            let avail = (base & 0xffff) as u16;
+            let used = (base >> 16) as u16;
+            if used != avail && used != 0 {
+                tracing::warn!(
+                    device = self.id.0,
+                    vring = index,
+                    avail = format_args!("{avail:#x}"),
+                    used = format_args!("{used:#x}"),
+                    "packed vring base with requests in flight; they are not resubmitted"
+                );
+            }
+            avail
+        } else {
+            match u16::try_from(base) {
+                Ok(base) => base,
+                Err(_) => {
+                    return refuse(
+                        self,
+                        false,
+                        format_args!("vring {index} base {base} over 16 bits"),
+                    )
+                }
+            }
         };
         self.vrings[idx].base = base;
         Ok(())
@@ -546,10 +574,15 @@ impl VhostUserBackendReqHandlerMut for Session {
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
         let idx = self.vring_index(index)?;
         self.stop_vring(idx)?;
+        let packed = self.packed_negotiated();
         let vring = &mut self.vrings[idx];
         // GET_VRING_BASE stops the ring: it restarts only on a new SET_VRING_KICK.
         vring.kick = None;
-        Ok(VhostUserVringState::new(index, u32::from(vring.base)))
+        let base = u32::from(vring.base);
+        // Packed: a drained queue's used position and wrap counter equal the avail ones; QEMU
+        // reads them from bits 16..32.
+        let base = if packed { base | base << 16 } else { base };
+        Ok(VhostUserVringState::new(index, base))
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {

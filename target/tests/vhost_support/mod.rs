@@ -1,6 +1,6 @@
 //! A minimal virtio-blk *driver* over a vhost-user frontend, for the data plane's integration
 //! tests: it owns shared guest memory (a file in /dev/shm, as QEMU's memory-backend-file), lays
-//! out split virtqueues in it, and speaks vhost-user through the `vhost` crate's `Frontend`.
+//! out split virtqueues (or packed ones, when `VIRTIO_F_RING_PACKED` was negotiated) in it, and speaks vhost-user through the `vhost` crate's `Frontend`.
 #![allow(dead_code)]
 
 use std::fs::File;
@@ -26,6 +26,7 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_F_RING_INDIRECT_DESC: u64 = 1 << 28;
 pub const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+pub const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
 pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 pub const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
@@ -45,6 +46,9 @@ pub const S_UNSUPP: u8 = 2;
 pub const F_NEXT: u16 = 1;
 pub const F_WRITE: u16 = 2;
 pub const F_INDIRECT: u16 = 4;
+/// Packed ring descriptor flags (virtio 1.2 §2.8.1).
+pub const F_AVAIL: u16 = 1 << 7;
+pub const F_USED: u16 = 1 << 15;
 
 /// Guest memory: one region at GPA 0.
 pub const MEM_SIZE: u64 = 4 << 20;
@@ -205,7 +209,9 @@ impl Desc {
     }
 }
 
-/// One split virtqueue in guest memory, driven from the test.
+/// One virtqueue in guest memory, driven from the test. Split: `desc`, `avail`, `used` are the
+/// three rings. Packed: `desc` is the descriptor ring, `avail` the driver and `used` the device
+/// event suppression structure.
 pub struct DriverQueue {
     pub index: usize,
     pub desc: u64,
@@ -214,6 +220,8 @@ pub struct DriverQueue {
     pub data: u64,
     pub avail_idx: u16,
     pub used_seen: u16,
+    /// Packed: next ring position to make a list available at, and the driver's wrap counter.
+    pub packed: Option<PackedDriverState>,
     pub call: EventFd,
     pub kick: EventFd,
     pub err: EventFd,
@@ -230,6 +238,7 @@ impl DriverQueue {
             data: DATA_BASE + index as u64 * DATA_STRIDE,
             avail_idx: 0,
             used_seen: 0,
+            packed: None,
             call: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
             kick: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
             err: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
@@ -246,6 +255,44 @@ impl DriverQueue {
     pub fn buffer_addr(&self) -> u64 {
         self.data + 0x1000
     }
+}
+
+/// A packed queue's driver-side positions (both wrap counters start at 1).
+#[derive(Debug, Clone)]
+pub struct PackedDriverState {
+    pub avail_pos: u16,
+    pub avail_wrap: bool,
+    pub used_pos: u16,
+    pub used_wrap: bool,
+    /// Descriptors each outstanding buffer ID occupies in the ring.
+    pub counts: std::collections::HashMap<u16, u16>,
+}
+
+impl Default for PackedDriverState {
+    fn default() -> Self {
+        PackedDriverState {
+            avail_pos: 0,
+            avail_wrap: true,
+            used_pos: 0,
+            used_wrap: true,
+            counts: Default::default(),
+        }
+    }
+}
+
+/// `flags` as a packed descriptor made available in a lap with wrap counter `wrap`.
+pub fn packed_avail_flags(flags: u16, wrap: bool) -> u16 {
+    (flags & !(F_AVAIL | F_USED)) | if wrap { F_AVAIL } else { F_USED }
+}
+
+/// A packed ring descriptor's 16 bytes.
+pub fn packed_desc_bytes(addr: u64, len: u32, id: u16, flags: u16) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[0..8].copy_from_slice(&addr.to_le_bytes());
+    b[8..12].copy_from_slice(&len.to_le_bytes());
+    b[12..14].copy_from_slice(&id.to_le_bytes());
+    b[14..16].copy_from_slice(&flags.to_le_bytes());
+    b
 }
 
 /// A negotiated vhost-user-blk connection.
@@ -322,13 +369,25 @@ impl Driver {
             .expect("SET_MEM_TABLE");
     }
 
+    /// Whether packed rings were negotiated.
+    pub fn is_packed(&self) -> bool {
+        self.features & VIRTIO_F_RING_PACKED != 0
+    }
+
     /// Sets up and enables queue `index` (ring memory zeroed first).
     pub fn setup_queue(&mut self, index: usize) {
-        let q = DriverQueue::new(index);
+        let mut q = DriverQueue::new(index);
         self.ram.write(q.desc, &vec![0u8; 0x3000]);
+        // Packed: position 0, both wrap counters 1 (vring base bit 15).
+        let base = if self.is_packed() {
+            q.packed = Some(PackedDriverState::default());
+            0x8000
+        } else {
+            0
+        };
         let f = &self.frontend;
         f.set_vring_num(index, QUEUE_SIZE).expect("SET_VRING_NUM");
-        f.set_vring_base(index, 0).expect("SET_VRING_BASE");
+        f.set_vring_base(index, base).expect("SET_VRING_BASE");
         let config = VringConfigData {
             queue_max_size: QUEUE_SIZE,
             queue_size: QUEUE_SIZE,
@@ -384,8 +443,13 @@ impl Driver {
         self.post_head(index, descs, 0);
     }
 
-    /// Writes `descs` into table slots 0.. and makes `head` available.
+    /// Writes `descs` into table slots 0.. and makes `head` available. Packed: writes `descs`
+    /// as one list at the next ring positions, buffer ID `head` (their `next` is ignored), the
+    /// first descriptor's flags last.
     pub fn post_head(&mut self, index: usize, descs: &[Desc], head: u16) {
+        if self.is_packed() {
+            return self.post_packed(index, descs, head);
+        }
         let (desc, avail, slot, new_idx) = {
             let q = self.queue(index);
             let slot = u64::from(q.avail_idx % QUEUE_SIZE);
@@ -400,8 +464,85 @@ impl Driver {
         self.ram.store_u16(avail + 2, new_idx);
     }
 
+    /// Makes `descs` available as one packed list with buffer ID `id` at the next positions.
+    pub fn post_packed(&mut self, index: usize, descs: &[Desc], id: u16) {
+        let ring = self.queue(index).desc;
+        let state = self.queue(index).packed.as_mut().expect("packed queue");
+        let (mut pos, mut wrap) = (state.avail_pos, state.avail_wrap);
+        let mut first = None;
+        for (i, d) in descs.iter().enumerate() {
+            let mut flags = d.flags & (F_WRITE | F_INDIRECT);
+            if i + 1 < descs.len() {
+                flags |= F_NEXT;
+            }
+            let flags = packed_avail_flags(flags, wrap);
+            let addr = ring + 16 * u64::from(pos);
+            if i == 0 {
+                first = Some((addr, flags));
+                self.ram
+                    .write(addr, &packed_desc_bytes(d.addr, d.len, id, 0)[..14]);
+            } else {
+                self.ram
+                    .write(addr, &packed_desc_bytes(d.addr, d.len, id, flags));
+            }
+            pos += 1;
+            if pos == QUEUE_SIZE {
+                pos = 0;
+                wrap = !wrap;
+            }
+        }
+        let state = self.queue(index).packed.as_mut().expect("packed queue");
+        state.avail_pos = pos;
+        state.avail_wrap = wrap;
+        state.counts.insert(id, descs.len() as u16);
+        if let Some((addr, flags)) = first {
+            std::sync::atomic::fence(Ordering::SeqCst);
+            self.ram.store_u16(addr + 14, flags);
+        }
+    }
+
+    /// Waits for the next used descriptor of packed queue `index`: `(buffer id, len)`.
+    fn wait_used_packed(&mut self, index: usize, timeout: Duration) -> Option<(u32, u32)> {
+        let ring = self.queue(index).desc;
+        let (pos, wrap) = {
+            let s = self.queue(index).packed.as_ref().expect("packed queue");
+            (s.used_pos, s.used_wrap)
+        };
+        let addr = ring + 16 * u64::from(pos);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let flags = self.ram.load_u16(addr + 14);
+            let avail = flags & F_AVAIL != 0;
+            let used = flags & F_USED != 0;
+            if avail == used && used == wrap {
+                break;
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let desc = self.ram.read(addr, 16);
+        let len = u32::from_le_bytes(desc[8..12].try_into().expect("4 bytes"));
+        let id = u16::from_le_bytes(desc[12..14].try_into().expect("2 bytes"));
+        let state = self.queue(index).packed.as_mut().expect("packed queue");
+        let count = state.counts.remove(&id).expect("used id was posted");
+        let next = u32::from(pos) + u32::from(count);
+        if next >= u32::from(QUEUE_SIZE) {
+            state.used_pos = (next - u32::from(QUEUE_SIZE)) as u16;
+            state.used_wrap = !state.used_wrap;
+        } else {
+            state.used_pos = next as u16;
+        }
+        Some((u32::from(id), len))
+    }
+
     /// Waits for the next used element of queue `index`; `None` on timeout.
     pub fn wait_used_for(&mut self, index: usize, timeout: Duration) -> Option<(u32, u32)> {
+        if self.is_packed() {
+            return self.wait_used_packed(index, timeout);
+        }
         let (used, seen) = {
             let q = self.queue(index);
             (q.used, q.used_seen)

@@ -7,7 +7,7 @@ use rvhost_core::virtio_scsi::{
 };
 
 use super::{malformed, RespTarget, ScsiTransport, FIRST_REQUEST_QUEUE};
-use crate::vhost::device::{Disposition, NewRequest, Requests};
+use crate::vhost::device::{Disposition, NewRequest, Requests, ShellRing};
 
 /// What a pending task management function waits for.
 #[derive(Debug, Clone, Copy)]
@@ -43,8 +43,8 @@ pub(super) struct PendingTmf {
 }
 
 /// Sequence number of the oldest command in flight on `target`, and whether `tag` is.
-fn in_flight_on(
-    requests: &Requests<'_, ScsiTransport>,
+fn in_flight_on<V: ShellRing>(
+    requests: &Requests<'_, ScsiTransport, V>,
     target: u8,
     tag: Option<u64>,
 ) -> (Option<u64>, bool) {
@@ -64,7 +64,10 @@ fn in_flight_on(
 
 impl ScsiTransport {
     /// Answers the TMFs whose wait is over; returns whether any still waits.
-    pub(super) fn settle_tmfs(&mut self, requests: &mut Requests<'_, Self>) -> bool {
+    pub(super) fn settle_tmfs<V: ShellRing>(
+        &mut self,
+        requests: &mut Requests<'_, Self, V>,
+    ) -> bool {
         let mut i = 0;
         while i < self.tmfs.len() {
             let tmf = self.tmfs[i];

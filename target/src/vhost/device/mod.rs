@@ -4,7 +4,9 @@
 //! [`VhostDevice<H>`] is the reactor [`Task`] of one frontend session. It owns
 //!
 //! - the queue table (started queues only; capacity for all reserved up front) and each queue's
-//!   split ring, chain buffer, call and error eventfds and request slots;
+//!   ring (split or packed: the device is generic over [`ShellRing`], and [`AnyLayoutDevice`]
+//!   picks the layout the frontend negotiated), chain buffer, call and error eventfds and request
+//!   slots;
 //! - the guest memory table, its swap on `SET_MEM_TABLE` and the retirement of replaced tables
 //!   (one bounded rule: a table is dropped once no request translated with it, or with an older
 //!   one, is in flight, so a frontend swapping tables under constant load cannot make the list
@@ -41,14 +43,15 @@ mod vqueue;
 
 use std::sync::Arc;
 
-use rvhost_core::virtq::{Chain, ChainError};
+use rvhost_core::virtq::packed::PackedQueue;
+use rvhost_core::virtq::{Chain, ChainError, RingHead, SplitQueue};
 
 use super::memory::GuestMemoryTable;
 use super::{DeviceBackend, DeviceId, DeviceOp, DrainProgress, QueueSetup, VirtioFeatures};
 use crate::bdev::IoMemory;
 use crate::reactor::{Message, ReactorHandle, Reply, Task};
 use vqueue::VirtQueue;
-pub use vqueue::{CHAIN_CAPACITY, MAX_QUEUE_SIZE, POP_BATCH};
+pub use vqueue::{ShellRing, CHAIN_CAPACITY, MAX_QUEUE_SIZE, POP_BATCH};
 
 /// A descriptor chain as a device type reads it.
 pub type DescChain = Chain<CHAIN_CAPACITY>;
@@ -105,11 +108,11 @@ impl<T: DeviceType> DeviceBackend for T {
         reactor: &Arc<ReactorHandle>,
     ) -> Result<Box<dyn Task>, String> {
         let handler = self.new_handler(id, reactor)?;
-        Ok(Box::new(VhostDevice::new(
+        Ok(Box::new(AnyLayoutDevice::new(VhostDevice::new(
             id,
             DeviceType::max_queues(self),
             handler,
-        )))
+        ))))
     }
 
     fn prepare_memory(&self, mem: &IoMemory) {
@@ -152,7 +155,7 @@ pub struct NewRequest<'a, H: RequestHandler + ?Sized> {
     pub device: DeviceId,
     /// Queue index.
     pub queue: u16,
-    /// The chain's head.
+    /// The request's buffer ID (split ring: the chain's head index).
     pub head: u16,
     /// Identifies the request to bdev completions and [`Requests`] (queue and slot).
     pub tag: u64,
@@ -209,7 +212,7 @@ pub trait RequestHandler: Send + 'static {
     fn start(&mut self, request: NewRequest<'_, Self>) -> Disposition;
 
     /// Collects the completions of submitted requests; returns how many.
-    fn poll_completions(&mut self, requests: &mut Requests<'_, Self>) -> usize;
+    fn poll_completions<V: ShellRing>(&mut self, requests: &mut Requests<'_, Self, V>) -> usize;
 
     /// Called once per poll round after the queues and completions, with the round's work.
     #[inline]
@@ -217,11 +220,12 @@ pub trait RequestHandler: Send + 'static {
 
     /// Applies a device-specific control operation. Returns whether something now waits for
     /// [`RequestHandler::settle`].
-    fn control(&mut self, op: Self::Op, requests: &mut Requests<'_, Self>) -> bool;
+    fn control<V: ShellRing>(&mut self, op: Self::Op, requests: &mut Requests<'_, Self, V>)
+        -> bool;
 
     /// Replies to deferred operations whose condition now holds; returns whether something still
     /// waits. Called after a control operation asked for it, and every round until it says no.
-    fn settle(&mut self, _requests: &mut Requests<'_, Self>) -> bool {
+    fn settle<V: ShellRing>(&mut self, _requests: &mut Requests<'_, Self, V>) -> bool {
         false
     }
 
@@ -240,17 +244,18 @@ fn untag(tag: u64) -> (usize, usize) {
     ((tag >> 32) as usize, (tag & 0xffff_ffff) as usize)
 }
 
-type Queue<H> = VirtQueue<<H as RequestHandler>::Request, <H as RequestHandler>::Queue>;
+type Queue<H, V> = VirtQueue<V, <H as RequestHandler>::Request, <H as RequestHandler>::Queue>;
 
-/// The requests in flight, as a handler sees them while completing them.
-pub struct Requests<'a, H: RequestHandler + ?Sized> {
+/// The requests in flight, as a handler sees them while completing them (on rings of layout
+/// `V`).
+pub struct Requests<'a, H: RequestHandler + ?Sized, V: ShellRing = SplitQueue> {
     device: DeviceId,
-    queues: &'a mut [Option<Queue<H>>],
+    queues: &'a mut [Option<Queue<H, V>>],
     mem: Option<&'a GuestMemoryTable>,
     io_mem: Option<&'a IoMemory>,
 }
 
-impl<H: RequestHandler + ?Sized> std::fmt::Debug for Requests<'_, H> {
+impl<H: RequestHandler + ?Sized, V: ShellRing> std::fmt::Debug for Requests<'_, H, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Requests")
             .field("device", &self.device)
@@ -258,7 +263,7 @@ impl<H: RequestHandler + ?Sized> std::fmt::Debug for Requests<'_, H> {
     }
 }
 
-impl<'a, H: RequestHandler + ?Sized> Requests<'a, H> {
+impl<'a, H: RequestHandler + ?Sized, V: ShellRing> Requests<'a, H, V> {
     /// The session's device.
     pub fn device(&self) -> DeviceId {
         self.device
@@ -360,8 +365,8 @@ impl<'a, H: RequestHandler + ?Sized> Requests<'a, H> {
 }
 
 /// A vhost device: one frontend session's queues and memory on its reactor, with a device
-/// type's request handler.
-pub struct VhostDevice<H: RequestHandler> {
+/// type's request handler, on rings of layout `V` ([`AnyLayoutDevice`] switches between them).
+pub struct VhostDevice<H: RequestHandler, V: ShellRing = SplitQueue> {
     id: DeviceId,
     handler: H,
     max_queues: u16,
@@ -378,7 +383,7 @@ pub struct VhostDevice<H: RequestHandler> {
     log: Option<Arc<rvhost_platform_linux::DirtyLog>>,
     /// Started queues; grows to the highest queue started (capacity for all reserved up front),
     /// so a round scans only queues a frontend can use.
-    queues: Vec<Option<Queue<H>>>,
+    queues: Vec<Option<Queue<H, V>>>,
     /// Something waits for [`VhostDevice::settle`]: a stopping queue, a retired table, the
     /// removal, or the handler.
     settle_pending: bool,
@@ -392,7 +397,7 @@ pub struct VhostDevice<H: RequestHandler> {
     drain_reply: Option<Reply<DrainProgress>>,
 }
 
-impl<H: RequestHandler> std::fmt::Debug for VhostDevice<H> {
+impl<H: RequestHandler, V: ShellRing> std::fmt::Debug for VhostDevice<H, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VhostDevice")
             .field("id", &self.id)
@@ -402,7 +407,7 @@ impl<H: RequestHandler> std::fmt::Debug for VhostDevice<H> {
     }
 }
 
-impl<H: RequestHandler> VhostDevice<H> {
+impl<H: RequestHandler, V: ShellRing> VhostDevice<H, V> {
     /// A device with at most `max_queues` queues whose requests `handler` serves.
     pub fn new(id: DeviceId, max_queues: u16, handler: H) -> Self {
         VhostDevice {
@@ -437,6 +442,33 @@ impl<H: RequestHandler> VhostDevice<H> {
     /// Requests in flight on all queues.
     pub fn in_flight(&self) -> usize {
         self.queues.iter().flatten().map(|q| q.in_flight()).sum()
+    }
+
+    /// Whether a queue (running, stopping or draining) is left.
+    fn has_queues(&self) -> bool {
+        self.queues.iter().any(Option::is_some)
+    }
+
+    /// The same device on rings of layout `W`; call only when it has no queue left.
+    fn into_layout<W: ShellRing>(self) -> VhostDevice<H, W> {
+        debug_assert!(!self.has_queues());
+        VhostDevice {
+            id: self.id,
+            handler: self.handler,
+            max_queues: self.max_queues,
+            memory: self.memory,
+            io_memory: self.io_memory,
+            generation: self.generation,
+            retired: self.retired,
+            log: self.log,
+            queues: Vec::with_capacity(usize::from(self.max_queues)),
+            settle_pending: self.settle_pending,
+            handler_pending: self.handler_pending,
+            remove_reply: self.remove_reply,
+            removed: self.removed,
+            draining: self.draining,
+            drain_reply: self.drain_reply,
+        }
     }
 
     /// Applies a vhost device operation.
@@ -554,7 +586,7 @@ impl<H: RequestHandler> VhostDevice<H> {
         }
         // Everything that can fail first, so a refused start changes nothing.
         let state = self.handler.start_queue(index, setup.features)?;
-        let mut queue = Queue::<H>::new(&setup, state)?;
+        let mut queue = Queue::<H, V>::new(&setup, state)?;
         if self.log.is_some() {
             queue.set_logging(self.log.as_ref(), None);
         }
@@ -748,7 +780,7 @@ impl<H: RequestHandler> VhostDevice<H> {
             let request = NewRequest {
                 device: self.id,
                 queue: index,
-                head,
+                head: head.id(),
                 tag: tag(qi, si),
                 chain,
                 request: &mut slot.request,
@@ -777,7 +809,7 @@ impl<H: RequestHandler> VhostDevice<H> {
     }
 }
 
-impl<H: RequestHandler> Task for VhostDevice<H> {
+impl<H: RequestHandler, V: ShellRing> Task for VhostDevice<H, V> {
     fn id(&self) -> DeviceId {
         self.id
     }
@@ -834,5 +866,122 @@ impl<H: RequestHandler> Task for VhostDevice<H> {
 
     fn is_finished(&self) -> bool {
         self.removed
+    }
+}
+
+/// The ring layout a session's device runs on.
+enum Layout<H: RequestHandler> {
+    Split(VhostDevice<H, SplitQueue>),
+    Packed(VhostDevice<H, PackedQueue>),
+}
+
+/// A [`VhostDevice`] on whichever ring layout the frontend negotiated: split until a queue starts
+/// with `VIRTIO_F_RING_PACKED`, packed from then on (and back, should a reset renegotiate). The
+/// layout belongs to the session, not to a request: a poll round costs one branch for it, and
+/// each layout's round is compiled on its own.
+pub struct AnyLayoutDevice<H: RequestHandler> {
+    /// `None` only while switching.
+    device: Option<Layout<H>>,
+}
+
+impl<H: RequestHandler> std::fmt::Debug for AnyLayoutDevice<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.device {
+            Some(Layout::Split(d)) => f.debug_tuple("Split").field(d).finish(),
+            Some(Layout::Packed(d)) => f.debug_tuple("Packed").field(d).finish(),
+            None => f.write_str("Switching"),
+        }
+    }
+}
+
+impl<H: RequestHandler> AnyLayoutDevice<H> {
+    /// `device`, on split rings until a queue starts with a packed one.
+    pub fn new(device: VhostDevice<H>) -> Self {
+        AnyLayoutDevice {
+            device: Some(Layout::Split(device)),
+        }
+    }
+
+    /// Whether the device runs on packed rings now.
+    pub fn is_packed(&self) -> bool {
+        matches!(self.device, Some(Layout::Packed(_)))
+    }
+
+    /// Moves the device to the layout `features` negotiated; `Err` if queues of the other layout
+    /// are still there (the frontend started one without stopping the others first).
+    fn switch_layout(&mut self, features: u64) -> Result<(), String> {
+        let packed = PackedQueue::negotiated(features);
+        if packed == self.is_packed() {
+            return Ok(());
+        }
+        let has_queues = match &self.device {
+            Some(Layout::Split(d)) => d.has_queues(),
+            Some(Layout::Packed(d)) => d.has_queues(),
+            None => return Err("device lost while switching ring layouts".to_string()),
+        };
+        if has_queues {
+            return Err("queues of the other ring layout are still running".to_string());
+        }
+        self.device = match self.device.take() {
+            Some(Layout::Split(d)) => Some(Layout::Packed(d.into_layout())),
+            Some(Layout::Packed(d)) => Some(Layout::Split(d.into_layout())),
+            None => None,
+        };
+        tracing::debug!(id = ?self.id(), packed, "ring layout switched");
+        Ok(())
+    }
+
+    fn apply(&mut self, op: DeviceOp) {
+        if let DeviceOp::StartQueue { setup, .. } = &op {
+            if let Err(why) = self.switch_layout(setup.features.0) {
+                if let DeviceOp::StartQueue { reply, .. } = op {
+                    let _ = reply.send(Err(why));
+                }
+                return;
+            }
+        }
+        match &mut self.device {
+            Some(Layout::Split(d)) => d.apply(op),
+            Some(Layout::Packed(d)) => d.apply(op),
+            None => {}
+        }
+    }
+}
+
+impl<H: RequestHandler> Task for AnyLayoutDevice<H> {
+    fn id(&self) -> DeviceId {
+        match &self.device {
+            Some(Layout::Split(d)) => d.id,
+            Some(Layout::Packed(d)) => d.id,
+            None => DeviceId(0),
+        }
+    }
+
+    #[inline]
+    fn poll(&mut self) -> usize {
+        match &mut self.device {
+            Some(Layout::Split(d)) => d.poll(),
+            Some(Layout::Packed(d)) => d.poll(),
+            None => 0,
+        }
+    }
+
+    fn control(&mut self, message: Message) {
+        match message.downcast::<DeviceOp>() {
+            Ok(op) => self.apply(*op),
+            Err(other) => match &mut self.device {
+                Some(Layout::Split(d)) => d.control(other),
+                Some(Layout::Packed(d)) => d.control(other),
+                None => {}
+            },
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        match &self.device {
+            Some(Layout::Split(d)) => d.is_finished(),
+            Some(Layout::Packed(d)) => d.is_finished(),
+            None => true,
+        }
     }
 }

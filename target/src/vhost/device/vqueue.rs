@@ -6,7 +6,9 @@
 
 use std::sync::Arc;
 
-use rvhost_core::virtq::{Chain, QueueConfig, SplitQueue};
+use rvhost_core::virtio::feature;
+use rvhost_core::virtq::packed::{PackedQueue, EVENT_SUPPRESS_SIZE, RING_EVENT_WRAP_BIT};
+use rvhost_core::virtq::{Chain, DeviceRing, QueueConfig, RingHead, SplitQueue};
 use rvhost_platform_linux::DirtyLog;
 
 use super::super::inflight::InflightLog;
@@ -22,97 +24,66 @@ pub const CHAIN_CAPACITY: usize = MAX_QUEUE_SIZE as usize;
 /// Heads popped per queue per round: bounds the time one busy queue keeps the others waiting.
 pub const POP_BATCH: usize = 32;
 
-/// One request slot: what the shell keeps of a request, and what the device type keeps (`R`).
-#[derive(Debug, Clone, Copy, Default)]
-pub(super) struct Slot<R> {
-    /// The chain's head, returned on the used ring.
-    pub(super) head: u16,
-    /// Between start and completion.
-    pub(super) busy: bool,
-    /// The memory-table generation the request's buffers were translated with.
-    pub(super) generation: u64,
-    /// The device type's per-request state.
-    pub(super) request: R,
+/// A ring layout the shell runs queues on: the split ring or the packed ring. A device is generic
+/// over it (one layout per session, chosen by `VIRTIO_F_RING_PACKED` when its first queue
+/// starts), so the poll path makes no per-request choice between the two.
+pub trait ShellRing: DeviceRing<Head: Send> + Send + Sized + 'static {
+    /// Whether this is the layout `features` negotiated.
+    fn negotiated(features: u64) -> bool;
+
+    /// The ring `setup` describes, positioned as the frontend says (`SET_VRING_BASE`), with the
+    /// inflight log and the heads it says to resubmit (last popped first) if the queue has a part
+    /// of an inflight region.
+    #[doc(hidden)]
+    fn start(setup: &QueueSetup) -> Result<Started<Self>, String>;
+
+    /// The used index to record in the inflight log after a publish.
+    #[doc(hidden)]
+    fn published_used_idx(&self) -> u16;
+
+    /// Guest range of the used element the next `push_used` writes, for the dirty log: split,
+    /// its element of the used ring at the frontend's log address `used_log_gpa`; packed, the
+    /// descriptor at the next used position of the descriptor ring.
+    #[doc(hidden)]
+    fn next_used_range(&self, used_log_gpa: Option<u64>) -> Option<(u64, u64)>;
+
+    /// Guest ranges of the ring parts the device writes, for the dirty log: split, the used ring
+    /// (header, elements, `avail_event`) at `used_log_gpa`; packed, the descriptor ring and the
+    /// device event suppression area.
+    #[doc(hidden)]
+    fn written_ring_ranges(&self, used_log_gpa: Option<u64>) -> [Option<(u64, u64)>; 2];
 }
 
-/// One running virtqueue with device-type request state `R` and per-queue state `Q`.
-pub(super) struct VirtQueue<R, Q> {
-    pub(super) vq: SplitQueue,
-    /// Where completions are signalled (`None`: nowhere yet; QEMU may send it later).
-    call: Option<Arc<EventNotifier>>,
-    /// The frontend's error eventfd, signalled when the driver breaks the queue.
-    err: Option<Arc<EventNotifier>>,
-    /// The chain being decoded (one per queue, reused).
-    pub(super) chain: Box<Chain<CHAIN_CAPACITY>>,
-    /// Heads popped this round.
-    pub(super) heads: [u16; POP_BATCH],
-    /// One slot per descriptor a request can start at.
-    pub(super) slots: Vec<Slot<R>>,
-    /// Free slot indices (popped from the end: slot 0 first).
-    free: Vec<u16>,
-    /// Requests started and not yet completed.
-    in_flight: usize,
-    /// GET_VRING_BASE / disable / remove in progress: no new requests; reply once drained.
-    stopping: Option<Reply<Option<u16>>>,
-    /// Remove or process stop in progress: no new requests (the queue goes once drained when
-    /// removed).
-    closed: bool,
-    /// The driver broke the queue (a chain without a place for the answer, rings outside
-    /// memory): nothing more is processed until the frontend restarts the queue.
-    broken: bool,
-    /// Used elements were pushed since the last publish.
-    pushed: bool,
-    /// The inflight log, when the frontend negotiated `INFLIGHT_SHMFD` and gave a region.
-    inflight: Option<InflightLog>,
-    /// Heads the inflight log says were popped and never completed by an earlier backend, last
-    /// popped first (taken from the end): started before any new avail entry.
-    resubmit: Vec<u16>,
-    /// Dirty logging while a migration runs (`None`: off, the data path's only cost is this
-    /// test). Set by [`VirtQueue::set_logging`].
-    logging: Option<Box<QueueLogging>>,
-    /// Where the used ring is logged (`SET_VRING_ADDR` with `VHOST_VRING_F_LOG`:
-    /// `log_guest_addr`); `None`: the frontend did not ask for the used ring to be logged.
-    used_log_gpa: Option<u64>,
-    /// What the device type keeps per queue (blk: the request limits negotiated for it).
-    pub(super) state: Q,
-}
-
-/// A queue's dirty logging: the log, and the guest range of its used ring to mark.
+/// A ring as [`ShellRing::start`] made it.
+#[doc(hidden)]
 #[derive(Debug)]
-struct QueueLogging {
-    log: Arc<DirtyLog>,
-    /// Guest address and length of the whole used ring (header, elements and `avail_event`),
-    /// if the frontend asked for it to be logged.
-    used_ring: Option<(u64, u64)>,
-    /// Whether the buffers a request wrote are marked (always, but for the negative control of
-    /// the migration test: [`NO_DIRTY_MARKING_ENV`]).
-    mark_buffers: bool,
+pub struct Started<V: ShellRing> {
+    ring: V,
+    inflight: Option<InflightLog>,
+    resubmit: Vec<V::Head>,
 }
 
-impl<R, Q> std::fmt::Debug for VirtQueue<R, Q> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VirtQueue")
-            .field("in_flight", &self.in_flight)
-            .field("stopping", &self.stopping.is_some())
-            .field("broken", &self.broken)
-            .finish_non_exhaustive()
+fn queue_config(setup: &QueueSetup) -> Result<QueueConfig, String> {
+    if setup.size > MAX_QUEUE_SIZE {
+        return Err(format!("queue size {} over {MAX_QUEUE_SIZE}", setup.size));
     }
+    Ok(QueueConfig {
+        size: setup.size,
+        desc_table: setup.desc_gpa,
+        avail_ring: setup.avail_gpa,
+        used_ring: setup.used_gpa,
+    })
 }
 
-impl<R: Default + Copy, Q> VirtQueue<R, Q> {
-    /// Starts a queue as `setup` describes it: rings checked against the memory table, the next
-    /// avail index and the used index taken over, guest kicks turned off (the reactor polls).
-    pub(super) fn new(setup: &QueueSetup, state: Q) -> Result<Self, String> {
-        if setup.size > MAX_QUEUE_SIZE {
-            return Err(format!("queue size {} over {MAX_QUEUE_SIZE}", setup.size));
-        }
-        let config = QueueConfig {
-            size: setup.size,
-            desc_table: setup.desc_gpa,
-            avail_ring: setup.avail_gpa,
-            used_ring: setup.used_gpa,
-        };
-        let mut vq = SplitQueue::new(config, setup.features.0).map_err(|e| e.to_string())?;
+impl ShellRing for SplitQueue {
+    #[inline]
+    fn negotiated(features: u64) -> bool {
+        features & (1 << feature::VIRTIO_F_RING_PACKED) == 0
+    }
+
+    fn start(setup: &QueueSetup) -> Result<Started<Self>, String> {
+        let mut vq =
+            SplitQueue::new(queue_config(setup)?, setup.features.0).map_err(|e| e.to_string())?;
         let mem = setup.memory.as_ref();
         vq.check_rings(mem).map_err(|e| e.to_string())?;
         vq.set_last_avail_idx(setup.last_avail);
@@ -133,13 +104,173 @@ impl<R: Default + Copy, Q> VirtQueue<R, Q> {
             }
             None => (None, Vec::new()),
         };
+        Ok(Started {
+            ring: vq,
+            inflight,
+            resubmit,
+        })
+    }
+
+    #[inline]
+    fn published_used_idx(&self) -> u16 {
+        self.used_idx()
+    }
+
+    fn next_used_range(&self, used_log_gpa: Option<u64>) -> Option<(u64, u64)> {
+        let slot = self.used_idx() & self.size().wrapping_sub(1);
+        used_log_gpa.map(|gpa| (gpa.wrapping_add(4 + 8 * u64::from(slot)), 8))
+    }
+
+    fn written_ring_ranges(&self, used_log_gpa: Option<u64>) -> [Option<(u64, u64)>; 2] {
+        let size = u64::from(self.size());
+        [used_log_gpa.map(|gpa| (gpa, 4 + 8 * size + 2)), None]
+    }
+}
+
+impl ShellRing for PackedQueue {
+    #[inline]
+    fn negotiated(features: u64) -> bool {
+        features & (1 << feature::VIRTIO_F_RING_PACKED) != 0
+    }
+
+    fn start(setup: &QueueSetup) -> Result<Started<Self>, String> {
+        let mut vq =
+            PackedQueue::new(queue_config(setup)?, setup.features.0).map_err(|e| e.to_string())?;
+        vq.check_rings(setup.memory.as_ref())
+            .map_err(|e| e.to_string())?;
+        // Position and driver wrap counter (bits 0..15 and 15 of the vring base); the used
+        // position follows it, as after a clean stop.
+        vq.set_last_avail_idx(setup.last_avail)
+            .map_err(|e| e.to_string())?;
+        if setup.inflight.is_some() {
+            // The inflight log has the split ring's layout only: the queue runs without one, so a
+            // backend restart loses (does not resubmit) the requests it had in flight.
+            tracing::warn!(
+                "inflight tracking is not implemented for packed rings; the queue runs without it"
+            );
+        }
+        Ok(Started {
+            ring: vq,
+            inflight: None,
+            resubmit: Vec::new(),
+        })
+    }
+
+    #[inline]
+    fn published_used_idx(&self) -> u16 {
+        self.used_idx()
+    }
+
+    fn next_used_range(&self, _used_log_gpa: Option<u64>) -> Option<(u64, u64)> {
+        let pos = self.used_idx() & !RING_EVENT_WRAP_BIT;
+        let desc = self.config().desc_table;
+        Some((desc.wrapping_add(16 * u64::from(pos)), 16))
+    }
+
+    fn written_ring_ranges(&self, _used_log_gpa: Option<u64>) -> [Option<(u64, u64)>; 2] {
+        let config = self.config();
+        [
+            Some((config.desc_table, 16 * u64::from(config.size))),
+            Some((config.used_ring, EVENT_SUPPRESS_SIZE)),
+        ]
+    }
+}
+
+/// One request slot: what the shell keeps of a request, and what the device type keeps (`R`).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Slot<H, R> {
+    /// The request's head (split: head index; packed: position, count and buffer ID), returned
+    /// on the used ring.
+    pub(super) head: H,
+    /// Between start and completion.
+    pub(super) busy: bool,
+    /// The memory-table generation the request's buffers were translated with.
+    pub(super) generation: u64,
+    /// The device type's per-request state.
+    pub(super) request: R,
+}
+
+/// One running virtqueue with device-type request state `R` and per-queue state `Q`.
+pub(super) struct VirtQueue<V: ShellRing, R, Q> {
+    pub(super) vq: V,
+    /// Where completions are signalled (`None`: nowhere yet; QEMU may send it later).
+    call: Option<Arc<EventNotifier>>,
+    /// The frontend's error eventfd, signalled when the driver breaks the queue.
+    err: Option<Arc<EventNotifier>>,
+    /// The chain being decoded (one per queue, reused).
+    pub(super) chain: Box<Chain<CHAIN_CAPACITY>>,
+    /// Heads popped this round.
+    pub(super) heads: [V::Head; POP_BATCH],
+    /// One slot per descriptor a request can start at.
+    pub(super) slots: Vec<Slot<V::Head, R>>,
+    /// Free slot indices (popped from the end: slot 0 first).
+    free: Vec<u16>,
+    /// Requests started and not yet completed.
+    in_flight: usize,
+    /// GET_VRING_BASE / disable / remove in progress: no new requests; reply once drained.
+    stopping: Option<Reply<Option<u16>>>,
+    /// Remove or process stop in progress: no new requests (the queue goes once drained when
+    /// removed).
+    closed: bool,
+    /// The driver broke the queue (a chain without a place for the answer, rings outside
+    /// memory): nothing more is processed until the frontend restarts the queue.
+    broken: bool,
+    /// Used elements were pushed since the last publish.
+    pushed: bool,
+    /// The inflight log, when the frontend negotiated `INFLIGHT_SHMFD` and gave a region.
+    inflight: Option<InflightLog>,
+    /// Heads the inflight log says were popped and never completed by an earlier backend, last
+    /// popped first (taken from the end): started before any new avail entry.
+    resubmit: Vec<V::Head>,
+    /// Dirty logging while a migration runs (`None`: off, the data path's only cost is this
+    /// test). Set by [`VirtQueue::set_logging`].
+    logging: Option<Box<QueueLogging>>,
+    /// Where the used ring is logged (`SET_VRING_ADDR` with `VHOST_VRING_F_LOG`:
+    /// `log_guest_addr`); `None`: the frontend did not ask for the used ring to be logged.
+    used_log_gpa: Option<u64>,
+    /// What the device type keeps per queue (blk: the request limits negotiated for it).
+    pub(super) state: Q,
+}
+
+/// A queue's dirty logging: the log, and the guest ranges of the ring parts the device writes.
+#[derive(Debug)]
+struct QueueLogging {
+    log: Arc<DirtyLog>,
+    /// Split: the whole used ring (header, elements and `avail_event`), if the frontend asked
+    /// for it to be logged. Packed: the descriptor ring and the device event area.
+    rings: [Option<(u64, u64)>; 2],
+    /// Whether the buffers a request wrote are marked (always, but for the negative control of
+    /// the migration test: [`NO_DIRTY_MARKING_ENV`]).
+    mark_buffers: bool,
+}
+
+impl<V: ShellRing, R, Q> std::fmt::Debug for VirtQueue<V, R, Q> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtQueue")
+            .field("in_flight", &self.in_flight)
+            .field("stopping", &self.stopping.is_some())
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<V: ShellRing, R: Default + Copy, Q> VirtQueue<V, R, Q> {
+    /// Starts a queue as `setup` describes it: rings checked against the memory table, the next
+    /// avail index and the used index taken over, guest kicks turned off (the reactor polls).
+    pub(super) fn new(setup: &QueueSetup, state: Q) -> Result<Self, String> {
+        let Started {
+            ring: mut vq,
+            inflight,
+            resubmit,
+        } = V::start(setup)?;
+        let mem = setup.memory.as_ref();
         vq.disable_kicks(mem).map_err(|e| e.to_string())?;
         Ok(VirtQueue {
             vq,
             call: setup.call.clone(),
             err: setup.err.clone(),
             chain: Box::new(Chain::new()),
-            heads: [0; POP_BATCH],
+            heads: [V::Head::default(); POP_BATCH],
             slots: vec![Slot::default(); usize::from(setup.size)],
             free: (0..setup.size).rev().collect(),
             in_flight: 0,
@@ -156,7 +287,7 @@ impl<R: Default + Copy, Q> VirtQueue<R, Q> {
     }
 }
 
-impl<R, Q> VirtQueue<R, Q> {
+impl<V: ShellRing, R, Q> VirtQueue<V, R, Q> {
     /// Replaces the call eventfd and signals the new one once: QEMU may hand it over only after
     /// the queue started (when the guest unmasks the queue's MSI-X vector), and a completion
     /// published before then was signalled to nobody. A spurious interrupt only makes the
@@ -178,14 +309,12 @@ impl<R, Q> VirtQueue<R, Q> {
         if let Some(gpa) = used_log_gpa {
             self.used_log_gpa = gpa;
         }
-        let size = u64::from(self.vq.size());
-        // Header (flags, idx), the elements, avail_event.
-        let used_len = 4 + 8 * size + 2;
+        let rings = self.vq.written_ring_ranges(self.used_log_gpa);
         let mark_buffers = std::env::var_os(NO_DIRTY_MARKING_ENV).is_none_or(|v| v != "1");
         self.logging = log.map(|log| {
             Box::new(QueueLogging {
                 log: Arc::clone(log),
-                used_ring: self.used_log_gpa.map(|gpa| (gpa, used_len)),
+                rings,
                 mark_buffers,
             })
         });
@@ -249,7 +378,7 @@ impl<R, Q> VirtQueue<R, Q> {
 
     /// Takes a free slot for the request at `head`; `None` if none is free.
     #[inline]
-    pub(super) fn take_slot(&mut self, head: u16, generation: u64) -> Option<usize>
+    pub(super) fn take_slot(&mut self, head: V::Head, generation: u64) -> Option<usize>
     where
         R: Default,
     {
@@ -261,7 +390,7 @@ impl<R, Q> VirtQueue<R, Q> {
         slot.request = R::default();
         self.in_flight += 1;
         if let Some(log) = &mut self.inflight {
-            log.mark(head);
+            log.mark(head.id());
         }
         Some(index)
     }
@@ -296,25 +425,52 @@ impl<R, Q> VirtQueue<R, Q> {
     pub(super) fn push_used(
         &mut self,
         mem: &GuestMemoryTable,
-        head: u16,
+        head: V::Head,
         len: u32,
         device: DeviceId,
     ) {
         self.pushed = true;
-        // The one dirty-log hook of the data path: the request's data and status are written,
-        // its used element is about to be; both are marked before `used.idx` publishes them.
+        // The one dirty-log hook of the data path: one branch while no migration logs.
+        if self.logging.is_some() {
+            return self.push_used_logged(mem, head, len, device);
+        }
         if let Err(err) = self.vq.push_used(mem, head, len) {
             tracing::error!(device = device.0, %err, "used ring write failed; queue stopped");
             self.broken = true;
             return;
         }
+        if let Some(log) = &mut self.inflight {
+            log.link(head.id());
+        }
+    }
+
+    /// [`VirtQueue::push_used`] while a migration logs: the request's data and status are
+    /// written, its used element is about to be; both are marked before `publish` makes them
+    /// visible. The chain is walked again before the used element is written (a packed ring's
+    /// used descriptor may overwrite the list), and marked after. Out of line: it runs only
+    /// while a migration logs.
+    #[cold]
+    #[inline(never)]
+    fn push_used_logged(
+        &mut self,
+        mem: &GuestMemoryTable,
+        head: V::Head,
+        len: u32,
+        device: DeviceId,
+    ) {
+        let walked = self.vq.walk_chain(mem, head, &mut *self.chain);
+        let used = self.vq.next_used_range(self.used_log_gpa);
+        let pushed = self.vq.push_used(mem, head, len);
         if let Some(logging) = &self.logging {
-            // The element just written is the one before the used index.
-            let slot = self.vq.used_idx().wrapping_sub(1);
-            logging.mark_completion(&self.vq, mem, head, slot, &mut self.chain);
+            logging.mark_completion(walked, &self.chain, used);
+        }
+        if let Err(err) = pushed {
+            tracing::error!(device = device.0, %err, "used ring write failed; queue stopped");
+            self.broken = true;
+            return;
         }
         if let Some(log) = &mut self.inflight {
-            log.link(head);
+            log.link(head.id());
         }
     }
 
@@ -339,7 +495,7 @@ impl<R, Q> VirtQueue<R, Q> {
             logging.mark_used_ring();
         }
         if let Some(log) = &mut self.inflight {
-            log.published(self.vq.used_idx());
+            log.published(self.vq.published_used_idx());
         }
         match self.vq.needs_notification(mem) {
             Ok(true) => {
@@ -396,21 +552,16 @@ impl<R, Q> VirtQueue<R, Q> {
 }
 
 impl QueueLogging {
-    /// Marks what completing the request at `head` wrote: every device-writable buffer of its
-    /// chain (read data, status byte, SCSI response and sense), walked again from the descriptor
-    /// table (the driver may not touch it before the head is used), and the used element at
-    /// `slot`. Out of line: it runs only while a migration logs.
-    #[cold]
-    #[inline(never)]
+    /// Marks what completing a request wrote: every device-writable buffer of its chain (read
+    /// data, status byte, SCSI response and sense) as `walked` into `chain` again from the ring,
+    /// and its used element (`used`).
     fn mark_completion(
         &self,
-        vq: &SplitQueue,
-        mem: &GuestMemoryTable,
-        head: u16,
-        slot: u16,
-        chain: &mut Chain<CHAIN_CAPACITY>,
+        walked: Result<(), rvhost_core::virtq::ChainError>,
+        chain: &Chain<CHAIN_CAPACITY>,
+        used: Option<(u64, u64)>,
     ) {
-        match vq.walk_chain(mem, head, chain) {
+        match walked {
             _ if !self.mark_buffers => {}
             Ok(()) => {
                 for segment in chain.writable() {
@@ -424,18 +575,17 @@ impl QueueLogging {
                 }
             }
         }
-        if let Some((gpa, _)) = self.used_ring {
-            let offset = 4 + 8 * u64::from(slot & (vq.size().wrapping_sub(1)));
-            self.log.mark(gpa.wrapping_add(offset), 8);
+        if let Some((gpa, len)) = used {
+            self.log.mark(gpa, len);
         }
     }
 
-    /// Marks the whole used ring (after a `used.idx` store, or when logging starts).
+    /// Marks the ring parts the device writes (after a publish, or when logging starts).
     #[cold]
     #[inline(never)]
     fn mark_used_ring(&self) {
-        if let Some((gpa, len)) = self.used_ring {
-            self.log.mark(gpa, len);
+        for (gpa, len) in self.rings.iter().flatten() {
+            self.log.mark(*gpa, *len);
         }
     }
 }
