@@ -46,12 +46,19 @@ pub enum VhostUserDevice {
         socket: PathBuf,
         num_queues: u16,
     },
+    /// The same device with packed virtqueues (`packed=on`: QEMU offers VIRTIO_F_RING_PACKED).
+    Packed(Box<VhostUserDevice>),
 }
 
 impl VhostUserDevice {
     fn qemu_args(&self, index: usize) -> [String; 4] {
         // QEMU 7.2 spells the queue-count property differently for the two devices.
         let (socket, driver, queues, chardev_opts) = match self {
+            Self::Packed(device) => {
+                let mut args = device.qemu_args(index);
+                args[3].push_str(",packed=on");
+                return args;
+            }
             Self::Blk { socket, num_queues } => (
                 socket,
                 "vhost-user-blk-pci",

@@ -1,0 +1,118 @@
+# Packed virtqueues (packed=on): a vhost-user-blk disk (vda) and a vhost-user-scsi LUN in one
+# boot, then a reboot. Boot 1 runs the full virtio-blk checks (blk_checks.sh, spliced in below by
+# the test: integrity, multiqueue, flush, discard, write-zeroes, reset by unbind/rebind) and the
+# same kinds of checks on the SCSI disk; boot 2 (after `reboot -f` resets both devices) reads back
+# what boot 1 wrote. Which boot this is is kept on vda itself, at 40 MiB. Run with boots(2).
+. /lib/guest.sh
+MIB=1048576
+KIB=1024
+if ! wait_for /sys/block/vda 120 || ! wait_for /dev/vda 30; then
+    result disk_present no
+    exit 1
+fi
+
+# packed_bit DRIVER: bit 34 (VIRTIO_F_RING_PACKED) of the features the guest negotiated with the
+# first device bound to DRIVER.
+packed_bit() {
+    for dev in /sys/bus/virtio/drivers/$1/virtio*; do
+        cut -c 35 "$dev/features"
+        return 0
+    done
+    echo missing
+}
+
+# scsi_disk: the sdX of target 0's LUN 0.
+scsi_disk() {
+    for d in /sys/class/scsi_device/*:0:0:0; do
+        if [ -d "$d/device/block" ]; then
+            ls "$d/device/block" | head -n 1
+            return 0
+        fi
+    done
+    return 1
+}
+
+wait_scsi() {
+    tries=$(($1 * 10))
+    while ! scsi_disk >/dev/null 2>&1; do
+        tries=$((tries - 1))
+        [ "$tries" -gt 0 ] || return 1
+        usleep 100000
+    done
+}
+
+BS=$(cat /sys/block/vda/queue/logical_block_size)
+mark=$(dd if=/dev/vda bs=$BS skip=$((40 * MIB / BS)) count=1 iflag=direct 2>/dev/null | head -c 8)
+if [ "$mark" != REBOOTED ]; then
+    result boot first
+    result blk_packed "$(packed_bit virtio_blk)"
+    # The virtio-blk checks, in a subshell: they set their own variables and may exit.
+    (
+@BLK_CHECKS@
+    )
+
+    # The reset in the blk checks rebinds the disk: find its name again.
+    VDA=/dev/$(virtio_disk 0)
+
+    if wait_for /sys/bus/virtio/drivers/virtio_scsi 60 && wait_scsi 120; then
+        result scsi_present yes
+    else
+        result scsi_present no
+        exit 1
+    fi
+    result scsi_packed "$(packed_bit virtio_scsi)"
+    SD=$(scsi_disk)
+    SDEV=/dev/$SD
+    SBS=$(cat /sys/block/$SD/queue/logical_block_size)
+    SSIZE=$(blkcheck size $SDEV)
+    check scsi_io_write_first blkcheck write $SDEV 0 $SBS 51
+    check scsi_io_verify_first blkcheck verify $SDEV 0 $SBS 51
+    check scsi_io_write_last blkcheck write $SDEV $((SSIZE - SBS)) $SBS 52
+    check scsi_io_verify_last blkcheck verify $SDEV $((SSIZE - SBS)) $SBS 52
+    check scsi_io_write_1m blkcheck write $SDEV $MIB $MIB 53 $((128 * KIB)) $SBS
+    check scsi_io_verify_1m blkcheck verify $SDEV $MIB $MIB 53 $((64 * KIB))
+    check scsi_io_write_4m blkcheck write $SDEV $((4 * MIB)) $((4 * MIB)) 54 $((4 * MIB))
+    check scsi_io_verify_4m blkcheck verify $SDEV $((4 * MIB)) $((4 * MIB)) 54 $((512 * KIB))
+    check scsi_flush blkcheck flush $SDEV
+    run scsi_discard blkdiscard -o $((MIB + 256 * KIB)) -l $((256 * KIB)) $SDEV
+    check scsi_discard_zeros blkcheck zeros $SDEV $((MIB + 256 * KIB)) $((256 * KIB))
+    check scsi_discard_head_intact blkcheck verify $SDEV $MIB $((256 * KIB)) 53
+    check scsi_discard_tail_intact blkcheck verify $SDEV $((MIB + 512 * KIB)) $((512 * KIB)) 53
+    # One writer pinned to each CPU: each CPU has its own request virtqueue.
+    SVDEV=$(basename "$(ls -d /sys/bus/virtio/drivers/virtio_scsi/virtio* | head -n 1)")
+    NCPU=$(grep -c ^processor /proc/cpuinfo)
+    for c in $(seq 0 $((NCPU - 1))); do
+        taskset -c $c blkcheck write $SDEV $((16 * MIB + c * MIB)) $MIB $((60 + c)) $((64 * KIB)) >/tmp/sw$c 2>&1 &
+    done
+    wait
+    for c in $(seq 0 $((NCPU - 1))); do
+        result "scsi_io_parallel_write_$c" "$(head -n 1 /tmp/sw$c)"
+        check "scsi_io_parallel_verify_$c" blkcheck verify $SDEV $((16 * MIB + c * MIB)) $MIB $((60 + c))
+    done
+    result scsi_queues_used "$(awk -v dev="$SVDEV-request" 'index($NF, dev) == 1 { s = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i; if (s > 0) n++ } END { print n + 0 }' /proc/interrupts)"
+
+    check reboot_blk_write blkcheck write $VDA $((30 * MIB)) $((2 * MIB)) 91 $((256 * KIB))
+    check reboot_scsi_write blkcheck write $SDEV $((24 * MIB)) $((2 * MIB)) 92 $((256 * KIB))
+    printf REBOOTED | dd of=$VDA bs=$BS seek=$((40 * MIB / BS)) count=1 conv=sync oflag=direct 2>/dev/null
+    check reboot_blk_flush blkcheck flush $VDA
+    check reboot_scsi_flush blkcheck flush $SDEV
+    log "rebooting"
+    reboot -f
+    sleep 600
+    result reboot_happened no
+else
+    result boot second
+    result blk_packed_after_reboot "$(packed_bit virtio_blk)"
+    check reboot_blk_verify blkcheck verify /dev/vda $((30 * MIB)) $((2 * MIB)) 91
+    check reboot_blk_write_again blkcheck write /dev/vda $((34 * MIB)) $MIB 93
+    check reboot_blk_verify_again blkcheck verify /dev/vda $((34 * MIB)) $MIB 93
+    if wait_for /sys/bus/virtio/drivers/virtio_scsi 60 && wait_scsi 120; then
+        SDEV=/dev/$(scsi_disk)
+        result scsi_packed_after_reboot "$(packed_bit virtio_scsi)"
+        check reboot_scsi_verify blkcheck verify $SDEV $((24 * MIB)) $((2 * MIB)) 92
+        check reboot_scsi_write_again blkcheck write $SDEV $((28 * MIB)) $MIB 94
+        check reboot_scsi_verify_again blkcheck verify $SDEV $((28 * MIB)) $MIB 94
+    else
+        result reboot_scsi_present no
+    fi
+fi
