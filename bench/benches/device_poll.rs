@@ -7,7 +7,10 @@
 //! does), the device runs one `poll()` (pop, walk, decode, submit, bdev completion, status or
 //! response write, used ring, `used.idx` publish) and the driver checks `used.idx`. Divide the
 //! time by `batch` for the cost per request. Run it under `valgrind --tool=callgrind` for exact
-//! instruction counts (see bench/README.md).
+//! instruction counts (see bench/README.md). The `*_packed` cases do the same on packed
+//! virtqueues (`VIRTIO_F_RING_PACKED`): the driver writes each request's three descriptors into
+//! the descriptor ring every round (the packed layout has no table to keep them in), the device
+//! writes the used descriptors back in place.
 
 use std::hint::black_box;
 use std::os::fd::OwnedFd;
@@ -79,6 +82,9 @@ fn write_desc(mem: &GuestMemoryTable, q: u16, index: u16, addr: u64, len: u32, f
 
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;
+/// Packed ring descriptor flags (virtio 1.2 §2.8.1).
+const AVAIL: u16 = 1 << 7;
+const USED: u16 = 1 << 15;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -95,11 +101,32 @@ struct Rig {
     queue: u16,
     avail_idx: u16,
     used_seen: u16,
+    /// Packed rings: the driver's side.
+    packed: Option<PackedDriver>,
+}
+
+/// Each request slot's three descriptors (address, length, flags), and the next ring position
+/// (with its wrap counter) to make a list available at and to find a used one at.
+struct PackedDriver {
+    lists: Vec<[(u64, u32, u16); 3]>,
+    avail: (u16, bool),
+    used: (u16, bool),
+}
+
+/// `(pos, wrap)` moved `n` positions on in a ring of `QSIZE`.
+fn advance((pos, wrap): (u16, bool), n: u16) -> (u16, bool) {
+    let next = pos + n;
+    if next >= QSIZE {
+        (next - QSIZE, !wrap)
+    } else {
+        (next, wrap)
+    }
 }
 
 impl Rig {
     /// `log`: dirty logging on (a migration in progress), every write marked in a log.
-    fn new(kind: Kind, bdev: Arc<dyn Bdev>, log: bool) -> Rig {
+    /// `packed`: packed virtqueues.
+    fn new(kind: Kind, bdev: Arc<dyn Bdev>, log: bool, packed: bool) -> Rig {
         let mem = table();
         // No reactor thread: the bench polls the device itself.
         let (reactor, manual) = reactor::manual(0);
@@ -113,7 +140,10 @@ impl Rig {
                 c.new_device(DeviceId(1), &reactor).expect("scsi device")
             }
         };
-        let features = bit(feature::VIRTIO_F_VERSION_1) | bit(feature::VIRTIO_F_RING_EVENT_IDX);
+        let mut features = bit(feature::VIRTIO_F_VERSION_1) | bit(feature::VIRTIO_F_RING_EVENT_IDX);
+        if packed {
+            features |= bit(feature::VIRTIO_F_RING_PACKED);
+        }
         // rvhost-perf's queue set: blk queue 0; scsi control, event and one request queue.
         let queues: &[u16] = match kind {
             Kind::Blk => &[0],
@@ -129,7 +159,8 @@ impl Rig {
                     desc_gpa: desc,
                     avail_gpa: avail,
                     used_gpa: used,
-                    last_avail: 0,
+                    // Packed: position 0, driver wrap counter 1 (bit 15).
+                    last_avail: if packed { 0x8000 } else { 0 },
                     features: VirtioFeatures(features),
                     call: None,
                     err: None,
@@ -151,7 +182,9 @@ impl Rig {
             rx.recv().expect("log set");
         }
         let queue = *queues.last().expect("a request queue");
-        // Request slot i owns descriptors 3i..3i+2, written once.
+        // Request slot i owns descriptors 3i..3i+2, written once (packed: written into the ring
+        // each time the slot is made available).
+        let mut lists = Vec::new();
         for i in 0..QSIZE / 3 {
             let meta = META + 256 * u64::from(i);
             let data = DATA + u64::from(IO_BYTES) * u64::from(i);
@@ -162,9 +195,11 @@ impl Rig {
                     let mut hdr = [0u8; 16];
                     hdr[8..16].copy_from_slice(&lba.to_le_bytes());
                     mem.write(meta, &hdr).expect("header");
-                    write_desc(&mem, queue, 3 * i, meta, 16, NEXT);
-                    write_desc(&mem, queue, 3 * i + 1, data, IO_BYTES, NEXT | WRITE);
-                    write_desc(&mem, queue, 3 * i + 2, meta + 64, 1, WRITE);
+                    lists.push([
+                        (meta, 16, NEXT),
+                        (data, IO_BYTES, NEXT | WRITE),
+                        (meta + 64, 1, WRITE),
+                    ]);
                 }
                 Kind::Scsi => {
                     // virtio_scsi_cmd_req: LUN (target 0, LUN 0), tag, attributes, READ(16) of
@@ -176,9 +211,23 @@ impl Rig {
                     req[21..29].copy_from_slice(&lba.to_be_bytes());
                     req[29..33].copy_from_slice(&8u32.to_be_bytes());
                     mem.write(meta, &req).expect("request");
-                    write_desc(&mem, queue, 3 * i, meta, 51, NEXT);
-                    write_desc(&mem, queue, 3 * i + 1, meta + 128, 108, NEXT | WRITE);
-                    write_desc(&mem, queue, 3 * i + 2, data, IO_BYTES, WRITE);
+                    lists.push([
+                        (meta, 51, NEXT),
+                        (meta + 128, 108, NEXT | WRITE),
+                        (data, IO_BYTES, WRITE),
+                    ]);
+                }
+            }
+        }
+        if packed {
+            // Driver event suppression (flags at +2): DISABLE, the bench polls.
+            let (_, driver_event, _) = ring(queue);
+            mem.store_u16(driver_event + 2, 1, Ordering::Relaxed)
+                .expect("driver event");
+        } else {
+            for (i, list) in (0u16..).zip(&lists) {
+                for (j, &(addr, len, flags)) in (0u16..).zip(list) {
+                    write_desc(&mem, queue, 3 * i + j, addr, len, flags);
                 }
             }
         }
@@ -189,6 +238,11 @@ impl Rig {
             queue,
             avail_idx: 0,
             used_seen: 0,
+            packed: packed.then_some(PackedDriver {
+                lists,
+                avail: (0, true),
+                used: (0, true),
+            }),
         };
         if kind == Kind::Scsi {
             // The LUN reports a power-on unit attention once; take it before measuring.
@@ -199,6 +253,9 @@ impl Rig {
 
     /// One batch: `batch` requests made available, one device poll, the completions reaped.
     fn round(&mut self, batch: u16) {
+        if self.packed.is_some() {
+            return self.round_packed(batch);
+        }
         let (_, avail, used) = ring(self.queue);
         for i in 0..batch {
             let slot = self.avail_idx.wrapping_add(i) % QSIZE;
@@ -229,6 +286,57 @@ fn dirty_log() -> Arc<DirtyLog> {
     Arc::new(DirtyLog::map(fd, 0, bytes).expect("map log"))
 }
 
+impl Rig {
+    /// [`Rig::round`] on a packed ring: `batch` lists of three descriptors written at the next
+    /// positions (buffer ID = request slot; the first list's flags last), device polls until it
+    /// has written the batch's first used descriptor (which it writes last).
+    fn round_packed(&mut self, batch: u16) {
+        let (desc, _, _) = ring(self.queue);
+        let Some(p) = self.packed.as_mut() else {
+            return;
+        };
+        let start = p.avail;
+        let mut first_flags = 0;
+        for (id, list) in (0u16..).zip(p.lists.iter().take(usize::from(batch))) {
+            for &(addr, len, flags) in list {
+                let (pos, wrap) = p.avail;
+                let flags = flags | if wrap { AVAIL } else { USED };
+                let at = desc + 16 * u64::from(pos);
+                let mut d = [0u8; 14];
+                d[0..8].copy_from_slice(&addr.to_le_bytes());
+                d[8..12].copy_from_slice(&len.to_le_bytes());
+                d[12..14].copy_from_slice(&id.to_le_bytes());
+                self.mem.write(at, &d).expect("descriptor");
+                if (pos, wrap) == start {
+                    first_flags = flags;
+                } else {
+                    self.mem
+                        .store_u16(at + 14, flags, Ordering::Relaxed)
+                        .expect("descriptor flags");
+                }
+                p.avail = advance(p.avail, 1);
+            }
+        }
+        let first_at = desc + 16 * u64::from(start.0) + 14;
+        self.mem
+            .store_u16(first_at, first_flags, Ordering::Release)
+            .expect("first flags");
+        let (pos, wrap) = p.used;
+        let used = if wrap { AVAIL | USED } else { 0 };
+        loop {
+            black_box(self.device.poll());
+            let flags = self
+                .mem
+                .load_u16(desc + 16 * u64::from(pos) + 14, Ordering::Acquire)
+                .expect("used flags");
+            if flags & (AVAIL | USED) == used {
+                break;
+            }
+        }
+        p.used = advance(p.used, 3 * batch);
+    }
+}
+
 fn null() -> Arc<dyn Bdev> {
     NullBdev::new("Null0", BLOCKS, 512, [1; 16]).expect("null bdev")
 }
@@ -256,20 +364,31 @@ type MakeBdev = fn() -> Arc<dyn Bdev>;
 
 fn device_poll(c: &mut Criterion) {
     // `_log`: dirty logging on, as while a migration runs.
-    let cases: [(&str, Kind, MakeBdev, bool); 8] = [
-        ("blk_null", Kind::Blk, null, false),
-        ("blk_null_iostat", Kind::Blk, counted_null, false),
-        ("blk_null_histogram", Kind::Blk, histogram_null, false),
-        ("scsi_null", Kind::Scsi, null, false),
-        ("blk_malloc", Kind::Blk, malloc, false),
-        ("scsi_malloc", Kind::Scsi, malloc, false),
-        ("blk_null_log", Kind::Blk, null, true),
-        ("scsi_null_log", Kind::Scsi, null, true),
+    // `_packed`: packed virtqueues.
+    let cases: [(&str, Kind, MakeBdev, bool, bool); 12] = [
+        ("blk_null", Kind::Blk, null, false, false),
+        ("blk_null_iostat", Kind::Blk, counted_null, false, false),
+        (
+            "blk_null_histogram",
+            Kind::Blk,
+            histogram_null,
+            false,
+            false,
+        ),
+        ("scsi_null", Kind::Scsi, null, false, false),
+        ("blk_malloc", Kind::Blk, malloc, false, false),
+        ("scsi_malloc", Kind::Scsi, malloc, false, false),
+        ("blk_null_log", Kind::Blk, null, true, false),
+        ("scsi_null_log", Kind::Scsi, null, true, false),
+        ("blk_null_packed", Kind::Blk, null, false, true),
+        ("scsi_null_packed", Kind::Scsi, null, false, true),
+        ("blk_malloc_packed", Kind::Blk, malloc, false, true),
+        ("scsi_malloc_packed", Kind::Scsi, malloc, false, true),
     ];
-    for (name, kind, bdev, log) in cases {
+    for (name, kind, bdev, log, packed) in cases {
         let mut g = c.benchmark_group(name);
         for batch in [1u16, 32] {
-            let mut rig = Rig::new(kind, bdev(), log);
+            let mut rig = Rig::new(kind, bdev(), log, packed);
             g.throughput(Throughput::Elements(u64::from(batch)));
             g.bench_function(format!("read4k_batch{batch}"), |b| {
                 b.iter(|| rig.round(batch))

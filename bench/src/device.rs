@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rvhost_core::blk::{feature as blk_feature, request_type, VirtioBlkConfig, CONFIG_LEN};
-use rvhost_core::virtio::feature::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
+use rvhost_core::virtio::feature::{self, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
 use rvhost_core::virtio::ring::{VirtqDesc, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use rvhost_core::virtio::{bit, has_feature};
 use rvhost_core::virtio_scsi::{cmd_req_len, CmdReq, LunAddress, VIRTIO_SCSI_CDB_DEFAULT_SIZE};
@@ -99,6 +99,7 @@ impl Connection {
         device: DeviceType,
         queues: u16,
         event_idx: bool,
+        packed: bool,
     ) -> Result<Self, PerfError> {
         let stream = UnixStream::connect(socket)
             .map_err(|e| PerfError::Target(format!("connecting to {}: {e}", socket.display())))?;
@@ -124,6 +125,14 @@ impl Connection {
         let mut wanted = bit(VIRTIO_F_VERSION_1) | VHOST_USER_F_PROTOCOL_FEATURES;
         if event_idx {
             wanted |= bit(VIRTIO_F_RING_EVENT_IDX);
+        }
+        if packed {
+            if !has_feature(offered, feature::VIRTIO_F_RING_PACKED) {
+                return Err(PerfError::Target(
+                    "--packed: the target does not offer VIRTIO_F_RING_PACKED".into(),
+                ));
+            }
+            wanted |= bit(feature::VIRTIO_F_RING_PACKED);
         }
         if device == DeviceType::Blk {
             wanted |= bit(blk_feature::VIRTIO_BLK_F_BLK_SIZE)
@@ -230,6 +239,11 @@ impl Connection {
         })
     }
 
+    /// Whether packed rings were negotiated.
+    pub fn packed(&self) -> bool {
+        has_feature(self.features, feature::VIRTIO_F_RING_PACKED)
+    }
+
     /// Whether EVENT_IDX was negotiated.
     pub fn event_idx(&self) -> bool {
         has_feature(self.features, VIRTIO_F_RING_EVENT_IDX)
@@ -264,10 +278,13 @@ impl Connection {
             .set_mem_table(&[mem.vhost_region()])
             .map_err(vu("SET_MEM_TABLE"))?;
         let base = mem.user_addr();
+        // Packed: position 0 with the driver's wrap counter 1 (bit 15).
+        let vring_base = if self.packed() { 0x8000 } else { 0 };
         for (i, l) in layouts.iter().enumerate() {
             let f = &mut self.frontend;
             f.set_vring_num(i, l.size).map_err(vu("SET_VRING_NUM"))?;
-            f.set_vring_base(i, 0).map_err(vu("SET_VRING_BASE"))?;
+            f.set_vring_base(i, vring_base)
+                .map_err(vu("SET_VRING_BASE"))?;
             let config = VringConfigData {
                 queue_max_size: l.size,
                 queue_size: l.size,

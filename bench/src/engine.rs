@@ -100,6 +100,8 @@ pub struct RunReport {
     pub disk: DiskInfo,
     /// Whether EVENT_IDX was negotiated.
     pub event_idx: bool,
+    /// Whether the queues were packed rings.
+    pub packed: bool,
     /// What backs the shared memory.
     pub page_kind: PageKind,
     /// Measured window in seconds.
@@ -190,10 +192,16 @@ pub fn run(
     let format = RequestFormat::for_device(opts.device);
     let (mut conn, vrings, first_rq, event_idx, queue_sizes) = match &backend {
         Backend::Socket(path) => {
-            let conn = Connection::connect(path, opts.device, opts.queues, opts.event_idx)?;
+            let conn =
+                Connection::connect(path, opts.device, opts.queues, opts.event_idx, opts.packed)?;
             let sizes = conn.queue_sizes(opts.queue_depth)?;
             let (v, f, e) = (conn.vrings, conn.first_request_queue(), conn.event_idx());
             (Some(conn), v, f, e, sizes)
+        }
+        Backend::Loopback { .. } if opts.packed => {
+            return Err(PerfError::Options(
+                "--packed needs a target: the loopback responder serves split rings only".into(),
+            ));
         }
         Backend::Loopback { .. } => {
             let size = crate::device::queue_size_for(opts.queue_depth)?;
@@ -212,7 +220,11 @@ pub fn run(
     };
     let mut rings = Vec::with_capacity(usize::from(opts.queues));
     for l in &layouts[first_rq..] {
-        rings.push(DriverRing::new(mem, *l, notification)?);
+        rings.push(if opts.packed {
+            DriverRing::new_packed(mem, *l, notification)?
+        } else {
+            DriverRing::new(mem, *l, notification)?
+        });
     }
     let disk = match (&backend, conn.as_mut()) {
         (Backend::Socket(_), Some(c)) => {
@@ -299,6 +311,7 @@ pub fn run(
         }
         let mut report = result?;
         report.event_idx = event_idx;
+        report.packed = opts.packed;
         report.page_kind = shm.page_kind();
         Ok(report)
     })
@@ -613,6 +626,7 @@ fn drive<'m>(
         queues: opts.queues,
         disk,
         event_idx: false,
+        packed: false,
         page_kind: PageKind::Base4KiB,
         seconds,
         read,

@@ -1,12 +1,15 @@
 //! The driver's half of a split virtqueue (virtio 1.2 §2.7): write descriptors, offer heads in
 //! the available ring, publish `avail.idx`, decide whether the device wants a kick, and reap the
-//! used ring by polling.
+//! used ring by polling. The same ring drives a packed virtqueue (§2.8, `--packed`): the chains
+//! written with `write_desc` are kept as templates and copied into the descriptor ring when their
+//! head is offered (buffer ID = head), and used descriptors are reaped from the same ring.
 //!
 //! All ring fields are accessed as atomics in the shared mapping: `avail.idx` is stored with
 //! Release (so descriptors, headers and ring entries written before it are visible to a device
 //! that loads it with Acquire), `used.idx` is loaded with Acquire (so the status bytes and data the
 //! device wrote before publishing it are visible here).
 
+use std::cell::RefCell;
 use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use rvhost_core::virtio::ring::{
@@ -97,7 +100,31 @@ pub enum Notification {
     Flags,
 }
 
-/// The driver side of one split virtqueue.
+/// Packed ring descriptor flags and event suppression values (virtio 1.2 §2.8).
+const PACKED_F_AVAIL: u16 = 1 << 7;
+const PACKED_F_USED: u16 = 1 << 15;
+const PACKED_EVENT_DISABLE: u16 = 1;
+const PACKED_EVENT_DESC: u16 = 2;
+
+/// A packed ring's driver-side state.
+#[derive(Debug)]
+struct PackedDriver {
+    /// The chains as `write_desc` wrote them, indexed like a split descriptor table.
+    templates: RefCell<Vec<VirtqDesc>>,
+    /// Next ring position to make a list available at, and the driver's wrap counter there.
+    avail_pos: u16,
+    avail_wrap: bool,
+    /// Ring position and wrap counter of the first list offered since the last publish, and its
+    /// first descriptor's flags (written last, at publish).
+    unpublished: Option<(u16, bool, u16)>,
+    /// Next ring position to find a used descriptor at, and the device's wrap counter there.
+    used_pos: u16,
+    used_wrap: bool,
+    /// Descriptors each buffer ID's list occupies (by head).
+    counts: Vec<u16>,
+}
+
+/// The driver side of one split (or packed) virtqueue.
 #[derive(Debug)]
 pub struct DriverRing<'m> {
     mem: Shared<'m>,
@@ -111,6 +138,8 @@ pub struct DriverRing<'m> {
     used_seen: u16,
     /// Driver-owned mask for ring positions (`size - 1`; sizes are powers of two).
     mask: u16,
+    /// `Some` for a packed ring.
+    packed: Option<PackedDriver>,
 }
 
 impl<'m> DriverRing<'m> {
@@ -134,6 +163,7 @@ impl<'m> DriverRing<'m> {
             published: 0,
             used_seen: 0,
             mask: layout.size - 1,
+            packed: None,
         };
         ring.mem
             .u16_at(layout.avail + RING_FLAGS_OFFSET as usize)?
@@ -148,6 +178,45 @@ impl<'m> DriverRing<'m> {
         Ok(ring)
     }
 
+    /// A fresh packed ring over zeroed memory at `layout` (`desc` is the descriptor ring,
+    /// `avail` the driver and `used` the device event suppression structure); asks the device not
+    /// to interrupt.
+    pub fn new_packed(
+        mem: Shared<'m>,
+        layout: QueueLayout,
+        notification: Notification,
+    ) -> Result<Self, PerfError> {
+        let size = usize::from(layout.size);
+        let ring = DriverRing {
+            mem,
+            layout,
+            notification,
+            next_avail: 0,
+            published: 0,
+            used_seen: 0,
+            mask: layout.size.wrapping_sub(1),
+            packed: Some(PackedDriver {
+                templates: RefCell::new(vec![VirtqDesc::default(); size]),
+                avail_pos: 0,
+                avail_wrap: true,
+                unpublished: None,
+                used_pos: 0,
+                used_wrap: true,
+                counts: vec![0; size],
+            }),
+        };
+        // Driver event suppression: flags at +2. We poll: no used-buffer notifications.
+        ring.mem
+            .u16_at(layout.avail + 2)?
+            .store(PACKED_EVENT_DISABLE.to_le(), Ordering::Relaxed);
+        Ok(ring)
+    }
+
+    /// Whether this is a packed ring.
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
+    }
+
     /// The memory the ring lives in.
     pub fn shared(&self) -> Shared<'m> {
         self.mem
@@ -158,8 +227,16 @@ impl<'m> DriverRing<'m> {
         &self.layout
     }
 
-    /// Writes descriptor `index`.
+    /// Writes descriptor `index` (packed: of the chain templates).
     pub fn write_desc(&self, index: u16, desc: VirtqDesc) -> Result<(), PerfError> {
+        if let Some(p) = &self.packed {
+            let mut templates = p.templates.borrow_mut();
+            let slot = templates.get_mut(usize::from(index)).ok_or_else(|| {
+                PerfError::Options(format!("descriptor {index} outside the ring"))
+            })?;
+            *slot = desc;
+            return Ok(());
+        }
         let at = self.layout.desc + usize::from(index) * VirtqDesc::SIZE;
         self.mem
             .u64_at(at)?
@@ -178,6 +255,12 @@ impl<'m> DriverRing<'m> {
 
     /// Rewrites only the flags of descriptor `index`.
     pub fn set_desc_flags(&self, index: u16, flags: u16) -> Result<(), PerfError> {
+        if let Some(p) = &self.packed {
+            if let Some(d) = p.templates.borrow_mut().get_mut(usize::from(index)) {
+                d.flags = flags;
+            }
+            return Ok(());
+        }
         let at = self.layout.desc + usize::from(index) * VirtqDesc::SIZE + 12;
         self.mem.u16_at(at)?.store(flags.to_le(), Ordering::Relaxed);
         Ok(())
@@ -186,6 +269,9 @@ impl<'m> DriverRing<'m> {
     /// Puts `head` in the next available-ring entry; the device sees it after [`Self::publish`].
     #[inline]
     pub fn offer(&mut self, head: u16) -> Result<(), PerfError> {
+        if self.packed.is_some() {
+            return self.offer_packed(head);
+        }
         let pos = usize::from(self.next_avail & self.mask);
         let at = self.layout.avail + RING_ARRAY_OFFSET as usize + 2 * pos;
         self.mem.u16_at(at)?.store(head.to_le(), Ordering::Relaxed);
@@ -193,10 +279,66 @@ impl<'m> DriverRing<'m> {
         Ok(())
     }
 
-    /// Publishes every offered head with one `avail.idx` store and returns whether the device
-    /// asked to be kicked for them.
+    /// Packed: copies the chain at `head` into the ring as one list with buffer ID `head`; its
+    /// first descriptor's flags wait for [`Self::publish`] if it is the batch's first list.
+    fn offer_packed(&mut self, head: u16) -> Result<(), PerfError> {
+        let size = self.layout.size;
+        let desc_base = self.layout.desc;
+        let mem = self.mem;
+        let Some(p) = self.packed.as_mut() else {
+            return Ok(());
+        };
+        let templates = p.templates.borrow();
+        let mut index = head;
+        let mut count = 0u16;
+        loop {
+            let d = *templates
+                .get(usize::from(index))
+                .ok_or_else(|| PerfError::Options(format!("chain past descriptor {index}")))?;
+            count += 1;
+            if count > size {
+                return Err(PerfError::Options(format!("chain at {head} loops")));
+            }
+            let pos = p.avail_pos;
+            let at = desc_base + usize::from(pos) * VirtqDesc::SIZE;
+            let ring_flags = if p.avail_wrap {
+                PACKED_F_AVAIL
+            } else {
+                PACKED_F_USED
+            };
+            let flags = (d.flags & !(PACKED_F_AVAIL | PACKED_F_USED)) | ring_flags;
+            mem.u64_at(at)?.store(d.addr.to_le(), Ordering::Relaxed);
+            mem.u32_at(at + 8)?.store(d.len.to_le(), Ordering::Relaxed);
+            mem.u16_at(at + 12)?.store(head.to_le(), Ordering::Relaxed);
+            if count == 1 && p.unpublished.is_none() {
+                p.unpublished = Some((pos, p.avail_wrap, flags));
+            } else {
+                mem.u16_at(at + 14)?.store(flags.to_le(), Ordering::Release);
+            }
+            p.avail_pos += 1;
+            if p.avail_pos == size {
+                p.avail_pos = 0;
+                p.avail_wrap = !p.avail_wrap;
+            }
+            if d.flags & 1 == 0 {
+                break;
+            }
+            index = d.next;
+        }
+        if let Some(c) = p.counts.get_mut(usize::from(head)) {
+            *c = count;
+        }
+        self.next_avail = self.next_avail.wrapping_add(1);
+        Ok(())
+    }
+
+    /// Publishes every offered head with one `avail.idx` store (packed: one store of the
+    /// batch's first flags) and returns whether the device asked to be kicked for them.
     #[inline]
     pub fn publish(&mut self) -> Result<bool, PerfError> {
+        if self.packed.is_some() {
+            return self.publish_packed();
+        }
         let old = self.published;
         let new = self.next_avail;
         if old == new {
@@ -228,9 +370,83 @@ impl<'m> DriverRing<'m> {
         })
     }
 
-    /// How many used entries are waiting (one Acquire load of `used.idx`).
+    fn publish_packed(&mut self) -> Result<bool, PerfError> {
+        let desc_base = self.layout.desc;
+        let event_at = self.layout.used;
+        let mem = self.mem;
+        let Some(p) = self.packed.as_mut() else {
+            return Ok(false);
+        };
+        let Some((pos, start_wrap, flags)) = p.unpublished.take() else {
+            return Ok(false);
+        };
+        mem.u16_at(desc_base + usize::from(pos) * VirtqDesc::SIZE + 14)?
+            .store(flags.to_le(), Ordering::Release);
+        self.published = self.next_avail;
+        fence(Ordering::SeqCst);
+        // Device event suppression: off_wrap at +0, flags at +2.
+        let event_flags = u16::from_le(mem.u16_at(event_at + 2)?.load(Ordering::Acquire)) & 3;
+        Ok(match event_flags {
+            PACKED_EVENT_DISABLE => false,
+            PACKED_EVENT_DESC => {
+                // Kick if the list at the event's offset (in its lap) was made available in this
+                // batch: the offset lies in [pos, avail_pos) in ring order.
+                let off_wrap = u16::from_le(mem.u16_at(event_at)?.load(Ordering::Acquire));
+                let size = u32::from(self.layout.size);
+                let linear = |pos: u16, wrap: bool| {
+                    (u32::from(pos) + if wrap { 0 } else { size }) % (2 * size)
+                };
+                let event = linear(off_wrap & 0x7fff, off_wrap & 0x8000 != 0);
+                let start = linear(pos, start_wrap);
+                let end = linear(p.avail_pos, p.avail_wrap);
+                let span = (end + 2 * size - start) % (2 * size);
+                (event + 2 * size - start) % (2 * size) < span
+            }
+            _ => true,
+        })
+    }
+
+    /// Packed: how many used descriptors follow each other from the next used position.
+    fn packed_used_pending(&self) -> Result<u16, PerfError> {
+        let Some(p) = &self.packed else {
+            return Ok(0);
+        };
+        let size = u32::from(self.layout.size);
+        let (mut pos, mut wrap) = (p.used_pos, p.used_wrap);
+        let mut n = 0u16;
+        while n < self.in_flight() {
+            let at = self.layout.desc + usize::from(pos) * VirtqDesc::SIZE;
+            let flags = u16::from_le(self.mem.u16_at(at + 14)?.load(Ordering::Acquire));
+            let avail = flags & PACKED_F_AVAIL != 0;
+            let used = flags & PACKED_F_USED != 0;
+            if avail != used || used != wrap {
+                break;
+            }
+            let id = u16::from_le(self.mem.u16_at(at + 12)?.load(Ordering::Relaxed));
+            let count = p.counts.get(usize::from(id)).copied().unwrap_or(0);
+            if count == 0 {
+                // Not a list in flight: let take_used report it.
+                return Ok(n + 1);
+            }
+            let next = u32::from(pos) + u32::from(count);
+            if next >= size {
+                pos = (next - size) as u16;
+                wrap = !wrap;
+            } else {
+                pos = next as u16;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// How many used entries are waiting (one Acquire load of `used.idx`; packed: the used
+    /// descriptors found one after the other from the next used position).
     #[inline]
     pub fn used_pending(&self) -> Result<u16, PerfError> {
+        if self.packed.is_some() {
+            return self.packed_used_pending();
+        }
         let idx = u16::from_le(
             self.mem
                 .u16_at(self.layout.used + RING_IDX_OFFSET as usize)?
@@ -242,6 +458,32 @@ impl<'m> DriverRing<'m> {
     /// Consumes the next used entry; call only after [`Self::used_pending`] reported it.
     #[inline]
     pub fn take_used(&mut self) -> Result<VirtqUsedElem, PerfError> {
+        if let Some(p) = self.packed.as_mut() {
+            let at = self.layout.desc + usize::from(p.used_pos) * VirtqDesc::SIZE;
+            let len = u32::from_le(self.mem.u32_at(at + 8)?.load(Ordering::Relaxed));
+            let id = u16::from_le(self.mem.u16_at(at + 12)?.load(Ordering::Relaxed));
+            let count = p.counts.get(usize::from(id)).copied().unwrap_or(0);
+            if count == 0 {
+                return Err(PerfError::Options(format!(
+                    "used buffer id {id} was not offered"
+                )));
+            }
+            if let Some(c) = p.counts.get_mut(usize::from(id)) {
+                *c = 0;
+            }
+            let next = u32::from(p.used_pos) + u32::from(count);
+            if next >= u32::from(self.layout.size) {
+                p.used_pos = (next - u32::from(self.layout.size)) as u16;
+                p.used_wrap = !p.used_wrap;
+            } else {
+                p.used_pos = next as u16;
+            }
+            self.used_seen = self.used_seen.wrapping_add(1);
+            return Ok(VirtqUsedElem {
+                id: u32::from(id),
+                len,
+            });
+        }
         let pos = usize::from(self.used_seen & self.mask);
         let at = self.layout.used + RING_ARRAY_OFFSET as usize + 8 * pos;
         let id = u32::from_le(self.mem.u32_at(at)?.load(Ordering::Relaxed));
@@ -254,7 +496,7 @@ impl<'m> DriverRing<'m> {
     /// the device never finds a reason to signal the call eventfd (we poll).
     #[inline]
     pub fn suppress_interrupts(&self) -> Result<(), PerfError> {
-        if self.notification == Notification::EventIdx {
+        if self.notification == Notification::EventIdx && self.packed.is_none() {
             let at =
                 self.layout.avail + RING_ARRAY_OFFSET as usize + 2 * usize::from(self.layout.size);
             self.mem.u16_at(at)?.store(

@@ -53,6 +53,8 @@ pub struct WorkloadOptions {
     pub verify: bool,
     /// Negotiate `VIRTIO_F_RING_EVENT_IDX` when offered.
     pub event_idx: bool,
+    /// Drive packed virtqueues (`VIRTIO_F_RING_PACKED`, which the target must offer).
+    pub packed: bool,
     /// Try hugepages for the shared memory.
     pub hugepages: bool,
     /// Seed for the offset generator.

@@ -87,6 +87,26 @@ fn verify_run_against_rvhost_malloc_finds_no_mismatch() {
     assert!(report["write"]["ios"].as_u64().unwrap() > 0, "{report}");
 }
 
+/// `--packed`: the same verified random mix on packed virtqueues, over many laps of the ring.
+#[test]
+fn verify_run_on_packed_rings_finds_no_mismatch() {
+    let budget = MemoryBudget::new(64 << 20);
+    let bdev = MallocBdev::new("Malloc0", (16 << 20) / 512, 512, [1; 16], &budget).unwrap();
+    let (dp, socket) = start("verify-packed", bdev);
+    let socket = socket.to_str().unwrap().to_owned();
+    let (code, report, stderr) = perf(&[
+        "--socket", &socket, "--rw", "randrw", "--bs", "4k", "--qd", "16", "--queues", "2",
+        "--time", "2", "--verify", "--packed",
+    ]);
+    dp.shutdown();
+    assert_eq!(code, 0, "rvhost-perf --packed failed: {stderr}");
+    assert_eq!(report["packed"], true, "{report}");
+    assert_eq!(report["verify_errors"], 0, "{report}");
+    assert_eq!(report["io_errors"], 0, "{report}");
+    assert!(report["verified_reads"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["write"]["ios"].as_u64().unwrap() > 0, "{report}");
+}
+
 #[test]
 fn verify_catches_a_target_that_drops_writes() {
     // A null bdev completes writes without storing them: every checked read must fail.

@@ -53,6 +53,9 @@ struct Cli {
     /// Do not negotiate VIRTIO_F_RING_EVENT_IDX (use the NO_NOTIFY flag for kick decisions).
     #[arg(long)]
     no_event_idx: bool,
+    /// Drive packed virtqueues (VIRTIO_F_RING_PACKED) instead of split ones.
+    #[arg(long)]
+    packed: bool,
     /// Use 4 KiB pages for the shared memory even when hugepages are available.
     #[arg(long)]
     no_hugepages: bool,
@@ -130,7 +133,7 @@ fn print_dir(name: &str, d: &DirReport) {
 
 fn print_report(r: &RunReport) {
     println!(
-        "rvhost-perf: {:?} {:?} bs={} qd={} queues={} ({}s, disk {} MiB, {}-byte blocks, event_idx={}, {:?} pages)",
+        "rvhost-perf: {:?} {:?} bs={} qd={} queues={} ({}s, disk {} MiB, {}-byte blocks, event_idx={}, packed={}, {:?} pages)",
         r.device,
         r.rw,
         r.block_size,
@@ -140,6 +143,7 @@ fn print_report(r: &RunReport) {
         r.disk.capacity >> 20,
         r.disk.block_size,
         r.event_idx,
+        r.packed,
         r.page_kind
     );
     print_dir("read", &r.read);
@@ -198,6 +202,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
         size: cli.size,
         verify: cli.verify,
         event_idx: !cli.no_event_idx,
+        packed: cli.packed,
         hugepages: !cli.no_hugepages,
         seed: cli.seed,
     };
