@@ -29,6 +29,20 @@ const DOWNTIME_MS: u64 = 1000;
 /// which the guest (and its backends) write pages already sent, which must then be sent again.
 const BANDWIDTH: u64 = 16 << 20;
 
+/// Environment knob for investigations, off by default (CI keeps the timing above): set to a
+/// number of milliseconds, a migration starts with a 1 ms downtime limit, so it cannot converge,
+/// keeps iterating (log syncs every round) for that long after its first pass over RAM, and only
+/// then gets [`DOWNTIME_MS`] to finish.
+pub const HOLD_ENV: &str = "RVHOST_MIGRATE_HOLD_MS";
+
+/// The hold [`HOLD_ENV`] asks for, if any.
+fn hold() -> Option<Duration> {
+    std::env::var(HOLD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis)
+}
+
 /// How long one migration (or a QMP answer) may take.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -308,9 +322,10 @@ impl MigrationRig {
                 {"capability": "pause-before-switchover", "state": pause_before_switchover}
             ]}),
         )?;
+        let downtime = if hold().is_some() { 1 } else { DOWNTIME_MS };
         qmp.execute(
             "migrate-set-parameters",
-            json!({"max-bandwidth": bandwidth, "downtime-limit": DOWNTIME_MS}),
+            json!({"max-bandwidth": bandwidth, "downtime-limit": downtime}),
         )?;
         qmp.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))?;
         Ok(dest)
@@ -336,8 +351,28 @@ impl MigrationRig {
         let dest = self.start_migration(devices, BANDWIDTH, true)?;
         let source = self.current;
         let deadline = Instant::now() + MIGRATION_TIMEOUT;
+        // With a hold: when the first pass ended (the second dirty sync), and whether the
+        // downtime limit was raised again.
+        let mut hold = hold().map(|h| (h, None::<Instant>));
         let info = loop {
             let info = self.query_migrate(source)?;
+            if let Some((length, first_pass)) = &mut hold {
+                let syncs = info
+                    .pointer("/ram/dirty-sync-count")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0);
+                if first_pass.is_none() && syncs >= 2 {
+                    *first_pass = Some(Instant::now());
+                }
+                if first_pass.is_some_and(|t| t.elapsed() >= *length) {
+                    eprintln!("hold over after {syncs} dirty syncs");
+                    self.instances[source].qmp.execute(
+                        "migrate-set-parameters",
+                        json!({"downtime-limit": DOWNTIME_MS}),
+                    )?;
+                    hold = None;
+                }
+            }
             match info.get("status").and_then(Value::as_str) {
                 Some("completed") => break info,
                 Some("pre-switchover") => {
