@@ -181,6 +181,10 @@ mon osd down out interval = 0
 
 [mon]
 mon data = $dir/mon/\$id
+# The monitor refuses to start below 5 % free disk by default; its store here is a few MiB, and a
+# test cluster must not fail because the build directories filled the disk.
+mon data avail crit = 1
+mon data avail warn = 2
 keyring = $dir/mon/\$id/keyring
 admin socket = $dir/run/\$name.asok
 
