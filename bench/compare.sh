@@ -25,7 +25,7 @@
 # --direct-dir, default $BUILD/compare-files; --direct-prep fill|fallocate|sparse says how that file
 # is made: fill writes every block, so O_DIRECT writes are overwrites of written extents).
 # SPDK targets (SPDK's vhost app from the built tree SPDK_DIR names; never built here):
-# spdk-null spdk-malloc (blk), spdk-scsi-null (scsi), spdk-aio (blk, SPDK's aio bdev, which opens
+# spdk-null spdk-malloc (blk), spdk-scsi-null spdk-scsi-malloc (scsi), spdk-aio (blk, SPDK's aio bdev, which opens
 # with O_DIRECT, on the --files direct file). --spdk adds each rvhost target's SPDK peer and makes
 # targets run in pairs (SPDK first). Without SPDK_DIR the SPDK targets and bdevperf are skipped
 # with a message. SPDK programs run with -u (no PCI) and need 2 MiB hugepages (768 MiB).
@@ -119,6 +119,7 @@ spdk_peer() {
     rvhost-null) echo spdk-null ;;
     rvhost-malloc) echo spdk-malloc ;;
     rvhost-scsi-null) echo spdk-scsi-null ;;
+    rvhost-scsi-malloc) echo spdk-scsi-malloc ;;
     rvhost-aio-direct|rvhost-uring-direct) echo spdk-aio ;;
   esac
 }
@@ -377,10 +378,10 @@ start_target() {
         > "$WORK/$t.log" 2>&1 &
       TARGET_PID=$!
       ;;
-    spdk-null|spdk-malloc|spdk-scsi-null|spdk-aio)
+    spdk-null|spdk-malloc|spdk-scsi-null|spdk-scsi-malloc|spdk-aio)
       local kind=blk bdev=null
       case "$t" in spdk-scsi-*) kind=scsi; TYPE=scsi ;; esac
-      case "$t" in spdk-malloc) bdev=malloc ;; spdk-aio) bdev=aio-direct ;; esac
+      case "$t" in *-malloc) bdev=malloc ;; spdk-aio) bdev=aio-direct ;; esac
       spdk_config "$kind" "$bdev" > "$WORK/config.json" || return 1
       # SPDK's vhost app: one reactor on the target core, the controller's socket in $WORK/sock.
       LD_LIBRARY_PATH="$SPDK_LIBS" "${PRIO[@]}" taskset -c "$TARGET_CPU" "$SPDK_DIR/build/bin/vhost" \
@@ -466,16 +467,21 @@ for (init, wl, qd), targets in by.items():
         print(f"| {init} | {wl} | {qd} | {t} | {med('iops'):,.0f} | {med('avg_lat_us'):.2f} | {med('p50_lat_us'):.2f} | {med('p99_lat_us'):.2f} | {ratio} | {len(rounds)} | {rtts} |")
 
 peers = {"rvhost-null": "spdk-null", "rvhost-malloc": "spdk-malloc",
-         "rvhost-scsi-null": "spdk-scsi-null", "rvhost-aio-direct": "spdk-aio",
+         "rvhost-scsi-null": "spdk-scsi-null", "rvhost-scsi-malloc": "spdk-scsi-malloc",
+         "rvhost-aio-direct": "spdk-aio",
          "rvhost-uring-direct": "spdk-aio"}
 pairs = [(init, wl, qd, t, peers[t]) for (init, wl, qd), targets in by.items()
          for t in targets if t in peers and peers[t] in targets]
 if pairs:
     print()
-    print("| initiator | workload | QD | rvhost target | SPDK target | median per-round ratio rvhost/SPDK | per-round ratios |")
-    print("|---|---|---|---|---|---|---|")
+    print("| initiator | workload | QD | rvhost target | SPDK target | median per-round ratio rvhost/SPDK | per-round ratios | median per-round p50 latency ratio rvhost/SPDK |")
+    print("|---|---|---|---|---|---|---|---|")
     for init, wl, qd, t, p in pairs:
         targets = by[(init, wl, qd)]
         ratio, ratios = ratio_median(targets[t], targets[p])
-        print(f"| {init} | {wl} | {qd} | {t} | {p} | {ratio} | {' '.join(f'{x:.2f}' for x in ratios)} |")
+        base = targets[p]
+        p50s = [float(r["p50_lat_us"]) / float(base[k]["p50_lat_us"]) for k, r in targets[t].items()
+                if k in base and float(base[k]["p50_lat_us"] or "nan") > 0]
+        p50 = f"{statistics.median(p50s):.2f}" if p50s else "-"
+        print(f"| {init} | {wl} | {qd} | {t} | {p} | {ratio} | {' '.join(f'{x:.2f}' for x in ratios)} | {p50} |")
 PY
