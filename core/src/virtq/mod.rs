@@ -1,4 +1,6 @@
 //! The split virtqueue (virtio 1.2 §2.7) as a poll-mode device sees it.
+//! ([`DriverQueue`] is the other side, for the queues rvhost drives as a virtio driver: the
+//! virtio-vhost-user device's rxq and txq.)
 //!
 //! A [`SplitQueue`] holds only the ring addresses (guest physical), the queue size and the device's
 //! own indices; guest memory is passed to every call, so a new vhost-user memory table can be swapped
@@ -58,10 +60,12 @@
 
 mod chain;
 mod device_ring;
+mod driver;
 pub mod packed;
 
 pub use chain::{Chain, ChainError, ChainErrorKind};
 pub use device_ring::{AnyHead, AnyRing, AnyRingError, DeviceRing, RingHead};
+pub use driver::{DriverBuffer, DriverError, DriverQueue, UsedBuffer};
 
 use core::sync::atomic::{fence, Ordering};
 
