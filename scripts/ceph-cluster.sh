@@ -59,13 +59,59 @@ free_port() {
   exit 1
 }
 
+# Daemon NAME's own reason for stopping or stalling: the last lines of its standard output and
+# error, and the last errors (level -1 lines) of its log.
+log_tail() {
+  local name=$1 out=$dir/log/$1.out log=$dir/log/$1.log
+  if [ -s "$out" ]; then
+    echo "--- last lines of $out:" >&2
+    tail -n 10 "$out" >&2
+  fi
+  if grep -q -- ' -1 ' "$log" 2>/dev/null; then
+    echo "--- last errors in $log:" >&2
+    grep -A2 -- ' -1 ' "$log" | tail -n 10 >&2
+  fi
+}
+
+# Sets `status` to ", exit status N (what N means as an errno, which is how Ceph daemons exit)"
+# for daemon NAME, a child of this script that has ended (its error line does not always reach
+# its output before it exits), or to nothing.
+exit_status() {
+  local pid code
+  status=
+  pid=$(cat "$dir/run/$1.pid" 2>/dev/null) || return 0
+  code=0
+  wait "$pid" 2>/dev/null || code=$?
+  [ "$code" -eq 127 ] && return 0 # not a child of this shell
+  status=", exit status $code"
+  if [ "$code" -gt 1 ] && [ "$code" -lt 128 ]; then
+    status="$status ($(python3 -c 'import errno, os, sys; n = int(sys.argv[1]); print("%s: %s" % (errno.errorcode.get(n, "?"), os.strerror(n)))' "$code"))"
+  elif [ "$code" -ge 128 ]; then
+    status="$status (signal $((code - 128)))"
+  fi
+}
+
+# wait_for WHAT SECONDS [--daemon NAME] COMMAND...: runs COMMAND until it succeeds. With
+# --daemon, gives up as soon as that daemon (its PID file in DIR/run) has exited, and prints
+# its log tail then or at the time-out.
 wait_for() {
-  local what=$1 seconds=$2
+  local what=$1 seconds=$2 daemon=
   shift 2
+  if [ "${1:-}" = --daemon ]; then
+    daemon=$2
+    shift 2
+  fi
   local deadline=$((SECONDS + seconds))
   until "$@" >/dev/null 2>&1; do
+    if [ -n "$daemon" ] && ! alive "$(cat "$dir/run/$daemon.pid" 2>/dev/null)"; then
+      exit_status "$daemon"
+      echo "ceph-cluster: $daemon exited$status while waiting for $what" >&2
+      log_tail "$daemon"
+      return 1
+    fi
     if [ $SECONDS -ge $deadline ]; then
       echo "ceph-cluster: timed out after ${seconds}s waiting for $what (logs in $dir/log)" >&2
+      [ -n "$daemon" ] && log_tail "$daemon"
       return 1
     fi
     sleep 0.2
@@ -95,11 +141,16 @@ import json, sys
 d = json.load(sys.stdin)
 sys.exit(0 if any(o['osd'] == $1 and o['up'] == 1 for o in d['osds']) else 1)"; }
 
-# Whether process $1 runs (a zombie no parent reaps counts as gone).
+# Whether process $1 runs: any of its threads does (a zombie no parent reaps counts as gone; a
+# main thread that has ended while the others still shut the daemon down does not).
 alive() {
-  local state
-  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
-  [ -n "$state" ] && [ "$state" != Z ]
+  [ -n "$1" ] || return 1
+  local t state
+  for t in /proc/"$1"/task/*/stat; do
+    state=$(awk '{print $3}' "$t" 2>/dev/null) || continue
+    [ -n "$state" ] && [ "$state" != Z ] && return 0
+  done
+  return 1
 }
 
 stop_pid() {
@@ -218,7 +269,7 @@ EOF
   ceph-mon -c "$dir/ceph.conf" --mkfs -i a --monmap "$dir/monmap" \
     --keyring "$dir/mon-initial.keyring" >>"$dir/log/mon.a.out" 2>&1
   spawn mon.a ceph-mon -i a
-  wait_for "the monitor" 30 ceph_cli mon stat || return 1
+  wait_for "the monitor" 30 --daemon mon.a ceph_cli mon stat || return 1
 
   mkdir -p "$dir/mgr/x"
   ceph_cli auth get-or-create mgr.x mon 'allow profile mgr' osd 'allow *' mds 'allow *' \
@@ -237,13 +288,13 @@ EOF
     start_osd "$id"
   done
   for i in $(seq 0 $((osds - 1))); do
-    wait_for "osd.$i up" 60 osd_up "$i" || return 1
+    wait_for "osd.$i up" 60 --daemon "osd.$i" osd_up "$i" || return 1
   done
 
   ceph_cli osd pool create rbd 8 8 >/dev/null || return 1
   ceph_cli osd pool set rbd size "$osds" --yes-i-really-mean-it >/dev/null || return 1
   ceph_cli osd pool set rbd min_size 1 >/dev/null || return 1
-  wait_for "the manager" 60 mgr_active || return 1
+  wait_for "the manager" 60 --daemon mgr.x mgr_active || return 1
   wait_for "every PG active+clean" 60 pgs_clean || return 1
   timeout 30 rbd -c "$dir/ceph.conf" pool init rbd || return 1
   echo "ceph-cluster: up in ${SECONDS}s: conf $dir/ceph.conf, monitor $(cat "$dir/mon_host"), $osds OSD(s), pool rbd"
@@ -272,7 +323,7 @@ case $cmd in
   start-osd)
     [ $# -eq 1 ] || usage
     start_osd "$1"
-    wait_for "osd.$1 up" 60 osd_up "$1"
+    wait_for "osd.$1 up" 60 --daemon "osd.$1" osd_up "$1"
     ;;
   *) usage ;;
 esac
