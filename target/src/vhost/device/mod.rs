@@ -444,6 +444,13 @@ impl<H: RequestHandler, V: ShellRing> VhostDevice<H, V> {
         self.queues.iter().flatten().map(|q| q.in_flight()).sum()
     }
 
+    /// Requests completed on queue `index` since it started (published on its used ring);
+    /// `None` if the queue is not running. Read on the device's reactor.
+    pub fn completed(&self, index: u16) -> Option<u64> {
+        let queue = self.queues.get(usize::from(index))?.as_ref()?;
+        Some(queue.completed())
+    }
+
     /// Whether a queue (running, stopping or draining) is left.
     fn has_queues(&self) -> bool {
         self.queues.iter().any(Option::is_some)
@@ -899,6 +906,15 @@ impl<H: RequestHandler> AnyLayoutDevice<H> {
     pub fn new(device: VhostDevice<H>) -> Self {
         AnyLayoutDevice {
             device: Some(Layout::Split(device)),
+        }
+    }
+
+    /// Requests completed on queue `index` since it started ([`VhostDevice::completed`]).
+    pub fn completed(&self, index: u16) -> Option<u64> {
+        match &self.device {
+            Some(Layout::Split(d)) => d.completed(index),
+            Some(Layout::Packed(d)) => d.completed(index),
+            None => None,
         }
     }
 
