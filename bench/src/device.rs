@@ -11,12 +11,14 @@ use rvhost_core::virtio::ring::{VirtqDesc, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 use rvhost_core::virtio::{bit, has_feature};
 use rvhost_core::virtio_scsi::{cmd_req_len, CmdReq, LunAddress, VIRTIO_SCSI_CDB_DEFAULT_SIZE};
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::dirty_log::{DirtyLogMemory, DirtyLogMode};
 use crate::shm::{QueueLayout, SharedMemory, META_IN_OFFSET};
 use crate::vring::{DriverRing, Shared};
 use crate::workload::{DeviceType, Dir};
@@ -93,13 +95,16 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
-    /// Connects to `socket` and negotiates features for `queues` request queues.
+    /// Connects to `socket` and negotiates features for `queues` request queues (and, with
+    /// `dirty_log`, what a migrating frontend needs: `VHOST_F_LOG_ALL` offered and
+    /// `VHOST_USER_PROTOCOL_F_LOG_SHMFD`).
     pub fn connect(
         socket: &Path,
         device: DeviceType,
         queues: u16,
         event_idx: bool,
         packed: bool,
+        dirty_log: bool,
     ) -> Result<Self, PerfError> {
         let stream = UnixStream::connect(socket)
             .map_err(|e| PerfError::Target(format!("connecting to {}: {e}", socket.display())))?;
@@ -144,6 +149,11 @@ impl Connection {
                 wanted |= bit(blk_feature::VIRTIO_BLK_F_MQ);
             }
         }
+        if dirty_log && offered & VhostUserVirtioFeatures::LOG_ALL.bits() == 0 {
+            return Err(PerfError::Target(
+                "--dirty-log: the target does not offer VHOST_F_LOG_ALL".into(),
+            ));
+        }
         let features = offered & wanted;
         frontend
             .set_features(features)
@@ -151,10 +161,18 @@ impl Connection {
         let proto_offered = frontend
             .get_protocol_features()
             .map_err(vu("GET_PROTOCOL_FEATURES"))?;
-        let proto = proto_offered
+        let mut proto = proto_offered
             & (VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::REPLY_ACK);
+        if dirty_log {
+            if !proto_offered.contains(VhostUserProtocolFeatures::LOG_SHMFD) {
+                return Err(PerfError::Target(
+                    "--dirty-log: the target does not offer VHOST_USER_PROTOCOL_F_LOG_SHMFD".into(),
+                ));
+            }
+            proto |= VhostUserProtocolFeatures::LOG_SHMFD;
+        }
         frontend
             .set_protocol_features(proto)
             .map_err(vu("SET_PROTOCOL_FEATURES"))?;
@@ -285,22 +303,46 @@ impl Connection {
             f.set_vring_num(i, l.size).map_err(vu("SET_VRING_NUM"))?;
             f.set_vring_base(i, vring_base)
                 .map_err(vu("SET_VRING_BASE"))?;
-            let config = VringConfigData {
-                queue_max_size: l.size,
-                queue_size: l.size,
-                flags: 0,
-                desc_table_addr: base + l.desc as u64,
-                used_ring_addr: base + l.used as u64,
-                avail_ring_addr: base + l.avail as u64,
-                log_addr: None,
-            };
-            f.set_vring_addr(i, &config).map_err(vu("SET_VRING_ADDR"))?;
+            f.set_vring_addr(i, &vring_config(base, l, false))
+                .map_err(vu("SET_VRING_ADDR"))?;
             let (call, err, kick) = (&self.calls[i], &self.errs[i], &self.kicks[i]);
             f.set_vring_call(i, call).map_err(vu("SET_VRING_CALL"))?;
             f.set_vring_err(i, err).map_err(vu("SET_VRING_ERR"))?;
             f.set_vring_kick(i, kick).map_err(vu("SET_VRING_KICK"))?;
             f.set_vring_enable(i, true)
                 .map_err(vu("SET_VRING_ENABLE"))?;
+        }
+        Ok(())
+    }
+
+    /// Starts dirty logging on the running vrings as QEMU does when a migration starts:
+    /// `SET_LOG_BASE` with `log`, then (`DirtyLogMode::On`) `SET_FEATURES` with
+    /// `VHOST_F_LOG_ALL` added and `SET_VRING_ADDR` with the same addresses plus
+    /// `VHOST_VRING_F_LOG` and the used ring's guest address for every vring. `connect` must have
+    /// been told `dirty_log`.
+    pub fn start_dirty_log(
+        &mut self,
+        mem: &SharedMemory,
+        layouts: &[QueueLayout],
+        log: &DirtyLogMemory,
+        mode: DirtyLogMode,
+    ) -> Result<(), PerfError> {
+        self.frontend
+            .set_log_base(0, Some(log.region_info()))
+            .map_err(vu("SET_LOG_BASE"))?;
+        if mode == DirtyLogMode::Idle {
+            return Ok(());
+        }
+        let features = self.features | VhostUserVirtioFeatures::LOG_ALL.bits();
+        self.frontend
+            .set_features(features)
+            .map_err(vu("SET_FEATURES (LOG_ALL)"))?;
+        self.features = features;
+        let base = mem.user_addr();
+        for (i, l) in layouts.iter().enumerate() {
+            self.frontend
+                .set_vring_addr(i, &vring_config(base, l, true))
+                .map_err(vu("SET_VRING_ADDR (LOG)"))?;
         }
         Ok(())
     }
@@ -393,6 +435,24 @@ impl Connection {
         Err(PerfError::Target(
             "READ CAPACITY(16) kept reporting CHECK CONDITION".into(),
         ))
+    }
+}
+
+/// `SET_VRING_ADDR`'s payload for the queue at `l` in memory mapped at `base`: ring addresses
+/// are this process's, the used ring's log address (`logged`) is its guest physical address.
+fn vring_config(base: u64, l: &QueueLayout, logged: bool) -> VringConfigData {
+    VringConfigData {
+        queue_max_size: l.size,
+        queue_size: l.size,
+        flags: if logged {
+            VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits()
+        } else {
+            0
+        },
+        desc_table_addr: base + l.desc as u64,
+        used_ring_addr: base + l.used as u64,
+        avail_ring_addr: base + l.avail as u64,
+        log_addr: logged.then_some(l.used as u64),
     }
 }
 

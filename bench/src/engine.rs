@@ -13,6 +13,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::device::{Completion, Connection, DiskInfo, RequestFormat};
+use crate::dirty_log::{DirtyLogMemory, DirtyLogReport};
 use crate::responder::Responder;
 use crate::shm::{layout, PageKind, SharedMemory};
 use crate::vring::{DriverRing, Notification, Shared};
@@ -120,6 +121,8 @@ pub struct RunReport {
     pub verified_reads: u64,
     /// The initiator's own cost.
     pub initiator: InitiatorCost,
+    /// `--dirty-log`: what the target marked in the log (`null` without it).
+    pub dirty_log: Option<DirtyLogReport>,
 }
 
 /// One second's progress.
@@ -192,11 +195,22 @@ pub fn run(
     let format = RequestFormat::for_device(opts.device);
     let (mut conn, vrings, first_rq, event_idx, queue_sizes) = match &backend {
         Backend::Socket(path) => {
-            let conn =
-                Connection::connect(path, opts.device, opts.queues, opts.event_idx, opts.packed)?;
+            let conn = Connection::connect(
+                path,
+                opts.device,
+                opts.queues,
+                opts.event_idx,
+                opts.packed,
+                opts.dirty_log.is_some(),
+            )?;
             let sizes = conn.queue_sizes(opts.queue_depth)?;
             let (v, f, e) = (conn.vrings, conn.first_request_queue(), conn.event_idx());
             (Some(conn), v, f, e, sizes)
+        }
+        Backend::Loopback { .. } if opts.dirty_log.is_some() => {
+            return Err(PerfError::Options(
+                "--dirty-log needs a target: the loopback responder keeps no log".into(),
+            ));
         }
         Backend::Loopback { .. } if opts.packed => {
             return Err(PerfError::Options(
@@ -247,6 +261,15 @@ pub fn run(
         _ => return Err(PerfError::Options("no connection".into())),
     };
     debug_assert_eq!(vrings, layouts.len());
+    // Logging starts under running queues, before the first request, as a migration would.
+    let dirty_log = match (opts.dirty_log, conn.as_mut()) {
+        (Some(mode), Some(c)) => {
+            let log = DirtyLogMemory::for_memory(shm.len() as u64)?;
+            c.start_dirty_log(&shm, &layouts, &log, mode)?;
+            Some((log, mode))
+        }
+        _ => None,
+    };
 
     let bs = u64::from(opts.block_size);
     if bs == 0 || bs % u64::from(disk.block_size) != 0 {
@@ -313,6 +336,10 @@ pub fn run(
         report.event_idx = event_idx;
         report.packed = opts.packed;
         report.page_kind = shm.page_kind();
+        // Every request has completed: the marks of all of them are in the log.
+        if let Some((log, mode)) = &dirty_log {
+            report.dirty_log = Some(log.report(*mode, &layouts[first_rq..], slots)?);
+        }
         Ok(report)
     })
 }
@@ -641,5 +668,6 @@ fn drive<'m>(
             polls_per_io: polls as f64 / all_ios,
             kicks_per_io: kicks as f64 / all_ios,
         },
+        dirty_log: None,
     })
 }

@@ -9,12 +9,15 @@
 //! - [`vring`]: the driver's half of a split virtqueue (descriptors, avail ring, used ring,
 //!   notification suppression);
 //! - [`device`]: connecting to a vhost-user-blk or vhost-user-scsi target and request formats;
+//! - [`dirty_log`]: `--dirty-log`, the migrating frontend's dirty log, to measure what logging
+//!   costs the target;
 //! - [`workload`]: fio-like options, the offset/direction generator and the verify patterns;
 //! - [`engine`]: the poll loop and its statistics;
 //! - [`responder`]: a trivial in-process device, to measure the initiator's own cost per I/O;
 //! - [`probe`]: the core-to-core cache-line round trip, which bounds every poll-mode figure.
 
 pub mod device;
+pub mod dirty_log;
 pub mod engine;
 pub mod probe;
 pub mod responder;

@@ -59,6 +59,8 @@ pub struct WorkloadOptions {
     pub hugepages: bool,
     /// Seed for the offset generator.
     pub seed: u64,
+    /// Act as a migrating frontend: hand the target a dirty log (and turn logging on).
+    pub dirty_log: Option<crate::dirty_log::DirtyLogMode>,
 }
 
 /// Direction of one request.

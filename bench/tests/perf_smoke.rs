@@ -145,3 +145,52 @@ fn multi_queue_sequential_write_then_json_fields() {
         );
     }
 }
+
+/// `--dirty-log`: rvhost-perf acts as a migrating frontend. With logging on, the target must mark
+/// every read's data buffer (and its used ring and status bytes besides); with the log only handed
+/// over (`idle`, logging off), it must mark nothing. Fails if the log stays empty.
+#[test]
+fn dirty_log_marks_read_buffers_when_on_and_nothing_when_idle() {
+    let budget = MemoryBudget::new(64 << 20);
+    let bdev = MallocBdev::new("Malloc0", (16 << 20) / 512, 512, [4; 16], &budget).unwrap();
+    let (dp, socket) = start("dirty-log", bdev);
+    let socket = socket.to_str().unwrap().to_owned();
+    let run = |mode: &str| {
+        perf(&[
+            "--socket",
+            &socket,
+            "--rw",
+            "randread",
+            "--bs",
+            "4k",
+            "--qd",
+            "8",
+            "--time",
+            "1",
+            "--dirty-log",
+            mode,
+        ])
+    };
+    let (code_on, on, stderr_on) = run("on");
+    let (code_idle, idle, stderr_idle) = run("idle");
+    dp.shutdown();
+    assert_eq!(code_on, 0, "rvhost-perf --dirty-log on failed: {stderr_on}");
+    assert_eq!(
+        code_idle, 0,
+        "rvhost-perf --dirty-log idle failed: {stderr_idle}"
+    );
+    for report in [&on, &idle] {
+        assert_eq!(report["io_errors"], 0, "{report}");
+        assert!(report["total"]["ios"].as_u64().unwrap() > 0, "{report}");
+    }
+    let log = &on["dirty_log"];
+    assert_eq!(log["mode"], "on", "{on}");
+    // Eight 4 KiB read buffers, each read many times: all eight pages marked.
+    assert_eq!(log["data_pages"], 8, "{on}");
+    assert_eq!(log["data_pages_marked"], 8, "{on}");
+    // Besides the buffers, at least the used ring and the status bytes' page.
+    assert!(log["pages_marked"].as_u64().unwrap() >= 10, "{on}");
+    let log = &idle["dirty_log"];
+    assert_eq!(log["mode"], "idle", "{idle}");
+    assert_eq!(log["pages_marked"], 0, "{idle}");
+}

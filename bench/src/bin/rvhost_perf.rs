@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use rvhost_bench::dirty_log::DirtyLogMode;
 use rvhost_bench::engine::{Backend, DirReport, Interval, RunReport};
 use rvhost_bench::{DeviceType, RwMode, WorkloadOptions};
 
@@ -62,6 +63,12 @@ struct Cli {
     /// Seed for the offset generator.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Act as a migrating frontend (vhost-user "Migration"): hand the target a dirty log with
+    /// SET_LOG_BASE and, with `on` (the default), turn logging on (VHOST_F_LOG_ALL, and
+    /// VHOST_VRING_F_LOG on every vring) before the first request; `idle` hands the log over
+    /// but leaves logging off. The pages the target marked are counted at the end.
+    #[arg(long, value_enum, value_name = "MODE", num_args = 0..=1, default_missing_value = "on")]
+    dirty_log: Option<DirtyLogMode>,
     /// Print the result as one JSON object on stdout (progress lines go to stderr).
     #[arg(long)]
     json: bool,
@@ -160,6 +167,12 @@ fn print_report(r: &RunReport) {
         "  errors: io={} verify={} (reads verified: {})",
         r.io_errors, r.verify_errors, r.verified_reads
     );
+    if let Some(log) = &r.dirty_log {
+        println!(
+            "  dirty log ({:?}, {} bytes): {} pages marked, {} of {} data-buffer pages",
+            log.mode, log.log_bytes, log.pages_marked, log.data_pages_marked, log.data_pages
+        );
+    }
 }
 
 fn main() -> ExitCode {
@@ -205,6 +218,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
         packed: cli.packed,
         hugepages: !cli.no_hugepages,
         seed: cli.seed,
+        dirty_log: cli.dirty_log,
     };
     let backend = match (&cli.socket, cli.loopback) {
         (_, Some(cpu)) => Backend::Loopback {
