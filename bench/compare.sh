@@ -26,13 +26,20 @@
 # is made: fill writes every block, so O_DIRECT writes are overwrites of written extents).
 # SPDK targets (SPDK's vhost app from the built tree SPDK_DIR names; never built here):
 # spdk-null spdk-malloc (blk), spdk-scsi-null spdk-scsi-malloc (scsi), spdk-aio (blk, SPDK's aio bdev, which opens
-# with O_DIRECT, on the --files direct file). --spdk adds each rvhost target's SPDK peer and makes
+# with O_DIRECT, on the --files direct file), spdk-aio-shm (the same on the /dev/shm file). --spdk adds each rvhost target's SPDK peer and makes
 # targets run in pairs (SPDK first). Without SPDK_DIR the SPDK targets and bdevperf are skipped
 # with a message. SPDK programs run with -u (no PCI) and need 2 MiB hugepages (768 MiB).
 # --initiator rvhost-perf|bdevperf|both (bdevperf: SPDK's, as a virtio-user initiator with
 # vq_count 2). --rvhost-reactor busy|adaptive: RVHOST_BUSY_POLL=1 (the default, as SPDK's
 # reactors) or rvhost's default adaptive reactor. --nice N or --rt (SCHED_RR) runs targets,
 # initiators and the probe at that priority (--rt on a machine busy with builds).
+# --rate IOPS (rvhost-perf only) offers a fixed load instead of a closed loop. For every rvhost
+# and SPDK target the run reads the target's framework_get_reactors busy ticks and its process
+# CPU time before and after each measurement: the CSV and summary give the target's busy ns and
+# CPU ns per request (at a fixed load below saturation, its own cost per request).
+# The rvhost/SPDK summary also gives the ratios over only the rounds in which all four core
+# round-trip probes of the pair fell on one side of --rtt-split NS (default 200; this VM's two
+# levels are ~100 and ~350 ns): rounds in which the host moved the vCPUs are set aside.
 set -euo pipefail
 
 ROUNDS=5
@@ -61,8 +68,10 @@ SPDK=0
 INITIATORS=rvhost-perf
 RVHOST_REACTOR=busy
 NICE=""
+RATE=""
+RTT_SPLIT=200
 
-usage() { sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,42p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -89,6 +98,8 @@ while [ $# -gt 0 ]; do
     --rvhost-reactor) RVHOST_REACTOR="$2"; shift 2 ;;
     --nice) NICE="$2"; shift 2 ;;
     --rt) NICE=rt; shift ;;
+    --rate) RATE="$2"; shift 2 ;;
+    --rtt-split) RTT_SPLIT="$2"; shift 2 ;;
     -h|--help) usage 0 ;;
     *) echo "compare.sh: unknown option $1" >&2; usage 2 ;;
   esac
@@ -108,6 +119,9 @@ case "$INITIATORS" in
   both) INITIATORS="rvhost-perf bdevperf" ;;
   *) echo "compare.sh: --initiator takes rvhost-perf, bdevperf or both" >&2; exit 2 ;;
 esac
+if [ -n "$RATE" ] && [ "$INITIATORS" != rvhost-perf ]; then
+  echo "compare.sh: --rate needs --initiator rvhost-perf (bdevperf has no fixed-rate mode)" >&2; exit 2
+fi
 case "$RVHOST_REACTOR" in
   busy|adaptive) ;;
   *) echo "compare.sh: --rvhost-reactor takes busy or adaptive" >&2; exit 2 ;;
@@ -121,6 +135,7 @@ spdk_peer() {
     rvhost-scsi-null) echo spdk-scsi-null ;;
     rvhost-scsi-malloc) echo spdk-scsi-malloc ;;
     rvhost-aio-direct|rvhost-uring-direct) echo spdk-aio ;;
+    rvhost-aio-shm|rvhost-uring-shm) echo spdk-aio-shm ;;
   esac
 }
 if [ "$SPDK" = 1 ]; then
@@ -265,9 +280,9 @@ spdk_config() {
   case "$bdev" in
     null) create="{\"method\":\"bdev_null_create\",\"params\":{\"name\":\"Dev0\",\"num_blocks\":$BLOCKS,\"block_size\":512}}" ;;
     malloc) create="{\"method\":\"bdev_malloc_create\",\"params\":{\"name\":\"Dev0\",\"num_blocks\":$BLOCKS,\"block_size\":512}}" ;;
-    aio-direct)
+    aio-direct|aio-shm)
       local file
-      file="$(backing_file direct)" || return 1
+      file="$(backing_file "${bdev#aio-}")" || return 1
       create="{\"method\":\"bdev_aio_create\",\"params\":{\"name\":\"Dev0\",\"filename\":\"$file\",\"block_size\":512}}" ;;
   esac
   local mask
@@ -286,7 +301,8 @@ run_initiator() {
   if [ "$init" = rvhost-perf ]; then
     local json
     json="$("${PRIO[@]}" "$PERF" --socket "$SOCK" --type "$TYPE" --rw "$rw" --bs "$BS" --qd "$qd" \
-              --time "$SECS" --size "$SIZE" --cpu "$INITIATOR_CPU" --json 2>"$WORK/init.err" || true)"
+              --time "$SECS" --size "$SIZE" --cpu "$INITIATOR_CPU" ${RATE:+--rate "$RATE"} \
+              --json 2>"$WORK/init.err" || true)"
     python3 -c '
 import json, sys
 try:
@@ -378,10 +394,10 @@ start_target() {
         > "$WORK/$t.log" 2>&1 &
       TARGET_PID=$!
       ;;
-    spdk-null|spdk-malloc|spdk-scsi-null|spdk-scsi-malloc|spdk-aio)
+    spdk-null|spdk-malloc|spdk-scsi-null|spdk-scsi-malloc|spdk-aio|spdk-aio-shm)
       local kind=blk bdev=null
       case "$t" in spdk-scsi-*) kind=scsi; TYPE=scsi ;; esac
-      case "$t" in *-malloc) bdev=malloc ;; spdk-aio) bdev=aio-direct ;; esac
+      case "$t" in *-malloc) bdev=malloc ;; spdk-aio) bdev=aio-direct ;; spdk-aio-shm) bdev=aio-shm ;; esac
       spdk_config "$kind" "$bdev" > "$WORK/config.json" || return 1
       # SPDK's vhost app: one reactor on the target core, the controller's socket in $WORK/sock.
       LD_LIBRARY_PATH="$SPDK_LIBS" "${PRIO[@]}" taskset -c "$TARGET_CPU" "$SPDK_DIR/build/bin/vhost" \
@@ -406,9 +422,46 @@ core_probe() {
     | python3 -c 'import json, sys; print("%.0f" % json.load(sys.stdin)["round_trip_ns"])' 2>/dev/null || true
 }
 
-echo "initiator,target,workload,qd,round,iops,avg_lat_us,p50_lat_us,p99_lat_us,io_errors,load1,core_rtt_ns,core_rtt_after_ns" > "$OUT"
+# The target's own accounting now: "busy_ns cpu_ns" (framework_get_reactors' busy ticks over
+# all reactors, in ns; the process's user+system CPU time, in ns), or "" for a target without
+# one. rvhost and SPDK answer the same JSON-RPC method on the same socket path.
+target_cost() {
+  [ -n "$TARGET_PID" ] && [ -S "$WORK/sock/rpc.sock" ] || return 0
+  python3 - "$WORK/sock/rpc.sock" "$TARGET_PID" <<'PY' 2>/dev/null || true
+import json, os, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+s.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "framework_get_reactors"}).encode())
+buf = b""
+while True:
+    buf += s.recv(65536)
+    try:
+        r = json.loads(buf)["result"]
+        break
+    except ValueError:
+        continue
+busy = sum(x["busy"] for x in r["reactors"]) * 1e9 / r["tick_rate"]
+st = open(f"/proc/{sys.argv[2]}/stat").read().rsplit(")", 1)[1].split()
+cpu = (int(st[11]) + int(st[12])) * 1e9 / os.sysconf("SC_CLK_TCK")
+print("%.0f %.0f" % (busy, cpu))
+PY
+}
+
+# Per-request cost from two target_cost readings and the requests counted.
+cost_per_io() {
+  python3 -c '
+import sys
+a, b, ios = sys.argv[1].split(), sys.argv[2].split(), float(sys.argv[3] or 0)
+if len(a) != 2 or len(b) != 2 or ios <= 0:
+    print(","); sys.exit()
+print("%.1f,%.1f" % ((float(b[0]) - float(a[0])) / ios, (float(b[1]) - float(a[1])) / ios))
+' "$1" "$2" "$3"
+}
+
+echo "initiator,target,workload,qd,round,iops,avg_lat_us,p50_lat_us,p99_lat_us,io_errors,load1,core_rtt_ns,core_rtt_after_ns,target_busy_ns_per_io,target_cpu_ns_per_io" > "$OUT"
 echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r), rounds=$ROUNDS secs=$SECS bs=$BS size=$SIZE, load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "# targets: $TARGETS (baseline $BASELINE); initiators: $INITIATORS; rvhost reactor: $RVHOST_REACTOR; target on CPU $TARGET_CPU, initiator on CPU $INITIATOR_CPU${NICE:+, nice $NICE}"
+echo "# targets: $TARGETS (baseline $BASELINE); initiators: $INITIATORS; rvhost reactor: $RVHOST_REACTOR; target on CPU $TARGET_CPU, initiator on CPU $INITIATOR_CPU${NICE:+, nice $NICE}${RATE:+, offered load $RATE IOPS}"
 if [ "$SPDK_OK" = 1 ]; then
   echo "# SPDK: $SPDK_DIR ($(git -C "$SPDK_DIR" describe --tags 2>/dev/null || cat "$SPDK_DIR/VERSION" 2>/dev/null || true))"
 fi
@@ -420,26 +473,31 @@ for wl in $WORKLOADS; do
       for init in $INITIATORS; do
         rtt="$(core_probe)"
         if ! start_target "$t"; then
-          echo "$init,$t,$rw,$qd,$round,,,,,failed,,$rtt," >> "$OUT"
+          echo "$init,$t,$rw,$qd,$round,,,,,failed,,$rtt,,," >> "$OUT"
           stop_target
           continue
         fi
+        cost0="$(target_cost)"
         line="$(run_initiator "$init" "$rw" "$qd")"
         load1="$(cut -d' ' -f1 /proc/loadavg)"
+        cost1=""
+        # An rvhost reactor publishes its counters every 1024 rounds: let it run a few idle ones.
+        [ -z "$cost0" ] || { sleep 0.2; cost1="$(target_cost)"; }
+        cost="$(cost_per_io "$cost0" "$cost1" "$(python3 -c 'import sys; print(round(float(sys.argv[1] or 0) * float(sys.argv[2])))' "${line%%,*}" "$SECS")")"
         stop_target
         rtt_after="$(core_probe)"
-        echo "$init,$t,$rw,$qd,$round,$line,$load1,$rtt,$rtt_after" >> "$OUT"
-        printf '%-11s %-20s %-9s qd=%-4s round %s: %s (load %s, core rtt %s/%s ns)\n' "$init" "$t" "$rw" "$qd" "$round" "$line" "$load1" "$rtt" "$rtt_after"
+        echo "$init,$t,$rw,$qd,$round,$line,$load1,$rtt,$rtt_after,$cost" >> "$OUT"
+        printf '%-11s %-20s %-9s qd=%-4s round %s: %s (load %s, core rtt %s/%s ns, target busy/cpu ns per IO %s)\n' "$init" "$t" "$rw" "$qd" "$round" "$line" "$load1" "$rtt" "$rtt_after" "$cost"
         if [ "${line##*,}" = failed ]; then sed 's/^/    initiator: /' "$WORK/init.err" | tail -3; fi
       done
     done
   done
 done
 
-python3 - "$OUT" "$BASELINE" <<'PY'
+python3 - "$OUT" "$BASELINE" "$RTT_SPLIT" <<'PY'
 import csv, statistics, sys
 from collections import defaultdict
-path, baseline = sys.argv[1], sys.argv[2]
+path, baseline, split = sys.argv[1], sys.argv[2], float(sys.argv[3])
 all_rows = list(csv.DictReader(open(path)))
 rows = [r for r in all_rows if r["iops"]]
 loads = [float(r["load1"]) for r in all_rows if r.get("load1")]
@@ -456,26 +514,42 @@ print()
 if loads:
     print(f"load average (1 min) during the run: min {min(loads):.2f}, median {statistics.median(loads):.2f}, max {max(loads):.2f}")
     print()
-print(f"| initiator | workload | QD | target | median IOPS | median avg lat (us) | median p50 (us) | median p99 (us) | median per-round ratio to {baseline} | rounds | core rtt before/after each round (ns) |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print(f"| initiator | workload | QD | target | median IOPS | median avg lat (us) | median p50 (us) | median p99 (us) | median per-round ratio to {baseline} | median target busy / CPU ns per IO | rounds | core rtt before/after each round (ns) |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for (init, wl, qd), targets in by.items():
     base = targets.get(baseline, {})
     for t, rounds in targets.items():
         med = lambda k: statistics.median([float(r[k]) for r in rounds.values()])
         ratio, _ = ratio_median(rounds, base)
         rtts = " ".join(f'{r.get("core_rtt_ns") or "-"}/{r.get("core_rtt_after_ns") or "-"}' for r in rounds.values())
-        print(f"| {init} | {wl} | {qd} | {t} | {med('iops'):,.0f} | {med('avg_lat_us'):.2f} | {med('p50_lat_us'):.2f} | {med('p99_lat_us'):.2f} | {ratio} | {len(rounds)} | {rtts} |")
+        def med_opt(k):
+            v = [float(r[k]) for r in rounds.values() if r.get(k)]
+            return f"{statistics.median(v):.0f}" if v else "-"
+        cost = f"{med_opt('target_busy_ns_per_io')} / {med_opt('target_cpu_ns_per_io')}"
+        print(f"| {init} | {wl} | {qd} | {t} | {med('iops'):,.0f} | {med('avg_lat_us'):.2f} | {med('p50_lat_us'):.2f} | {med('p99_lat_us'):.2f} | {ratio} | {cost} | {len(rounds)} | {rtts} |")
 
 peers = {"rvhost-null": "spdk-null", "rvhost-malloc": "spdk-malloc",
          "rvhost-scsi-null": "spdk-scsi-null", "rvhost-scsi-malloc": "spdk-scsi-malloc",
-         "rvhost-aio-direct": "spdk-aio",
+         "rvhost-aio-direct": "spdk-aio", "rvhost-aio-shm": "spdk-aio-shm",
+         "rvhost-uring-shm": "spdk-aio-shm",
          "rvhost-uring-direct": "spdk-aio"}
 pairs = [(init, wl, qd, t, peers[t]) for (init, wl, qd), targets in by.items()
          for t in targets if t in peers and peers[t] in targets]
 if pairs:
     print()
-    print("| initiator | workload | QD | rvhost target | SPDK target | median per-round ratio rvhost/SPDK | per-round ratios | median per-round p50 latency ratio rvhost/SPDK |")
-    print("|---|---|---|---|---|---|---|---|")
+    def state(*rows):
+        probes = [float(r[k]) for r in rows for k in ("core_rtt_ns", "core_rtt_after_ns") if r.get(k)]
+        if len(probes) != 2 * len(rows):
+            return None
+        if all(p < split for p in probes):
+            return "fast"
+        if all(p >= split for p in probes):
+            return "slow"
+        return None
+    print(f"Same-state rounds: all four probes of the pair below {split:.0f} ns (fast) or all at or above (slow); the others are set aside.")
+    print()
+    print("| initiator | workload | QD | rvhost target | SPDK target | median per-round ratio rvhost/SPDK | per-round ratios | median per-round p50 latency ratio rvhost/SPDK | median per-round busy-per-IO ratio rvhost/SPDK | same-state IOPS ratio (n: fast+slow) | same-state p50 ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for init, wl, qd, t, p in pairs:
         targets = by[(init, wl, qd)]
         ratio, ratios = ratio_median(targets[t], targets[p])
@@ -483,5 +557,17 @@ if pairs:
         p50s = [float(r["p50_lat_us"]) / float(base[k]["p50_lat_us"]) for k, r in targets[t].items()
                 if k in base and float(base[k]["p50_lat_us"] or "nan") > 0]
         p50 = f"{statistics.median(p50s):.2f}" if p50s else "-"
-        print(f"| {init} | {wl} | {qd} | {t} | {p} | {ratio} | {' '.join(f'{x:.2f}' for x in ratios)} | {p50} |")
+        busy = [float(r["target_busy_ns_per_io"]) / float(base[k]["target_busy_ns_per_io"])
+                for k, r in targets[t].items()
+                if k in base and r.get("target_busy_ns_per_io") and base[k].get("target_busy_ns_per_io")
+                and float(base[k]["target_busy_ns_per_io"]) > 0]
+        busy_ratio = f"{statistics.median(busy):.2f}" if busy else "-"
+        same = [(k, state(r, base[k])) for k, r in targets[t].items() if k in base]
+        same = [(k, st) for k, st in same if st]
+        s_iops = [float(targets[t][k]["iops"]) / float(base[k]["iops"]) for k, _ in same if float(base[k]["iops"]) > 0]
+        s_p50 = [float(targets[t][k]["p50_lat_us"]) / float(base[k]["p50_lat_us"]) for k, _ in same if float(base[k]["p50_lat_us"] or "nan") > 0]
+        nf = sum(1 for _, st in same if st == "fast")
+        s_txt = f"{statistics.median(s_iops):.2f} ({nf}+{len(same) - nf})" if s_iops else "- (0)"
+        s_p50_txt = f"{statistics.median(s_p50):.2f}" if s_p50 else "-"
+        print(f"| {init} | {wl} | {qd} | {t} | {p} | {ratio} | {' '.join(f'{x:.2f}' for x in ratios)} | {p50} | {busy_ratio} | {s_txt} | {s_p50_txt} |")
 PY
