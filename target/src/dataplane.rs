@@ -98,6 +98,10 @@ fn scsi_error(err: ScsiError) -> OpsError {
     }
 }
 
+/// How long `rvhost_get_queue_stats` waits for the reactors' answers (a reactor answers at its
+/// next round; only a stuck bdev keeps it longer).
+const QUEUE_STATS_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// One controller as the data plane keeps it.
 #[derive(Debug)]
 struct Controller {
@@ -548,6 +552,58 @@ impl ControllerOps for Dataplane {
         // Busy and idle are time-stamp counter ticks, as in SPDK.
         let tick_rate = rvhost_platform_linux::tsc::ticks_per_second();
         serde_json::json!({ "tick_rate": tick_rate, "pid": std::process::id(), "reactors": reactors })
+    }
+
+    fn queue_stats(
+        &self,
+        name: Option<&str>,
+    ) -> Result<Vec<crate::ops::ControllerQueues>, OpsError> {
+        // Every session is asked at once, and the answers awaited without the controllers' lock
+        // (each reactor answers at its next round).
+        let mut asked = Vec::new();
+        {
+            let controllers = lock(&self.controllers);
+            if let Some(name) = name {
+                if !controllers.contains_key(name) {
+                    return Err(OpsError::NotFound(name.to_string()));
+                }
+            }
+            for (ctrlr, c) in controllers.iter() {
+                if name.is_some_and(|n| n != ctrlr) {
+                    continue;
+                }
+                let reactor = c.server.reactor();
+                let sessions = c.server.with_devices(|ids| {
+                    ids.iter()
+                        .filter_map(|&id| {
+                            let (reply, answer) = mpsc::sync_channel(1);
+                            let op = Box::new(DeviceOp::QueueStats { reply });
+                            // A session that ended meanwhile is left out.
+                            reactor.post(id, op).ok().map(|()| (id, answer))
+                        })
+                        .collect::<Vec<_>>()
+                });
+                asked.push((ctrlr.clone(), sessions));
+            }
+        }
+        let deadline = Instant::now() + QUEUE_STATS_TIMEOUT;
+        Ok(asked
+            .into_iter()
+            .map(|(ctrlr, sessions)| crate::ops::ControllerQueues {
+                ctrlr,
+                sessions: sessions
+                    .into_iter()
+                    .filter_map(|(id, answer)| {
+                        let wait = deadline.saturating_duration_since(Instant::now());
+                        let queues = answer.recv_timeout(wait).ok()?;
+                        Some(crate::ops::SessionQueues {
+                            session: id.0,
+                            queues,
+                        })
+                    })
+                    .collect(),
+            })
+            .collect())
     }
 
     fn threads_info(&self) -> Vec<crate::ops::ThreadInfo> {

@@ -97,6 +97,46 @@ pub struct PollerInfo {
     pub idle_ticks: u64,
 }
 
+/// One running queue of a session, as `rvhost_get_queue_stats` reports it. Counted by the
+/// reactor polling the queue (plain fields, nothing shared) since the queue started, and copied
+/// on request.
+#[derive(Debug, Clone)]
+pub struct QueueReport {
+    /// Queue index.
+    pub queue: u16,
+    /// Requests completed.
+    pub requests: u64,
+    /// Requests started and not yet completed.
+    pub in_flight: u64,
+    /// Payload bytes the guest read (blk `IN`, SCSI data-in) in completed requests.
+    pub bytes_read: u64,
+    /// Payload bytes the guest wrote (blk `OUT`, SCSI data-out) in completed requests.
+    pub bytes_written: u64,
+    /// Sum of the completed requests' latencies, in time-stamp counter ticks.
+    pub latency_ticks: u64,
+    /// Their latencies in ticks: from the poll that popped the request to the poll that
+    /// returned it on the used ring.
+    pub latency: hdrhistogram::Histogram<u64>,
+}
+
+/// One connected session's queues.
+#[derive(Debug, Clone)]
+pub struct SessionQueues {
+    /// The session's device id (the poller id of `thread_get_pollers`).
+    pub session: u64,
+    /// Its running queues.
+    pub queues: Vec<QueueReport>,
+}
+
+/// One controller's sessions and their queues.
+#[derive(Debug, Clone)]
+pub struct ControllerQueues {
+    /// Controller name.
+    pub ctrlr: String,
+    /// Its connected sessions.
+    pub sessions: Vec<SessionQueues>,
+}
+
 /// What the drain of a stopping process found ([`ControllerOps::drain`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DrainReport {
@@ -134,6 +174,14 @@ pub trait ControllerOps: Send + Sync {
     /// (`thread_get_stats`, `thread_get_pollers`).
     fn threads_info(&self) -> Vec<ThreadInfo> {
         Vec::new()
+    }
+    /// Every connected session's running queues, of controller `name` or of all
+    /// (`rvhost_get_queue_stats`).
+    fn queue_stats(&self, name: Option<&str>) -> Result<Vec<ControllerQueues>, OpsError> {
+        match name {
+            Some(name) => Err(OpsError::NotFound(name.to_string())),
+            None => Ok(Vec::new()),
+        }
     }
     /// The process is stopping: every controller stops starting sessions and every session stops
     /// taking new requests; returns once the requests in flight completed and their used entries

@@ -125,6 +125,11 @@ const METHODS: &[Method] = &[
         handler: RpcMethods::framework_get_scheduler,
     },
     Method {
+        name: "rvhost_get_queue_stats",
+        old_name: None,
+        handler: RpcMethods::rvhost_get_queue_stats,
+    },
+    Method {
         name: "rvhost_get_metrics",
         old_name: None,
         handler: RpcMethods::rvhost_get_metrics,
@@ -953,6 +958,7 @@ pub fn qemu_blk_args(socket: &std::path::Path, name: &str) -> String {
 mod iostat;
 mod metrics;
 mod qos;
+mod queues;
 mod threads;
 
 #[cfg(test)]

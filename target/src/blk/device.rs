@@ -359,6 +359,7 @@ impl RequestHandler for BlkHandler {
             tag,
             chain,
             request: slot,
+            data,
             queue_state: limits,
             mem,
             io_mem,
@@ -398,6 +399,11 @@ impl RequestHandler for BlkHandler {
             Ok(request) => {
                 slot.status_addr = request.status_addr;
                 slot.used_len = request.used_len_ok();
+                match request.kind {
+                    BlkRequestKind::Read => data.read = request.data_len(),
+                    BlkRequestKind::Write => data.written = request.data_len(),
+                    _ => {}
+                }
                 self.submit(slot, tag, request, mem, io_mem)
             }
             Err(err) => match err.status_to_write() {

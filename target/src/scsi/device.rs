@@ -211,6 +211,7 @@ impl ScsiTransport {
             tag: io_tag,
             chain,
             request: slot,
+            data,
             mem,
             io_mem,
             ..
@@ -289,6 +290,9 @@ impl ScsiTransport {
             return Disposition::Complete(RESP_LEN as u32);
         };
 
+        // The command's data buffers (a command for a target that exists), as the per-queue statistics count them.
+        data.read = u32::try_from(data_in_len).unwrap_or(u32::MAX);
+        data.written = u32::try_from(data_out_len).unwrap_or(u32::MAX);
         let cmd = Command {
             cdb: req.cdb(),
             // Both tails exist: the lengths were checked against REQ_LEN and RESP_LEN above.

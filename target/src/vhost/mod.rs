@@ -111,6 +111,12 @@ pub enum DeviceOp {
         /// Acknowledged once drained; the reactor drops the device after replying.
         reply: Reply<()>,
     },
+    /// Reports each running queue's counters (`rvhost_get_queue_stats`): requests, bytes,
+    /// in flight and a copy of its latency histogram.
+    QueueStats {
+        /// The running queues' reports, in queue order.
+        reply: Reply<Vec<crate::ops::QueueReport>>,
+    },
     /// The process is stopping: every queue (and any queue started later) stops taking new
     /// requests; the requests in flight complete as usual, their used entries are published and
     /// the driver is notified. The device stays (the connection is closed later), so the
@@ -145,6 +151,7 @@ impl std::fmt::Debug for DeviceOp {
             DeviceOp::SetCall { .. } => "SetCall",
             DeviceOp::SetLog { .. } => "SetLog",
             DeviceOp::Remove { .. } => "Remove",
+            DeviceOp::QueueStats { .. } => "QueueStats",
             DeviceOp::Drain { .. } => "Drain",
         };
         f.write_str(name)

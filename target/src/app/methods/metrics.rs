@@ -1,12 +1,15 @@
 //! `rvhost_get_metrics`: the target's counters in Prometheus' text exposition format (0.0.4), as
 //! the metrics endpoint ([`crate::app::metrics`]) serves them: per bdev the counters of
 //! `bdev_get_iostat`, its latency histogram while enabled, its rate limits and the I/Os they
-//! held back; per reactor busy and idle time; per controller its sessions and their polls.
+//! held back; per reactor busy and idle time; per controller its sessions and their polls; per
+//! queue (`rvhost_get_queue_stats`) its requests, bytes, requests in flight and latency
+//! percentiles.
 
 use std::fmt::Write;
 
 use serde_json::Value;
 
+use super::queues::{latency_at, PERCENTILES};
 use super::{no_params, RpcMethods};
 use crate::bdev::iostat::{KindTotals, HISTOGRAM_GRANULARITY};
 use crate::bdev::qos::LIMIT_KINDS;
@@ -278,7 +281,98 @@ impl RpcMethods {
                 );
             }
         }
+        self.queue_metrics(&mut out, tick_rate);
         out.text
+    }
+
+    /// The per-queue series (`rvhost_get_queue_stats`'s counters), labelled by controller,
+    /// session and queue.
+    fn queue_metrics(&self, out: &mut Exposition, tick_rate: u64) {
+        let controllers = match self.ops.queue_stats(None) {
+            Ok(controllers) => controllers,
+            Err(err) => {
+                tracing::warn!(%err, "per-queue statistics left out of the metrics");
+                Vec::new()
+            }
+        };
+        let mut queues = Vec::new();
+        for c in &controllers {
+            for s in &c.sessions {
+                for q in &s.queues {
+                    let labels = [c.ctrlr.clone(), s.session.to_string(), q.queue.to_string()];
+                    queues.push((labels, q));
+                }
+            }
+        }
+        let sample = |out: &mut Exposition,
+                      name: &str,
+                      labels: &[String; 3],
+                      extra: Option<(&str, &str)>,
+                      value: &dyn std::fmt::Display| {
+            let mut all = vec![
+                ("controller", labels[0].as_str()),
+                ("session", labels[1].as_str()),
+                ("queue", labels[2].as_str()),
+            ];
+            all.extend(extra);
+            out.sample(name, &all, value);
+        };
+
+        out.family(
+            "rvhost_queue_requests_total",
+            "counter",
+            "Requests each queue completed since it started.",
+        );
+        for (labels, q) in &queues {
+            sample(
+                out,
+                "rvhost_queue_requests_total",
+                labels,
+                None,
+                &q.requests,
+            );
+        }
+        out.family(
+            "rvhost_queue_bytes_total",
+            "counter",
+            "Payload bytes of each queue's completed requests, read and written by the guest.",
+        );
+        for (labels, q) in &queues {
+            for (kind, bytes) in [("read", q.bytes_read), ("write", q.bytes_written)] {
+                let name = "rvhost_queue_bytes_total";
+                sample(out, name, labels, Some(("kind", kind)), &bytes);
+            }
+        }
+        out.family(
+            "rvhost_queue_in_flight",
+            "gauge",
+            "Requests each queue started and has not completed.",
+        );
+        for (labels, q) in &queues {
+            sample(out, "rvhost_queue_in_flight", labels, None, &q.in_flight);
+        }
+        out.family(
+            "rvhost_queue_latency_seconds",
+            "summary",
+            "Latency of each queue's requests (from the poll that took one to the poll that returned it), from an HdrHistogram since the queue started.",
+        );
+        for (labels, q) in &queues {
+            for (quantile, _) in PERCENTILES {
+                let value = seconds(latency_at(q, quantile), tick_rate);
+                let quantile = quantile.to_string();
+                let extra = Some(("quantile", quantile.as_str()));
+                sample(out, "rvhost_queue_latency_seconds", labels, extra, &value);
+            }
+            let sum = seconds(q.latency_ticks, tick_rate);
+            sample(out, "rvhost_queue_latency_seconds_sum", labels, None, &sum);
+            sample(
+                out,
+                "rvhost_queue_latency_seconds_count",
+                labels,
+                None,
+                &q.requests,
+            );
+        }
     }
 }
 

@@ -45,6 +45,7 @@ use std::sync::Arc;
 
 use rvhost_core::virtq::packed::PackedQueue;
 use rvhost_core::virtq::{Chain, ChainError, RingHead, SplitQueue};
+use rvhost_platform_linux::tsc;
 
 use super::memory::GuestMemoryTable;
 use super::{DeviceBackend, DeviceId, DeviceOp, DrainProgress, QueueSetup, VirtioFeatures};
@@ -149,6 +150,16 @@ pub enum Disposition {
     Abandon,
 }
 
+/// A request's payload as the per-queue statistics count it (`rvhost_get_queue_stats`), declared
+/// by the device type in [`RequestHandler::start`] (0 and 0 unless it says otherwise).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DataBytes {
+    /// Bytes the guest reads from the device (blk `IN`, SCSI data-in).
+    pub read: u32,
+    /// Bytes the guest writes to the device (blk `OUT`, SCSI data-out).
+    pub written: u32,
+}
+
 /// A request the shell popped and hands to [`RequestHandler::start`].
 pub struct NewRequest<'a, H: RequestHandler + ?Sized> {
     /// The session's device.
@@ -163,6 +174,8 @@ pub struct NewRequest<'a, H: RequestHandler + ?Sized> {
     pub chain: Result<&'a DescChain, ChainError>,
     /// The handler's per-request state (reset to its default).
     pub request: &'a mut H::Request,
+    /// Where the handler declares the request's payload, counted when it completes.
+    pub data: &'a mut DataBytes,
     /// The handler's state for this queue.
     pub queue_state: &'a H::Queue,
     /// Guest memory.
@@ -253,6 +266,9 @@ pub struct Requests<'a, H: RequestHandler + ?Sized, V: ShellRing = SplitQueue> {
     queues: &'a mut [Option<Queue<H, V>>],
     mem: Option<&'a GuestMemoryTable>,
     io_mem: Option<&'a IoMemory>,
+    /// The tick completions are stamped with: read at the first completion, shared by the
+    /// others of the same poll (0 until then).
+    now: u64,
 }
 
 impl<H: RequestHandler + ?Sized, V: ShellRing> std::fmt::Debug for Requests<'_, H, V> {
@@ -264,6 +280,30 @@ impl<H: RequestHandler + ?Sized, V: ShellRing> std::fmt::Debug for Requests<'_, 
 }
 
 impl<'a, H: RequestHandler + ?Sized, V: ShellRing> Requests<'a, H, V> {
+    fn new(
+        device: DeviceId,
+        queues: &'a mut [Option<Queue<H, V>>],
+        mem: Option<&'a GuestMemoryTable>,
+        io_mem: Option<&'a IoMemory>,
+    ) -> Self {
+        Requests {
+            device,
+            queues,
+            mem,
+            io_mem,
+            now: 0,
+        }
+    }
+
+    /// The completion tick (see [`Requests::now`]).
+    #[inline]
+    fn tick(now: &mut u64) -> u64 {
+        if *now == 0 {
+            *now = tsc::ticks();
+        }
+        *now
+    }
+
     /// The session's device.
     pub fn device(&self) -> DeviceId {
         self.device
@@ -304,9 +344,8 @@ impl<'a, H: RequestHandler + ?Sized, V: ShellRing> Requests<'a, H, V> {
             return;
         }
         if let Some(used_len) = f(&mut slot.request, mem) {
-            let head = slot.head;
-            q.push_used(mem, head, used_len, self.device);
-            q.release_slot(si);
+            let now = Self::tick(&mut self.now);
+            q.complete(mem, si, used_len, self.device, now);
         }
     }
 
@@ -326,17 +365,13 @@ impl<'a, H: RequestHandler + ?Sized, V: ShellRing> Requests<'a, H, V> {
         let Some(Some(q)) = self.queues.get_mut(qi) else {
             return;
         };
-        let Some(slot) = q.slots.get(si) else {
-            return;
-        };
-        if !slot.busy {
-            return;
+        match self.mem {
+            Some(mem) => {
+                let now = Self::tick(&mut self.now);
+                q.complete(mem, si, used_len, self.device, now);
+            }
+            None => q.release_slot(si),
         }
-        let head = slot.head;
-        if let Some(mem) = self.mem {
-            q.push_used(mem, head, used_len, self.device);
-        }
-        q.release_slot(si);
     }
 
     /// Requests in flight on all queues.
@@ -548,6 +583,15 @@ impl<H: RequestHandler, V: ShellRing> VhostDevice<H, V> {
                 self.settle_pending = true;
                 self.settle();
             }
+            DeviceOp::QueueStats { reply } => {
+                let reports = self
+                    .queues
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(index, q)| Some(q.as_ref()?.report(index as u16)))
+                    .collect();
+                let _ = reply.send(reports);
+            }
             DeviceOp::Drain { reply } => {
                 self.draining = true;
                 for q in self.queues.iter_mut().flatten() {
@@ -565,12 +609,12 @@ impl<H: RequestHandler, V: ShellRing> VhostDevice<H, V> {
 
     /// Applies one of the handler's own operations.
     pub fn apply_handler_op(&mut self, op: H::Op) {
-        let mut requests = Requests {
-            device: self.id,
-            queues: &mut self.queues,
-            mem: self.memory.as_deref(),
-            io_mem: self.io_memory.as_ref(),
-        };
+        let mut requests = Requests::new(
+            self.id,
+            &mut self.queues,
+            self.memory.as_deref(),
+            self.io_memory.as_ref(),
+        );
         if self.handler.control(op, &mut requests) {
             self.handler_pending = true;
             self.settle_pending = true;
@@ -649,12 +693,12 @@ impl<H: RequestHandler, V: ShellRing> VhostDevice<H, V> {
             return;
         }
         if self.handler_pending {
-            let mut requests = Requests {
-                device: self.id,
-                queues: &mut self.queues,
-                mem: self.memory.as_deref(),
-                io_mem: self.io_memory.as_ref(),
-            };
+            let mut requests = Requests::new(
+                self.id,
+                &mut self.queues,
+                self.memory.as_deref(),
+                self.io_memory.as_ref(),
+            );
             self.handler_pending = self.handler.settle(&mut requests);
         }
         if !self.retired.is_empty() {
@@ -765,9 +809,11 @@ impl<H: RequestHandler, V: ShellRing> VhostDevice<H, V> {
         // Every header is a line the driver just wrote: fetch them all before decoding any.
         q.vq.prefetch_chains(mem, &q.heads[..popped]);
         let index = qi as u16;
+        // One tick for the batch: the requests' start, and the completion of those answered now.
+        let now = tsc::ticks();
         for i in 0..popped {
             let head = q.heads[i];
-            let Some(si) = q.take_slot(head, self.generation) else {
+            let Some(si) = q.take_slot(head, self.generation, now) else {
                 // `room` is at most the free slot count.
                 tracing::error!(
                     device = self.id.0,
@@ -791,6 +837,7 @@ impl<H: RequestHandler, V: ShellRing> VhostDevice<H, V> {
                 tag: tag(qi, si),
                 chain,
                 request: &mut slot.request,
+                data: &mut slot.data,
                 queue_state: &q.state,
                 mem,
                 io_mem,
@@ -801,10 +848,7 @@ impl<H: RequestHandler, V: ShellRing> VhostDevice<H, V> {
                     self.handler_pending = true;
                     self.settle_pending = true;
                 }
-                Disposition::Complete(len) => {
-                    q.push_used(mem, head, len, self.id);
-                    q.release_slot(si);
-                }
+                Disposition::Complete(len) => q.complete(mem, si, len, self.id, now),
                 Disposition::Abandon => {
                     q.release_slot(si);
                     q.fail();
@@ -836,12 +880,7 @@ impl<H: RequestHandler, V: ShellRing> Task for VhostDevice<H, V> {
                     work += self.poll_queue(qi, room, &mem, &io_mem);
                 }
             }
-            let mut requests = Requests {
-                device: self.id,
-                queues: &mut self.queues,
-                mem: Some(&mem),
-                io_mem: Some(&io_mem),
-            };
+            let mut requests = Requests::new(self.id, &mut self.queues, Some(&mem), Some(&io_mem));
             work += self.handler.poll_completions(&mut requests);
             self.handler.end_round(work);
             if work > 0 {
