@@ -28,7 +28,7 @@
 //! Each reactor installs a wake-up eventfd as its thread's waker
 //! (`rvhost_platform_linux::waker`). A bdev whose operations complete on other threads (rbd:
 //! librbd's) has them signal it and counts them; while such completions are expected, an
-//! adaptive reactor past [`WAKER_SPIN_ROUNDS`] blocks on the eventfd (at most [`IDLE_SLEEP`]) instead
+//! adaptive reactor past [`WAKER_SPIN_ROUNDS`] blocks on the eventfd (at most [`WAKER_WAIT`]) instead
 //! of yielding or sleeping, so it leaves the core to those threads and sees each completion at
 //! once.
 //!
@@ -57,6 +57,14 @@ pub const SPIN_ROUNDS: u32 = 4096;
 /// threads blocks on its waker: they take hundreds of microseconds (a network round trip), and
 /// spinning meanwhile only keeps the threads that complete them off the core.
 pub const WAKER_SPIN_ROUNDS: u32 = 256;
+/// The longest an adaptive reactor blocks on its waker while it awaits completions from other
+/// threads before polling its devices again. Each completion ends the wait at once, so this only
+/// bounds how late a request that arrives on a device meanwhile (a driver that submits without
+/// waiting for a completion) is seen, as [`IDLE_SLEEP_MAX`] bounds it on an idle reactor; a
+/// short wait instead wakes the reactor dozens of times per completion on a network round trip
+/// of a millisecond, and those wake-ups took half a core at QD1 against a loaded Ceph cluster
+/// (bench/README.md, "Ceph RBD").
+pub const WAKER_WAIT: Duration = Duration::from_millis(1);
 /// Empty poll rounds after which an adaptive reactor starts sleeping between rounds.
 pub const YIELD_ROUNDS: u32 = 32 * 1024;
 /// How long an idle adaptive reactor sleeps between rounds.
@@ -605,6 +613,16 @@ impl Reactor {
         let mut empty_rounds: u32 = 0;
         let mut rounds: u32 = 0;
         let mut time = TimeAccount::new();
+        // Benchmark knob (bench/rbd-compare.sh): empty rounds before blocking on the waker.
+        let waker_spin_rounds = std::env::var("RVHOST_WAKER_SPIN_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(WAKER_SPIN_ROUNDS);
+        // Benchmark knob (bench/rbd-compare.sh): the waker wait's bound in microseconds.
+        let waker_wait = std::env::var("RVHOST_WAKER_WAIT_US")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(WAKER_WAIT, Duration::from_micros);
         loop {
             let mut work = 0usize;
             while let Some(command) = self.commands.try_pop() {
@@ -651,14 +669,15 @@ impl Reactor {
                 empty_rounds = empty_rounds.saturating_add(1);
                 if self.idle == IdlePolicy::Adaptive {
                     let waiting_for_others =
-                        empty_rounds > WAKER_SPIN_ROUNDS && waker::expected() > 0;
+                        empty_rounds > waker_spin_rounds && waker::expected() > 0;
                     if let (true, Some(wake)) = (waiting_for_others, wake.as_ref()) {
                         // Operations in flight on other threads will signal the waker: block
                         // on it, leaving the core to them, and wake at the first completion
                         // (yielding instead lets a loaded machine's other work run for whole
-                        // time slices before the reactor sees it). At most IDLE_SLEEP, so the
-                        // other devices of this reactor are polled as often as when it sleeps.
-                        if let Err(err) = wake.wait(IDLE_SLEEP) {
+                        // time slices before the reactor sees it). At most WAKER_WAIT, so the
+                        // other devices of this reactor are polled at least as often as when
+                        // it sleeps.
+                        if let Err(err) = wake.wait(waker_wait) {
                             tracing::debug!(%err, "waiting on the wake-up eventfd");
                         }
                     } else if empty_rounds > YIELD_ROUNDS {
