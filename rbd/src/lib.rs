@@ -13,14 +13,19 @@
 //!   (`std::sync::mpsc`, a linked list of blocks with atomic indices: no lock on either side), which
 //!   the submitter drains without blocking ([`CompletionQueue::poll`]). Operation records are
 //!   reused, so steady-state I/O allocates nothing here.
+//! - [`Image::use_event_socket`]: librbd's event-socket mode instead of the callback, for a handle
+//!   one thread owns: completions wait on librbd's own queue of the image and are taken by
+//!   [`Image::poll_events`].
 //!
 //! Every `unsafe` block of the crate is here or in [`sys`], each with its reason.
 
 pub mod sys;
 
 use std::ffi::{c_int, c_void, CString};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, OnceLock};
 
@@ -210,7 +215,11 @@ impl Drop for Pool {
 pub struct Image {
     raw: sys::rbd_image_t,
     name: String,
-    _pool: Arc<Pool>,
+    read_only: bool,
+    /// Completions go to librbd's per-image queue and the eventfd given to
+    /// [`Image::use_event_socket`] instead of to a callback.
+    event_socket: AtomicBool,
+    pool: Arc<Pool>,
 }
 
 // SAFETY: librbd image handles are thread-safe (concurrent aio submission from several threads is
@@ -252,8 +261,80 @@ impl Image {
         Ok(Image {
             raw,
             name: name.to_owned(),
-            _pool: Arc::clone(pool),
+            read_only,
+            event_socket: AtomicBool::new(false),
+            pool: Arc::clone(pool),
         })
+    }
+
+    /// Another handle of the same image, opened the same way (read-only or not). Two writable
+    /// handles take turns at the image's exclusive lock.
+    pub fn reopen(&self) -> Result<Image, RbdError> {
+        Self::open_as(&self.pool, &self.name, self.read_only)
+    }
+
+    /// librbd's event-socket mode (`rbd_set_image_notification`): from now on, operations
+    /// started on this handle complete onto librbd's own queue of the image (lock-free) and
+    /// write 1 to `fd`; [`Image::poll_events`] takes them. Only for a handle that one thread
+    /// submits on and polls: every completion of the handle lands on that one queue.
+    pub fn use_event_socket(&self, fd: &EventFd) -> Result<(), RbdError> {
+        // SAFETY: open image; the descriptor outlives the handle (the caller's waker, kept alive
+        // by the queue that polls this image).
+        let ret = unsafe {
+            sys::rbd_set_image_notification(self.raw, fd.as_raw_fd(), sys::EVENT_TYPE_EVENTFD)
+        };
+        check(ret, || format!("rbd_set_image_notification({})", self.name))?;
+        self.event_socket.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether [`Image::use_event_socket`] is in effect.
+    pub fn event_socket(&self) -> bool {
+        self.event_socket.load(Ordering::Acquire)
+    }
+
+    /// Event-socket mode: reports every operation of this handle that librbd has completed
+    /// (`rbd_poll_io_events`), without waiting; returns how many. Their records go back to
+    /// `queue`, the one they were submitted with.
+    pub fn poll_events(
+        &self,
+        queue: &mut CompletionQueue,
+        mut done: impl FnMut(Completion),
+    ) -> usize {
+        const BATCH: usize = 32;
+        let mut total = 0;
+        loop {
+            let mut comps: [sys::rbd_completion_t; BATCH] = [ptr::null_mut(); BATCH];
+            // SAFETY: open image in event-socket mode; `comps` has room for BATCH pointers.
+            let n =
+                unsafe { sys::rbd_poll_io_events(self.raw, comps.as_mut_ptr(), BATCH as c_int) };
+            let n = usize::try_from(n).unwrap_or(0).min(BATCH);
+            for &c in &comps[..n] {
+                // SAFETY: `c` is a completion librbd finished and handed over once; its argument
+                // is the Box<Record> leaked by `submit` (event-socket completions have no
+                // callback, so nothing else reclaims it).
+                let mut record = unsafe { Box::from_raw(sys::rbd_aio_get_arg(c).cast::<Record>()) };
+                // SAFETY: as above; the completion is released once, here.
+                record.result = unsafe { sys::rbd_aio_get_return_value(c) };
+                // SAFETY: as above.
+                unsafe { sys::rbd_aio_release(c) };
+                let completion = Completion {
+                    token: record.token,
+                    result: record.result,
+                    op: record.op.take(),
+                };
+                queue.free.push(record);
+                done(completion);
+            }
+            total += n;
+            if n < BATCH {
+                break;
+            }
+        }
+        if total > 0 && queue.wake.get().is_some() {
+            waker::arrived(total);
+        }
+        total
     }
 
     /// The image's name.
@@ -313,10 +394,17 @@ impl Image {
         // failure below it is taken back with Box::from_raw before returning.
         let raw = Box::into_raw(record);
         let mut completion: sys::rbd_completion_t = ptr::null_mut();
-        // SAFETY: `raw` is a live heap record that stays where it is until `on_complete` (or the
-        // failure path below) reclaims it; valid out pointer.
+        // In event-socket mode the completion goes to the image's queue instead of a callback.
+        let callback: sys::rbd_callback_t = if self.event_socket() {
+            None
+        } else {
+            Some(on_complete)
+        };
+        // SAFETY: `raw` is a live heap record that stays where it is until `on_complete`,
+        // `poll_events` (event-socket mode) or the failure path below reclaims it; valid out
+        // pointer.
         let ret = unsafe {
-            sys::rbd_aio_create_completion(raw.cast::<c_void>(), Some(on_complete), &mut completion)
+            sys::rbd_aio_create_completion(raw.cast::<c_void>(), callback, &mut completion)
         };
         let started = if ret < 0 {
             ret
@@ -537,6 +625,13 @@ impl CompletionQueue {
                 let _ = self.wake.set(waker);
             }
         }
+    }
+
+    /// The submitting thread's waker (taken as [`Image::submit`] does), for
+    /// [`Image::use_event_socket`].
+    pub fn thread_waker(&mut self) -> Option<Arc<EventFd>> {
+        self.take_thread_waker();
+        self.wake.get().cloned()
     }
 
     fn record(&mut self) -> Box<Record> {

@@ -14,6 +14,10 @@ pub type rados_ioctx_t = *mut c_void;
 pub type rbd_image_t = *mut c_void;
 /// `rbd_completion_t`: one asynchronous operation.
 pub type rbd_completion_t = *mut c_void;
+/// `EVENT_TYPE_EVENTFD` of `rbd_set_image_notification`: librbd writes 1 to the eventfd per
+/// completion.
+pub const EVENT_TYPE_EVENTFD: c_int = 2;
+
 /// `rbd_callback_t`: called on a librbd thread when an operation completes.
 pub type rbd_callback_t = Option<unsafe extern "C" fn(cb: rbd_completion_t, arg: *mut c_void)>;
 
@@ -55,6 +59,13 @@ extern "C" {
         c: *mut rbd_completion_t,
     ) -> c_int;
     pub fn rbd_aio_get_return_value(c: rbd_completion_t) -> isize;
+    pub fn rbd_aio_get_arg(c: rbd_completion_t) -> *mut c_void;
+    pub fn rbd_set_image_notification(image: rbd_image_t, fd: c_int, type_: c_int) -> c_int;
+    pub fn rbd_poll_io_events(
+        image: rbd_image_t,
+        comps: *mut rbd_completion_t,
+        numcomp: c_int,
+    ) -> c_int;
     pub fn rbd_aio_release(c: rbd_completion_t);
     pub fn rbd_aio_readv(
         image: rbd_image_t,

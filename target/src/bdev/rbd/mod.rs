@@ -18,7 +18,10 @@
 //! completes it), flush, discard and write-zeroes, and never waits: librbd completes on its own
 //! threads, which move each finished operation onto the channel's lock-free queue, drained by the
 //! channel's poll. A cluster that stops answering fails I/O with IOERR after
-//! `rados_osd_op_timeout`.
+//! `rados_osd_op_timeout`. The alternatives the design was measured against (bench/README.md,
+//! "Ceph RBD"), librbd's event-socket mode on a handle per channel and a plain handle per
+//! channel, stay behind `RVHOST_RBD_MODE` for benchmarks: neither measured faster, and several
+//! writable handles of one image take turns at its exclusive lock.
 //!
 //! `read_only` opens the image with `rbd_open_read_only` (no exclusive lock; writes, discards
 //! and write-zeroes are refused by the bdev, as SPDK reports them unsupported). A cluster's
@@ -60,6 +63,27 @@ pub const DEFAULT_OPTIONS: &[(&str, &str)] = &[
 
 /// Operation records a channel makes ahead (a virtqueue holds at most 1024 requests).
 const CHANNEL_CAPACITY: usize = 256;
+
+/// How channels reach librbd, from `RVHOST_RBD_MODE` (a benchmark knob, read when a bdev is
+/// opened): `shared` (default) submits on the bdev's image handle and completes through a
+/// callback onto the channel's queue; `handle` opens a handle per channel, same completions;
+/// `events` opens a handle per channel in librbd's event-socket mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChannelMode {
+    Shared,
+    Handle,
+    Events,
+}
+
+impl ChannelMode {
+    fn from_env() -> Self {
+        match std::env::var("RVHOST_RBD_MODE").as_deref() {
+            Ok("handle") => ChannelMode::Handle,
+            Ok("events") => ChannelMode::Events,
+            _ => ChannelMode::Shared,
+        }
+    }
+}
 
 /// A librados/librbd failure as a JSON-RPC error: the negative errno and its text, as SPDK.
 fn rbd_error(err: &RbdError) -> RpcError {
@@ -185,6 +209,7 @@ pub struct RbdBdev {
     image: Arc<Image>,
     origin: Origin,
     removed: AtomicBool,
+    mode: ChannelMode,
 }
 
 impl RbdBdev {
@@ -224,6 +249,7 @@ impl RbdBdev {
             image: Arc::new(image),
             origin,
             removed: AtomicBool::new(false),
+            mode: ChannelMode::from_env(),
         }))
     }
 
@@ -324,8 +350,18 @@ impl Bdev for RbdBdev {
         if self.is_removed() {
             return Err(BdevError::Removed(self.name.clone()));
         }
+        let image = match self.mode {
+            ChannelMode::Shared => Arc::clone(&self.image),
+            ChannelMode::Handle | ChannelMode::Events => Arc::new(
+                self.image
+                    .reopen()
+                    .map_err(|e| BdevError::Backend(e.to_string()))?,
+            ),
+        };
         Ok(Box::new(RbdChannel {
+            events: self.mode == ChannelMode::Events,
             bdev: self,
+            image,
             queue: CompletionQueue::new(CHANNEL_CAPACITY),
             in_flight: 0,
             spare_iovecs: Vec::new(),
@@ -353,9 +389,34 @@ impl Bdev for RbdBdev {
 /// One reactor's I/O on an [`RbdBdev`].
 struct RbdChannel {
     bdev: Arc<RbdBdev>,
+    /// The handle it submits on (closed before `queue`, whose waker an event-socket handle
+    /// writes to).
+    image: Arc<Image>,
+    /// Put `image` in event-socket mode at the first submission (on the reactor's thread,
+    /// whose waker it then signals).
+    events: bool,
     queue: CompletionQueue,
     in_flight: usize,
     spare_iovecs: Vec<SpareIovecs>,
+}
+
+impl Drop for RbdChannel {
+    /// An event-socket handle's completions are only ever reported by polling it: take the
+    /// ones still in flight (they end within `rados_osd_op_timeout`), so their records and
+    /// buffers are released before the handle closes.
+    fn drop(&mut self) {
+        if !self.image.event_socket() {
+            return;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while self.in_flight > 0 && std::time::Instant::now() < deadline {
+            let n = self.image.poll_events(&mut self.queue, |_| {});
+            self.in_flight = self.in_flight.saturating_sub(n);
+            if n == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
 }
 
 impl RbdChannel {
@@ -412,7 +473,15 @@ impl BdevChannel for RbdChannel {
                 AioOp::WriteZeroes { offset, len }
             }
         };
-        match bdev.image.submit(&mut self.queue, io.tag, op) {
+        if self.events && !self.image.event_socket() {
+            if let Some(waker) = self.queue.thread_waker() {
+                if let Err(err) = self.image.use_event_socket(&waker) {
+                    tracing::warn!(bdev = %bdev.name, %err, "staying with completion callbacks");
+                }
+            }
+            self.events = false;
+        }
+        match self.image.submit(&mut self.queue, io.tag, op) {
             Ok(()) => {
                 self.in_flight += 1;
                 Ok(())
@@ -430,7 +499,7 @@ impl BdevChannel for RbdChannel {
         }
         let spare = &mut self.spare_iovecs;
         let bdev = &*self.bdev;
-        let n = self.queue.poll(|c| {
+        let complete = |c: rvhost_rbd::Completion| {
             let status = if c.result < 0 {
                 tracing::warn!(bdev = %bdev.name, tag = c.token, "rbd I/O failed: {}",
                     std::io::Error::from_raw_os_error(i32::try_from(-c.result).unwrap_or(libc::EIO)));
@@ -440,7 +509,12 @@ impl BdevChannel for RbdChannel {
             };
             Self::recycle(spare, c.op);
             done(c.token, status);
-        });
+        };
+        let n = if self.image.event_socket() {
+            self.image.poll_events(&mut self.queue, complete)
+        } else {
+            self.queue.poll(complete)
+        };
         self.in_flight = self.in_flight.saturating_sub(n);
         n
     }
