@@ -294,7 +294,8 @@ EOF
   ceph_cli osd pool create rbd 8 8 >/dev/null || return 1
   ceph_cli osd pool set rbd size "$osds" --yes-i-really-mean-it >/dev/null || return 1
   ceph_cli osd pool set rbd min_size 1 >/dev/null || return 1
-  wait_for "the manager" 60 --daemon mgr.x mgr_active || return 1
+  # The manager loads its Python modules first: over a minute on a loaded machine.
+  wait_for "the manager" 180 --daemon mgr.x mgr_active || return 1
   wait_for "every PG active+clean" 60 pgs_clean || return 1
   timeout 30 rbd -c "$dir/ceph.conf" pool init rbd || return 1
   echo "ceph-cluster: up in ${SECONDS}s: conf $dir/ceph.conf, monitor $(cat "$dir/mon_host"), $osds OSD(s), pool rbd"
