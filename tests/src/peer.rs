@@ -381,6 +381,38 @@ impl Rvhost {
         self.socket_dir.join(controller)
     }
 
+    /// The vhost-user socket of a controller, once it exists (controllers created by RPC start
+    /// listening on their reactor, shortly after the reply).
+    ///
+    /// # Panics
+    /// When the socket does not appear within 30 s or rvhost exits first; the message carries
+    /// rvhost's log.
+    pub fn wait_controller_socket(&mut self, controller: &str) -> PathBuf {
+        let socket = self.controller_socket(controller);
+        if let Err(err) = self
+            .process
+            .wait_for_path("rvhost", &socket, Duration::from_secs(30))
+        {
+            panic!("{err}");
+        }
+        socket
+    }
+
+    /// Runs a guest against this rvhost and returns its results; panics with rvhost's log when
+    /// the guest fails or rvhost is no longer running afterwards.
+    pub fn run_guest(&mut self, config: &crate::guest::GuestConfig) -> crate::guest::GuestOutput {
+        let out = match crate::guest::run_guest(config) {
+            Ok(out) => out,
+            Err(err) => panic!("{err}\n---- rvhost log ----\n{}", self.log()),
+        };
+        assert!(
+            self.is_running(),
+            "rvhost exited\n---- rvhost log ----\n{}",
+            self.log()
+        );
+        out
+    }
+
     pub fn rpc_socket(&self) -> &Path {
         &self.rpc_socket
     }

@@ -5,7 +5,6 @@
 //! A file on a full 1 MiB tmpfs must show up in the guest as an I/O error, with rvhost still up.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -69,17 +68,7 @@ fn file_controller(
     ) {
         panic!("{err}\n---- rvhost log ----\n{}", target.log());
     }
-    let socket = target.controller_socket(controller);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    socket
+    target.wait_controller_socket(controller)
 }
 
 fn assert_alive(target: &mut Rvhost) {

@@ -7,14 +7,11 @@
 //! the other LUNs.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use rvhost_tests::files::{host_verify, next_hole, scratch_dir, sparse_file, TinyTmpfs};
-use rvhost_tests::{
-    init_test_logging, run_guest, GuestConfig, Rvhost, VhostUserDevice, VIRTIO_SCSI_MODULES,
-};
+use rvhost_tests::{init_test_logging, GuestConfig, Rvhost, VhostUserDevice, VIRTIO_SCSI_MODULES};
 
 const SCSI_FILE: &str = include_str!("../guest/scsi_file.sh");
 const MIB: u64 = 1 << 20;
@@ -98,16 +95,7 @@ fn rvhost_scsi_luns_on_uring_and_aio_files() {
         );
         assert_eq!(got, json!(t));
     }
-    let socket = target.controller_socket("scsi.file");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let socket = target.wait_controller_socket("scsi.file");
 
     let config = GuestConfig::new("file-scsi", SCSI_FILE)
         .modules(VIRTIO_SCSI_MODULES)
@@ -116,15 +104,7 @@ fn rvhost_scsi_luns_on_uring_and_aio_files() {
             num_queues: 1,
         })
         .binary(blkcheck());
-    let out = match run_guest(&config) {
-        Ok(out) => out,
-        Err(err) => panic!("{err}\n---- rvhost log ----\n{}", target.log()),
-    };
-    assert!(
-        target.is_running(),
-        "rvhost exited\n---- rvhost log ----\n{}",
-        target.log()
-    );
+    let out = target.run_guest(&config);
 
     for (t, lbs) in [(0, 512), (1, 4096)] {
         out.assert_eq(&format!("t{t}_present"), "yes");

@@ -24,7 +24,7 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -90,16 +90,7 @@ impl Host {
                 );
             }
         }
-        let socket = target.controller_socket("mig.0");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "{} never appeared",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let socket = target.wait_controller_socket("mig.0");
         Host { target, socket }
     }
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use serde_json::json;
 
-use rvhost_tests::{init_test_logging, run_guest, GuestConfig, Rvhost, VhostUserDevice};
+use rvhost_tests::{init_test_logging, GuestConfig, Rvhost, VhostUserDevice};
 
 const BLK_CHECKS: &str = include_str!("../guest/blk_checks.sh");
 const PACKED: &str = include_str!("../guest/packed.sh");
@@ -52,7 +52,7 @@ fn rvhost_packed_blk_and_scsi() {
         "vhost_scsi_controller_add_target",
         json!({"ctrlr": "scsi.packed", "scsi_target_num": 0, "bdev_name": "PS0"}),
     );
-    let scsi_socket = target.controller_socket("scsi.packed");
+    let scsi_socket = target.wait_controller_socket("scsi.packed");
 
     let script = PACKED.replace("@BLK_CHECKS@", BLK_CHECKS);
     let config = GuestConfig::new("rvhost-packed", &script)
@@ -71,15 +71,7 @@ fn rvhost_packed_blk_and_scsi() {
         .env("ZEROES", 1)
         .env("RESET", 1)
         .binary(blkcheck());
-    let out = match run_guest(&config) {
-        Ok(out) => out,
-        Err(err) => panic!("{err}\n---- rvhost log ----\n{}", target.log()),
-    };
-    assert!(
-        target.is_running(),
-        "rvhost exited\n---- rvhost log ----\n{}",
-        target.log()
-    );
+    let out = target.run_guest(&config);
 
     // Packed rings were negotiated, before and after the reboot.
     for key in [

@@ -16,7 +16,7 @@
 mod ceph_common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -35,18 +35,6 @@ const RESIZED_MIB: u64 = 96;
 
 fn blkcheck() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_blkcheck"))
-}
-
-fn wait_socket(socket: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn register(target: &mut Rvhost, ceph: &Ceph) {
@@ -141,13 +129,10 @@ fn rvhost_rbd_blk_scsi_shared_and_osd_failure() {
         json!({"ctrlr": "blk.shared", "dev_name": "Shared"}),
     );
     let (blk, shared, scsi) = (
-        a.controller_socket("blk.rbd"),
-        b.controller_socket("blk.shared"),
-        a.controller_socket("scsi.rbd"),
+        a.wait_controller_socket("blk.rbd"),
+        b.wait_controller_socket("blk.shared"),
+        a.wait_controller_socket("scsi.rbd"),
     );
-    for socket in [&blk, &shared, &scsi] {
-        wait_socket(socket);
-    }
 
     // virtio-blk and virtio-scsi both.
     let mut modules = VIRTIO_BLK_MODULES.to_vec();
