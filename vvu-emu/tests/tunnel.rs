@@ -155,7 +155,13 @@ fn a_hostile_device_is_rejected() {
 }
 
 /// The frontend's side of the tunnel test, on its own thread (its calls block on replies).
-fn frontend_session(path: PathBuf, memory: OwnedFd, call: VmmEventFd, kick: VmmEventFd) {
+/// Returns the frontend, so the connection (and with it the call fd) outlives the checks.
+fn frontend_session(
+    path: PathBuf,
+    memory: OwnedFd,
+    call: VmmEventFd,
+    kick: VmmEventFd,
+) -> Frontend {
     let mut frontend = Frontend::connect(&path, 2).unwrap();
     frontend.set_owner().unwrap();
     assert_eq!(frontend.get_features().unwrap(), 0x1_4000_0000);
@@ -179,6 +185,7 @@ fn frontend_session(path: PathBuf, memory: OwnedFd, call: VmmEventFd, kick: VmmE
     frontend.set_vring_kick(0, &kick).unwrap();
     // A synchronous request last: everything before it has been forwarded.
     assert_eq!(frontend.get_features().unwrap(), 0x1_4000_0000);
+    frontend
 }
 
 #[test]
@@ -234,7 +241,7 @@ fn vhost_user_messages_tunnel_through_the_rxq_and_txq() {
             _ => {}
         }
     }
-    frontend.join().unwrap();
+    let frontend = frontend.join().unwrap();
     assert_eq!(requests, [3, 1, 2, 15, 16, 5, 13, 12, 1]);
 
     // The frontend's memory, by its guest physical address, through the window.
@@ -252,6 +259,7 @@ fn vhost_user_messages_tunnel_through_the_rxq_and_txq() {
     let vector = &dev.interrupts().vrings[0];
     assert!(vector.wait(TIMEOUT).unwrap());
     assert_eq!(emu.forwarded(), (9, 3));
+    drop(frontend);
     emu.stop(&path);
 }
 

@@ -154,7 +154,7 @@ impl MessageQueue {
 
 /// A virtio-vhost-user device, initialized and connected to the driver's queues.
 pub struct VvuDevice<T: VirtioPciTransport> {
-    transport: T,
+    transport: Arc<T>,
     caps: VirtioCaps,
     /// The driver's DMA memory, by IOVA.
     dma: Arc<MemoryTable>,
@@ -302,7 +302,7 @@ impl<T: VirtioPciTransport> VvuDevice<T> {
         dev.set_status(before_ok | status::FEATURES_OK | status::DRIVER_OK)?;
 
         let mut device = VvuDevice {
-            transport,
+            transport: Arc::new(transport),
             caps,
             dma,
             _dma_fd: dma_fd,
@@ -352,7 +352,7 @@ impl<T: VirtioPciTransport> VvuDevice<T> {
 
     fn partial(&self) -> Partial<'_, T> {
         Partial {
-            transport: &self.transport,
+            transport: &*self.transport,
             caps: self.caps,
         }
     }
@@ -510,19 +510,16 @@ impl<T: VirtioPciTransport> VvuDevice<T> {
 
     /// Rings vring `vring`'s doorbell: the frontend's call notification for it.
     pub fn doorbell(&self, vring: u16) -> Result<(), VvuError> {
-        self.check_vring(vring)?;
-        let offset = u64::from(vring) * u64::from(self.caps.doorbell_off_multiplier);
-        let at = self.caps.doorbell.at(offset, 2).ok_or_else(|| {
-            VvuError::Transport(TransportError::OutOfRange {
-                what: "doorbell area".into(),
-                offset,
-                len: 2,
-                size: self.caps.doorbell.len,
-            })
-        })?;
-        self.transport
-            .write_bar(self.caps.doorbell.bar, at, &vring.to_le_bytes())?;
-        Ok(())
+        self.doorbells().ring(vring)
+    }
+
+    /// A handle that rings doorbells from any thread (a queue's completion path).
+    pub fn doorbells(&self) -> Doorbells<T> {
+        Doorbells {
+            transport: Arc::clone(&self.transport),
+            caps: self.caps,
+            max_vhost_queues: self.max_vhost_queues,
+        }
     }
 
     /// Routes the frontend's kicks of `vring` to MSI-X vector `vector` (`NO_VECTOR`: nowhere).
@@ -546,20 +543,22 @@ impl<T: VirtioPciTransport> VvuDevice<T> {
         Ok(())
     }
 
-    /// Maps the frontend's memory as `SET_MEM_TABLE` described it (`regions`, in message order)
-    /// from the shared memory window: region `i` occupies `mmap_offset + memory_size` bytes
-    /// there, back to back from the window's start. Every region must lie inside the BAR.
-    pub fn map_frontend_memory(
+    /// Where the frontend's memory, as `SET_MEM_TABLE` described it (`regions`, in message
+    /// order), can be mapped from the shared memory window: region `i` occupies
+    /// `mmap_offset + memory_size` bytes there, back to back from the window's start, and must
+    /// lie inside the BAR. Returns each region with the file and file offset to map it from (in
+    /// `mmap_offset`), ready for `MemoryTable::from_regions`.
+    pub fn frontend_memory_fds(
         &self,
         regions: &[RegionSpec],
-    ) -> Result<Arc<MemoryTable>, VvuError> {
+    ) -> Result<Vec<(RegionSpec, OwnedFd)>, VvuError> {
         let window = self.caps.shared_memory;
         let bar_len = self
             .transport
             .bar_len(window.bar)
             .ok_or(TransportError::NoBar { bar: window.bar })?;
         let mut cursor = window.offset;
-        let mut mapped = Vec::with_capacity(regions.len());
+        let mut mapped: Vec<(RegionSpec, OwnedFd)> = Vec::with_capacity(regions.len());
         for (index, region) in regions.iter().enumerate() {
             let bad = |reason: &str| VvuError::BadMemoryRegion {
                 index,
@@ -592,7 +591,17 @@ impl<T: VirtioPciTransport> VvuDevice<T> {
             ));
             cursor = end;
         }
-        Ok(MemoryTable::from_regions(mapped)?)
+        Ok(mapped)
+    }
+
+    /// [`VvuDevice::frontend_memory_fds`], mapped.
+    pub fn map_frontend_memory(
+        &self,
+        regions: &[RegionSpec],
+    ) -> Result<Arc<MemoryTable>, VvuError> {
+        Ok(MemoryTable::from_regions(
+            self.frontend_memory_fds(regions)?,
+        )?)
     }
 
     /// The driver's DMA memory (rings and buffers), for tests.
@@ -623,6 +632,55 @@ impl<T: VirtioPciTransport> VvuDevice<T> {
             let _ = self.interrupts.rxq.wait(deadline - now);
             let _ = self.interrupts.rxq.consume();
         }
+    }
+}
+
+/// Rings the device's doorbells; cheap to clone, usable from any thread.
+pub struct Doorbells<T: VirtioPciTransport> {
+    transport: Arc<T>,
+    caps: VirtioCaps,
+    max_vhost_queues: u32,
+}
+
+impl<T: VirtioPciTransport> Clone for Doorbells<T> {
+    fn clone(&self) -> Self {
+        Doorbells {
+            transport: Arc::clone(&self.transport),
+            caps: self.caps,
+            max_vhost_queues: self.max_vhost_queues,
+        }
+    }
+}
+
+impl<T: VirtioPciTransport> core::fmt::Debug for Doorbells<T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Doorbells")
+            .field("doorbell", &self.caps.doorbell)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: VirtioPciTransport> Doorbells<T> {
+    /// Rings vring `vring`'s doorbell (a 16-bit write at `vring * doorbell_off_multiplier`).
+    pub fn ring(&self, vring: u16) -> Result<(), VvuError> {
+        if u32::from(vring) >= self.max_vhost_queues {
+            return Err(VvuError::NoSuchVring {
+                vring,
+                max: self.max_vhost_queues,
+            });
+        }
+        let offset = u64::from(vring) * u64::from(self.caps.doorbell_off_multiplier);
+        let at = self.caps.doorbell.at(offset, 2).ok_or_else(|| {
+            VvuError::Transport(TransportError::OutOfRange {
+                what: "doorbell area".into(),
+                offset,
+                len: 2,
+                size: self.caps.doorbell.len,
+            })
+        })?;
+        self.transport
+            .write_bar(self.caps.doorbell.bar, at, &vring.to_le_bytes())?;
+        Ok(())
     }
 }
 

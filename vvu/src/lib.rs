@@ -18,5 +18,5 @@ pub mod pci;
 pub mod transport;
 pub mod vfio;
 
-pub use device::{Interrupts, VvuDevice, VvuError};
+pub use device::{Doorbells, Interrupts, VvuDevice, VvuError};
 pub use transport::{DmaRegion, TransportError, VirtioPciTransport};

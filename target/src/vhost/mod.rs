@@ -34,6 +34,7 @@ pub mod device;
 pub mod inflight;
 pub mod memory;
 pub mod session;
+pub mod vvu;
 
 use std::fs::File;
 use std::io;
