@@ -627,11 +627,14 @@ impl ControllerOps for Dataplane {
                         })
                         .collect()
                 });
+                let (ended_busy_ticks, ended_idle_ticks) = c.server.ended_session_ticks();
                 crate::ops::ThreadInfo {
                     name: name.clone(),
                     id: c.id,
                     cpumask: c.cpumask,
                     pollers,
+                    ended_busy_ticks,
+                    ended_idle_ticks,
                 }
             })
             .collect()

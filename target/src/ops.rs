@@ -80,6 +80,11 @@ pub struct ThreadInfo {
     pub cpumask: u64,
     /// One poller per connected session.
     pub pollers: Vec<PollerInfo>,
+    /// Ticks the polls of sessions that ended spent finding work (kept: a thread's busy time
+    /// does not drop when a session ends).
+    pub ended_busy_ticks: u64,
+    /// Ticks the polls of sessions that ended spent finding none.
+    pub ended_idle_ticks: u64,
 }
 
 /// One session's device, polled by its reactor every round (SPDK's `vdev_worker` poller).

@@ -104,13 +104,22 @@ fn controllers_are_threads_and_sessions_are_pollers_as_spdk_top_reads_them() {
     assert_eq!(u(thread, "active_pollers_count"), 1, "{stats}");
     assert!(u(thread, "busy") > 0 && u(thread, "idle") > 0, "{stats}");
 
-    // The session ends: its poller goes.
+    let busy_before_end = u(thread, "busy");
+
+    // The session ends: its poller goes, and the thread keeps the time its polls took.
     drop(driver);
     let deadline = Instant::now() + Duration::from_secs(10);
     while pollers_of(&target, "vhost.t")["active_pollers"] != json!([]) {
         assert!(Instant::now() < deadline, "the poller outlived its session");
         std::thread::sleep(Duration::from_millis(50));
     }
+    let stats = target.spdk_json(&["thread_get_stats"]);
+    let thread = &stats["threads"][0];
+    assert_eq!(u(thread, "active_pollers_count"), 0, "{stats}");
+    assert!(
+        u(thread, "busy") >= busy_before_end && u(thread, "idle") > 0,
+        "the thread's busy time dropped from {busy_before_end} when its session ended: {stats}"
+    );
 
     let scheduler = target.spdk_json(&["framework_get_scheduler"]);
     assert_eq!(scheduler["scheduler_name"], "static", "{scheduler}");

@@ -656,6 +656,9 @@ impl Reactor {
                 self.tasks.retain(|p| {
                     let keep = !p.task.is_finished();
                     if !keep {
+                        // Its last counts, for whoever keeps its totals past its end (a
+                        // controller's thread_get_stats).
+                        p.publish();
                         stats.remove_task(p.task.id());
                     }
                     keep

@@ -48,7 +48,7 @@ use rvhost_platform_linux::{ControlListener, DirtyLog, ListenError, ListenerHand
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
 use crate::bdev::IoMemory;
-use crate::reactor::{Command, Message, ReactorHandle, Reply, Task};
+use crate::reactor::{Command, Message, ReactorHandle, Reply, Task, TaskStats};
 use backend_channel::BackendChannel;
 use memory::GuestMemoryTable;
 use session::Session;
@@ -290,6 +290,20 @@ struct SessionEntry {
     connection: UnixStream,
     /// Where config changes are announced to the frontend.
     backend_channel: Arc<BackendChannel>,
+    /// The counters of its device's polls (`None` if the reactor did not list it).
+    polls: Option<Arc<TaskStats>>,
+}
+
+/// What the polls of the sessions that ended cost, kept so that a controller's busy and idle
+/// time (`thread_get_stats`) does not drop when a session ends.
+#[derive(Debug, Default)]
+struct EndedSessions {
+    /// Ticks of the sessions whose device the reactor has dropped (final counts).
+    busy_ticks: u64,
+    idle_ticks: u64,
+    /// Ended sessions whose device the reactor may still hold (it publishes their last counts
+    /// when it drops them); folded into the sums once it has.
+    pending: Vec<Arc<TaskStats>>,
 }
 
 /// State shared between a server's threads and the RPC thread.
@@ -302,6 +316,8 @@ struct ServerShared {
     /// Connected sessions. Held while a session's device is created or removed, so a hot-detach
     /// cannot slip between the two.
     sessions: Mutex<Vec<SessionEntry>>,
+    /// What ended sessions' polls cost.
+    ended: Mutex<EndedSessions>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -391,6 +407,35 @@ impl VhostServer {
     /// Connected frontends.
     pub fn sessions(&self) -> u32 {
         u32::try_from(lock(&self.shared.sessions).len()).unwrap_or(u32::MAX)
+    }
+
+    /// Busy and idle ticks of the polls of the sessions that ended (the connected ones are the
+    /// reactor's tasks).
+    pub fn ended_session_ticks(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut ended = lock(&self.shared.ended);
+        let EndedSessions {
+            busy_ticks,
+            idle_ticks,
+            pending,
+        } = &mut *ended;
+        pending.retain(|polls| {
+            // Still held by the reactor: its last counts may not be published yet.
+            if Arc::strong_count(polls) > 1 {
+                return true;
+            }
+            *busy_ticks = busy_ticks.wrapping_add(polls.busy_ticks.load(Relaxed));
+            *idle_ticks = idle_ticks.wrapping_add(polls.idle_ticks.load(Relaxed));
+            false
+        });
+        pending
+            .iter()
+            .fold((*busy_ticks, *idle_ticks), |(busy, idle), polls| {
+                (
+                    busy.wrapping_add(polls.busy_ticks.load(Relaxed)),
+                    idle.wrapping_add(polls.idle_ticks.load(Relaxed)),
+                )
+            })
     }
 
     /// Runs `f` with the connected sessions' device ids while no session can start or end.
@@ -577,6 +622,7 @@ impl SessionThread {
             device: id,
             connection,
             backend_channel: Arc::clone(backend_channel),
+            polls: self.reactor.stats().task(id),
         });
         Some(Arc::new(Mutex::new(Session::new(
             Arc::clone(&self.backend),
@@ -631,6 +677,12 @@ impl SessionThread {
 
         let mut sessions = lock(&self.shared.sessions);
         lock(&session).close();
-        sessions.retain(|s| s.device != id);
+        let ended = sessions
+            .iter()
+            .position(|s| s.device == id)
+            .map(|i| sessions.swap_remove(i));
+        if let Some(polls) = ended.and_then(|s| s.polls) {
+            lock(&self.shared.ended).pending.push(polls);
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! directly, so a controller is reported as the thread (with the id `framework_get_reactors`
 //! lists under `lw_threads`) and each session's device as its poller. A thread's busy and idle
 //! ticks are its pollers' (the time spent in their polls that found work, and in those that did
-//! not), as SPDK counts a thread's own polls.
+//! not), as SPDK counts a thread's own polls, and those of the sessions that ended: an SPDK
+//! thread's counts do not drop when a poller goes, and neither do a controller's.
 
 use serde_json::{json, Value};
 
@@ -23,11 +24,15 @@ fn thread_stats(thread: &ThreadInfo) -> Value {
     let busy = thread
         .pollers
         .iter()
-        .fold(0u64, |sum, p| sum.wrapping_add(p.busy_ticks));
+        .fold(thread.ended_busy_ticks, |sum, p| {
+            sum.wrapping_add(p.busy_ticks)
+        });
     let idle = thread
         .pollers
         .iter()
-        .fold(0u64, |sum, p| sum.wrapping_add(p.idle_ticks));
+        .fold(thread.ended_idle_ticks, |sum, p| {
+            sum.wrapping_add(p.idle_ticks)
+        });
     json!({
         "name": thread.name,
         "id": thread.id,
@@ -122,10 +127,12 @@ mod tests {
                     idle_ticks: 100,
                 },
             ],
+            ended_busy_ticks: 40,
+            ended_idle_ticks: 7,
         };
         assert_eq!(
             thread_stats(&thread),
-            json!({"name": "vhost.0", "id": 3, "cpumask": "2", "busy": 5000, "idle": 1000,
+            json!({"name": "vhost.0", "id": 3, "cpumask": "2", "busy": 5040, "idle": 1007,
                    "active_pollers_count": 2, "timed_pollers_count": 0, "paused_pollers_count": 0})
         );
         let pollers = thread_pollers(&thread);
