@@ -105,6 +105,8 @@ pub struct RunReport {
     pub packed: bool,
     /// What backs the shared memory.
     pub page_kind: PageKind,
+    /// The offered load of `--rate` in requests per second (`None`: closed loop).
+    pub rate: Option<u64>,
     /// Measured window in seconds.
     pub seconds: f64,
     /// Reads.
@@ -154,6 +156,29 @@ struct QueueState<'m> {
     ring: DriverRing<'m>,
     kick: Option<&'m vmm_sys_util::eventfd::EventFd>,
     slots: Vec<Slot>,
+    /// Slots not in flight, waiting for the rate to allow them (only with `--rate`).
+    idle: Vec<usize>,
+}
+
+/// Paces submissions to a fixed rate: by time `now` (ns since the start) the run may have
+/// offered `rate * now / 1e9` requests. A target that falls behind does not get the missed
+/// requests in one burst later: at most one queue depth of backlog is kept.
+struct Pacer {
+    rate: u64,
+    offered: u64,
+    backlog_cap: u64,
+}
+
+impl Pacer {
+    /// Requests the rate allows now, beyond those already offered.
+    fn allowance(&mut self, now: u64) -> u64 {
+        let due = u64::try_from(u128::from(now) * u128::from(self.rate) / 1_000_000_000)
+            .unwrap_or(u64::MAX);
+        if due.saturating_sub(self.offered) > self.backlog_cap {
+            self.offered = due - self.backlog_cap;
+        }
+        due.saturating_sub(self.offered)
+    }
 }
 
 struct Counters {
@@ -379,8 +404,14 @@ fn drive<'m>(
                 };
                 usize::from(opts.queue_depth)
             ],
+            idle: Vec::with_capacity(usize::from(opts.queue_depth)),
         });
     }
+    let mut pacer = opts.rate.map(|rate| Pacer {
+        rate,
+        offered: 0,
+        backlog_cap: u64::from(opts.queue_depth) * queues.len() as u64,
+    });
 
     let mut counters = Counters::new()?;
     let mut io_errors = 0u64;
@@ -456,8 +487,12 @@ fn drive<'m>(
         q.ring.offer(RequestFormat::head(slot))
     };
 
-    // Fill every queue.
+    // Fill every queue (with a rate, the loop offers requests as it allows).
     for q in queues.iter_mut() {
+        if pacer.is_some() {
+            q.idle.extend((0..q.slots.len()).rev());
+            continue;
+        }
         for slot in 0..q.slots.len() {
             submit(q, slot, 0, &mut tag, generator, &mut verifier, &mut scratch)?;
         }
@@ -551,7 +586,9 @@ fn drive<'m>(
                     interval_ios[d] += 1;
                     interval_lat += u128::from(lat);
                 }
-                if !stopping {
+                if pacer.is_some() {
+                    q.idle.push(slot);
+                } else if !stopping {
                     submit(
                         q,
                         slot,
@@ -563,7 +600,28 @@ fn drive<'m>(
                     )?;
                 }
             }
-            if pending > 0 {
+            let mut offered = 0u64;
+            if let Some(p) = pacer.as_mut().filter(|_| !stopping) {
+                let allowed = p.allowance(now);
+                while offered < allowed {
+                    let Some(slot) = q.idle.pop() else { break };
+                    submit(
+                        q,
+                        slot,
+                        now,
+                        &mut tag,
+                        generator,
+                        &mut verifier,
+                        &mut scratch,
+                    )?;
+                    offered += 1;
+                }
+                p.offered += offered;
+            }
+            if offered > 0 {
+                did_work = true;
+            }
+            if pending > 0 || offered > 0 {
                 q.ring.suppress_interrupts()?;
                 if q.ring.publish()? {
                     if let Some(k) = q.kick {
@@ -655,6 +713,7 @@ fn drive<'m>(
         event_idx: false,
         packed: false,
         page_kind: PageKind::Base4KiB,
+        rate: opts.rate,
         seconds,
         read,
         write,
@@ -670,4 +729,40 @@ fn drive<'m>(
         },
         dirty_log: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pacer;
+
+    #[test]
+    fn pacer_allows_the_rate_and_keeps_at_most_the_backlog_cap() {
+        let mut p = Pacer {
+            rate: 1_000_000,
+            offered: 0,
+            backlog_cap: 32,
+        };
+        assert_eq!(p.allowance(0), 0);
+        // 10 us at 1M/s: 10 requests due.
+        assert_eq!(p.allowance(10_000), 10);
+        p.offered += 4;
+        assert_eq!(p.allowance(10_000), 6);
+        p.offered += 6;
+        assert_eq!(p.allowance(10_999), 0);
+        assert_eq!(p.allowance(11_000), 1);
+        // A stall of 1 ms (1000 due) leaves only the cap, and the missed ones are not owed later.
+        assert_eq!(p.allowance(1_011_000), 32);
+        p.offered += 32;
+        assert_eq!(p.allowance(1_012_000), 1);
+    }
+
+    #[test]
+    fn pacer_does_not_overflow_at_extreme_rates() {
+        let mut p = Pacer {
+            rate: u64::MAX,
+            offered: 0,
+            backlog_cap: 8,
+        };
+        assert_eq!(p.allowance(u64::MAX), 8);
+    }
 }

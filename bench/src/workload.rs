@@ -61,6 +61,9 @@ pub struct WorkloadOptions {
     pub seed: u64,
     /// Act as a migrating frontend: hand the target a dirty log (and turn logging on).
     pub dirty_log: Option<crate::dirty_log::DirtyLogMode>,
+    /// Offered load in requests per second over all queues (`None`: closed loop, every completed
+    /// request is resubmitted at once). With a rate, `queue_depth` bounds what is in flight.
+    pub rate: Option<u64>,
 }
 
 /// Direction of one request.

@@ -194,3 +194,29 @@ fn dirty_log_marks_read_buffers_when_on_and_nothing_when_idle() {
     assert_eq!(log["mode"], "idle", "{idle}");
     assert_eq!(log["pages_marked"], 0, "{idle}");
 }
+
+#[test]
+fn rate_mode_offers_no_more_than_the_rate() {
+    // The in-process loopback responder serves far above 20k IOPS; the pacer must hold the run
+    // to the rate (plus at most one queue depth of backlog) and still complete requests.
+    let (code, report, stderr) = perf(&[
+        "--loopback",
+        "1",
+        "--qd",
+        "32",
+        "--time",
+        "1",
+        "--rate",
+        "20000",
+    ]);
+    assert_eq!(code, 0, "rvhost-perf failed: {stderr}");
+    assert_eq!(report["rate"], 20000, "{report}");
+    let ios = report["total"]["ios"].as_u64().unwrap();
+    assert!(ios <= 20_000 + 32, "{ios} requests at --rate 20000 for 1 s");
+    // Only that it completes requests at all: on a loaded machine the two threads may get
+    // a small share of the cores.
+    assert!(
+        ios >= 200,
+        "only {ios} requests completed at --rate 20000 for 1 s"
+    );
+}

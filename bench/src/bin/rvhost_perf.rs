@@ -69,6 +69,11 @@ struct Cli {
     /// but leaves logging off. The pages the target marked are counted at the end.
     #[arg(long, value_enum, value_name = "MODE", num_args = 0..=1, default_missing_value = "on")]
     dirty_log: Option<DirtyLogMode>,
+    /// Offer this many requests per second (all queues together) instead of resubmitting each
+    /// completion at once: a fixed load below saturation, for measuring a target's cost per
+    /// request from its busy/idle time. --qd still bounds what is in flight.
+    #[arg(long, value_name = "IOPS", value_parser = clap::value_parser!(u64).range(1..))]
+    rate: Option<u64>,
     /// Print the result as one JSON object on stdout (progress lines go to stderr).
     #[arg(long)]
     json: bool,
@@ -219,6 +224,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
         hugepages: !cli.no_hugepages,
         seed: cli.seed,
         dirty_log: cli.dirty_log,
+        rate: cli.rate,
     };
     let backend = match (&cli.socket, cli.loopback) {
         (_, Some(cpu)) => Backend::Loopback {
