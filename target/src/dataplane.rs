@@ -17,6 +17,7 @@ use crate::ops::{
 };
 use crate::reactor::{self, IdlePolicy, ReactorHandle};
 use crate::scsi::{ScsiController, ScsiError};
+use crate::vhost::device::CoalescingSettings;
 use crate::vhost::{DeviceBackend, DeviceId, DeviceOp, DrainProgress, VhostServer};
 
 /// Longest Unix socket path (`sun_path` is 108 bytes including the terminating NUL).
@@ -272,11 +273,12 @@ impl Dataplane {
             }),
             ControllerKind::Scsi(scsi) => serde_json::json!({ "scsi": scsi.targets() }),
         };
+        let coalescing = controller.server.coalescing();
         ControllerInfo {
             ctrlr: name.to_string(),
             cpumask: format!("{:#x}", controller.cpumask),
-            delay_base_us: 0,
-            iops_threshold: 0,
+            delay_base_us: u64::from(coalescing.delay_base_us()),
+            iops_threshold: u64::from(coalescing.iops_threshold()),
             socket: controller.server.socket().to_path_buf(),
             sessions: controller.server.sessions(),
             backend_specific,
@@ -378,6 +380,28 @@ impl ControllerOps for Dataplane {
         self.scsi_controller(ctrlr)?
             .remove_target(target)
             .map_err(scsi_error)
+    }
+
+    fn set_coalescing(
+        &self,
+        name: &str,
+        delay_base_us: u32,
+        iops_threshold: u32,
+    ) -> Result<(), OpsError> {
+        let settings = CoalescingSettings::new(delay_base_us, iops_threshold)
+            .map_err(|err| OpsError::InvalidParams(err.to_string()))?;
+        let controllers = lock(&self.controllers);
+        let controller = controllers
+            .get(name)
+            .ok_or_else(|| OpsError::NotFound(name.to_string()))?;
+        controller.server.set_coalescing(settings);
+        tracing::info!(
+            controller = name,
+            delay_base_us,
+            iops_threshold,
+            "interrupt coalescing set"
+        );
+        Ok(())
     }
 
     fn delete_controller(&self, name: &str) -> Result<(), OpsError> {

@@ -56,9 +56,9 @@ pub struct ControllerInfo {
     pub ctrlr: String,
     /// Cpumask as SPDK prints it (`0x1`).
     pub cpumask: String,
-    /// SPDK's coalescing parameters (always 0: rvhost does not coalesce interrupts yet).
+    /// Interrupt coalescing: the base delay in microseconds (0: off).
     pub delay_base_us: u64,
-    /// SPDK's coalescing parameter (always 0).
+    /// Interrupt coalescing: completions per second per queue above which calls are delayed.
     pub iops_threshold: u64,
     /// The Unix socket path.
     pub socket: PathBuf,
@@ -162,6 +162,19 @@ pub trait ControllerOps: Send + Sync {
     fn delete_controller(&self, name: &str) -> Result<(), OpsError>;
     /// Lists one controller or all.
     fn controllers(&self, name: Option<&str>) -> Result<Vec<ControllerInfo>, OpsError>;
+    /// Sets a controller's interrupt coalescing (`vhost_controller_set_coalescing`): per queue,
+    /// above `iops_threshold` completions per second a guest interrupt is followed by a quiet
+    /// period of `delay_base_us × (IOPS − threshold) / threshold`; `delay_base_us` 0 turns it
+    /// off. Parameters SPDK refuses are [`OpsError::InvalidParams`].
+    fn set_coalescing(
+        &self,
+        name: &str,
+        delay_base_us: u32,
+        iops_threshold: u32,
+    ) -> Result<(), OpsError> {
+        let _ = (delay_base_us, iops_threshold);
+        Err(OpsError::NotFound(name.to_string()))
+    }
     /// Whether any controller uses the bdev (bdev deletion then hot-detaches it).
     fn bdev_in_use(&self, bdev_name: &str) -> bool;
     /// Hot-detaches a bdev from every controller using it: later I/O to it fails (blk: IOERR)

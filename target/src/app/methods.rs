@@ -90,6 +90,11 @@ const METHODS: &[Method] = &[
         handler: RpcMethods::vhost_get_controllers,
     },
     Method {
+        name: "vhost_controller_set_coalescing",
+        old_name: Some("set_vhost_controller_coalescing"),
+        handler: RpcMethods::vhost_controller_set_coalescing,
+    },
+    Method {
         name: "vhost_delete_controller",
         old_name: Some("remove_vhost_controller"),
         handler: RpcMethods::vhost_delete_controller,
@@ -353,6 +358,14 @@ struct OptionalName {
 #[serde(deny_unknown_fields)]
 struct ByCtrlr {
     ctrlr: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetCoalescing {
+    ctrlr: String,
+    delay_base_us: u32,
+    iops_threshold: u32,
 }
 
 #[derive(Deserialize)]
@@ -685,6 +698,17 @@ impl RpcMethods {
         serde_json::to_value(list).map_err(|e| RpcError::new(INTERNAL_ERROR, e.to_string()))
     }
 
+    fn vhost_controller_set_coalescing(
+        &mut self,
+        params: Option<Value>,
+    ) -> Result<Value, RpcError> {
+        let p: SetCoalescing = decode(params)?;
+        self.ops
+            .set_coalescing(&p.ctrlr, p.delay_base_us, p.iops_threshold)
+            .map_err(ops_error)?;
+        Ok(Value::Bool(true))
+    }
+
     fn vhost_delete_controller(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
         let p: ByCtrlr = decode(params)?;
         self.ops.delete_controller(&p.ctrlr).map_err(ops_error)?;
@@ -786,11 +810,13 @@ impl RpcMethods {
                         // A controller whose bdev was hot-removed cannot be recreated as it is.
                         let bdev = block.get("bdev")?.as_str()?;
                         let readonly = block.get("readonly").and_then(Value::as_bool).unwrap_or(false);
-                        Some(json!({
+                        let create = json!({
                             "method": "vhost_create_blk_controller",
                             "params": {"ctrlr": c.ctrlr, "dev_name": bdev, "cpumask": c.cpumask, "readonly": readonly}
-                        }))
+                        });
+                        Some(std::iter::once(create).chain(coalescing_call(c)))
                     })
+                    .flatten()
                     .collect();
                 Ok(Value::Array(calls))
             }
@@ -820,6 +846,7 @@ impl RpcMethods {
                             }));
                         }
                     }
+                    calls.extend(coalescing_call(c));
                 }
                 Ok(Value::Array(calls))
             }
@@ -920,6 +947,17 @@ impl Dispatch for RpcMethods {
         }
         outcome
     }
+}
+
+/// The `save_config` call that restores a controller's interrupt coalescing, after the calls
+/// that create it (as SPDK writes it: only when coalescing is on).
+fn coalescing_call(c: &crate::ops::ControllerInfo) -> Option<Value> {
+    (c.delay_base_us != 0).then(|| {
+        json!({
+            "method": "vhost_controller_set_coalescing",
+            "params": {"ctrlr": c.ctrlr, "delay_base_us": c.delay_base_us, "iops_threshold": c.iops_threshold}
+        })
+    })
 }
 
 /// The vhost controllers as users of bdevs (for deleting a bdev in use).

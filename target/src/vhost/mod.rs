@@ -106,6 +106,14 @@ pub enum DeviceOp {
         /// Acknowledged once in effect (the frontend may then read or replace the log).
         reply: Reply<()>,
     },
+    /// Turns interrupt coalescing on (the controller's settings in the reactor's clock) or off
+    /// (`None`, sending any call held back) for every queue and those started later.
+    SetCoalescing {
+        /// The settings, or `None`.
+        coalescing: Option<device::CoalescingTicks>,
+        /// Acknowledged once in effect.
+        reply: Reply<()>,
+    },
     /// Stops every queue (answering waiting stops) and removes the device once its in-flight
     /// requests completed.
     Remove {
@@ -151,6 +159,7 @@ impl std::fmt::Debug for DeviceOp {
             DeviceOp::StopQueue { .. } => "StopQueue",
             DeviceOp::SetCall { .. } => "SetCall",
             DeviceOp::SetLog { .. } => "SetLog",
+            DeviceOp::SetCoalescing { .. } => "SetCoalescing",
             DeviceOp::Remove { .. } => "Remove",
             DeviceOp::QueueStats { .. } => "QueueStats",
             DeviceOp::Drain { .. } => "Drain",
@@ -318,6 +327,9 @@ struct ServerShared {
     sessions: Mutex<Vec<SessionEntry>>,
     /// What ended sessions' polls cost.
     ended: Mutex<EndedSessions>,
+    /// The controller's interrupt coalescing. Changed and read under `sessions` (taken first),
+    /// so every session's device gets the settings in force.
+    coalescing: Mutex<device::CoalescingSettings>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -454,6 +466,30 @@ impl VhostServer {
         // the flag.
         self.shared.refuse_sessions.store(true, Ordering::SeqCst);
         sessions.iter().map(|s| s.device).collect()
+    }
+
+    /// The controller's interrupt coalescing settings.
+    pub fn coalescing(&self) -> device::CoalescingSettings {
+        let _sessions = lock(&self.shared.sessions);
+        *lock(&self.shared.coalescing)
+    }
+
+    /// Sets the controller's interrupt coalescing: every connected session's device applies it
+    /// before this returns, and sessions that start later get it too.
+    pub fn set_coalescing(&self, settings: device::CoalescingSettings) {
+        let sessions = lock(&self.shared.sessions);
+        *lock(&self.shared.coalescing) = settings;
+        let ticks = settings.in_ticks(rvhost_platform_linux::tsc::ticks_per_second());
+        for session in sessions.iter() {
+            let id = session.device;
+            let sent = self.reactor.task_call(id, |reply| DeviceOp::SetCoalescing {
+                coalescing: ticks,
+                reply,
+            });
+            if let Err(err) = sent {
+                tracing::warn!(socket = %self.socket.display(), device = id.0, %err, "coalescing not applied to a session");
+            }
+        }
     }
 
     /// Tells every connected frontend that the device's config space changed (a bdev changed
@@ -617,6 +653,16 @@ impl SessionThread {
         }) {
             tracing::error!(controller = %self.name, %err, "cannot place device on reactor");
             return None;
+        }
+        let coalescing = *lock(&self.shared.coalescing);
+        if let Some(ticks) = coalescing.in_ticks(rvhost_platform_linux::tsc::ticks_per_second()) {
+            let sent = self.reactor.task_call(id, |reply| DeviceOp::SetCoalescing {
+                coalescing: Some(ticks),
+                reply,
+            });
+            if let Err(err) = sent {
+                tracing::warn!(controller = %self.name, device = id.0, %err, "coalescing not applied to a new session");
+            }
         }
         sessions.push(SessionEntry {
             device: id,

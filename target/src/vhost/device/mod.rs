@@ -36,9 +36,11 @@
 //! place every completion passes: it marks the chain's device-writable buffers and the used
 //! element before `used.idx` is published, and `VirtQueue::publish` marks the used ring; while
 //! logging is off this costs one test of an `Option`), interrupt coalescing
-//! (`VirtQueue::publish`, the one place a call eventfd is written after a completion), per-queue
-//! statistics (`VhostDevice::poll_queue` and `Requests::complete`).
+//! (`coalesce.rs` and `VirtQueue::publish_coalesced`, the one place a call eventfd is written
+//! after a completion while it is on; off, a round pays one branch), per-queue statistics
+//! (`VirtQueue::completed`, the queue's one completion counter, and `VhostDevice::poll_queue`).
 
+mod coalesce;
 mod vqueue;
 
 use std::sync::Arc;
@@ -51,6 +53,10 @@ use super::memory::GuestMemoryTable;
 use super::{DeviceBackend, DeviceId, DeviceOp, DrainProgress, QueueSetup, VirtioFeatures};
 use crate::bdev::IoMemory;
 use crate::reactor::{Message, ReactorHandle, Reply, Task};
+pub use coalesce::{
+    CoalescingError, CoalescingSettings, CoalescingTicks, DEFAULT_IOPS_THRESHOLD,
+    MAX_DELAY_BASE_US, MIN_IOPS_THRESHOLD, STATS_INTERVAL,
+};
 use vqueue::VirtQueue;
 pub use vqueue::{ShellRing, CHAIN_CAPACITY, MAX_QUEUE_SIZE, POP_BATCH};
 
@@ -430,6 +436,11 @@ pub struct VhostDevice<H: RequestHandler, V: ShellRing = SplitQueue> {
     draining: bool,
     /// Told [`DrainProgress::Drained`] once nothing is in flight.
     drain_reply: Option<Reply<DrainProgress>>,
+    /// Interrupt coalescing for every queue (`None`: off, and the round publishes as if there
+    /// were no such feature: this is the one test it costs).
+    coalescing: Option<CoalescingTicks>,
+    /// Some queue holds a call back (coalescing): the rounds check it even when idle.
+    calls_held: bool,
 }
 
 impl<H: RequestHandler, V: ShellRing> std::fmt::Debug for VhostDevice<H, V> {
@@ -461,6 +472,8 @@ impl<H: RequestHandler, V: ShellRing> VhostDevice<H, V> {
             removed: false,
             draining: false,
             drain_reply: None,
+            coalescing: None,
+            calls_held: false,
         }
     }
 
@@ -510,6 +523,8 @@ impl<H: RequestHandler, V: ShellRing> VhostDevice<H, V> {
             removed: self.removed,
             draining: self.draining,
             drain_reply: self.drain_reply,
+            coalescing: self.coalescing,
+            calls_held: false,
         }
     }
 
@@ -572,6 +587,10 @@ impl<H: RequestHandler, V: ShellRing> VhostDevice<H, V> {
                 }
                 tracing::debug!(device = self.id.0, on = log.is_some(), "dirty logging");
                 self.log = log;
+                let _ = reply.send(());
+            }
+            DeviceOp::SetCoalescing { coalescing, reply } => {
+                self.set_coalescing(coalescing);
                 let _ = reply.send(());
             }
             DeviceOp::Remove { reply } => {
@@ -641,6 +660,9 @@ impl<H: RequestHandler, V: ShellRing> VhostDevice<H, V> {
         if self.log.is_some() {
             queue.set_logging(self.log.as_ref(), None);
         }
+        if self.coalescing.is_some() {
+            queue.set_coalescing(self.coalescing, tsc::ticks(), None, self.id, i);
+        }
         if self.draining {
             queue.close();
         }
@@ -659,6 +681,27 @@ impl<H: RequestHandler, V: ShellRing> VhostDevice<H, V> {
             self.swap_memory(setup.memory);
         }
         Ok(())
+    }
+
+    /// Turns interrupt coalescing on or off for every queue (and those started later); calls
+    /// held back are sent when it turns off.
+    fn set_coalescing(&mut self, coalescing: Option<CoalescingTicks>) {
+        let now = tsc::ticks();
+        let mem = self.memory.as_deref();
+        for (qi, queue) in self.queues.iter_mut().enumerate() {
+            if let Some(q) = queue {
+                q.set_coalescing(coalescing, now, mem, self.id, qi);
+            }
+        }
+        if coalescing.is_none() {
+            self.calls_held = false;
+        }
+        self.coalescing = coalescing;
+        tracing::debug!(
+            device = self.id.0,
+            on = coalescing.is_some(),
+            "interrupt coalescing"
+        );
     }
 
     /// Makes `memory` current, retiring the old table if requests still use it.
@@ -716,9 +759,14 @@ impl<H: RequestHandler, V: ShellRing> VhostDevice<H, V> {
             }
         }
         if let Some(mem) = self.memory.as_deref() {
-            for (qi, queue) in self.queues.iter_mut().enumerate() {
-                if let Some(q) = queue {
-                    q.publish(mem, self.id, qi);
+            if self.coalescing.is_some() {
+                // A queue that stops, drains or goes gets its held call here.
+                self.calls_held = publish_coalesced(&mut self.queues, mem, self.id);
+            } else {
+                for (qi, queue) in self.queues.iter_mut().enumerate() {
+                    if let Some(q) = queue {
+                        q.publish(mem, self.id, qi);
+                    }
                 }
             }
         }
@@ -883,7 +931,11 @@ impl<H: RequestHandler, V: ShellRing> Task for VhostDevice<H, V> {
             let mut requests = Requests::new(self.id, &mut self.queues, Some(&mem), Some(&io_mem));
             work += self.handler.poll_completions(&mut requests);
             self.handler.end_round(work);
-            if work > 0 {
+            if self.coalescing.is_some() {
+                if work > 0 || self.calls_held {
+                    self.calls_held = publish_coalesced(&mut self.queues, &mem, self.id);
+                }
+            } else if work > 0 {
                 for (qi, queue) in self.queues.iter_mut().enumerate() {
                     if let Some(q) = queue {
                         q.publish(&mem, self.id, qi);
@@ -913,6 +965,25 @@ impl<H: RequestHandler, V: ShellRing> Task for VhostDevice<H, V> {
     fn is_finished(&self) -> bool {
         self.removed
     }
+}
+
+/// Publishes every queue with coalescing on (one clock read for the round); returns whether a
+/// queue still holds a call back.
+#[cold]
+#[inline(never)]
+fn publish_coalesced<V: ShellRing, R, Q>(
+    queues: &mut [Option<VirtQueue<V, R, Q>>],
+    mem: &GuestMemoryTable,
+    device: DeviceId,
+) -> bool {
+    let now = tsc::ticks();
+    let mut held = false;
+    for (qi, queue) in queues.iter_mut().enumerate() {
+        if let Some(q) = queue {
+            held |= q.publish_coalesced(mem, device, qi, now);
+        }
+    }
+    held
 }
 
 /// The ring layout a session's device runs on.

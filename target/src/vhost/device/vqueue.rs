@@ -15,6 +15,7 @@ use super::super::inflight::InflightLog;
 use super::super::memory::GuestMemoryTable;
 use super::super::session::NO_DIRTY_MARKING_ENV;
 use super::super::{DeviceId, EventNotifier, QueueSetup};
+use super::coalesce::{Coalescer, CoalescingTicks};
 use super::DataBytes;
 use crate::ops::QueueReport;
 use crate::reactor::Reply;
@@ -271,6 +272,10 @@ pub(super) struct VirtQueue<V: ShellRing, R, Q> {
     /// and the per-queue statistics report it. A plain field: only the queue's reactor writes
     /// it, once per publish rather than once per request.
     completed: u64,
+    /// Interrupt coalescing (`None`: off; the device then never calls the coalescing paths).
+    coalescer: Option<Coalescer>,
+    /// Completions were published and their call is held back by coalescing.
+    call_held: bool,
     /// The inflight log, when the frontend negotiated `INFLIGHT_SHMFD` and gave a region.
     inflight: Option<InflightLog>,
     /// Heads the inflight log says were popped and never completed by an earlier backend, last
@@ -336,6 +341,8 @@ impl<V: ShellRing, R: Default + Copy, Q> VirtQueue<V, R, Q> {
             broken: false,
             pushed: 0,
             completed: 0,
+            coalescer: None,
+            call_held: false,
             inflight,
             resubmit,
             logging: None,
@@ -590,10 +597,24 @@ impl<V: ShellRing, R, Q> VirtQueue<V, R, Q> {
     }
 
     fn publish_pushed(&mut self, mem: &GuestMemoryTable, device: DeviceId, queue: usize) {
+        if self.publish_used_ring(mem, device, queue) {
+            self.call_if_needed(mem, device, queue);
+        }
+    }
+
+    /// Stores `used.idx` for what was pushed (and logs and records it); `false` if the ring
+    /// could not be written (the queue is then stopped).
+    #[inline(always)]
+    fn publish_used_ring(
+        &mut self,
+        mem: &GuestMemoryTable,
+        device: DeviceId,
+        queue: usize,
+    ) -> bool {
         if let Err(err) = self.vq.publish_used(mem) {
             tracing::error!(device = device.0, queue, %err, "publishing used ring failed; queue stopped");
             self.broken = true;
-            return;
+            return false;
         }
         if let Some(logging) = &self.logging {
             logging.mark_used_ring();
@@ -601,18 +622,96 @@ impl<V: ShellRing, R, Q> VirtQueue<V, R, Q> {
         if let Some(log) = &mut self.inflight {
             log.published(self.vq.published_used_idx());
         }
+        true
+    }
+
+    /// Writes the call eventfd if the driver asked to be told of what was published since the
+    /// last decision; returns whether it did.
+    #[inline(always)]
+    fn call_if_needed(&mut self, mem: &GuestMemoryTable, device: DeviceId, queue: usize) -> bool {
         match self.vq.needs_notification(mem) {
             Ok(true) => {
                 if let Some(call) = &self.call {
                     call.notify();
                 }
+                true
             }
-            Ok(false) => {}
+            Ok(false) => false,
             Err(err) => {
                 tracing::error!(device = device.0, queue, %err, "reading notification suppression failed");
                 self.broken = true;
+                false
             }
         }
+    }
+
+    /// Turns coalescing on (`Some`) or off for this queue at tick `now`. Turning it off sends a
+    /// call held back until now.
+    pub(super) fn set_coalescing(
+        &mut self,
+        settings: Option<CoalescingTicks>,
+        now: u64,
+        mem: Option<&GuestMemoryTable>,
+        device: DeviceId,
+        queue: usize,
+    ) {
+        self.coalescer = settings.map(|s| Coalescer::new(s, now, self.completed));
+        if settings.is_none() {
+            self.release_held_call(mem, device, queue);
+        }
+    }
+
+    /// Sends a call coalescing holds back, if the driver still wants one.
+    pub(super) fn release_held_call(
+        &mut self,
+        mem: Option<&GuestMemoryTable>,
+        device: DeviceId,
+        queue: usize,
+    ) {
+        if !std::mem::take(&mut self.call_held) {
+            return;
+        }
+        if let Some(mem) = mem {
+            self.call_if_needed(mem, device, queue);
+        }
+    }
+
+    /// [`VirtQueue::publish`] with coalescing on, at tick `now`: publishes what was pushed at
+    /// once, and calls if the queue's delay has passed since its last call (or it takes no new
+    /// requests any more: a stopping, closed or broken queue gets its call now). Returns whether
+    /// a call is still held back. Out of line: only devices that coalesce come here.
+    #[inline(never)]
+    pub(super) fn publish_coalesced(
+        &mut self,
+        mem: &GuestMemoryTable,
+        device: DeviceId,
+        queue: usize,
+        now: u64,
+    ) -> bool {
+        if self.pushed != 0 {
+            self.completed = self.completed.wrapping_add(u64::from(self.pushed));
+            self.pushed = 0;
+            if self.publish_used_ring(mem, device, queue) {
+                self.call_held = true;
+            }
+        }
+        if !self.call_held {
+            return false;
+        }
+        let due = match &mut self.coalescer {
+            Some(c) => c.call_due(now, self.completed) || !self.accepts_requests(),
+            None => true,
+        };
+        if !due {
+            return true;
+        }
+        self.call_held = false;
+        if self.call_if_needed(mem, device, queue) {
+            if let Some(c) = &mut self.coalescer {
+                c.called(now);
+            }
+        }
+        false
     }
 
     /// Starts stopping: no new requests; `reply` is answered once drained. A stop that was already
