@@ -12,10 +12,10 @@
 //! shrunk under the mapping is refused, because the next mark would raise SIGBUS and kill the
 //! process rather than fail one device.
 
-use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::ptr::NonNull;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::sealed_file::{SealedFileError, SealedFileMapping};
 
 /// Bytes of guest memory one bit of the log stands for (`VHOST_LOG_PAGE`).
 pub const LOG_PAGE_SIZE: u64 = 0x1000;
@@ -35,17 +35,9 @@ pub enum DirtyLogError {
         /// Requested size.
         size: u64,
     },
-    /// The file is shorter than offset plus size.
-    #[error("dirty log file of {file_size} bytes, log needs {needed}")]
-    FileTooShort {
-        /// The file's size.
-        file_size: u64,
-        /// Offset plus size.
-        needed: u64,
-    },
-    /// The file may be shrunk under the mapping (no `F_SEAL_SHRINK`).
-    #[error("dirty log file is not sealed against shrinking")]
-    NotSealed,
+    /// The file could not be mapped (not sealed against shrinking, too short, a failed call).
+    #[error("dirty log: {0}")]
+    Map(#[from] SealedFileError),
     /// The log does not cover the guest memory it must log.
     #[error("dirty log of {size} bytes covers guest addresses below {covered:#x}, memory ends at {needed:#x}")]
     TooSmall {
@@ -56,42 +48,19 @@ pub enum DirtyLogError {
         /// End of the highest guest memory region.
         needed: u64,
     },
-    /// A system call failed.
-    #[error("dirty log: {call}: {source}")]
-    Os {
-        /// Which call.
-        call: &'static str,
-        /// The OS error.
-        source: io::Error,
-    },
-}
-
-fn os(call: &'static str) -> DirtyLogError {
-    DirtyLogError::Os {
-        call,
-        source: io::Error::last_os_error(),
-    }
 }
 
 /// A mapped dirty log. Dropping it unmaps it (a replacement log is mapped first, so the device
 /// never runs without one while logging is on).
 #[derive(Debug)]
 pub struct DirtyLog {
-    /// Start of the mapping (page aligned; the file is mapped from offset 0).
-    map: NonNull<u8>,
-    /// Bytes mapped: the log's offset plus its size.
-    map_len: usize,
+    /// The file from offset 0 to the log's end (so the log's offset need not be page aligned).
+    mapping: SealedFileMapping,
     /// Offset of the first log word in the mapping (a multiple of 8).
     offset: usize,
     /// 64-bit words in the log.
     words: u64,
 }
-
-// SAFETY: the mapping is shared memory owned by this value; it is only accessed through atomic
-// read-modify-writes, which are sound from any thread.
-unsafe impl Send for DirtyLog {}
-// SAFETY: as above; no method hands out a reference into the mapping.
-unsafe impl Sync for DirtyLog {}
 
 impl DirtyLog {
     /// Maps the `size` bytes at `offset` of a frontend's log file (`SET_LOG_BASE`'s
@@ -105,50 +74,12 @@ impl DirtyLog {
         let Some(end) = offset.checked_add(size) else {
             return Err(bad);
         };
-        let (Ok(map_len), Ok(offset_usize)) = (usize::try_from(end), usize::try_from(offset))
-        else {
+        let Ok(offset_usize) = usize::try_from(offset) else {
             return Err(bad);
         };
-        // SAFETY: plain syscall on a descriptor we own.
-        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-            return Err(DirtyLogError::NotSealed);
-        }
-        // SAFETY: `stat` is plain data; fstat fills it and the result is checked.
-        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: `stat` is a valid, writable stat buffer.
-        if unsafe { libc::fstat(file.as_raw_fd(), &mut stat) } != 0 {
-            return Err(os("fstat"));
-        }
-        let file_size = u64::try_from(stat.st_size).unwrap_or(0);
-        if file_size < end {
-            return Err(DirtyLogError::FileTooShort {
-                file_size,
-                needed: end,
-            });
-        }
-        // SAFETY: a fresh shared mapping of a file we hold, at a kernel-chosen address, from
-        // offset 0 (so `offset` need not be page aligned); the result is checked. The file cannot
-        // shrink (sealed) and is long enough, so every byte of the mapping stays backed.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(os("mmap"));
-        }
-        let map = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| os("mmap"))?;
-        // The mapping holds its own reference to the file: the descriptor can go.
-        drop(file);
+        let mapping = SealedFileMapping::map(file, 0, end)?;
         Ok(DirtyLog {
-            map,
-            map_len,
+            mapping,
             offset: offset_usize,
             words: size / 8,
         })
@@ -186,10 +117,11 @@ impl DirtyLog {
             .ok()?
             .checked_mul(8)?
             .checked_add(self.offset)?;
-        // SAFETY: `byte + 8 <= offset + size == map_len` (index < words), inside the mapping;
-        // 8-byte aligned (the mapping is page aligned, the offset a multiple of 8). The memory is
-        // only accessed through atomics, here and in the frontend.
-        Some(unsafe { AtomicU64::from_ptr(self.map.as_ptr().add(byte).cast::<u64>()) })
+        // SAFETY: `byte + 8 <= offset + size`, the mapping's length (index < words), so inside
+        // the mapping, which lives as long as `self`; 8-byte aligned (the mapping is page
+        // aligned, the offset a multiple of 8). The memory is only accessed through atomics,
+        // here and in the frontend.
+        Some(unsafe { AtomicU64::from_ptr(self.mapping.as_ptr().add(byte).cast::<u64>()) })
     }
 
     /// Marks the guest pages of `[gpa, gpa + len)` dirty (atomic OR, release: the writes that
@@ -229,39 +161,15 @@ impl DirtyLog {
     }
 }
 
-impl Drop for DirtyLog {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was created by this value and nothing refers into it any more.
-        unsafe {
-            libc::munmap(self.map.as_ptr().cast(), self.map_len);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::FromRawFd;
+    use crate::sealed_file::unsealed_file;
 
-    fn sealed_memfd(len: u64) -> OwnedFd {
-        // SAFETY: NUL-terminated literal name; result checked.
-        let raw = unsafe { libc::memfd_create(c"log-test".as_ptr(), libc::MFD_ALLOW_SEALING) };
-        assert!(raw >= 0);
-        // SAFETY: fresh descriptor.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: plain syscalls on our descriptor.
-        unsafe {
-            assert_eq!(libc::ftruncate(fd.as_raw_fd(), len as libc::off_t), 0);
-            assert_eq!(
-                libc::fcntl(
-                    fd.as_raw_fd(),
-                    libc::F_ADD_SEALS,
-                    libc::F_SEAL_SHRINK | libc::F_SEAL_GROW
-                ),
-                0
-            );
-        }
-        fd
+    /// A memfd sealed against resizing, as QEMU hands over.
+    fn sealed_memfd(len: usize) -> OwnedFd {
+        let created = SealedFileMapping::create(c"log-test", len).unwrap();
+        created.file().try_clone_to_owned().unwrap()
     }
 
     #[test]
@@ -309,7 +217,7 @@ mod tests {
         ));
         assert!(matches!(
             DirtyLog::map(dup(), 4096, 8),
-            Err(DirtyLogError::FileTooShort { .. })
+            Err(DirtyLogError::Map(SealedFileError::FileTooShort { .. }))
         ));
         let log = DirtyLog::map(dup(), 0, 8).unwrap();
         assert!(log.check_covers(64 * 4096).is_ok());
@@ -317,19 +225,9 @@ mod tests {
             log.check_covers(64 * 4096 + 1),
             Err(DirtyLogError::TooSmall { .. })
         ));
-        let path = std::env::temp_dir().join(format!("rvhost-log-{}", std::process::id()));
-        let file = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
-        file.set_len(4096).unwrap();
         assert!(matches!(
-            DirtyLog::map(OwnedFd::from(file), 0, 8),
-            Err(DirtyLogError::NotSealed)
+            DirtyLog::map(unsealed_file(4096), 0, 8),
+            Err(DirtyLogError::Map(SealedFileError::NotSealed))
         ));
     }
 }

@@ -30,6 +30,11 @@
 //! NVMe queues and bounce buffers) and [`SharedDmaMemory`] (shared between reactors, copy-only:
 //! a RAM bdev's backing store).
 //!
+//! **Sealed file mappings** ([`sealed_file`]): [`SealedFileMapping`], a `MAP_SHARED` mapping of
+//! a memfd shared with a frontend, created sealed against resizing or, when handed over, mapped
+//! only if sealed against shrinking and long enough; the inflight region and the dirty log below
+//! are both one.
+//!
 //! **Inflight regions** ([`inflight`]): [`InflightMemory::create`] (a sealed memfd for
 //! `GET_INFLIGHT_FD`), [`InflightMemory::map`] (a frontend's region for `SET_INFLIGHT_FD`: sealed
 //! against shrinking, long enough, page-aligned offset), copies in and out, and single release
@@ -70,6 +75,7 @@ pub mod host;
 pub mod inflight;
 pub mod listener;
 pub mod memory;
+pub mod sealed_file;
 pub mod spsc;
 pub mod tsc;
 pub mod uring;
@@ -87,3 +93,4 @@ pub use inflight::{InflightMemory, InflightMemoryError};
 pub use listener::{ControlListener, ListenError, ListenerHandle, SocketAccess};
 pub use memory::{MemoryTable, MemoryTableError, RegionSpec, MAX_MEM_SLOTS};
 pub use rvhost_core::mem::MemError;
+pub use sealed_file::{SealedFileError, SealedFileMapping};
