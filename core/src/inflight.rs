@@ -37,6 +37,8 @@
 use core::fmt;
 use core::ops::Range;
 
+pub mod packed;
+
 use crate::wire::{self, Truncated};
 
 /// Bytes of a queue's header (features, version, desc_num, last_batch_head, used_idx).
@@ -158,6 +160,33 @@ pub enum InflightError {
     DuplicateCounter(u64),
     /// An inflight counter at or above [`MAX_COUNTER`].
     CounterExhausted,
+    /// Packed layout: an inflight list whose `num`, links or `last` do not describe a list
+    /// inside the queue.
+    PackedList {
+        /// Its head entry.
+        head: u16,
+    },
+    /// Packed layout: the free list leaves the queue or loops.
+    PackedFreeList {
+        /// The entry where it went wrong.
+        entry: u16,
+    },
+    /// Packed layout: a used position outside the queue or a wrap counter byte not 0 or 1.
+    PackedPosition {
+        /// The position.
+        pos: u16,
+        /// The wrap counter byte.
+        wrap: u8,
+    },
+    /// Packed layout: the inflight lists hold more descriptors than the queue.
+    PackedOvercommitted {
+        /// Descriptors inflight.
+        descs: u32,
+        /// The queue's size.
+        queue_size: u16,
+    },
+    /// Packed layout: the ring descriptor that says whether a publish was seen cannot be read.
+    RingUnreadable,
     /// The output buffer is shorter than the number of inflight heads.
     OrderBuffer {
         /// Inflight heads.
@@ -193,6 +222,30 @@ impl fmt::Display for InflightError {
                 write!(f, "two inflight heads share counter {c}")
             }
             InflightError::CounterExhausted => f.write_str("inflight counter beyond 2^63"),
+            InflightError::PackedList { head } => {
+                write!(
+                    f,
+                    "inflight list at entry {head} is not a list inside the queue"
+                )
+            }
+            InflightError::PackedFreeList { entry } => {
+                write!(
+                    f,
+                    "inflight free list leaves the queue or loops at entry {entry}"
+                )
+            }
+            InflightError::PackedPosition { pos, wrap } => {
+                write!(
+                    f,
+                    "inflight used position {pos} (wrap counter {wrap}) is invalid"
+                )
+            }
+            InflightError::PackedOvercommitted { descs, queue_size } => {
+                write!(f, "{descs} descriptors inflight in a queue of {queue_size}")
+            }
+            InflightError::RingUnreadable => {
+                f.write_str("descriptor ring unreadable while recovering the inflight log")
+            }
             InflightError::OrderBuffer { needed, got } => {
                 write!(f, "{needed} inflight heads, room for {got}")
             }

@@ -94,6 +94,7 @@ fn run(size: u16, features: u64, ops: &[Op]) -> Result<(), TestCaseError> {
     let mut published: VecDeque<(u16, u32)> = VecDeque::new();
     let mut heads = vec![PackedHead::default(); 64];
     let mut chain = Chain::<8>::new();
+    let mut ring_chain = Chain::<8>::new();
     let mut next_addr = 0u64;
     // Cumulative descriptor counts: used positions published, and published at the last
     // notification decision; descriptors the driver reaped.
@@ -154,7 +155,11 @@ fn run(size: u16, features: u64, ops: &[Op]) -> Result<(), TestCaseError> {
                         (m.id, m.pos, m.count),
                         "popped head"
                     );
-                    let walked = q.walk_chain(&mem, *head, &mut chain);
+                    // What the poll path does (the pop's copies) and a walk from the ring agree.
+                    let walked = q.walk_popped(&mem, *head, &mut chain);
+                    let from_ring = q.walk_chain(&mem, *head, &mut ring_chain);
+                    prop_assert_eq!(&walked, &from_ring, "walk_popped against walk_chain");
+                    prop_assert_eq!(chain.segments(), ring_chain.segments());
                     if m.indirect && !indirect_ok {
                         prop_assert_eq!(
                             walked.unwrap_err().kind,
@@ -397,6 +402,7 @@ proptest! {
         let mut heads = [PackedHead::default(); 80];
         let mut small = Chain::<4>::new();
         let mut big = Chain::<64>::new();
+        let mut big_from_ring = Chain::<64>::new();
         let mut stuck = 0u32;
         for _ in 0..3 {
             let popped = if pipelined {
@@ -415,8 +421,11 @@ proptest! {
                 prop_assert!(head.pos < size && head.count >= 1 && head.count <= size);
                 let r = q.walk_chain(&mem, *head, &mut small);
                 check_chain(&small)?;
-                let r2 = q.walk_chain(&mem, *head, &mut big);
+                let r2 = q.walk_popped(&mem, *head, &mut big);
                 check_chain(&big)?;
+                let r3 = q.walk_chain(&mem, *head, &mut big_from_ring);
+                prop_assert_eq!(&r2, &r3, "walk_popped against walk_chain");
+                prop_assert_eq!(big.segments(), big_from_ring.segments());
                 for e in [r.err(), r2.err()].into_iter().flatten() {
                     prop_assert_eq!(e.head, head.id);
                     if let Some(s) = e.last_segment {

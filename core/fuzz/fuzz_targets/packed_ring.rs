@@ -55,6 +55,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut heads = [PackedHead::default(); 64];
     let mut chain = Chain::<16>::new();
+    let mut ring_chain = Chain::<16>::new();
     // Descriptors of lists that could not be returned (a buffer ID outside the queue).
     let mut stuck: u32 = 0;
     // A few rounds: a malformed list stops a batch and fails the next pop.
@@ -86,7 +87,12 @@ fuzz_target!(|data: &[u8]| {
         let mut lens = [0u32; 64];
         let mut returnable = [true; 64];
         for (i, &head) in heads.iter().enumerate() {
-            match q.walk_chain(&mem, head, &mut chain) {
+            // The poll path walks from the pop's copies; a walk from the ring must agree.
+            let from_ring = q.walk_chain(&mem, head, &mut ring_chain);
+            let walked = q.walk_popped(&mem, head, &mut chain);
+            assert_eq!(walked, from_ring);
+            assert_eq!(chain.segments(), ring_chain.segments());
+            match walked {
                 Ok(()) => {
                     check(&chain);
                     assert_eq!(chain.head(), head.id);

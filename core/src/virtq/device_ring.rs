@@ -93,6 +93,18 @@ pub trait DeviceRing {
         head: Self::Head,
         chain: &mut Chain<N>,
     ) -> Result<(), ChainError>;
+    /// Walks `head`, one of the requests the last pop returned, like [`DeviceRing::walk_chain`];
+    /// a layout may use what the pop already read (the packed ring's descriptors). Walk them in
+    /// pop order, before the next pop.
+    #[inline]
+    fn walk_popped<M: GuestMemory + ?Sized, const N: usize>(
+        &self,
+        mem: &M,
+        head: Self::Head,
+        chain: &mut Chain<N>,
+    ) -> Result<(), ChainError> {
+        self.walk_chain(mem, head, chain)
+    }
     /// Returns `head` with `len` bytes written, visible at the next publish.
     fn push_used<M: GuestMemory + ?Sized>(
         &mut self,
@@ -227,6 +239,15 @@ impl DeviceRing for PackedQueue {
         chain: &mut Chain<N>,
     ) -> Result<(), ChainError> {
         PackedQueue::walk_chain(self, mem, head, chain)
+    }
+    #[inline]
+    fn walk_popped<M: GuestMemory + ?Sized, const N: usize>(
+        &self,
+        mem: &M,
+        head: PackedHead,
+        chain: &mut Chain<N>,
+    ) -> Result<(), ChainError> {
+        PackedQueue::walk_popped(self, mem, head, chain)
     }
     #[inline]
     fn push_used<M: GuestMemory + ?Sized>(
@@ -464,6 +485,17 @@ impl DeviceRing for AnyRing {
                 },
                 last_segment: None,
             }),
+        }
+    }
+    fn walk_popped<M: GuestMemory + ?Sized, const N: usize>(
+        &self,
+        mem: &M,
+        head: AnyHead,
+        chain: &mut Chain<N>,
+    ) -> Result<(), ChainError> {
+        match (self, head) {
+            (AnyRing::Packed(q), AnyHead::Packed(h)) => q.walk_popped(mem, h, chain),
+            _ => self.walk_chain(mem, head, chain),
         }
     }
     fn push_used<M: GuestMemory + ?Sized>(

@@ -25,7 +25,7 @@ use std::os::fd::OwnedFd;
 
 use rvhost_platform_linux::{DirtyLog, MAX_MEM_SLOTS};
 
-use super::inflight::InflightRegion;
+use super::inflight::{InflightLayout, InflightRegion};
 use super::memory::{GuestMemoryTable, RegionSpec};
 use super::{DeviceBackend, EventNotifier, QueueSetup, VirtioFeatures};
 use super::{DeviceId, DeviceOp};
@@ -541,8 +541,9 @@ impl VhostUserBackendReqHandlerMut for Session {
             // Packed ring (vhost-user.rst, "Vring base"): next position to pop in bits 0..15,
             // the driver's wrap counter in bit 15; QEMU adds the used position and the device's
             // wrap counter in bits 16..32. They differ only if a backend stopped with requests in
-            // flight, which the packed ring cannot resubmit without an inflight log (none for
-            // packed yet): the used position follows the avail one, as after a clean stop.
+            // flight; those are resubmitted from the inflight log (whose positions win over the
+            // base when the queue starts), not from here: the used position follows the avail
+            // one, as after a clean stop.
             let avail = (base & 0xffff) as u16;
             let used = (base >> 16) as u16;
             if used != avail && used != 0 {
@@ -551,7 +552,7 @@ impl VhostUserBackendReqHandlerMut for Session {
                     vring = index,
                     avail = format_args!("{avail:#x}"),
                     used = format_args!("{used:#x}"),
-                    "packed vring base with requests in flight; they are not resubmitted"
+                    "packed vring base with requests in flight (resubmitted only from an inflight log)"
                 );
             }
             avail
@@ -707,7 +708,8 @@ impl VhostUserBackendReqHandlerMut for Session {
         if let Err(why) = self.check_inflight_shape(num_queues, queue_size) {
             return refuse(self, false, format_args!("GET_INFLIGHT_FD: {why}"));
         }
-        let region = match InflightRegion::create(num_queues, queue_size) {
+        let layout = InflightLayout::for_ring(self.packed_negotiated());
+        let region = match InflightRegion::create(num_queues, queue_size, layout) {
             Ok(region) => Arc::new(region),
             Err(why) => return refuse(self, false, format_args!("GET_INFLIGHT_FD: {why}")),
         };
@@ -746,6 +748,7 @@ impl VhostUserBackendReqHandlerMut for Session {
             inflight.mmap_size,
             num_queues,
             queue_size,
+            InflightLayout::for_ring(self.packed_negotiated()),
         ) {
             Ok(region) => {
                 tracing::debug!(

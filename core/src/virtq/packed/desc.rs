@@ -49,8 +49,6 @@ const FLAGS: core::ops::Range<usize> = 14..16;
 
 /// Offset of `len` in a packed descriptor, for the device's used-descriptor write.
 pub(super) const LEN_OFFSET: u64 = 8;
-/// Offset of `id` in a packed descriptor.
-pub(super) const ID_OFFSET: u64 = 12;
 /// Offset of `flags` in a packed descriptor (the field both sides poll).
 pub(super) const FLAGS_OFFSET: u64 = 14;
 

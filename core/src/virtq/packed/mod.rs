@@ -78,7 +78,7 @@ use crate::mem::{GuestMemory, MemError};
 use crate::virtio::{feature, has_feature};
 use crate::virtq::{Chain, ChainError, QueueConfig, POP_SPLIT_ABOVE};
 
-use desc::{FLAGS_OFFSET, ID_OFFSET, LEN_OFFSET};
+use desc::{FLAGS_OFFSET, LEN_OFFSET};
 
 /// One of the three parts of a packed virtqueue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,6 +235,80 @@ pub struct PackedQueue {
     /// What the device event suppression structure was last set to (so that polling rounds do
     /// not dirty its cache line with the same value).
     kicks: Option<EventSuppress>,
+    /// Copies of the descriptors the last [`PackedQueue::pop_heads`] read, for
+    /// [`PackedQueue::walk_popped`].
+    popped: PoppedDescs,
+}
+
+/// Descriptors [`PackedQueue::pop_heads`] keeps for the walk: the pop reads every descriptor of
+/// a list whole (it needs their flags and the last one's buffer ID), so the walk need not read
+/// them again. They are the ring positions `pos..pos + len` of the lap whose driver wrap counter
+/// is `wrap`, in order; a list that does not fit is walked from the ring.
+///
+/// The lists a pipelined pop puts back (and any a short batch left) were read too: they stay,
+/// from `popped_to` on, and the next pop moves them to the front as `preread` and takes them
+/// from here, so every descriptor is read from guest memory once.
+#[derive(Debug, Clone)]
+struct PoppedDescs {
+    descs: [PackedDesc; POPPED_DESCS],
+    len: u16,
+    pos: u16,
+    wrap: bool,
+    /// Offset of the next list to pop, if it continues the kept ones.
+    popped_to: u16,
+    /// Copies at the front read by an earlier pop (complete, available lists) and not popped
+    /// since.
+    preread: u16,
+}
+
+/// Descriptors a pop keeps: 32 lists (the device shell's batch) of four.
+const POPPED_DESCS: usize = 128;
+
+impl PoppedDescs {
+    const fn empty() -> Self {
+        PoppedDescs {
+            descs: [PackedDesc {
+                addr: 0,
+                len: 0,
+                id: 0,
+                flags: 0,
+            }; POPPED_DESCS],
+            len: 0,
+            pos: 0,
+            wrap: true,
+            popped_to: 0,
+            preread: 0,
+        }
+    }
+
+    /// Forgets everything kept; the next kept descriptor is the one at `(pos, wrap)`.
+    #[inline]
+    fn restart(&mut self, pos: u16, wrap: bool) {
+        self.len = 0;
+        self.pos = pos;
+        self.wrap = wrap;
+        self.popped_to = 0;
+        self.preread = 0;
+    }
+
+    /// The copies of `head`'s descriptors, if all of them are kept.
+    #[inline]
+    fn list(&self, head: &PackedHead, size: u16) -> Option<&[PackedDesc]> {
+        // Offset of `head.pos` from `self.pos` in linear ring positions, if it is ahead of it
+        // by less than a lap.
+        let offset = if head.wrap == self.wrap {
+            head.pos.checked_sub(self.pos)?
+        } else if head.pos < self.pos {
+            head.pos.checked_add(size)?.checked_sub(self.pos)?
+        } else {
+            return None;
+        };
+        let end = offset.checked_add(head.count)?;
+        if end > self.len {
+            return None;
+        }
+        self.descs.get(usize::from(offset)..usize::from(end))
+    }
 }
 
 impl PackedQueue {
@@ -278,6 +352,7 @@ impl PackedQueue {
             unsignalled: 0,
             signalled: None,
             kicks: None,
+            popped: PoppedDescs::empty(),
         })
     }
 
@@ -348,6 +423,7 @@ impl PackedQueue {
         self.avail_wrap = wrap;
         self.reset_used(pos, wrap);
         self.outstanding = 0;
+        self.popped.restart(pos, wrap);
         Ok(())
     }
 
@@ -455,16 +531,40 @@ impl PackedQueue {
         ))
     }
 
+    /// The 16 bytes of the descriptor at `pos`, copied out once.
+    #[inline]
+    fn read_desc<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        pos: u16,
+    ) -> Result<PackedDesc, PackedQueueError> {
+        let raw = mem
+            .read_array::<{ PackedDesc::SIZE }>(self.desc_addr(pos, 0)?)
+            .map_err(|err| PackedQueueError::Memory {
+                part: PackedRingPart::DescRing,
+                err,
+            })?;
+        Ok(PackedDesc::from_bytes(&raw))
+    }
+
     /// Pops the list at the next position, if the driver made one available: follows its `NEXT`
     /// flags (each descriptor must be available in its lap) to its last descriptor, whose buffer
-    /// ID it reads. Nothing else is validated here; [`PackedQueue::walk_chain`] does that.
+    /// ID it takes. Each descriptor is read whole, once; the copies are kept (while there is
+    /// room) for [`PackedQueue::walk_popped`]. Nothing else is validated here; the walk does
+    /// that.
     pub fn pop_head<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
     ) -> Result<Option<PackedHead>, PackedQueueError> {
         let start = (self.next_avail, self.avail_wrap);
-        let mut flags = self.load_flags(mem, start.0)?;
-        if !is_available(flags, start.1) {
+        // Where the list's copies go (or are, if an earlier pop read it), if it continues the
+        // kept ones.
+        let keep_from = self.popped_offset(start);
+        let preread = keep_from.is_some_and(|at| at < self.popped.preread);
+        // The first descriptor's flags with Acquire: the driver writes them last, after the rest
+        // of the list, so everything read after this load is what it wrote. (A list read by an
+        // earlier pop was seen available then.)
+        if !preread && !is_available(self.load_flags(mem, start.0)?, start.1) {
             return Ok(None);
         }
         let size = self.config.size;
@@ -478,22 +578,39 @@ impl PackedQueue {
             if u32::from(self.outstanding) + u32::from(count) > u32::from(size) {
                 return Err(PackedQueueError::Overcommitted { pos: start.0 });
             }
-            let here = pos;
-            (pos, wrap) = self.advance(pos, wrap, 1);
-            if flags & VIRTQ_DESC_F_NEXT == 0 {
-                let mut raw = [0u8; 2];
-                mem.read(self.desc_addr(here, ID_OFFSET)?, &mut raw)
-                    .map_err(|err| PackedQueueError::Memory {
-                        part: PackedRingPart::DescRing,
-                        err,
-                    })?;
-                break u16::from_le_bytes(raw);
-            }
-            flags = self.load_flags(mem, pos)?;
-            if !is_available(flags, wrap) {
+            let at = keep_from.map(|k| usize::from(k) + usize::from(count) - 1);
+            let copy = at
+                .filter(|&at| at < usize::from(self.popped.preread))
+                .and_then(|at| self.popped.descs.get(at).copied());
+            let desc = match copy {
+                Some(desc) => desc,
+                None => {
+                    let desc = self.read_desc(mem, pos)?;
+                    if let Some(slot) = at.and_then(|at| self.popped.descs.get_mut(at)) {
+                        *slot = desc;
+                    }
+                    desc
+                }
+            };
+            if !is_available(desc.flags, wrap) {
                 return Err(PackedQueueError::NotAvailable { pos });
             }
+            (pos, wrap) = self.advance(pos, wrap, 1);
+            if !desc.has_next() {
+                break desc.id;
+            }
         };
+        if let Some(kept) = keep_from {
+            let end = usize::from(kept) + usize::from(count);
+            if end <= POPPED_DESCS {
+                // `end <= 128`.
+                self.popped.popped_to = end as u16;
+                self.popped.len = self.popped.len.max(end as u16);
+            } else {
+                // Not all of it was kept: nothing after it is.
+                self.popped.popped_to = u16::MAX;
+            }
+        }
         self.next_avail = pos;
         self.avail_wrap = wrap;
         self.outstanding += count;
@@ -503,6 +620,37 @@ impl PackedQueue {
             count,
             wrap: start.1,
         }))
+    }
+
+    /// Offset in the kept copies of the list at `at`, if it is the next one to pop after the
+    /// kept ones and there is room for at least one more descriptor.
+    #[inline]
+    fn popped_offset(&self, at: (u16, bool)) -> Option<u16> {
+        let offset = self.popped.popped_to;
+        if usize::from(offset) >= POPPED_DESCS {
+            return None;
+        }
+        let next = self.advance(self.popped.pos, self.popped.wrap, offset);
+        (next == at).then_some(offset)
+    }
+
+    /// Starts a batch: copies of lists not popped yet (put back by a pipelined pop) move to the
+    /// front and are taken from there; anything else kept is forgotten.
+    #[inline]
+    fn begin_pop(&mut self) {
+        let at = (self.next_avail, self.avail_wrap);
+        let (from, len) = (self.popped.popped_to, self.popped.len);
+        if from < len && self.popped_offset(at) == Some(from) {
+            let p = &mut self.popped;
+            p.descs.copy_within(usize::from(from)..usize::from(len), 0);
+            p.pos = at.0;
+            p.wrap = at.1;
+            p.popped_to = 0;
+            p.len = len - from;
+            p.preread = p.len;
+        } else {
+            self.popped.restart(at.0, at.1);
+        }
     }
 
     /// Pops up to `heads.len()` lists in the order the driver made them available and returns
@@ -515,6 +663,7 @@ impl PackedQueue {
         mem: &M,
         heads: &mut [PackedHead],
     ) -> Result<usize, PackedQueueError> {
+        self.begin_pop();
         let mut popped = 0;
         for out in heads.iter_mut() {
             match self.pop_head(mem) {
@@ -551,6 +700,15 @@ impl PackedQueue {
         self.next_avail = first_back.pos;
         self.avail_wrap = first_back.wrap;
         self.outstanding = self.outstanding.saturating_sub(returned);
+        // The copies of the lists put back stay: the next pop takes them from there.
+        let kept = self.distance(
+            (self.popped.pos, self.popped.wrap),
+            (first_back.pos, first_back.wrap),
+        );
+        match u16::try_from(kept) {
+            Ok(kept) if kept <= self.popped.len => self.popped.popped_to = kept,
+            _ => self.popped.restart(first_back.pos, first_back.wrap),
+        }
         Ok(take)
     }
 
@@ -558,6 +716,14 @@ impl PackedQueue {
     /// any is walked, as [`crate::virtq::SplitQueue::prefetch_chains`] does. Only a hint.
     pub fn prefetch_chains<M: GuestMemory + ?Sized>(&self, mem: &M, heads: &[PackedHead]) {
         for head in heads {
+            if let Some(first) = self
+                .popped
+                .list(head, self.config.size)
+                .and_then(|d| d.first())
+            {
+                mem.prefetch(first.addr, false);
+                continue;
+            }
             let Ok(addr) = self.desc_addr(head.pos, 0) else {
                 continue;
             };
@@ -585,6 +751,57 @@ impl PackedQueue {
             indirect: self.indirect,
         };
         walk::walk(mem, params, head, chain)
+    }
+
+    /// Walks the list `head`, popped by the last [`PackedQueue::pop_heads`], into `chain` like
+    /// [`PackedQueue::walk_chain`], from the copies of its descriptors the pop kept (the ring is
+    /// read once per descriptor); a list whose copies were not kept is read from the ring. For
+    /// a list popped earlier (resubmitted, or walked again at its completion) use
+    /// [`PackedQueue::walk_chain`]: its ring positions may hold another lap's list by then.
+    #[inline]
+    pub fn walk_popped<M: GuestMemory + ?Sized, const N: usize>(
+        &self,
+        mem: &M,
+        head: PackedHead,
+        chain: &mut Chain<N>,
+    ) -> Result<(), ChainError> {
+        let params = walk::WalkParams {
+            ring: self.config.desc_table,
+            size: self.config.size,
+            indirect: self.indirect,
+        };
+        match self.popped.list(&head, self.config.size) {
+            Some(descs) => walk::walk_copied(mem, params, head, descs, chain),
+            None => walk::walk(mem, params, head, chain),
+        }
+    }
+
+    /// The copies of `head`'s descriptors the last [`PackedQueue::pop_heads`] kept, if it kept
+    /// all of them (what an inflight log records of a popped list).
+    #[inline]
+    pub fn popped_descs(&self, head: &PackedHead) -> Option<&[PackedDesc]> {
+        self.popped.list(head, self.config.size)
+    }
+
+    /// Walks the list `head` into `chain` from `descs`, copies of its descriptors kept elsewhere
+    /// (an inflight log's, for a list resubmitted after a backend restart: its ring positions
+    /// may hold used descriptors by now). The checks are [`PackedQueue::walk_chain`]'s but the
+    /// wrap bits (the list has no ring lap any more); `head.pos` is not used. Fewer copies than
+    /// `head.count` fail the request.
+    pub fn walk_copies<M: GuestMemory + ?Sized, const N: usize>(
+        &self,
+        mem: &M,
+        head: PackedHead,
+        descs: &[PackedDesc],
+        chain: &mut Chain<N>,
+    ) -> Result<(), ChainError> {
+        let params = walk::WalkParams {
+            ring: self.config.desc_table,
+            size: self.config.size,
+            indirect: self.indirect,
+        };
+        let head = PackedHead { pos: 0, ..head };
+        walk::walk_copied(mem, params, head, descs, chain)
     }
 
     /// Writes the used descriptor for `head` (its buffer ID, `len` = bytes written into the

@@ -80,14 +80,16 @@ impl Contents {
 }
 
 /// Reads the 16 bytes of the descriptor at `addr`: the one copy everything below looks at.
+#[inline]
 fn read_desc<M: GuestMemory + ?Sized>(mem: &M, addr: u64) -> Result<PackedDesc, ChainErrorKind> {
-    let mut raw = [0u8; PackedDesc::SIZE];
-    mem.read(addr, &mut raw)
+    let raw = mem
+        .read_array::<{ PackedDesc::SIZE }>(addr)
         .map_err(|err| ChainErrorKind::DescriptorUnreadable { addr, err })?;
     Ok(PackedDesc::from_bytes(&raw))
 }
 
-/// Walks the list `head` (as [`super::PackedQueue::pop_heads`] found it) into `chain`.
+/// Walks the list `head` (as [`super::PackedQueue::pop_heads`] found it) into `chain`, reading
+/// its descriptors from the ring.
 ///
 /// Every descriptor is read again and must still be the available descriptor the pop saw (wrap
 /// bits of its lap, `NEXT` on all but the last, the buffer ID in the last): the device owns it
@@ -98,6 +100,50 @@ pub(super) fn walk<M: GuestMemory + ?Sized, const N: usize>(
     params: WalkParams,
     head: PackedHead,
     chain: &mut Chain<N>,
+) -> Result<(), ChainError> {
+    walk_with(mem, params, head, chain, true, |pos| {
+        let addr = u64::from(pos)
+            .checked_mul(PackedDesc::SIZE as u64)
+            .and_then(|off| params.ring.checked_add(off))
+            .ok_or(ChainErrorKind::DescriptorUnreadable {
+                addr: params.ring,
+                err: MemError::Overflow,
+            })?;
+        read_desc(mem, addr)
+    })
+}
+
+/// Walks the list `head` into `chain` from `descs`, copies of its ring descriptors (one per
+/// descriptor of the list, in ring order: what the pop read, or what an inflight log kept), with
+/// the checks [`walk`] makes but the wrap bits: the pop checked those when it read the copies,
+/// and a list resubmitted from an inflight log has no ring position any more.
+#[inline]
+pub(super) fn walk_copied<M: GuestMemory + ?Sized, const N: usize>(
+    mem: &M,
+    params: WalkParams,
+    head: PackedHead,
+    descs: &[PackedDesc],
+    chain: &mut Chain<N>,
+) -> Result<(), ChainError> {
+    let mut copies = descs.iter();
+    walk_with(mem, params, head, chain, false, |pos| {
+        copies
+            .next()
+            .copied()
+            .ok_or(ChainErrorKind::PackedDescriptorChanged { pos })
+    })
+}
+
+/// The walk itself: `next_desc(pos)` gives the list's descriptors at ring positions `pos` in
+/// order, each exactly once.
+#[inline(always)]
+fn walk_with<M: GuestMemory + ?Sized, const N: usize>(
+    mem: &M,
+    params: WalkParams,
+    head: PackedHead,
+    chain: &mut Chain<N>,
+    check_wrap: bool,
+    mut next_desc: impl FnMut(u16) -> Result<PackedDesc, ChainErrorKind>,
 ) -> Result<(), ChainError> {
     chain.reset(head.id);
     let structural = |kind| ChainError {
@@ -132,16 +178,9 @@ pub(super) fn walk<M: GuestMemory + ?Sized, const N: usize>(
     let mut wrap = head.wrap;
     for i in 0..head.count {
         chain.descriptors = chain.descriptors.saturating_add(1);
-        let addr = u64::from(pos)
-            .checked_mul(PackedDesc::SIZE as u64)
-            .and_then(|off| params.ring.checked_add(off))
-            .ok_or(structural(ChainErrorKind::DescriptorUnreadable {
-                addr: params.ring,
-                err: MemError::Overflow,
-            }))?;
-        let desc = read_desc(mem, addr).map_err(structural)?;
+        let desc = next_desc(pos).map_err(structural)?;
         let last = i + 1 == head.count;
-        if !is_available(desc.flags, wrap) {
+        if check_wrap && !is_available(desc.flags, wrap) {
             return Err(structural(ChainErrorKind::PackedDescriptorChanged { pos }));
         }
         if desc.is_indirect() {

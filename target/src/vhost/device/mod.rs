@@ -833,7 +833,8 @@ impl<H: RequestHandler, V: ShellRing> VhostDevice<H, V> {
             return 0;
         };
         // Heads an earlier backend left inflight go first, before any new avail entry.
-        let popped = if q.has_resubmit() {
+        let resubmitted = q.has_resubmit();
+        let popped = if resubmitted {
             q.take_resubmit(room)
         } else {
             match q.vq.pop_heads_pipelined(mem, &mut q.heads[..room]) {
@@ -861,7 +862,7 @@ impl<H: RequestHandler, V: ShellRing> VhostDevice<H, V> {
         let now = tsc::ticks();
         for i in 0..popped {
             let head = q.heads[i];
-            let Some(si) = q.take_slot(head, self.generation, now) else {
+            let Some(si) = q.take_slot(head, self.generation, now, mem) else {
                 // `room` is at most the free slot count.
                 tracing::error!(
                     device = self.id.0,
@@ -871,7 +872,12 @@ impl<H: RequestHandler, V: ShellRing> VhostDevice<H, V> {
                 q.stop_broken();
                 break;
             };
-            let chain = match q.vq.walk_chain(mem, head, &mut *q.chain) {
+            let walked = if V::RESUBMIT_FROM_LOG && resubmitted {
+                q.walk_resubmitted(mem, head)
+            } else {
+                q.vq.walk_popped(mem, head, &mut *q.chain)
+            };
+            let chain = match walked {
                 Ok(()) => Ok(&*q.chain),
                 Err(err) => Err(err),
             };

@@ -6,12 +6,15 @@
 
 use std::sync::Arc;
 
+use rvhost_core::mem::GuestMemory;
 use rvhost_core::virtio::feature;
-use rvhost_core::virtq::packed::{PackedQueue, EVENT_SUPPRESS_SIZE, RING_EVENT_WRAP_BIT};
-use rvhost_core::virtq::{Chain, DeviceRing, QueueConfig, RingHead, SplitQueue};
+use rvhost_core::virtq::packed::{
+    PackedDesc, PackedHead, PackedQueue, EVENT_SUPPRESS_SIZE, RING_EVENT_WRAP_BIT,
+};
+use rvhost_core::virtq::{Chain, ChainError, DeviceRing, QueueConfig, RingHead, SplitQueue};
 use rvhost_platform_linux::DirtyLog;
 
-use super::super::inflight::InflightLog;
+use super::super::inflight::{InflightLayout, InflightLog, PackedInflightLog, RingInflightLog};
 use super::super::memory::GuestMemoryTable;
 use super::super::session::NO_DIRTY_MARKING_ENV;
 use super::super::{DeviceId, EventNotifier, QueueSetup};
@@ -40,6 +43,29 @@ pub trait ShellRing: DeviceRing<Head: Send> + Send + Sized + 'static {
     #[doc(hidden)]
     fn start(setup: &QueueSetup) -> Result<Started<Self>, String>;
 
+    /// The inflight log of this layout.
+    #[doc(hidden)]
+    type Log: RingInflightLog;
+
+    /// Whether resubmitted requests are walked from the log's copies
+    /// ([`ShellRing::walk_resubmitted`]) rather than from the ring.
+    #[doc(hidden)]
+    const RESUBMIT_FROM_LOG: bool;
+
+    /// Records the request `head`, just popped, in the inflight log.
+    #[doc(hidden)]
+    fn mark_inflight(&self, mem: &GuestMemoryTable, log: &mut Self::Log, head: Self::Head);
+
+    /// Walks a resubmitted request from what the inflight log kept of it.
+    #[doc(hidden)]
+    fn walk_resubmitted(
+        &self,
+        mem: &GuestMemoryTable,
+        log: &Self::Log,
+        head: Self::Head,
+        chain: &mut Chain<CHAIN_CAPACITY>,
+    ) -> Result<(), ChainError>;
+
     /// The used index to record in the inflight log after a publish.
     #[doc(hidden)]
     fn published_used_idx(&self) -> u16;
@@ -62,7 +88,7 @@ pub trait ShellRing: DeviceRing<Head: Send> + Send + Sized + 'static {
 #[derive(Debug)]
 pub struct Started<V: ShellRing> {
     ring: V,
-    inflight: Option<InflightLog>,
+    inflight: Option<V::Log>,
     resubmit: Vec<V::Head>,
 }
 
@@ -114,6 +140,24 @@ impl ShellRing for SplitQueue {
         })
     }
 
+    type Log = InflightLog;
+    const RESUBMIT_FROM_LOG: bool = false;
+
+    #[inline]
+    fn mark_inflight(&self, _mem: &GuestMemoryTable, log: &mut InflightLog, head: u16) {
+        log.mark(head);
+    }
+
+    fn walk_resubmitted(
+        &self,
+        mem: &GuestMemoryTable,
+        _log: &InflightLog,
+        head: u16,
+        chain: &mut Chain<CHAIN_CAPACITY>,
+    ) -> Result<(), ChainError> {
+        self.walk_chain(mem, head, chain)
+    }
+
     #[inline]
     fn published_used_idx(&self) -> u16 {
         self.used_idx()
@@ -139,24 +183,112 @@ impl ShellRing for PackedQueue {
     fn start(setup: &QueueSetup) -> Result<Started<Self>, String> {
         let mut vq =
             PackedQueue::new(queue_config(setup)?, setup.features.0).map_err(|e| e.to_string())?;
-        vq.check_rings(setup.memory.as_ref())
-            .map_err(|e| e.to_string())?;
+        let mem = setup.memory.as_ref();
+        vq.check_rings(mem).map_err(|e| e.to_string())?;
         // Position and driver wrap counter (bits 0..15 and 15 of the vring base); the used
         // position follows it, as after a clean stop.
         vq.set_last_avail_idx(setup.last_avail)
             .map_err(|e| e.to_string())?;
-        if setup.inflight.is_some() {
-            // The inflight log has the split ring's layout only: the queue runs without one, so a
-            // backend restart loses (does not resubmit) the requests it had in flight.
-            tracing::warn!(
-                "inflight tracking is not implemented for packed rings; the queue runs without it"
+        let part = match &setup.inflight {
+            Some(part) if part.layout() == InflightLayout::Packed => part,
+            Some(_) => {
+                // A region allocated while the split ring was negotiated (a frontend that did
+                // not free it at the device reset that renegotiated).
+                tracing::warn!(
+                    "inflight region has the split layout but the queue is packed; the queue runs \
+                     without inflight tracking"
+                );
+                return Ok(Started {
+                    ring: vq,
+                    inflight: None,
+                    resubmit: Vec::new(),
+                });
+            }
+            None => {
+                return Ok(Started {
+                    ring: vq,
+                    inflight: None,
+                    resubmit: Vec::new(),
+                })
+            }
+        };
+        let desc_ring = setup.desc_gpa;
+        let ring_flags = |pos: u16| {
+            let addr = desc_ring.checked_add(16 * u64::from(pos) + 14)?;
+            mem.load_u16(addr, std::sync::atomic::Ordering::Acquire)
+                .ok()
+        };
+        let (log, resume) = PackedInflightLog::start(
+            part.clone(),
+            setup.size,
+            setup.last_avail,
+            setup.features.0,
+            ring_flags,
+        )?;
+        // The packed ring keeps no used index in guest memory, and a frontend that lost its
+        // backend cannot know it (QEMU sends the base of the previous start): the log's used
+        // position is the one the driver has seen, and the next list to pop follows the ones
+        // still in flight.
+        if resume.next_avail != setup.last_avail {
+            tracing::info!(
+                base = format_args!("{:#x}", setup.last_avail),
+                used = format_args!("{:#x}", resume.used),
+                next = format_args!("{:#x}", resume.next_avail),
+                resubmit = resume.resubmit.len(),
+                "packed queue resumes where its inflight log says"
             );
         }
+        vq.set_last_avail_idx(resume.next_avail)
+            .map_err(|e| e.to_string())?;
+        vq.set_used_idx(resume.used).map_err(|e| e.to_string())?;
+        let mut resubmit = resume.resubmit;
+        resubmit.reverse();
         Ok(Started {
             ring: vq,
-            inflight: None,
-            resubmit: Vec::new(),
+            inflight: Some(log),
+            resubmit,
         })
+    }
+
+    type Log = PackedInflightLog;
+    const RESUBMIT_FROM_LOG: bool = true;
+
+    #[inline]
+    fn mark_inflight(&self, mem: &GuestMemoryTable, log: &mut PackedInflightLog, head: PackedHead) {
+        if log.is_inflight(head.id) {
+            return;
+        }
+        match self.popped_descs(&head) {
+            Some(descs) => log.mark(&head, descs),
+            None => {
+                // A list too long for the pop's copies: read from the ring (the walk follows and
+                // checks the same descriptors).
+                let config = self.config();
+                let size = u32::from(config.size);
+                let descs: Vec<PackedDesc> = (0..u32::from(head.count))
+                    .filter_map(|i| {
+                        let pos = (u32::from(head.pos) + i) % size.max(1);
+                        let addr = config.desc_table.checked_add(16 * u64::from(pos))?;
+                        mem.read_array::<{ PackedDesc::SIZE }>(addr)
+                            .ok()
+                            .map(|raw| PackedDesc::from_bytes(&raw))
+                    })
+                    .collect();
+                log.mark(&head, &descs);
+            }
+        }
+    }
+
+    fn walk_resubmitted(
+        &self,
+        mem: &GuestMemoryTable,
+        log: &PackedInflightLog,
+        head: PackedHead,
+        chain: &mut Chain<CHAIN_CAPACITY>,
+    ) -> Result<(), ChainError> {
+        let mut descs: Vec<PackedDesc> = Vec::new();
+        log.copies(head.id, &mut descs);
+        self.walk_copies(mem, head, &descs, chain)
     }
 
     #[inline]
@@ -277,7 +409,7 @@ pub(super) struct VirtQueue<V: ShellRing, R, Q> {
     /// Completions were published and their call is held back by coalescing.
     call_held: bool,
     /// The inflight log, when the frontend negotiated `INFLIGHT_SHMFD` and gave a region.
-    inflight: Option<InflightLog>,
+    inflight: Option<V::Log>,
     /// Heads the inflight log says were popped and never completed by an earlier backend, last
     /// popped first (taken from the end): started before any new avail entry.
     resubmit: Vec<V::Head>,
@@ -429,6 +561,19 @@ impl<V: ShellRing, R, Q> VirtQueue<V, R, Q> {
         n
     }
 
+    /// Walks a request [`VirtQueue::take_resubmit`] gave into the queue's chain, from what the
+    /// inflight log kept of it.
+    pub(super) fn walk_resubmitted(
+        &mut self,
+        mem: &GuestMemoryTable,
+        head: V::Head,
+    ) -> Result<(), ChainError> {
+        match &self.inflight {
+            Some(log) => self.vq.walk_resubmitted(mem, log, head, &mut *self.chain),
+            None => self.vq.walk_chain(mem, head, &mut *self.chain),
+        }
+    }
+
     /// Free request slots.
     #[inline]
     pub(super) fn free_slots(&self) -> usize {
@@ -457,7 +602,13 @@ impl<V: ShellRing, R, Q> VirtQueue<V, R, Q> {
     /// Takes a free slot for the request at `head`, popped by the poll that read tick `start`;
     /// `None` if none is free.
     #[inline]
-    pub(super) fn take_slot(&mut self, head: V::Head, generation: u64, start: u64) -> Option<usize>
+    pub(super) fn take_slot(
+        &mut self,
+        head: V::Head,
+        generation: u64,
+        start: u64,
+        mem: &GuestMemoryTable,
+    ) -> Option<usize>
     where
         R: Default,
     {
@@ -471,7 +622,7 @@ impl<V: ShellRing, R, Q> VirtQueue<V, R, Q> {
         slot.request = R::default();
         self.in_flight += 1;
         if let Some(log) = &mut self.inflight {
-            log.mark(head.id());
+            self.vq.mark_inflight(mem, log, head);
         }
         Some(index)
     }
@@ -611,6 +762,9 @@ impl<V: ShellRing, R, Q> VirtQueue<V, R, Q> {
         device: DeviceId,
         queue: usize,
     ) -> bool {
+        if let Some(log) = &mut self.inflight {
+            log.publishing(self.vq.published_used_idx());
+        }
         if let Err(err) = self.vq.publish_used(mem) {
             tracing::error!(device = device.0, queue, %err, "publishing used ring failed; queue stopped");
             self.broken = true;
