@@ -594,7 +594,15 @@ impl<M: GuestMemory> GuestMemory for FlickeringFlags<M> {
         self.mem.translate(addr, len)
     }
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        self.mem.read(addr, buf)
+        self.mem.read(addr, buf)?;
+        // A device that reads the descriptor whole sees the flickering flags too.
+        let flags = RING + 14;
+        if addr <= flags && flags + 2 <= addr + buf.len() as u64 {
+            let at = (flags - addr) as usize;
+            let n = self.loads.get();
+            buf[at..at + 2].copy_from_slice(&(NEXT | avail_bits(n % 2 == 0)).to_le_bytes());
+        }
+        Ok(())
     }
     fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
         self.mem.write(addr, buf)

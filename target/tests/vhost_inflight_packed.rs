@@ -356,8 +356,11 @@ fn a_restarted_packed_device_resubmits_from_the_copies_and_commits_the_seen_publ
         f.set_vring_call(0, &call).expect("SET_VRING_CALL");
         f.set_vring_err(0, &err).expect("SET_VRING_ERR");
         f.set_vring_kick(0, &kick).expect("SET_VRING_KICK");
-        f.set_vring_enable(0, true).expect("SET_VRING_ENABLE");
     }
+    driver
+        .frontend
+        .set_vring_enable(0, true)
+        .expect("SET_VRING_ENABLE");
     // The driver saw Y's used descriptor at position 0 and waits at 3.
     let mut state = PackedDriverState {
         avail_pos: 12,

@@ -593,8 +593,8 @@ impl RingInflightLog for PackedInflightLog {
         let base = self.part.base;
         // The batch's entries go back to the front of the free list, then used_idx moves: a
         // crash before the driver sees the batch rolls both back (old_* are unchanged).
-        for i in 0..self.batch.len() {
-            let head = self.batch[i];
+        let batch = std::mem::take(&mut self.batch);
+        for &head in &batch {
             let Some(&last) = self.last.get(usize::from(head)) else {
                 continue;
             };
@@ -605,6 +605,7 @@ impl RingInflightLog for PackedInflightLog {
                 .store_u16(base + packed_layout::next_offset(last), self.free_head);
             self.free_head = head;
         }
+        self.batch = batch;
         let mem = self.memory();
         mem.store_u16(base + packed_layout::FREE_HEAD_OFFSET, self.free_head);
         mem.store_u16(base + packed_layout::USED_IDX_OFFSET, used & 0x7fff);

@@ -564,12 +564,19 @@ impl PackedQueue {
         // The first descriptor's flags with Acquire: the driver writes them last, after the rest
         // of the list, so everything read after this load is what it wrote. (A list read by an
         // earlier pop was seen available then.)
-        if !preread && !is_available(self.load_flags(mem, start.0)?, start.1) {
-            return Ok(None);
-        }
+        let first_flags = if preread {
+            None
+        } else {
+            let flags = self.load_flags(mem, start.0)?;
+            if !is_available(flags, start.1) {
+                return Ok(None);
+            }
+            Some(flags)
+        };
         let size = self.config.size;
         let (mut pos, mut wrap) = start;
         let mut count: u16 = 0;
+        let mut desc = self.fetch_desc(mem, pos, keep_from, 0, first_flags)?;
         let id = loop {
             if count == size {
                 return Err(PackedQueueError::ListTooLong { pos: start.0 });
@@ -578,26 +585,13 @@ impl PackedQueue {
             if u32::from(self.outstanding) + u32::from(count) > u32::from(size) {
                 return Err(PackedQueueError::Overcommitted { pos: start.0 });
             }
-            let at = keep_from.map(|k| usize::from(k) + usize::from(count) - 1);
-            let copy = at
-                .filter(|&at| at < usize::from(self.popped.preread))
-                .and_then(|at| self.popped.descs.get(at).copied());
-            let desc = match copy {
-                Some(desc) => desc,
-                None => {
-                    let desc = self.read_desc(mem, pos)?;
-                    if let Some(slot) = at.and_then(|at| self.popped.descs.get_mut(at)) {
-                        *slot = desc;
-                    }
-                    desc
-                }
-            };
-            if !is_available(desc.flags, wrap) {
-                return Err(PackedQueueError::NotAvailable { pos });
-            }
             (pos, wrap) = self.advance(pos, wrap, 1);
             if !desc.has_next() {
                 break desc.id;
+            }
+            desc = self.fetch_desc(mem, pos, keep_from, count, None)?;
+            if !is_available(desc.flags, wrap) {
+                return Err(PackedQueueError::NotAvailable { pos });
             }
         };
         if let Some(kept) = keep_from {
@@ -620,6 +614,37 @@ impl PackedQueue {
             count,
             wrap: start.1,
         }))
+    }
+
+    /// Descriptor `index` of the list being popped, at ring position `pos`: from the copies if
+    /// an earlier pop read it, else read from the ring (and kept, if the list's copies start at
+    /// `keep_from` and there is room). `flags`: the flags already loaded (with Acquire) for the
+    /// list's first descriptor, which the copy takes (what the pop decided on is what the walk
+    /// checks).
+    #[inline]
+    fn fetch_desc<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        pos: u16,
+        keep_from: Option<u16>,
+        index: u16,
+        flags: Option<u16>,
+    ) -> Result<PackedDesc, PackedQueueError> {
+        let at = keep_from.map(|k| usize::from(k) + usize::from(index));
+        if let Some(copy) = at
+            .filter(|&at| at < usize::from(self.popped.preread))
+            .and_then(|at| self.popped.descs.get(at))
+        {
+            return Ok(*copy);
+        }
+        let mut desc = self.read_desc(mem, pos)?;
+        if let Some(flags) = flags {
+            desc.flags = flags;
+        }
+        if let Some(slot) = at.and_then(|at| self.popped.descs.get_mut(at)) {
+            *slot = desc;
+        }
+        Ok(desc)
     }
 
     /// Offset in the kept copies of the list at `at`, if it is the next one to pop after the
