@@ -339,6 +339,9 @@ impl From<PackedQueueError> for AnyRingError {
 
 /// A split or a packed ring, chosen when the queue starts (`VIRTIO_F_RING_PACKED`).
 #[derive(Debug, Clone)]
+// The packed queue carries the descriptor copies its pop keeps (2 KiB); an `AnyRing` is made
+// once per queue start, and boxing it would need the allocator core does without.
+#[allow(clippy::large_enum_variant)]
 pub enum AnyRing {
     /// The split layout (virtio 1.2 §2.7).
     Split(SplitQueue),

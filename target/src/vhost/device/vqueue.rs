@@ -569,7 +569,7 @@ impl<V: ShellRing, R, Q> VirtQueue<V, R, Q> {
         head: V::Head,
     ) -> Result<(), ChainError> {
         match &self.inflight {
-            Some(log) => self.vq.walk_resubmitted(mem, log, head, &mut *self.chain),
+            Some(log) => self.vq.walk_resubmitted(mem, log, head, &mut self.chain),
             None => self.vq.walk_chain(mem, head, &mut *self.chain),
         }
     }
