@@ -34,48 +34,16 @@ const DEPTH: u16 = 8;
 /// `IO_BYTES` at `sector`, in descriptors `3i..3i+2` with buffers of its own.
 fn post_request(driver: &mut Driver, i: u16, read: bool, sector: u64) {
     let q = &driver.queues[0];
-    let (table, avail, avail_idx) = (q.desc, q.avail, q.avail_idx);
-    let hdr = q.header_addr() + 32 * u64::from(i);
-    let status = q.status_addr() + u64::from(i);
-    let buf = q.buffer_addr() + IO_BYTES as u64 * u64::from(i);
-    let mut header = [0u8; 16];
-    header[0..4].copy_from_slice(&(if read { T_IN } else { T_OUT }).to_le_bytes());
-    header[8..16].copy_from_slice(&sector.to_le_bytes());
-    driver.ram.write(hdr, &header);
-    driver.ram.write(status, &[0xff]);
-    let head = 3 * i;
-    let descs = [
-        Desc {
-            addr: hdr,
-            len: 16,
-            flags: F_NEXT,
-            next: head + 1,
-        },
-        Desc {
-            addr: buf,
-            len: IO_BYTES as u32,
-            flags: F_NEXT | if read { F_WRITE } else { 0 },
-            next: head + 2,
-        },
-        Desc {
-            addr: status,
-            len: 1,
-            flags: F_WRITE,
-            next: 0,
-        },
-    ];
-    for (n, d) in descs.iter().enumerate() {
-        driver
-            .ram
-            .write(table + 16 * (u64::from(head) + n as u64), &d.bytes());
-    }
-    driver
-        .ram
-        .store_u16(avail + 4 + 2 * u64::from(avail_idx % QUEUE_SIZE), head);
-    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    let next = avail_idx.wrapping_add(1);
-    driver.ram.store_u16(avail + 2, next);
-    driver.queues[0].avail_idx = next;
+    let request = BlkRequestAt {
+        head: 3 * i,
+        req_type: if read { T_IN } else { T_OUT },
+        sector,
+        hdr: q.header_addr() + 32 * u64::from(i),
+        buf: q.buffer_addr() + IO_BYTES as u64 * u64::from(i),
+        len: IO_BYTES as u32,
+        status: q.status_addr() + u64::from(i),
+    };
+    driver.post_blk_at(0, request);
 }
 
 /// Keeps [`DEPTH`] requests outstanding on queue 0 for [`WINDOW`] (writes and reads alternating),

@@ -42,50 +42,17 @@ const STATUSES: u64 = 0x4_0800;
 /// Makes request `i` (of [`DEPTH`]) available on queue 0: a 512-byte read at `sector`, in
 /// descriptors `3i..3i+2`.
 fn post_read(driver: &mut Driver, i: u16, sector: u64) {
-    let q = &driver.queues[0];
-    let (table, avail, avail_idx) = (q.desc, q.avail, q.avail_idx);
-    let base = q.buffer_addr();
-    let hdr = base + HEADERS + 16 * u64::from(i);
-    let status = base + STATUSES + u64::from(i);
-    let buf = base + 512 * u64::from(i);
-    let mut header = [0u8; 16];
-    header[0..4].copy_from_slice(&T_IN.to_le_bytes());
-    header[8..16].copy_from_slice(&sector.to_le_bytes());
-    driver.ram.write(hdr, &header);
-    driver.ram.write(status, &[0xff]);
-    let head = 3 * i;
-    let descs = [
-        Desc {
-            addr: hdr,
-            len: 16,
-            flags: F_NEXT,
-            next: head + 1,
-        },
-        Desc {
-            addr: buf,
-            len: 512,
-            flags: F_NEXT | F_WRITE,
-            next: head + 2,
-        },
-        Desc {
-            addr: status,
-            len: 1,
-            flags: F_WRITE,
-            next: 0,
-        },
-    ];
-    for (n, d) in descs.iter().enumerate() {
-        driver
-            .ram
-            .write(table + 16 * (u64::from(head) + n as u64), &d.bytes());
-    }
-    driver
-        .ram
-        .store_u16(avail + 4 + 2 * u64::from(avail_idx % QUEUE_SIZE), head);
-    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    let next = avail_idx.wrapping_add(1);
-    driver.ram.store_u16(avail + 2, next);
-    driver.queues[0].avail_idx = next;
+    let base = driver.queues[0].buffer_addr();
+    let request = BlkRequestAt {
+        head: 3 * i,
+        req_type: T_IN,
+        sector,
+        hdr: base + HEADERS + 16 * u64::from(i),
+        buf: base + 512 * u64::from(i),
+        len: 512,
+        status: base + STATUSES + u64::from(i),
+    };
+    driver.post_blk_at(0, request);
 }
 
 /// Takes the next used element of queue 0 if there is one; checks the request succeeded.

@@ -280,6 +280,20 @@ impl Default for PackedDriverState {
     }
 }
 
+/// Where [`Driver::post_blk_at`] puts a blk request, and what it asks.
+#[derive(Debug, Clone, Copy)]
+pub struct BlkRequestAt {
+    /// The first of the three table slots, and the head made available.
+    pub head: u16,
+    /// `T_IN` (the data buffer is device-writable) or `T_OUT`.
+    pub req_type: u32,
+    pub sector: u64,
+    pub hdr: u64,
+    pub buf: u64,
+    pub len: u32,
+    pub status: u64,
+}
+
 /// `flags` as a packed descriptor made available in a lap with wrap counter `wrap`.
 pub fn packed_avail_flags(flags: u16, wrap: bool) -> u16 {
     (flags & !(F_AVAIL | F_USED)) | if wrap { F_AVAIL } else { F_USED }
@@ -450,6 +464,52 @@ impl Driver {
         if self.is_packed() {
             return self.post_packed(index, descs, head);
         }
+        self.post_split(index, descs, 0, head);
+    }
+
+    /// Makes a blk request available on a split queue without waiting for it: the header
+    /// (`req_type`, `sector`) at `hdr`, `len` bytes at `buf` (device-writable for `T_IN`) and the
+    /// status byte at `status` (set to 0xff first), in table slots `head..head + 2`.
+    pub fn post_blk_at(&mut self, index: usize, request: BlkRequestAt) {
+        let BlkRequestAt {
+            head,
+            req_type,
+            sector,
+            hdr,
+            buf,
+            len,
+            status,
+        } = request;
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&req_type.to_le_bytes());
+        header[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.ram.write(hdr, &header);
+        self.ram.write(status, &[0xff]);
+        let descs = [
+            Desc {
+                addr: hdr,
+                len: 16,
+                flags: F_NEXT,
+                next: head + 1,
+            },
+            Desc {
+                addr: buf,
+                len,
+                flags: F_NEXT | if req_type == T_IN { F_WRITE } else { 0 },
+                next: head + 2,
+            },
+            Desc {
+                addr: status,
+                len: 1,
+                flags: F_WRITE,
+                next: 0,
+            },
+        ];
+        self.post_split(index, &descs, head, head);
+    }
+
+    /// Writes `descs` into table slots `first..` and makes `head` available (split ring).
+    fn post_split(&mut self, index: usize, descs: &[Desc], first: u16, head: u16) {
         let (desc, avail, slot, new_idx) = {
             let q = self.queue(index);
             let slot = u64::from(q.avail_idx % QUEUE_SIZE);
@@ -457,7 +517,8 @@ impl Driver {
             (q.desc, q.avail, slot, q.avail_idx)
         };
         for (i, d) in descs.iter().enumerate() {
-            self.ram.write(desc + 16 * i as u64, &d.bytes());
+            self.ram
+                .write(desc + 16 * (u64::from(first) + i as u64), &d.bytes());
         }
         self.ram.store_u16(avail + 4 + 2 * slot, head);
         std::sync::atomic::fence(Ordering::SeqCst);
