@@ -760,6 +760,16 @@ impl PackedQueue {
         }
     }
 
+    /// What a walk of this ring's lists needs to know of the ring.
+    #[inline]
+    fn walk_params(&self) -> walk::WalkParams {
+        walk::WalkParams {
+            ring: self.config.desc_table,
+            size: self.config.size,
+            indirect: self.indirect,
+        }
+    }
+
     /// Walks the popped list `head` into `chain` (see [`ChainError`] for how rejections are
     /// reported; [`ChainError::head`] is the buffer ID). Walk the lists in the order they were
     /// popped, each before a used descriptor is pushed for a later one: a used descriptor
@@ -770,11 +780,7 @@ impl PackedQueue {
         head: PackedHead,
         chain: &mut Chain<N>,
     ) -> Result<(), ChainError> {
-        let params = walk::WalkParams {
-            ring: self.config.desc_table,
-            size: self.config.size,
-            indirect: self.indirect,
-        };
+        let params = self.walk_params();
         walk::walk(mem, params, head, chain)
     }
 
@@ -790,11 +796,7 @@ impl PackedQueue {
         head: PackedHead,
         chain: &mut Chain<N>,
     ) -> Result<(), ChainError> {
-        let params = walk::WalkParams {
-            ring: self.config.desc_table,
-            size: self.config.size,
-            indirect: self.indirect,
-        };
+        let params = self.walk_params();
         match self.popped.list(&head, self.config.size) {
             Some(descs) => walk::walk_copied(mem, params, head, descs, chain),
             None => walk::walk(mem, params, head, chain),
@@ -820,11 +822,7 @@ impl PackedQueue {
         descs: &[PackedDesc],
         chain: &mut Chain<N>,
     ) -> Result<(), ChainError> {
-        let params = walk::WalkParams {
-            ring: self.config.desc_table,
-            size: self.config.size,
-            indirect: self.indirect,
-        };
+        let params = self.walk_params();
         let head = PackedHead { pos: 0, ..head };
         walk::walk_copied(mem, params, head, descs, chain)
     }
