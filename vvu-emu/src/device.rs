@@ -293,27 +293,69 @@ impl State {
         }
     }
 
-    /// Moves queued frontend messages into rxq buffers.
-    fn deliver_rx(&mut self) {
-        while let Some(message) = self.pending_rx.front() {
-            let dma = self.dma.clone();
-            let Some(ring) = self.queues[0].ring.as_mut() else {
-                return;
-            };
+    /// The next chain the driver made available on queue `qi` (`name` in errors): `None` when
+    /// there is none (a kick is then asked for: avail_event with EVENT_IDX) or the queue failed
+    /// (the device then needs a reset).
+    fn next_chain(&mut self, qi: usize, name: &str) -> Option<(u16, Chain<16>)> {
+        let dma = self.dma.clone();
+        loop {
+            let ring = self.queues[qi].ring.as_mut()?;
             let head = match ring.pop_head(&*dma) {
                 Ok(Some(head)) => head,
-                // Ask for a kick when the driver adds buffers (avail_event with EVENT_IDX).
                 Ok(None) => match ring.enable_kicks(&*dma) {
                     Ok(true) => continue,
-                    Ok(false) => return,
-                    Err(e) => return self.device_error(format!("rxq: {e}")),
+                    Ok(false) => return None,
+                    Err(e) => {
+                        self.device_error(format!("{name}: {e}"));
+                        return None;
+                    }
                 },
-                Err(e) => return self.device_error(format!("rxq: {e}")),
+                Err(e) => {
+                    self.device_error(format!("{name}: {e}"));
+                    return None;
+                }
             };
             let mut chain: Chain<16> = Chain::new();
             if let Err(e) = ring.walk_chain(&*dma, head, &mut chain) {
-                return self.device_error(format!("rxq chain: {e}"));
+                self.device_error(format!("{name} chain: {e}"));
+                return None;
             }
+            return Some((head, chain));
+        }
+    }
+
+    /// Returns `head` to the driver on queue `qi` with `len` bytes written and signals its vector
+    /// if the driver wants it; false if the queue failed (the device then needs a reset).
+    fn return_used(&mut self, qi: usize, name: &str, head: u16, len: u32) -> bool {
+        let dma = self.dma.clone();
+        let vector = self.queues[qi].msix_vector;
+        let Some(ring) = self.queues[qi].ring.as_mut() else {
+            return false;
+        };
+        let notify = ring
+            .add_used(&*dma, head, len)
+            .and_then(|()| ring.needs_notification(&*dma));
+        match notify {
+            Ok(true) => self.signal_vector(vector),
+            Ok(false) => {}
+            Err(e) => {
+                self.device_error(format!("{name} used ring: {e}"));
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Moves queued frontend messages into rxq buffers.
+    fn deliver_rx(&mut self) {
+        while !self.pending_rx.is_empty() {
+            let Some((head, chain)) = self.next_chain(0, "rxq") else {
+                return;
+            };
+            let dma = self.dma.clone();
+            let Some(message) = self.pending_rx.front() else {
+                return;
+            };
             if (chain.writable_len() as usize) < message.len() {
                 let msg = format!(
                     "rxq buffer too small, got {}, needed {}",
@@ -322,29 +364,12 @@ impl State {
                 );
                 return self.device_error(msg);
             }
-            let mut rest: &[u8] = message;
-            for segment in chain.writable() {
-                if rest.is_empty() {
-                    break;
-                }
-                let n = rest.len().min(segment.len as usize);
-                if let Err(e) = dma.write(segment.guest_addr, &rest[..n]) {
-                    return self.device_error(format!("rxq buffer: {e}"));
-                }
-                rest = &rest[n..];
+            if let Err(e) = chain.writable_range().writer().write_all(&*dma, message) {
+                return self.device_error(format!("rxq buffer: {e}"));
             }
             let len = message.len() as u32;
-            let vector = self.queues[0].msix_vector;
-            let Some(ring) = self.queues[0].ring.as_mut() else {
+            if !self.return_used(0, "rxq", head, len) {
                 return;
-            };
-            let notify = ring
-                .add_used(&*dma, head, len)
-                .and_then(|()| ring.needs_notification(&*dma));
-            match notify {
-                Ok(true) => self.signal_vector(vector),
-                Ok(false) => {}
-                Err(e) => return self.device_error(format!("rxq used ring: {e}")),
             }
             self.pending_rx.pop_front();
             self.forwarded_to_driver += 1;
@@ -353,45 +378,21 @@ impl State {
 
     /// Sends every txq buffer to the frontend.
     fn process_txq(&mut self) {
-        loop {
-            let dma = self.dma.clone();
-            let vector = self.queues[1].msix_vector;
-            let Some(ring) = self.queues[1].ring.as_mut() else {
-                return;
-            };
-            let head = match ring.pop_head(&*dma) {
-                Ok(Some(head)) => head,
-                Ok(None) => match ring.enable_kicks(&*dma) {
-                    Ok(true) => continue,
-                    Ok(false) => return,
-                    Err(e) => return self.device_error(format!("txq: {e}")),
-                },
-                Err(e) => return self.device_error(format!("txq: {e}")),
-            };
-            let mut chain: Chain<16> = Chain::new();
-            if let Err(e) = ring.walk_chain(&*dma, head, &mut chain) {
-                return self.device_error(format!("txq chain: {e}"));
-            }
+        while let Some((head, chain)) = self.next_chain(1, "txq") {
             let len = chain.readable_len() as usize;
             if !(HEADER_LEN..=HEADER_LEN + MAX_PAYLOAD).contains(&len) {
                 return self.device_error(format!("invalid txq buffer size, got {len}"));
             }
             let mut message = vec![0u8; len];
-            let mut at = 0;
-            for segment in chain.readable() {
-                let n = segment.len as usize;
-                if let Err(e) = dma.read(segment.guest_addr, &mut message[at..at + n]) {
-                    return self.device_error(format!("txq buffer: {e}"));
-                }
-                at += n;
+            if let Err(e) = chain
+                .readable_range()
+                .reader()
+                .read_exact(&*self.dma.clone(), &mut message)
+            {
+                return self.device_error(format!("txq buffer: {e}"));
             }
-            let notify = ring
-                .add_used(&*dma, head, 0)
-                .and_then(|()| ring.needs_notification(&*dma));
-            match notify {
-                Ok(true) => self.signal_vector(vector),
-                Ok(false) => {}
-                Err(e) => return self.device_error(format!("txq used ring: {e}")),
+            if !self.return_used(1, "txq", head, 0) {
+                return;
             }
             let size = crate::socket::le32(&message, 8) as usize;
             if size + HEADER_LEN != len {
