@@ -29,7 +29,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, OnceLock};
 
-use rvhost_platform_linux::{waker, EventFd};
+use rvhost_platform_linux::waker::{self, Waker};
+use rvhost_platform_linux::EventFd;
 
 pub use rvhost_platform_linux::uring::HostBuffers;
 
@@ -532,8 +533,8 @@ struct Record {
     result: isize,
     op: Option<AioOp>,
     done: Sender<Box<Record>>,
-    /// The submitting thread's waker, signalled once the record is on its queue.
-    wake: Arc<OnceLock<Arc<EventFd>>>,
+    /// The submitting thread's waker, woken once the record is on its queue.
+    wake: Arc<OnceLock<Arc<Waker>>>,
 }
 
 /// Runs on a librbd thread when an operation completes: takes the record back and moves it to
@@ -550,8 +551,8 @@ unsafe extern "C" fn on_complete(completion: sys::rbd_completion_t, arg: *mut c_
     let wake = Arc::clone(&record.wake);
     if done.send(record).is_ok() {
         if let Some(waker) = wake.get() {
-            // A failed write leaves the submitter to find the completion by polling.
-            let _ = waker.signal();
+            // Writes its eventfd only if the submitter announced that it sleeps.
+            waker.wake();
         }
     }
 }
@@ -573,8 +574,8 @@ pub struct Completion {
 pub struct CompletionQueue {
     done_tx: Sender<Box<Record>>,
     done_rx: Receiver<Box<Record>>,
-    /// The waker of the thread that submits (a reactor's), once known: completions signal it.
-    wake: Arc<OnceLock<Arc<EventFd>>>,
+    /// The waker of the thread that submits (a reactor's), once known: completions wake it.
+    wake: Arc<OnceLock<Arc<Waker>>>,
     /// Records to reuse (boxed: librbd holds each by its address while in flight).
     #[allow(clippy::vec_box)]
     free: Vec<Box<Record>>,
@@ -629,7 +630,7 @@ impl CompletionQueue {
 
     /// The submitting thread's waker (taken as [`Image::submit`] does), for
     /// [`Image::use_event_socket`].
-    pub fn thread_waker(&mut self) -> Option<Arc<EventFd>> {
+    pub fn thread_waker(&mut self) -> Option<Arc<Waker>> {
         self.take_thread_waker();
         self.wake.get().cloned()
     }

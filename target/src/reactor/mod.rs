@@ -25,12 +25,15 @@
 //! spinning, so only the first request after a quiet spell waits for the sleep to end. [`IdlePolicy::BusyPoll`] (for benchmarks: `RVHOST_BUSY_POLL=1`, or
 //! the data plane's options) never yields.
 //!
-//! Each reactor installs a wake-up eventfd as its thread's waker
-//! (`rvhost_platform_linux::waker`). A bdev whose operations complete on other threads (rbd:
-//! librbd's) has them signal it and counts them; while such completions are expected, an
-//! adaptive reactor past [`WAKER_SPIN_ROUNDS`] blocks on the eventfd (at most [`WAKER_WAIT`]) instead
-//! of yielding or sleeping, so it leaves the core to those threads and sees each completion at
-//! once.
+//! Each reactor installs a [`Waker`] (a wake-up eventfd with an "asleep" flag) as its thread's
+//! waker (`rvhost_platform_linux::waker`). A bdev whose operations complete on other threads
+//! (rbd: librbd's) has them wake it and counts them; this is opt-in per bdev kind, and only such
+//! a bdev changes how the reactor idles. While such completions are expected, an adaptive
+//! reactor past [`WAKER_SPIN_ROUNDS`] empty rounds announces a sleep, polls everything once more
+//! and then blocks on the eventfd (at most [`WAKER_WAIT`]) instead of yielding or sleeping, so it
+//! leaves the core to those threads and sees each completion, or a control command, at once.
+//! The completing thread writes the eventfd only while the reactor announced a sleep: a busy
+//! reactor costs it a fence and a load, not a system call.
 //!
 //! The trade-off, measured (bench/README.md, "QD1 latency and the idle policy"): while a driver
 //! keeps even one request in flight both policies answer alike (QD1 p50 ≈ 0.3–0.9 µs), because
@@ -45,7 +48,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rvhost_platform_linux::{spsc, tsc, waker, NumaTopology};
+use rvhost_platform_linux::waker::{self, Waker};
+use rvhost_platform_linux::{spsc, tsc, NumaTopology};
 
 /// Capacity of each reactor's control ring. Control commands are rare and synchronous, so a
 /// handful of slots absorbs every burst (several control threads at once).
@@ -273,6 +277,8 @@ pub struct ReactorHandle {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Set for a reactor driven by its caller ([`manual`]) while its [`ManualReactor`] lives.
     manual: Option<Arc<AtomicBool>>,
+    /// The reactor's waker: a command sent while it sleeps on it wakes it.
+    waker: Option<Arc<Waker>>,
 }
 
 impl ReactorHandle {
@@ -317,7 +323,12 @@ impl ReactorHandle {
                     .lock()
                     .map_err(|_| ReactorError::Gone(self.core))?;
                 match producer.try_push(command) {
-                    Ok(()) => return Ok(()),
+                    Ok(()) => {
+                        if let Some(waker) = &self.waker {
+                            waker.wake();
+                        }
+                        return Ok(());
+                    }
                     Err(back) => command = back,
                 }
             }
@@ -427,12 +438,20 @@ pub fn spawn(
 ) -> Result<Arc<ReactorHandle>, SpawnError> {
     let (producer, consumer) = spsc::channel(CONTROL_RING_SLOTS);
     let stats = Arc::new(ReactorStats::default());
+    let waker = match Waker::new() {
+        Ok(waker) => Some(Arc::new(waker)),
+        Err(err) => {
+            tracing::warn!(core, %err, "no wake-up eventfd: the reactor polls for librbd's completions");
+            None
+        }
+    };
     let reactor = Reactor {
         core,
         commands: consumer,
         tasks: Vec::new(),
         idle,
         stats: Arc::clone(&stats),
+        waker: waker.clone(),
     };
     let (pinned_tx, pinned_rx) = mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
@@ -463,6 +482,7 @@ pub fn spawn(
         stats,
         thread: Mutex::new(Some(thread)),
         manual: None,
+        waker,
     }))
 }
 
@@ -479,6 +499,7 @@ pub fn manual(core: u32) -> (Arc<ReactorHandle>, ManualReactor) {
         stats: Arc::new(ReactorStats::default()),
         thread: Mutex::new(None),
         manual: Some(Arc::clone(&alive)),
+        waker: None,
     });
     (
         handle,
@@ -531,6 +552,8 @@ struct Reactor {
     tasks: Vec<Polled>,
     idle: IdlePolicy,
     stats: Arc<ReactorStats>,
+    /// Its wake-up eventfd (`None` if none could be made: it then polls for completions).
+    waker: Option<Arc<Waker>>,
 }
 
 /// The calling thread's Linux thread id, as `/proc/thread-self` names it (0 if it cannot be read).
@@ -598,18 +621,15 @@ impl Reactor {
     fn run(mut self) {
         tracing::info!(core = self.core, "reactor started");
         self.stats.tid.store(current_tid(), Ordering::Relaxed);
-        // Completions from other threads (librbd's) signal it; see the idle branch below.
-        let wake = match rvhost_platform_linux::EventFd::new() {
-            Ok(fd) => {
-                let fd = Arc::new(fd);
-                waker::install(Arc::clone(&fd));
-                Some(fd)
-            }
-            Err(err) => {
-                tracing::warn!(core = self.core, %err, "no wake-up eventfd: the reactor polls for librbd's completions");
-                None
-            }
-        };
+        // Completions from other threads (librbd's) wake it; see the idle branch below.
+        if let Some(wake) = &self.waker {
+            waker::install(Arc::clone(wake));
+        }
+        let wake = self.waker.clone();
+        // The descriptors a sleep waits on (the waker's first).
+        let mut sleep_fds: Vec<libc::pollfd> = Vec::new();
+        // The waker announced a sleep: this round is the last look for work before blocking.
+        let mut armed = false;
         let mut empty_rounds: u32 = 0;
         let mut rounds: u32 = 0;
         let mut time = TimeAccount::new();
@@ -668,26 +688,51 @@ impl Reactor {
             rounds = rounds.wrapping_add(1);
             if work > 0 {
                 empty_rounds = 0;
+                if armed {
+                    if let Some(wake) = wake.as_ref() {
+                        wake.cancel_sleep();
+                    }
+                    armed = false;
+                }
             } else {
                 empty_rounds = empty_rounds.saturating_add(1);
                 if self.idle == IdlePolicy::Adaptive {
                     let waiting_for_others =
                         empty_rounds > waker_spin_rounds && waker::expected() > 0;
-                    if let (true, Some(wake)) = (waiting_for_others, wake.as_ref()) {
-                        // Operations in flight on other threads will signal the waker: block
-                        // on it, leaving the core to them, and wake at the first completion
-                        // (yielding instead lets a loaded machine's other work run for whole
-                        // time slices before the reactor sees it). At most WAKER_WAIT, so the
-                        // other devices of this reactor are polled at least as often as when
-                        // it sleeps.
-                        if let Err(err) = wake.wait(waker_wait) {
-                            tracing::debug!(%err, "waiting on the wake-up eventfd");
+                    match (waiting_for_others, wake.as_ref()) {
+                        (true, Some(wake)) if armed => {
+                            // Operations in flight on other threads will wake the waker: block
+                            // on it, leaving the core to them, and wake at the first completion
+                            // or control command (yielding instead lets a loaded machine's
+                            // other work run for whole time slices before the reactor sees
+                            // it). At most WAKER_WAIT, so the other devices of this reactor
+                            // are polled at least as often as when it sleeps.
+                            armed = false;
+                            if let Err(err) = wake.sleep(&mut sleep_fds, waker_wait) {
+                                tracing::debug!(%err, "waiting on the wake-up eventfd");
+                            }
                         }
-                    } else if empty_rounds > YIELD_ROUNDS {
-                        self.stats.idle_sleeps.fetch_add(1, Ordering::Relaxed);
-                        std::thread::sleep(idle_sleep(empty_rounds - YIELD_ROUNDS));
-                    } else if empty_rounds > SPIN_ROUNDS {
-                        std::thread::yield_now();
+                        (true, Some(wake)) => {
+                            // Announce the sleep, then poll everything once more: what arrived
+                            // before the announcement is found by that round, what arrives
+                            // after it writes the eventfd.
+                            wake.prepare_sleep();
+                            armed = true;
+                        }
+                        _ => {
+                            if armed {
+                                if let Some(wake) = wake.as_ref() {
+                                    wake.cancel_sleep();
+                                }
+                                armed = false;
+                            }
+                            if empty_rounds > YIELD_ROUNDS {
+                                self.stats.idle_sleeps.fetch_add(1, Ordering::Relaxed);
+                                std::thread::sleep(idle_sleep(empty_rounds - YIELD_ROUNDS));
+                            } else if empty_rounds > SPIN_ROUNDS {
+                                std::thread::yield_now();
+                            }
+                        }
                     }
                 }
             }

@@ -475,7 +475,7 @@ impl BdevChannel for RbdChannel {
         };
         if self.events && !self.image.event_socket() {
             if let Some(waker) = self.queue.thread_waker() {
-                if let Err(err) = self.image.use_event_socket(&waker) {
+                if let Err(err) = self.image.use_event_socket(waker.event_fd()) {
                     tracing::warn!(bdev = %bdev.name, %err, "staying with completion callbacks");
                 }
             }
