@@ -5,8 +5,10 @@ set -euo pipefail
 
 need_apt=()
 # ceph-*: the one-host cluster of the rbd bdev tests (scripts/ceph-cluster.sh); librbd-dev: the rbd
-# bdev links librbd and librados.
+# bdev links librbd and librados. systemd-container: systemd-nspawn, in which the service unit's test
+# boots a real systemd as PID 1.
 for pkg in libhwloc-dev libudev-dev pkg-config qemu-system-x86 qemu-system-common busybox-static cpio kmod sg3-utils systemd \
+  systemd-container \
   ceph-mon ceph-osd ceph-mgr ceph-common librbd-dev; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
