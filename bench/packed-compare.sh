@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# Split against packed virtqueues in IOPS: rvhost (vhost-user-blk and vhost-user-scsi, on a null
+# and on a malloc bdev) driven by rvhost-perf with split rings and with `--packed`.
+#
+# One rvhost process per device type and bdev (busy polling, pinned to --target-cpu) serves one
+# controller; each round runs rvhost-perf (pinned to --initiator-cpu) once with split rings and
+# once with packed ones, each on a fresh vhost-user connection, the order alternating from round
+# to round so slow drifts of a noisy machine hit both alike. Per-round IOPS and the 1-minute load
+# average go to a CSV; the summary gives per device, bdev and workload the median IOPS of each
+# layout and the median of the per-round ratios packed/split.
+#
+#   bench/packed-compare.sh                          # 5 rounds x 2 s, randread QD 1/32/128
+#   bench/packed-compare.sh --rt --rounds 7          # SCHED_RR, on a machine busy with builds
+#   bench/packed-compare.sh --types blk --bdevs null --workloads "randread:32 randwrite:32"
+#
+# --rt runs target and initiator under SCHED_RR priority 1, as bench/compare.sh --rt does.
+# Binaries: $RVHOST / --rvhost and $RVHOST_PERF / --perf, default build/release/{rvhost,rvhost-perf}.
+set -euo pipefail
+
+ROUNDS=5
+SECS=2
+BS=4k
+SIZE=256m
+WORKLOADS="randread:1 randread:32 randread:128"
+TYPES="blk scsi"
+BDEVS="null malloc"
+TARGET_CPU=0
+INITIATOR_CPU=1
+RT=0
+OUT=""
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+BUILD="${CARGO_TARGET_DIR:-$REPO/build}"
+RVHOST="${RVHOST:-$BUILD/release/rvhost}"
+PERF="${RVHOST_PERF:-$BUILD/release/rvhost-perf}"
+
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rounds) ROUNDS="$2"; shift 2 ;;
+    --secs) SECS="$2"; shift 2 ;;
+    --bs) BS="$2"; shift 2 ;;
+    --size) SIZE="$2"; shift 2 ;;
+    --workloads) WORKLOADS="$2"; shift 2 ;;
+    --types) TYPES="$2"; shift 2 ;;
+    --bdevs) BDEVS="$2"; shift 2 ;;
+    --target-cpu) TARGET_CPU="$2"; shift 2 ;;
+    --initiator-cpu) INITIATOR_CPU="$2"; shift 2 ;;
+    --rt) RT=1; shift ;;
+    --out) OUT="$2"; shift 2 ;;
+    --rvhost) RVHOST="$2"; shift 2 ;;
+    --perf) PERF="$2"; shift 2 ;;
+    -h|--help) usage 0 ;;
+    *) echo "packed-compare.sh: unknown option $1" >&2; usage 2 ;;
+  esac
+done
+
+for bin in "$RVHOST" "$PERF"; do
+  [ -x "$bin" ] || { echo "packed-compare.sh: $bin not built (cargo build --release -p rvhost-target -p rvhost-bench)" >&2; exit 2; }
+done
+PRIO=(env)
+[ "$RT" = 1 ] && PRIO=(chrt -r 1)
+WORK="$(mktemp -d /tmp/rvhost-packed-compare.XXXXXX)"
+OUT="${OUT:-$WORK/rounds.csv}"
+TARGET_PID=""
+cleanup() {
+  if [ -n "$TARGET_PID" ]; then kill "$TARGET_PID" 2>/dev/null || true; wait "$TARGET_PID" 2>/dev/null || true; fi
+  rm -rf "$WORK/sock"
+}
+trap cleanup EXIT
+
+BLOCKS="$(python3 -c 'import sys; s=sys.argv[1].lower(); m={"k":1<<10,"m":1<<20,"g":1<<30}; print((int(s[:-1])*m[s[-1]] if s[-1] in m else int(s)) // 512)' "$SIZE")"
+MASK="0x$(printf %x $((1 << TARGET_CPU)))"
+
+# start_target TYPE BDEV: rvhost with controller perf.0 (TYPE) on bdev Dev0 (null or malloc).
+start_target() {
+  local type="$1" bdev="$2" create controller
+  create="{\"method\":\"bdev_${bdev}_create\",\"params\":{\"name\":\"Dev0\",\"num_blocks\":$BLOCKS,\"block_size\":512}}"
+  if [ "$type" = blk ]; then
+    controller="{\"method\":\"vhost_create_blk_controller\",\"params\":{\"ctrlr\":\"perf.0\",\"dev_name\":\"Dev0\",\"cpumask\":\"$MASK\"}}"
+  else
+    controller="{\"method\":\"vhost_create_scsi_controller\",\"params\":{\"ctrlr\":\"perf.0\",\"cpumask\":\"$MASK\"}},{\"method\":\"vhost_scsi_controller_add_target\",\"params\":{\"ctrlr\":\"perf.0\",\"scsi_target_num\":0,\"bdev_name\":\"Dev0\"}}"
+  fi
+  echo "[$create,$controller]" > "$WORK/config.json"
+  rm -rf "$WORK/sock"; mkdir -p "$WORK/sock"
+  RVHOST_BUSY_POLL=1 "${PRIO[@]}" taskset -c "$TARGET_CPU" "$RVHOST" -m "$MASK" -S "$WORK/sock" \
+    -r "$WORK/sock/rpc.sock" -c "$WORK/config.json" -L warn > "$WORK/rvhost-$type-$bdev.log" 2>&1 &
+  TARGET_PID=$!
+  for _ in $(seq 400); do
+    [ -S "$WORK/sock/perf.0" ] && return 0
+    kill -0 "$TARGET_PID" 2>/dev/null || break
+    sleep 0.05
+  done
+  echo "packed-compare.sh: rvhost ($type, $bdev) did not come up:" >&2
+  tail -5 "$WORK/rvhost-$type-$bdev.log" >&2
+  exit 1
+}
+
+stop_target() {
+  kill "$TARGET_PID" 2>/dev/null || true
+  wait "$TARGET_PID" 2>/dev/null || true
+  TARGET_PID=""
+}
+
+# Prints the IOPS of one run ("split" or "packed" rings); fails the script on an error or a
+# report whose layout is not the one asked for.
+run_perf() {
+  local type="$1" rw="$2" qd="$3" ring="$4" json
+  local args=(--socket "$WORK/sock/perf.0" --type "$type" --rw "$rw" --bs "$BS" --qd "$qd"
+              --time "$SECS" --size "$SIZE" --cpu "$INITIATOR_CPU" --json)
+  [ "$ring" = packed ] && args+=(--packed)
+  if ! json="$("${PRIO[@]}" "$PERF" "${args[@]}" 2>"$WORK/perf.err")"; then
+    echo "packed-compare.sh: rvhost-perf failed ($type $rw qd $qd, $ring rings):" >&2
+    tail -5 "$WORK/perf.err" >&2
+    exit 1
+  fi
+  python3 -c '
+import json, sys
+r, ring = json.loads(sys.argv[1]), sys.argv[2]
+errors, packed = r["io_errors"], r.get("packed", False)
+if errors or packed != (ring == "packed"):
+    sys.exit(f"{errors} I/O errors, packed={packed} for {ring} rings")
+print("%.0f" % r["total"]["iops"])
+' "$json" "$ring"
+}
+
+echo "type,bdev,workload,qd,round,ring,iops,load1" > "$OUT"
+echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r), rounds=$ROUNDS secs=$SECS bs=$BS size=$SIZE, target CPU $TARGET_CPU, initiator CPU $INITIATOR_CPU$([ "$RT" = 1 ] && echo ', SCHED_RR'), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# rvhost: $RVHOST ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')); per-round CSV: $OUT"
+for type in $TYPES; do
+  for bdev in $BDEVS; do
+    start_target "$type" "$bdev"
+    for wl in $WORKLOADS; do
+      rw="${wl%%:*}"; qd="${wl##*:}"
+      for round in $(seq "$ROUNDS"); do
+        order="split packed"
+        [ $((round % 2)) = 0 ] && order="packed split"
+        for ring in $order; do
+          iops="$(run_perf "$type" "$rw" "$qd" "$ring")"
+          load1="$(cut -d' ' -f1 /proc/loadavg)"
+          echo "$type,$bdev,$rw,$qd,$round,$ring,$iops,$load1" >> "$OUT"
+          printf '%-4s %-6s %-9s qd=%-4s round %s %-6s: %s IOPS (load %s)\n' \
+            "$type" "$bdev" "$rw" "$qd" "$round" "$ring" "$iops" "$load1"
+        done
+      done
+    done
+    stop_target
+  done
+done
+
+python3 - "$OUT" <<'PY'
+import csv, statistics, sys
+from collections import defaultdict
+rows = list(csv.DictReader(open(sys.argv[1])))
+loads = [float(r["load1"]) for r in rows]
+by = defaultdict(lambda: defaultdict(dict))  # (type, bdev, workload, qd) -> round -> ring -> iops
+for r in rows:
+    by[(r["type"], r["bdev"], r["workload"], r["qd"])][r["round"]][r["ring"]] = float(r["iops"])
+print()
+print(f"load average (1 min) during the run: min {min(loads):.2f}, median {statistics.median(loads):.2f}, max {max(loads):.2f}")
+print()
+print("| device | bdev | workload | QD | median IOPS, split | median IOPS, packed | median per-round ratio packed/split | per-round ratios |")
+print("|---|---|---|---|---|---|---|---|")
+for (t, b, wl, qd), rounds in by.items():
+    full = [r for r in rounds.values() if "split" in r and "packed" in r and r["split"] > 0]
+    ratios = [r["packed"] / r["split"] for r in full]
+    split = statistics.median(r["split"] for r in full)
+    packed = statistics.median(r["packed"] for r in full)
+    print(f"| {t} | {b} | {wl} | {qd} | {split:,.0f} | {packed:,.0f} | {statistics.median(ratios):.3f} | {' '.join(f'{x:.3f}' for x in ratios)} |")
+PY
