@@ -13,12 +13,13 @@ use crate::bdev::Bdev;
 use crate::blk::device::BlkOp;
 use crate::blk::BlkController;
 use crate::ops::{
-    BlkControllerSpec, ControllerInfo, ControllerOps, DrainReport, OpsError, ScsiControllerSpec,
+    BlkControllerSpec, ControllerInfo, ControllerOps, ControllerTransport, DrainReport, OpsError,
+    ScsiControllerSpec,
 };
 use crate::reactor::{self, IdlePolicy, ReactorHandle};
 use crate::scsi::{ScsiController, ScsiError};
 use crate::vhost::device::CoalescingSettings;
-use crate::vhost::{DeviceBackend, DeviceId, DeviceOp, DrainProgress, VhostServer};
+use crate::vhost::{vvu, DeviceBackend, DeviceId, DeviceOp, DrainProgress, VhostServer};
 
 /// Longest Unix socket path (`sun_path` is 108 bytes including the terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -109,6 +110,8 @@ struct Controller {
     cpumask: u64,
     kind: ControllerKind,
     server: VhostServer,
+    /// Where its frontends reach it.
+    transport: ControllerTransport,
     /// Distinguishes controllers in `framework_get_reactors`' thread list.
     id: u64,
 }
@@ -267,12 +270,21 @@ impl Dataplane {
     }
 
     fn info(name: &str, controller: &Controller) -> ControllerInfo {
-        let backend_specific = match &controller.kind {
+        let mut backend_specific = match &controller.kind {
             ControllerKind::Blk(blk) => serde_json::json!({
                 "block": { "readonly": blk.readonly(), "bdev": blk.bdev_name() }
             }),
             ControllerKind::Scsi(scsi) => serde_json::json!({ "scsi": scsi.targets() }),
         };
+        // Only a virtio-vhost-user controller says how it is reached (SPDK's output unchanged).
+        if let (Some(transport), serde_json::Value::Object(map)) =
+            (controller.transport.rpc_name(), &mut backend_specific)
+        {
+            map.insert("transport".into(), transport.into());
+            if let ControllerTransport::Vvu { traddr } = &controller.transport {
+                map.insert("traddr".into(), traddr.as_str().into());
+            }
+        }
         let coalescing = controller.server.coalescing();
         ControllerInfo {
             ctrlr: name.to_string(),
@@ -285,12 +297,14 @@ impl Dataplane {
         }
     }
 
-    /// Starts serving `backend` on a new controller `name` placed in `cpumask`.
+    /// Starts serving `backend` on a new controller `name` placed in `cpumask`, reached over
+    /// `transport`.
     fn create_controller(
         &self,
         name: String,
         cpumask: Option<u64>,
         kind: ControllerKind,
+        transport: ControllerTransport,
     ) -> Result<(), OpsError> {
         let socket = self.socket_path(&name)?;
         let requested = cpumask.unwrap_or(self.cpumask);
@@ -309,14 +323,31 @@ impl Dataplane {
             ControllerKind::Blk(blk) => blk.clone(),
             ControllerKind::Scsi(scsi) => scsi.clone(),
         };
-        let server = VhostServer::start_with_access(
-            &name,
-            &socket,
-            backend,
-            Arc::clone(&reactor),
-            &self.socket_access,
-        )
-        .map_err(|err| OpsError::Internal(err.to_string()))?;
+        let server = match &transport {
+            ControllerTransport::Socket => VhostServer::start_with_access(
+                &name,
+                &socket,
+                backend,
+                Arc::clone(&reactor),
+                &self.socket_access,
+            )
+            .map_err(|err| OpsError::Internal(err.to_string()))?,
+            ControllerTransport::Vvu { traddr } => {
+                if let Some((other, _)) = controllers.iter().find(|(_, c)| c.transport == transport)
+                {
+                    return Err(OpsError::Busy(format!(
+                        "controller {other} is served on the virtio-vhost-user device {traddr}"
+                    )));
+                }
+                let device = vvu::open_pci(traddr).map_err(OpsError::InvalidParams)?;
+                VhostServer::start_vvu(&name, device, backend, Arc::clone(&reactor))
+                    .map_err(|err| OpsError::Internal(err.to_string()))?
+            }
+            ControllerTransport::VvuEmu => {
+                vvu::start_emulated(&name, &socket, backend, Arc::clone(&reactor))
+                    .map_err(OpsError::Internal)?
+            }
+        };
         reactor.adjust_load(true);
         let id = {
             let mut next = lock(&self.next_controller_id);
@@ -330,6 +361,7 @@ impl Dataplane {
                 cpumask: mask,
                 kind,
                 server,
+                transport,
                 id,
             },
         );
@@ -355,13 +387,34 @@ impl Drop for Dataplane {
 
 impl ControllerOps for Dataplane {
     fn create_blk_controller(&self, spec: BlkControllerSpec) -> Result<(), OpsError> {
-        let blk = Arc::new(BlkController::new(&spec.name, spec.bdev, spec.readonly));
-        self.create_controller(spec.name, spec.cpumask, ControllerKind::Blk(blk))
+        self.create_blk_controller_on(spec, ControllerTransport::Socket)
     }
 
     fn create_scsi_controller(&self, spec: ScsiControllerSpec) -> Result<(), OpsError> {
+        self.create_scsi_controller_on(spec, ControllerTransport::Socket)
+    }
+
+    fn create_blk_controller_on(
+        &self,
+        spec: BlkControllerSpec,
+        transport: ControllerTransport,
+    ) -> Result<(), OpsError> {
+        let blk = Arc::new(BlkController::new(&spec.name, spec.bdev, spec.readonly));
+        self.create_controller(spec.name, spec.cpumask, ControllerKind::Blk(blk), transport)
+    }
+
+    fn create_scsi_controller_on(
+        &self,
+        spec: ScsiControllerSpec,
+        transport: ControllerTransport,
+    ) -> Result<(), OpsError> {
         let scsi = Arc::new(ScsiController::new(&spec.name));
-        self.create_controller(spec.name, spec.cpumask, ControllerKind::Scsi(scsi))
+        self.create_controller(
+            spec.name,
+            spec.cpumask,
+            ControllerKind::Scsi(scsi),
+            transport,
+        )
     }
 
     fn scsi_add_target(

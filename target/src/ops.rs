@@ -29,6 +29,40 @@ pub struct ScsiControllerSpec {
     pub cpumask: Option<u64>,
 }
 
+/// Where a controller's frontends reach it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ControllerTransport {
+    /// vhost-user on the Unix socket `<socket dir>/<name>` (SPDK's, and the default).
+    #[default]
+    Socket,
+    /// virtio-vhost-user (`docs/virtio-vhost-user.md`): the vhost-user protocol tunnelled through
+    /// a virtio-vhost-user PCI function of the VM rvhost runs in, bound to `vfio-pci`.
+    Vvu {
+        /// The function's PCI address (`DDDD:BB:DD.F`), SPDK's `traddr`.
+        traddr: String,
+    },
+    /// virtio-vhost-user through rvhost's emulated device (test support, `rvhost-vvu-emu`),
+    /// whose vhost-user socket is `<socket dir>/<name>`: a frontend connects there as it would
+    /// to the backend VM's QEMU.
+    VvuEmu,
+}
+
+impl ControllerTransport {
+    /// The name the RPC methods take (`transport`); `None` for the socket transport.
+    pub fn rpc_name(&self) -> Option<&'static str> {
+        match self {
+            ControllerTransport::Socket => None,
+            ControllerTransport::Vvu { .. } => Some(VVU_TRANSPORT),
+            ControllerTransport::VvuEmu => Some(VVU_EMU_TRANSPORT),
+        }
+    }
+}
+
+/// `transport` of a controller on a virtio-vhost-user PCI function.
+pub const VVU_TRANSPORT: &str = "vvu";
+/// `transport` of a controller on the emulated virtio-vhost-user device.
+pub const VVU_EMU_TRANSPORT: &str = "vvu_emu";
+
 /// Errors the data plane reports to the control plane; the RPC layer maps them to JSON-RPC errors.
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {
@@ -158,6 +192,28 @@ pub struct DrainReport {
 pub trait ControllerOps: Send + Sync {
     /// Creates a vhost-user-blk controller and starts listening on its socket.
     fn create_blk_controller(&self, spec: BlkControllerSpec) -> Result<(), OpsError>;
+    /// Creates a vhost-user-blk controller served over `transport`.
+    fn create_blk_controller_on(
+        &self,
+        spec: BlkControllerSpec,
+        transport: ControllerTransport,
+    ) -> Result<(), OpsError> {
+        match transport {
+            ControllerTransport::Socket => self.create_blk_controller(spec),
+            other => Err(unsupported_transport(&spec.name, &other)),
+        }
+    }
+    /// Creates a vhost-user-scsi controller without targets served over `transport`.
+    fn create_scsi_controller_on(
+        &self,
+        spec: ScsiControllerSpec,
+        transport: ControllerTransport,
+    ) -> Result<(), OpsError> {
+        match transport {
+            ControllerTransport::Socket => self.create_scsi_controller(spec),
+            other => Err(unsupported_transport(&spec.name, &other)),
+        }
+    }
     /// Stops and removes a controller (any type), closing its connection and socket.
     fn delete_controller(&self, name: &str) -> Result<(), OpsError>;
     /// Lists one controller or all.
@@ -232,4 +288,10 @@ pub trait ControllerOps: Send + Sync {
         let _ = target;
         Err(OpsError::NotFound(ctrlr.to_string()))
     }
+}
+
+fn unsupported_transport(name: &str, transport: &ControllerTransport) -> OpsError {
+    OpsError::InvalidParams(format!(
+        "this data plane cannot serve controller {name} over {transport:?}"
+    ))
 }

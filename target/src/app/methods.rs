@@ -25,7 +25,10 @@ use crate::bdev::module::{
 };
 use crate::bdev::registry::{uuid_string, RegistryError};
 use crate::bdev::{Bdev, BdevRegistry, IoKind};
-use crate::ops::{BlkControllerSpec, ControllerOps, OpsError, ScsiControllerSpec};
+use crate::ops::{
+    BlkControllerSpec, ControllerOps, ControllerTransport, OpsError, ScsiControllerSpec,
+    VVU_EMU_TRANSPORT, VVU_TRANSPORT,
+};
 use crate::rpc::errno::{EBUSY, EEXIST, EINVAL, ENODEV, ENOTSUP, EPERM};
 use crate::rpc::jsonrpc::Dispatch;
 use crate::rpc::{RpcError, INTERNAL_ERROR, METHOD_NOT_FOUND};
@@ -301,6 +304,8 @@ struct CreateBlk {
     readonly: Option<bool>,
     packed_ring: Option<bool>,
     transport: Option<String>,
+    /// The virtio-vhost-user PCI function (`transport` "vvu").
+    traddr: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -309,6 +314,49 @@ struct CreateScsi {
     ctrlr: String,
     cpumask: Option<String>,
     delay: Option<bool>,
+    /// rvhost's: "vvu" or "vvu_emu" (SPDK's method has no transport).
+    transport: Option<String>,
+    /// The virtio-vhost-user PCI function (`transport` "vvu").
+    traddr: Option<String>,
+}
+
+/// The transport a `vhost_create_*_controller` call names: `socket_name` (SPDK's, the default)
+/// or absent is the Unix socket; "vvu" needs `traddr`, the PCI address of a virtio-vhost-user
+/// function bound to vfio-pci; "vvu_emu" is the emulated device on the controller's socket path.
+fn controller_transport(
+    transport: Option<&str>,
+    traddr: Option<&str>,
+    socket_name: &str,
+) -> Result<ControllerTransport, RpcError> {
+    let transport = transport.unwrap_or(socket_name);
+    let unexpected_traddr = |t: &str| {
+        RpcError::errno(
+            EINVAL,
+            format!("traddr names a PCI function; transport {t:?} takes none"),
+        )
+    };
+    match (transport, traddr) {
+        (VVU_TRANSPORT, Some(traddr)) => {
+            crate::bdev::nvme::validate_traddr(traddr)
+                .map_err(|e| RpcError::errno(EINVAL, e.to_string()))?;
+            Ok(ControllerTransport::Vvu {
+                traddr: rvhost_vvu::vfio::normalize_bdf(traddr),
+            })
+        }
+        (VVU_TRANSPORT, None) => Err(RpcError::errno(
+            EINVAL,
+            "transport \"vvu\" needs traddr, the PCI address of the virtio-vhost-user device",
+        )),
+        (t, Some(_)) if t == socket_name || t == VVU_EMU_TRANSPORT => Err(unexpected_traddr(t)),
+        (VVU_EMU_TRANSPORT, None) => Ok(ControllerTransport::VvuEmu),
+        (t, None) if t == socket_name => Ok(ControllerTransport::Socket),
+        (other, _) => Err(RpcError::errno(
+            EINVAL,
+            format!(
+                "transport {other:?} is not available; rvhost serves {socket_name:?} (the default), \"{VVU_TRANSPORT}\" and \"{VVU_EMU_TRANSPORT}\""
+            ),
+        )),
+    }
 }
 
 #[derive(Deserialize)]
@@ -574,14 +622,11 @@ impl RpcMethods {
 
     fn vhost_create_blk_controller(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
         let p: CreateBlk = decode(params)?;
-        if let Some(transport) = p.transport.as_deref() {
-            if transport != "vhost_user_blk" {
-                return Err(RpcError::errno(
-                    EINVAL,
-                    format!("transport {transport:?} is not available; rvhost serves \"vhost_user_blk\""),
-                ));
-            }
-        }
+        let transport = controller_transport(
+            p.transport.as_deref(),
+            p.traddr.as_deref(),
+            "vhost_user_blk",
+        )?;
         let cpumask = match p.cpumask.as_deref() {
             None => None,
             Some(text) => Some(self.parse_controller_cpumask(text)?),
@@ -597,13 +642,23 @@ impl RpcMethods {
             cpumask,
             readonly,
         };
-        self.ops.create_blk_controller(spec).map_err(ops_error)?;
+        self.ops
+            .create_blk_controller_on(spec, transport.clone())
+            .map_err(ops_error)?;
         let socket = self.socket_dir.join(&p.ctrlr);
-        tracing::info!(
-            ctrlr = %p.ctrlr, bdev = %bdev.name(), readonly,
-            "vhost-blk controller ready; attach it to QEMU with: {}",
-            qemu_blk_args(&socket, &p.ctrlr)
-        );
+        match &transport {
+            ControllerTransport::Vvu { traddr } => tracing::info!(
+                ctrlr = %p.ctrlr, bdev = %bdev.name(), readonly, traddr = %traddr,
+                "vhost-blk controller ready on the virtio-vhost-user device; attach it to the \
+                 frontend VM with -device vhost-user-blk-pci on the backend VM's \
+                 virtio-vhost-user-pci chardev socket"
+            ),
+            _ => tracing::info!(
+                ctrlr = %p.ctrlr, bdev = %bdev.name(), readonly,
+                "vhost-blk controller ready; attach it to QEMU with: {}",
+                qemu_blk_args(&socket, &p.ctrlr)
+            ),
+        }
         Ok(Value::Bool(true))
     }
 
@@ -633,6 +688,11 @@ impl RpcMethods {
 
     fn vhost_create_scsi_controller(&mut self, params: Option<Value>) -> Result<Value, RpcError> {
         let p: CreateScsi = decode(params)?;
+        let transport = controller_transport(
+            p.transport.as_deref(),
+            p.traddr.as_deref(),
+            "vhost_user_scsi",
+        )?;
         let cpumask = match p.cpumask.as_deref() {
             None => None,
             Some(text) => Some(self.parse_controller_cpumask(text)?),
@@ -643,10 +703,13 @@ impl RpcMethods {
             tracing::info!(ctrlr = %p.ctrlr, "delay requested; the controller listens at once and hot-plugs targets added later");
         }
         self.ops
-            .create_scsi_controller(ScsiControllerSpec {
-                name: p.ctrlr.clone(),
-                cpumask,
-            })
+            .create_scsi_controller_on(
+                ScsiControllerSpec {
+                    name: p.ctrlr.clone(),
+                    cpumask,
+                },
+                transport,
+            )
             .map_err(ops_error)?;
         tracing::info!(ctrlr = %p.ctrlr, socket = %self.socket_dir.join(&p.ctrlr).display(), "vhost-scsi controller ready; attach it to QEMU with -device vhost-user-scsi-pci");
         Ok(Value::Bool(true))
@@ -810,10 +873,11 @@ impl RpcMethods {
                         // A controller whose bdev was hot-removed cannot be recreated as it is.
                         let bdev = block.get("bdev")?.as_str()?;
                         let readonly = block.get("readonly").and_then(Value::as_bool).unwrap_or(false);
-                        let create = json!({
+                        let mut create = json!({
                             "method": "vhost_create_blk_controller",
                             "params": {"ctrlr": c.ctrlr, "dev_name": bdev, "cpumask": c.cpumask, "readonly": readonly}
                         });
+                        transport_params(c, &mut create["params"]);
                         Some(std::iter::once(create).chain(coalescing_call(c)))
                     })
                     .flatten()
@@ -828,10 +892,12 @@ impl RpcMethods {
                     else {
                         continue;
                     };
-                    calls.push(json!({
+                    let mut create = json!({
                         "method": "vhost_create_scsi_controller",
                         "params": {"ctrlr": c.ctrlr, "cpumask": c.cpumask}
-                    }));
+                    });
+                    transport_params(c, &mut create["params"]);
+                    calls.push(create);
                     for target in targets {
                         let num = target.get("scsi_dev_num").and_then(Value::as_u64);
                         let bdev = target
@@ -981,6 +1047,16 @@ impl BdevUsers for OpsUsers<'_> {
 /// bound to the guest's NUMA node. Upstream QEMU's `vhost-user-blk-pci` takes the block size and
 /// capacity from the target (GET_CONFIG), so unlike SPDK's old QEMU fork it needs no
 /// `logical_block_size`/`size`; its queue count defaults to one per vCPU.
+/// Adds a virtio-vhost-user controller's `transport` and `traddr` (as `vhost_get_controllers`
+/// lists them) to the parameters that recreate it.
+fn transport_params(c: &crate::ops::ControllerInfo, params: &mut Value) {
+    for key in ["transport", "traddr"] {
+        if let (Some(value), Value::Object(map)) = (c.backend_specific.get(key), &mut *params) {
+            map.insert(key.into(), value.clone());
+        }
+    }
+}
+
 pub fn qemu_blk_args(socket: &std::path::Path, name: &str) -> String {
     let id: String = name
         .chars()

@@ -295,8 +295,9 @@ pub const MAX_SESSIONS: usize = 32;
 #[derive(Debug)]
 struct SessionEntry {
     device: DeviceId,
-    /// A clone of the connection, so `stop` can unblock the session's thread.
-    connection: UnixStream,
+    /// A clone of the connection, so `stop` can unblock the session's thread (`None` on the
+    /// virtio-vhost-user transport, whose control thread checks the stop flag itself).
+    connection: Option<UnixStream>,
     /// Where config changes are announced to the frontend.
     backend_channel: Arc<BackendChannel>,
     /// The counters of its device's polls (`None` if the reactor did not list it).
@@ -332,6 +333,73 @@ struct ServerShared {
     coalescing: Mutex<device::CoalescingSettings>,
 }
 
+impl ServerShared {
+    /// Registers a new session's device on the reactor (with the controller's coalescing) and
+    /// lists it; `None` if the server is stopping, refuses sessions, or the device cannot be
+    /// created. Every transport opens its sessions here.
+    fn open_session(
+        &self,
+        name: &str,
+        backend: &Arc<dyn DeviceBackend>,
+        reactor: &Arc<ReactorHandle>,
+        id: DeviceId,
+        connection: Option<UnixStream>,
+        backend_channel: &Arc<BackendChannel>,
+    ) -> Option<Session> {
+        let mut sessions = lock(&self.sessions);
+        // Checked under the lock `stop` takes after setting the flag: either `stop` sees this
+        // session and shuts its socket down, or this sees the flag.
+        if self.stop.load(Ordering::SeqCst) || self.refuse_sessions.load(Ordering::SeqCst) {
+            return None;
+        }
+        let device = match backend.new_device(id, reactor) {
+            Ok(device) => device,
+            Err(why) => {
+                tracing::error!(controller = %name, "cannot create device: {why}");
+                return None;
+            }
+        };
+        if let Err(err) = reactor.call(|reply| Command::AddTask {
+            task: device,
+            reply,
+        }) {
+            tracing::error!(controller = %name, %err, "cannot place device on reactor");
+            return None;
+        }
+        let coalescing = *lock(&self.coalescing);
+        if let Some(ticks) = coalescing.in_ticks(rvhost_platform_linux::tsc::ticks_per_second()) {
+            let sent = reactor.task_call(id, |reply| DeviceOp::SetCoalescing {
+                coalescing: Some(ticks),
+                reply,
+            });
+            if let Err(err) = sent {
+                tracing::warn!(controller = %name, device = id.0, %err, "coalescing not applied to a new session");
+            }
+        }
+        sessions.push(SessionEntry {
+            device: id,
+            connection,
+            backend_channel: Arc::clone(backend_channel),
+            polls: reactor.stats().task(id),
+        });
+        Some(Session::new(Arc::clone(backend), Arc::clone(reactor), id))
+    }
+
+    /// Ends session `id`: `close` drains and removes its device while no session can start or
+    /// end, then the session leaves the list and its polls' cost is kept.
+    fn end_session(&self, id: DeviceId, close: impl FnOnce()) {
+        let mut sessions = lock(&self.sessions);
+        close();
+        let ended = sessions
+            .iter()
+            .position(|s| s.device == id)
+            .map(|i| sessions.swap_remove(i));
+        if let Some(polls) = ended.and_then(|s| s.polls) {
+            lock(&self.ended).pending.push(polls);
+        }
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks cannot leave the data inconsistent (they hold plain
     // values), so a poisoned lock is used as is.
@@ -340,15 +408,31 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// One controller's vhost-user socket: a listener thread, and one control thread per connected
-/// frontend (SPDK, too, lets several frontends share a controller).
+/// What stopping a server also ends (the emulated virtio-vhost-user device of a `vvu_emu`
+/// controller).
+pub(crate) struct StopHook(Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for StopHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StopHook")
+    }
+}
+
+/// One controller's vhost-user endpoint and its sessions. On the socket transport: a listener
+/// thread, and one control thread per connected frontend (SPDK, too, lets several frontends
+/// share a controller). On the virtio-vhost-user transport ([`vvu`]): one control thread that
+/// serves the device's frontend.
 #[derive(Debug)]
 pub struct VhostServer {
+    /// The socket frontends connect to (empty for a virtio-vhost-user PCI function).
     socket: PathBuf,
-    listener: ListenerHandle,
+    /// The socket transport's listener.
+    listener: Option<ListenerHandle>,
     shared: Arc<ServerShared>,
     reactor: Arc<ReactorHandle>,
     thread: Option<JoinHandle<()>>,
+    /// Run once the threads have ended.
+    on_stop: Option<StopHook>,
 }
 
 impl VhostServer {
@@ -399,14 +483,15 @@ impl VhostServer {
         tracing::info!(controller = name, socket = %socket.display(), core = reactor.core(), "vhost-user controller listening");
         Ok(VhostServer {
             socket: socket.to_path_buf(),
-            listener: handle,
+            listener: Some(handle),
             shared,
             reactor,
             thread: Some(thread),
+            on_stop: None,
         })
     }
 
-    /// The socket path.
+    /// The socket path (empty for a virtio-vhost-user PCI function).
     pub fn socket(&self) -> &Path {
         &self.socket
     }
@@ -519,16 +604,25 @@ impl VhostServer {
         self.shared.stop.store(true, Ordering::SeqCst);
         for session in lock(&self.shared.sessions).iter() {
             // Unblocks the session thread's read; it then tears the session down itself.
-            let _ = session.connection.shutdown(std::net::Shutdown::Both);
+            if let Some(connection) = &session.connection {
+                let _ = connection.shutdown(std::net::Shutdown::Both);
+            }
         }
         // Wakes the listener's accept; it joins its sessions and exits.
-        self.listener.stop();
+        if let Some(listener) = &self.listener {
+            listener.stop();
+        }
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
                 tracing::error!(socket = %self.socket.display(), "vhost listener thread panicked");
             }
         }
-        self.listener.remove_socket();
+        if let Some(listener) = &self.listener {
+            listener.remove_socket();
+        }
+        if let Some(StopHook(hook)) = self.on_stop.take() {
+            hook();
+        }
     }
 }
 
@@ -625,14 +719,6 @@ impl SessionThread {
         id: DeviceId,
         backend_channel: &Arc<BackendChannel>,
     ) -> Option<Arc<Mutex<Session>>> {
-        let mut sessions = lock(&self.shared.sessions);
-        // Checked under the lock `stop` takes after setting the flag: either `stop` sees this
-        // session and shuts its socket down, or this sees the flag.
-        if self.shared.stop.load(Ordering::SeqCst)
-            || self.shared.refuse_sessions.load(Ordering::SeqCst)
-        {
-            return None;
-        }
         let connection = match stream.try_clone() {
             Ok(clone) => clone,
             Err(err) => {
@@ -640,41 +726,15 @@ impl SessionThread {
                 return None;
             }
         };
-        let device = match self.backend.new_device(id, &self.reactor) {
-            Ok(device) => device,
-            Err(why) => {
-                tracing::error!(controller = %self.name, "cannot create device: {why}");
-                return None;
-            }
-        };
-        if let Err(err) = self.reactor.call(|reply| Command::AddTask {
-            task: device,
-            reply,
-        }) {
-            tracing::error!(controller = %self.name, %err, "cannot place device on reactor");
-            return None;
-        }
-        let coalescing = *lock(&self.shared.coalescing);
-        if let Some(ticks) = coalescing.in_ticks(rvhost_platform_linux::tsc::ticks_per_second()) {
-            let sent = self.reactor.task_call(id, |reply| DeviceOp::SetCoalescing {
-                coalescing: Some(ticks),
-                reply,
-            });
-            if let Err(err) = sent {
-                tracing::warn!(controller = %self.name, device = id.0, %err, "coalescing not applied to a new session");
-            }
-        }
-        sessions.push(SessionEntry {
-            device: id,
-            connection,
-            backend_channel: Arc::clone(backend_channel),
-            polls: self.reactor.stats().task(id),
-        });
-        Some(Arc::new(Mutex::new(Session::new(
-            Arc::clone(&self.backend),
-            Arc::clone(&self.reactor),
+        let session = self.shared.open_session(
+            &self.name,
+            &self.backend,
+            &self.reactor,
             id,
-        ))))
+            Some(connection),
+            backend_channel,
+        )?;
+        Some(Arc::new(Mutex::new(session)))
     }
 
     /// Serves one frontend until it disconnects or breaks the protocol.
@@ -720,15 +780,6 @@ impl SessionThread {
             break;
         }
         drop(handler);
-
-        let mut sessions = lock(&self.shared.sessions);
-        lock(&session).close();
-        let ended = sessions
-            .iter()
-            .position(|s| s.device == id)
-            .map(|i| sessions.swap_remove(i));
-        if let Some(polls) = ended.and_then(|s| s.polls) {
-            lock(&self.shared.ended).pending.push(polls);
-        }
+        self.shared.end_session(id, || lock(&session).close());
     }
 }

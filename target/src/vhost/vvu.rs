@@ -21,21 +21,27 @@
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rvhost_platform_linux::{EventFd, RegionSpec};
+use rvhost_vvu::vfio::{VfioDeviceBackend, VfioTransport};
 use rvhost_vvu::{Doorbells, VirtioPciTransport, VvuDevice};
+use rvhost_vvu_emu::{EmuConfig, EmuDevice};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserVringAddrFlags,
 };
 use vhost::vhost_user::{Result as VuResult, VhostUserBackendReqHandlerMut};
 
+use super::backend_channel::BackendChannel;
 use super::session::Session;
-use super::{DeviceBackend, DeviceId, NEXT_DEVICE_ID};
-use crate::reactor::{Command, ReactorHandle};
+use super::{DeviceBackend, DeviceId, ServerShared, StopHook, VhostServer, NEXT_DEVICE_ID};
+use crate::reactor::ReactorHandle;
 
 const HEADER_LEN: usize = 12;
 const VERSION_1: u32 = 0x1;
@@ -182,6 +188,7 @@ impl Drop for CallForwarder {
 /// One frontend connection on the device: the session and its call forwarders.
 struct VvuSession<T: VirtioPciTransport + 'static> {
     session: Session,
+    id: DeviceId,
     calls: Vec<Option<CallForwarder>>,
     doorbells: Doorbells<T>,
     reply_ack: bool,
@@ -325,7 +332,11 @@ impl<T: VirtioPciTransport + 'static> VvuSession<T> {
                 }
                 none(result)
             }
-            req::GET_QUEUE_NUM => u64_reply(s.get_queue_num()),
+            // No more vrings than the device has notification vectors for.
+            req::GET_QUEUE_NUM => {
+                let vrings = device.interrupts().vrings.len() as u64;
+                u64_reply(s.get_queue_num().map(|n| n.min(vrings)))
+            }
             req::SET_VRING_ENABLE => none(s.set_vring_enable(msg.u32_at(0)?, msg.u32_at(4)? != 0)),
             req::GET_CONFIG => {
                 let (offset, size) = (msg.u32_at(0)?, msg.u32_at(4)?);
@@ -352,37 +363,24 @@ impl<T: VirtioPciTransport + 'static> VvuSession<T> {
     }
 }
 
-#[derive(Debug, Default)]
-struct Shared {
-    stop: AtomicBool,
-    sessions: AtomicU32,
-    messages: AtomicU64,
-}
-
-/// A controller served through a virtio-vhost-user device: one control thread that waits for
-/// the frontend, runs a session per connection and answers its messages.
-#[derive(Debug)]
-pub struct VvuServer {
-    name: String,
-    shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl VvuServer {
-    /// Starts serving `backend` through `device` (already initialized, `BACKEND_UP` set).
-    pub fn start<T: VirtioPciTransport + 'static>(
+impl VhostServer {
+    /// Starts serving `backend` through `device` (already initialized, `BACKEND_UP` set): one
+    /// control thread that waits for the frontend, runs a session per connection and answers
+    /// its messages. Sessions are listed, coalesced, drained and hot-detached as on the socket
+    /// transport.
+    pub fn start_vvu<T: VirtioPciTransport + 'static>(
         name: &str,
         device: VvuDevice<T>,
         backend: Arc<dyn DeviceBackend>,
         reactor: Arc<ReactorHandle>,
     ) -> std::io::Result<Self> {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(ServerShared::default());
         let control = Control {
             device,
             ctx: Ctx {
                 name: name.to_string(),
                 backend,
-                reactor,
+                reactor: Arc::clone(&reactor),
                 shared: Arc::clone(&shared),
             },
         };
@@ -391,40 +389,77 @@ impl VvuServer {
             .spawn(move || control.run())?;
         tracing::info!(
             controller = name,
+            core = reactor.core(),
             "vhost-user controller on a virtio-vhost-user device"
         );
-        Ok(VvuServer {
-            name: name.to_string(),
+        Ok(VhostServer {
+            socket: PathBuf::new(),
+            listener: None,
             shared,
+            reactor,
             thread: Some(thread),
+            on_stop: None,
         })
-    }
-
-    /// Frontend sessions served so far (including the current one).
-    pub fn sessions(&self) -> u32 {
-        self.shared.sessions.load(Ordering::Relaxed)
-    }
-
-    /// Messages answered so far.
-    pub fn messages(&self) -> u64 {
-        self.shared.messages.load(Ordering::Relaxed)
-    }
-
-    /// Ends the current session (its device drained and removed) and the control thread.
-    pub fn stop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!(controller = %self.name, "vvu control thread panicked");
-            }
-        }
     }
 }
 
-impl Drop for VvuServer {
-    fn drop(&mut self) {
-        self.stop();
+/// Opens the virtio-vhost-user PCI function at `traddr` (bound to `vfio-pci`) and initializes
+/// it.
+pub fn open_pci(traddr: &str) -> Result<VvuDevice<VfioTransport<VfioDeviceBackend>>, String> {
+    let backend = VfioDeviceBackend::open(traddr).map_err(|e| e.to_string())?;
+    VvuDevice::open(VfioTransport::new(backend))
+        .map_err(|e| format!("virtio-vhost-user device {traddr}: {e}"))
+}
+
+/// Serves `backend` through an emulated virtio-vhost-user device (`rvhost-vvu-emu`) whose
+/// vhost-user socket is `socket`: a frontend connects there as to the backend VM's QEMU, and
+/// every message, memory region and notification reaches rvhost through the device model, as
+/// it would inside a backend VM. Stopping the server stops the device and removes the socket.
+pub fn start_emulated(
+    name: &str,
+    socket: &Path,
+    backend: Arc<dyn DeviceBackend>,
+    reactor: Arc<ReactorHandle>,
+) -> Result<VhostServer, String> {
+    // The device replaces whatever is at the path: refuse a live socket or another file.
+    match std::fs::symlink_metadata(socket) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(format!("{} exists and is not a socket", socket.display()))
+        }
+        Ok(_) if UnixStream::connect(socket).is_ok() => {
+            return Err(format!(
+                "{} is in use: another process serves a controller on it",
+                socket.display()
+            ))
+        }
+        _ => {}
     }
+    let emu = EmuDevice::new(EmuConfig::default());
+    emu.listen(socket)
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    let stop_emu = {
+        let emu = Arc::clone(&emu);
+        let socket = socket.to_path_buf();
+        move || emu.stop(&socket)
+    };
+    let device = match VvuDevice::open(emu.transport()) {
+        Ok(device) => device,
+        Err(err) => {
+            stop_emu();
+            return Err(format!("emulated virtio-vhost-user device: {err}"));
+        }
+    };
+    let mut server = match VhostServer::start_vvu(name, device, backend, reactor) {
+        Ok(server) => server,
+        Err(err) => {
+            stop_emu();
+            return Err(err.to_string());
+        }
+    };
+    server.socket = socket.to_path_buf();
+    server.on_stop = Some(StopHook(Box::new(stop_emu)));
+    tracing::info!(controller = name, socket = %socket.display(), "emulated virtio-vhost-user device listening");
+    Ok(server)
 }
 
 struct Control<T: VirtioPciTransport + 'static> {
@@ -436,7 +471,7 @@ struct Ctx {
     name: String,
     backend: Arc<dyn DeviceBackend>,
     reactor: Arc<ReactorHandle>,
-    shared: Arc<Shared>,
+    shared: Arc<ServerShared>,
 }
 
 impl<T: VirtioPciTransport + 'static> Control<T> {
@@ -471,20 +506,19 @@ impl Ctx {
         device: &VvuDevice<T>,
     ) -> Option<VvuSession<T>> {
         let id = DeviceId(NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed));
-        let task = match self.backend.new_device(id, &self.reactor) {
-            Ok(task) => task,
-            Err(why) => {
-                tracing::error!(controller = %self.name, "cannot create device: {why}");
-                return None;
-            }
-        };
-        if let Err(err) = self.reactor.call(|reply| Command::AddTask { task, reply }) {
-            tracing::error!(controller = %self.name, %err, "cannot place device on reactor");
-            return None;
-        }
-        self.shared.sessions.fetch_add(1, Ordering::Relaxed);
+        // No backend channel on this transport (the device does not forward BACKEND_REQ).
+        let channel = Arc::new(BackendChannel::default());
+        let session = self.shared.open_session(
+            &self.name,
+            &self.backend,
+            &self.reactor,
+            id,
+            None,
+            &channel,
+        )?;
         Some(VvuSession {
-            session: Session::new(Arc::clone(&self.backend), Arc::clone(&self.reactor), id),
+            session,
+            id,
             calls: Vec::new(),
             doorbells: device.doorbells(),
             reply_ack: false,
@@ -499,7 +533,7 @@ impl Ctx {
             let _ = device.set_backend_up(true);
             return;
         };
-        tracing::info!(controller = %self.name, device = session.session.device_id().0, "frontend connected (virtio-vhost-user)");
+        tracing::info!(controller = %self.name, device = session.id.0, "frontend connected (virtio-vhost-user)");
         let mut fatal = false;
         while !self.stopping() {
             let message = match device.wait_message(POLL) {
@@ -531,10 +565,11 @@ impl Ctx {
                     break;
                 }
             }
-            self.shared.messages.fetch_add(1, Ordering::Relaxed);
         }
-        session.calls.clear();
-        session.session.close();
+        self.shared.end_session(session.id, || {
+            session.calls.clear();
+            session.session.close();
+        });
         if fatal || self.stopping() {
             // Clearing BACKEND_UP makes the device drop the frontend.
             let _ = device.set_backend_up(false);

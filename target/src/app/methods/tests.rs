@@ -693,3 +693,60 @@ fn a_bdev_claimed_by_a_stacked_bdev_cannot_be_exported() {
         Ok(json!(true))
     );
 }
+
+#[test]
+fn controller_transports() {
+    let vvu = |traddr: &str| ControllerTransport::Vvu {
+        traddr: traddr.into(),
+    };
+    let blk = |t: Option<&str>, a: Option<&str>| controller_transport(t, a, "vhost_user_blk");
+    assert_eq!(blk(None, None), Ok(ControllerTransport::Socket));
+    assert_eq!(
+        blk(Some("vhost_user_blk"), None),
+        Ok(ControllerTransport::Socket)
+    );
+    assert_eq!(blk(Some("vvu_emu"), None), Ok(ControllerTransport::VvuEmu));
+    // SPDK's short form of a PCI address is completed, so one function has one name.
+    assert_eq!(blk(Some("vvu"), Some("00:04.0")), Ok(vvu("0000:00:04.0")));
+    assert_eq!(
+        blk(Some("vvu"), Some("0000:00:04.0")),
+        Ok(vvu("0000:00:04.0"))
+    );
+    for (t, a) in [
+        (Some("vvu"), None),
+        (Some("vvu"), Some("00:04")),
+        (Some("vvu"), Some("0000:00:20.0")),
+        (Some("vvu_emu"), Some("0000:00:04.0")),
+        (None, Some("0000:00:04.0")),
+        (Some("vhost_user_scsi"), None),
+        (Some("vfio_user"), None),
+    ] {
+        assert_eq!(blk(t, a).map_err(|e| e.code), Err(-22), "{t:?} {a:?}");
+    }
+    assert_eq!(
+        controller_transport(Some("vhost_user_scsi"), None, "vhost_user_scsi"),
+        Ok(ControllerTransport::Socket)
+    );
+
+    // A data plane without the transport refuses it; the socket transport goes through.
+    let (mut m, ops) = methods();
+    call(
+        &mut m,
+        "bdev_malloc_create",
+        json!({"num_blocks": 8, "block_size": 512, "name": "M"}),
+    )
+    .unwrap();
+    let r = call(
+        &mut m,
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "v", "dev_name": "M", "transport": "vvu_emu"}),
+    );
+    assert_eq!(r.map_err(|e| e.code), Err(-22));
+    assert!(ops.controllers.lock().unwrap().is_empty());
+    let r = call(
+        &mut m,
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "v", "dev_name": "M", "transport": "vhost_user_blk"}),
+    );
+    assert_eq!(r, Ok(json!(true)));
+}
