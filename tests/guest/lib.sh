@@ -91,3 +91,14 @@ irq_counts() {
             print substr($NF, length(dev) + 1), fired
         }' /proc/interrupts
 }
+
+# scsi_disk: the sdX of SCSI target 0's LUN 0 (any host, channel 0); fails if there is none.
+scsi_disk() {
+    for d in /sys/class/scsi_device/*:0:0:0; do
+        if [ -d "$d/device/block" ]; then
+            ls "$d/device/block" | head -n 1
+            return 0
+        fi
+    done
+    return 1
+}
