@@ -3,6 +3,8 @@
 # the test: integrity, multiqueue, flush, discard, write-zeroes, reset by unbind/rebind) and the
 # same kinds of checks on the SCSI disk; boot 2 (after `reboot -f` resets both devices) reads back
 # what boot 1 wrote. Which boot this is is kept on vda itself, at 40 MiB. Run with boots(2).
+# With COALESCE_PHASES set, boot 1 also measures a third disk's interrupts (vdb, serial
+# COALESCE_SERIAL) with interrupt coalescing off and on (coalesce.sh).
 . /lib/guest.sh
 MIB=1048576
 KIB=1024
@@ -53,6 +55,11 @@ if [ "$mark" != REBOOTED ]; then
 
     # The reset in the blk checks rebinds the disk: find its name again.
     VDA=/dev/$(virtio_disk 0)
+
+    # Interrupt coalescing phases on a third disk (coalesce.sh, spliced in below by the test).
+    if [ -n "$COALESCE_PHASES" ]; then
+@COALESCE@
+    fi
 
     if wait_for /sys/bus/virtio/drivers/virtio_scsi 60 && wait_scsi 120; then
         result scsi_present yes

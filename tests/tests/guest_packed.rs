@@ -4,15 +4,41 @@
 //! 2-queue vhost-user-scsi LUN through the same kinds of checks, then a reboot that resets both
 //! devices and reads back what the first boot wrote. SeaBIOS drives the blk disk with split rings
 //! before Linux resets it and negotiates packed ones, so the device changes layout on the way.
+//!
+//! The same boot measures interrupt coalescing (`vhost_controller_set_coalescing`) on a third,
+//! 2-queue packed blk disk (`coalesce.sh`, see [`assert_coalescing`]).
 
 use std::path::PathBuf;
 
 use serde_json::json;
 
-use rvhost_tests::{init_test_logging, GuestConfig, Rvhost, VhostUserDevice};
+use rvhost_tests::{
+    init_test_logging, run_guest_with, GuestConfig, GuestOutput, Rvhost, VhostUserDevice,
+};
 
 const BLK_CHECKS: &str = include_str!("../guest/blk_checks.sh");
 const PACKED: &str = include_str!("../guest/packed.sh");
+const COALESCE: &str = include_str!("../guest/coalesce.sh");
+
+/// The coalescing phases, in the order the guest runs them, with the `delay_base_us` the host
+/// sets before each (0: off). `control` is the negative control: the RPC is made, coalescing stays
+/// off, and the interrupts must not drop.
+const COALESCE_PHASES: [(&str, u32); 3] = [("off", 0), ("control", 0), ("on", COALESCE_DELAY_US)];
+/// `delay_base_us` and `iops_threshold` of the `on` phase. The threshold is the lowest allowed
+/// (100 IOPS), so a queue at rate R waits `1 ms × (R − 100) / 100` after each interrupt: from
+/// about 1100 reads per second per queue on, that is over the 10 ms stats interval, and the queue
+/// is signalled about once per interval (SPDK's rule: each measurement lets a held call go), about
+/// 100 interrupts per second; a slower queue waits less but completes fewer reads per second, and
+/// the guest (measured: 7-13 completions per interrupt) takes fewer interrupts than that.
+const COALESCE_DELAY_US: u32 = 1000;
+const COALESCE_THRESHOLD: u32 = 100;
+/// Request queues of the coalescing disk (a 16 MiB malloc bdev), and the interrupts per second
+/// coalescing allows it: [`COALESCE_QUEUES`] × 100, with half again for the calls that end a burst.
+const COALESCE_QUEUES: u16 = 2;
+const COALESCE_MAX_IRQS_PER_SEC: f64 = 150.0 * COALESCE_QUEUES as f64;
+/// Reads in flight, and each phase's length.
+const COALESCE_THREADS: u32 = 32;
+const COALESCE_SECONDS: u32 = 4;
 
 /// virtio-blk and virtio-scsi in one guest.
 const MODULES: &[&str] = &[
@@ -53,8 +79,20 @@ fn rvhost_packed_blk_and_scsi() {
         json!({"ctrlr": "scsi.packed", "scsi_target_num": 0, "bdev_name": "PS0"}),
     );
     let scsi_socket = target.wait_controller_socket("scsi.packed");
+    target.rpc_ok(
+        "bdev_malloc_create",
+        json!({"name": "C0", "num_blocks": 4096, "block_size": 4096}),
+    );
+    target.rpc_ok(
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "vhost.coal", "dev_name": "C0", "cpumask": "0x1"}),
+    );
+    let coal_socket = target.wait_controller_socket("vhost.coal");
 
-    let script = PACKED.replace("@BLK_CHECKS@", BLK_CHECKS);
+    let script = PACKED
+        .replace("@BLK_CHECKS@", BLK_CHECKS)
+        .replace("@COALESCE@", COALESCE);
+    let phases: Vec<&str> = COALESCE_PHASES.iter().map(|p| p.0).collect();
     let config = GuestConfig::new("rvhost-packed", &script)
         .modules(MODULES)
         .cpus(2)
@@ -67,11 +105,48 @@ fn rvhost_packed_blk_and_scsi() {
             socket: scsi_socket,
             num_queues: 2,
         })))
+        .device(VhostUserDevice::Packed(Box::new(VhostUserDevice::Blk {
+            socket: coal_socket,
+            num_queues: COALESCE_QUEUES,
+        })))
         .env("DISCARD", 1)
         .env("ZEROES", 1)
         .env("RESET", 1)
+        .env("COALESCE_SERIAL", "C0")
+        .env("COALESCE_PHASES", phases.join(" "))
+        .env("COALESCE_THREADS", COALESCE_THREADS)
+        .env("COALESCE_SECONDS", COALESCE_SECONDS)
         .binary(blkcheck());
-    let out = target.run_guest(&config);
+    let mut rpc_errors = Vec::new();
+    let run = run_guest_with(&config, |key, value| {
+        if key != "coalesce_phase" {
+            return;
+        }
+        let Some((_, delay)) = COALESCE_PHASES.iter().find(|p| p.0 == value) else {
+            return rpc_errors.push(format!("unknown phase {value}"));
+        };
+        let params = json!({
+            "ctrlr": "vhost.coal",
+            "delay_base_us": delay,
+            "iops_threshold": COALESCE_THRESHOLD,
+        });
+        if let Err(err) = target.rpc("vhost_controller_set_coalescing", params) {
+            rpc_errors.push(format!("{value}: {err}"));
+        }
+    });
+    let out = match run {
+        Ok(out) => out,
+        Err(err) => panic!("{err}\n---- rvhost log ----\n{}", target.log()),
+    };
+    assert!(
+        target.is_running(),
+        "rvhost exited\n---- rvhost log ----\n{}",
+        target.log()
+    );
+    assert!(
+        rpc_errors.is_empty(),
+        "vhost_controller_set_coalescing: {rpc_errors:?}"
+    );
 
     // Packed rings were negotiated, before and after the reboot.
     for key in [
@@ -98,6 +173,7 @@ fn rvhost_packed_blk_and_scsi() {
     out.assert_all_ok("reset_verify_");
     out.assert_eq("reset_write_new", "ok");
     out.assert_eq("reset_flush", "ok");
+    assert_coalescing(&out);
     // scsi.
     out.assert_eq("scsi_present", "yes");
     out.assert_all_ok("scsi_io_");
@@ -116,4 +192,88 @@ fn rvhost_packed_blk_and_scsi() {
     out.assert_eq("reboot_blk_verify", "ok");
     out.assert_eq("reboot_scsi_verify", "ok");
     out.assert_eq("script_exit", "0");
+}
+
+/// One coalescing phase: reads done, their rate, and the interrupts of the disk's request queues.
+#[derive(Debug, Clone, Copy)]
+struct Phase {
+    ios: u64,
+    iops: u64,
+    irqs: u64,
+}
+
+impl Phase {
+    fn parse(out: &GuestOutput, name: &str) -> Phase {
+        let key = format!("coalesce_{name}");
+        let text = out.get(&key).unwrap_or_default();
+        let field = |f: &str| {
+            text.split(':')
+                .find_map(|kv| kv.strip_prefix(f)?.strip_prefix('='))?
+                .parse()
+                .ok()
+        };
+        match (field("ios"), field("iops"), field("irqs")) {
+            (Some(ios), Some(iops), Some(irqs)) if ios > 0 => Phase { ios, iops, irqs },
+            _ => panic!("{key}={text:?}\n{}", out.diagnostics()),
+        }
+    }
+
+    /// Interrupts per request.
+    fn per_request(&self) -> f64 {
+        self.irqs as f64 / self.ios as f64
+    }
+
+    /// Interrupts per second (the phase's length from its reads and their rate).
+    fn per_second(&self) -> f64 {
+        self.irqs as f64 * self.iops.max(1) as f64 / self.ios as f64
+    }
+}
+
+/// Interrupt coalescing seen from the guest, QD 32 random reads from 32 threads on two vCPUs
+/// (both queues used). A TCG guest cannot keep up with a malloc disk: with coalescing off it
+/// already reaps 7-13 completions per interrupt (0.08-0.14 interrupts per read, 400-500 a
+/// second), close to the 16 reads each queue has in flight, so interrupts per *read* cannot drop
+/// much; coalescing caps interrupts per *second* instead, and the guest, idle while its
+/// completions wait, reads slower (measured: bench/README.md, "Interrupt coalescing in a guest").
+/// Checked:
+/// - `on` takes at most [`COALESCE_MAX_IRQS_PER_SEC`] interrupts a second, and at most half of
+///   what `off` took a second;
+/// - `control` (coalescing set off again over RPC) takes at least half of what `off` took a
+///   second: without coalescing there is no drop, so the drop is coalescing's, not the phase's;
+/// - `on` still reads (every read completes: no held interrupt is lost) at no less than an
+///   eighth of `off`'s rate: a sanity bound, not a timing check.
+fn assert_coalescing(out: &GuestOutput) {
+    out.assert_eq("coalesce_disk", "vdb");
+    let [off, control, on] = COALESCE_PHASES.map(|(name, _)| Phase::parse(out, name));
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let summary = format!(
+        "off {off:?} ({:.3}/read, {:.0}/s), control {control:?} ({:.3}/read, {:.0}/s), \
+         on {on:?} ({:.3}/read, {:.0}/s); host load average {}",
+        off.per_request(),
+        off.per_second(),
+        control.per_request(),
+        control.per_second(),
+        on.per_request(),
+        on.per_second(),
+        load.trim()
+    );
+    eprintln!(
+        "guest coalescing phases (QD {COALESCE_THREADS}, {COALESCE_SECONDS} s each): {summary}"
+    );
+    assert!(
+        on.per_second() <= COALESCE_MAX_IRQS_PER_SEC,
+        "coalescing on: over {COALESCE_MAX_IRQS_PER_SEC} interrupts a second: {summary}"
+    );
+    assert!(
+        on.per_second() * 2.0 <= off.per_second(),
+        "coalescing on did not halve the interrupts a second: {summary}"
+    );
+    assert!(
+        control.per_second() * 2.0 >= off.per_second(),
+        "interrupts dropped with coalescing left off (negative control): {summary}"
+    );
+    assert!(
+        on.iops * 8 >= off.iops,
+        "coalescing on cut the guest's reads below an eighth: {summary}"
+    );
 }
