@@ -58,9 +58,11 @@ const CONTROL_RING_SLOTS: usize = 64;
 /// Empty poll rounds after which an adaptive reactor starts yielding its core.
 pub const SPIN_ROUNDS: u32 = 4096;
 /// Empty poll rounds after which an adaptive reactor that waits for completions from other
-/// threads blocks on its waker: they take hundreds of microseconds (a network round trip), and
-/// spinning meanwhile only keeps the threads that complete them off the core.
-pub const WAKER_SPIN_ROUNDS: u32 = 256;
+/// threads announces a sleep on its waker (it blocks after one more empty round): they take
+/// hundreds of microseconds (a network round trip), and spinning meanwhile only keeps the
+/// threads that complete them off the core. Measured against 256 (bench/README.md, "Ceph RBD"):
+/// the reactor's CPU per I/O fell at every point and IOPS did not fall beyond the noise.
+pub const WAKER_SPIN_ROUNDS: u32 = 0;
 /// The longest an adaptive reactor blocks on its waker while it awaits completions from other
 /// threads before polling its devices again. Each completion ends the wait at once, so this only
 /// bounds how late a request that arrives on a device meanwhile (a driver that submits without
