@@ -32,8 +32,8 @@ fi
 
 # With QOS set, a third disk whose rate limits the host changes while the guest runs: before each
 # phase the script names it (RESULT qos_phase=NAME), the host sets that phase's limit, and after a
-# pause for the change to arrive, QOS_THREADS readers (that many 4 KiB O_DIRECT reads in flight)
-# run for QOS_SECONDS; the host checks each phase's rate.
+# pause for the change to arrive, one reader keeps QOS_DEPTH random 4 KiB O_DIRECT reads in flight
+# through io_uring for QOS_SECONDS (blkcheck qdread); the host checks each phase's rate.
 if [ -n "$QOS" ]; then
     if ! wait_for /sys/block/vdc 120 || ! wait_for /dev/vdc 30; then
         result qos_disk missing
@@ -41,10 +41,10 @@ if [ -n "$QOS" ]; then
     fi
     sysval qos_serial /sys/block/vdc/serial
     # Unmeasured: the first seconds of a TCG guest's reads run slower (code being translated).
-    check qos_warmup blkcheck randread /dev/vdc 16777216 "$QOS_THREADS" 3
+    check qos_warmup blkcheck qdread /dev/vdc 16777216 "$QOS_DEPTH" 4096 2
     for phase in $QOS; do
         result qos_phase "$phase"
         sleep 2
-        check "qos_$phase" blkcheck randread /dev/vdc 16777216 "$QOS_THREADS" "$QOS_SECONDS"
+        check "qos_$phase" blkcheck qdread /dev/vdc 16777216 "$QOS_DEPTH" 4096 "$QOS_SECONDS"
     done
 fi

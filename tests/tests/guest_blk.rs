@@ -347,75 +347,107 @@ mod rvhost {
         ("iops2000", "rw_ios_per_sec", 2000),
         ("iops4000", "rw_ios_per_sec", 4000),
         ("iops0", "rw_ios_per_sec", 0),
-        ("mb4", "rw_mbytes_per_sec", 4),
         ("mb8", "rw_mbytes_per_sec", 8),
+        ("mb16", "rw_mbytes_per_sec", 16),
         ("mb0", "rw_mbytes_per_sec", 0),
     ];
-    /// Set to 1, the read-only boot also runs the QoS phases (see [`assert_qos`]).
+    /// Set to 1, the read-only boot also runs the QoS phases (see [`assert_qos`]). Not in CI
+    /// yet: see the message `rvhost_blk_readonly` prints without it.
     const GUEST_QOS_ENV: &str = "RVHOST_GUEST_QOS";
-    /// Reads in flight in the guest's QoS phases, and each phase's length.
-    const QOS_THREADS: u32 = 32;
+    /// 4 KiB reads in flight in the guest's QoS phases (one thread, io_uring), and each phase's
+    /// length.
+    const QOS_DEPTH: u32 = 32;
     const QOS_SECONDS: u32 = 5;
 
-    /// A QoS phase's rate in I/Os per second (4 KiB reads).
-    fn qos_rate(out: &GuestOutput, phase: &str) -> u64 {
+    /// What the guest measured in a phase.
+    #[derive(Debug, Clone)]
+    struct QosRate {
+        /// Reads per second over the phase.
+        iops: u64,
+        /// KiB per second over the phase.
+        kibps: u64,
+        /// Reads completed in each second of the phase (for the failure message).
+        per_second: String,
+    }
+
+    fn qos_rate(out: &GuestOutput, phase: &str) -> QosRate {
         let text = out.get(&format!("qos_{phase}")).unwrap_or_default();
-        text.strip_prefix("ok:")
-            .and_then(|t| t.rsplit("iops=").next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("qos_{phase}={text:?}\n{}", out.diagnostics()))
+        let field = |key: &str| {
+            text.strip_prefix("ok:")?
+                .split(':')
+                .find_map(|f| f.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+        };
+        let per_second = text.rsplit("secs=").next().unwrap_or_default().to_owned();
+        match (field("iops"), field("kibps")) {
+            (Some(iops), Some(kibps)) => QosRate {
+                iops,
+                kibps,
+                per_second,
+            },
+            _ => panic!("qos_{phase}={text:?}\n{}", out.diagnostics()),
+        }
     }
 
     /// The guest's QoS phases: a limit holds within 10 %, raising it at run time raises the
-    /// rate, 0 removes it; for I/Os per second and for MiB per second. It fails, saying so, when
-    /// the guest's unlimited rate is under 1.5 times the 2000 IOPS limit (it was, on the shared
-    /// 2-core test machine: 90-2800 reads per second across runs, so it is not in CI yet).
+    /// rate, 0 removes it; for I/Os per second (`rw_ios_per_sec`) and for MiB per second
+    /// (`rw_mbytes_per_sec`). The unlimited phases must show the guest reading at least 1.5 times
+    /// the lower limit: otherwise the guest's own speed, not the limit, could explain a rate near
+    /// it, and the check fails saying so.
     fn assert_qos(out: &GuestOutput) {
         out.assert_eq("qos_serial", "Qos0");
-        let rates: Vec<(&str, u64)> = QOS_PHASES
+        let rates: Vec<(&str, QosRate)> = QOS_PHASES
             .iter()
-            .map(|(phase, _, _)| (*phase, qos_rate(out, phase)))
+            .map(|p| (p.0, qos_rate(out, p.0)))
             .collect();
-        eprintln!("guest QoS phases (4 KiB random reads per second): {rates:?}");
-        let rate = |phase: &str| rates.iter().find(|(p, _)| *p == phase).map_or(0, |r| r.1);
-        let unlimited = rate("unlimited");
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-        assert!(
-            unlimited * 2 >= 2000 * 3,
-            "the guest read only {unlimited} I/Os per second without a limit, below 1.5 x the \
-             2000 IOPS limit under test: the QoS check cannot tell the limit from the guest's own \
-             speed (host load average {load}); phases {rates:?}"
-        );
-        let within = |phase: &str, expected: u64| {
+        eprintln!("guest QoS phases (host load {}): {rates:?}", load.trim());
+        // The measure of a phase: reads per second for I/O limits, KiB per second for byte
+        // limits (a limit of N MiB/s is N * 1024 KiB/s).
+        let rate = |name: &str| {
+            let p = QOS_PHASES.iter().find(|p| p.0 == name).expect("phase");
+            let r = &rates.iter().find(|(n, _)| *n == name).expect("rate").1;
+            if p.1 == "rw_mbytes_per_sec" {
+                r.kibps
+            } else {
+                r.iops
+            }
+        };
+        let capacity = |phase: &str, limit: u64| {
             let got = rate(phase);
             assert!(
+                got * 2 >= limit * 3,
+                "{phase}: without a limit the guest read only {got}/s, under 1.5 x the limit \
+                 {limit}/s under test: the check cannot tell the limit from the guest's own speed \
+                 (host load {load}); phases {rates:?}"
+            );
+        };
+        let within = |phase: &str, expected: u64| {
+            let got = rate(phase);
+            let seconds = rates
+                .iter()
+                .find(|(n, _)| *n == phase)
+                .map_or("", |(_, r)| r.per_second.as_str());
+            assert!(
                 got * 10 >= expected * 9 && got * 10 <= expected * 11,
-                "{phase}: {got} I/Os per second, limit {expected} (+-10 %); phases {rates:?}"
+                "{phase}: {got}/s, limit {expected}/s (+-10 %; reads in each second: {seconds}); \
+                 phases {rates:?}"
             );
         };
         let raised = |phase: &str, before: &str, limit: u64| {
             let (got, was) = (rate(phase), rate(before));
             assert!(
                 got * 4 >= was * 5 && got * 10 <= limit * 11,
-                "{phase}: raising the limit to {limit}/s took the rate from {was} to {got}; \
+                "{phase}: raising the limit to {limit}/s took the rate from {was}/s to {got}/s; \
                  phases {rates:?}"
             );
         };
-        let removed = |phase: &str, limit: u64| {
-            let got = rate(phase);
-            assert!(
-                got * 2 >= limit * 3,
-                "{phase}: with the limit removed the rate stayed at {got} (limit was {limit}); \
-                 phases {rates:?}"
-            );
-        };
+        capacity("unlimited", 2000);
         within("iops2000", 2000);
         raised("iops4000", "iops2000", 4000);
-        removed("iops0", 2000);
-        // MiB per second of 4 KiB reads: 256 reads per MiB.
-        within("mb4", 4 * 256);
-        raised("mb8", "mb4", 8 * 256);
-        removed("mb0", 4 * 256);
+        capacity("iops0", 2000);
+        within("mb8", 8 * 1024);
+        raised("mb16", "mb8", 16 * 1024);
+        capacity("mb0", 8 * 1024);
     }
 
     /// The read-only checks, and in the same boot `bdev_get_iostat` against what the guest's
@@ -431,9 +463,12 @@ mod rvhost {
         let qos = std::env::var_os(GUEST_QOS_ENV).is_some_and(|v| v == "1");
         if !qos {
             eprintln!(
-                "the guest QoS phase is not run ({GUEST_QOS_ENV}=1 runs it): on the shared \
-                 2-core test machine a TCG guest read 90-2800 I/Os per second unlimited, too few \
-                 to tell a 2000 IOPS limit from its own speed"
+                "the guest QoS phase is not run ({GUEST_QOS_ENV}=1 runs it): once, at the \
+                 ~30000 reads per second of an unlimited phase, the guest waited for good on \
+                 completions rvhost had published without a call (a lost used-buffer \
+                 notification); and on a host loaded to 10 the limited phases fell 5-25 % under \
+                 their limits, with whole seconds far under, while unlimited reads ran at \
+                 21000-44000 per second"
             );
         }
         let qos_socket =
@@ -459,10 +494,9 @@ mod rvhost {
                 let config = config.device(blk(stat_socket, 1)).env("IOSTAT", 1);
                 match qos_socket {
                     Some(qos_socket) => config
-                        .cpus(2)
                         .device(blk(qos_socket, 1))
                         .env("QOS", phases.join(" "))
-                        .env("QOS_THREADS", QOS_THREADS)
+                        .env("QOS_DEPTH", QOS_DEPTH)
                         .env("QOS_SECONDS", QOS_SECONDS),
                     None => config,
                 }
