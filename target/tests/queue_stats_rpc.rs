@@ -86,6 +86,10 @@ fn each_queue_reports_its_own_requests_bytes_and_latencies() {
     assert_eq!(u(q1, "requests"), READS, "{q1}");
     assert_eq!(u(q1, "bytes_read"), READS * 2048, "{q1}");
     assert_eq!(u(q1, "bytes_written"), 0, "{q1}");
+    let tick_rate = u(
+        &target.ok("rvhost_get_queue_stats", json!({"ctrlr": "vhost.q"})),
+        "tick_rate",
+    );
     for q in [q0, q1] {
         let lat = &q["latency_ns"];
         let (p50, p99, p999, max) = (u(lat, "p50"), u(lat, "p99"), u(lat, "p99.9"), u(lat, "max"));
@@ -93,6 +97,12 @@ fn each_queue_reports_its_own_requests_bytes_and_latencies() {
         // A null bdev answers within the reactor's next rounds: far below a second.
         assert!(max < 1_000_000_000, "{q}");
         assert!(u(q, "latency_ticks") > 0, "{q}");
+        // The histogram against the sum of the latencies, which is counted apart from it: its
+        // maximum (the top of a bucket 1 % wide) is at least the mean and at most the sum.
+        let sum_ns = u(q, "latency_ticks") as f64 * 1e9 / tick_rate as f64;
+        let mean_ns = sum_ns / u(q, "requests") as f64;
+        assert!(max as f64 + 2.0 >= mean_ns, "mean {mean_ns} ns: {q}");
+        assert!(max as f64 <= sum_ns * 1.01 + 2.0, "sum {sum_ns} ns: {q}");
     }
     // Negative control: the queue that carried nothing counted nothing.
     assert_eq!(u(q2, "queue"), 2);

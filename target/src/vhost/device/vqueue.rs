@@ -332,9 +332,99 @@ pub(super) struct Slot<H, R> {
 /// Longest latency the per-queue histogram tells apart, in time-stamp counter ticks (about 90 s at
 /// 3 GHz); longer ones count as this long.
 const LATENCY_HIGHEST_TICKS: u64 = 1 << 38;
-/// Significant decimal digits of the per-queue histogram: 1 % resolution at every latency, in
-/// 4,096 counters (32 KiB per queue; three digits would take 256 KiB).
+/// Significant decimal digits of the per-queue histogram: 1 % resolution at every latency (three
+/// digits would take eight times the counters).
 const LATENCY_DIGITS: u8 = 2;
+/// log2 of the counters per half bucket of an HdrHistogram with [`LATENCY_DIGITS`] digits and a
+/// lowest value of 1: it keeps single-tick resolution up to 2 * 10^2, so a bucket has 256
+/// sub-buckets and each bucket after the first uses its upper 128.
+const LATENCY_HALF_BUCKET_BITS: u32 = 7;
+/// The counters such a histogram has: 33 half buckets (bucket 0's two halves, then the upper
+/// halves of buckets 1 to 31), for latencies below `2^8 << 31`.
+const LATENCY_BUCKETED: usize = 33 << LATENCY_HALF_BUCKET_BITS;
+/// Counters of [`LatencyCounts`]: those, and one for the latencies beyond them, which
+/// HdrHistogram's `saturating_record` counts as [`LATENCY_HIGHEST_TICKS`] (33 KiB per queue).
+const LATENCY_COUNTERS: usize = LATENCY_BUCKETED + 1;
+
+/// Latencies in ticks, counted per request at a few instructions each: a fixed array of counters
+/// in the layout of an `hdrhistogram::Histogram` of [`LATENCY_DIGITS`] digits from 1 to
+/// [`LATENCY_HIGHEST_TICKS`] (log-linear: bucket from the leading zeros, sub-bucket by a shift),
+/// with none of its totals, minimum, maximum or range checks. [`LatencyCounts::histogram`] turns
+/// it into that histogram when the per-queue view is read (control path), so the percentiles
+/// and the maximum are the ones the histogram itself would report.
+#[derive(Clone)]
+pub(super) struct LatencyCounts {
+    counts: Box<[u64; LATENCY_COUNTERS]>,
+}
+
+impl std::fmt::Debug for LatencyCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let recorded = self.counts.iter().fold(0u64, |n, c| n.wrapping_add(*c));
+        f.debug_struct("LatencyCounts")
+            .field("recorded", &recorded)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LatencyCounts {
+    fn new() -> Self {
+        LatencyCounts {
+            counts: Box::new([0; LATENCY_COUNTERS]),
+        }
+    }
+
+    /// The counter of `ticks`: the index HdrHistogram computes, or the last counter for a
+    /// latency beyond the histogram's counters (`saturating_record` counts those as
+    /// [`LATENCY_HIGHEST_TICKS`]; [`LatencyCounts::histogram`] does the same).
+    #[inline(always)]
+    fn index(ticks: u64) -> usize {
+        // Bucket: how many powers of two `ticks` is above what fits in bucket 0 (256 values);
+        // `| 255` maps those to bucket 0. 56 = 64 - log2(256). At most 56.
+        let bucket = 56 - (ticks | 255).leading_zeros();
+        // Sub-bucket: `ticks` shifted into 0..256 (128..256 past bucket 0).
+        let sub = (ticks >> bucket) as usize;
+        // HdrHistogram's (bucket + 1) * 128 + sub - 128; at most 56 * 128 + 255, no overflow.
+        (((bucket as usize) << LATENCY_HALF_BUCKET_BITS) + sub).min(LATENCY_BUCKETED)
+    }
+
+    /// The lowest latency counted at `index` (HdrHistogram's `value_for`; the last counter's
+    /// latencies count as [`LATENCY_HIGHEST_TICKS`]).
+    fn value(index: usize) -> u64 {
+        let half = 1usize << LATENCY_HALF_BUCKET_BITS;
+        if index >= LATENCY_BUCKETED {
+            return LATENCY_HIGHEST_TICKS;
+        }
+        if index < 2 * half {
+            return index as u64;
+        }
+        let bucket = (index >> LATENCY_HALF_BUCKET_BITS) - 1;
+        let sub = (index & (half - 1)) + half;
+        (sub as u64) << bucket
+    }
+
+    /// Counts one latency.
+    #[inline(always)]
+    fn record(&mut self, ticks: u64) {
+        // `index` is at most `LATENCY_BUCKETED` by its `min`, which also drops the bounds check.
+        let i = Self::index(ticks);
+        if let Some(count) = self.counts.get_mut(i) {
+            *count = count.wrapping_add(1);
+        }
+    }
+
+    /// The counts as the HdrHistogram they stand for.
+    pub(super) fn histogram(&self) -> hdrhistogram::Histogram<u64> {
+        let mut h =
+            hdrhistogram::Histogram::new_with_bounds(1, LATENCY_HIGHEST_TICKS, LATENCY_DIGITS)
+                .expect("constant histogram bounds are valid");
+        for (i, &n) in self.counts.iter().enumerate() {
+            if n != 0 {
+                h.saturating_record_n(Self::value(i), n);
+            }
+        }
+        h
+    }
+}
 
 /// What a queue counts of the requests it completed, beyond [`VirtQueue::completed`]: payload
 /// bytes and latencies. Plain fields written by the reactor polling the queue; the control side
@@ -347,28 +437,25 @@ pub(super) struct QueueIoStats {
     latency_ticks: u64,
     /// Latencies in ticks, from the poll that popped the request to the completion batch that
     /// returned it.
-    latency: hdrhistogram::Histogram<u64>,
+    latency: LatencyCounts,
 }
 
 impl QueueIoStats {
-    fn new() -> Result<Self, String> {
-        let latency =
-            hdrhistogram::Histogram::new_with_bounds(1, LATENCY_HIGHEST_TICKS, LATENCY_DIGITS)
-                .map_err(|e| format!("latency histogram: {e}"))?;
-        Ok(QueueIoStats {
+    fn new() -> Self {
+        QueueIoStats {
             bytes_read: 0,
             bytes_written: 0,
             latency_ticks: 0,
-            latency,
-        })
+            latency: LatencyCounts::new(),
+        }
     }
 
-    #[inline]
+    #[inline(always)]
     fn record(&mut self, data: DataBytes, latency: u64) {
         self.bytes_read = self.bytes_read.wrapping_add(u64::from(data.read));
         self.bytes_written = self.bytes_written.wrapping_add(u64::from(data.written));
         self.latency_ticks = self.latency_ticks.wrapping_add(latency);
-        self.latency.saturating_record(latency);
+        self.latency.record(latency);
     }
 }
 
@@ -467,7 +554,7 @@ impl<V: ShellRing, R: Default + Copy, Q> VirtQueue<V, R, Q> {
             slots: vec![Slot::default(); usize::from(setup.size)],
             free: (0..setup.size).rev().collect(),
             in_flight: 0,
-            stats: QueueIoStats::new()?,
+            stats: QueueIoStats::new(),
             stopping: None,
             closed: false,
             broken: false,
@@ -595,7 +682,7 @@ impl<V: ShellRing, R, Q> VirtQueue<V, R, Q> {
             bytes_read: self.stats.bytes_read,
             bytes_written: self.stats.bytes_written,
             latency_ticks: self.stats.latency_ticks,
-            latency: self.stats.latency.clone(),
+            latency: self.stats.latency.histogram(),
         }
     }
 
@@ -653,16 +740,21 @@ impl<V: ShellRing, R, Q> VirtQueue<V, R, Q> {
         device: DeviceId,
         now: u64,
     ) {
-        let Some(slot) = self.slots.get(index) else {
+        // One slot lookup for the head, the statistics and the release.
+        let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
         if !slot.busy {
             return;
         }
+        slot.busy = false;
         let (head, start, data) = (slot.head, slot.start, slot.data);
         self.push_used(mem, head, used_len, device);
         self.stats.record(data, now.saturating_sub(start));
-        self.release_slot(index);
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if let Ok(free) = u16::try_from(index) {
+            self.free.push(free);
+        }
     }
 
     /// Checks the rings against a new memory table; a queue whose rings left guest memory stops.
@@ -944,5 +1036,98 @@ impl QueueLogging {
         for (gpa, len) in self.rings.iter().flatten() {
             self.log.mark(*gpa, *len);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Latencies across the whole range: every single-tick value of bucket 0, each power of two
+    /// and its neighbours, a spread of odd values, and values beyond the highest (clamped).
+    fn latencies() -> Vec<u64> {
+        let mut v: Vec<u64> = (0..600).collect();
+        for shift in 8..64 {
+            let p = 1u64 << shift;
+            v.extend([p - 1, p, p + 1, p + p / 3, p + p / 2 + 7]);
+        }
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            v.push(x >> (x % 40 + 24));
+        }
+        v.push(u64::MAX);
+        v
+    }
+
+    fn direct(values: &[u64]) -> hdrhistogram::Histogram<u64> {
+        let mut h =
+            hdrhistogram::Histogram::new_with_bounds(1, LATENCY_HIGHEST_TICKS, LATENCY_DIGITS)
+                .unwrap();
+        for &v in values {
+            h.saturating_record(v);
+        }
+        h
+    }
+
+    fn counted(values: &[u64]) -> hdrhistogram::Histogram<u64> {
+        let mut c = LatencyCounts::new();
+        for &v in values {
+            c.record(v);
+        }
+        c.histogram()
+    }
+
+    #[test]
+    fn latency_counts_land_where_hdrhistogram_records() {
+        let h = direct(&[]);
+        for v in latencies() {
+            let clamped = if v >= 1 << 39 {
+                LATENCY_HIGHEST_TICKS
+            } else {
+                v
+            };
+            let i = LatencyCounts::index(v);
+            assert!(i < LATENCY_COUNTERS, "{v}: index {i}");
+            // The counter's lowest value is in the same HdrHistogram bucket as the latency.
+            let low = LatencyCounts::value(i);
+            assert_eq!(low, h.lowest_equivalent(clamped), "{v}");
+            assert!(h.equivalent(low, clamped), "{v}");
+        }
+    }
+
+    #[test]
+    fn latency_counts_report_what_the_histogram_would() {
+        let values = latencies();
+        let (d, c) = (direct(&values), counted(&values));
+        assert_eq!(c.len(), d.len());
+        assert_eq!(c.max(), d.max());
+        assert_eq!(c.min(), d.min());
+        assert_eq!(c.min_nz(), d.min_nz());
+        for q in [0.0, 0.1, 0.5, 0.9, 0.99, 0.999, 0.9999, 1.0] {
+            assert_eq!(
+                c.value_at_quantile(q),
+                d.value_at_quantile(q),
+                "quantile {q}"
+            );
+        }
+        let buckets = |h: &hdrhistogram::Histogram<u64>| {
+            h.iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(buckets(&c), buckets(&d));
+        // Negative control: one latency more in the counts changes what is compared.
+        let mut more = values.clone();
+        more.push(12_345);
+        assert_ne!(buckets(&counted(&more)), buckets(&d));
+    }
+
+    #[test]
+    fn no_latency_counted_is_an_empty_histogram() {
+        let h = LatencyCounts::new().histogram();
+        assert!(h.is_empty());
     }
 }
