@@ -353,7 +353,7 @@ fn poll_mode_suppresses_kicks() {
     let size = 4u16;
     let avail_event = USED + 4 + 8 * u64::from(size);
 
-    let q = SplitQueue::new(config(size), 0).unwrap();
+    let mut q = SplitQueue::new(config(size), 0).unwrap();
     q.disable_kicks(&mem).unwrap();
     assert_eq!(
         mem.load_u16(USED, Ordering::Acquire),

@@ -781,22 +781,115 @@ mod tests {
         assert!(!driver.needs_kick(&mem).unwrap());
     }
 
-    #[test]
-    fn kick_follows_no_notify_without_event_idx() {
+    /// A polling driver and device for `requests` requests in rounds of 1 to 8: the device pops
+    /// what is pending, calls `disable_kicks` when `rewrite` (else only once, at the start),
+    /// completes it all. Returns the kicks the driver found it needed and how often the device
+    /// wrote `avail_event`.
+    fn poll_mode(requests: u32, rewrite: bool) -> (u32, u32) {
         let mut ram = vec![0u8; 0x1_0000];
         let mem = ByteMemory::new(0, 0, &mut ram);
-        let mut driver: DriverQueue<8> = DriverQueue::new(CONFIG, features(false)).unwrap();
+        let mut driver: DriverQueue<8> = DriverQueue::new(CONFIG, features(true)).unwrap();
         driver.init(&mem).unwrap();
-        let device = SplitQueue::new(CONFIG, features(false)).unwrap();
-        let buf = [DriverBuffer::writable(0x1000, 64)];
+        let mut device = SplitQueue::new(CONFIG, features(true)).unwrap();
+        let avail_event = CONFIG.used_ring + 4 + 8 * u64::from(CONFIG.size);
+        let parked = |mem: &ByteMemory<'_>| mem.load_u16(avail_event, Ordering::Relaxed).unwrap();
         device.disable_kicks(&mem).unwrap();
-        driver.add(&mem, &buf).unwrap();
-        driver.publish(&mem).unwrap();
-        assert!(!driver.needs_kick(&mem).unwrap());
-        device.enable_kicks(&mem).unwrap();
-        driver.add(&mem, &buf).unwrap();
-        driver.publish(&mem).unwrap();
-        assert!(driver.needs_kick(&mem).unwrap());
+        let buf = [DriverBuffer::writable(0x1000, 64)];
+        let (mut done, mut kicks, mut writes) = (0u32, 0u32, 0u32);
+        let mut round = 0u32;
+        while done < requests {
+            for _ in 0..1 + round % 8 {
+                driver.add(&mem, &buf).unwrap();
+            }
+            driver.publish(&mem).unwrap();
+            if driver.needs_kick(&mem).unwrap() {
+                kicks += 1;
+            }
+            let mut heads = [0u16; 8];
+            let mut n = 0;
+            while let Some(head) = device.pop_head(&mem).unwrap() {
+                heads[n] = head;
+                n += 1;
+            }
+            if rewrite {
+                let before = parked(&mem);
+                device.disable_kicks(&mem).unwrap();
+                writes += u32::from(parked(&mem) != before);
+            }
+            for &head in &heads[..n] {
+                device.push_used(&mem, head, 0).unwrap();
+            }
+            device.publish_used(&mem).unwrap();
+            while driver.pop_used(&mem).unwrap().is_some() {}
+            done += n as u32;
+            round += 1;
+        }
+        (kicks, writes)
+    }
+
+    #[test]
+    fn a_polling_device_parks_avail_event_rarely_and_is_never_kicked() {
+        // Three wraps of the 16-bit indices, in about 44,000 rounds.
+        let (kicks, writes) = poll_mode(3 << 16, true);
+        assert_eq!(kicks, 0);
+        // Parked again each time it trails by 2^15 - 8: six times, not once per round.
+        assert!((5..=7).contains(&writes), "{writes} avail_event writes");
+        // Negative control: parked once and never again, the driver's avail.idx reaches it.
+        let (kicks, _) = poll_mode(3 << 16, false);
+        assert!(kicks >= 2, "{kicks} kicks");
+    }
+
+    /// Runs `f` on a fresh driver and device over the same ring, with or without EVENT_IDX.
+    fn with_ring(
+        event_idx: bool,
+        f: impl FnOnce(&ByteMemory<'_>, &mut DriverQueue<8>, &mut SplitQueue),
+    ) {
+        let mut ram = vec![0u8; 0x1_0000];
+        let mem = ByteMemory::new(0, 0, &mut ram);
+        let mut driver: DriverQueue<8> = DriverQueue::new(CONFIG, features(event_idx)).unwrap();
+        driver.init(&mem).unwrap();
+        let mut device = SplitQueue::new(CONFIG, features(event_idx)).unwrap();
+        f(&mem, &mut driver, &mut device);
+    }
+
+    /// The driver offers one buffer and publishes it; returns whether it must kick.
+    fn offer_one(driver: &mut DriverQueue<8>, mem: &ByteMemory<'_>) -> bool {
+        driver
+            .add(mem, &[DriverBuffer::writable(0x1000, 64)])
+            .unwrap();
+        driver.publish(mem).unwrap();
+        driver.needs_kick(mem).unwrap()
+    }
+
+    #[test]
+    fn kicks_turn_off_again_right_after_they_were_turned_on() {
+        for event_idx in [false, true] {
+            with_ring(event_idx, |mem, driver, device| {
+                device.disable_kicks(mem).unwrap();
+                assert!(!offer_one(driver, mem));
+                device.pop_head(mem).unwrap().unwrap();
+                device.disable_kicks(mem).unwrap();
+                // Going to sleep, then woken before the driver added anything: polling again
+                // with nothing popped in between must still turn kicks off.
+                assert!(!device.enable_kicks(mem).unwrap());
+                device.disable_kicks(mem).unwrap();
+                assert!(!offer_one(driver, mem), "event_idx {event_idx}");
+                // And on again: the next buffer kicks.
+                device.pop_head(mem).unwrap().unwrap();
+                assert!(!device.enable_kicks(mem).unwrap());
+                assert!(offer_one(driver, mem), "event_idx {event_idx}");
+            });
+        }
+    }
+
+    #[test]
+    fn kick_follows_no_notify_without_event_idx() {
+        with_ring(false, |mem, driver, device| {
+            device.disable_kicks(mem).unwrap();
+            assert!(!offer_one(driver, mem));
+            device.enable_kicks(mem).unwrap();
+            assert!(offer_one(driver, mem));
+        });
     }
 
     #[test]

@@ -175,6 +175,10 @@ pub struct SplitQueue {
     /// `used.idx` at the last notification decision; `None` until the first one, after which the
     /// driver must be notified unconditionally once (it may be waiting for anything).
     signalled_used: Option<u16>,
+    /// Kicks are off (`VIRTQ_USED_F_NO_NOTIFY` set) and `avail_event` was last parked at this
+    /// value by [`SplitQueue::disable_kicks`]; `None`: not known (queue start, after
+    /// [`SplitQueue::enable_kicks`] or a new `last_avail_idx`), the next disable writes both.
+    kicks_parked: Option<u16>,
 }
 
 impl SplitQueue {
@@ -201,6 +205,7 @@ impl SplitQueue {
             next_used: 0,
             published_used: 0,
             signalled_used: None,
+            kicks_parked: None,
         })
     }
 
@@ -259,6 +264,7 @@ impl SplitQueue {
     /// Sets `last_avail_idx` (vhost-user `SET_VRING_BASE`).
     pub fn set_last_avail_idx(&mut self, idx: u16) {
         self.next_avail = idx;
+        self.kicks_parked = None;
     }
 
     /// The device's used index: the next used slot, including pushed but unpublished elements.
@@ -622,18 +628,41 @@ impl SplitQueue {
     /// just behind `last_avail_idx`, which `avail.idx` can only cross after a full 2^16 wrap. Call it
     /// when the queue starts, and after each poll round that popped buffers, so `avail_event` keeps
     /// trailing; skipping empty rounds avoids dirtying the used ring's cache lines for nothing.
-    pub fn disable_kicks<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<(), QueueError> {
+    ///
+    /// Once parked, the two fields are written again only when `avail_event` trails by
+    /// [`SplitQueue::park_slack`] or more: the driver kicks when `avail.idx` moves across
+    /// `avail_event` (§2.7.10), and `avail.idx` is never below a value `last_avail_idx` had since
+    /// the park nor more than the queue size above the present one, so while the parked value
+    /// trails by less than `2^16 - 2 * size` (the slack, plus at most a queue's worth popped
+    /// before this call) the driver cannot reach its next alias. In poll mode the fields then
+    /// cost a store each per 2^15 - size requests instead of per round.
+    pub fn disable_kicks<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<(), QueueError> {
+        let trailing = self.next_avail.wrapping_sub(1);
+        if let Some(parked) = self.kicks_parked {
+            if trailing.wrapping_sub(parked) < self.park_slack() {
+                return Ok(());
+            }
+        }
         self.set_used_flags(mem, VIRTQ_USED_F_NO_NOTIFY)?;
         if self.event_idx {
-            self.set_avail_event(mem, self.next_avail.wrapping_sub(1))?;
+            self.set_avail_event(mem, trailing)?;
         }
+        self.kicks_parked = Some(trailing);
         Ok(())
+    }
+
+    /// How far a parked `avail_event` may trail `last_avail_idx - 1` before
+    /// [`SplitQueue::disable_kicks`] parks it again: `2^15 - size` (at least `2^14` for the queue
+    /// sizes drivers use; 0, so every call writes, for the largest queue of 2^15).
+    fn park_slack(&self) -> u16 {
+        0x8000u16.saturating_sub(self.config.size)
     }
 
     /// Interrupt mode: asks the driver to kick for the next buffer it adds, then re-checks the ring.
     /// Returns whether buffers are already pending (then the caller must poll again instead of
     /// sleeping: the driver may have added them before it saw the request).
-    pub fn enable_kicks<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<bool, QueueError> {
+    pub fn enable_kicks<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<bool, QueueError> {
+        self.kicks_parked = None;
         self.set_used_flags(mem, 0)?;
         if self.event_idx {
             self.set_avail_event(mem, self.next_avail)?;
