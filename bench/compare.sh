@@ -182,16 +182,10 @@ if [ "$SPDK_OK" = 0 ]; then
   fi
 fi
 # --nice N runs targets, initiators and the probe at that niceness; --rt under SCHED_RR priority
-# 1 (round robin, so a target's busy reactor and its vhost-user thread on the same core both get
-# turns; SCHED_FIFO would starve the latter). On a machine busy with builds only --rt keeps the
-# spinning threads on their cores: there, nice -19 still left rvhost at 0.1-0.3M IOPS where
-# --rt gave 2.5-5M.
-PRIO=(env)
-case "$NICE" in
-  "") ;;
-  rt) PRIO=(chrt -r 1) ;;
-  *) PRIO=(nice -n "$NICE") ;;
-esac
+# 1 (why: bench/lib-rt.sh).
+# shellcheck source=bench/lib-rt.sh
+. "$REPO/bench/lib-rt.sh"
+bench_prio "$NICE"
 [ -n "$TARGETS" ] || { echo "compare.sh: no target left to run" >&2; exit 2; }
 [ -n "$INITIATORS" ] || { echo "compare.sh: no initiator left to run" >&2; exit 2; }
 [ -n "$BASELINE" ] || BASELINE="${TARGETS%% *}"

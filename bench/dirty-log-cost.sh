@@ -59,8 +59,9 @@ done
 for bin in "$RVHOST" "$PERF"; do
   [ -x "$bin" ] || { echo "dirty-log-cost.sh: $bin not built (cargo build --release -p rvhost-target -p rvhost-bench)" >&2; exit 2; }
 done
-PRIO=(env)
-[ "$RT" = 1 ] && PRIO=(chrt -r 1)
+# shellcheck source=bench/lib-rt.sh
+. "$REPO/bench/lib-rt.sh"
+if [ "$RT" = 1 ]; then bench_prio rt; else bench_prio ""; fi
 WORK="$(mktemp -d /tmp/rvhost-dirty-log-cost.XXXXXX)"
 OUT="${OUT:-$WORK/rounds.csv}"
 TARGET_PID=""
