@@ -21,31 +21,9 @@ const FEATURES: u64 = VIRTIO_F_VERSION_1
 fn read_list(d: &mut Driver, sector: u64) -> Vec<Desc> {
     let q = &d.queues[0];
     let (hdr, buf, status) = (q.header_addr(), q.buffer_addr(), q.status_addr());
-    let mut header = [0u8; 16];
-    header[0..4].copy_from_slice(&T_IN.to_le_bytes());
-    header[8..16].copy_from_slice(&sector.to_le_bytes());
-    d.ram.write(hdr, &header);
+    d.ram.write(hdr, &blk_header(T_IN, sector));
     d.ram.write(status, &[0xff]);
-    vec![
-        Desc {
-            addr: hdr,
-            len: 16,
-            flags: 0,
-            next: 0,
-        },
-        Desc {
-            addr: buf,
-            len: 512,
-            flags: F_WRITE,
-            next: 0,
-        },
-        Desc {
-            addr: status,
-            len: 1,
-            flags: F_WRITE,
-            next: 0,
-        },
-    ]
+    blk_descs(T_IN, hdr, buf, 512, status).to_vec()
 }
 
 /// Writes `descs` (flags as given, ring flags included) at ring positions `pos..`, the first

@@ -6,162 +6,23 @@
 
 mod vhost_support;
 
-use std::fs::File;
 use std::os::unix::io::AsRawFd;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rvhost_core::inflight;
-use rvhost_target::bdev::delay::{DelayBdev, Latencies};
-use rvhost_target::bdev::Bdev;
-use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::VhostUserInflight;
 use vhost::vhost_user::VhostUserFrontend;
-use vhost::{VhostBackend, VringConfigData};
 use vhost_support::*;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-fn negotiate_inflight(driver: &mut Driver) {
-    let want = VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-        | VhostUserProtocolFeatures::RESET_DEVICE
-        | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
-    driver
-        .frontend
-        .set_protocol_features(want)
-        .expect("SET_PROTOCOL_FEATURES with INFLIGHT_SHMFD");
-}
-
-fn get_region(driver: &mut Driver, queues: u16) -> (VhostUserInflight, File) {
-    driver
-        .frontend
-        .get_inflight_fd(&VhostUserInflight {
-            mmap_size: 0,
-            mmap_offset: 0,
-            num_queues: queues,
-            queue_size: QUEUE_SIZE,
-        })
-        .expect("GET_INFLIGHT_FD")
-}
-
-/// Starts queue 0 of the standard layout with avail/used indexes taken from the rings as they
-/// are (not zeroed) and `base` as `SET_VRING_BASE`. Returns the error of the first refused step.
-fn start_queue_as_is(driver: &mut Driver, base: u16) -> Result<(), vhost::Error> {
-    let (call, kick, err) = (
-        EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-        EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-        EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-    );
-    driver.setup_queue_record(
-        0,
-        call.try_clone().expect("dup"),
-        kick.try_clone().expect("dup"),
-    );
-    let q = &driver.queues[driver.queues.len() - 1];
-    let (desc, avail, used) = (q.desc, q.avail, q.used);
-    let f = &driver.frontend;
-    f.set_vring_num(0, QUEUE_SIZE)?;
-    f.set_vring_base(0, base)?;
-    f.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: QUEUE_SIZE,
-            queue_size: QUEUE_SIZE,
-            flags: 0,
-            desc_table_addr: FRONTEND_VA + desc,
-            used_ring_addr: FRONTEND_VA + used,
-            avail_ring_addr: FRONTEND_VA + avail,
-            log_addr: None,
-        },
-    )?;
-    f.set_vring_call(0, &call)?;
-    f.set_vring_err(0, &err)?;
-    f.set_vring_kick(0, &kick)?;
-    driver.frontend.set_vring_enable(0, true)?;
-    Ok(())
-}
-
-fn read_part(file: &File, len: usize) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, 0).expect("read region");
-    buf
-}
-
-fn write_part(file: &File, offset: usize, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    file.write_all_at(bytes, offset as u64)
-        .expect("write region");
-}
-
-fn header(req_type: u32, sector: u64) -> [u8; 16] {
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&req_type.to_le_bytes());
-    h[8..16].copy_from_slice(&sector.to_le_bytes());
-    h
-}
-
-/// Writes a 512-byte write request of `data` to `sector` as chain `head..head + 3`, with its
-/// buffers in a private window per head; returns the status address.
-fn write_chain(driver: &Driver, head: u16, sector: u64, data: &[u8]) -> u64 {
-    let q = &driver.queues[0];
-    let window = q.data + u64::from(head) * 0x1000;
-    let (hdr, buf, status) = (window, window + 0x200, window + 0x100);
-    driver.ram.write(hdr, &header(T_OUT, sector));
-    driver.ram.write(buf, data);
-    driver.ram.write(status, &[0xff]);
-    let descs = [
-        Desc {
-            addr: hdr,
-            len: 16,
-            flags: F_NEXT,
-            next: head + 1,
-        },
-        Desc {
-            addr: buf,
-            len: data.len() as u32,
-            flags: F_NEXT,
-            next: head + 2,
-        },
-        Desc {
-            addr: status,
-            len: 1,
-            flags: F_WRITE,
-            next: 0,
-        },
-    ];
-    for (i, d) in descs.iter().enumerate() {
-        driver
-            .ram
-            .write(q.desc + 16 * (u64::from(head) + i as u64), &d.bytes());
-    }
-    status
-}
-
-/// Puts `heads` in the avail ring at positions `0..` and sets avail.idx.
-fn make_available(driver: &Driver, heads: &[u16]) {
-    let q = &driver.queues[0];
-    for (i, h) in heads.iter().enumerate() {
-        driver.ram.store_u16(q.avail + 4 + 2 * i as u64, *h);
-    }
-    driver.ram.store_u16(q.avail + 2, heads.len() as u16);
-}
 
 #[test]
 fn the_region_tracks_each_request_until_its_used_entry_is_published() {
-    let base = malloc_bdev("Malloc0", 2048, 512);
-    let latencies = Latencies {
-        avg_read_us: 300_000,
-        p99_read_us: 300_000,
-        avg_write_us: 0,
-        p99_write_us: 0,
-    };
-    let delay: Arc<dyn Bdev> = DelayBdev::new("Delay0", [0xd1; 16], base, latencies);
-    let (_dp, dir) = start("inflight-track", &[("vhost.inf", delay, false)]);
-    let mut driver = Driver::connect(&dir.join("vhost.inf"), VIRTIO_F_VERSION_1);
-    negotiate_inflight(&mut driver);
-    let (info, file) = get_region(&mut driver, 1);
+    let (_dp, mut driver) = slow_read_device(
+        "inflight-track",
+        "vhost.inf",
+        [0xd1; 16],
+        VIRTIO_F_VERSION_1,
+    );
+    let (info, file) = get_inflight_region(&mut driver, 1);
     let part_len = inflight::queue_region_len(QUEUE_SIZE);
     assert_eq!(
         (
@@ -172,15 +33,10 @@ fn the_region_tracks_each_request_until_its_used_entry_is_published() {
         ),
         (part_len as u64, 0, 1, QUEUE_SIZE)
     );
-    assert_eq!(read_part(&file, part_len), vec![0u8; part_len], "zeroed");
-    driver.set_mem_table();
-    driver
-        .frontend
-        .set_inflight_fd(&info, file.as_raw_fd())
-        .expect("SET_INFLIGHT_FD");
-    driver.setup_queue(0);
+    assert_eq!(read_region(&file, part_len), vec![0u8; part_len], "zeroed");
+    attach_region(&mut driver, &info, &file);
 
-    let bytes = read_part(&file, part_len);
+    let bytes = read_region(&file, part_len);
     let view = inflight::QueueRegion::new_checked(&bytes[..], QUEUE_SIZE).expect("valid part");
     assert_eq!(
         (view.version(), view.desc_num(), view.used_idx()),
@@ -194,33 +50,20 @@ fn the_region_tracks_each_request_until_its_used_entry_is_published() {
         let q = &driver.queues[0];
         (q.header_addr(), q.status_addr(), q.buffer_addr())
     };
-    driver.ram.write(hdr, &header(T_IN, 8));
-    driver.ram.write(status, &[0xff]);
-    driver.post(
+    driver.post_blk_at(
         0,
-        &[
-            Desc {
-                addr: hdr,
-                len: 16,
-                flags: F_NEXT,
-                next: 1,
-            },
-            Desc {
-                addr: buf,
-                len: 512,
-                flags: F_NEXT | F_WRITE,
-                next: 2,
-            },
-            Desc {
-                addr: status,
-                len: 1,
-                flags: F_WRITE,
-                next: 0,
-            },
-        ],
+        BlkRequestAt {
+            head: 0,
+            req_type: T_IN,
+            sector: 8,
+            hdr,
+            buf,
+            len: 512,
+            status,
+        },
     );
     std::thread::sleep(Duration::from_millis(100));
-    let bytes = read_part(&file, part_len);
+    let bytes = read_region(&file, part_len);
     let view = inflight::QueueRegion::new_checked(&bytes[..], QUEUE_SIZE).expect("valid part");
     assert_eq!(view.inflight(0), 1, "the read is marked inflight");
     assert_eq!(view.counter(0), 2, "the write had counter 1");
@@ -233,7 +76,7 @@ fn the_region_tracks_each_request_until_its_used_entry_is_published() {
     assert_eq!(id, 0);
     assert_eq!(driver.ram.read(buf, 512), pattern(1, 512));
     std::thread::sleep(Duration::from_millis(20));
-    let bytes = read_part(&file, part_len);
+    let bytes = read_region(&file, part_len);
     let view = inflight::QueueRegion::new_checked(&bytes[..], QUEUE_SIZE).expect("valid part");
     assert_eq!((view.inflight(0), view.used_idx()), (0, 2));
 }
@@ -241,33 +84,31 @@ fn the_region_tracks_each_request_until_its_used_entry_is_published() {
 #[test]
 fn a_restarted_device_resubmits_in_counter_order_and_repairs_the_last_batch() {
     let bdev = malloc_bdev("Malloc0", 2048, 512);
-    let (_dp, dir) = start("inflight-resubmit", &[("vhost.res", bdev, false)]);
-    let socket = dir.join("vhost.res");
-
-    // The region an earlier backend handed out.
-    let (info, file) = {
-        let mut first = Driver::connect(&socket, VIRTIO_F_VERSION_1);
-        negotiate_inflight(&mut first);
-        get_region(&mut first, 1)
-    };
-    wait_sessions(&_dp, "vhost.res", 0);
-
-    let mut driver = Driver::connect(&socket, VIRTIO_F_VERSION_1);
-    negotiate_inflight(&mut driver);
-    driver.set_mem_table();
-    driver.setup_queue_record(
-        0,
-        EventFd::new(EFD_NONBLOCK).unwrap(),
-        EventFd::new(EFD_NONBLOCK).unwrap(),
-    );
+    let (dp, dir) = start("inflight-resubmit", &[("vhost.res", bdev, false)]);
+    let (mut driver, info, file) =
+        reconnect_with_region(&dp, &dir.join("vhost.res"), "vhost.res", VIRTIO_F_VERSION_1);
     // What the earlier backend left: heads 0, 3, 6, 9 popped (avail 0..4) with counters
     // 11, 10, 13, 12; 9 completed and published (used.idx 1) but its batch not cleared
     // (used_idx 0); 0, 3 and 6 still inflight. Head 12 was made available and never popped.
     let writes: [(u16, u64, u8); 5] = [(0, 0, 1), (3, 8, 2), (6, 16, 3), (9, 24, 4), (12, 32, 5)];
+    let data = driver.queues[0].data;
     for (head, sector, seed) in writes {
-        write_chain(&driver, head, sector, &pattern(seed, 512));
+        // Each request's buffers in a window of its own.
+        let window = data + u64::from(head) * 0x1000;
+        driver.ram.write(window + 0x200, &pattern(seed, 512));
+        driver.post_blk_at(
+            0,
+            BlkRequestAt {
+                head,
+                req_type: T_OUT,
+                sector,
+                hdr: window,
+                buf: window + 0x200,
+                len: 512,
+                status: window + 0x100,
+            },
+        );
     }
-    make_available(&driver, &[0, 3, 6, 9, 12]);
     let used = driver.queues[0].used;
     driver.ram.write(used + 4, &[9, 0, 0, 0, 1, 0, 0, 0]);
     driver.ram.store_u16(used + 2, 1);
@@ -283,13 +124,13 @@ fn a_restarted_device_resubmits_in_counter_order_and_repairs_the_last_batch() {
             view.set_counter(head, counter);
         }
     }
-    write_part(&file, 0, &part);
+    write_region(&file, 0, &part);
     driver
         .frontend
         .set_inflight_fd(&info, file.as_raw_fd())
         .expect("SET_INFLIGHT_FD");
     // QEMU sends the used index as the base after a backend crash.
-    start_queue_as_is(&mut driver, 1).expect("queue starts");
+    driver.start_queue_as_is(0, 1).expect("queue starts");
     driver.queues[0].used_seen = 1;
     driver.queues[0].avail_idx = 5;
 
@@ -311,7 +152,7 @@ fn a_restarted_device_resubmits_in_counter_order_and_repairs_the_last_batch() {
         };
         assert_eq!(back, want, "head {head}");
     }
-    let bytes = read_part(&file, part.len());
+    let bytes = read_region(&file, part.len());
     let view = inflight::QueueRegion::new_checked(&bytes[..], QUEUE_SIZE).unwrap();
     for head in [0u16, 3, 6, 9, 12] {
         assert_eq!(view.inflight(head), 0, "head {head} cleared");
@@ -409,16 +250,16 @@ fn hostile_regions_fail_their_device_and_no_other() {
     for case in cases {
         let mut driver = Driver::connect(&socket, VIRTIO_F_VERSION_1);
         negotiate_inflight(&mut driver);
-        let (mut info, file) = get_region(&mut driver, 1);
-        let mut part = read_part(&file, info.mmap_size as usize);
+        let (mut info, file) = get_inflight_region(&mut driver, 1);
+        let mut part = read_region(&file, info.mmap_size as usize);
         (case.spoil)(&mut part, &mut info);
-        write_part(&file, 0, &part);
+        write_region(&file, 0, &part);
         driver.set_mem_table();
         let refused = driver
             .frontend
             .set_inflight_fd(&info, file.as_raw_fd())
             .is_err()
-            || start_queue_as_is(&mut driver, 0).is_err();
+            || driver.start_queue_as_is(0, 0).is_err();
         assert!(refused, "{}: accepted", case.what);
         // Nothing was started on the bad device; the good one serves on.
         let data = pattern(case.what.len() as u8, 512);
@@ -428,7 +269,7 @@ fn hostile_regions_fail_their_device_and_no_other() {
     // An unsealed file (one this target did not make) is refused outright.
     let mut driver = Driver::connect(&socket, VIRTIO_F_VERSION_1);
     negotiate_inflight(&mut driver);
-    let (info, _) = get_region(&mut driver, 1);
+    let (info, _) = get_inflight_region(&mut driver, 1);
     let plain = GuestRam::new(info.mmap_size.max(4096));
     assert!(driver
         .frontend
@@ -437,12 +278,7 @@ fn hostile_regions_fail_their_device_and_no_other() {
     // And a correct region on the same controller afterwards works.
     let mut driver = Driver::connect(&socket, VIRTIO_F_VERSION_1);
     negotiate_inflight(&mut driver);
-    let (info, file) = get_region(&mut driver, 1);
-    driver.set_mem_table();
-    driver
-        .frontend
-        .set_inflight_fd(&info, file.as_raw_fd())
-        .expect("SET_INFLIGHT_FD");
-    driver.setup_queue(0);
+    let (info, file) = get_inflight_region(&mut driver, 1);
+    attach_region(&mut driver, &info, &file);
     assert_eq!(driver.write_blocks(0, 0, &pattern(3, 512)), S_OK);
 }

@@ -10,73 +10,22 @@
 
 mod vhost_support;
 
-use std::fs::File;
 use std::os::unix::io::AsRawFd;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rvhost_core::inflight::packed::{self as layout, PackedQueueRegion};
 use rvhost_core::virtq::packed::PackedDesc;
-use rvhost_target::bdev::delay::{DelayBdev, Latencies};
-use rvhost_target::bdev::Bdev;
-use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::VhostUserFrontend;
-use vhost::{VhostBackend, VringConfigData};
 use vhost_support::*;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const PACKED: u64 = VIRTIO_F_VERSION_1 | VIRTIO_F_RING_PACKED | VIRTIO_F_RING_EVENT_IDX;
-
-fn negotiate_inflight(driver: &mut Driver) {
-    let want = VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-        | VhostUserProtocolFeatures::RESET_DEVICE
-        | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
-    driver
-        .frontend
-        .set_protocol_features(want)
-        .expect("SET_PROTOCOL_FEATURES with INFLIGHT_SHMFD");
-}
-
-fn get_region(driver: &mut Driver) -> (VhostUserInflight, File) {
-    driver
-        .frontend
-        .get_inflight_fd(&VhostUserInflight {
-            mmap_size: 0,
-            mmap_offset: 0,
-            num_queues: 1,
-            queue_size: QUEUE_SIZE,
-        })
-        .expect("GET_INFLIGHT_FD")
-}
-
-fn read_part(file: &File, len: usize) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, 0).expect("read region");
-    buf
-}
-
-fn write_part(file: &File, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    file.write_all_at(bytes, 0).expect("write region");
-}
-
-fn header(req_type: u32, sector: u64) -> [u8; 16] {
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&req_type.to_le_bytes());
-    h[8..16].copy_from_slice(&sector.to_le_bytes());
-    h
-}
 
 /// The three descriptors of a 512-byte write of `data` to `sector` with buffer ID `id`, its
 /// buffers in a window of their own; as the ring holds them in lap 1 (`AVAIL` set).
 fn write_list(driver: &Driver, id: u16, sector: u64, data: &[u8]) -> [PackedDesc; 3] {
     let window = driver.queues[0].data + (u64::from(id) + 2) * 0x1000;
     let (hdr, status, buf) = (window, window + 0x100, window + 0x200);
-    driver.ram.write(hdr, &header(T_OUT, sector));
+    driver.ram.write(hdr, &blk_header(T_OUT, sector));
     driver.ram.write(buf, data);
     driver.ram.write(status, &[0xff]);
     let avail = F_AVAIL;
@@ -112,33 +61,19 @@ fn put_ring(driver: &Driver, pos: u16, d: &PackedDesc) {
 
 #[test]
 fn the_packed_region_keeps_each_list_until_its_used_descriptor_is_published() {
-    let base = malloc_bdev("Malloc0", 2048, 512);
-    let latencies = Latencies {
-        avg_read_us: 300_000,
-        p99_read_us: 300_000,
-        avg_write_us: 0,
-        p99_write_us: 0,
-    };
-    let delay: Arc<dyn Bdev> = DelayBdev::new("Delay0", [0xd2; 16], base, latencies);
-    let (_dp, dir) = start("inflight-packed-track", &[("vhost.pinf", delay, false)]);
-    let mut driver = Driver::connect(&dir.join("vhost.pinf"), PACKED);
+    let (_dp, mut driver) =
+        slow_read_device("inflight-packed-track", "vhost.pinf", [0xd2; 16], PACKED);
     assert!(driver.is_packed());
-    negotiate_inflight(&mut driver);
-    let (info, file) = get_region(&mut driver);
+    let (info, file) = get_inflight_region(&mut driver, 1);
     let part_len = layout::queue_region_len(QUEUE_SIZE);
     assert_eq!(
         (info.mmap_size, info.num_queues, info.queue_size),
         (part_len as u64, 1, QUEUE_SIZE),
         "the packed layout: 32-byte header and 32-byte entries"
     );
-    driver.set_mem_table();
-    driver
-        .frontend
-        .set_inflight_fd(&info, file.as_raw_fd())
-        .expect("SET_INFLIGHT_FD");
-    driver.setup_queue(0);
+    attach_region(&mut driver, &info, &file);
 
-    let bytes = read_part(&file, part_len);
+    let bytes = read_region(&file, part_len);
     let view = PackedQueueRegion::new_checked(&bytes[..], QUEUE_SIZE).expect("valid part");
     assert_eq!((view.version(), view.desc_num()), (1, QUEUE_SIZE));
     assert_eq!(
@@ -156,33 +91,20 @@ fn the_packed_region_keeps_each_list_until_its_used_descriptor_is_published() {
         let q = &driver.queues[0];
         (q.header_addr(), q.status_addr(), q.buffer_addr())
     };
-    driver.ram.write(hdr, &header(T_OUT, 8));
     driver.ram.write(buf, &pattern(3, 512));
-    driver.ram.write(status, &[0xff]);
-    let write = [
-        Desc {
-            addr: hdr,
-            len: 16,
-            flags: 0,
-            next: 0,
-        },
-        Desc {
-            addr: buf,
-            len: 512,
-            flags: 0,
-            next: 0,
-        },
-        Desc {
-            addr: status,
-            len: 1,
-            flags: F_WRITE,
-            next: 0,
-        },
-    ];
-    driver.post_packed(0, &write, 5);
+    let request = BlkRequestAt {
+        head: 5,
+        req_type: T_OUT,
+        sector: 8,
+        hdr,
+        buf,
+        len: 512,
+        status,
+    };
+    driver.post_blk_at(0, request);
     assert_eq!(driver.wait_used(0).0, 5);
     std::thread::sleep(Duration::from_millis(20));
-    let bytes = read_part(&file, part_len);
+    let bytes = read_region(&file, part_len);
     let view = PackedQueueRegion::new_checked(&bytes[..], QUEUE_SIZE).expect("valid part");
     assert_eq!(
         view.inflight(0),
@@ -196,31 +118,16 @@ fn the_packed_region_keeps_each_list_until_its_used_descriptor_is_published() {
     );
     assert_eq!(view.free_head(), view.old_free_head());
 
-    driver.ram.write(hdr, &header(T_IN, 8));
-    driver.ram.write(status, &[0xff]);
-    let read = [
-        Desc {
-            addr: hdr,
-            len: 16,
-            flags: 0,
-            next: 0,
+    driver.post_blk_at(
+        0,
+        BlkRequestAt {
+            head: 9,
+            req_type: T_IN,
+            ..request
         },
-        Desc {
-            addr: buf,
-            len: 512,
-            flags: F_WRITE,
-            next: 0,
-        },
-        Desc {
-            addr: status,
-            len: 1,
-            flags: F_WRITE,
-            next: 0,
-        },
-    ];
-    driver.post_packed(0, &read, 9);
+    );
     std::thread::sleep(Duration::from_millis(100));
-    let bytes = read_part(&file, part_len);
+    let bytes = read_region(&file, part_len);
     let view = PackedQueueRegion::new_checked(&bytes[..], QUEUE_SIZE).expect("valid part");
     let mut order = [0u16; QUEUE_SIZE as usize];
     let heads = view.resubmit_order(&mut order).expect("order").to_vec();
@@ -241,7 +148,7 @@ fn the_packed_region_keeps_each_list_until_its_used_descriptor_is_published() {
     assert_eq!(driver.wait_used(0).0, 9);
     assert_eq!(driver.ram.read(buf, 512), pattern(3, 512));
     std::thread::sleep(Duration::from_millis(20));
-    let bytes = read_part(&file, part_len);
+    let bytes = read_region(&file, part_len);
     let view = PackedQueueRegion::new_checked(&bytes[..], QUEUE_SIZE).expect("valid part");
     assert_eq!(view.inflight(head), 0);
     assert_eq!((view.used_idx(), view.old_used_idx()), (6, 6));
@@ -251,25 +158,10 @@ fn the_packed_region_keeps_each_list_until_its_used_descriptor_is_published() {
 fn a_restarted_packed_device_resubmits_from_the_copies_and_commits_the_seen_publish() {
     let bdev = malloc_bdev("Malloc0", 2048, 512);
     let (dp, dir) = start("inflight-packed-resubmit", &[("vhost.pres", bdev, false)]);
-    let socket = dir.join("vhost.pres");
-
     // The region an earlier backend handed out (packed negotiated before GET_INFLIGHT_FD, as
     // QEMU does).
-    let (info, file) = {
-        let mut first = Driver::connect(&socket, PACKED);
-        negotiate_inflight(&mut first);
-        get_region(&mut first)
-    };
-    wait_sessions(&dp, "vhost.pres", 0);
-
-    let mut driver = Driver::connect(&socket, PACKED);
-    negotiate_inflight(&mut driver);
-    driver.set_mem_table();
-    driver.setup_queue_record(
-        0,
-        EventFd::new(EFD_NONBLOCK).unwrap(),
-        EventFd::new(EFD_NONBLOCK).unwrap(),
-    );
+    let (mut driver, info, file) =
+        reconnect_with_region(&dp, &dir.join("vhost.pres"), "vhost.pres", PACKED);
     let ring = driver.queues[0].desc;
     driver
         .ram
@@ -322,7 +214,7 @@ fn a_restarted_packed_device_resubmits_from_the_copies_and_commits_the_seen_publ
         view.set_free_heads(3, 9);
         view.set_used(0x8000 | 3, 0x8000);
     }
-    write_part(&file, &part);
+    write_region(&file, 0, &part);
     driver
         .frontend
         .set_inflight_fd(&info, file.as_raw_fd())
@@ -330,37 +222,7 @@ fn a_restarted_packed_device_resubmits_from_the_copies_and_commits_the_seen_publ
 
     // QEMU's vring base after a packed backend crash is the one of the previous start (it has
     // no used index in guest memory to resync from): position 0, lap 1.
-    let (call, kick, err) = (
-        EventFd::new(EFD_NONBLOCK).unwrap(),
-        EventFd::new(EFD_NONBLOCK).unwrap(),
-        EventFd::new(EFD_NONBLOCK).unwrap(),
-    );
-    {
-        let q = &driver.queues[0];
-        let f = &driver.frontend;
-        f.set_vring_num(0, QUEUE_SIZE).expect("SET_VRING_NUM");
-        f.set_vring_base(0, 0x8000).expect("SET_VRING_BASE");
-        f.set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QUEUE_SIZE,
-                queue_size: QUEUE_SIZE,
-                flags: 0,
-                desc_table_addr: FRONTEND_VA + q.desc,
-                used_ring_addr: FRONTEND_VA + q.used,
-                avail_ring_addr: FRONTEND_VA + q.avail,
-                log_addr: None,
-            },
-        )
-        .expect("SET_VRING_ADDR");
-        f.set_vring_call(0, &call).expect("SET_VRING_CALL");
-        f.set_vring_err(0, &err).expect("SET_VRING_ERR");
-        f.set_vring_kick(0, &kick).expect("SET_VRING_KICK");
-    }
-    driver
-        .frontend
-        .set_vring_enable(0, true)
-        .expect("SET_VRING_ENABLE");
+    driver.start_queue_as_is(0, 0x8000).expect("queue starts");
     // The driver saw Y's used descriptor at position 0 and waits at 3.
     let mut state = PackedDriverState {
         avail_pos: 12,
@@ -405,7 +267,7 @@ fn a_restarted_packed_device_resubmits_from_the_copies_and_commits_the_seen_publ
         };
         assert_eq!(back, want, "data of list {id}");
     }
-    let bytes = read_part(&file, part_len);
+    let bytes = read_region(&file, part_len);
     let view = PackedQueueRegion::new_checked(&bytes[..], QUEUE_SIZE).unwrap();
     for entry in 0..QUEUE_SIZE {
         assert_eq!(view.inflight(entry), 0, "entry {entry} cleared");

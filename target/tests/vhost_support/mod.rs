@@ -10,12 +10,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rvhost_target::bdev::delay::{DelayBdev, Latencies};
 use rvhost_target::bdev::malloc::{MallocBdev, MemoryBudget};
 use rvhost_target::bdev::Bdev;
 use rvhost_target::dataplane::Dataplane;
 use rvhost_target::ops::{BlkControllerSpec, ControllerOps};
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -309,6 +310,40 @@ pub fn packed_desc_bytes(addr: u64, len: u32, id: u16, flags: u16) -> [u8; 16] {
     b
 }
 
+/// A blk request header: type and sector.
+pub fn blk_header(req_type: u32, sector: u64) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&req_type.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    h
+}
+
+/// The three descriptors of a blk request, not chained (no `F_NEXT`, `next` 0; packed lists
+/// chain by position): the 16-byte header at `hdr`, `len` bytes at `buf` (device-writable for
+/// `T_IN`), the status byte at `status`.
+pub fn blk_descs(req_type: u32, hdr: u64, buf: u64, len: u32, status: u64) -> [Desc; 3] {
+    [
+        Desc {
+            addr: hdr,
+            len: 16,
+            flags: 0,
+            next: 0,
+        },
+        Desc {
+            addr: buf,
+            len,
+            flags: if req_type == T_IN { F_WRITE } else { 0 },
+            next: 0,
+        },
+        Desc {
+            addr: status,
+            len: 1,
+            flags: F_WRITE,
+            next: 0,
+        },
+    ]
+}
+
 /// A negotiated vhost-user-blk connection.
 pub struct Driver {
     pub frontend: Frontend,
@@ -390,18 +425,26 @@ impl Driver {
 
     /// Sets up and enables queue `index` (ring memory zeroed first).
     pub fn setup_queue(&mut self, index: usize) {
-        let mut q = DriverQueue::new(index);
+        let q = DriverQueue::new(index);
         self.ram.write(q.desc, &vec![0u8; 0x3000]);
         // Packed: position 0, both wrap counters 1 (vring base bit 15).
-        let base = if self.is_packed() {
-            q.packed = Some(PackedDriverState::default());
-            0x8000
-        } else {
-            0
-        };
+        let base = if self.is_packed() { 0x8000 } else { 0 };
+        self.start_queue_as_is(index, base)
+            .expect("SET_VRING_* and SET_VRING_ENABLE");
+        if self.is_packed() {
+            self.queue(index).packed = Some(PackedDriverState::default());
+        }
+    }
+
+    /// Starts queue `index` of the standard layout with its rings as they are in memory (not
+    /// zeroed) and `base` as `SET_VRING_BASE`, with fresh eventfds, and records it (split
+    /// indexes and packed state from zero: set them to what the rings hold). Returns the error
+    /// of the first refused step.
+    pub fn start_queue_as_is(&mut self, index: usize, base: u16) -> Result<(), vhost::Error> {
+        let q = DriverQueue::new(index);
         let f = &self.frontend;
-        f.set_vring_num(index, QUEUE_SIZE).expect("SET_VRING_NUM");
-        f.set_vring_base(index, base).expect("SET_VRING_BASE");
+        f.set_vring_num(index, QUEUE_SIZE)?;
+        f.set_vring_base(index, base)?;
         let config = VringConfigData {
             queue_max_size: QUEUE_SIZE,
             queue_size: QUEUE_SIZE,
@@ -411,13 +454,11 @@ impl Driver {
             avail_ring_addr: FRONTEND_VA + q.avail,
             log_addr: None,
         };
-        f.set_vring_addr(index, &config).expect("SET_VRING_ADDR");
-        f.set_vring_call(index, &q.call).expect("SET_VRING_CALL");
-        f.set_vring_err(index, &q.err).expect("SET_VRING_ERR");
-        f.set_vring_kick(index, &q.kick).expect("SET_VRING_KICK");
-        self.frontend
-            .set_vring_enable(index, true)
-            .expect("SET_VRING_ENABLE");
+        f.set_vring_addr(index, &config)?;
+        f.set_vring_call(index, &q.call)?;
+        f.set_vring_err(index, &q.err)?;
+        f.set_vring_kick(index, &q.kick)?;
+        self.frontend.set_vring_enable(index, true)?;
         match self
             .queues
             .iter_mut()
@@ -426,6 +467,7 @@ impl Driver {
             Some(existing) => *existing = q,
             None => self.queues.push(q),
         }
+        Ok(())
     }
 
     /// Records queue `index` (standard layout) as set up by hand with these eventfds.
@@ -467,9 +509,10 @@ impl Driver {
         self.post_split(index, descs, 0, head);
     }
 
-    /// Makes a blk request available on a split queue without waiting for it: the header
-    /// (`req_type`, `sector`) at `hdr`, `len` bytes at `buf` (device-writable for `T_IN`) and the
-    /// status byte at `status` (set to 0xff first), in table slots `head..head + 2`.
+    /// Makes a blk request available without waiting for it: the header (`req_type`, `sector`)
+    /// at `hdr`, `len` bytes at `buf` (device-writable for `T_IN`) and the status byte at
+    /// `status` (set to 0xff first). Split: in table slots `head..head + 2`, `head` made
+    /// available. Packed: one list at the next ring positions, buffer ID `head`.
     pub fn post_blk_at(&mut self, index: usize, request: BlkRequestAt) {
         let BlkRequestAt {
             head,
@@ -480,31 +523,16 @@ impl Driver {
             len,
             status,
         } = request;
-        let mut header = [0u8; 16];
-        header[0..4].copy_from_slice(&req_type.to_le_bytes());
-        header[8..16].copy_from_slice(&sector.to_le_bytes());
-        self.ram.write(hdr, &header);
+        self.ram.write(hdr, &blk_header(req_type, sector));
         self.ram.write(status, &[0xff]);
-        let descs = [
-            Desc {
-                addr: hdr,
-                len: 16,
-                flags: F_NEXT,
-                next: head + 1,
-            },
-            Desc {
-                addr: buf,
-                len,
-                flags: F_NEXT | if req_type == T_IN { F_WRITE } else { 0 },
-                next: head + 2,
-            },
-            Desc {
-                addr: status,
-                len: 1,
-                flags: F_WRITE,
-                next: 0,
-            },
-        ];
+        let mut descs = blk_descs(req_type, hdr, buf, len, status);
+        if self.is_packed() {
+            return self.post_packed(index, &descs, head);
+        }
+        for (i, d) in descs.iter_mut().take(2).enumerate() {
+            d.flags |= F_NEXT;
+            d.next = head + 1 + i as u16;
+        }
         self.post_split(index, &descs, head, head);
     }
 
@@ -733,4 +761,109 @@ pub fn wait_sessions(dp: &Dataplane, name: &str, n: u32) {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Negotiates the protocol features the data plane offers, `INFLIGHT_SHMFD` among them.
+pub fn negotiate_inflight(driver: &mut Driver) {
+    let want = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    driver
+        .frontend
+        .set_protocol_features(want)
+        .expect("SET_PROTOCOL_FEATURES with INFLIGHT_SHMFD");
+}
+
+/// `GET_INFLIGHT_FD` for `queues` queues of `QUEUE_SIZE`.
+pub fn get_inflight_region(driver: &mut Driver, queues: u16) -> (VhostUserInflight, File) {
+    driver
+        .frontend
+        .get_inflight_fd(&VhostUserInflight {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues: queues,
+            queue_size: QUEUE_SIZE,
+        })
+        .expect("GET_INFLIGHT_FD")
+}
+
+/// The first `len` bytes of an inflight region.
+pub fn read_region(file: &File, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, 0).expect("read region");
+    buf
+}
+
+/// Writes `bytes` into an inflight region at `offset`.
+pub fn write_region(file: &File, offset: usize, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(bytes, offset as u64)
+        .expect("write region");
+}
+
+/// Controller `name` on a delay bdev (serial `serial`) whose reads take 300 ms and writes none,
+/// and a frontend connected to it with `features` and inflight tracking negotiated.
+pub fn slow_read_device(
+    test: &str,
+    name: &str,
+    serial: [u8; 16],
+    features: u64,
+) -> (Arc<Dataplane>, Driver) {
+    let latencies = Latencies {
+        avg_read_us: 300_000,
+        p99_read_us: 300_000,
+        avg_write_us: 0,
+        p99_write_us: 0,
+    };
+    let delay: Arc<dyn Bdev> = DelayBdev::new(
+        "Delay0",
+        serial,
+        malloc_bdev("Malloc0", 2048, 512),
+        latencies,
+    );
+    let (dp, dir) = start(test, &[(name, delay, false)]);
+    let mut driver = Driver::connect(&dir.join(name), features);
+    negotiate_inflight(&mut driver);
+    (dp, driver)
+}
+
+/// Maps memory, hands the inflight region over and starts queue 0 (rings zeroed).
+pub fn attach_region(driver: &mut Driver, info: &VhostUserInflight, file: &File) {
+    driver.set_mem_table();
+    driver
+        .frontend
+        .set_inflight_fd(info, file.as_raw_fd())
+        .expect("SET_INFLIGHT_FD");
+    driver.setup_queue(0);
+}
+
+/// A frontend back after its backend died: the inflight region a first connection to
+/// controller `name` was given (one queue), and a second connection with `features`, inflight
+/// negotiated, memory mapped and queue 0 recorded but not started, for the test to fill its
+/// rings and region as the earlier backend left them.
+pub fn reconnect_with_region(
+    dp: &Dataplane,
+    socket: &Path,
+    name: &str,
+    features: u64,
+) -> (Driver, VhostUserInflight, File) {
+    let (info, file) = {
+        let mut first = Driver::connect(socket, features);
+        negotiate_inflight(&mut first);
+        get_inflight_region(&mut first, 1)
+    };
+    wait_sessions(dp, name, 0);
+    let mut driver = Driver::connect(socket, features);
+    negotiate_inflight(&mut driver);
+    driver.set_mem_table();
+    driver.setup_queue_record(
+        0,
+        EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+        EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+    );
+    (driver, info, file)
 }
