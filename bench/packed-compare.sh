@@ -17,90 +17,20 @@
 # Binaries: $RVHOST / --rvhost and $RVHOST_PERF / --perf, default build/release/{rvhost,rvhost-perf}.
 set -euo pipefail
 
-ROUNDS=5
-SECS=2
-BS=4k
-SIZE=256m
-WORKLOADS="randread:1 randread:32 randread:128"
-TYPES="blk scsi"
+# shellcheck source=bench/lib-ab.sh
+. "$(dirname "$0")/lib-ab.sh"
+ab_defaults packed-compare
 BDEVS="null malloc"
-TARGET_CPU=0
-INITIATOR_CPU=1
-RT=0
-OUT=""
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
-BUILD="${CARGO_TARGET_DIR:-$REPO/build}"
-RVHOST="${RVHOST:-$BUILD/release/rvhost}"
-PERF="${RVHOST_PERF:-$BUILD/release/rvhost-perf}"
 
 usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
-    --rounds) ROUNDS="$2"; shift 2 ;;
-    --secs) SECS="$2"; shift 2 ;;
-    --bs) BS="$2"; shift 2 ;;
-    --size) SIZE="$2"; shift 2 ;;
-    --workloads) WORKLOADS="$2"; shift 2 ;;
-    --types) TYPES="$2"; shift 2 ;;
     --bdevs) BDEVS="$2"; shift 2 ;;
-    --target-cpu) TARGET_CPU="$2"; shift 2 ;;
-    --initiator-cpu) INITIATOR_CPU="$2"; shift 2 ;;
-    --rt) RT=1; shift ;;
-    --out) OUT="$2"; shift 2 ;;
-    --rvhost) RVHOST="$2"; shift 2 ;;
-    --perf) PERF="$2"; shift 2 ;;
-    -h|--help) usage 0 ;;
-    *) echo "packed-compare.sh: unknown option $1" >&2; usage 2 ;;
+    *) ab_option "$@"; shift "$AB_SHIFT" ;;
   esac
 done
-
-for bin in "$RVHOST" "$PERF"; do
-  [ -x "$bin" ] || { echo "packed-compare.sh: $bin not built (cargo build --release -p rvhost-target -p rvhost-bench)" >&2; exit 2; }
-done
-PRIO=(env)
-[ "$RT" = 1 ] && PRIO=(chrt -r 1)
-WORK="$(mktemp -d /tmp/rvhost-packed-compare.XXXXXX)"
-OUT="${OUT:-$WORK/rounds.csv}"
-TARGET_PID=""
-cleanup() {
-  if [ -n "$TARGET_PID" ]; then kill "$TARGET_PID" 2>/dev/null || true; wait "$TARGET_PID" 2>/dev/null || true; fi
-  rm -rf "$WORK/sock"
-}
-trap cleanup EXIT
-
-BLOCKS="$(python3 -c 'import sys; s=sys.argv[1].lower(); m={"k":1<<10,"m":1<<20,"g":1<<30}; print((int(s[:-1])*m[s[-1]] if s[-1] in m else int(s)) // 512)' "$SIZE")"
-MASK="0x$(printf %x $((1 << TARGET_CPU)))"
-
-# start_target TYPE BDEV: rvhost with controller perf.0 (TYPE) on bdev Dev0 (null or malloc).
-start_target() {
-  local type="$1" bdev="$2" create controller
-  create="{\"method\":\"bdev_${bdev}_create\",\"params\":{\"name\":\"Dev0\",\"num_blocks\":$BLOCKS,\"block_size\":512}}"
-  if [ "$type" = blk ]; then
-    controller="{\"method\":\"vhost_create_blk_controller\",\"params\":{\"ctrlr\":\"perf.0\",\"dev_name\":\"Dev0\",\"cpumask\":\"$MASK\"}}"
-  else
-    controller="{\"method\":\"vhost_create_scsi_controller\",\"params\":{\"ctrlr\":\"perf.0\",\"cpumask\":\"$MASK\"}},{\"method\":\"vhost_scsi_controller_add_target\",\"params\":{\"ctrlr\":\"perf.0\",\"scsi_target_num\":0,\"bdev_name\":\"Dev0\"}}"
-  fi
-  echo "[$create,$controller]" > "$WORK/config.json"
-  rm -rf "$WORK/sock"; mkdir -p "$WORK/sock"
-  RVHOST_BUSY_POLL=1 "${PRIO[@]}" taskset -c "$TARGET_CPU" "$RVHOST" -m "$MASK" -S "$WORK/sock" \
-    -r "$WORK/sock/rpc.sock" -c "$WORK/config.json" -L warn > "$WORK/rvhost-$type-$bdev.log" 2>&1 &
-  TARGET_PID=$!
-  for _ in $(seq 400); do
-    [ -S "$WORK/sock/perf.0" ] && return 0
-    kill -0 "$TARGET_PID" 2>/dev/null || break
-    sleep 0.05
-  done
-  echo "packed-compare.sh: rvhost ($type, $bdev) did not come up:" >&2
-  tail -5 "$WORK/rvhost-$type-$bdev.log" >&2
-  exit 1
-}
-
-stop_target() {
-  kill "$TARGET_PID" 2>/dev/null || true
-  wait "$TARGET_PID" 2>/dev/null || true
-  TARGET_PID=""
-}
+ab_setup
 
 # Prints the IOPS of one run ("split" or "packed" rings); fails the script on an error or a
 # report whose layout is not the one asked for.

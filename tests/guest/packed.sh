@@ -23,17 +23,6 @@ packed_bit() {
     echo missing
 }
 
-# scsi_disk: the sdX of target 0's LUN 0.
-scsi_disk() {
-    for d in /sys/class/scsi_device/*:0:0:0; do
-        if [ -d "$d/device/block" ]; then
-            ls "$d/device/block" | head -n 1
-            return 0
-        fi
-    done
-    return 1
-}
-
 wait_scsi() {
     tries=$(($1 * 10))
     while ! scsi_disk >/dev/null 2>&1; do
