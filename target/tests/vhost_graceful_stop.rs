@@ -96,7 +96,10 @@ fn post(driver: &mut Driver, i: u16) {
 /// per-queue view (`rvhost_get_queue_stats`). (The used ring's `avail_event` no longer tells how
 /// many heads were taken: the target parks it and rewrites it only every 2^15 - size heads.)
 fn in_flight_of(target: &Target, ctrlr: &str, queue: usize) -> u64 {
-    let reply = target.ok("rvhost_get_queue_stats", serde_json::json!({"ctrlr": ctrlr}));
+    let reply = target.ok(
+        "rvhost_get_queue_stats",
+        serde_json::json!({"ctrlr": ctrlr}),
+    );
     reply["controllers"][0]["sessions"][0]["queues"][queue]["in_flight"]
         .as_u64()
         .unwrap_or(0)
