@@ -40,6 +40,10 @@ const USAGE: &str = "usage:
                                         every slot must hold the region last read into it; creates
                                         the file READY once reading; prints ok:reads=N,
                                         stale:slots=K/SLOTS:..., or hung:...)
+  blkcheck randread DEV LEN THREADS SECONDS
+                                       (load from THREADS threads, each one synchronous random
+                                        4 KiB O_DIRECT read of the first LEN bytes at a time, for
+                                        SECONDS; prints ok:ios=N:ms=M:iops=R)
   blkcheck qdread DEV LEN DEPTH BLOCK SECONDS
                                        (load from one thread: DEPTH random BLOCK-byte O_DIRECT
                                         reads of the first LEN bytes kept in flight through
@@ -470,6 +474,65 @@ fn check_block(data: &[u8], seed: u64, pos: u64) -> Result<(), CheckError> {
     }
 }
 
+/// Reads random 4 KiB blocks from `THREADS` threads for `SECONDS` (a fixed queue depth of
+/// `THREADS`, as fio's `--iodepth` with synchronous reads in `--numjobs`) and reports the rate.
+fn randread(args: &[String]) -> Result<String, CheckError> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+    const BLOCK: u64 = 4096;
+    let [dev, len, threads, seconds] = args else {
+        return Err(CheckError::Usage("need DEV LEN THREADS SECONDS".into()));
+    };
+    let blocks = (parse_num(len, "LEN")? / BLOCK).max(1);
+    let threads = parse_num(threads, "THREADS")?.clamp(1, 64);
+    let run = Duration::from_secs(parse_num(seconds, "SECONDS")?);
+    let ios = AtomicU64::new(0);
+    let start = Instant::now();
+    let until = start + run;
+    let results: Vec<Result<(), CheckError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let ios = &ios;
+                scope.spawn(move || {
+                    let file = open_direct(dev, false)?;
+                    let mut buf = AlignedBuf::new(BLOCK as usize, 0)?;
+                    // xorshift64*: a different sequence per thread, no dependency.
+                    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (t + 1).wrapping_mul(0xbf58_476d);
+                    while Instant::now() < until {
+                        state ^= state >> 12;
+                        state ^= state << 25;
+                        state ^= state >> 27;
+                        let block = state.wrapping_mul(0x2545_f491_4f6c_dd1d) % blocks;
+                        let pos = block * BLOCK;
+                        file.read_exact_at(buf.bytes_mut(), pos).map_err(|source| {
+                            CheckError::Io {
+                                what: "read",
+                                offset: pos,
+                                source,
+                            }
+                        })?;
+                        ios.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or(Err(CheckError::Usage("reader panicked".into())))
+            })
+            .collect()
+    });
+    let ms = start.elapsed().as_millis().max(1) as u64;
+    for result in results {
+        result?;
+    }
+    let ios = ios.load(Ordering::Relaxed);
+    Ok(format!("ok:ios={ios}:ms={ms}:iops={}", ios * 1000 / ms))
+}
+
 /// Keeps `DEPTH` random reads of `BLOCK` bytes in flight from one thread through io_uring for
 /// `SECONDS` and reports the rate, overall and per whole second. One thread submitting and
 /// reaping in batches costs a slow (TCG) guest far less per read than as many threads each
@@ -829,6 +892,7 @@ fn run(args: &[String]) -> Result<String, CheckError> {
         "expect-write-error" => expect_write_error(rest),
         "writers" => writers(rest),
         "readhold" => readhold(rest),
+        "randread" => randread(rest),
         "qdread" => qdread(rest),
         other => Err(CheckError::Usage(format!("unknown command {other:?}"))),
     }
