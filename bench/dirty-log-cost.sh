@@ -57,8 +57,7 @@ print("%.0f,%d" % (r["total"]["iops"], marked))
 }
 
 echo "type,workload,qd,round,logging,iops,pages_marked,load1" > "$OUT"
-echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r), rounds=$ROUNDS secs=$SECS bs=$BS size=$SIZE, target CPU $TARGET_CPU, initiator CPU $INITIATOR_CPU$([ "$RT" = 1 ] && echo ', SCHED_RR'), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "# rvhost: $RVHOST ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')); per-round CSV: $OUT"
+ab_header
 for type in $TYPES; do
   start_target "$type" null
   for wl in $WORKLOADS; do

@@ -69,6 +69,12 @@ ab_setup() {
   MASK="0x$(printf %x $((1 << TARGET_CPU)))"
 }
 
+# ab_header: the run's two comment lines (date, kernel, settings, load; binary, commit, CSV).
+ab_header() {
+  echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r), rounds=$ROUNDS secs=$SECS bs=$BS size=$SIZE, target CPU $TARGET_CPU, initiator CPU $INITIATOR_CPU$([ "$RT" = 1 ] && echo ', SCHED_RR'), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "# rvhost: $RVHOST ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')); per-round CSV: $OUT"
+}
+
 ab_cleanup() {
   stop_target
   rm -rf "$WORK/sock"
