@@ -163,6 +163,7 @@ impl Rig {
                     last_avail: if packed { 0x8000 } else { 0 },
                     features: VirtioFeatures(features),
                     call: None,
+                    kick: None,
                     err: None,
                     memory: Arc::clone(&mem),
                     inflight: None,

@@ -19,7 +19,7 @@
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +30,8 @@ use crate::EventFd;
 pub struct Waker {
     fd: EventFd,
     sleeping: AtomicBool,
+    /// Parties that wake the owner from other threads ([`Waker::add_source`]).
+    sources: AtomicUsize,
 }
 
 impl Waker {
@@ -38,7 +40,29 @@ impl Waker {
         Ok(Waker {
             fd: EventFd::new()?,
             sleeping: AtomicBool::new(false),
+            sources: AtomicUsize::new(0),
         })
+    }
+
+    /// Another thread's work for the owner now completes by waking it (an rbd queue took the
+    /// waker): until the matching [`Waker::remove_source`], the owner may block between its
+    /// requests instead of spinning (the reactor's kick wait).
+    pub fn add_source(&self) {
+        self.sources.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Undoes one [`Waker::add_source`] (the queue was dropped).
+    pub fn remove_source(&self) {
+        // A failed update means it was already 0; nothing to undo.
+        let _ = self
+            .sources
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// Whether any party added itself with [`Waker::add_source`] and is still there.
+    #[inline]
+    pub fn has_sources(&self) -> bool {
+        self.sources.load(Ordering::Relaxed) > 0
     }
 
     /// The eventfd, for a producer that can only write a descriptor itself (librbd's

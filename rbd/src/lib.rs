@@ -590,6 +590,14 @@ impl std::fmt::Debug for Record {
     }
 }
 
+impl Drop for CompletionQueue {
+    fn drop(&mut self) {
+        if let Some(waker) = self.wake.get() {
+            waker.remove_source();
+        }
+    }
+}
+
 impl CompletionQueue {
     /// A queue with `capacity` operation records made ahead.
     pub fn new(capacity: usize) -> Self {
@@ -623,6 +631,7 @@ impl CompletionQueue {
     fn take_thread_waker(&mut self) {
         if self.wake.get().is_none() {
             if let Some(waker) = waker::current() {
+                waker.add_source();
                 let _ = self.wake.set(waker);
             }
         }

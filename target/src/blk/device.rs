@@ -514,6 +514,8 @@ mod tests {
         device: BlkDevice,
         held: Arc<Held>,
         avail_idx: u16,
+        /// The kick eventfd the queue starts with.
+        kick: Option<Arc<crate::vhost::EventNotifier>>,
     }
 
     fn table_over(file: &std::fs::File) -> Arc<GuestMemoryTable> {
@@ -569,6 +571,7 @@ mod tests {
                 device,
                 held,
                 avail_idx: 0,
+                kick: None,
             };
             let mut features = bit(feature::VIRTIO_F_VERSION_1);
             if readonly {
@@ -587,6 +590,7 @@ mod tests {
                 last_avail: self.avail_idx,
                 features: VirtioFeatures(features),
                 call: None,
+                kick: self.kick.clone(),
                 err: None,
                 memory: Arc::clone(&self.mem),
                 inflight: None,
@@ -752,6 +756,68 @@ mod tests {
         rig.device.poll();
         rig.device.poll();
         assert_eq!(rig.used_idx(), 2);
+    }
+
+    #[test]
+    fn a_device_waits_for_kicks_only_with_nothing_in_flight_and_turns_them_off_after() {
+        use crate::reactor::BlockReadiness;
+        use std::os::fd::AsFd;
+        let no_notify = |rig: &Rig| rig.mem.load_u16(USED, Ordering::Acquire).unwrap() & 1;
+        let mut rig = Rig::new(false);
+        // Negative control: a queue without a kick eventfd cannot wake its reactor.
+        let mut fds = Vec::new();
+        assert_eq!(rig.device.prepare_block(&mut fds), BlockReadiness::Refused);
+        rig.device.end_block(&fds);
+        assert_eq!(no_notify(&rig), 1);
+
+        let (tx, rx) = reply();
+        rig.device.apply(DeviceOp::StopQueue {
+            index: 0,
+            reply: tx,
+        });
+        rx.try_recv().unwrap();
+        let efd = rvhost_platform_linux::EventFd::new().unwrap();
+        let file = std::fs::File::from(efd.as_fd().try_clone_to_owned().unwrap());
+        rig.kick = Some(Arc::new(
+            crate::vhost::EventNotifier::from_file(file).unwrap(),
+        ));
+        rig.start(bit(feature::VIRTIO_F_VERSION_1));
+
+        // Idle: kicks on while it waits, its eventfd in the list; off again after.
+        let mut fds = Vec::new();
+        assert_eq!(rig.device.prepare_block(&mut fds), BlockReadiness::Ready);
+        assert_eq!(fds.len(), 1);
+        assert_eq!(no_notify(&rig), 0, "kicks on");
+        rig.device.end_block(&fds);
+        assert_eq!(no_notify(&rig), 1, "kicks off");
+
+        // A kick during the wait is consumed, so the next wait does not end at once.
+        let mut fds = Vec::new();
+        assert_eq!(rig.device.prepare_block(&mut fds), BlockReadiness::Ready);
+        efd.signal().unwrap();
+        fds[0].revents = libc::POLLIN;
+        rig.device.end_block(&fds);
+        assert_eq!(efd.consume().unwrap(), 0, "the kick was consumed");
+
+        // A request made available before the kicks were on is found by the re-check.
+        rig.post(0, 4);
+        let mut fds = Vec::new();
+        assert_eq!(rig.device.prepare_block(&mut fds), BlockReadiness::Work);
+        rig.device.end_block(&fds);
+        assert_eq!(no_notify(&rig), 1);
+
+        // In flight on a bdev that does not wake the reactor: it must be polled.
+        rig.device.poll();
+        assert_eq!(rig.held.submitted.load(Ordering::Relaxed), 1);
+        let mut fds = Vec::new();
+        assert_eq!(rig.device.prepare_block(&mut fds), BlockReadiness::Refused);
+        rig.device.end_block(&fds);
+        rig.release();
+        rig.device.poll();
+        assert_eq!(rig.used_idx(), 1);
+        let mut fds = Vec::new();
+        assert_eq!(rig.device.prepare_block(&mut fds), BlockReadiness::Ready);
+        rig.device.end_block(&fds);
     }
 
     #[test]

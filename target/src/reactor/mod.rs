@@ -71,6 +71,13 @@ pub const WAKER_SPIN_ROUNDS: u32 = 0;
 /// of a millisecond, and those wake-ups took half a core at QD1 against a loaded Ceph cluster
 /// (bench/README.md, "Ceph RBD").
 pub const WAKER_WAIT: Duration = Duration::from_millis(1);
+/// Empty poll rounds after which an adaptive reactor with nothing in flight, whose work
+/// completes on other threads (a [`Waker`] source: rbd), announces a sleep and then, if every
+/// task agrees ([`Task::prepare_block`]), blocks on the tasks' descriptors (the guests' kick
+/// eventfds) and its waker, instead of spinning and yielding until the driver's next request,
+/// as qemu-storage-daemon sleeps in `ppoll`. Reactors without such work (null, malloc, nvme,
+/// file bdevs) never do: they keep the spin/yield/sleep policy.
+pub const KICK_SPIN_ROUNDS: u32 = 0;
 /// Empty poll rounds after which an adaptive reactor starts sleeping between rounds.
 pub const YIELD_ROUNDS: u32 = 32 * 1024;
 /// How long an idle adaptive reactor sleeps between rounds.
@@ -118,6 +125,31 @@ pub trait Task: Send {
     fn control(&mut self, message: Message);
     /// Whether the task is done; the reactor then drops it.
     fn is_finished(&self) -> bool;
+
+    /// The reactor found no work and would block until one of its descriptors becomes readable
+    /// (see [`KICK_SPIN_ROUNDS`]). A task that can be woken that way turns on the notifications
+    /// it needs (a vhost device: the driver's kicks), appends their descriptors to `fds`, then
+    /// looks for work that arrived before they were on, and says what it found. The default,
+    /// [`BlockReadiness::Refused`], keeps the reactor polling.
+    fn prepare_block(&mut self, _fds: &mut Vec<libc::pollfd>) -> BlockReadiness {
+        BlockReadiness::Refused
+    }
+
+    /// Ends what [`Task::prepare_block`] began, whatever it returned and whether or not the
+    /// reactor blocked: notifications off again. `fds` are the descriptors it appended, with
+    /// what the wait found on them.
+    fn end_block(&mut self, _fds: &[libc::pollfd]) {}
+}
+
+/// What a task answers when its reactor would block ([`Task::prepare_block`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockReadiness {
+    /// It must be polled (work in flight that nothing wakes, a timer, no descriptor to wait on).
+    Refused,
+    /// Work arrived while the notifications were turned on: poll again.
+    Work,
+    /// Its descriptors are in the list: the reactor may block on them.
+    Ready,
 }
 
 /// A message to a reactor.
@@ -240,6 +272,8 @@ struct Polled {
     busy_ticks: u64,
     idle_ticks: u64,
     shared: Arc<TaskStats>,
+    /// Its descriptors in the kick wait's list (start, end).
+    block_fds: (usize, usize),
 }
 
 impl Polled {
@@ -645,6 +679,15 @@ impl Reactor {
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
             .map_or(WAKER_WAIT, Duration::from_micros);
+        // Benchmark knob (bench/rbd-compare.sh): empty rounds before the kick wait; "off"
+        // turns it off (the spin/yield/sleep policy of reactors without wake-up sources).
+        let kick_spin_rounds = match std::env::var("RVHOST_KICK_SPIN_ROUNDS").ok().as_deref() {
+            Some("off") => None,
+            Some(v) => Some(v.parse::<u32>().unwrap_or(KICK_SPIN_ROUNDS)),
+            None => Some(KICK_SPIN_ROUNDS),
+        };
+        // A task refused the kick wait: not tried again until a round finds work.
+        let mut kick_refused = false;
         loop {
             let mut work = 0usize;
             while let Some(command) = self.commands.try_pop() {
@@ -690,6 +733,7 @@ impl Reactor {
             rounds = rounds.wrapping_add(1);
             if work > 0 {
                 empty_rounds = 0;
+                kick_refused = false;
                 if armed {
                     if let Some(wake) = wake.as_ref() {
                         wake.cancel_sleep();
@@ -699,9 +743,22 @@ impl Reactor {
             } else {
                 empty_rounds = empty_rounds.saturating_add(1);
                 if self.idle == IdlePolicy::Adaptive {
-                    let waiting_for_others =
-                        empty_rounds > waker_spin_rounds && waker::expected() > 0;
-                    match (waiting_for_others, wake.as_ref()) {
+                    let expected = waker::expected() > 0;
+                    let waiting_for_others = expected && empty_rounds > waker_spin_rounds;
+                    let waiting_for_kicks = !expected
+                        && !kick_refused
+                        && kick_spin_rounds.is_some_and(|spin| empty_rounds > spin)
+                        && wake.as_ref().is_some_and(|w| w.has_sources());
+                    match (waiting_for_others || waiting_for_kicks, wake.as_ref()) {
+                        (true, Some(wake)) if armed && waiting_for_kicks => {
+                            // Nothing in flight, and what does complete here wakes the
+                            // reactor: block until a driver kicks, a command arrives or
+                            // WAKER_WAIT passed, if every task can be woken so.
+                            armed = false;
+                            if !self.block_on_kicks(wake, &mut sleep_fds, waker_wait) {
+                                kick_refused = true;
+                            }
+                        }
                         (true, Some(wake)) if armed => {
                             // Operations in flight on other threads will wake the waker: block
                             // on it, leaving the core to them, and wake at the first completion
@@ -710,6 +767,8 @@ impl Reactor {
                             // it). At most WAKER_WAIT, so the other devices of this reactor
                             // are polled at least as often as when it sleeps.
                             armed = false;
+                            // The waker alone (not the kick wait's descriptors).
+                            sleep_fds.clear();
                             if let Err(err) = wake.sleep(&mut sleep_fds, waker_wait) {
                                 tracing::debug!(%err, "waiting on the wake-up eventfd");
                             }
@@ -755,6 +814,45 @@ impl Reactor {
         }
     }
 
+    /// The kick wait (see [`KICK_SPIN_ROUNDS`]), after the waker announced the sleep and a
+    /// round found nothing: every task turns its notifications on and re-checks for work; if
+    /// all are ready, blocks on their descriptors and the waker for at most `timeout`. Every
+    /// task then turns them off again. Returns `false` if a task refused.
+    fn block_on_kicks(
+        &mut self,
+        wake: &Waker,
+        fds: &mut Vec<libc::pollfd>,
+        timeout: Duration,
+    ) -> bool {
+        fds.clear();
+        // The waker's entry; `Waker::sleep` fills it in.
+        fds.push(waker::readable(-1));
+        let mut readiness = BlockReadiness::Ready;
+        let mut prepared = 0;
+        for polled in self.tasks.iter_mut() {
+            let start = fds.len();
+            let answer = polled.task.prepare_block(fds);
+            polled.block_fds = (start, fds.len());
+            prepared += 1;
+            if answer != BlockReadiness::Ready {
+                readiness = answer;
+                break;
+            }
+        }
+        if readiness == BlockReadiness::Ready {
+            if let Err(err) = wake.sleep(fds, timeout) {
+                tracing::debug!(%err, "waiting on the kick and wake-up eventfds");
+            }
+        } else {
+            wake.cancel_sleep();
+        }
+        for polled in self.tasks.iter_mut().take(prepared) {
+            let (start, end) = polled.block_fds;
+            polled.task.end_block(fds.get(start..end).unwrap_or(&[]));
+        }
+        readiness != BlockReadiness::Refused
+    }
+
     /// Applies one command; `false` means shut down.
     fn apply(&mut self, command: Command) -> bool {
         match command {
@@ -769,6 +867,7 @@ impl Reactor {
                     busy_ticks: 0,
                     idle_ticks: 0,
                     shared,
+                    block_fds: (0, 0),
                 });
                 // The control side may have given up waiting; the task is added regardless.
                 let _ = reply.send(());
@@ -987,6 +1086,85 @@ mod tests {
             "busy grew by {} ns while idle",
             busy3 - busy2
         );
+        reactor.shutdown();
+    }
+
+    /// Waits on an eventfd between requests: `poll` reports work once per signal it saw.
+    struct Kickable {
+        kick: rvhost_platform_linux::EventFd,
+        polls: Arc<AtomicU64>,
+        prepared: Arc<AtomicU64>,
+        kicked: Arc<AtomicU64>,
+        pending: bool,
+    }
+
+    impl Task for Kickable {
+        fn id(&self) -> TaskId {
+            TaskId(5)
+        }
+        fn poll(&mut self) -> usize {
+            self.polls.fetch_add(1, Ordering::Relaxed);
+            usize::from(std::mem::take(&mut self.pending))
+        }
+        fn control(&mut self, _message: Message) {}
+        fn is_finished(&self) -> bool {
+            false
+        }
+        fn prepare_block(&mut self, fds: &mut Vec<libc::pollfd>) -> BlockReadiness {
+            use std::os::fd::AsRawFd;
+            self.prepared.fetch_add(1, Ordering::Relaxed);
+            fds.push(waker::readable(self.kick.as_raw_fd()));
+            BlockReadiness::Ready
+        }
+        fn end_block(&mut self, fds: &[libc::pollfd]) {
+            if fds.first().is_some_and(|fd| fd.revents != 0) {
+                self.kick.consume().unwrap();
+                self.kicked.fetch_add(1, Ordering::Relaxed);
+                self.pending = true;
+            }
+        }
+    }
+
+    #[test]
+    fn a_reactor_with_a_wake_source_blocks_on_its_tasks_descriptors() {
+        let reactor = spawn(0, IdlePolicy::Adaptive, Arc::new(NumaTopology::unknown())).unwrap();
+        let (polls, prepared, kicked) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let kick = rvhost_platform_linux::EventFd::new().unwrap();
+        let signal = kick.try_clone().unwrap();
+        let task = Box::new(Kickable {
+            kick,
+            polls: Arc::clone(&polls),
+            prepared: Arc::clone(&prepared),
+            kicked: Arc::clone(&kicked),
+            pending: false,
+        });
+        reactor
+            .call(|reply| Command::AddTask { task, reply })
+            .unwrap();
+        // Negative control: without a wake-up source the reactor spins, yields and sleeps, and
+        // never asks its tasks to block.
+        wait_until("polls", || polls.load(Ordering::Relaxed) > 10_000);
+        assert_eq!(prepared.load(Ordering::Relaxed), 0);
+
+        let waker = reactor.waker.clone().expect("a reactor waker");
+        waker.add_source();
+        wait_until("a kick wait", || prepared.load(Ordering::Relaxed) > 0);
+        // Blocked, it polls about twice per WAKER_WAIT (1 ms); spinning, thousands of times.
+        let before = polls.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(50));
+        let during = polls.load(Ordering::Relaxed) - before;
+        assert!(during < 1000, "{during} polls in 50 ms of a kick wait");
+        // A signal on the task's descriptor ends the wait, and the task is told so.
+        signal.signal().unwrap();
+        wait_until("the kick", || kicked.load(Ordering::Relaxed) > 0);
+
+        // Back to polling once the source is gone.
+        waker.remove_source();
+        assert!(!waker.has_sources());
         reactor.shutdown();
     }
 

@@ -209,6 +209,11 @@ impl EventNotifier {
             tracing::warn!(%err, "writing call eventfd failed");
         }
     }
+
+    /// The eventfd (a kick fd the reactor waits on).
+    pub(crate) fn event_fd(&self) -> &rvhost_platform_linux::EventFd {
+        &self.0
+    }
 }
 
 /// Everything a reactor needs to start polling one vring.
@@ -228,6 +233,9 @@ pub struct QueueSetup {
     pub features: VirtioFeatures,
     /// Where to signal completions.
     pub call: Option<Arc<EventNotifier>>,
+    /// The driver's kick eventfd (`None`: none, or not an eventfd): only a reactor that blocks
+    /// between requests reads it (see `reactor::KICK_SPIN_ROUNDS`); otherwise it polls.
+    pub kick: Option<Arc<EventNotifier>>,
     /// Where to report a queue the driver broke (`SET_VRING_ERR`).
     pub err: Option<Arc<EventNotifier>>,
     /// Where the used ring is logged while a migration logs (`SET_VRING_ADDR` with

@@ -76,8 +76,8 @@ struct VringState {
     /// Guest physical addresses of descriptor table, avail ring, used ring.
     addrs: Option<(u64, u64, u64)>,
     /// `SET_VRING_KICK` received (the ring is "started" in the spec's words). We poll, so the fd is
-    /// only kept, never read.
-    kick: Option<Option<File>>,
+    /// read only by a reactor that blocks between requests (`reactor::KICK_SPIN_ROUNDS`).
+    kick: Option<Option<Arc<EventNotifier>>>,
     call: Option<Arc<EventNotifier>>,
     err: Option<Arc<EventNotifier>>,
     /// `log_guest_addr` of the last `SET_VRING_ADDR` with `VHOST_VRING_F_LOG`: where the used
@@ -250,6 +250,7 @@ impl Session {
             last_avail: vring.base,
             features: VirtioFeatures(self.acked_features),
             call: vring.call.clone(),
+            kick: vring.kick.clone().flatten(),
             err: vring.err.clone(),
             used_log_gpa: vring.log_gpa,
             memory,
@@ -592,7 +593,15 @@ impl VhostUserBackendReqHandlerMut for Session {
             // Without VHOST_USER_F_PROTOCOL_FEATURES a ring is enabled as soon as it starts.
             self.vrings[idx].enabled = true;
         }
-        self.vrings[idx].kick = Some(fd);
+        // A descriptor that is not an eventfd is kept out of the reactor's waits (it polls).
+        let kick = fd.and_then(|fd| match EventNotifier::from_file(fd) {
+            Ok(kick) => Some(Arc::new(kick)),
+            Err(err) => {
+                tracing::debug!(vring = idx, %err, "kick fd not waited on");
+                None
+            }
+        });
+        self.vrings[idx].kick = Some(kick);
         self.maybe_start_vring(idx)
     }
 

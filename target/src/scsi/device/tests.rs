@@ -97,6 +97,7 @@ impl Rig {
                 last_avail: 0,
                 features: VirtioFeatures(features),
                 call: None,
+                kick: None,
                 err: None,
                 memory: Arc::clone(&mem),
                 inflight: None,

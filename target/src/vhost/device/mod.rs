@@ -47,12 +47,14 @@ use std::sync::Arc;
 
 use rvhost_core::virtq::packed::PackedQueue;
 use rvhost_core::virtq::{Chain, ChainError, RingHead, SplitQueue};
-use rvhost_platform_linux::tsc;
+use std::os::fd::AsRawFd;
+
+use rvhost_platform_linux::{tsc, waker};
 
 use super::memory::GuestMemoryTable;
 use super::{DeviceBackend, DeviceId, DeviceOp, DrainProgress, QueueSetup, VirtioFeatures};
 use crate::bdev::IoMemory;
-use crate::reactor::{Message, ReactorHandle, Reply, Task};
+use crate::reactor::{BlockReadiness, Message, ReactorHandle, Reply, Task};
 pub use coalesce::{
     CoalescingError, CoalescingSettings, CoalescingTicks, DEFAULT_IOPS_THRESHOLD,
     MAX_DELAY_BASE_US, MIN_IOPS_THRESHOLD, STATS_INTERVAL,
@@ -971,6 +973,66 @@ impl<H: RequestHandler, V: ShellRing> Task for VhostDevice<H, V> {
     fn is_finished(&self) -> bool {
         self.removed
     }
+
+    fn prepare_block(&mut self, fds: &mut Vec<libc::pollfd>) -> BlockReadiness {
+        if self.removed {
+            return BlockReadiness::Ready;
+        }
+        // In flight (only the waker's completions end those waits), a deferred operation or a
+        // held call (timers) need polling.
+        if self.settle_pending || self.calls_held || self.in_flight() > 0 {
+            return BlockReadiness::Refused;
+        }
+        let Some(mem) = self.memory.as_deref() else {
+            return if self.has_queues() {
+                BlockReadiness::Refused
+            } else {
+                BlockReadiness::Ready
+            };
+        };
+        for q in self.queues.iter_mut().flatten() {
+            if !q.accepts_requests() {
+                continue;
+            }
+            if q.has_resubmit() {
+                return BlockReadiness::Work;
+            }
+            let Some(kick) = &q.kick else {
+                return BlockReadiness::Refused;
+            };
+            // Kicks on, then the ring re-checked: a request the driver added before it could
+            // see them is found here, one added after is kicked. A ring that cannot be written
+            // is found broken by the next poll.
+            match q.vq.enable_kicks(mem) {
+                Ok(false) => fds.push(waker::readable(kick.event_fd().as_raw_fd())),
+                Ok(true) | Err(_) => return BlockReadiness::Work,
+            }
+        }
+        BlockReadiness::Ready
+    }
+
+    fn end_block(&mut self, fds: &[libc::pollfd]) {
+        let Some(mem) = self.memory.as_deref() else {
+            return;
+        };
+        // The queues `prepare_block` waited on, in its order: reset the kicked ones' eventfds
+        // (so the next wait does not end at once) and turn every queue's kicks off again. A
+        // queue it did not reach has them off already, which costs a comparison.
+        let mut fds = fds.iter();
+        for q in self.queues.iter_mut().flatten() {
+            if !q.accepts_requests() {
+                continue;
+            }
+            if let Some(kick) = &q.kick {
+                if fds.next().is_some_and(|fd| fd.revents != 0) {
+                    let _ = kick.event_fd().consume();
+                }
+            }
+            if let Err(err) = q.vq.disable_kicks(mem) {
+                tracing::debug!(device = self.id.0, %err, "turning kicks off after a wait");
+            }
+        }
+    }
 }
 
 /// Publishes every queue with coalescing on (one clock read for the round); returns whether a
@@ -1114,6 +1176,22 @@ impl<H: RequestHandler> Task for AnyLayoutDevice<H> {
             Some(Layout::Split(d)) => d.is_finished(),
             Some(Layout::Packed(d)) => d.is_finished(),
             None => true,
+        }
+    }
+
+    fn prepare_block(&mut self, fds: &mut Vec<libc::pollfd>) -> BlockReadiness {
+        match &mut self.device {
+            Some(Layout::Split(d)) => d.prepare_block(fds),
+            Some(Layout::Packed(d)) => d.prepare_block(fds),
+            None => BlockReadiness::Refused,
+        }
+    }
+
+    fn end_block(&mut self, fds: &[libc::pollfd]) {
+        match &mut self.device {
+            Some(Layout::Split(d)) => d.end_block(fds),
+            Some(Layout::Packed(d)) => d.end_block(fds),
+            None => {}
         }
     }
 }

@@ -466,6 +466,8 @@ pub(super) struct VirtQueue<V: ShellRing, R, Q> {
     call: Option<Arc<EventNotifier>>,
     /// The frontend's error eventfd, signalled when the driver breaks the queue.
     err: Option<Arc<EventNotifier>>,
+    /// The driver's kick eventfd, waited on only while the reactor blocks between requests.
+    pub(super) kick: Option<Arc<EventNotifier>>,
     /// The chain being decoded (one per queue, reused).
     pub(super) chain: Box<Chain<CHAIN_CAPACITY>>,
     /// Heads popped this round.
@@ -549,6 +551,7 @@ impl<V: ShellRing, R: Default + Copy, Q> VirtQueue<V, R, Q> {
             vq,
             call: setup.call.clone(),
             err: setup.err.clone(),
+            kick: setup.kick.clone(),
             chain: Box::new(Chain::new()),
             heads: [V::Head::default(); POP_BATCH],
             slots: vec![Slot::default(); usize::from(setup.size)],
