@@ -339,6 +339,11 @@ pub(crate) struct WalkParams {
 /// (a buffer that does not translate, a readable after a writable buffer, too many segments, too
 /// many bytes) are remembered and the walk goes on without collecting, so that the error can report
 /// the chain's real last buffer.
+///
+/// `#[inline]`: each ring's `walk_chain` is its one caller, and without the hint whether it was
+/// inlined there depended on how the downstream crate's code happened to fall into codegen
+/// units (out of line it cost the split ring 30-55 instructions per request in `device_poll`).
+#[inline]
 pub(crate) fn walk<M: GuestMemory + ?Sized, const N: usize>(
     mem: &M,
     params: WalkParams,

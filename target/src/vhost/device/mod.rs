@@ -41,15 +41,14 @@
 //! (`VirtQueue::completed`, the queue's one completion counter, and `VhostDevice::poll_queue`).
 
 mod coalesce;
+mod kick_wait;
 mod vqueue;
 
 use std::sync::Arc;
 
 use rvhost_core::virtq::packed::PackedQueue;
 use rvhost_core::virtq::{Chain, ChainError, RingHead, SplitQueue};
-use std::os::fd::AsRawFd;
-
-use rvhost_platform_linux::{tsc, waker};
+use rvhost_platform_linux::tsc;
 
 use super::memory::GuestMemoryTable;
 use super::{DeviceBackend, DeviceId, DeviceOp, DrainProgress, QueueSetup, VirtioFeatures};
@@ -990,48 +989,14 @@ impl<H: RequestHandler, V: ShellRing> Task for VhostDevice<H, V> {
                 BlockReadiness::Ready
             };
         };
-        for q in self.queues.iter_mut().flatten() {
-            if !q.accepts_requests() {
-                continue;
-            }
-            if q.has_resubmit() {
-                return BlockReadiness::Work;
-            }
-            let Some(kick) = &q.kick else {
-                return BlockReadiness::Refused;
-            };
-            // Kicks on, then the ring re-checked: a request the driver added before it could
-            // see them is found here, one added after is kicked. A ring that cannot be written
-            // is found broken by the next poll.
-            match q.vq.enable_kicks(mem) {
-                Ok(false) => fds.push(waker::readable(kick.event_fd().as_raw_fd())),
-                Ok(true) | Err(_) => return BlockReadiness::Work,
-            }
-        }
-        BlockReadiness::Ready
+        kick_wait::prepare(&mut self.queues, mem, fds)
     }
 
     fn end_block(&mut self, fds: &[libc::pollfd]) {
         let Some(mem) = self.memory.as_deref() else {
             return;
         };
-        // The queues `prepare_block` waited on, in its order: reset the kicked ones' eventfds
-        // (so the next wait does not end at once) and turn every queue's kicks off again. A
-        // queue it did not reach has them off already, which costs a comparison.
-        let mut fds = fds.iter();
-        for q in self.queues.iter_mut().flatten() {
-            if !q.accepts_requests() {
-                continue;
-            }
-            if let Some(kick) = &q.kick {
-                if fds.next().is_some_and(|fd| fd.revents != 0) {
-                    let _ = kick.event_fd().consume();
-                }
-            }
-            if let Err(err) = q.vq.disable_kicks(mem) {
-                tracing::debug!(device = self.id.0, %err, "turning kicks off after a wait");
-            }
-        }
+        kick_wait::end(&mut self.queues, mem, fds);
     }
 }
 
