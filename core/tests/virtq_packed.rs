@@ -888,6 +888,55 @@ fn pipelined_pop_takes_half_above_sixteen() {
     assert_eq!(q.pop_heads_pipelined(&mem, &mut heads), Ok(12));
 }
 
+/// Lists of every length against how the pop reads the ring (a batch's first list descriptor by
+/// descriptor, then runs of 16, 32 and 64 descriptors; 128 kept at most): a list longer than a run
+/// is read by a longer one or starts the next batch, a list longer than the copies is popped from
+/// the ring on its own, and each list is walked from the pop's copies exactly as from the ring.
+#[test]
+fn lists_longer_than_a_run_are_popped_whole() {
+    let mut ram = packed_support::ram();
+    let mem = packed_support::mem(&mut ram);
+    let mut q = PackedQueue::new(config(512), 0).unwrap();
+    let mut d = Driver::new(512);
+    let lens = [3usize, 20, 1, 40, 2, 70, 3, 150, 5, 100, 1];
+    let ids: Vec<u16> = lens
+        .iter()
+        .map(|&n| {
+            let elems: Vec<Elem> = (0..n as u64)
+                .map(|k| {
+                    if k + 1 == n as u64 {
+                        w(DATA + k, 1)
+                    } else {
+                        r(DATA + k, 1)
+                    }
+                })
+                .collect();
+            d.add(&mem, &elems).unwrap().0
+        })
+        .collect();
+    let mut heads = [PackedHead::default(); 32];
+    let mut popped = Vec::new();
+    while popped.len() < lens.len() {
+        let n = q.pop_heads(&mem, &mut heads).unwrap();
+        assert!(n > 0, "every list was made available");
+        for &head in &heads[..n] {
+            let mut copied = Chain::<256>::new();
+            let mut ringed = Chain::<256>::new();
+            q.walk_popped(&mem, head, &mut copied).unwrap();
+            q.walk_chain(&mem, head, &mut ringed).unwrap();
+            assert_eq!(copied.segments(), ringed.segments());
+            popped.push((head.id, copied.segments().len()));
+        }
+    }
+    assert_eq!(
+        popped,
+        ids.iter().copied().zip(lens).collect::<Vec<_>>(),
+        "in order, whole"
+    );
+    assert_eq!(q.outstanding(), lens.iter().sum::<usize>() as u16);
+    assert_eq!(q.pop_heads(&mem, &mut heads), Ok(0));
+}
+
 #[test]
 fn driver_event_suppression_decides_notifications() {
     let mut ram = packed_support::ram();

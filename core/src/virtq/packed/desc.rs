@@ -112,9 +112,8 @@ impl PackedDesc {
 /// Counters").
 #[inline]
 pub const fn is_available(flags: u16, wrap: bool) -> bool {
-    let avail = flags & VIRTQ_DESC_F_AVAIL != 0;
-    let used = flags & VIRTQ_DESC_F_USED != 0;
-    avail == wrap && used != wrap
+    // `AVAIL == wrap && USED != wrap` as one masked compare (the pop tests every descriptor).
+    flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) == avail_bits(wrap)
 }
 
 /// The `AVAIL` and `USED` bits a device writes into a used descriptor in the lap whose wrap

@@ -240,29 +240,87 @@ pub struct PackedQueue {
     popped: PoppedDescs,
 }
 
-/// Descriptors [`PackedQueue::pop_heads`] keeps for the walk: the pop reads every descriptor of
-/// a list whole (it needs their flags and the last one's buffer ID), so the walk need not read
-/// them again. They are the ring positions `pos..pos + len` of the lap whose driver wrap counter
-/// is `wrap`, in order; a list that does not fit is walked from the ring.
+/// Descriptors [`PackedQueue::pop_heads`] keeps for the walk: the pop reads the ring in runs
+/// (one guest-memory copy per run, not one per descriptor) and keeps the copies, so the walk need
+/// not read them again. They are the ring positions `pos..pos + len` of the lap whose driver
+/// wrap counter is `wrap`, in order, and always whole lists that were available when read; a
+/// list that does not fit is popped and walked from the ring.
 ///
-/// The lists a pipelined pop puts back (and any a short batch left) were read too: they stay,
-/// from `popped_to` on, and the next pop moves them to the front as `preread` and takes them
-/// from here, so every descriptor is read from guest memory once.
+/// The lists from `popped_to` on were read but not popped (a pipelined pop put them back, or a
+/// run read more than the batch took): the next pop moves them to the front and takes them from
+/// there, so every descriptor is read from guest memory once per pop.
 #[derive(Debug, Clone)]
 struct PoppedDescs {
     descs: [PackedDesc; POPPED_DESCS],
     len: u16,
     pos: u16,
     wrap: bool,
-    /// Offset of the next list to pop, if it continues the kept ones.
+    /// Offset of the first kept list not popped yet (`len` if there is none).
     popped_to: u16,
-    /// Copies at the front read by an earlier pop (complete, available lists) and not popped
-    /// since.
-    preread: u16,
+    /// The bytes of the last run read (kept here, not on the stack, so that no pop zeroes a
+    /// buffer).
+    raw: [u8; RUN_BYTES],
+}
+
+/// `(pos, wrap)` in a ring of `size` moved `n <= size` positions on.
+#[inline]
+fn advance(size: u16, pos: u16, wrap: bool, n: u16) -> (u16, bool) {
+    let size = u32::from(size);
+    let next = u32::from(pos) + u32::from(n);
+    if next >= size {
+        // `next - size < size <= 32768`.
+        ((next - size) as u16, !wrap)
+    } else {
+        (next as u16, wrap)
+    }
+}
+
+/// Reads `raw.len() / 16` descriptors of the ring at `config` from position `pos` on (across its
+/// end: one copy up to the end and one from the start).
+fn copy_ring<M: GuestMemory + ?Sized>(
+    config: &QueueConfig,
+    mem: &M,
+    pos: u16,
+    raw: &mut [u8],
+) -> Result<(), PackedQueueError> {
+    let err = |err| PackedQueueError::Memory {
+        part: PackedRingPart::DescRing,
+        err,
+    };
+    let to_end = usize::from(config.size.saturating_sub(pos)) * PackedDesc::SIZE;
+    let (head, tail) = raw.split_at_mut(to_end.min(raw.len()));
+    let at = (u64::from(pos) * PackedDesc::SIZE as u64)
+        .checked_add(config.desc_table)
+        .ok_or(err(MemError::Overflow))?;
+    mem.read(at, head).map_err(err)?;
+    if !tail.is_empty() {
+        mem.read(config.desc_table, tail).map_err(err)?;
+    }
+    Ok(())
 }
 
 /// Descriptors a pop keeps: 32 lists (the device shell's batch) of four.
 const POPPED_DESCS: usize = 128;
+
+/// Descriptors the first run of a batch reads; each further run reads twice as many, up to
+/// [`RUN_MAX`].
+const RUN_FIRST: u16 = 16;
+/// Descriptors one run reads at most.
+const RUN_MAX: u16 = 64;
+/// Bytes of the longest run.
+const RUN_BYTES: usize = RUN_MAX as usize * PackedDesc::SIZE;
+
+/// What [`PackedQueue::read_run`] found at the next position.
+enum Run {
+    /// Whole lists were added to the kept copies.
+    Added,
+    /// Nothing is available.
+    Empty,
+    /// The list there is longer than the run: read a longer one.
+    TooShort,
+    /// The list there does not fit in the copies: pop it from the ring.
+    Uncopied,
+}
 
 impl PoppedDescs {
     const fn empty() -> Self {
@@ -277,7 +335,7 @@ impl PoppedDescs {
             pos: 0,
             wrap: true,
             popped_to: 0,
-            preread: 0,
+            raw: [0; RUN_BYTES],
         }
     }
 
@@ -288,7 +346,6 @@ impl PoppedDescs {
         self.pos = pos;
         self.wrap = wrap;
         self.popped_to = 0;
-        self.preread = 0;
     }
 
     /// The copies of `head`'s descriptors, if all of them are kept.
@@ -486,14 +543,7 @@ impl PackedQueue {
 
     /// `(pos, wrap)` moved `n <= size` positions on.
     fn advance(&self, pos: u16, wrap: bool, n: u16) -> (u16, bool) {
-        let size = u32::from(self.config.size);
-        let next = u32::from(pos) + u32::from(n);
-        if next >= size {
-            // `next - size < size <= 32768`.
-            ((next - size) as u16, !wrap)
-        } else {
-            (next as u16, wrap)
-        }
+        advance(self.config.size, pos, wrap, n)
     }
 
     /// Guest address of the descriptor at ring position `pos` plus `offset` bytes.
@@ -547,36 +597,38 @@ impl PackedQueue {
         Ok(PackedDesc::from_bytes(&raw))
     }
 
-    /// Pops the list at the next position, if the driver made one available: follows its `NEXT`
-    /// flags (each descriptor must be available in its lap) to its last descriptor, whose buffer
-    /// ID it takes. Each descriptor is read whole, once; the copies are kept (while there is
-    /// room) for [`PackedQueue::walk_popped`]. Nothing else is validated here; the walk does
-    /// that.
+    /// Pops the list at the next position, if the driver made one available (see
+    /// [`PackedQueue::pop_heads`]).
     pub fn pop_head<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
     ) -> Result<Option<PackedHead>, PackedQueueError> {
+        let mut head = [PackedHead::default(); 1];
+        Ok(match self.pop_heads(mem, &mut head)? {
+            0 => None,
+            _ => head.first().copied(),
+        })
+    }
+
+    /// Pops the list at the next position from the ring, descriptor by descriptor, keeping no
+    /// copies: for a list too long for the kept copies. Follows its `NEXT` flags (each
+    /// descriptor must be available in its lap) to its last descriptor, whose buffer ID it takes.
+    fn pop_uncopied<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<Option<PackedHead>, PackedQueueError> {
         let start = (self.next_avail, self.avail_wrap);
-        // Where the list's copies go (or are, if an earlier pop read it), if it continues the
-        // kept ones.
-        let keep_from = self.popped_offset(start);
-        let preread = keep_from.is_some_and(|at| at < self.popped.preread);
         // The first descriptor's flags with Acquire: the driver writes them last, after the rest
-        // of the list, so everything read after this load is what it wrote. (A list read by an
-        // earlier pop was seen available then.)
-        let first_flags = if preread {
-            None
-        } else {
-            let flags = self.load_flags(mem, start.0)?;
-            if !is_available(flags, start.1) {
-                return Ok(None);
-            }
-            Some(flags)
-        };
+        // of the list, so everything read after this load is what it wrote.
+        let first_flags = self.load_flags(mem, start.0)?;
+        if !is_available(first_flags, start.1) {
+            return Ok(None);
+        }
         let size = self.config.size;
         let (mut pos, mut wrap) = start;
         let mut count: u16 = 0;
-        let mut desc = self.fetch_desc(mem, pos, keep_from, 0, first_flags)?;
+        let mut desc = self.read_desc(mem, pos)?;
+        desc.flags = first_flags;
         let id = loop {
             if count == size {
                 return Err(PackedQueueError::ListTooLong { pos: start.0 });
@@ -589,25 +641,16 @@ impl PackedQueue {
             if !desc.has_next() {
                 break desc.id;
             }
-            desc = self.fetch_desc(mem, pos, keep_from, count, None)?;
+            desc = self.read_desc(mem, pos)?;
             if !is_available(desc.flags, wrap) {
                 return Err(PackedQueueError::NotAvailable { pos });
             }
         };
-        if let Some(kept) = keep_from {
-            let end = usize::from(kept) + usize::from(count);
-            if end <= POPPED_DESCS {
-                // `end <= 128`.
-                self.popped.popped_to = end as u16;
-                self.popped.len = self.popped.len.max(end as u16);
-            } else {
-                // Not all of it was kept: nothing after it is.
-                self.popped.popped_to = u16::MAX;
-            }
-        }
         self.next_avail = pos;
         self.avail_wrap = wrap;
         self.outstanding += count;
+        // The copies start after it.
+        self.popped.restart(pos, wrap);
         Ok(Some(PackedHead {
             id,
             pos: start.0,
@@ -616,70 +659,260 @@ impl PackedQueue {
         }))
     }
 
-    /// Descriptor `index` of the list being popped, at ring position `pos`: from the copies if
-    /// an earlier pop read it, else read from the ring (and kept, if the list's copies start at
-    /// `keep_from` and there is room). `flags`: the flags already loaded (with Acquire) for the
-    /// list's first descriptor, which the copy takes (what the pop decided on is what the walk
-    /// checks).
+    /// Pops the first kept list not popped yet (the caller checked there is one): its
+    /// descriptors were read, found available and checked to form a whole list when they were
+    /// kept; what is left is the count against what the device holds.
     #[inline]
-    fn fetch_desc<M: GuestMemory + ?Sized>(
+    fn pop_copied(&mut self) -> Result<PackedHead, PackedQueueError> {
+        let p = &self.popped;
+        let from = p.popped_to;
+        let start = (self.next_avail, self.avail_wrap);
+        let kept = p
+            .descs
+            .get(usize::from(from)..usize::from(p.len))
+            .unwrap_or(&[]);
+        let mut count: u16 = 0;
+        let mut id = None;
+        for desc in kept {
+            count += 1;
+            if !desc.has_next() {
+                id = Some(desc.id);
+                break;
+            }
+        }
+        // Kept lists are whole, so this is only a guard.
+        let Some(id) = id else {
+            return Err(PackedQueueError::NotAvailable { pos: start.0 });
+        };
+        if u32::from(self.outstanding) + u32::from(count) > u32::from(self.config.size) {
+            return Err(PackedQueueError::Overcommitted { pos: start.0 });
+        }
+        (self.next_avail, self.avail_wrap) = self.advance(start.0, start.1, count);
+        self.outstanding += count;
+        // `from + count <= len <= 128`.
+        self.popped.popped_to = from.saturating_add(count);
+        Ok(PackedHead {
+            id,
+            pos: start.0,
+            count,
+            wrap: start.1,
+        })
+    }
+
+    /// Reads the list at the next position (which must follow the kept copies, all popped)
+    /// descriptor by descriptor into the copies: the first list of a batch, where one list is
+    /// all there often is and a run's fixed costs would not pay. Checks what
+    /// [`PackedQueue::pop_uncopied`] checks.
+    fn read_list<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<Run, PackedQueueError> {
+        let size = self.config.size;
+        let start = (self.next_avail, self.avail_wrap);
+        // The first descriptor's flags with Acquire: the driver writes them last, after the rest
+        // of the list, so everything read after this load is what it wrote.
+        let first_flags = self.load_flags(mem, start.0)?;
+        if !is_available(first_flags, start.1) {
+            return Ok(Run::Empty);
+        }
+        if self.advance(self.popped.pos, self.popped.wrap, self.popped.len) != start {
+            self.popped.restart(start.0, start.1);
+        }
+        let base = usize::from(self.popped.len);
+        let (mut pos, mut wrap) = start;
+        let mut count: u16 = 0;
+        let mut desc = self.read_desc(mem, pos)?;
+        desc.flags = first_flags;
+        loop {
+            if count == size {
+                return Err(PackedQueueError::ListTooLong { pos: start.0 });
+            }
+            let Some(slot) = self.popped.descs.get_mut(base + usize::from(count)) else {
+                return Ok(Run::Uncopied);
+            };
+            *slot = desc;
+            count += 1;
+            if u32::from(self.outstanding) + u32::from(count) > u32::from(size) {
+                return Err(PackedQueueError::Overcommitted { pos: start.0 });
+            }
+            (pos, wrap) = self.advance(pos, wrap, 1);
+            if !desc.has_next() {
+                break;
+            }
+            desc = self.read_desc(mem, pos)?;
+            if !is_available(desc.flags, wrap) {
+                return Err(PackedQueueError::NotAvailable { pos });
+            }
+        }
+        // `base + count <= POPPED_DESCS`: every descriptor found a slot.
+        self.popped.len = self.popped.len.saturating_add(count);
+        Ok(Run::Added)
+    }
+
+    /// Reads a run of up to `want` descriptors from the next position (which must follow the
+    /// kept copies, all popped) and keeps the whole lists among them that the driver made
+    /// available.
+    ///
+    /// The first descriptor's flags are loaded alone with Acquire before anything else (the idle
+    /// poll costs that one load); the run is copied after it, so the first list is whole in the
+    /// copy (the driver writes a list's first flags last, with Release), and the copy takes the
+    /// loaded flags (what the pop decides on is what the walk checks). The copy also says how
+    /// many descriptors in a row are available; if that is more than the first list, an Acquire
+    /// fence follows and they are copied again: a list whose first descriptor the first copy saw
+    /// available is whole in the second.
+    fn read_run<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
-        pos: u16,
-        keep_from: Option<u16>,
-        index: u16,
-        flags: Option<u16>,
-    ) -> Result<PackedDesc, PackedQueueError> {
-        let at = keep_from.map(|k| usize::from(k) + usize::from(index));
-        if let Some(copy) = at
-            .filter(|&at| at < usize::from(self.popped.preread))
-            .and_then(|at| self.popped.descs.get(at))
-        {
-            return Ok(*copy);
+        want: u16,
+    ) -> Result<Run, PackedQueueError> {
+        let size = self.config.size;
+        let at = (self.next_avail, self.avail_wrap);
+        let first = self.load_flags(mem, at.0)?;
+        if !is_available(first, at.1) {
+            return Ok(Run::Empty);
         }
-        let mut desc = self.read_desc(mem, pos)?;
-        if let Some(flags) = flags {
-            desc.flags = flags;
+        if self.advance(self.popped.pos, self.popped.wrap, self.popped.len) != at {
+            self.popped.restart(at.0, at.1);
         }
-        if let Some(slot) = at.and_then(|at| self.popped.descs.get_mut(at)) {
+        let base = self.popped.len;
+        // `len <= POPPED_DESCS`.
+        let room = POPPED_DESCS as u16 - base;
+        let n = want.min(RUN_MAX).min(room).min(size);
+        if n == 0 {
+            return Ok(Run::Uncopied);
+        }
+        let config = self.config;
+        let PoppedDescs { raw, descs, .. } = &mut self.popped;
+        let Some(run) = raw.get_mut(..usize::from(n) * PackedDesc::SIZE) else {
+            return Ok(Run::Uncopied);
+        };
+        let first_bytes = first.to_le_bytes();
+        let flags_at = FLAGS_OFFSET as usize;
+        copy_ring(&config, mem, at.0, run)?;
+        crate::wire::set(run, flags_at..flags_at + 2, &first_bytes);
+        // Descriptors available in a row, in their laps, and the end of the first list.
+        // Run offsets from `to_end` on are in the next lap.
+        let to_end = size.saturating_sub(at.0);
+        let mut avail: u16 = 0;
+        let mut first_end = None;
+        for d in run.chunks_exact(PackedDesc::SIZE) {
+            let flags = crate::wire::le_u16(d, flags_at..flags_at + 2);
+            if !is_available(flags, at.1 != (avail >= to_end)) {
+                break;
+            }
+            avail += 1;
+            if first_end.is_none() && flags & VIRTQ_DESC_F_NEXT == 0 {
+                first_end = Some(avail);
+            }
+        }
+        // The first list was read after the Acquire load of its first flags; what follows it
+        // is read again after the fence.
+        let first_end = first_end.unwrap_or(avail);
+        if avail > first_end {
+            fence(Ordering::Acquire);
+            let from = usize::from(first_end) * PackedDesc::SIZE;
+            let to = usize::from(avail) * PackedDesc::SIZE;
+            let Some(rest) = raw.get_mut(from..to) else {
+                return Ok(Run::Uncopied);
+            };
+            let (pos, _) = advance(size, at.0, at.1, first_end);
+            copy_ring(&config, mem, pos, rest)?;
+        }
+        let Some(run) = raw.get(..usize::from(avail) * PackedDesc::SIZE) else {
+            return Ok(Run::Uncopied);
+        };
+
+        // Keep the whole lists; `end`: descriptors up to the end of the last one.
+        let mut end: u16 = 0;
+        let mut index: u16 = 0;
+        let mut problem = None;
+        let kept = descs.get_mut(usize::from(base)..).unwrap_or(&mut []);
+        for (d, slot) in run.chunks_exact(PackedDesc::SIZE).zip(kept) {
+            let Ok(d) = <&[u8; PackedDesc::SIZE]>::try_from(d) else {
+                break;
+            };
+            let desc = PackedDesc::from_bytes(d);
+            if !is_available(desc.flags, at.1 != (index >= to_end)) {
+                // Not available in the second copy though it was in the first: a driver
+                // that took back what it offered. A list's first descriptor ends the run; a
+                // later one of the list fails it.
+                if index != end {
+                    let pos = advance(size, at.0, at.1, index).0;
+                    problem = Some(PackedQueueError::NotAvailable { pos });
+                }
+                break;
+            }
             *slot = desc;
+            index += 1;
+            if !desc.has_next() {
+                end = index;
+            }
         }
-        Ok(desc)
+        if problem.is_none() && end == 0 && avail < n {
+            // The first list runs into a descriptor that is not available (its first
+            // descriptor was loaded with Acquire before the first copy, so the copy is not
+            // stale): the driver exposed a partial list.
+            let pos = advance(size, at.0, at.1, index).0;
+            problem = Some(PackedQueueError::NotAvailable { pos });
+        }
+        if end > 0 {
+            self.popped.len = base + end;
+            return Ok(Run::Added);
+        }
+        if let Some(problem) = problem {
+            return Err(problem);
+        }
+        if n == size {
+            // `NEXT` on every descriptor of the ring: the list comes back to its first position,
+            // in the next lap.
+            let again = self.read_desc(mem, at.0)?;
+            if !is_available(again.flags, !at.1) {
+                return Err(PackedQueueError::NotAvailable { pos: at.0 });
+            }
+            return Err(PackedQueueError::ListTooLong { pos: at.0 });
+        }
+        if n < want.min(RUN_MAX) || n == RUN_MAX {
+            // Limited by the room left in the copies or by the run's length.
+            return Ok(Run::Uncopied);
+        }
+        Ok(Run::TooShort)
     }
 
-    /// Offset in the kept copies of the list at `at`, if it is the next one to pop after the
-    /// kept ones and there is room for at least one more descriptor.
-    #[inline]
-    fn popped_offset(&self, at: (u16, bool)) -> Option<u16> {
-        let offset = self.popped.popped_to;
-        if usize::from(offset) >= POPPED_DESCS {
-            return None;
-        }
-        let next = self.advance(self.popped.pos, self.popped.wrap, offset);
-        (next == at).then_some(offset)
-    }
-
-    /// Starts a batch: copies of lists not popped yet (put back by a pipelined pop) move to the
-    /// front and are taken from there; anything else kept is forgotten.
+    /// Starts a batch: copies of lists not popped yet (put back by a pipelined pop, or read by a
+    /// run beyond what the last batch took) move to the front and are taken from there; anything
+    /// else kept is forgotten.
     #[inline]
     fn begin_pop(&mut self) {
         let at = (self.next_avail, self.avail_wrap);
-        let (from, len) = (self.popped.popped_to, self.popped.len);
-        if from < len && self.popped_offset(at) == Some(from) {
-            let p = &mut self.popped;
-            p.descs.copy_within(usize::from(from)..usize::from(len), 0);
-            p.pos = at.0;
-            p.wrap = at.1;
-            p.popped_to = 0;
-            p.len = len - from;
-            p.preread = p.len;
-        } else {
-            self.popped.restart(at.0, at.1);
+        let p = &mut self.popped;
+        let (from, len) = (p.popped_to, p.len);
+        if from < len {
+            let first = {
+                let size = u32::from(self.config.size);
+                let next = u32::from(p.pos) + u32::from(from);
+                if next >= size {
+                    // `next - size < size <= 32768`.
+                    ((next - size) as u16, !p.wrap)
+                } else {
+                    (next as u16, p.wrap)
+                }
+            };
+            if first == at {
+                p.descs.copy_within(usize::from(from)..usize::from(len), 0);
+                p.pos = at.0;
+                p.wrap = at.1;
+                p.popped_to = 0;
+                p.len = len - from;
+                return;
+            }
         }
+        p.restart(at.0, at.1);
     }
 
     /// Pops up to `heads.len()` lists in the order the driver made them available and returns
     /// how many were written to `heads`.
+    ///
+    /// The first list is read descriptor by descriptor, what follows it in runs (see
+    /// `read_run`: one Acquire load and one or two copies of a run of descriptors, instead of a
+    /// load and a copy per descriptor); the lists found are kept for
+    /// [`PackedQueue::walk_popped`].
     ///
     /// A malformed list (see [`PackedQueueError`]) stops the batch: the lists before it are
     /// returned, and the error comes from the next call, which starts at the malformed list.
@@ -690,8 +923,32 @@ impl PackedQueue {
     ) -> Result<usize, PackedQueueError> {
         self.begin_pop();
         let mut popped = 0;
-        for out in heads.iter_mut() {
-            match self.pop_head(mem) {
+        let mut want = RUN_FIRST;
+        while let Some(out) = heads.get_mut(popped) {
+            let next = if self.popped.popped_to < self.popped.len {
+                self.pop_copied().map(Some)
+            } else {
+                let read = if popped == 0 {
+                    self.read_list(mem)
+                } else {
+                    self.read_run(mem, want)
+                };
+                match read {
+                    Ok(Run::Added) => {
+                        want = want.saturating_mul(2);
+                        continue;
+                    }
+                    Ok(Run::Empty) => break,
+                    Ok(Run::TooShort) => {
+                        want = want.saturating_mul(2);
+                        continue;
+                    }
+                    Ok(Run::Uncopied) if popped == 0 => self.pop_uncopied(mem),
+                    Ok(Run::Uncopied) => break,
+                    Err(err) => Err(err),
+                }
+            };
+            match next {
                 Ok(Some(head)) => *out = head,
                 Ok(None) => break,
                 Err(err) if popped == 0 => return Err(err),
@@ -853,11 +1110,11 @@ impl PackedQueue {
             part: PackedRingPart::DescRing,
             err,
         };
-        // `len` and `id` are adjacent (bytes 8..14): one write.
+        // `len` and `id` are adjacent (bytes 8..14): one fixed-size write (inlined, no `memcpy`).
         let mut len_id = [0u8; 6];
         crate::wire::set(&mut len_id, 0..4, &len.to_le_bytes());
         crate::wire::set(&mut len_id, 4..6, &head.id.to_le_bytes());
-        mem.write(self.desc_addr(pos, LEN_OFFSET)?, &len_id)
+        mem.write_array(self.desc_addr(pos, LEN_OFFSET)?, &len_id)
             .map_err(memory_err)?;
         let flags = used_bits(self.used_wrap) | if len > 0 { VIRTQ_DESC_F_WRITE } else { 0 };
         if self.unpublished_head.is_none() {
