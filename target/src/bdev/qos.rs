@@ -44,15 +44,16 @@ pub const MIN_IOS_PER_SEC: u64 = 1000;
 pub const MIN_BYTES_PER_SEC: u64 = 1024 * 1024;
 /// The largest MiB/s limit whose byte rate fits 64 bits (`SPDK_BDEV_QOS_MAX_MBYTES_PER_SEC`).
 pub const MAX_MBYTES_PER_SEC: u64 = u64::MAX / (1024 * 1024);
-/// Timeslices' worth of quota a limit may bank (see the module documentation): 50 ms at the limit.
+/// Timeslices' worth of quota a limit may bank (see the module documentation): 100 ms at the limit.
 ///
 /// The bound trades two errors. A reactor or guest that was not scheduled for longer than this
-/// loses the rest of the pause: on two cores shared by a TCG guest and other work (load 5-10),
-/// pauses of 10-40 ms are common. A bdev idle for long then loaded runs this much ahead of its
-/// limit: 50 ms is 5 % of any one-second count (what `iostat` and the guest QoS check print per
-/// second) and 1 % of the guest check's 5-second phases, whose bound is 10 %. A whole second
-/// would let one second after an idle spell read twice the limit.
-pub const BURST_TIMESLICES: u64 = 50;
+/// loses the rest of the pause: on two cores shared by a TCG guest and other work (load 5-10) the
+/// guest QoS check saw limited seconds 20-25 % short with a bound of 50 ms, so pauses of 100 ms
+/// and more do happen. A bdev idle for long then loaded runs this much ahead of its limit: 100 ms
+/// is at most 10 % of any one-second count (what `iostat` and the guest QoS check print per
+/// second) and 2 % of the guest check's 5-second phases, whose bound is 10 %. A whole second would
+/// let one second after an idle spell read twice the limit.
+pub const BURST_TIMESLICES: u64 = 100;
 
 /// The limits, in SPDK's order (`enum spdk_bdev_qos_rate_limit_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -453,18 +454,15 @@ mod tests {
     #[test]
     fn reactor_stalls_of_50_ms_are_made_up() {
         // 2000 I/Os per second, 32 in flight: a second's count is 2000 (and the first
-        // timeslice's quota), less what a 51 ms poll gap loses over the 50 ms bound (2 each).
+        // timeslice's quota): every 51 ms poll gap is made up.
         let (qos, start) = limited(BURST_TIMESLICES, [Some(2000), None, None, None]);
         let got = reactor((&qos, start), stalled_second(), 32, 4096);
-        assert!(
-            (1980..=2002).contains(&got),
-            "{got} I/Os in the stalled second"
-        );
+        assert_eq!(got, 2002, "I/Os in the stalled second");
         // The same by bytes: 8 MiB/s of 4 KiB reads is 2048 a second.
         let (qos, start) = limited(BURST_TIMESLICES, [None, Some(8), None, None]);
         let got = reactor((&qos, start), stalled_second(), 32, 4096);
         assert!(
-            (2028..=2051).contains(&got),
+            (2048..=2050).contains(&got),
             "{got} reads of 4 KiB in the stalled second"
         );
         // Negative control: making up at most 8 timeslices (the bound before) loses most of each
@@ -480,13 +478,13 @@ mod tests {
         let loaded = || 2000..3000;
         let (qos, start) = limited(BURST_TIMESLICES, [Some(2000), None, None, None]);
         let got = reactor((&qos, start), loaded(), 32, 4096);
-        // The second's share plus at most the 50 ms bound: within 5 % of the limit.
+        // The second's share plus at most the 100 ms bound: within 10 % of the limit.
         assert_eq!(
             got,
             2 * BURST_TIMESLICES + 2 * 999,
             "{got} I/Os after idling"
         );
-        assert!(got <= 2000 * 105 / 100);
+        assert!(got <= 2000 * 110 / 100);
         // Negative control: without the bound the idle 2 s come back as a burst and the second
         // runs at three times its limit.
         let (qos, start) = limited(u64::MAX, [Some(2000), None, None, None]);
