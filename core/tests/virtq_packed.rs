@@ -11,7 +11,7 @@ use rvhost_core::virtq::packed::{
     avail_bits, EventSuppress, PackedDesc, PackedHead, PackedQueue, PackedQueueError,
     PackedRingPart, MAX_INDIRECT_ENTRIES,
 };
-use rvhost_core::virtq::{Chain, ChainError, ChainErrorKind, QueueConfig};
+use rvhost_core::virtq::{Chain, ChainError, ChainErrorKind, LateNotification, QueueConfig};
 
 const INDIRECT_DESC: u64 = 1 << 28;
 const EVENT_IDX: u64 = 1 << 29;
@@ -995,6 +995,54 @@ fn driver_event_suppression_decides_notifications() {
         assert!(q.needs_notification(&mem).unwrap());
         d.reap(&mem).unwrap();
     }
+}
+
+/// The packed ring's lost wake-up, as the split ring's
+/// (`late_notification_finds_a_driver_that_re_armed_behind_what_was_published`): the driver
+/// re-arms in DESC mode at a position the device passed since its last notification.
+#[test]
+fn late_notification_finds_a_driver_that_re_armed_behind_what_was_published() {
+    let mut ram = packed_support::ram();
+    let mem = packed_support::mem(&mut ram);
+    let mut d = Driver::new(8);
+    let mut q = PackedQueue::new(config(8), EVENT_IDX).unwrap();
+    let mut complete = |q: &mut PackedQueue, n: usize| {
+        for k in 0..n {
+            d.add(&mem, &[w(DATA + k as u64, 1)]).unwrap();
+        }
+        for h in pop_all(q, &mem) {
+            q.push_used(&mem, h, 1).unwrap();
+        }
+        q.publish_used(&mem).unwrap();
+    };
+    assert_eq!(q.late_notification(&mem), Ok(LateNotification::Settled));
+    complete(&mut q, 1);
+    assert!(
+        q.needs_notification(&mem).unwrap(),
+        "used 0: first decision"
+    );
+    // The driver processes with notifications off; the device publishes positions 1 and 2.
+    set_driver_event(&mem, 0, 1);
+    complete(&mut q, 2);
+    assert!(!q.needs_notification(&mem).unwrap());
+    assert_eq!(
+        q.late_notification(&mem),
+        Ok(LateNotification::Settled),
+        "DISABLE: the driver asks for nothing"
+    );
+    // Re-armed at position 1 of lap 1 (it saw used 0 only): it waits for what it was not shown.
+    set_driver_event(&mem, 0x8001, 2);
+    assert_eq!(q.late_notification(&mem), Ok(LateNotification::Notify));
+    assert_eq!(q.late_notification(&mem), Ok(LateNotification::Settled));
+    assert!(!q.needs_notification(&mem).unwrap(), "not repeated");
+    // Still processing (the offset a lap behind the last notification): wait; then it re-arms at
+    // the published position (4 of lap 1): settled.
+    complete(&mut q, 1);
+    set_driver_event(&mem, 0x0003, 2);
+    assert!(!q.needs_notification(&mem).unwrap());
+    assert_eq!(q.late_notification(&mem), Ok(LateNotification::Wait));
+    set_driver_event(&mem, 0x8004, 2);
+    assert_eq!(q.late_notification(&mem), Ok(LateNotification::Settled));
 }
 
 #[test]

@@ -6,7 +6,9 @@ use core::sync::atomic::Ordering;
 
 use rvhost_core::mem::{GuestMemory, MemError};
 use rvhost_core::virtio::{bit, feature};
-use rvhost_core::virtq::{QueueConfig, QueueError, RingPart, SplitQueue, POP_SPLIT_ABOVE};
+use rvhost_core::virtq::{
+    LateNotification, QueueConfig, QueueError, RingPart, SplitQueue, POP_SPLIT_ABOVE,
+};
 use virtq_support::*;
 
 const EVENT_IDX: u64 = 1 << 29;
@@ -321,6 +323,75 @@ fn notification_with_event_idx_uses_used_event() {
     q.publish_used(&mem).unwrap(); // 2 -> 4: event 2 in [2, 4)
     assert_eq!(q.needs_notification(&mem), Ok(true));
     assert_eq!(q.needs_notification(&mem), Ok(false));
+}
+
+/// The lost wake-up a late look recovers: the device publishes while the driver re-arms, the
+/// two sides' store→load orderings fail, the device reads the stale `used_event` (no
+/// notification) and the driver the stale `used.idx` (sleeps). `used_event` then names an index
+/// the device passed since its last notification.
+#[test]
+fn late_notification_finds_a_driver_that_re_armed_behind_what_was_published() {
+    let mut ram = ram();
+    let mem = mem(&mut ram);
+    let size = 8u16;
+    let used_event = AVAIL + 4 + 2 * u64::from(size);
+    let mut q = SplitQueue::new(config(size), EVENT_IDX).unwrap();
+    assert_eq!(
+        q.late_notification(&mem),
+        Ok(LateNotification::Settled),
+        "nothing notified yet"
+    );
+    q.add_used(&mem, 0, 1).unwrap();
+    assert_eq!(q.needs_notification(&mem), Ok(true), "used.idx 0 -> 1");
+    assert_eq!(
+        q.late_notification(&mem),
+        Ok(LateNotification::Settled),
+        "nothing published since the notification"
+    );
+    // The driver processes entry 0 with the old used_event (0) in place; the device publishes
+    // entries 1 and 2 meanwhile: 0 is not in [1, 3), no notification.
+    q.add_used(&mem, 1, 1).unwrap();
+    q.add_used(&mem, 2, 1).unwrap();
+    assert_eq!(q.needs_notification(&mem), Ok(false));
+    assert_eq!(
+        q.late_notification(&mem),
+        Ok(LateNotification::Wait),
+        "used_event still behind the last notification: the driver is processing"
+    );
+    // It re-arms at 1 (its last seen used index) and, its barrier elided, misses used.idx 3.
+    mem.store_u16(used_event, 1, Ordering::Release).unwrap();
+    assert_eq!(q.late_notification(&mem), Ok(LateNotification::Notify));
+    assert_eq!(
+        q.late_notification(&mem),
+        Ok(LateNotification::Settled),
+        "one late notification covers what was published"
+    );
+    assert_eq!(
+        q.needs_notification(&mem),
+        Ok(false),
+        "and the next decision does not repeat it"
+    );
+    // A driver that saw everything re-arms at the published index: settled, no notification.
+    q.add_used(&mem, 3, 1).unwrap();
+    mem.store_u16(used_event, 0, Ordering::Release).unwrap();
+    assert_eq!(q.needs_notification(&mem), Ok(false));
+    mem.store_u16(used_event, 4, Ordering::Release).unwrap();
+    assert_eq!(q.late_notification(&mem), Ok(LateNotification::Settled));
+}
+
+/// Without EVENT_IDX the flags cannot tell a driver that saw everything from one that did not:
+/// a late look never notifies (it would call after every suppressed batch).
+#[test]
+fn late_notification_without_event_idx_is_settled() {
+    let mut ram = ram();
+    let mem = mem(&mut ram);
+    let mut q = SplitQueue::new(config(4), 0).unwrap();
+    assert_eq!(q.needs_notification(&mem), Ok(true));
+    q.add_used(&mem, 0, 1).unwrap();
+    mem.store_u16(AVAIL, 1, Ordering::Release).unwrap(); // VIRTQ_AVAIL_F_NO_INTERRUPT
+    assert_eq!(q.needs_notification(&mem), Ok(false));
+    mem.store_u16(AVAIL, 0, Ordering::Release).unwrap();
+    assert_eq!(q.late_notification(&mem), Ok(LateNotification::Settled));
 }
 
 #[test]

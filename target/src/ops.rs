@@ -156,6 +156,9 @@ pub struct QueueReport {
     /// Their latencies in ticks: from the poll that popped the request to the poll that
     /// returned it on the used ring.
     pub latency: hdrhistogram::Histogram<u64>,
+    /// Used-buffer notifications sent late: the driver re-armed behind what was published
+    /// without being notified (a frontend whose memory barriers failed; 0 on a sound one).
+    pub late_notifications: u64,
 }
 
 /// One connected session's queues.

@@ -596,6 +596,50 @@ fn vhost_multiqueue_event_idx_and_memory_hotplug() {
     assert_eq!(d.read_blocks(1, 0, 512).0, S_OK);
     assert_eq!(d.queues[1].call.read().expect("call signalled"), 1);
 
+    // A driver that re-arms behind what was published, without a notification for it, is told
+    // late: what a frontend sees when its store of used_event and its load of used.idx pass the
+    // device's store of used.idx and load of used_event (a vCPU whose barrier QEMU elides). It
+    // processed up to `seen`, the device published past it while used_event was still far
+    // ahead, and it re-arms at `seen` without seeing the new used.idx: the device's idle rounds
+    // find it and call.
+    let late_of = |dp: &rvhost_target::dataplane::Dataplane| {
+        let stats = dp.queue_stats(Some("mq.0")).expect("queue stats");
+        stats[0].sessions[0].queues[1].late_notifications
+    };
+    assert_eq!(late_of(&dp), 0);
+    let used_event = avail + 4 + 2 * u64::from(QUEUE_SIZE);
+    let seen = d.ram.load_u16(d.queues[1].used + 2);
+    d.ram.store_u16(used_event, seen.wrapping_add(100));
+    assert_eq!(d.read_blocks(1, 0, 512).0, S_OK);
+    assert!(
+        d.queues[1].call.read().is_err(),
+        "used_event ahead: no call"
+    );
+    d.ram.store_u16(used_event, seen);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while d.queues[1].call.read().is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a driver waiting at {seen} with used.idx {} was never called",
+            d.ram.load_u16(d.queues[1].used + 2)
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(late_of(&dp), 1);
+    // The negative control: a driver that saw everything re-arms at the published index and is
+    // not called, however long the device idles.
+    let published = d.ram.load_u16(d.queues[1].used + 2);
+    d.ram.store_u16(used_event, published.wrapping_add(100));
+    assert_eq!(d.read_blocks(1, 0, 512).0, S_OK);
+    d.ram
+        .store_u16(used_event, d.ram.load_u16(d.queues[1].used + 2));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        d.queues[1].call.read().is_err(),
+        "a driver that saw everything was called"
+    );
+    assert_eq!(late_of(&dp), 1);
+
     // Memory hot-plug: add a second region, use it for a data buffer, remove it again.
     let extra = GuestRam::new(1 << 20);
     let extra_gpa = 1u64 << 32;

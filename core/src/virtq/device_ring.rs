@@ -34,7 +34,7 @@
 
 use crate::mem::GuestMemory;
 use crate::virtq::packed::{PackedHead, PackedQueue, PackedQueueError};
-use crate::virtq::{Chain, ChainError, QueueError, SplitQueue};
+use crate::virtq::{Chain, ChainError, LateNotification, QueueError, SplitQueue};
 
 /// A popped request's handle, kept with the request until it is returned.
 pub trait RingHead: Copy + Default + core::fmt::Debug {
@@ -117,6 +117,12 @@ pub trait DeviceRing {
     /// Whether the driver wants a notification for what was published since the last call.
     fn needs_notification<M: GuestMemory + ?Sized>(&mut self, mem: &M)
         -> Result<bool, Self::Error>;
+    /// After [`DeviceRing::needs_notification`] said no: whether the driver now waits for a
+    /// notification for buffers already published (see [`SplitQueue::late_notification`]).
+    fn late_notification<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<LateNotification, Self::Error>;
     /// Poll mode: asks the driver not to kick.
     fn disable_kicks<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<(), Self::Error>;
     /// Interrupt mode: asks the driver to kick; returns whether requests are already waiting.
@@ -185,6 +191,12 @@ impl DeviceRing for SplitQueue {
     #[inline]
     fn needs_notification<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<bool, QueueError> {
         SplitQueue::needs_notification(self, mem)
+    }
+    fn late_notification<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<LateNotification, QueueError> {
+        SplitQueue::late_notification(self, mem)
     }
     #[inline]
     fn disable_kicks<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<(), QueueError> {
@@ -268,6 +280,12 @@ impl DeviceRing for PackedQueue {
         mem: &M,
     ) -> Result<bool, PackedQueueError> {
         PackedQueue::needs_notification(self, mem)
+    }
+    fn late_notification<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<LateNotification, PackedQueueError> {
+        PackedQueue::late_notification(self, mem)
     }
     #[inline]
     fn disable_kicks<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<(), PackedQueueError> {
@@ -526,6 +544,15 @@ impl DeviceRing for AnyRing {
         match self {
             AnyRing::Split(q) => Ok(q.needs_notification(mem)?),
             AnyRing::Packed(q) => Ok(q.needs_notification(mem)?),
+        }
+    }
+    fn late_notification<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<LateNotification, AnyRingError> {
+        match self {
+            AnyRing::Split(q) => Ok(q.late_notification(mem)?),
+            AnyRing::Packed(q) => Ok(q.late_notification(mem)?),
         }
     }
     fn disable_kicks<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<(), AnyRingError> {

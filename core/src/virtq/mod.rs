@@ -97,6 +97,19 @@ pub struct QueueConfig {
     pub used_ring: u64,
 }
 
+/// What a late look at the driver's notification suppression found
+/// ([`SplitQueue::late_notification`], [`packed::PackedQueue::late_notification`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LateNotification {
+    /// The driver waits for buffers already published: notify it now.
+    Notify,
+    /// The driver has not re-armed yet (it may still be processing): look again later.
+    Wait,
+    /// Nothing to look for: the driver saw everything published, or asked for no notification
+    /// this way can tell.
+    Settled,
+}
+
 /// One of the three parts of a split virtqueue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RingPart {
@@ -175,6 +188,9 @@ pub struct SplitQueue {
     /// `used.idx` at the last notification decision; `None` until the first one, after which the
     /// driver must be notified unconditionally once (it may be waiting for anything).
     signalled_used: Option<u16>,
+    /// `used.idx` at the last decision that notified (`None`: none yet): what a late check
+    /// ([`SplitQueue::late_notification`]) measures the driver's `used_event` against.
+    notified_used: Option<u16>,
     /// Kicks are off (`VIRTQ_USED_F_NO_NOTIFY` set) and `avail_event` was last parked at this
     /// value by [`SplitQueue::disable_kicks`]; `None`: not known (queue start, after
     /// [`SplitQueue::enable_kicks`] or a new `last_avail_idx`), the next disable writes both.
@@ -205,6 +221,7 @@ impl SplitQueue {
             next_used: 0,
             published_used: 0,
             signalled_used: None,
+            notified_used: None,
             kicks_parked: None,
         })
     }
@@ -278,6 +295,7 @@ impl SplitQueue {
         self.next_used = idx;
         self.published_used = idx;
         self.signalled_used = None;
+        self.notified_used = None;
     }
 
     /// Takes `used.idx` from guest memory as the device's used index (reconnecting to a running
@@ -594,7 +612,53 @@ impl SplitQueue {
             flags & VIRTQ_AVAIL_F_NO_INTERRUPT == 0
         };
         self.signalled_used = Some(new);
+        if notify {
+            self.notified_used = Some(new);
+        }
         Ok(notify)
+    }
+
+    /// A second look after [`SplitQueue::needs_notification`] said no: whether the driver now
+    /// waits for a notification for buffers already published. With `VIRTIO_F_RING_EVENT_IDX`
+    /// the driver re-arms by writing its last seen used index into `used_event` and then reading
+    /// `used.idx` again; if the two sides' store→load orderings fail (a TCG vCPU that elides the
+    /// guest's barrier, as QEMU before 8.1 does for a single vCPU), both read the old value: the
+    /// device decides not to notify and the driver sleeps with buffers on its used ring.
+    /// `used_event` then names an index the device passed since its last notification, which is
+    /// what this reports ([`LateNotification::Notify`], counted as a notification). A driver
+    /// still processing leaves `used_event` behind that notification ([`LateNotification::Wait`]);
+    /// one that saw everything sets it to the published index ([`LateNotification::Settled`]).
+    /// Without EVENT_IDX the flags cannot tell a driver that saw everything from one that did
+    /// not, and this is always settled.
+    pub fn late_notification<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<LateNotification, QueueError> {
+        let new = self.published_used;
+        let Some(old) = self.notified_used.filter(|_| self.event_idx) else {
+            return Ok(LateNotification::Settled);
+        };
+        if old == new {
+            return Ok(LateNotification::Settled);
+        }
+        fence(Ordering::SeqCst);
+        let used_event_addr =
+            self.avail_addr(RING_ARRAY_OFFSET + 2 * u64::from(self.config.size))?;
+        let used_event = mem
+            .load_u16(used_event_addr, Ordering::Acquire)
+            .map_err(|err| QueueError::Memory {
+                part: RingPart::Avail,
+                err,
+            })?;
+        Ok(if used_event == new {
+            LateNotification::Settled
+        } else if ring::vring_need_event(used_event, new, old) {
+            self.notified_used = Some(new);
+            self.signalled_used = Some(new);
+            LateNotification::Notify
+        } else {
+            LateNotification::Wait
+        })
     }
 
     /// Writes `avail_event` (the `used` ring's trailing field): with `VIRTIO_F_RING_EVENT_IDX` the

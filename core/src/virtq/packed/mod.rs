@@ -76,7 +76,7 @@ use core::sync::atomic::{fence, Ordering};
 
 use crate::mem::{GuestMemory, MemError};
 use crate::virtio::{feature, has_feature};
-use crate::virtq::{Chain, ChainError, QueueConfig, POP_SPLIT_ABOVE};
+use crate::virtq::{Chain, ChainError, LateNotification, QueueConfig, POP_SPLIT_ABOVE};
 
 use desc::{FLAGS_OFFSET, LEN_OFFSET};
 
@@ -232,6 +232,11 @@ pub struct PackedQueue {
     /// The published used position at the last notification decision; `None` until the first,
     /// after which the driver is notified unconditionally once (as the split ring does).
     signalled: Option<(u16, bool)>,
+    /// The published used position at the last decision that notified (`None`: none yet), and
+    /// the descriptors published since: what a late check
+    /// ([`PackedQueue::late_notification`]) measures the driver's event offset against.
+    notified: Option<(u16, bool)>,
+    unnotified: u32,
     /// What the device event suppression structure was last set to (so that polling rounds do
     /// not dirty its cache line with the same value).
     kicks: Option<EventSuppress>,
@@ -408,6 +413,8 @@ impl PackedQueue {
             published_wrap: true,
             unsignalled: 0,
             signalled: None,
+            notified: None,
+            unnotified: 0,
             kicks: None,
             popped: PoppedDescs::empty(),
         })
@@ -516,6 +523,8 @@ impl PackedQueue {
         self.unpublished = 0;
         self.unsignalled = 0;
         self.signalled = None;
+        self.notified = None;
+        self.unnotified = 0;
     }
 
     fn unpack(&self, value: u16) -> Result<(u16, bool), PackedQueueError> {
@@ -1146,6 +1155,7 @@ impl PackedQueue {
         self.published_used = self.next_used;
         self.published_wrap = self.used_wrap;
         self.unsignalled = self.unsignalled.saturating_add(self.unpublished);
+        self.unnotified = self.unnotified.saturating_add(self.unpublished);
         self.unpublished = 0;
         Ok(())
     }
@@ -1204,12 +1214,51 @@ impl PackedQueue {
         let event = self.driver_event(mem)?;
         self.signalled = Some(new);
         self.unsignalled = 0;
-        Ok(match (event, old) {
+        let notify = match (event, old) {
             (EventSuppress::Disable, _) => false,
             (EventSuppress::Desc { offset, wrap }, Some(old)) if self.event_idx => {
                 self.crossed((offset, wrap), old, advanced)
             }
             _ => true,
+        };
+        if notify {
+            self.notified = Some(new);
+            self.unnotified = 0;
+        }
+        Ok(notify)
+    }
+
+    /// A second look after [`PackedQueue::needs_notification`] said no, as
+    /// [`crate::virtq::SplitQueue::late_notification`] for the split ring: with
+    /// `VIRTIO_F_RING_EVENT_IDX`, a driver event structure in `DESC` mode whose offset the device
+    /// passed since its last notification means the driver re-armed behind what it was shown and
+    /// waits ([`LateNotification::Notify`]); an offset at the published position means it saw
+    /// everything ([`LateNotification::Settled`]). Other modes, or no EVENT_IDX: settled.
+    pub fn late_notification<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<LateNotification, PackedQueueError> {
+        let new = (self.published_used, self.published_wrap);
+        let Some(old) = self.notified.filter(|_| self.event_idx) else {
+            return Ok(LateNotification::Settled);
+        };
+        if self.unnotified == 0 {
+            return Ok(LateNotification::Settled);
+        }
+        fence(Ordering::SeqCst);
+        let EventSuppress::Desc { offset, wrap } = self.driver_event(mem)? else {
+            return Ok(LateNotification::Settled);
+        };
+        Ok(if (offset, wrap) == new {
+            LateNotification::Settled
+        } else if self.crossed((offset, wrap), old, self.unnotified) {
+            self.notified = Some(new);
+            self.unnotified = 0;
+            self.signalled = Some(new);
+            self.unsignalled = 0;
+            LateNotification::Notify
+        } else {
+            LateNotification::Wait
         })
     }
 

@@ -352,6 +352,15 @@ impl RpcMethods {
             sample(out, "rvhost_queue_in_flight", labels, None, &q.in_flight);
         }
         out.family(
+            "rvhost_queue_late_notifications_total",
+            "counter",
+            "Used-buffer notifications each queue sent late, to a driver that re-armed behind its used ring without one (its memory barriers failed; 0 on a sound frontend).",
+        );
+        for (labels, q) in &queues {
+            let name = "rvhost_queue_late_notifications_total";
+            sample(out, name, labels, None, &q.late_notifications);
+        }
+        out.family(
             "rvhost_queue_latency_seconds",
             "summary",
             "Latency of each queue's requests (from the poll that took one to the poll that returned it), from an HdrHistogram since the queue started.",

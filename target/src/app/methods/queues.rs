@@ -51,6 +51,7 @@ fn queue_json(queue: &QueueReport, tick_rate: u64) -> Value {
         "queue": queue.queue,
         "requests": queue.requests,
         "in_flight": queue.in_flight,
+        "late_notifications": queue.late_notifications,
         "bytes_read": queue.bytes_read,
         "bytes_written": queue.bytes_written,
         "latency_ticks": queue.latency_ticks,
@@ -105,6 +106,7 @@ mod tests {
             bytes_written: 512,
             latency_ticks: latencies.iter().sum(),
             latency,
+            late_notifications: 3,
         }
     }
 
@@ -123,6 +125,7 @@ mod tests {
         assert!((10_000_000..=10_100_000).contains(&ns("max")), "{json}");
         assert_eq!(json["requests"], 1000);
         assert_eq!(json["in_flight"], 2);
+        assert_eq!(json["late_notifications"], 3);
         assert_eq!(json["bytes_read"], 4096);
         assert_eq!(json["bytes_written"], 512);
     }

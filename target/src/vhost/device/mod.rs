@@ -949,6 +949,13 @@ impl<H: RequestHandler, V: ShellRing> Task for VhostDevice<H, V> {
                     }
                 }
             }
+            if work == 0 {
+                for (qi, queue) in self.queues.iter_mut().enumerate() {
+                    if let Some(q) = queue {
+                        q.check_late_notification(&mem, self.id, qi);
+                    }
+                }
+            }
             self.memory = Some(mem);
             self.io_memory = Some(io_mem);
         }

@@ -11,7 +11,9 @@ use rvhost_core::virtio::feature;
 use rvhost_core::virtq::packed::{
     PackedDesc, PackedHead, PackedQueue, EVENT_SUPPRESS_SIZE, RING_EVENT_WRAP_BIT,
 };
-use rvhost_core::virtq::{Chain, ChainError, DeviceRing, QueueConfig, RingHead, SplitQueue};
+use rvhost_core::virtq::{
+    Chain, ChainError, DeviceRing, LateNotification, QueueConfig, RingHead, SplitQueue,
+};
 use rvhost_platform_linux::DirtyLog;
 
 use super::super::inflight::{InflightLayout, InflightLog, PackedInflightLog, RingInflightLog};
@@ -497,6 +499,12 @@ pub(super) struct VirtQueue<V: ShellRing, R, Q> {
     coalescer: Option<Coalescer>,
     /// Completions were published and their call is held back by coalescing.
     call_held: bool,
+    /// The last notification decision said no: idle rounds look again
+    /// ([`VirtQueue::check_late_notification`]) until the driver re-armed.
+    late_check: bool,
+    /// Notifications sent by that second look: each one a driver that would otherwise have
+    /// waited (see [`rvhost_core::virtq::SplitQueue::late_notification`]).
+    late_notifications: u64,
     /// The inflight log, when the frontend negotiated `INFLIGHT_SHMFD` and gave a region.
     inflight: Option<V::Log>,
     /// Heads the inflight log says were popped and never completed by an earlier backend, last
@@ -565,6 +573,8 @@ impl<V: ShellRing, R: Default + Copy, Q> VirtQueue<V, R, Q> {
             completed: 0,
             coalescer: None,
             call_held: false,
+            late_check: false,
+            late_notifications: 0,
             inflight,
             resubmit,
             logging: None,
@@ -686,6 +696,7 @@ impl<V: ShellRing, R, Q> VirtQueue<V, R, Q> {
             bytes_written: self.stats.bytes_written,
             latency_ticks: self.stats.latency_ticks,
             latency: self.stats.latency.histogram(),
+            late_notifications: self.late_notifications,
         }
     }
 
@@ -883,13 +894,59 @@ impl<V: ShellRing, R, Q> VirtQueue<V, R, Q> {
                 if let Some(call) = &self.call {
                     call.notify();
                 }
+                self.late_check = false;
                 true
             }
-            Ok(false) => false,
+            Ok(false) => {
+                self.late_check = true;
+                false
+            }
             Err(err) => {
                 tracing::error!(device = device.0, queue, %err, "reading notification suppression failed");
                 self.broken = true;
                 false
+            }
+        }
+    }
+
+    /// After a decision not to notify, on a round that found no work: looks at the driver's
+    /// suppression field again and calls if the driver re-armed behind what was published (its
+    /// store→load ordering against the device's failed, and it sleeps with buffers on its used
+    /// ring), until the driver re-armed. One guest load per idle round while a check is open.
+    #[inline]
+    pub(super) fn check_late_notification(
+        &mut self,
+        mem: &GuestMemoryTable,
+        device: DeviceId,
+        queue: usize,
+    ) {
+        if self.late_check {
+            self.late_notification(mem, device, queue);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn late_notification(&mut self, mem: &GuestMemoryTable, device: DeviceId, queue: usize) {
+        match self.vq.late_notification(mem) {
+            Ok(LateNotification::Wait) => {}
+            Ok(LateNotification::Settled) => self.late_check = false,
+            Ok(LateNotification::Notify) => {
+                self.late_check = false;
+                self.late_notifications = self.late_notifications.wrapping_add(1);
+                tracing::debug!(
+                    device = device.0,
+                    queue,
+                    "driver re-armed behind the used ring without a notification; notified late"
+                );
+                if let Some(call) = &self.call {
+                    call.notify();
+                }
+            }
+            Err(err) => {
+                tracing::error!(device = device.0, queue, %err, "reading notification suppression failed");
+                self.late_check = false;
+                self.broken = true;
             }
         }
     }
