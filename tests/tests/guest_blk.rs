@@ -463,12 +463,13 @@ mod rvhost {
         let qos = std::env::var_os(GUEST_QOS_ENV).is_some_and(|v| v == "1");
         if !qos {
             eprintln!(
-                "the guest QoS phase is not run ({GUEST_QOS_ENV}=1 runs it): once, at the \
-                 ~30000 reads per second of an unlimited phase, the guest waited for good on \
-                 completions rvhost had published without a call (a lost used-buffer \
-                 notification); and on a host loaded to 10 the limited phases fell 5-25 % under \
-                 their limits, with whole seconds far under, while unlimited reads ran at \
-                 21000-44000 per second"
+                "the guest QoS phase is not run ({GUEST_QOS_ENV}=1 runs it): at the ~30000 \
+                 reads per second of an unlimited phase the guest may wait for good on \
+                 completions rvhost published without a call (a lost used-buffer notification; \
+                 hit again with the time-based quota: iops2000 2039/s, iops4000 4083/s, then \
+                 iops0 hung); and at host load 10 the limited phases still fell up to 25 % \
+                 under their limits when the guest itself stalled (unlimited seconds at half \
+                 their rate)"
             );
         }
         let qos_socket =
