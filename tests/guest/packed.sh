@@ -1,7 +1,7 @@
 # Packed virtqueues (packed=on): a vhost-user-blk disk (vda) and a vhost-user-scsi LUN in one
 # boot, then a reboot. Boot 1 runs the full virtio-blk checks (blk_checks.sh, spliced in below by
 # the test: integrity, multiqueue, flush, discard, write-zeroes, reset by unbind/rebind) and the
-# same kinds of checks on the SCSI disk; boot 2 (after `reboot -f` resets both devices) reads back
+# full virtio-scsi checks (scsi_checks.sh, spliced in the same way) plus 4 MiB requests; boot 2 (after `reboot -f` resets both devices) reads back
 # what boot 1 wrote. Which boot this is is kept on vda itself, at 40 MiB. Run with boots(2).
 # With COALESCE_PHASES set, boot 1 also measures a third disk's interrupts (vdb, serial
 # COALESCE_SERIAL) with interrupt coalescing off and on (coalesce.sh).
@@ -50,42 +50,21 @@ if [ "$mark" != REBOOTED ]; then
 @COALESCE@
     fi
 
-    if wait_for /sys/bus/virtio/drivers/virtio_scsi 60 && wait_scsi 120; then
-        result scsi_present yes
-    else
-        result scsi_present no
+    # The virtio-scsi checks (scsi_checks.sh, spliced in below by the test, in a subshell as the
+    # blk checks): pattern I/O, flush, discard, a LUN reset with I/O in flight, I/O pinned to
+    # every CPU.
+    wait_for /sys/bus/virtio/drivers/virtio_scsi 60
+    (
+@SCSI_CHECKS@
+    )
+    if ! SD=$(scsi_disk); then
         exit 1
     fi
     result scsi_packed "$(packed_bit virtio_scsi)"
-    SD=$(scsi_disk)
     SDEV=/dev/$SD
-    SBS=$(cat /sys/block/$SD/queue/logical_block_size)
-    SSIZE=$(blkcheck size $SDEV)
-    check scsi_io_write_first blkcheck write $SDEV 0 $SBS 51
-    check scsi_io_verify_first blkcheck verify $SDEV 0 $SBS 51
-    check scsi_io_write_last blkcheck write $SDEV $((SSIZE - SBS)) $SBS 52
-    check scsi_io_verify_last blkcheck verify $SDEV $((SSIZE - SBS)) $SBS 52
-    check scsi_io_write_1m blkcheck write $SDEV $MIB $MIB 53 $((128 * KIB)) $SBS
-    check scsi_io_verify_1m blkcheck verify $SDEV $MIB $MIB 53 $((64 * KIB))
+    # Beyond scsi_checks.sh: requests of 4 MiB.
     check scsi_io_write_4m blkcheck write $SDEV $((4 * MIB)) $((4 * MIB)) 54 $((4 * MIB))
     check scsi_io_verify_4m blkcheck verify $SDEV $((4 * MIB)) $((4 * MIB)) 54 $((512 * KIB))
-    check scsi_flush blkcheck flush $SDEV
-    run scsi_discard blkdiscard -o $((MIB + 256 * KIB)) -l $((256 * KIB)) $SDEV
-    check scsi_discard_zeros blkcheck zeros $SDEV $((MIB + 256 * KIB)) $((256 * KIB))
-    check scsi_discard_head_intact blkcheck verify $SDEV $MIB $((256 * KIB)) 53
-    check scsi_discard_tail_intact blkcheck verify $SDEV $((MIB + 512 * KIB)) $((512 * KIB)) 53
-    # One writer pinned to each CPU: each CPU has its own request virtqueue.
-    SVDEV=$(basename "$(ls -d /sys/bus/virtio/drivers/virtio_scsi/virtio* | head -n 1)")
-    NCPU=$(grep -c ^processor /proc/cpuinfo)
-    for c in $(seq 0 $((NCPU - 1))); do
-        taskset -c $c blkcheck write $SDEV $((16 * MIB + c * MIB)) $MIB $((60 + c)) $((64 * KIB)) >/tmp/sw$c 2>&1 &
-    done
-    wait
-    for c in $(seq 0 $((NCPU - 1))); do
-        result "scsi_io_parallel_write_$c" "$(head -n 1 /tmp/sw$c)"
-        check "scsi_io_parallel_verify_$c" blkcheck verify $SDEV $((16 * MIB + c * MIB)) $MIB $((60 + c))
-    done
-    result scsi_queues_used "$(awk -v dev="$SVDEV-request" 'index($NF, dev) == 1 { s = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i; if (s > 0) n++ } END { print n + 0 }' /proc/interrupts)"
 
     check reboot_blk_write blkcheck write $VDA $((30 * MIB)) $((2 * MIB)) 91 $((256 * KIB))
     check reboot_scsi_write blkcheck write $SDEV $((24 * MIB)) $((2 * MIB)) 92 $((256 * KIB))

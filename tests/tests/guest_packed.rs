@@ -18,6 +18,9 @@ use rvhost_tests::{
 
 const BLK_CHECKS: &str = include_str!("../guest/blk_checks.sh");
 const PACKED: &str = include_str!("../guest/packed.sh");
+const SCSI_CHECKS: &str = include_str!("../guest/scsi_checks.sh");
+/// `sg_reset` from sg3-utils, copied into the guest for scsi_checks.sh's LUN reset.
+const SG_RESET: &str = "/usr/bin/sg_reset";
 const COALESCE: &str = include_str!("../guest/coalesce.sh");
 
 /// The coalescing phases, in the order the guest runs them, with the `delay_base_us` the host
@@ -117,6 +120,7 @@ fn rvhost_packed_blk_and_scsi() {
 
     let script = PACKED
         .replace("@BLK_CHECKS@", BLK_CHECKS)
+        .replace("@SCSI_CHECKS@", SCSI_CHECKS)
         .replace("@COALESCE@", COALESCE);
     let phases: Vec<&str> = COALESCE_PHASES.iter().map(|p| p.0).collect();
     let config = GuestConfig::new("rvhost-packed", &script)
@@ -142,7 +146,8 @@ fn rvhost_packed_blk_and_scsi() {
         .env("COALESCE_PHASES", phases.join(" "))
         .env("COALESCE_THREADS", COALESCE_THREADS)
         .env("COALESCE_SECONDS", COALESCE_SECONDS)
-        .binary(blkcheck());
+        .binary(blkcheck())
+        .binary(SG_RESET);
     let mut rpc_errors = Vec::new();
     let run = run_guest_with(&config, |key, value| {
         if key != "coalesce_phase" {
@@ -201,11 +206,18 @@ fn rvhost_packed_blk_and_scsi() {
     out.assert_eq("reset_flush", "ok");
     assert_coalescing(&out);
     // scsi.
+    // scsi: the checks split rings pass (tests/guest/scsi_checks.sh, as tests/guest_vvu.rs).
     out.assert_eq("scsi_present", "yes");
+    out.assert_eq("scsi_lbs", "512");
+    out.assert_eq("scsi_size", &(65536u64 * 512).to_string());
     out.assert_all_ok("scsi_io_");
     out.assert_eq("scsi_flush", "ok");
     out.assert_all_ok("scsi_discard");
-    out.assert_eq("scsi_queues_used", "2");
+    out.assert_eq("scsi_lun_reset", "ok");
+    out.assert_eq("scsi_lun_reset_bg_write", "ok");
+    out.assert_eq("scsi_lun_reset_verify", "ok");
+    out.assert_eq("scsi_mq_request_queues", "2");
+    out.assert_eq("scsi_mq_queues_used", "2");
     // Reboot: both devices reset, both disks keep what boot 1 wrote.
     let boots: Vec<&str> = out
         .lines
