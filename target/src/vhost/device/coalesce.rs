@@ -19,7 +19,12 @@
 //! Unlike SPDK, the rate is measured per queue over the time that really passed since the last
 //! measurement (SPDK's counter adds up across intervals until it passes the threshold, and its
 //! one stats timer per session serves whichever queue signals first), and the delay never
-//! exceeds [`MAX_DELAY_BASE_US`].
+//! exceeds [`MAX_DELAY_BASE_US`]. A measurement under the last rate does not replace it at once:
+//! the rate used is the higher of the measurement and the last rate halved for each interval
+//! passed, so one quiet interval (a guest whose threads moved to another queue's vCPU for a
+//! moment) halves the delay instead of ending it and letting the next burst call at every
+//! completion, while a queue quiet for a few intervals drops to its real rate. SPDK keeps the
+//! last delay as long as a queue stays under the threshold.
 
 use std::time::Duration;
 
@@ -140,6 +145,8 @@ pub(super) struct Coalescer {
     /// When the rate was last measured, and the queue's completion count then.
     measured_at: u64,
     completed_at: u64,
+    /// The completion rate the delay was computed from (per second).
+    rate: u128,
     /// The quiet period after a call, from the last measurement.
     delay: u64,
     /// When the last call was sent.
@@ -153,6 +160,7 @@ impl Coalescer {
             settings,
             measured_at: now,
             completed_at: completed,
+            rate: 0,
             delay: 0,
             called_at: now,
         }
@@ -184,7 +192,10 @@ impl Coalescer {
     fn measure(&mut self, elapsed: u64, completed: u64) {
         let s = &self.settings;
         let count = u128::from(completed.wrapping_sub(self.completed_at));
-        let iops = count * u128::from(s.ticks_per_second) / u128::from(elapsed.max(1));
+        let measured = count * u128::from(s.ticks_per_second) / u128::from(elapsed.max(1));
+        let intervals = (elapsed / s.interval).clamp(1, 127) as u32;
+        let iops = measured.max(self.rate >> intervals);
+        self.rate = iops;
         let threshold = u128::from(s.iops_threshold.max(1));
         self.delay = if iops > threshold {
             let delay = u128::from(s.delay_base) * (iops - threshold) / threshold;
@@ -279,10 +290,30 @@ mod tests {
         assert_eq!(c.delay(), 49_500);
         c.called(10_000);
         assert!(!c.call_due(15_000, 1_001));
-        // The queue went quiet: the next measurement, whenever it comes, sees a low rate over
-        // the whole time since the last one, and the held call goes at once.
+        // One quiet interval halves the rate (100k -> 50k IOPS), it does not end the delay.
         assert!(c.call_due(25_000, 1_002));
+        assert_eq!(c.delay(), 500 * 49);
+        c.called(25_000);
+        // The queue stays quiet: the next measurement, whenever it comes, sees a low rate over
+        // the whole time since the last one (20 intervals: the last rate halved 20 times is
+        // nothing), and the held call goes at once.
+        assert!(c.call_due(225_000, 1_003));
         assert_eq!(c.delay(), 0);
+    }
+
+    #[test]
+    fn a_dip_under_the_threshold_for_one_interval_keeps_coalescing() {
+        // 100 ms base, 100 IOPS threshold: 1600 IOPS -> 1 s (capped); one interval with a
+        // single completion (100 IOPS, under the threshold) halves the rate to 800 IOPS: a
+        // 700 ms delay, where a fresh measurement alone would have had none.
+        let mut c = Coalescer::new(ticks(100_000, 100), 0, 0);
+        assert!(c.call_due(10_000, 16));
+        assert_eq!(c.delay(), 1_000_000);
+        c.called(10_000);
+        assert!(c.call_due(20_000, 17));
+        assert_eq!(c.delay(), 700_000);
+        c.called(20_000);
+        assert!(!c.call_due(20_500, 18), "the next completion is still held");
     }
 
     #[test]
