@@ -351,9 +351,6 @@ mod rvhost {
         ("mb16", "rw_mbytes_per_sec", 16),
         ("mb0", "rw_mbytes_per_sec", 0),
     ];
-    /// Set to 1, the read-only boot also runs the QoS phases (see [`assert_qos`]). Not in CI
-    /// yet: see the message `rvhost_blk_readonly` prints without it.
-    const GUEST_QOS_ENV: &str = "RVHOST_GUEST_QOS";
     /// 4 KiB reads in flight in the guest's QoS phases (one thread, io_uring), and each phase's
     /// length.
     const QOS_DEPTH: u32 = 32;
@@ -460,20 +457,7 @@ mod rvhost {
         let mut target = start();
         let socket = malloc_controller(&mut target, "M2", 32768, 512, "vhost.2", true);
         let stat_socket = malloc_controller(&mut target, "Stat0", 32768, 512, "vhost.stat", false);
-        let qos = std::env::var_os(GUEST_QOS_ENV).is_some_and(|v| v == "1");
-        if !qos {
-            eprintln!(
-                "the guest QoS phase is not run ({GUEST_QOS_ENV}=1 runs it): at the ~30000 \
-                 reads per second of an unlimited phase the guest may wait for good on \
-                 completions rvhost published without a call (a lost used-buffer notification; \
-                 hit again with the time-based quota: iops2000 2039/s, iops4000 4083/s, then \
-                 iops0 hung); and at host load 10 the limited phases still fell up to 25 % \
-                 under their limits when the guest itself stalled (unlimited seconds at half \
-                 their rate)"
-            );
-        }
-        let qos_socket =
-            qos.then(|| malloc_controller(&mut target, "Qos0", 4096, 4096, "vhost.qos", false));
+        let qos_socket = malloc_controller(&mut target, "Qos0", 4096, 4096, "vhost.qos", false);
         target.rpc_ok(
             "bdev_enable_histogram",
             serde_json::json!({"name": "Stat0", "enable": true}),
@@ -492,15 +476,13 @@ mod rvhost {
             socket,
             &disk,
             |config| {
-                let config = config.device(blk(stat_socket, 1)).env("IOSTAT", 1);
-                match qos_socket {
-                    Some(qos_socket) => config
-                        .device(blk(qos_socket, 1))
-                        .env("QOS", phases.join(" "))
-                        .env("QOS_DEPTH", QOS_DEPTH)
-                        .env("QOS_SECONDS", QOS_SECONDS),
-                    None => config,
-                }
+                config
+                    .device(blk(stat_socket, 1))
+                    .env("IOSTAT", 1)
+                    .device(blk(qos_socket, 1))
+                    .env("QOS", phases.join(" "))
+                    .env("QOS_DEPTH", QOS_DEPTH)
+                    .env("QOS_SECONDS", QOS_SECONDS)
             },
             |key, value| {
                 if key != "qos_phase" {
@@ -518,9 +500,7 @@ mod rvhost {
         );
         assert_alive(&mut target);
         assert!(qos_errors.is_empty(), "bdev_set_qos_limit: {qos_errors:?}");
-        if qos {
-            assert_qos(&out);
-        }
+        assert_qos(&out);
 
         out.assert_eq("iostat_serial", "Stat0");
         out.assert_eq("iostat_write", "ok");
