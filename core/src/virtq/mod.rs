@@ -569,6 +569,17 @@ impl SplitQueue {
         self.publish_used(mem)
     }
 
+    /// The driver's `used_event` (the avail ring's trailing field, read with EVENT_IDX).
+    #[inline]
+    fn used_event<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<u16, QueueError> {
+        let addr = self.avail_addr(RING_ARRAY_OFFSET + 2 * u64::from(self.config.size))?;
+        mem.load_u16(addr, Ordering::Acquire)
+            .map_err(|err| QueueError::Memory {
+                part: RingPart::Avail,
+                err,
+            })
+    }
+
     /// Whether the driver wants a used-buffer notification (call eventfd) for what was published
     /// since the last time this returned.
     ///
@@ -590,14 +601,7 @@ impl SplitQueue {
         // (the store→load ordering needs a full fence, not just Release/Acquire).
         fence(Ordering::SeqCst);
         let notify = if self.event_idx {
-            let used_event_addr =
-                self.avail_addr(RING_ARRAY_OFFSET + 2 * u64::from(self.config.size))?;
-            let used_event = mem
-                .load_u16(used_event_addr, Ordering::Acquire)
-                .map_err(|err| QueueError::Memory {
-                    part: RingPart::Avail,
-                    err,
-                })?;
+            let used_event = self.used_event(mem)?;
             match old {
                 None => true,
                 Some(old) => ring::vring_need_event(used_event, new, old),
@@ -642,14 +646,7 @@ impl SplitQueue {
             return Ok(LateNotification::Settled);
         }
         fence(Ordering::SeqCst);
-        let used_event_addr =
-            self.avail_addr(RING_ARRAY_OFFSET + 2 * u64::from(self.config.size))?;
-        let used_event = mem
-            .load_u16(used_event_addr, Ordering::Acquire)
-            .map_err(|err| QueueError::Memory {
-                part: RingPart::Avail,
-                err,
-            })?;
+        let used_event = self.used_event(mem)?;
         Ok(if used_event == new {
             LateNotification::Settled
         } else if ring::vring_need_event(used_event, new, old) {
