@@ -708,6 +708,26 @@ impl PackedQueue {
         })
     }
 
+    /// The opening of [`PackedQueue::read_list`] and [`PackedQueue::read_run`]: the next
+    /// position's flags, loaded with Acquire (the driver writes a list's first flags last, after
+    /// the rest of it, so everything read after this load is what it wrote), or `None` if nothing
+    /// is available there; the kept copies start over at that position unless they end there.
+    #[inline]
+    fn begin_read<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<Option<u16>, PackedQueueError> {
+        let at = (self.next_avail, self.avail_wrap);
+        let flags = self.load_flags(mem, at.0)?;
+        if !is_available(flags, at.1) {
+            return Ok(None);
+        }
+        if self.advance(self.popped.pos, self.popped.wrap, self.popped.len) != at {
+            self.popped.restart(at.0, at.1);
+        }
+        Ok(Some(flags))
+    }
+
     /// Reads the list at the next position (which must follow the kept copies, all popped)
     /// descriptor by descriptor into the copies: the first list of a batch, where one list is
     /// all there often is and a run's fixed costs would not pay. Checks what
@@ -715,15 +735,9 @@ impl PackedQueue {
     fn read_list<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<Run, PackedQueueError> {
         let size = self.config.size;
         let start = (self.next_avail, self.avail_wrap);
-        // The first descriptor's flags with Acquire: the driver writes them last, after the rest
-        // of the list, so everything read after this load is what it wrote.
-        let first_flags = self.load_flags(mem, start.0)?;
-        if !is_available(first_flags, start.1) {
+        let Some(first_flags) = self.begin_read(mem)? else {
             return Ok(Run::Empty);
-        }
-        if self.advance(self.popped.pos, self.popped.wrap, self.popped.len) != start {
-            self.popped.restart(start.0, start.1);
-        }
+        };
         let base = usize::from(self.popped.len);
         let (mut pos, mut wrap) = start;
         let mut count: u16 = 0;
@@ -773,13 +787,9 @@ impl PackedQueue {
     ) -> Result<Run, PackedQueueError> {
         let size = self.config.size;
         let at = (self.next_avail, self.avail_wrap);
-        let first = self.load_flags(mem, at.0)?;
-        if !is_available(first, at.1) {
+        let Some(first) = self.begin_read(mem)? else {
             return Ok(Run::Empty);
-        }
-        if self.advance(self.popped.pos, self.popped.wrap, self.popped.len) != at {
-            self.popped.restart(at.0, at.1);
-        }
+        };
         let base = self.popped.len;
         // `len <= POPPED_DESCS`.
         let room = POPPED_DESCS as u16 - base;
@@ -890,27 +900,16 @@ impl PackedQueue {
     #[inline]
     fn begin_pop(&mut self) {
         let at = (self.next_avail, self.avail_wrap);
+        let size = self.config.size;
         let p = &mut self.popped;
         let (from, len) = (p.popped_to, p.len);
-        if from < len {
-            let first = {
-                let size = u32::from(self.config.size);
-                let next = u32::from(p.pos) + u32::from(from);
-                if next >= size {
-                    // `next - size < size <= 32768`.
-                    ((next - size) as u16, !p.wrap)
-                } else {
-                    (next as u16, p.wrap)
-                }
-            };
-            if first == at {
-                p.descs.copy_within(usize::from(from)..usize::from(len), 0);
-                p.pos = at.0;
-                p.wrap = at.1;
-                p.popped_to = 0;
-                p.len = len - from;
-                return;
-            }
+        if from < len && advance(size, p.pos, p.wrap, from) == at {
+            p.descs.copy_within(usize::from(from)..usize::from(len), 0);
+            p.pos = at.0;
+            p.wrap = at.1;
+            p.popped_to = 0;
+            p.len = len - from;
+            return;
         }
         p.restart(at.0, at.1);
     }
