@@ -105,6 +105,10 @@ fn sample(samples: &[Value], name: &str, labels: &[(&str, &str)]) -> f64 {
         .unwrap_or_else(|| panic!("no sample {name} {labels:?}"))
 }
 
+/// Writes and reads the scrape test sends (one at a time), more than the rate limit banks.
+const WRITES: u64 = 600;
+const READS: u64 = 20;
+
 #[test]
 fn a_scrape_parses_and_matches_bdev_get_iostat() {
     let target = Target::start("metrics", &["--no-default", "--metrics", "127.0.0.1:0"]);
@@ -112,15 +116,28 @@ fn a_scrape_parses_and_matches_bdev_get_iostat() {
     target.spdk_ok(&["bdev_malloc_create", "-b", "Met0", "1", "512"]);
     target.spdk_ok(&["vhost_create_blk_controller", "vhost.m", "Met0"]);
     target.spdk_ok(&["bdev_enable_histogram", "Met0", "--histogram"]);
-    // A limit the frontend's requests outrun, so some wait.
+    // A limit the frontend's requests outrun, so some wait: 1000 I/Os per second with at most
+    // 100 ms of it banked (`BURST_TIMESLICES`), so WRITES + READS requests cannot finish in less
+    // than (WRITES + READS - 101) ms, and some wait unless each takes over 0.8 ms (0.3 ms here).
     target.spdk_ok(&["bdev_set_qos_limit", "Met0", "--rw-ios-per-sec", "1000"]);
     let mut driver = Driver::ready(&target.dir.join("vhost.m"), VIRTIO_F_VERSION_1);
-    for i in 0..30u64 {
-        assert_eq!(driver.write_blocks(0, i * 8, &pattern(3, 4096)), S_OK);
+    let started = Instant::now();
+    for i in 0..WRITES {
+        assert_eq!(
+            driver.write_blocks(0, (i % 32) * 8, &pattern(3, 4096)),
+            S_OK
+        );
     }
-    for i in 0..20u64 {
+    for i in 0..READS {
         assert_eq!(driver.read_blocks(0, i * 8, 1024).0, S_OK);
     }
+    let took = started.elapsed();
+    let floor = Duration::from_millis(WRITES + READS - 101);
+    assert!(
+        took >= floor,
+        "{took:?} for {} I/Os at 1000/s",
+        WRITES + READS
+    );
 
     let (status, body) = get(&address, "GET", "/metrics");
     assert!(status.contains(" 200 "), "{status}\n{body}");
@@ -151,21 +168,21 @@ fn a_scrape_parses_and_matches_bdev_get_iostat() {
             "{kind}: {stat}"
         );
     }
-    assert_eq!(m("rvhost_bdev_ops_total", "write"), 30.0);
-    assert_eq!(m("rvhost_bdev_ops_total", "read"), 20.0);
-    assert_eq!(m("rvhost_bdev_bytes_total", "read"), 20.0 * 1024.0);
+    assert_eq!(m("rvhost_bdev_ops_total", "write"), WRITES as f64);
+    assert_eq!(m("rvhost_bdev_ops_total", "read"), READS as f64);
+    assert_eq!(m("rvhost_bdev_bytes_total", "read"), READS as f64 * 1024.0);
     assert_eq!(
         sample(&samples, "rvhost_bdev_io_errors_total", &[("bdev", "Met0")]),
         0.0
     );
-    // The histogram holds all 50, cumulatively.
+    // The histogram holds them all, cumulatively.
     assert_eq!(
         sample(
             &samples,
             "rvhost_bdev_latency_seconds_bucket",
             &[("bdev", "Met0"), ("le", "+Inf")]
         ),
-        50.0
+        (WRITES + READS) as f64
     );
     assert_eq!(
         sample(
@@ -173,7 +190,7 @@ fn a_scrape_parses_and_matches_bdev_get_iostat() {
             "rvhost_bdev_latency_seconds_count",
             &[("bdev", "Met0")]
         ),
-        50.0
+        (WRITES + READS) as f64
     );
     let buckets: Vec<f64> = samples
         .iter()
@@ -196,7 +213,8 @@ fn a_scrape_parses_and_matches_bdev_get_iostat() {
             "rvhost_bdev_qos_queued_total",
             &[("bdev", "Met0")]
         ) > 0.0,
-        "50 requests in well under 50 ms: some must have waited"
+        "{} requests in {took:?}: some must have waited",
+        WRITES + READS
     );
     // The reactor and the controller's session.
     let busy = sample(
@@ -227,10 +245,9 @@ fn a_scrape_parses_and_matches_bdev_get_iostat() {
     );
     // The same text through the RPC.
     let text = target.ok("rvhost_get_metrics", serde_json::json!({}));
-    assert!(text
-        .as_str()
-        .unwrap()
-        .contains("rvhost_bdev_ops_total{bdev=\"Met0\",kind=\"write\"} 30"));
+    assert!(text.as_str().unwrap().contains(&format!(
+        "rvhost_bdev_ops_total{{bdev=\"Met0\",kind=\"write\"}} {WRITES}"
+    )));
 
     let (status, _) = get(&address, "GET", "/other");
     assert!(status.contains(" 404 "), "{status}");
