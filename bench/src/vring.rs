@@ -10,6 +10,7 @@
 //! device wrote before publishing it are visible here).
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use rvhost_core::virtio::ring::{
@@ -117,11 +118,24 @@ struct PackedDriver {
     /// Ring position and wrap counter of the first list offered since the last publish, and its
     /// first descriptor's flags (written last, at publish).
     unpublished: Option<(u16, bool, u16)>,
-    /// Next ring position to find a used descriptor at, and the device's wrap counter there.
+    /// Next ring position to find a used descriptor at, and the device's wrap counter there
+    /// (past the used descriptors already read into `found`).
     used_pos: u16,
     used_wrap: bool,
-    /// Descriptors each buffer ID's list occupies (by head).
+    /// Descriptors each buffer ID's list occupies (by head; 0 once its used descriptor was read).
     counts: Vec<u16>,
+    /// Used descriptors read by `used_pending` and not taken yet: buffer ID, written length, and
+    /// whether the ID was a list in flight. Each used descriptor is read once, here.
+    found: VecDeque<PackedUsed>,
+}
+
+/// A used descriptor of a packed ring as `used_pending` read it.
+#[derive(Debug, Clone, Copy)]
+struct PackedUsed {
+    id: u16,
+    len: u32,
+    /// The ID named a list in flight (else `take_used` reports it).
+    offered: bool,
 }
 
 /// The driver side of one split (or packed) virtqueue.
@@ -203,6 +217,7 @@ impl<'m> DriverRing<'m> {
                 used_pos: 0,
                 used_wrap: true,
                 counts: vec![0; size],
+                found: VecDeque::with_capacity(size),
             }),
         };
         // Driver event suppression: flags at +2. We poll: no used-buffer notifications.
@@ -308,12 +323,15 @@ impl<'m> DriverRing<'m> {
             };
             let flags = (d.flags & !(PACKED_F_AVAIL | PACKED_F_USED)) | ring_flags;
             mem.u64_at(at)?.store(d.addr.to_le(), Ordering::Relaxed);
-            mem.u32_at(at + 8)?.store(d.len.to_le(), Ordering::Relaxed);
-            mem.u16_at(at + 12)?.store(head.to_le(), Ordering::Relaxed);
             if count == 1 && p.unpublished.is_none() {
+                mem.u32_at(at + 8)?.store(d.len.to_le(), Ordering::Relaxed);
+                mem.u16_at(at + 12)?.store(head.to_le(), Ordering::Relaxed);
                 p.unpublished = Some((pos, p.avail_wrap, flags));
             } else {
-                mem.u16_at(at + 14)?.store(flags.to_le(), Ordering::Release);
+                // `len`, `id` and `flags` in one store: the device reads this descriptor only
+                // after the batch's first flags, which `publish` stores with Release after it.
+                let tail = u64::from(d.len) | u64::from(head) << 32 | u64::from(flags) << 48;
+                mem.u64_at(at + 8)?.store(tail.to_le(), Ordering::Relaxed);
             }
             p.avail_pos += 1;
             if p.avail_pos == size {
@@ -406,44 +424,57 @@ impl<'m> DriverRing<'m> {
         })
     }
 
-    /// Packed: how many used descriptors follow each other from the next used position.
-    fn packed_used_pending(&self) -> Result<u16, PerfError> {
-        let Some(p) = &self.packed else {
+    /// Packed: reads the used descriptors that follow each other from the next used position
+    /// into `found` (each once: an Acquire load of its flags, then one load of its length and
+    /// ID) and returns how many are there to take.
+    fn packed_used_pending(&mut self) -> Result<u16, PerfError> {
+        let in_flight = self.in_flight();
+        let (desc, size, mem) = (self.layout.desc, u32::from(self.layout.size), self.mem);
+        let Some(p) = self.packed.as_mut() else {
             return Ok(0);
         };
-        let size = u32::from(self.layout.size);
-        let (mut pos, mut wrap) = (p.used_pos, p.used_wrap);
-        let mut n = 0u16;
-        while n < self.in_flight() {
-            let at = self.layout.desc + usize::from(pos) * VirtqDesc::SIZE;
-            let flags = u16::from_le(self.mem.u16_at(at + 14)?.load(Ordering::Acquire));
-            let avail = flags & PACKED_F_AVAIL != 0;
-            let used = flags & PACKED_F_USED != 0;
-            if avail != used || used != wrap {
+        while p.found.len() < usize::from(in_flight) {
+            let at = desc + usize::from(p.used_pos) * VirtqDesc::SIZE;
+            let flags = u16::from_le(mem.u16_at(at + 14)?.load(Ordering::Acquire));
+            let used_bits = if p.used_wrap {
+                PACKED_F_AVAIL | PACKED_F_USED
+            } else {
+                0
+            };
+            if flags & (PACKED_F_AVAIL | PACKED_F_USED) != used_bits {
                 break;
             }
-            let id = u16::from_le(self.mem.u16_at(at + 12)?.load(Ordering::Relaxed));
-            let count = p.counts.get(usize::from(id)).copied().unwrap_or(0);
+            let tail = u64::from_le(mem.u64_at(at + 8)?.load(Ordering::Relaxed));
+            let (len, id) = (tail as u32, (tail >> 32) as u16);
+            let count = p
+                .counts
+                .get_mut(usize::from(id))
+                .map(std::mem::take)
+                .unwrap_or(0);
+            p.found.push_back(PackedUsed {
+                id,
+                len,
+                offered: count != 0,
+            });
             if count == 0 {
-                // Not a list in flight: let take_used report it.
-                return Ok(n + 1);
+                // Not a list in flight: take_used reports it.
+                break;
             }
-            let next = u32::from(pos) + u32::from(count);
+            let next = u32::from(p.used_pos) + u32::from(count);
             if next >= size {
-                pos = (next - size) as u16;
-                wrap = !wrap;
+                p.used_pos = (next - size) as u16;
+                p.used_wrap = !p.used_wrap;
             } else {
-                pos = next as u16;
+                p.used_pos = next as u16;
             }
-            n += 1;
         }
-        Ok(n)
+        Ok(p.found.len() as u16)
     }
 
     /// How many used entries are waiting (one Acquire load of `used.idx`; packed: the used
     /// descriptors found one after the other from the next used position).
     #[inline]
-    pub fn used_pending(&self) -> Result<u16, PerfError> {
+    pub fn used_pending(&mut self) -> Result<u16, PerfError> {
         if self.packed.is_some() {
             return self.packed_used_pending();
         }
@@ -459,29 +490,19 @@ impl<'m> DriverRing<'m> {
     #[inline]
     pub fn take_used(&mut self) -> Result<VirtqUsedElem, PerfError> {
         if let Some(p) = self.packed.as_mut() {
-            let at = self.layout.desc + usize::from(p.used_pos) * VirtqDesc::SIZE;
-            let len = u32::from_le(self.mem.u32_at(at + 8)?.load(Ordering::Relaxed));
-            let id = u16::from_le(self.mem.u16_at(at + 12)?.load(Ordering::Relaxed));
-            let count = p.counts.get(usize::from(id)).copied().unwrap_or(0);
-            if count == 0 {
+            let used = p.found.pop_front().ok_or_else(|| {
+                PerfError::Options("take_used without a used descriptor pending".into())
+            })?;
+            if !used.offered {
                 return Err(PerfError::Options(format!(
-                    "used buffer id {id} was not offered"
+                    "used buffer id {} was not offered",
+                    used.id
                 )));
-            }
-            if let Some(c) = p.counts.get_mut(usize::from(id)) {
-                *c = 0;
-            }
-            let next = u32::from(p.used_pos) + u32::from(count);
-            if next >= u32::from(self.layout.size) {
-                p.used_pos = (next - u32::from(self.layout.size)) as u16;
-                p.used_wrap = !p.used_wrap;
-            } else {
-                p.used_pos = next as u16;
             }
             self.used_seen = self.used_seen.wrapping_add(1);
             return Ok(VirtqUsedElem {
-                id: u32::from(id),
-                len,
+                id: u32::from(used.id),
+                len: used.len,
             });
         }
         let pos = usize::from(self.used_seen & self.mask);
@@ -620,6 +641,153 @@ mod tests {
         // 3 -> 4 does not (event 2 is behind).
         ring.offer(3).unwrap();
         assert!(!ring.publish().unwrap());
+    }
+
+    /// Plays a packed ring's device: reads the lists made available from `*pos` on and writes
+    /// one used descriptor per list (buffer ID, `len`), each list's flags last, in order.
+    fn device_complete_packed(
+        mem: &Shared<'_>,
+        l: &QueueLayout,
+        pos: &mut u16,
+        wrap: &mut bool,
+        used_pos: &mut u16,
+        used_wrap: &mut bool,
+        len: u32,
+    ) -> usize {
+        let desc = |p: u16| l.desc + 16 * usize::from(p);
+        let step = |p: &mut u16, w: &mut bool| {
+            *p += 1;
+            if *p == l.size {
+                *p = 0;
+                *w = !*w;
+            }
+        };
+        let mut lists = 0;
+        loop {
+            let flags = mem.u16_at(desc(*pos) + 14).unwrap().load(Ordering::Acquire);
+            let avail = if *wrap { PACKED_F_AVAIL } else { PACKED_F_USED };
+            if flags & (PACKED_F_AVAIL | PACKED_F_USED) != avail {
+                return lists;
+            }
+            // Walk the list to its last descriptor (the buffer ID is in every one here).
+            let mut count = 0u16;
+            let id = loop {
+                let flags = mem.u16_at(desc(*pos) + 14).unwrap().load(Ordering::Acquire);
+                let id = mem.u16_at(desc(*pos) + 12).unwrap().load(Ordering::Relaxed);
+                let addr = mem.u64_at(desc(*pos)).unwrap().load(Ordering::Relaxed);
+                let len = mem.u32_at(desc(*pos) + 8).unwrap().load(Ordering::Relaxed);
+                // What `packed_offer_publish_and_reap_round_trip_across_laps` wrote.
+                assert_eq!(addr, 0x1000 * u64::from(id) + 16 * u64::from(count));
+                assert_eq!(
+                    (len, flags & 3),
+                    if count == 0 { (16, 1) } else { (512, 2) }
+                );
+                step(pos, wrap);
+                count += 1;
+                if flags & 1 == 0 {
+                    break id;
+                }
+            };
+            let at = desc(*used_pos);
+            mem.u32_at(at + 8).unwrap().store(len, Ordering::Relaxed);
+            mem.u16_at(at + 12).unwrap().store(id, Ordering::Relaxed);
+            let used = if *used_wrap {
+                PACKED_F_AVAIL | PACKED_F_USED
+            } else {
+                0
+            };
+            mem.u16_at(at + 14).unwrap().store(used, Ordering::Release);
+            for _ in 0..count {
+                step(used_pos, used_wrap);
+            }
+            lists += 1;
+        }
+    }
+
+    #[test]
+    fn packed_offer_publish_and_reap_round_trip_across_laps() {
+        let (shm, l) = ring_mem();
+        let mem = Shared::new(shm.region());
+        let mut ring = DriverRing::new_packed(mem, l, Notification::Flags).unwrap();
+        // Chains of two descriptors at heads 0, 2 and 4 (the second device-writable).
+        for head in [0u16, 2, 4] {
+            let chain = [
+                VirtqDesc {
+                    addr: 0x1000 * u64::from(head),
+                    len: 16,
+                    flags: 1,
+                    next: head + 1,
+                },
+                VirtqDesc {
+                    addr: 0x1000 * u64::from(head) + 16,
+                    len: 512,
+                    flags: 2,
+                    next: 0,
+                },
+            ];
+            for (i, d) in (head..).zip(chain) {
+                ring.write_desc(i, d).unwrap();
+            }
+        }
+        let (mut pos, mut wrap, mut used_pos, mut used_wrap) = (0u16, true, 0u16, true);
+        // 3 lists of 2 descriptors a round on an 8-entry ring: 6 rounds pass its end 4 times.
+        for round in 0..6u32 {
+            for head in [0u16, 2, 4] {
+                ring.offer(head).unwrap();
+            }
+            ring.publish().unwrap();
+            assert_eq!(ring.used_pending().unwrap(), 0, "round {round}");
+            let done = device_complete_packed(
+                &mem,
+                &l,
+                &mut pos,
+                &mut wrap,
+                &mut used_pos,
+                &mut used_wrap,
+                7 + round,
+            );
+            assert_eq!(done, 3, "round {round}");
+            assert_eq!(ring.used_pending().unwrap(), 3, "round {round}");
+            // A second look reads nothing new and keeps what was found.
+            assert_eq!(ring.used_pending().unwrap(), 3, "round {round}");
+            for head in [0u32, 2, 4] {
+                let e = ring.take_used().unwrap();
+                assert_eq!((e.id, e.len), (head, 7 + round), "round {round}");
+            }
+            assert_eq!(ring.used_pending().unwrap(), 0, "round {round}");
+            assert_eq!(ring.in_flight(), 0);
+        }
+        assert!(ring.take_used().is_err(), "nothing pending");
+    }
+
+    #[test]
+    fn packed_used_id_not_in_flight_is_reported() {
+        let (shm, l) = ring_mem();
+        let mem = Shared::new(shm.region());
+        let mut ring = DriverRing::new_packed(mem, l, Notification::Flags).unwrap();
+        ring.write_desc(
+            0,
+            VirtqDesc {
+                addr: 0x1000,
+                len: 512,
+                flags: 2,
+                next: 0,
+            },
+        )
+        .unwrap();
+        ring.offer(0).unwrap();
+        ring.publish().unwrap();
+        // A device that answers with buffer ID 5, which was never offered.
+        mem.u32_at(l.desc + 8)
+            .unwrap()
+            .store(512, Ordering::Relaxed);
+        mem.u16_at(l.desc + 12).unwrap().store(5, Ordering::Relaxed);
+        mem.u16_at(l.desc + 14)
+            .unwrap()
+            .store(PACKED_F_AVAIL | PACKED_F_USED, Ordering::Release);
+        assert_eq!(ring.used_pending().unwrap(), 1);
+        let err = ring.take_used().unwrap_err().to_string();
+        assert!(err.contains("used buffer id 5 was not offered"), "{err}");
     }
 
     #[test]
