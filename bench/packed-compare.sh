@@ -5,9 +5,12 @@
 # One rvhost process per device type and bdev (busy polling, pinned to --target-cpu) serves one
 # controller; each round runs rvhost-perf (pinned to --initiator-cpu) once with split rings and
 # once with packed ones, each on a fresh vhost-user connection, the order alternating from round
-# to round so slow drifts of a noisy machine hit both alike. Per-round IOPS and the 1-minute load
-# average go to a CSV; the summary gives per device, bdev and workload the median IOPS of each
-# layout and the median of the per-round ratios packed/split.
+# to round so slow drifts of a noisy machine hit both alike. Per-round IOPS, each side's busy time
+# per request and the 1-minute load average go to a CSV; the summary gives per device, bdev and
+# workload the median IOPS of each layout, the median of the per-round ratios packed/split, and
+# the median busy ns per request of the target (framework_get_reactors' busy ticks over the run
+# ÷ requests) and of the initiator (rvhost-perf's own busy time ÷ requests): the side whose busy
+# fraction (busy ns per request × IOPS) is near 1 is the one that limits the run.
 #
 #   bench/packed-compare.sh                          # 5 rounds x 2 s, randread QD 1/32/128
 #   bench/packed-compare.sh --rt --rounds 7          # SCHED_RR, on a machine busy with builds
@@ -32,8 +35,31 @@ while [ $# -gt 0 ]; do
 done
 ab_setup
 
-# Prints the IOPS of one run ("split" or "packed" rings); fails the script on an error or a
-# report whose layout is not the one asked for.
+# The target's busy time so far in ns (framework_get_reactors' busy ticks over its reactors).
+target_busy_ns() {
+  python3 - "$WORK/sock/rpc.sock" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+s.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "framework_get_reactors"}).encode())
+buf = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        sys.exit("framework_get_reactors: connection closed")
+    buf += chunk
+    try:
+        r = json.loads(buf)["result"]
+        break
+    except ValueError:
+        continue
+print("%.0f" % (sum(x["busy"] for x in r["reactors"]) * 1e9 / r["tick_rate"]))
+PY
+}
+
+# Prints "IOPS INITIATOR_BUSY_NS_PER_IO REQUESTS" of one run ("split" or "packed" rings); fails
+# the script on an error or a report whose layout is not the one asked for.
 run_perf() {
   local type="$1" rw="$2" qd="$3" ring="$4" json
   local args=(--socket "$WORK/sock/perf.0" --type "$type" --rw "$rw" --bs "$BS" --qd "$qd"
@@ -50,11 +76,11 @@ r, ring = json.loads(sys.argv[1]), sys.argv[2]
 errors, packed = r["io_errors"], r.get("packed", False)
 if errors or packed != (ring == "packed"):
     sys.exit(f"{errors} I/O errors, packed={packed} for {ring} rings")
-print("%.0f" % r["total"]["iops"])
+print("%.0f %.1f %d" % (r["total"]["iops"], r["initiator"]["busy_ns_per_io"], r["total"]["ios"]))
 ' "$json" "$ring"
 }
 
-echo "type,bdev,workload,qd,round,ring,iops,load1" > "$OUT"
+echo "type,bdev,workload,qd,round,ring,iops,load1,target_busy_ns_per_io,initiator_busy_ns_per_io" > "$OUT"
 ab_header
 for type in $TYPES; do
   for bdev in $BDEVS; do
@@ -65,11 +91,14 @@ for type in $TYPES; do
         order="split packed"
         [ $((round % 2)) = 0 ] && order="packed split"
         for ring in $order; do
-          iops="$(run_perf "$type" "$rw" "$qd" "$ring")"
+          busy0="$(target_busy_ns)"
+          read -r iops init_busy ios <<< "$(run_perf "$type" "$rw" "$qd" "$ring")"
+          busy1="$(target_busy_ns)"
+          target_busy="$(python3 -c 'import sys; b0, b1, n = map(float, sys.argv[1:]); print("%.1f" % ((b1 - b0) / max(n, 1)))' "$busy0" "$busy1" "$ios")"
           load1="$(cut -d' ' -f1 /proc/loadavg)"
-          echo "$type,$bdev,$rw,$qd,$round,$ring,$iops,$load1" >> "$OUT"
-          printf '%-4s %-6s %-9s qd=%-4s round %s %-6s: %s IOPS (load %s)\n' \
-            "$type" "$bdev" "$rw" "$qd" "$round" "$ring" "$iops" "$load1"
+          echo "$type,$bdev,$rw,$qd,$round,$ring,$iops,$load1,$target_busy,$init_busy" >> "$OUT"
+          printf '%-4s %-6s %-9s qd=%-4s round %s %-6s: %s IOPS, busy ns per I/O target %s initiator %s (load %s)\n' \
+            "$type" "$bdev" "$rw" "$qd" "$round" "$ring" "$iops" "$target_busy" "$init_busy" "$load1"
         done
       done
     done
@@ -82,18 +111,20 @@ import csv, statistics, sys
 from collections import defaultdict
 rows = list(csv.DictReader(open(sys.argv[1])))
 loads = [float(r["load1"]) for r in rows]
-by = defaultdict(lambda: defaultdict(dict))  # (type, bdev, workload, qd) -> round -> ring -> iops
+by = defaultdict(lambda: defaultdict(dict))  # (type, bdev, workload, qd) -> round -> ring -> row
 for r in rows:
-    by[(r["type"], r["bdev"], r["workload"], r["qd"])][r["round"]][r["ring"]] = float(r["iops"])
+    by[(r["type"], r["bdev"], r["workload"], r["qd"])][r["round"]][r["ring"]] = r
 print()
 print(f"load average (1 min) during the run: min {min(loads):.2f}, median {statistics.median(loads):.2f}, max {max(loads):.2f}")
 print()
-print("| device | bdev | workload | QD | median IOPS, split | median IOPS, packed | median per-round ratio packed/split | per-round ratios |")
-print("|---|---|---|---|---|---|---|---|")
+print("| device | bdev | workload | QD | median IOPS, split | median IOPS, packed | median per-round ratio packed/split | per-round ratios | target busy ns/IO split / packed | initiator busy ns/IO split / packed |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for (t, b, wl, qd), rounds in by.items():
-    full = [r for r in rounds.values() if "split" in r and "packed" in r and r["split"] > 0]
-    ratios = [r["packed"] / r["split"] for r in full]
-    split = statistics.median(r["split"] for r in full)
-    packed = statistics.median(r["packed"] for r in full)
-    print(f"| {t} | {b} | {wl} | {qd} | {split:,.0f} | {packed:,.0f} | {statistics.median(ratios):.3f} | {' '.join(f'{x:.3f}' for x in ratios)} |")
+    full = [r for r in rounds.values() if "split" in r and "packed" in r and float(r["split"]["iops"]) > 0]
+    ratios = [float(r["packed"]["iops"]) / float(r["split"]["iops"]) for r in full]
+    med = lambda ring, col: statistics.median(float(r[ring][col]) for r in full)
+    split, packed = med("split", "iops"), med("packed", "iops")
+    tb = f"{med('split', 'target_busy_ns_per_io'):.0f} / {med('packed', 'target_busy_ns_per_io'):.0f}"
+    ib = f"{med('split', 'initiator_busy_ns_per_io'):.0f} / {med('packed', 'initiator_busy_ns_per_io'):.0f}"
+    print(f"| {t} | {b} | {wl} | {qd} | {split:,.0f} | {packed:,.0f} | {statistics.median(ratios):.3f} | {' '.join(f'{x:.3f}' for x in ratios)} | {tb} | {ib} |")
 PY
