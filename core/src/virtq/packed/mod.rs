@@ -251,9 +251,9 @@ pub struct PackedQueue {
 /// wrap counter is `wrap`, in order, and always whole lists that were available when read; a
 /// list that does not fit is popped and walked from the ring.
 ///
-/// The lists from `popped_to` on were read but not popped (a pipelined pop put them back, or a
-/// run read more than the batch took): the next pop moves them to the front and takes them from
-/// there, so every descriptor is read from guest memory once per pop.
+/// The lists from `popped_to` on were read but not popped (a pipelined pop read them to count
+/// them and took half, or a run read more than the batch took): the next pop moves them to the
+/// front and takes them from there, so every descriptor is read from guest memory once.
 #[derive(Debug, Clone)]
 struct PoppedDescs {
     descs: [PackedDesc; POPPED_DESCS],
@@ -262,10 +262,15 @@ struct PoppedDescs {
     wrap: bool,
     /// Offset of the first kept list not popped yet (`len` if there is none).
     popped_to: u16,
+    /// Whole lists kept from `popped_to` on (not popped yet).
+    lists: u16,
     /// The bytes of the last run read (kept here, not on the stack, so that no pop zeroes a
     /// buffer).
     raw: [u8; RUN_BYTES],
 }
+
+/// A ring position and the wrap counter of its lap.
+type RingPos = (u16, bool);
 
 /// `(pos, wrap)` in a ring of `size` moved `n <= size` positions on.
 #[inline]
@@ -340,6 +345,7 @@ impl PoppedDescs {
             pos: 0,
             wrap: true,
             popped_to: 0,
+            lists: 0,
             raw: [0; RUN_BYTES],
         }
     }
@@ -351,6 +357,7 @@ impl PoppedDescs {
         self.pos = pos;
         self.wrap = wrap;
         self.popped_to = 0;
+        self.lists = 0;
     }
 
     /// The copies of `head`'s descriptors, if all of them are kept.
@@ -700,6 +707,7 @@ impl PackedQueue {
         self.outstanding += count;
         // `from + count <= len <= 128`.
         self.popped.popped_to = from.saturating_add(count);
+        self.popped.lists = self.popped.lists.saturating_sub(1);
         Ok(PackedHead {
             id,
             pos: start.0,
@@ -708,37 +716,48 @@ impl PackedQueue {
         })
     }
 
-    /// The opening of [`PackedQueue::read_list`] and [`PackedQueue::read_run`]: the next
-    /// position's flags, loaded with Acquire (the driver writes a list's first flags last, after
-    /// the rest of it, so everything read after this load is what it wrote), or `None` if nothing
-    /// is available there; the kept copies start over at that position unless they end there.
+    /// The opening of [`PackedQueue::read_list`] and [`PackedQueue::read_run`]: the position to
+    /// read (the end of the kept copies if lists are kept that were not popped yet, else the next
+    /// position to pop) and its flags, loaded with Acquire (the driver writes a list's first
+    /// flags last, after the rest of it, so everything read after this load is what it wrote), or
+    /// `None` if nothing is available there; the kept copies start over at that position unless
+    /// they end there.
     #[inline]
     fn begin_read<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
-    ) -> Result<Option<u16>, PackedQueueError> {
-        let at = (self.next_avail, self.avail_wrap);
+    ) -> Result<Option<(u16, RingPos)>, PackedQueueError> {
+        let end = self.advance(self.popped.pos, self.popped.wrap, self.popped.len);
+        let at = if self.popped.popped_to < self.popped.len {
+            end
+        } else {
+            (self.next_avail, self.avail_wrap)
+        };
         let flags = self.load_flags(mem, at.0)?;
         if !is_available(flags, at.1) {
             return Ok(None);
         }
-        if self.advance(self.popped.pos, self.popped.wrap, self.popped.len) != at {
+        if end != at {
             self.popped.restart(at.0, at.1);
         }
-        Ok(Some(flags))
+        Ok(Some((flags, at)))
     }
 
-    /// Reads the list at the next position (which must follow the kept copies, all popped)
-    /// descriptor by descriptor into the copies: the first list of a batch, where one list is
-    /// all there often is and a run's fixed costs would not pay. Checks what
+    /// Reads the list at `start`, where `begin_read` found `first_flags` available, descriptor
+    /// by descriptor into the copies: the first list of a batch, where one list is all there
+    /// often is and a run's fixed costs would not pay. Checks what
     /// [`PackedQueue::pop_uncopied`] checks.
-    fn read_list<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<Run, PackedQueueError> {
+    fn read_list<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        first_flags: u16,
+        start: RingPos,
+    ) -> Result<Run, PackedQueueError> {
         let size = self.config.size;
-        let start = (self.next_avail, self.avail_wrap);
-        let Some(first_flags) = self.begin_read(mem)? else {
-            return Ok(Run::Empty);
-        };
         let base = usize::from(self.popped.len);
+        // Descriptors the device holds: popped and not returned, and kept but not popped.
+        let held = u32::from(self.outstanding)
+            + u32::from(self.popped.len.saturating_sub(self.popped.popped_to));
         let (mut pos, mut wrap) = start;
         let mut count: u16 = 0;
         let mut desc = self.read_desc(mem, pos)?;
@@ -752,7 +771,7 @@ impl PackedQueue {
             };
             *slot = desc;
             count += 1;
-            if u32::from(self.outstanding) + u32::from(count) > u32::from(size) {
+            if held + u32::from(count) > u32::from(size) {
                 return Err(PackedQueueError::Overcommitted { pos: start.0 });
             }
             (pos, wrap) = self.advance(pos, wrap, 1);
@@ -766,12 +785,12 @@ impl PackedQueue {
         }
         // `base + count <= POPPED_DESCS`: every descriptor found a slot.
         self.popped.len = self.popped.len.saturating_add(count);
+        self.popped.lists = self.popped.lists.saturating_add(1);
         Ok(Run::Added)
     }
 
-    /// Reads a run of up to `want` descriptors from the next position (which must follow the
-    /// kept copies, all popped) and keeps the whole lists among them that the driver made
-    /// available.
+    /// Reads a run of up to `want` descriptors from `at`, where `begin_read` found `first`
+    /// available, and keeps the whole lists among them that the driver made available.
     ///
     /// The first descriptor's flags are loaded alone with Acquire before anything else (the idle
     /// poll costs that one load); the run is copied after it, so the first list is whole in the
@@ -784,12 +803,10 @@ impl PackedQueue {
         &mut self,
         mem: &M,
         want: u16,
+        first: u16,
+        at: RingPos,
     ) -> Result<Run, PackedQueueError> {
         let size = self.config.size;
-        let at = (self.next_avail, self.avail_wrap);
-        let Some(first) = self.begin_read(mem)? else {
-            return Ok(Run::Empty);
-        };
         let base = self.popped.len;
         // `len <= POPPED_DESCS`.
         let room = POPPED_DESCS as u16 - base;
@@ -840,6 +857,7 @@ impl PackedQueue {
 
         // Keep the whole lists; `end`: descriptors up to the end of the last one.
         let mut end: u16 = 0;
+        let mut lists: u16 = 0;
         let mut index: u16 = 0;
         let mut problem = None;
         let kept = descs.get_mut(usize::from(base)..).unwrap_or(&mut []);
@@ -862,6 +880,7 @@ impl PackedQueue {
             index += 1;
             if !desc.has_next() {
                 end = index;
+                lists += 1;
             }
         }
         if problem.is_none() && end == 0 && avail < n {
@@ -873,6 +892,7 @@ impl PackedQueue {
         }
         if end > 0 {
             self.popped.len = base + end;
+            self.popped.lists = self.popped.lists.saturating_add(lists);
             return Ok(Run::Added);
         }
         if let Some(problem) = problem {
@@ -904,6 +924,10 @@ impl PackedQueue {
         let p = &mut self.popped;
         let (from, len) = (p.popped_to, p.len);
         if from < len && advance(size, p.pos, p.wrap, from) == at {
+            if from == 0 {
+                // Already at the front (read by `fill` just now).
+                return;
+            }
             p.descs.copy_within(usize::from(from)..usize::from(len), 0);
             p.pos = at.0;
             p.wrap = at.1;
@@ -936,10 +960,11 @@ impl PackedQueue {
             let next = if self.popped.popped_to < self.popped.len {
                 self.pop_copied().map(Some)
             } else {
-                let read = if popped == 0 {
-                    self.read_list(mem)
-                } else {
-                    self.read_run(mem, want)
+                let read = match self.begin_read(mem) {
+                    Ok(Some((flags, at))) if popped == 0 => self.read_list(mem, flags, at),
+                    Ok(Some((flags, at))) => self.read_run(mem, want, flags, at),
+                    Ok(None) => Ok(Run::Empty),
+                    Err(err) => Err(err),
                 };
                 match read {
                     Ok(Run::Added) => {
@@ -967,39 +992,65 @@ impl PackedQueue {
         Ok(popped)
     }
 
-    /// Pops like [`PackedQueue::pop_heads`], but keeps only half (rounded up) of the lists when
-    /// more than [`POP_SPLIT_ABOVE`] were available, for the reason
+    /// Reads lists into the kept copies, as `pop_heads` would pop them, until `limit` are kept
+    /// and not popped, or the ring has no more, or the next one cannot be kept (too long for the
+    /// copies, or malformed: the pop that follows stops there and reports it). Returns the lists
+    /// kept and whether the ring had no more.
+    fn fill<M: GuestMemory + ?Sized>(&mut self, mem: &M, limit: usize) -> (usize, bool) {
+        self.begin_pop();
+        let mut want = RUN_FIRST;
+        loop {
+            let lists = usize::from(self.popped.lists);
+            if lists >= limit {
+                return (lists, false);
+            }
+            let read = match self.begin_read(mem) {
+                Ok(Some((flags, at))) if lists == 0 => self.read_list(mem, flags, at),
+                Ok(Some((flags, at))) => self.read_run(mem, want, flags, at),
+                Ok(None) => Ok(Run::Empty),
+                Err(err) => Err(err),
+            };
+            match read {
+                Ok(Run::Added) | Ok(Run::TooShort) => want = want.saturating_mul(2),
+                Ok(Run::Empty) => return (lists, true),
+                Ok(Run::Uncopied) | Err(_) => return (lists, false),
+            }
+        }
+    }
+
+    /// Pops like [`PackedQueue::pop_heads`], but only half (rounded up) of the lists when more
+    /// than [`POP_SPLIT_ABOVE`] are available, for the reason
     /// [`crate::virtq::SplitQueue::pop_heads_pipelined`] gives. A packed ring has no index that
-    /// says how many lists are pending, so this counts at most `heads.len()` of them and puts the
-    /// second half back (the next round pops them again).
+    /// says how many lists are pending, so this first reads up to `heads.len()` of them into the
+    /// kept copies to count them, then pops half; the other half stays read for the next pop.
     pub fn pop_heads_pipelined<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
         heads: &mut [PackedHead],
     ) -> Result<usize, PackedQueueError> {
-        let popped = self.pop_heads(mem, heads)?;
-        if popped <= POP_SPLIT_ABOVE {
-            return Ok(popped);
+        if heads.len() > POP_SPLIT_ABOVE {
+            let (lists, drained) = self.fill(mem, heads.len());
+            // Everything available is kept (`drained`), or more than the split point: pop from
+            // the copies without looking at the ring again.
+            let take = if lists > POP_SPLIT_ABOVE {
+                Some(lists.div_ceil(2))
+            } else {
+                drained.then_some(lists)
+            };
+            if let Some(take) = take {
+                let mut popped = 0;
+                for out in heads.iter_mut().take(take) {
+                    match self.pop_copied() {
+                        Ok(head) => *out = head,
+                        Err(err) if popped == 0 => return Err(err),
+                        Err(_) => break,
+                    }
+                    popped += 1;
+                }
+                return Ok(popped);
+            }
         }
-        let take = popped.div_ceil(2);
-        let (Some(first_back), Some(back)) = (heads.get(take), heads.get(take..popped)) else {
-            return Ok(popped);
-        };
-        // These lists were popped just now, so their counts are part of `outstanding`.
-        let returned = back.iter().fold(0u16, |sum, h| sum.saturating_add(h.count));
-        self.next_avail = first_back.pos;
-        self.avail_wrap = first_back.wrap;
-        self.outstanding = self.outstanding.saturating_sub(returned);
-        // The copies of the lists put back stay: the next pop takes them from there.
-        let kept = self.distance(
-            (self.popped.pos, self.popped.wrap),
-            (first_back.pos, first_back.wrap),
-        );
-        match u16::try_from(kept) {
-            Ok(kept) if kept <= self.popped.len => self.popped.popped_to = kept,
-            _ => self.popped.restart(first_back.pos, first_back.wrap),
-        }
-        Ok(take)
+        self.pop_heads(mem, heads)
     }
 
     /// Starts fetching the first buffer of each list (a virtio-blk or virtio-scsi header) before
@@ -1064,7 +1115,7 @@ impl PackedQueue {
         let params = self.walk_params();
         match self.popped.list(&head, self.config.size) {
             Some(descs) => walk::walk_copied(mem, params, head, descs, chain),
-            None => walk::walk(mem, params, head, chain),
+            None => walk::walk_uncopied(mem, params, head, chain),
         }
     }
 

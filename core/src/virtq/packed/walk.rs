@@ -113,6 +113,20 @@ pub(super) fn walk<M: GuestMemory + ?Sized, const N: usize>(
     })
 }
 
+/// [`walk`] for a popped list whose copies were not kept (longer than the pop keeps): out of
+/// line, so that the walk from the copies, which nearly every list takes, is all that
+/// `walk_popped` inlines.
+#[cold]
+#[inline(never)]
+pub(super) fn walk_uncopied<M: GuestMemory + ?Sized, const N: usize>(
+    mem: &M,
+    params: WalkParams,
+    head: PackedHead,
+    chain: &mut Chain<N>,
+) -> Result<(), ChainError> {
+    walk(mem, params, head, chain)
+}
+
 /// Walks the list `head` into `chain` from `descs`, copies of its ring descriptors (one per
 /// descriptor of the list, in ring order: what the pop read, or what an inflight log kept), with
 /// the checks [`walk`] makes but the wrap bits: the pop checked those when it read the copies,
