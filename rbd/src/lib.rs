@@ -644,14 +644,6 @@ impl CompletionQueue {
         self.wake.get().cloned()
     }
 
-    /// Whether the operations submitted on this queue wake the submitting thread when they
-    /// complete: it took that thread's waker (at its first submission there, or
-    /// [`CompletionQueue::thread_waker`]), which every completion then wakes, callback or event
-    /// socket alike. `false` on a thread without a waker: its owner must poll.
-    pub fn wakes_submitter(&self) -> bool {
-        self.wake.get().is_some()
-    }
-
     fn record(&mut self) -> Box<Record> {
         match self.free.pop() {
             Some(record) => record,

@@ -974,12 +974,6 @@ impl BdevChannel for CountedChannel {
     fn in_flight(&self) -> usize {
         self.inner.in_flight() + self.waiting.len()
     }
-
-    /// The inner channel's answer, unless the QoS limits hold I/O back (submitted at a later
-    /// poll, which nothing wakes).
-    fn completions_wake_reactor(&self) -> bool {
-        self.waiting.is_empty() && self.inner.completions_wake_reactor()
-    }
 }
 
 #[cfg(test)]

@@ -244,14 +244,4 @@ pub trait BdevChannel: Send {
     fn poll(&mut self, done: &mut dyn FnMut(u64, IoStatus)) -> usize;
     /// Number of submitted I/Os whose completion has not been polled yet.
     fn in_flight(&self) -> usize;
-    /// Whether every I/O in flight on this channel, when it completes, wakes the reactor that
-    /// polls the channel (through the thread's waker, `rvhost_platform_linux::waker`), so that
-    /// the reactor may block until then instead of polling for it (its kick wait, see
-    /// `reactor::KICK_SPIN_ROUNDS`). The default, `false`, is right for every channel whose
-    /// completions are only found by polling (a device's queue, an io_uring, a timer) or that
-    /// holds I/O back itself (a delay, a QoS queue): a reactor keeps polling while such I/O is in
-    /// flight. rbd says `true` once its completions wake the reactor's waker.
-    fn completions_wake_reactor(&self) -> bool {
-        false
-    }
 }

@@ -118,9 +118,6 @@ pub struct HeldIo {
     pub allow: AtomicU32,
     /// I/Os submitted so far.
     pub submitted: AtomicU32,
-    /// What the channel answers to `completions_wake_reactor` (as rbd's would; the test then
-    /// wakes the reactor itself if it needs to).
-    pub wakes: AtomicBool,
 }
 
 impl HeldIo {
@@ -196,8 +193,5 @@ impl BdevChannel for HeldChannel {
     }
     fn in_flight(&self) -> usize {
         self.0.pending().len()
-    }
-    fn completions_wake_reactor(&self) -> bool {
-        self.0.wakes.load(Ordering::Relaxed)
     }
 }

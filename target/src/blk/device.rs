@@ -440,14 +440,6 @@ impl RequestHandler for BlkHandler {
         })
     }
 
-    /// Every request in flight is on the one channel (a detached device has none in flight
-    /// once its detach settled; until then the pending detach keeps it polled).
-    fn in_flight_wakes_reactor(&self) -> bool {
-        self.channel
-            .as_deref()
-            .is_some_and(BdevChannel::completions_wake_reactor)
-    }
-
     fn control<V: ShellRing>(&mut self, op: BlkOp, requests: &mut Requests<'_, Self, V>) -> bool {
         match op {
             BlkOp::Resize { num_blocks, reply } => {
@@ -820,20 +812,6 @@ mod tests {
         let mut fds = Vec::new();
         assert_eq!(rig.device.prepare_block(&mut fds), BlockReadiness::Refused);
         rig.device.end_block(&fds);
-        assert_eq!(no_notify(&rig), 1);
-        // The same request on a bdev whose completions wake the reactor (rbd's): kicks on
-        // meanwhile, so a request added while it is in flight is kicked; off again after.
-        rig.held.wakes.store(true, Ordering::Relaxed);
-        let mut fds = Vec::new();
-        assert_eq!(rig.device.prepare_block(&mut fds), BlockReadiness::Ready);
-        assert_eq!(fds.len(), 1);
-        assert_eq!(
-            no_notify(&rig),
-            0,
-            "kicks on with a waking request in flight"
-        );
-        rig.device.end_block(&fds);
-        assert_eq!(no_notify(&rig), 1, "kicks off");
         rig.release();
         rig.device.poll();
         assert_eq!(rig.used_idx(), 1);

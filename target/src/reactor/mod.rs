@@ -71,16 +71,12 @@ pub const WAKER_SPIN_ROUNDS: u32 = 0;
 /// of a millisecond, and those wake-ups took half a core at QD1 against a loaded Ceph cluster
 /// (bench/README.md, "Ceph RBD").
 pub const WAKER_WAIT: Duration = Duration::from_millis(1);
-/// Empty poll rounds after which an adaptive reactor whose work completes on other threads (a
-/// [`Waker`] source: rbd) announces a sleep and then, if every task agrees
-/// ([`Task::prepare_block`]), blocks on the tasks' descriptors (the guests' kick eventfds) and
-/// its waker, instead of spinning and yielding until the driver's next request, as
-/// qemu-storage-daemon sleeps in `ppoll`. With completions expected it waits so only after
-/// [`WAKER_SPIN_ROUNDS`] too, and a task agrees only if what it has in flight wakes the waker
-/// when it completes (an rbd channel's I/O); otherwise the reactor blocks on its waker alone,
-/// and a request a driver adds meanwhile waits for the next completion or [`WAKER_WAIT`].
-/// Reactors without such work (null, malloc, nvme, file bdevs) never do: they keep the
-/// spin/yield/sleep policy.
+/// Empty poll rounds after which an adaptive reactor with nothing in flight, whose work
+/// completes on other threads (a [`Waker`] source: rbd), announces a sleep and then, if every
+/// task agrees ([`Task::prepare_block`]), blocks on the tasks' descriptors (the guests' kick
+/// eventfds) and its waker, instead of spinning and yielding until the driver's next request,
+/// as qemu-storage-daemon sleeps in `ppoll`. Reactors without such work (null, malloc, nvme,
+/// file bdevs) never do: they keep the spin/yield/sleep policy.
 pub const KICK_SPIN_ROUNDS: u32 = 0;
 /// Empty poll rounds after which an adaptive reactor starts sleeping between rounds.
 pub const YIELD_ROUNDS: u32 = 32 * 1024;
@@ -131,13 +127,10 @@ pub trait Task: Send {
     fn is_finished(&self) -> bool;
 
     /// The reactor found no work and would block until one of its descriptors becomes readable
-    /// or its waker is woken (see [`KICK_SPIN_ROUNDS`]). A task that can be woken that way turns
-    /// on the notifications it needs (a vhost device: the driver's kicks), appends their
-    /// descriptors to `fds`, then looks for work that arrived before they were on, and says
-    /// what it found. A task with operations in flight may say [`BlockReadiness::Ready`] only
-    /// if each of them wakes the reactor's waker when it completes. The default,
-    /// [`BlockReadiness::Refused`], keeps the reactor polling (or, with completions expected,
-    /// blocking on its waker alone).
+    /// (see [`KICK_SPIN_ROUNDS`]). A task that can be woken that way turns on the notifications
+    /// it needs (a vhost device: the driver's kicks), appends their descriptors to `fds`, then
+    /// looks for work that arrived before they were on, and says what it found. The default,
+    /// [`BlockReadiness::Refused`], keeps the reactor polling.
     fn prepare_block(&mut self, _fds: &mut Vec<libc::pollfd>) -> BlockReadiness {
         BlockReadiness::Refused
     }
@@ -752,21 +745,17 @@ impl Reactor {
                 if self.idle == IdlePolicy::Adaptive {
                     let expected = waker::expected() > 0;
                     let waiting_for_others = expected && empty_rounds > waker_spin_rounds;
-                    // With completions expected, only once the reactor would block on its
-                    // waker anyway; the tasks then say whether what they have in flight wakes
-                    // it.
-                    let waiting_for_kicks = (waiting_for_others || !expected)
+                    let waiting_for_kicks = !expected
                         && !kick_refused
                         && kick_spin_rounds.is_some_and(|spin| empty_rounds > spin)
                         && wake.as_ref().is_some_and(|w| w.has_sources());
                     match (waiting_for_others || waiting_for_kicks, wake.as_ref()) {
                         (true, Some(wake)) if armed && waiting_for_kicks => {
-                            // What completes here wakes the reactor: block until a driver
-                            // kicks, a completion or command arrives or WAKER_WAIT passed, if
-                            // every task can be woken so. If one cannot and completions are
-                            // expected, block on the waker alone, as below.
+                            // Nothing in flight, and what does complete here wakes the
+                            // reactor: block until a driver kicks, a command arrives or
+                            // WAKER_WAIT passed, if every task can be woken so.
                             armed = false;
-                            if !self.block_on_kicks(wake, &mut sleep_fds, waker_wait, expected) {
+                            if !self.block_on_kicks(wake, &mut sleep_fds, waker_wait) {
                                 kick_refused = true;
                             }
                         }
@@ -828,15 +817,12 @@ impl Reactor {
     /// The kick wait (see [`KICK_SPIN_ROUNDS`]), after the waker announced the sleep and a
     /// round found nothing: every task turns its notifications on and re-checks for work; if
     /// all are ready, blocks on their descriptors and the waker for at most `timeout`. Every
-    /// task then turns them off again. If a task refused and `expected` (completions will wake
-    /// the waker), blocks on the waker alone (the announced sleep still holds: a completion
-    /// queued since it writes the eventfd). Returns `false` if a task refused.
+    /// task then turns them off again. Returns `false` if a task refused.
     fn block_on_kicks(
         &mut self,
         wake: &Waker,
         fds: &mut Vec<libc::pollfd>,
         timeout: Duration,
-        expected: bool,
     ) -> bool {
         fds.clear();
         // The waker's entry; `Waker::sleep` fills it in.
@@ -857,19 +843,12 @@ impl Reactor {
             if let Err(err) = wake.sleep(fds, timeout) {
                 tracing::debug!(%err, "waiting on the kick and wake-up eventfds");
             }
-        } else if readiness == BlockReadiness::Work || !expected {
+        } else {
             wake.cancel_sleep();
         }
         for polled in self.tasks.iter_mut().take(prepared) {
             let (start, end) = polled.block_fds;
             polled.task.end_block(fds.get(start..end).unwrap_or(&[]));
-        }
-        if readiness == BlockReadiness::Refused && expected {
-            // Notifications off again (above); the waker alone.
-            fds.clear();
-            if let Err(err) = wake.sleep(fds, timeout) {
-                tracing::debug!(%err, "waiting on the wake-up eventfd");
-            }
         }
         readiness != BlockReadiness::Refused
     }
@@ -1110,32 +1089,13 @@ mod tests {
         reactor.shutdown();
     }
 
-    /// Waits on an eventfd between requests: `poll` reports work once per signal it saw. While
-    /// `refuse` is set it refuses to block (as a device with requests in flight that nothing
-    /// wakes); once `submit` is set, its next poll expects a completion on the reactor's thread
-    /// (as an rbd submission does) that never comes.
+    /// Waits on an eventfd between requests: `poll` reports work once per signal it saw.
     struct Kickable {
         kick: rvhost_platform_linux::EventFd,
         polls: Arc<AtomicU64>,
         prepared: Arc<AtomicU64>,
         kicked: Arc<AtomicU64>,
-        refuse: Arc<AtomicBool>,
-        submit: Arc<AtomicBool>,
         pending: bool,
-    }
-
-    impl Kickable {
-        fn new(kick: rvhost_platform_linux::EventFd) -> Self {
-            Kickable {
-                kick,
-                polls: Arc::default(),
-                prepared: Arc::default(),
-                kicked: Arc::default(),
-                refuse: Arc::default(),
-                submit: Arc::default(),
-                pending: false,
-            }
-        }
     }
 
     impl Task for Kickable {
@@ -1144,25 +1104,15 @@ mod tests {
         }
         fn poll(&mut self) -> usize {
             self.polls.fetch_add(1, Ordering::Relaxed);
-            if self.submit.swap(false, Ordering::Relaxed) {
-                waker::expect(1);
-            }
             usize::from(std::mem::take(&mut self.pending))
         }
-        fn control(&mut self, message: Message) {
-            if let Ok(reply) = message.downcast::<Reply<()>>() {
-                let _ = reply.send(());
-            }
-        }
+        fn control(&mut self, _message: Message) {}
         fn is_finished(&self) -> bool {
             false
         }
         fn prepare_block(&mut self, fds: &mut Vec<libc::pollfd>) -> BlockReadiness {
             use std::os::fd::AsRawFd;
             self.prepared.fetch_add(1, Ordering::Relaxed);
-            if self.refuse.load(Ordering::Relaxed) {
-                return BlockReadiness::Refused;
-            }
             fds.push(waker::readable(self.kick.as_raw_fd()));
             BlockReadiness::Ready
         }
@@ -1186,10 +1136,11 @@ mod tests {
         let kick = rvhost_platform_linux::EventFd::new().unwrap();
         let signal = kick.try_clone().unwrap();
         let task = Box::new(Kickable {
+            kick,
             polls: Arc::clone(&polls),
             prepared: Arc::clone(&prepared),
             kicked: Arc::clone(&kicked),
-            ..Kickable::new(kick)
+            pending: false,
         });
         reactor
             .call(|reply| Command::AddTask { task, reply })
@@ -1214,76 +1165,6 @@ mod tests {
         // Back to polling once the source is gone.
         waker.remove_source();
         assert!(!waker.has_sources());
-        reactor.shutdown();
-    }
-
-    #[test]
-    fn with_completions_expected_a_reactor_waits_for_kicks_only_if_every_task_agrees() {
-        let reactor = spawn(0, IdlePolicy::Adaptive, Arc::new(NumaTopology::unknown())).unwrap();
-        let kick = rvhost_platform_linux::EventFd::new().unwrap();
-        let signal = kick.try_clone().unwrap();
-        let task = Kickable::new(kick);
-        let (polls, prepared, kicked) = (
-            Arc::clone(&task.polls),
-            Arc::clone(&task.prepared),
-            Arc::clone(&task.kicked),
-        );
-        let (refuse, submit) = (Arc::clone(&task.refuse), Arc::clone(&task.submit));
-        refuse.store(true, Ordering::Relaxed);
-        let task = Box::new(task);
-        reactor
-            .call(|reply| Command::AddTask { task, reply })
-            .unwrap();
-        let waker = reactor.waker.clone().expect("a reactor waker");
-        waker.add_source();
-        wait_until("an idle kick wait, refused", || {
-            prepared.load(Ordering::Relaxed) > 0
-        });
-        // A completion is now expected (and never comes).
-        submit.store(true, Ordering::Relaxed);
-        reactor
-            .task_call(TaskId(5), |reply: Reply<()>| reply)
-            .unwrap();
-        wait_until("the submission", || !submit.load(Ordering::Relaxed));
-        let blocked = |what: &str| {
-            let before = polls.load(Ordering::Relaxed);
-            std::thread::sleep(Duration::from_millis(50));
-            let during = polls.load(Ordering::Relaxed) - before;
-            assert!(during < 1000, "{during} polls in 50 ms ({what})");
-        };
-
-        // Negative control: the task refuses (what it has in flight does not wake the reactor):
-        // the reactor blocks on its waker alone, and a kick is not seen.
-        let asked = prepared.load(Ordering::Relaxed);
-        blocked("the waker alone");
-        signal.signal().unwrap();
-        std::thread::sleep(Duration::from_millis(30));
-        assert_eq!(
-            kicked.load(Ordering::Relaxed),
-            0,
-            "a kick seen by the waker wait"
-        );
-        assert!(
-            prepared.load(Ordering::Relaxed) <= asked + 1,
-            "asked again without work in between"
-        );
-        assert_eq!(signal.consume().unwrap(), 1);
-
-        // The task agrees: after the next round with work, the reactor blocks on the kick
-        // eventfd as well as the waker, with the completion still expected, and a kick ends
-        // the wait.
-        refuse.store(false, Ordering::Relaxed);
-        let asked = prepared.load(Ordering::Relaxed);
-        reactor
-            .task_call(TaskId(5), |reply: Reply<()>| reply)
-            .unwrap();
-        wait_until("a kick wait with a completion expected", || {
-            prepared.load(Ordering::Relaxed) > asked
-        });
-        blocked("the kick wait");
-        signal.signal().unwrap();
-        wait_until("the kick", || kicked.load(Ordering::Relaxed) > 0);
-        waker.remove_source();
         reactor.shutdown();
     }
 

@@ -522,13 +522,6 @@ impl BdevChannel for RbdChannel {
     fn in_flight(&self) -> usize {
         self.in_flight
     }
-
-    /// librbd's completion callback (or, in event-socket mode, librbd itself) wakes the waker
-    /// the channel took from its reactor at the first submission; before that nothing is in
-    /// flight, and on a thread without a waker nothing would wake it.
-    fn completions_wake_reactor(&self) -> bool {
-        self.queue.wakes_submitter()
-    }
 }
 
 /// The `rbd` module: registered clusters and the bdevs on their images.

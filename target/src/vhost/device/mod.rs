@@ -238,14 +238,6 @@ pub trait RequestHandler: Send + 'static {
     #[inline]
     fn end_round(&mut self, _work: usize) {}
 
-    /// Whether every request the handler has in flight wakes the reactor when it completes
-    /// ([`crate::bdev::BdevChannel::completions_wake_reactor`] of the channels they are on), so
-    /// that the reactor may wait for the driver's kicks meanwhile instead of polling. Only asked
-    /// with requests in flight. The default, `false`, keeps such a device polled.
-    fn in_flight_wakes_reactor(&self) -> bool {
-        false
-    }
-
     /// Applies a device-specific control operation. Returns whether something now waits for
     /// [`RequestHandler::settle`].
     fn control<V: ShellRing>(&mut self, op: Self::Op, requests: &mut Requests<'_, Self, V>)
@@ -992,14 +984,9 @@ impl<H: RequestHandler, V: ShellRing> Task for VhostDevice<H, V> {
         if self.removed {
             return BlockReadiness::Ready;
         }
-        // A deferred operation or a held call (timers) need polling, and so do requests in
-        // flight unless each one's completion wakes the reactor (rbd's, through its waker:
-        // then a request the driver adds meanwhile kicks instead of waiting for the next
-        // completion).
-        if self.settle_pending
-            || self.calls_held
-            || (self.in_flight() > 0 && !self.handler.in_flight_wakes_reactor())
-        {
+        // In flight (only the waker's completions end those waits), a deferred operation or a
+        // held call (timers) need polling.
+        if self.settle_pending || self.calls_held || self.in_flight() > 0 {
             return BlockReadiness::Refused;
         }
         let Some(mem) = self.memory.as_deref() else {
