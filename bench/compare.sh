@@ -421,25 +421,7 @@ core_probe() {
 # one. rvhost and SPDK answer the same JSON-RPC method on the same socket path.
 target_cost() {
   [ -n "$TARGET_PID" ] && [ -S "$WORK/sock/rpc.sock" ] || return 0
-  python3 - "$WORK/sock/rpc.sock" "$TARGET_PID" <<'PY' 2>/dev/null || true
-import json, os, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(5)
-s.connect(sys.argv[1])
-s.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "framework_get_reactors"}).encode())
-buf = b""
-while True:
-    buf += s.recv(65536)
-    try:
-        r = json.loads(buf)["result"]
-        break
-    except ValueError:
-        continue
-busy = sum(x["busy"] for x in r["reactors"]) * 1e9 / r["tick_rate"]
-st = open(f"/proc/{sys.argv[2]}/stat").read().rsplit(")", 1)[1].split()
-cpu = (int(st[11]) + int(st[12])) * 1e9 / os.sysconf("SC_CLK_TCK")
-print("%.0f %.0f" % (busy, cpu))
-PY
+  python3 "$REPO/bench/reactors-busy.py" "$WORK/sock/rpc.sock" "$TARGET_PID" 2>/dev/null || true
 }
 
 # Per-request cost from two target_cost readings and the requests counted.

@@ -37,25 +37,7 @@ ab_setup
 
 # The target's busy time so far in ns (framework_get_reactors' busy ticks over its reactors).
 target_busy_ns() {
-  python3 - "$WORK/sock/rpc.sock" <<'PY'
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(5)
-s.connect(sys.argv[1])
-s.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "framework_get_reactors"}).encode())
-buf = b""
-while True:
-    chunk = s.recv(65536)
-    if not chunk:
-        sys.exit("framework_get_reactors: connection closed")
-    buf += chunk
-    try:
-        r = json.loads(buf)["result"]
-        break
-    except ValueError:
-        continue
-print("%.0f" % (sum(x["busy"] for x in r["reactors"]) * 1e9 / r["tick_rate"]))
-PY
+  python3 "$(dirname "$0")/reactors-busy.py" "$WORK/sock/rpc.sock"
 }
 
 # Prints "IOPS INITIATOR_BUSY_NS_PER_IO REQUESTS" of one run ("split" or "packed" rings); fails
