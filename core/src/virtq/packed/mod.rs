@@ -743,6 +743,23 @@ impl PackedQueue {
         Ok(Some((flags, at)))
     }
 
+    /// Reads what is available at the next position into the kept copies: a batch's first list
+    /// (`first`) descriptor by descriptor with [`PackedQueue::read_list`], later ones in a run of
+    /// up to `want` descriptors with [`PackedQueue::read_run`].
+    #[inline(always)]
+    fn read_next<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        first: bool,
+        want: u16,
+    ) -> Result<Run, PackedQueueError> {
+        match self.begin_read(mem)? {
+            Some((flags, at)) if first => self.read_list(mem, flags, at),
+            Some((flags, at)) => self.read_run(mem, want, flags, at),
+            None => Ok(Run::Empty),
+        }
+    }
+
     /// Reads the list at `start`, where `begin_read` found `first_flags` available, descriptor
     /// by descriptor into the copies: the first list of a batch, where one list is all there
     /// often is and a run's fixed costs would not pay. Checks what
@@ -960,13 +977,7 @@ impl PackedQueue {
             let next = if self.popped.popped_to < self.popped.len {
                 self.pop_copied().map(Some)
             } else {
-                let read = match self.begin_read(mem) {
-                    Ok(Some((flags, at))) if popped == 0 => self.read_list(mem, flags, at),
-                    Ok(Some((flags, at))) => self.read_run(mem, want, flags, at),
-                    Ok(None) => Ok(Run::Empty),
-                    Err(err) => Err(err),
-                };
-                match read {
+                match self.read_next(mem, popped == 0, want) {
                     Ok(Run::Added) => {
                         want = want.saturating_mul(2);
                         continue;
@@ -1004,13 +1015,7 @@ impl PackedQueue {
             if lists >= limit {
                 return (lists, false);
             }
-            let read = match self.begin_read(mem) {
-                Ok(Some((flags, at))) if lists == 0 => self.read_list(mem, flags, at),
-                Ok(Some((flags, at))) => self.read_run(mem, want, flags, at),
-                Ok(None) => Ok(Run::Empty),
-                Err(err) => Err(err),
-            };
-            match read {
+            match self.read_next(mem, lists == 0, want) {
                 Ok(Run::Added) | Ok(Run::TooShort) => want = want.saturating_mul(2),
                 Ok(Run::Empty) => return (lists, true),
                 Ok(Run::Uncopied) | Err(_) => return (lists, false),
