@@ -43,16 +43,47 @@ impl Drop for Reservation {
     }
 }
 
-/// Free 2 MiB hugepages right now (`HugePages_Free` in /proc/meminfo).
-fn free_hugepages() -> u64 {
+/// A `/proc/meminfo` count of 2 MiB hugepages (`HugePages_Free`, `HugePages_Total`).
+fn meminfo_hugepages(key: &str) -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
             m.lines()
-                .find_map(|l| l.strip_prefix("HugePages_Free:"))
+                .find_map(|l| l.strip_prefix(key))
                 .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// Free 2 MiB hugepages right now, machine-wide.
+fn free_hugepages() -> u64 {
+    meminfo_hugepages("HugePages_Free:")
+}
+
+/// KiB of hugepages backing this process's mapping that starts at `va` (`Private_Hugetlb` plus
+/// `Shared_Hugetlb` of its `/proc/self/smaps` entry), or `None` if no mapping starts there.
+/// Unlike `HugePages_Free` it is not moved by other processes taking or returning hugepages.
+fn mapping_hugetlb_kib(va: u64) -> Option<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let start = format!("{va:x}-");
+    let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+    lines.next()?;
+    let mut kib = 0;
+    // The entry's fields, up to the next mapping's header line (which has no ':' after its
+    // first word).
+    for line in lines.take_while(|l| {
+        l.split_whitespace()
+            .next()
+            .is_some_and(|w| w.ends_with(':'))
+    }) {
+        if let Some(v) = line
+            .strip_prefix("Private_Hugetlb:")
+            .or_else(|| line.strip_prefix("Shared_Hugetlb:"))
+        {
+            kib += v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
+        }
+    }
+    Some(kib)
 }
 
 #[test]
@@ -78,16 +109,17 @@ fn hugepages_when_reserved_else_fallback() {
         buf.read_at(0, &mut first).unwrap();
         assert!(first.iter().all(|&b| b == 0), "zero-filled");
         assert_eq!(
-            free_hugepages(),
-            free - 2,
-            "the kernel handed out two hugepages"
+            mapping_hugetlb_kib(map_va),
+            Some(4096),
+            "two hugepages back the mapping"
         );
         let strict = DmaBuffer::allocate_with(HUGEPAGE_SIZE, PagePolicy::HugeOnly).unwrap();
         assert!(strict.is_hugepage());
         let shared = SharedDmaMemory::allocate_with(4096, PagePolicy::HugeOnly).unwrap();
         assert!(shared.is_hugepage());
-        // More than is free: HugeOnly fails, PreferHuge falls back to base pages.
-        let too_many = usize::try_from(free_hugepages() + 1).unwrap() * HUGEPAGE_SIZE;
+        // More than the machine has: HugeOnly fails, PreferHuge falls back to base pages.
+        let too_many =
+            usize::try_from(meminfo_hugepages("HugePages_Total:") + 1).unwrap() * HUGEPAGE_SIZE;
         assert!(matches!(
             DmaBuffer::allocate_with(too_many, PagePolicy::HugeOnly),
             Err(DmaError::Mmap {
@@ -100,7 +132,11 @@ fn hugepages_when_reserved_else_fallback() {
         drop(buf);
         drop(strict);
         drop(shared);
-        assert_eq!(free_hugepages(), free, "hugepages are returned on drop");
+        assert_eq!(
+            mapping_hugetlb_kib(map_va),
+            None,
+            "the mapping is gone on drop"
+        );
     } else {
         // No hugepages can be had here (not root, or the kernel refused): fall back, and
         // HugeOnly fails with a typed error.
