@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use rvhost_core::blk::{feature as blk_feature, request_type, VirtioBlkConfig, CONFIG_LEN};
 use rvhost_core::virtio::feature::{self, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
-use rvhost_core::virtio::ring::{VirtqDesc, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+use rvhost_core::virtio::ring::{
+    VirtqDesc, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+};
 use rvhost_core::virtio::{bit, has_feature};
 use rvhost_core::virtio_scsi::{cmd_req_len, CmdReq, LunAddress, VIRTIO_SCSI_CDB_DEFAULT_SIZE};
 use vhost::vhost_user::message::{
@@ -26,7 +28,8 @@ use crate::PerfError;
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES` in the virtio feature word.
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-/// Descriptors per request: header, data, status (blk) or request, response, data (scsi).
+/// Descriptors per request: header, data, status (blk) or request, response, data (scsi). With
+/// indirect tables the ring's share is the first of them only, and the table holds the three.
 pub const DESCS_PER_REQUEST: u16 = 3;
 /// Largest queue size asked for (QEMU's and libvhost-user's limit).
 pub const MAX_QUEUE_SIZE: u16 = 1024;
@@ -38,6 +41,8 @@ const SCSI_RESP_RESPONSE: usize = 11;
 /// Bytes of `virtio_scsi_cmd_resp` with the default 96-byte sense area.
 const SCSI_RESP_LEN: u32 = 12 + 96;
 const SCSI_CHECK_CONDITION: u8 = 0x02;
+/// Bytes of a request's indirect table: its three descriptors.
+const INDIRECT_TABLE_LEN: u32 = DESCS_PER_REQUEST as u32 * VirtqDesc::SIZE as u32;
 
 /// Queue size for `queue_depth` requests of [`DESCS_PER_REQUEST`] descriptors each.
 pub fn queue_size_for(queue_depth: u16) -> Result<u16, PerfError> {
@@ -95,15 +100,18 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
-    /// Connects to `socket` and negotiates features for `queues` request queues (and, with
-    /// `dirty_log`, what a migrating frontend needs: `VHOST_F_LOG_ALL` offered and
+    /// Connects to `socket` and negotiates features for `queues` request queues (with `indirect`,
+    /// `VIRTIO_F_RING_INDIRECT_DESC`, which the target must offer; with `dirty_log`, what a
+    /// migrating frontend needs: `VHOST_F_LOG_ALL` offered and
     /// `VHOST_USER_PROTOCOL_F_LOG_SHMFD`).
+    #[allow(clippy::too_many_arguments)]
     pub fn connect(
         socket: &Path,
         device: DeviceType,
         queues: u16,
         event_idx: bool,
         packed: bool,
+        indirect: bool,
         dirty_log: bool,
     ) -> Result<Self, PerfError> {
         let stream = UnixStream::connect(socket)
@@ -138,6 +146,14 @@ impl Connection {
                 ));
             }
             wanted |= bit(feature::VIRTIO_F_RING_PACKED);
+        }
+        if indirect {
+            if !has_feature(offered, feature::VIRTIO_F_RING_INDIRECT_DESC) {
+                return Err(PerfError::Target(
+                    "--indirect: the target does not offer VIRTIO_RING_F_INDIRECT_DESC".into(),
+                ));
+            }
+            wanted |= bit(feature::VIRTIO_F_RING_INDIRECT_DESC);
         }
         if device == DeviceType::Blk {
             wanted |= bit(blk_feature::VIRTIO_BLK_F_BLK_SIZE)
@@ -260,6 +276,11 @@ impl Connection {
     /// Whether packed rings were negotiated.
     pub fn packed(&self) -> bool {
         has_feature(self.features, feature::VIRTIO_F_RING_PACKED)
+    }
+
+    /// Whether indirect descriptors were negotiated.
+    pub fn indirect(&self) -> bool {
+        has_feature(self.features, feature::VIRTIO_F_RING_INDIRECT_DESC)
     }
 
     /// Whether EVENT_IDX was negotiated.
@@ -489,7 +510,9 @@ impl RequestFormat {
     }
 
     /// Writes slot `slot`'s three descriptors for a request in direction `dir` moving `len`
-    /// bytes, and the parts of its metadata that never change.
+    /// bytes, and the parts of its metadata that never change. With indirect tables
+    /// ([`DriverRing::indirect_tables`]) the three go into the slot's table and the ring's
+    /// descriptor at the slot's head points at it (`INDIRECT`, 48 bytes).
     pub fn prepare_slot(
         &self,
         ring: &DriverRing<'_>,
@@ -527,21 +550,38 @@ impl RequestFormat {
                 (status, SCSI_RESP_LEN, VIRTQ_DESC_F_WRITE),
             ],
         };
-        for (i, (addr, len, flags)) in descs.into_iter().enumerate() {
+        // Chained from `first`: the slot's descriptors in the ring, or the table's from 0.
+        let chain = |first: u16, i: usize, (addr, len, flags): (u64, u32, u16)| {
             let last = i + 1 == descs.len();
+            VirtqDesc {
+                addr,
+                len,
+                flags: if last {
+                    flags
+                } else {
+                    flags | VIRTQ_DESC_F_NEXT
+                },
+                next: if last { 0 } else { first + i as u16 + 1 },
+            }
+        };
+        if ring.indirect_tables() {
+            let table = l.table_at(slot);
+            for (i, d) in descs.into_iter().enumerate() {
+                ring.write_table_entry(table, i as u16, chain(0, i, d))?;
+            }
             ring.write_desc(
-                h + i as u16,
+                h,
                 VirtqDesc {
-                    addr,
-                    len,
-                    flags: if last {
-                        flags
-                    } else {
-                        flags | VIRTQ_DESC_F_NEXT
-                    },
-                    next: if last { 0 } else { h + i as u16 + 1 },
+                    addr: table as u64,
+                    len: INDIRECT_TABLE_LEN,
+                    flags: VIRTQ_DESC_F_INDIRECT,
+                    next: 0,
                 },
             )?;
+        } else {
+            for (i, d) in descs.into_iter().enumerate() {
+                ring.write_desc(h + i as u16, chain(h, i, d))?;
+            }
         }
         if *self == RequestFormat::Scsi {
             let mut req = [0u8; 51];
@@ -562,16 +602,17 @@ impl RequestFormat {
         dir: Dir,
         len: u32,
     ) -> Result<(), PerfError> {
+        let data_flags = VIRTQ_DESC_F_NEXT
+            | if dir == Dir::Read {
+                VIRTQ_DESC_F_WRITE
+            } else {
+                0
+            };
         match self {
-            RequestFormat::Blk => ring.set_desc_flags(
-                Self::head(slot) + 1,
-                VIRTQ_DESC_F_NEXT
-                    | if dir == Dir::Read {
-                        VIRTQ_DESC_F_WRITE
-                    } else {
-                        0
-                    },
-            ),
+            RequestFormat::Blk if ring.indirect_tables() => {
+                ring.set_table_entry_flags(ring.layout().table_at(slot), 1, data_flags)
+            }
+            RequestFormat::Blk => ring.set_desc_flags(Self::head(slot) + 1, data_flags),
             // Readable parts must precede writable ones, so the data descriptor moves.
             RequestFormat::Scsi => self.prepare_slot(ring, slot, dir, len),
         }
@@ -671,6 +712,14 @@ fn ring_mem<'m>(ring: &DriverRing<'m>) -> Shared<'m> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
+    use rvhost_core::mem::{Direction, GuestMemory, MemError};
+    use rvhost_core::virtq::packed::{PackedHead, PackedQueue};
+    use rvhost_core::virtq::{
+        Chain, ChainErrorKind, DeviceRing, QueueConfig, RingHead, SplitQueue,
+    };
+
     use super::*;
     use crate::shm::layout;
     use crate::vring::Notification;
@@ -683,6 +732,325 @@ mod tests {
         assert_eq!(queue_size_for(341).unwrap(), 1024);
         assert!(queue_size_for(342).is_err());
         assert!(queue_size_for(0).is_err());
+    }
+
+    /// The core's device side reading this initiator's shared memory (guest address = offset).
+    struct ShmGuest<'m> {
+        mem: Shared<'m>,
+        len: u64,
+    }
+
+    impl GuestMemory for ShmGuest<'_> {
+        fn translate(&self, addr: u64, len: u64) -> Result<u64, MemError> {
+            let end = addr.checked_add(len).ok_or(MemError::Overflow)?;
+            if end > self.len {
+                return Err(MemError::Unmapped { addr, len });
+            }
+            Ok(addr)
+        }
+
+        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+            self.translate(addr, buf.len() as u64)?;
+            self.mem
+                .read(addr as usize, buf)
+                .map_err(|_| MemError::Unmapped {
+                    addr,
+                    len: buf.len() as u64,
+                })
+        }
+
+        fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
+            self.translate(addr, buf.len() as u64)?;
+            self.mem
+                .write(addr as usize, buf)
+                .map_err(|_| MemError::Unmapped {
+                    addr,
+                    len: buf.len() as u64,
+                })
+        }
+
+        fn load_u16(&self, addr: u64, order: Ordering) -> Result<u16, MemError> {
+            self.translate(addr, 2)?;
+            let a = self
+                .mem
+                .u16_at(addr as usize)
+                .map_err(|_| MemError::Misaligned { addr })?;
+            Ok(u16::from_le(a.load(order)))
+        }
+
+        fn store_u16(&self, addr: u64, val: u16, order: Ordering) -> Result<(), MemError> {
+            self.translate(addr, 2)?;
+            let a = self
+                .mem
+                .u16_at(addr as usize)
+                .map_err(|_| MemError::Misaligned { addr })?;
+            a.store(val.to_le(), order);
+            Ok(())
+        }
+    }
+
+    /// What the device found in one request: its ID, its buffers (guest address, length,
+    /// direction) and how many descriptors it read.
+    type Found = (u16, Vec<(u64, u32, Direction)>, u32);
+
+    /// Plays the device with the core's queue: pops everything available, walks it and returns
+    /// each request used (`len` 1), in pop order.
+    fn device_serve<R: DeviceRing>(ring: &mut R, mem: &ShmGuest<'_>) -> Vec<Found> {
+        let mut heads = [R::Head::default(); 8];
+        let n = ring.pop_heads(mem, &mut heads).unwrap();
+        let mut found = Vec::new();
+        for head in &heads[..n] {
+            let mut chain = Chain::<4>::new();
+            ring.walk_popped(mem, *head, &mut chain).unwrap();
+            let bufs = chain
+                .segments()
+                .iter()
+                .map(|s| (s.guest_addr, s.len, s.direction))
+                .collect();
+            found.push((head.id(), bufs, chain.descriptor_count()));
+        }
+        for head in &heads[..n] {
+            ring.push_used(mem, *head, 1).unwrap();
+        }
+        ring.publish_used(mem).unwrap();
+        found
+    }
+
+    /// The buffers a request of `format` in direction `dir` on slot `slot` must show the device.
+    fn expected(
+        format: RequestFormat,
+        l: &QueueLayout,
+        slot: usize,
+        dir: Dir,
+    ) -> Vec<(u64, u32, Direction)> {
+        use Direction::{DeviceReadable as R, DeviceWritable as W};
+        let (meta, data) = (l.meta_at(slot) as u64, l.data_at(slot) as u64);
+        let status = meta + META_IN_OFFSET as u64;
+        match (format, dir) {
+            (RequestFormat::Blk, Dir::Read) => vec![(meta, 16, R), (data, 4096, W), (status, 1, W)],
+            (RequestFormat::Blk, Dir::Write) => {
+                vec![(meta, 16, R), (data, 4096, R), (status, 1, W)]
+            }
+            (RequestFormat::Scsi, Dir::Read) => {
+                vec![(meta, 51, R), (status, 108, W), (data, 4096, W)]
+            }
+            (RequestFormat::Scsi, Dir::Write) => {
+                vec![(meta, 51, R), (data, 4096, R), (status, 108, W)]
+            }
+        }
+    }
+
+    /// A fresh driver ring of either layout, with or without indirect tables.
+    fn driver<'m>(mem: Shared<'m>, l: QueueLayout, packed: bool, indirect: bool) -> DriverRing<'m> {
+        let ring = if packed {
+            DriverRing::new_packed(mem, l, Notification::Flags).unwrap()
+        } else {
+            DriverRing::new(mem, l, Notification::Flags).unwrap()
+        };
+        if indirect {
+            ring.with_indirect_tables()
+        } else {
+            ring
+        }
+    }
+
+    /// Offers two requests a round on an 8-descriptor ring for 12 rounds (the packed ring's
+    /// positions wrap several times with indirect tables, more with chains), switching
+    /// direction every round, and has the core's device side pop, walk and return them.
+    fn round_trip<R: DeviceRing>(
+        format: RequestFormat,
+        packed: bool,
+        indirect: bool,
+        device: &mut R,
+    ) {
+        let (l, total) = layout(&[8], 2, 4096).unwrap();
+        let l = l[0];
+        let shm = SharedMemory::new(total, false).unwrap();
+        let mem = Shared::new(shm.region());
+        let guest = ShmGuest {
+            mem,
+            len: shm.len() as u64,
+        };
+        let mut ring = driver(mem, l, packed, indirect);
+        for slot in 0..2 {
+            format.prepare_slot(&ring, slot, Dir::Read, 4096).unwrap();
+        }
+        let what = format!("{format:?}, packed {packed}, indirect {indirect}");
+        for round in 0..12 {
+            let dir = if round % 2 == 0 {
+                Dir::Read
+            } else {
+                Dir::Write
+            };
+            for slot in 0..2 {
+                if round > 0 {
+                    format.set_direction(&ring, slot, dir, 4096).unwrap();
+                }
+                format
+                    .write_command(mem, &l, slot, round, dir, 0, 4096, 512)
+                    .unwrap();
+                ring.offer(RequestFormat::head(slot)).unwrap();
+            }
+            ring.publish().unwrap();
+            let found = device_serve(device, &guest);
+            assert_eq!(found.len(), 2, "{what}, round {round}");
+            for (slot, (id, bufs, descriptors)) in found.into_iter().enumerate() {
+                assert_eq!(id, RequestFormat::head(slot), "{what}, round {round}");
+                assert_eq!(
+                    bufs,
+                    expected(format, &l, slot, dir),
+                    "{what}, round {round}"
+                );
+                // Indirect: the ring's descriptor and the table's three.
+                assert_eq!(
+                    descriptors,
+                    if indirect { 4 } else { 3 },
+                    "{what}, round {round}"
+                );
+            }
+            assert_eq!(ring.used_pending().unwrap(), 2, "{what}, round {round}");
+            for slot in 0..2 {
+                let used = ring.take_used().unwrap();
+                assert_eq!(used.id, u32::from(RequestFormat::head(slot)), "{what}");
+            }
+            assert_eq!(ring.in_flight(), 0);
+        }
+    }
+
+    fn queue_config(l: &QueueLayout) -> QueueConfig {
+        QueueConfig {
+            size: l.size,
+            desc_table: l.desc as u64,
+            avail_ring: l.avail as u64,
+            used_ring: l.used as u64,
+        }
+    }
+
+    #[test]
+    fn indirect_requests_round_trip_through_the_core_device_side() {
+        let (l, _) = layout(&[8], 2, 4096).unwrap();
+        let indirect = bit(feature::VIRTIO_F_RING_INDIRECT_DESC);
+        let packed = bit(feature::VIRTIO_F_RING_PACKED);
+        for format in [RequestFormat::Blk, RequestFormat::Scsi] {
+            for with_tables in [false, true] {
+                let mut split = SplitQueue::new(queue_config(&l[0]), indirect).unwrap();
+                round_trip(format, false, with_tables, &mut split);
+                let mut ring = PackedQueue::new(queue_config(&l[0]), indirect | packed).unwrap();
+                round_trip(format, true, with_tables, &mut ring);
+            }
+        }
+    }
+
+    /// The negative control: a device that did not negotiate indirect descriptors refuses the
+    /// same requests, so the round trip above really went through the tables.
+    #[test]
+    fn indirect_requests_are_refused_without_the_feature() {
+        let (l, total) = layout(&[8], 2, 4096).unwrap();
+        let shm = SharedMemory::new(total, false).unwrap();
+        let mem = Shared::new(shm.region());
+        let guest = ShmGuest {
+            mem,
+            len: shm.len() as u64,
+        };
+        for packed in [false, true] {
+            let mut ring = driver(mem, l[0], packed, true);
+            RequestFormat::Blk
+                .prepare_slot(&ring, 1, Dir::Read, 4096)
+                .unwrap();
+            ring.offer(RequestFormat::head(1)).unwrap();
+            ring.publish().unwrap();
+            let mut chain = Chain::<4>::new();
+            let err = if packed {
+                let mut q =
+                    PackedQueue::new(queue_config(&l[0]), bit(feature::VIRTIO_F_RING_PACKED))
+                        .unwrap();
+                let mut heads = [PackedHead::default(); 2];
+                assert_eq!(q.pop_heads(&guest, &mut heads).unwrap(), 1);
+                assert_eq!(heads[0].count, 1, "one ring descriptor per request");
+                q.walk_chain(&guest, heads[0], &mut chain).unwrap_err()
+            } else {
+                let mut q = SplitQueue::new(queue_config(&l[0]), 0).unwrap();
+                let mut heads = [0u16; 2];
+                assert_eq!(q.pop_heads(&guest, &mut heads).unwrap(), 1);
+                q.walk_chain(&guest, heads[0], &mut chain).unwrap_err()
+            };
+            assert_eq!(
+                err.kind,
+                ChainErrorKind::IndirectNotNegotiated,
+                "packed {packed}"
+            );
+        }
+    }
+
+    #[test]
+    fn indirect_tables_are_in_the_ring_layout() {
+        let (l, total) = layout(&[8], 2, 4096).unwrap();
+        let l = l[0];
+        let shm = SharedMemory::new(total, false).unwrap();
+        let mem = Shared::new(shm.region());
+        let table = l.table_at(1);
+        let entries = |mem: &Shared<'_>| {
+            let mut raw = [0u8; 48];
+            mem.read(table, &mut raw).unwrap();
+            raw.chunks(16)
+                .map(|c| {
+                    (
+                        u64::from_le_bytes(c[..8].try_into().unwrap()),
+                        u32::from_le_bytes(c[8..12].try_into().unwrap()),
+                        u16::from_le_bytes([c[12], c[13]]),
+                        u16::from_le_bytes([c[14], c[15]]),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let (meta, data) = (l.meta_at(1) as u64, l.data_at(1) as u64);
+        let prepared = |packed| {
+            let ring = driver(mem, l, packed, true);
+            RequestFormat::Blk
+                .prepare_slot(&ring, 1, Dir::Read, 4096)
+                .unwrap();
+            ring
+        };
+        // Split: addr, len, flags, next; chained from entry 0 to 2.
+        let ring = prepared(false);
+        assert_eq!(
+            entries(&mem),
+            [
+                (meta, 16, VIRTQ_DESC_F_NEXT, 1),
+                (data, 4096, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 2),
+                (meta + 64, 1, VIRTQ_DESC_F_WRITE, 0)
+            ]
+        );
+        let mut head = [0u8; 16];
+        mem.read(l.desc + 3 * 16, &mut head).unwrap();
+        assert_eq!(
+            VirtqDesc::from_bytes(&head),
+            VirtqDesc {
+                addr: table as u64,
+                len: 48,
+                flags: VIRTQ_DESC_F_INDIRECT,
+                next: 0
+            },
+            "the slot's head points at its table"
+        );
+        RequestFormat::Blk
+            .set_direction(&ring, 1, Dir::Write, 4096)
+            .unwrap();
+        assert_eq!(entries(&mem)[1], (data, 4096, VIRTQ_DESC_F_NEXT, 2));
+        // Packed: addr, len, buffer ID 0, flags with only WRITE.
+        let ring = prepared(true);
+        assert_eq!(
+            entries(&mem),
+            [
+                (meta, 16, 0, 0),
+                (data, 4096, 0, VIRTQ_DESC_F_WRITE),
+                (meta + 64, 1, 0, VIRTQ_DESC_F_WRITE)
+            ]
+        );
+        RequestFormat::Blk
+            .set_direction(&ring, 1, Dir::Write, 4096)
+            .unwrap();
+        assert_eq!(entries(&mem)[1], (data, 4096, 0, 0));
     }
 
     #[test]

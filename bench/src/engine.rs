@@ -103,6 +103,8 @@ pub struct RunReport {
     pub event_idx: bool,
     /// Whether the queues were packed rings.
     pub packed: bool,
+    /// Whether requests went through indirect tables.
+    pub indirect: bool,
     /// What backs the shared memory.
     pub page_kind: PageKind,
     /// The offered load of `--rate` in requests per second (`None`: closed loop).
@@ -226,6 +228,7 @@ pub fn run(
                 opts.queues,
                 opts.event_idx,
                 opts.packed,
+                opts.indirect,
                 opts.dirty_log.is_some(),
             )?;
             let sizes = conn.queue_sizes(opts.queue_depth)?;
@@ -259,10 +262,15 @@ pub fn run(
     };
     let mut rings = Vec::with_capacity(usize::from(opts.queues));
     for l in &layouts[first_rq..] {
-        rings.push(if opts.packed {
+        let ring = if opts.packed {
             DriverRing::new_packed(mem, *l, notification)?
         } else {
             DriverRing::new(mem, *l, notification)?
+        };
+        rings.push(if opts.indirect {
+            ring.with_indirect_tables()
+        } else {
+            ring
         });
     }
     let disk = match (&backend, conn.as_mut()) {
@@ -360,6 +368,7 @@ pub fn run(
         let mut report = result?;
         report.event_idx = event_idx;
         report.packed = opts.packed;
+        report.indirect = opts.indirect;
         report.page_kind = shm.page_kind();
         // Every request has completed: the marks of all of them are in the log.
         if let Some((log, mode)) = &dirty_log {
@@ -712,6 +721,7 @@ fn drive<'m>(
         disk,
         event_idx: false,
         packed: false,
+        indirect: false,
         page_kind: PageKind::Base4KiB,
         rate: opts.rate,
         seconds,

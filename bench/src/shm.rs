@@ -22,6 +22,9 @@ const PAGE_SIZE: usize = 4096;
 pub const META_SLOT: usize = 256;
 /// Offset of the device-writable part (blk status byte, scsi response) inside a metadata slot.
 pub const META_IN_OFFSET: usize = 64;
+/// Offset of the request's indirect table (`--indirect`: three 16-byte entries) inside a
+/// metadata slot: past the scsi response (`META_IN_OFFSET` + 108), in a cache line of its own.
+pub const META_TABLE_OFFSET: usize = 192;
 
 /// What backs the shared memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -55,6 +58,11 @@ impl QueueLayout {
     /// Metadata slot of request `slot`.
     pub fn meta_at(&self, slot: usize) -> usize {
         self.meta + slot * META_SLOT
+    }
+
+    /// Indirect table of request `slot`.
+    pub fn table_at(&self, slot: usize) -> usize {
+        self.meta_at(slot) + META_TABLE_OFFSET
     }
 
     /// Data buffer of request `slot`.

@@ -4,6 +4,13 @@
 //! written with `write_desc` are kept as templates and copied into the descriptor ring when their
 //! head is offered (buffer ID = head), and used descriptors are reaped from the same ring.
 //!
+//! With indirect tables (`--indirect`, as a Linux guest offers every request of more than one
+//! buffer once `VIRTIO_F_RING_INDIRECT_DESC` is negotiated) a request's head is one descriptor
+//! with `INDIRECT` pointing at a table in the driver's memory, written by
+//! [`DriverRing::write_table_entry`] in the ring's own descriptor layout: split descriptors
+//! chained with `NEXT` for a split ring (§2.7.5.3), packed descriptors one after the other with
+//! only `WRITE` for a packed ring (§2.8.19).
+//!
 //! All ring fields are accessed as atomics in the shared mapping: `avail.idx` is stored with
 //! Release (so descriptors, headers and ring entries written before it are visible to a device
 //! that loads it with Acquire), `used.idx` is loaded with Acquire (so the status bytes and data the
@@ -15,7 +22,7 @@ use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Orderi
 
 use rvhost_core::virtio::ring::{
     vring_need_event, VirtqDesc, VirtqUsedElem, RING_ARRAY_OFFSET, RING_FLAGS_OFFSET,
-    RING_IDX_OFFSET, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY,
+    RING_IDX_OFFSET, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_WRITE, VIRTQ_USED_F_NO_NOTIFY,
 };
 use vm_memory::{MmapRegion, VolatileMemory};
 
@@ -154,6 +161,8 @@ pub struct DriverRing<'m> {
     mask: u16,
     /// `Some` for a packed ring.
     packed: Option<PackedDriver>,
+    /// Requests are offered as one descriptor pointing at an indirect table.
+    indirect: bool,
 }
 
 impl<'m> DriverRing<'m> {
@@ -178,6 +187,7 @@ impl<'m> DriverRing<'m> {
             used_seen: 0,
             mask: layout.size - 1,
             packed: None,
+            indirect: false,
         };
         ring.mem
             .u16_at(layout.avail + RING_FLAGS_OFFSET as usize)?
@@ -219,6 +229,7 @@ impl<'m> DriverRing<'m> {
                 counts: vec![0; size],
                 found: VecDeque::with_capacity(size),
             }),
+            indirect: false,
         };
         // Driver event suppression: flags at +2. We poll: no used-buffer notifications.
         ring.mem
@@ -230,6 +241,19 @@ impl<'m> DriverRing<'m> {
     /// Whether this is a packed ring.
     pub fn is_packed(&self) -> bool {
         self.packed.is_some()
+    }
+
+    /// The ring, offering requests through indirect tables from now on (what the request
+    /// format asks with [`Self::indirect_tables`]; the ring itself offers whatever heads it is
+    /// given).
+    pub fn with_indirect_tables(mut self) -> Self {
+        self.indirect = true;
+        self
+    }
+
+    /// Whether requests go through indirect tables.
+    pub fn indirect_tables(&self) -> bool {
+        self.indirect
     }
 
     /// The memory the ring lives in.
@@ -265,6 +289,44 @@ impl<'m> DriverRing<'m> {
         self.mem
             .u16_at(at + 14)?
             .store(desc.next.to_le(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes entry `i` of the indirect table at offset `table` in this ring's descriptor
+    /// layout. Split: `desc` as it is (`NEXT` and `next` chain the entries, `next` counting in
+    /// the table). Packed: its address and length, buffer ID 0 and, of its flags, only `WRITE`
+    /// (§2.8.19: the entries follow one another, the other flags and the ID are reserved).
+    pub fn write_table_entry(
+        &self,
+        table: usize,
+        i: u16,
+        desc: VirtqDesc,
+    ) -> Result<(), PerfError> {
+        let at = table + usize::from(i) * VirtqDesc::SIZE;
+        let tail = if self.packed.is_some() {
+            u64::from(desc.len) | u64::from(desc.flags & VIRTQ_DESC_F_WRITE) << 48
+        } else {
+            u64::from(desc.len) | u64::from(desc.flags) << 32 | u64::from(desc.next) << 48
+        };
+        self.mem
+            .u64_at(at)?
+            .store(desc.addr.to_le(), Ordering::Relaxed);
+        self.mem
+            .u64_at(at + 8)?
+            .store(tail.to_le(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Rewrites only the flags of entry `i` of the indirect table at `table` (as
+    /// [`Self::write_table_entry`] would write them).
+    pub fn set_table_entry_flags(&self, table: usize, i: u16, flags: u16) -> Result<(), PerfError> {
+        let at = table + usize::from(i) * VirtqDesc::SIZE;
+        let (at, flags) = if self.packed.is_some() {
+            (at + 14, flags & VIRTQ_DESC_F_WRITE)
+        } else {
+            (at + 12, flags)
+        };
+        self.mem.u16_at(at)?.store(flags.to_le(), Ordering::Relaxed);
         Ok(())
     }
 

@@ -55,6 +55,9 @@ pub struct WorkloadOptions {
     pub event_idx: bool,
     /// Drive packed virtqueues (`VIRTIO_F_RING_PACKED`, which the target must offer).
     pub packed: bool,
+    /// Offer each request as one descriptor pointing at an indirect table
+    /// (`VIRTIO_F_RING_INDIRECT_DESC`, which the target must offer), as a Linux guest does.
+    pub indirect: bool,
     /// Try hugepages for the shared memory.
     pub hugepages: bool,
     /// Seed for the offset generator.
