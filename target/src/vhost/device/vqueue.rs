@@ -902,11 +902,25 @@ impl<V: ShellRing, R, Q> VirtQueue<V, R, Q> {
                 false
             }
             Err(err) => {
-                tracing::error!(device = device.0, queue, %err, "reading notification suppression failed");
-                self.broken = true;
+                self.suppression_unreadable(device, queue, &err);
                 false
             }
         }
+    }
+
+    /// The driver's notification suppression could not be read: the queue is broken (its ring
+    /// memory no longer translates) and no late check stays open.
+    #[cold]
+    #[inline(never)]
+    fn suppression_unreadable(
+        &mut self,
+        device: DeviceId,
+        queue: usize,
+        err: &dyn std::fmt::Display,
+    ) {
+        tracing::error!(device = device.0, queue, %err, "reading notification suppression failed");
+        self.late_check = false;
+        self.broken = true;
     }
 
     /// After a decision not to notify, on a round that found no work: looks at the driver's
@@ -943,11 +957,7 @@ impl<V: ShellRing, R, Q> VirtQueue<V, R, Q> {
                     call.notify();
                 }
             }
-            Err(err) => {
-                tracing::error!(device = device.0, queue, %err, "reading notification suppression failed");
-                self.late_check = false;
-                self.broken = true;
-            }
+            Err(err) => self.suppression_unreadable(device, queue, &err),
         }
     }
 
