@@ -10,7 +10,9 @@
 //! instruction counts (see bench/README.md). The `*_packed` cases do the same on packed
 //! virtqueues (`VIRTIO_F_RING_PACKED`): the driver writes each request's three descriptors into
 //! the descriptor ring every round (the packed layout has no table to keep them in), the device
-//! writes the used descriptors back in place.
+//! writes the used descriptors back in place. The `*_indirect` cases offer each request as one
+//! descriptor pointing at an indirect table of the three (`VIRTIO_F_RING_INDIRECT_DESC`), as a
+//! Linux guest does, in the split and in the packed layout.
 
 use std::hint::black_box;
 use std::os::fd::OwnedFd;
@@ -40,6 +42,8 @@ const QSIZE: u16 = 256;
 const META: u64 = 0x40_0000;
 /// Data buffers, 4 KiB per slot.
 const DATA: u64 = 0x50_0000;
+/// Indirect tables (`*_indirect` cases), 64 bytes per slot.
+const TABLES: u64 = 0x48_0000;
 const BLOCKS: u64 = 1 << 19; // 256 MiB of 512-byte blocks
 const IO_BYTES: u32 = 4096;
 /// The vring of queue `q`: descriptor table, avail ring, used ring, one page each.
@@ -82,6 +86,7 @@ fn write_desc(mem: &GuestMemoryTable, q: u16, index: u16, addr: u64, len: u32, f
 
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;
+const INDIRECT: u16 = 4;
 /// Packed ring descriptor flags (virtio 1.2 §2.8.1).
 const AVAIL: u16 = 1 << 7;
 const USED: u16 = 1 << 15;
@@ -108,7 +113,7 @@ struct Rig {
 /// Each request slot's three descriptors (address, length, flags), and the next ring position
 /// (with its wrap counter) to make a list available at and to find a used one at.
 struct PackedDriver {
-    lists: Vec<[(u64, u32, u16); 3]>,
+    lists: Vec<Vec<(u64, u32, u16)>>,
     avail: (u16, bool),
     used: (u16, bool),
 }
@@ -127,6 +132,15 @@ impl Rig {
     /// `log`: dirty logging on (a migration in progress), every write marked in a log.
     /// `packed`: packed virtqueues.
     fn new(kind: Kind, bdev: Arc<dyn Bdev>, log: bool, packed: bool) -> Rig {
+        Rig::build(kind, bdev, log, packed, false)
+    }
+
+    /// [`Rig::new`] without a log, each request one descriptor pointing at an indirect table.
+    fn new_indirect(kind: Kind, bdev: Arc<dyn Bdev>, packed: bool) -> Rig {
+        Rig::build(kind, bdev, false, packed, true)
+    }
+
+    fn build(kind: Kind, bdev: Arc<dyn Bdev>, log: bool, packed: bool, indirect: bool) -> Rig {
         let mem = table();
         // No reactor thread: the bench polls the device itself.
         let (reactor, manual) = reactor::manual(0);
@@ -143,6 +157,9 @@ impl Rig {
         let mut features = bit(feature::VIRTIO_F_VERSION_1) | bit(feature::VIRTIO_F_RING_EVENT_IDX);
         if packed {
             features |= bit(feature::VIRTIO_F_RING_PACKED);
+        }
+        if indirect {
+            features |= bit(feature::VIRTIO_F_RING_INDIRECT_DESC);
         }
         // rvhost-perf's queue set: blk queue 0; scsi control, event and one request queue.
         let queues: &[u16] = match kind {
@@ -196,7 +213,7 @@ impl Rig {
                     let mut hdr = [0u8; 16];
                     hdr[8..16].copy_from_slice(&lba.to_le_bytes());
                     mem.write(meta, &hdr).expect("header");
-                    lists.push([
+                    lists.push(vec![
                         (meta, 16, NEXT),
                         (data, IO_BYTES, NEXT | WRITE),
                         (meta + 64, 1, WRITE),
@@ -212,12 +229,19 @@ impl Rig {
                     req[21..29].copy_from_slice(&lba.to_be_bytes());
                     req[29..33].copy_from_slice(&8u32.to_be_bytes());
                     mem.write(meta, &req).expect("request");
-                    lists.push([
+                    lists.push(vec![
                         (meta, 51, NEXT),
                         (meta + 128, 108, NEXT | WRITE),
                         (data, IO_BYTES, WRITE),
                     ]);
                 }
+            }
+        }
+        if indirect {
+            for (i, list) in (0u64..).zip(lists.iter_mut()) {
+                let table = TABLES + 64 * i;
+                write_table(&mem, table, list, packed);
+                *list = vec![(table, 16 * list.len() as u32, INDIRECT)];
             }
         }
         if packed {
@@ -279,6 +303,25 @@ impl Rig {
     }
 }
 
+/// Writes `list` as an indirect table at `table` in the ring's layout: split descriptors chained
+/// with `NEXT`, or packed ones one after the other with only `WRITE` (buffer ID 0).
+fn write_table(mem: &GuestMemoryTable, table: u64, list: &[(u64, u32, u16)], packed: bool) {
+    for (j, &(addr, len, flags)) in (0u16..).zip(list) {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        if packed {
+            d[14..16].copy_from_slice(&(flags & WRITE).to_le_bytes());
+        } else {
+            let next = if flags & NEXT != 0 { j + 1 } else { 0 };
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+        }
+        mem.write(table + 16 * u64::from(j), &d)
+            .expect("indirect entry");
+    }
+}
+
 /// A dirty log covering the bench's guest memory, in a sealed memfd as QEMU allocates it.
 fn dirty_log() -> Arc<DirtyLog> {
     let bytes = MEM / LOG_PAGE_SIZE / 8;
@@ -288,15 +331,17 @@ fn dirty_log() -> Arc<DirtyLog> {
 }
 
 impl Rig {
-    /// [`Rig::round`] on a packed ring: `batch` lists of three descriptors written at the next
-    /// positions (buffer ID = request slot; the first list's flags last), device polls until it
-    /// has written the batch's first used descriptor (which it writes last).
+    /// [`Rig::round`] on a packed ring: `batch` lists of three descriptors (or of one indirect
+    /// one) written at the next positions (buffer ID = request slot; the first list's flags
+    /// last), device polls until it has written the batch's first used descriptor (which it
+    /// writes last).
     fn round_packed(&mut self, batch: u16) {
         let (desc, _, _) = ring(self.queue);
         let Some(p) = self.packed.as_mut() else {
             return;
         };
         let start = p.avail;
+        let per_list = p.lists.first().map_or(0, |l| l.len() as u16);
         let mut first_flags = 0;
         for (id, list) in (0u16..).zip(p.lists.iter().take(usize::from(batch))) {
             for &(addr, len, flags) in list {
@@ -334,7 +379,7 @@ impl Rig {
                 break;
             }
         }
-        p.used = advance(p.used, 3 * batch);
+        p.used = advance(p.used, per_list * batch);
     }
 }
 
@@ -387,16 +432,31 @@ fn device_poll(c: &mut Criterion) {
         ("scsi_malloc_packed", Kind::Scsi, malloc, false, true),
     ];
     for (name, kind, bdev, log, packed) in cases {
-        let mut g = c.benchmark_group(name);
-        for batch in [1u16, 32] {
-            let mut rig = Rig::new(kind, bdev(), log, packed);
-            g.throughput(Throughput::Elements(u64::from(batch)));
-            g.bench_function(format!("read4k_batch{batch}"), |b| {
-                b.iter(|| rig.round(batch))
-            });
-        }
-        g.finish();
+        bench_case(c, name, || Rig::new(kind, bdev(), log, packed));
     }
+    // `_indirect`: each request one ring descriptor pointing at an indirect table.
+    let indirect: [(&str, Kind, bool); 4] = [
+        ("blk_null_indirect", Kind::Blk, false),
+        ("scsi_null_indirect", Kind::Scsi, false),
+        ("blk_null_packed_indirect", Kind::Blk, true),
+        ("scsi_null_packed_indirect", Kind::Scsi, true),
+    ];
+    for (name, kind, packed) in indirect {
+        bench_case(c, name, || Rig::new_indirect(kind, null(), packed));
+    }
+}
+
+/// The group `name`: batches of 1 and 32 reads, each on a fresh rig from `make`.
+fn bench_case(c: &mut Criterion, name: &str, make: impl Fn() -> Rig) {
+    let mut g = c.benchmark_group(name);
+    for batch in [1u16, 32] {
+        let mut rig = make();
+        g.throughput(Throughput::Elements(u64::from(batch)));
+        g.bench_function(format!("read4k_batch{batch}"), |b| {
+            b.iter(|| rig.round(batch))
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, device_poll);
