@@ -177,7 +177,21 @@ fn coalescing_cuts_calls_and_never_loses_the_last_one() {
     let shown = controller(&target, "vhost.coal");
     assert_eq!(shown["delay_base_us"], 2000, "{shown}");
     assert_eq!(shown["iops_threshold"], threshold, "{shown}");
-    let (done_on, calls_on) = run_window(&mut driver, 1);
+    // The frontend polls, so coalescing must not slow it. A window is a slice of wall time on
+    // a shared machine: one that another process took half of is measured again (up to three
+    // windows); a device that holds back the used ring itself loses all three.
+    let mut window = run_window(&mut driver, 1);
+    for _ in 1..3 {
+        if window.0 * 2 >= done_off {
+            break;
+        }
+        eprintln!(
+            "coalescing on: {} completions against {done_off} off; measuring again",
+            window.0
+        );
+        window = run_window(&mut driver, 1);
+    }
+    let (done_on, calls_on) = window;
     eprintln!(
         "one request at a time: off: {done_off} completions, {calls_off} calls; \
          on (2000 us, {threshold} IOPS): {done_on} completions, {calls_on} calls"
