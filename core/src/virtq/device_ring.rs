@@ -357,7 +357,7 @@ impl From<PackedQueueError> for AnyRingError {
 
 /// A split or a packed ring, chosen when the queue starts (`VIRTIO_F_RING_PACKED`).
 #[derive(Debug, Clone)]
-// The packed queue carries the descriptor copies its pop keeps (2 KiB); an `AnyRing` is made
+// The packed queue carries the descriptor copies its pop keeps (3.5 KiB); an `AnyRing` is made
 // once per queue start, and boxing it would need the allocator core does without.
 #[allow(clippy::large_enum_variant)]
 pub enum AnyRing {

@@ -262,8 +262,12 @@ struct PoppedDescs {
     wrap: bool,
     /// Offset of the first kept list not popped yet (`len` if there is none).
     popped_to: u16,
-    /// Whole lists kept from `popped_to` on (not popped yet).
-    lists: u16,
+    /// The kept lists in order, as their reads found them: `lists[first..end]` are the ones from
+    /// `popped_to` on (not popped yet), so a pop takes the next one without looking at the
+    /// copies again.
+    lists: [KeptList; POPPED_DESCS],
+    first: u16,
+    end: u16,
     /// The bytes of the last run read (kept here, not on the stack, so that no pop zeroes a
     /// buffer).
     raw: [u8; RUN_BYTES],
@@ -271,6 +275,14 @@ struct PoppedDescs {
 
 /// A ring position and the wrap counter of its lap.
 type RingPos = (u16, bool);
+
+/// One whole list among the kept copies: its descriptor count and buffer ID (from its last
+/// descriptor), recorded by the read that found its end.
+#[derive(Debug, Clone, Copy, Default)]
+struct KeptList {
+    count: u16,
+    id: u16,
+}
 
 /// `(pos, wrap)` in a ring of `size` moved `n <= size` positions on.
 #[inline]
@@ -345,7 +357,9 @@ impl PoppedDescs {
             pos: 0,
             wrap: true,
             popped_to: 0,
-            lists: 0,
+            lists: [KeptList { count: 0, id: 0 }; POPPED_DESCS],
+            first: 0,
+            end: 0,
             raw: [0; RUN_BYTES],
         }
     }
@@ -357,7 +371,28 @@ impl PoppedDescs {
         self.pos = pos;
         self.wrap = wrap;
         self.popped_to = 0;
-        self.lists = 0;
+        self.first = 0;
+        self.end = 0;
+    }
+
+    /// Kept lists not popped yet.
+    #[inline]
+    fn unpopped(&self) -> u16 {
+        self.end.saturating_sub(self.first)
+    }
+
+    /// Keeps a whole list of `count` descriptors, copied to the end of the kept ones, with buffer
+    /// ID `id`. `false` if there is no room for its record (there always is: every list holds a
+    /// kept descriptor).
+    #[inline]
+    fn keep_list(&mut self, count: u16, id: u16) -> bool {
+        let Some(slot) = self.lists.get_mut(usize::from(self.end)) else {
+            return false;
+        };
+        *slot = KeptList { count, id };
+        self.end = self.end.saturating_add(1);
+        self.len = self.len.saturating_add(count);
+        true
     }
 
     /// The copies of `head`'s descriptors, if all of them are kept.
@@ -683,21 +718,12 @@ impl PackedQueue {
         let p = &self.popped;
         let from = p.popped_to;
         let start = (self.next_avail, self.avail_wrap);
-        let kept = p
-            .descs
-            .get(usize::from(from)..usize::from(p.len))
-            .unwrap_or(&[]);
-        let mut count: u16 = 0;
-        let mut id = None;
-        for desc in kept {
-            count += 1;
-            if !desc.has_next() {
-                id = Some(desc.id);
-                break;
-            }
-        }
-        // Kept lists are whole, so this is only a guard.
-        let Some(id) = id else {
+        // The caller checked that a kept list is left, so this is only a guard.
+        let Some(&KeptList { count, id }) = p
+            .lists
+            .get(usize::from(p.first))
+            .filter(|_| p.first < p.end)
+        else {
             return Err(PackedQueueError::NotAvailable { pos: start.0 });
         };
         if u32::from(self.outstanding) + u32::from(count) > u32::from(self.config.size) {
@@ -707,7 +733,7 @@ impl PackedQueue {
         self.outstanding += count;
         // `from + count <= len <= 128`.
         self.popped.popped_to = from.saturating_add(count);
-        self.popped.lists = self.popped.lists.saturating_sub(1);
+        self.popped.first = self.popped.first.saturating_add(1);
         Ok(PackedHead {
             id,
             pos: start.0,
@@ -779,7 +805,7 @@ impl PackedQueue {
         let mut count: u16 = 0;
         let mut desc = self.read_desc(mem, pos)?;
         desc.flags = first_flags;
-        loop {
+        let id = loop {
             if count == size {
                 return Err(PackedQueueError::ListTooLong { pos: start.0 });
             }
@@ -793,16 +819,17 @@ impl PackedQueue {
             }
             (pos, wrap) = self.advance(pos, wrap, 1);
             if !desc.has_next() {
-                break;
+                break desc.id;
             }
             desc = self.read_desc(mem, pos)?;
             if !is_available(desc.flags, wrap) {
                 return Err(PackedQueueError::NotAvailable { pos });
             }
-        }
+        };
         // `base + count <= POPPED_DESCS`: every descriptor found a slot.
-        self.popped.len = self.popped.len.saturating_add(count);
-        self.popped.lists = self.popped.lists.saturating_add(1);
+        if !self.popped.keep_list(count, id) {
+            return Ok(Run::Uncopied);
+        }
         Ok(Run::Added)
     }
 
@@ -832,7 +859,13 @@ impl PackedQueue {
             return Ok(Run::Uncopied);
         }
         let config = self.config;
-        let PoppedDescs { raw, descs, .. } = &mut self.popped;
+        let PoppedDescs {
+            raw,
+            descs,
+            lists: kept_lists,
+            end: kept_end,
+            ..
+        } = &mut self.popped;
         let Some(run) = raw.get_mut(..usize::from(n) * PackedDesc::SIZE) else {
             return Ok(Run::Uncopied);
         };
@@ -878,6 +911,11 @@ impl PackedQueue {
         let mut index: u16 = 0;
         let mut problem = None;
         let kept = descs.get_mut(usize::from(base)..).unwrap_or(&mut []);
+        // Every list holds a kept descriptor, so there is a record for each.
+        let mut records = kept_lists
+            .get_mut(usize::from(*kept_end)..)
+            .unwrap_or(&mut [])
+            .iter_mut();
         for (d, slot) in run.chunks_exact(PackedDesc::SIZE).zip(kept) {
             let Ok(d) = <&[u8; PackedDesc::SIZE]>::try_from(d) else {
                 break;
@@ -896,6 +934,13 @@ impl PackedQueue {
             *slot = desc;
             index += 1;
             if !desc.has_next() {
+                let Some(record) = records.next() else {
+                    break;
+                };
+                *record = KeptList {
+                    count: index - end,
+                    id: desc.id,
+                };
                 end = index;
                 lists += 1;
             }
@@ -909,7 +954,7 @@ impl PackedQueue {
         }
         if end > 0 {
             self.popped.len = base + end;
-            self.popped.lists = self.popped.lists.saturating_add(lists);
+            self.popped.end = self.popped.end.saturating_add(lists);
             return Ok(Run::Added);
         }
         if let Some(problem) = problem {
@@ -946,10 +991,14 @@ impl PackedQueue {
                 return;
             }
             p.descs.copy_within(usize::from(from)..usize::from(len), 0);
+            p.lists
+                .copy_within(usize::from(p.first)..usize::from(p.end), 0);
             p.pos = at.0;
             p.wrap = at.1;
             p.popped_to = 0;
             p.len = len - from;
+            p.end = p.end.saturating_sub(p.first);
+            p.first = 0;
             return;
         }
         p.restart(at.0, at.1);
@@ -1011,7 +1060,7 @@ impl PackedQueue {
         self.begin_pop();
         let mut want = RUN_FIRST;
         loop {
-            let lists = usize::from(self.popped.lists);
+            let lists = usize::from(self.popped.unpopped());
             if lists >= limit {
                 return (lists, false);
             }
