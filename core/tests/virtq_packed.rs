@@ -833,6 +833,70 @@ fn malformed_lists_fail_the_queue_at_the_pop() {
     );
 }
 
+/// A batch's first list is read four descriptors at a time when they do not pass the ring's end,
+/// one by one otherwise and past the fourth: lists of one to six descriptors at every position of
+/// a ring of eight (some across its end) pop and walk the same, and a descriptor of the list that
+/// is not available fails the pop at its own position, whichever way it was read.
+#[test]
+fn first_lists_of_every_length_at_every_position() {
+    for n in 1..=6u16 {
+        for start in 0..8u16 {
+            for hole in 0..=n {
+                let mut ram = packed_support::ram();
+                let mem = packed_support::mem(&mut ram);
+                for k in 0..n {
+                    let (pos, wrap) = ((start + k) % 8, start + k < 8);
+                    let last = k + 1 == n;
+                    // `hole` (1..n): that descriptor is left in the previous lap.
+                    let flags = if k == hole { 0 } else { avail_bits(wrap) }
+                        | if last { WRITE } else { NEXT };
+                    let id = if last { 7 } else { 0 };
+                    let desc = PackedDesc {
+                        addr: DATA + u64::from(k),
+                        len: 1,
+                        id,
+                        flags,
+                    };
+                    put_ring_desc(&mem, pos, desc);
+                }
+                let mut q = PackedQueue::new(config(8), 0).unwrap();
+                q.set_last_avail_idx(0x8000 | start).unwrap();
+                let mut heads = [PackedHead::default(); 4];
+                let popped = q.pop_heads(&mem, &mut heads);
+                if hole == 0 {
+                    // The first descriptor not available: nothing to pop.
+                    assert_eq!(popped, Ok(0), "n {n} start {start}");
+                    continue;
+                }
+                if hole < n {
+                    let pos = (start + hole) % 8;
+                    assert_eq!(
+                        popped,
+                        Err(PackedQueueError::NotAvailable { pos }),
+                        "n {n} start {start} hole {hole}"
+                    );
+                    continue;
+                }
+                assert_eq!(popped, Ok(1), "n {n} start {start}");
+                let head = PackedHead {
+                    id: 7,
+                    pos: start,
+                    count: n,
+                    wrap: true,
+                };
+                assert_eq!(heads[0], head);
+                let mut copied = Chain::<8>::new();
+                let mut ringed = Chain::<8>::new();
+                q.walk_popped(&mem, head, &mut copied).unwrap();
+                q.walk_chain(&mem, head, &mut ringed).unwrap();
+                assert_eq!(copied.segments(), ringed.segments());
+                assert_eq!(copied.segments().len(), usize::from(n));
+                assert_eq!(q.pop_heads(&mem, &mut heads), Ok(0));
+            }
+        }
+    }
+}
+
 #[test]
 fn reavailable_descriptors_the_device_still_owns_fail_the_queue() {
     let mut ram = packed_support::ram();

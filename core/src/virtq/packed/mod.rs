@@ -276,6 +276,16 @@ struct PoppedDescs {
 /// A ring position and the wrap counter of its lap.
 type RingPos = (u16, bool);
 
+/// What [`PackedQueue::read_list_start`] did.
+enum ListStart {
+    /// It read the whole list (or found it malformed: then it returned the error).
+    Done(Run),
+    /// The list goes on past the copied descriptors, which are kept.
+    Continue,
+    /// It read nothing.
+    Declined,
+}
+
 /// One whole list among the kept copies: its descriptor count and buffer ID (from its last
 /// descriptor), recorded by the read that found its end.
 #[derive(Debug, Clone, Copy, Default)]
@@ -332,10 +342,17 @@ const RUN_MAX: u16 = 64;
 /// Bytes of the longest run.
 const RUN_BYTES: usize = RUN_MAX as usize * PackedDesc::SIZE;
 
-/// What [`PackedQueue::read_run`] found at the next position.
+/// Descriptors the read of a batch's first list copies at once (a request of three or four
+/// descriptors, and the next list's first descriptor, whose flags say whether there is one).
+const FIRST_READ: u16 = 4;
+
+/// What [`PackedQueue::read_list`] and [`PackedQueue::read_run`] found at the next position.
 enum Run {
     /// Whole lists were added to the kept copies.
     Added,
+    /// Whole lists were added to the kept copies, and the descriptor after them was not
+    /// available when they were read: the ring had no more.
+    AddedAll,
     /// Nothing is available.
     Empty,
     /// The list there is longer than the run: read a longer one.
@@ -786,9 +803,10 @@ impl PackedQueue {
         }
     }
 
-    /// Reads the list at `start`, where `begin_read` found `first_flags` available, descriptor
-    /// by descriptor into the copies: the first list of a batch, where one list is all there
-    /// often is and a run's fixed costs would not pay. Checks what
+    /// Reads the list at `start`, where `begin_read` found `first_flags` available, into the
+    /// copies: the first list of a batch, where one list is all there often is and a run's fixed
+    /// costs would not pay. Its first [`FIRST_READ`] descriptors are copied at once (see
+    /// [`PackedQueue::read_list_start`]), any further ones one by one. Checks what
     /// [`PackedQueue::pop_uncopied`] checks.
     fn read_list<M: GuestMemory + ?Sized>(
         &mut self,
@@ -803,8 +821,24 @@ impl PackedQueue {
             + u32::from(self.popped.len.saturating_sub(self.popped.popped_to));
         let (mut pos, mut wrap) = start;
         let mut count: u16 = 0;
-        let mut desc = self.read_desc(mem, pos)?;
-        desc.flags = first_flags;
+        let mut desc = match self.read_list_start(mem, first_flags, start, held)? {
+            ListStart::Done(run) => return Ok(run),
+            ListStart::Continue => {
+                // The first `FIRST_READ` descriptors are kept and all have `NEXT`.
+                count = FIRST_READ;
+                (pos, wrap) = self.advance(pos, wrap, FIRST_READ);
+                let desc = self.read_desc(mem, pos)?;
+                if !is_available(desc.flags, wrap) {
+                    return Err(PackedQueueError::NotAvailable { pos });
+                }
+                desc
+            }
+            ListStart::Declined => {
+                let mut desc = self.read_desc(mem, pos)?;
+                desc.flags = first_flags;
+                desc
+            }
+        };
         let id = loop {
             if count == size {
                 return Err(PackedQueueError::ListTooLong { pos: start.0 });
@@ -831,6 +865,100 @@ impl PackedQueue {
             return Ok(Run::Uncopied);
         }
         Ok(Run::Added)
+    }
+
+    /// The start of [`PackedQueue::read_list`]: the first [`FIRST_READ`] descriptors from
+    /// `start` in one copy (one region lookup, not one per descriptor), checked as `read_list`
+    /// checks them one by one, in the same order. If the list ends among them it is kept, and the
+    /// descriptor after it, if copied, says whether another list was available when the list was
+    /// read ([`Run::AddedAll`] if not: the pop need not load its flags again). Declined (the
+    /// caller reads descriptor by descriptor) when the copy would pass the ring's end or the kept
+    /// copies' room, or cannot be read.
+    #[inline]
+    fn read_list_start<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        first_flags: u16,
+        start: RingPos,
+        held: u32,
+    ) -> Result<ListStart, PackedQueueError> {
+        const BYTES: usize = FIRST_READ as usize * PackedDesc::SIZE;
+        let size = self.config.size;
+        let base = usize::from(self.popped.len);
+        if u32::from(start.0) + u32::from(FIRST_READ) > u32::from(size) {
+            return Ok(ListStart::Declined);
+        }
+        let Some(slots) = self
+            .popped
+            .descs
+            .get_mut(base..base + usize::from(FIRST_READ))
+        else {
+            return Ok(ListStart::Declined);
+        };
+        let Ok(raw) = self
+            .config
+            .desc_table
+            .checked_add(u64::from(start.0) * PackedDesc::SIZE as u64)
+            .ok_or(MemError::Overflow)
+            .and_then(|addr| mem.read_array::<BYTES>(addr))
+        else {
+            return Ok(ListStart::Declined);
+        };
+        // The copied descriptors, in order.
+        let copies = || {
+            raw.chunks_exact(PackedDesc::SIZE)
+                .filter_map(|d| <&[u8; PackedDesc::SIZE]>::try_from(d).ok())
+        };
+        let flags_at = FLAGS_OFFSET as usize;
+        // The list's length among the copies: the first descriptor without `NEXT` ends it.
+        // `start.0 + count < size`: every copied descriptor is in `start`'s lap.
+        let mut count: u16 = 0;
+        let mut ended = false;
+        for d in copies() {
+            let flags = if count == 0 {
+                first_flags
+            } else {
+                crate::wire::le_u16(d, flags_at..flags_at + 2)
+            };
+            if count > 0 && !is_available(flags, start.1) {
+                return Err(PackedQueueError::NotAvailable {
+                    pos: start.0 + count,
+                });
+            }
+            count += 1;
+            if held + u32::from(count) > u32::from(size) {
+                return Err(PackedQueueError::Overcommitted { pos: start.0 });
+            }
+            if flags & VIRTQ_DESC_F_NEXT == 0 {
+                ended = true;
+                break;
+            }
+        }
+        // All the copies are kept (the first with the flags loaded with Acquire); only the
+        // list's are counted.
+        for (slot, d) in slots.iter_mut().zip(copies()) {
+            *slot = PackedDesc::from_bytes(d);
+        }
+        if let Some(first) = slots.first_mut() {
+            first.flags = first_flags;
+        }
+        if !ended {
+            return Ok(ListStart::Continue);
+        }
+        // `1 <= count <= FIRST_READ`: the last descriptor is copied, the one after it may be.
+        let last = usize::from(count).saturating_sub(1) * PackedDesc::SIZE;
+        let id = crate::wire::le_u16(&raw, last + 12..last + 14);
+        // Whether another list was available after it when it was read (yes if not copied).
+        let after = last + PackedDesc::SIZE + flags_at;
+        let more =
+            after >= BYTES || is_available(crate::wire::le_u16(&raw, after..after + 2), start.1);
+        Ok(ListStart::Done(if !self.popped.keep_list(count, id) {
+            Run::Uncopied
+        } else if more {
+            Run::Added
+        } else {
+            Run::AddedAll
+        }))
     }
 
     /// Reads a run of up to `want` descriptors from `at`, where `begin_read` found `first`
@@ -1022,13 +1150,21 @@ impl PackedQueue {
         self.begin_pop();
         let mut popped = 0;
         let mut want = RUN_FIRST;
+        // Whether a read found nothing after what it kept.
+        let mut drained = false;
         while let Some(out) = heads.get_mut(popped) {
             let next = if self.popped.popped_to < self.popped.len {
                 self.pop_copied().map(Some)
+            } else if drained {
+                break;
             } else {
                 match self.read_next(mem, popped == 0, want) {
                     Ok(Run::Added) => {
                         want = want.saturating_mul(2);
+                        continue;
+                    }
+                    Ok(Run::AddedAll) => {
+                        drained = true;
                         continue;
                     }
                     Ok(Run::Empty) => break,
@@ -1066,6 +1202,7 @@ impl PackedQueue {
             }
             match self.read_next(mem, lists == 0, want) {
                 Ok(Run::Added) | Ok(Run::TooShort) => want = want.saturating_mul(2),
+                Ok(Run::AddedAll) => return (usize::from(self.popped.unpopped()), true),
                 Ok(Run::Empty) => return (lists, true),
                 Ok(Run::Uncopied) | Err(_) => return (lists, false),
             }
