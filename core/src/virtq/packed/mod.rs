@@ -765,7 +765,7 @@ impl PackedQueue {
     /// flags last, after the rest of it, so everything read after this load is what it wrote), or
     /// `None` if nothing is available there; the kept copies start over at that position unless
     /// they end there.
-    #[inline]
+    #[inline(always)]
     fn begin_read<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
