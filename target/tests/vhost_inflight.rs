@@ -62,8 +62,10 @@ fn the_region_tracks_each_request_until_its_used_entry_is_published() {
             status,
         },
     );
-    std::thread::sleep(Duration::from_millis(100));
-    let bytes = read_region(&file, part_len);
+    // The read takes 300 ms: once popped, it stays marked that long.
+    let bytes = wait_region(&file, part_len, SETTLE, |b| {
+        inflight::QueueRegion::new_checked(b, QUEUE_SIZE).is_ok_and(|v| v.inflight(0) == 1)
+    });
     let view = inflight::QueueRegion::new_checked(&bytes[..], QUEUE_SIZE).expect("valid part");
     assert_eq!(view.inflight(0), 1, "the read is marked inflight");
     assert_eq!(view.counter(0), 2, "the write had counter 1");
@@ -75,8 +77,10 @@ fn the_region_tracks_each_request_until_its_used_entry_is_published() {
     let (id, _) = driver.wait_used(0);
     assert_eq!(id, 0);
     assert_eq!(driver.ram.read(buf, 512), pattern(1, 512));
-    std::thread::sleep(Duration::from_millis(20));
-    let bytes = read_region(&file, part_len);
+    let bytes = wait_region(&file, part_len, SETTLE, |b| {
+        inflight::QueueRegion::new_checked(b, QUEUE_SIZE)
+            .is_ok_and(|v| (v.inflight(0), v.used_idx()) == (0, 2))
+    });
     let view = inflight::QueueRegion::new_checked(&bytes[..], QUEUE_SIZE).expect("valid part");
     assert_eq!((view.inflight(0), view.used_idx()), (0, 2));
 }

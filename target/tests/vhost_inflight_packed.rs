@@ -103,8 +103,10 @@ fn the_packed_region_keeps_each_list_until_its_used_descriptor_is_published() {
     };
     driver.post_blk_at(0, request);
     assert_eq!(driver.wait_used(0).0, 5);
-    std::thread::sleep(Duration::from_millis(20));
-    let bytes = read_region(&file, part_len);
+    let bytes = wait_region(&file, part_len, SETTLE, |b| {
+        PackedQueueRegion::new_checked(b, QUEUE_SIZE)
+            .is_ok_and(|v| v.inflight(0) == 0 && v.used_idx() == 3)
+    });
     let view = PackedQueueRegion::new_checked(&bytes[..], QUEUE_SIZE).expect("valid part");
     assert_eq!(
         view.inflight(0),
@@ -126,8 +128,13 @@ fn the_packed_region_keeps_each_list_until_its_used_descriptor_is_published() {
             ..request
         },
     );
-    std::thread::sleep(Duration::from_millis(100));
-    let bytes = read_region(&file, part_len);
+    // The read takes 300 ms: once popped, it stays marked that long.
+    let bytes = wait_region(&file, part_len, SETTLE, |b| {
+        PackedQueueRegion::new_checked(b, QUEUE_SIZE).is_ok_and(|v| {
+            let mut order = [0u16; QUEUE_SIZE as usize];
+            v.resubmit_order(&mut order).is_ok_and(|o| !o.is_empty())
+        })
+    });
     let view = PackedQueueRegion::new_checked(&bytes[..], QUEUE_SIZE).expect("valid part");
     let mut order = [0u16; QUEUE_SIZE as usize];
     let heads = view.resubmit_order(&mut order).expect("order").to_vec();
@@ -147,8 +154,10 @@ fn the_packed_region_keeps_each_list_until_its_used_descriptor_is_published() {
 
     assert_eq!(driver.wait_used(0).0, 9);
     assert_eq!(driver.ram.read(buf, 512), pattern(3, 512));
-    std::thread::sleep(Duration::from_millis(20));
-    let bytes = read_region(&file, part_len);
+    let bytes = wait_region(&file, part_len, SETTLE, |b| {
+        PackedQueueRegion::new_checked(b, QUEUE_SIZE)
+            .is_ok_and(|v| v.inflight(head) == 0 && v.old_used_idx() == 6)
+    });
     let view = PackedQueueRegion::new_checked(&bytes[..], QUEUE_SIZE).expect("valid part");
     assert_eq!(view.inflight(head), 0);
     assert_eq!((view.used_idx(), view.old_used_idx()), (6, 6));

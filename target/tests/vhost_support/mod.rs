@@ -798,6 +798,29 @@ pub fn read_region(file: &File, len: usize) -> Vec<u8> {
     buf
 }
 
+/// How long [`wait_region`] waits for the device's reactor at most.
+pub const SETTLE: Duration = Duration::from_secs(5);
+
+/// Reads an inflight region of `len` bytes again until `settled` holds for it, for at most
+/// `timeout`, and returns the last read: the device marks and clears entries from its reactor
+/// thread, which a loaded machine may not run for a while after the driver's step. The caller
+/// asserts on what it gets, so a region that never settles fails with the caller's message.
+pub fn wait_region(
+    file: &File,
+    len: usize,
+    timeout: Duration,
+    settled: impl Fn(&[u8]) -> bool,
+) -> Vec<u8> {
+    let start = Instant::now();
+    loop {
+        let bytes = read_region(file, len);
+        if settled(&bytes) || start.elapsed() >= timeout {
+            return bytes;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Writes `bytes` into an inflight region at `offset`.
 pub fn write_region(file: &File, offset: usize, bytes: &[u8]) {
     use std::os::unix::fs::FileExt;
