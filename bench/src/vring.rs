@@ -165,6 +165,11 @@ pub struct DriverRing<'m> {
     indirect: bool,
 }
 
+/// The last 8 bytes of split descriptor `desc` (`len`, `flags`, `next`) as one word.
+fn split_desc_tail(desc: &VirtqDesc) -> u64 {
+    u64::from(desc.len) | u64::from(desc.flags) << 32 | u64::from(desc.next) << 48
+}
+
 impl<'m> DriverRing<'m> {
     /// A fresh ring (indices 0) over zeroed memory at `layout`; asks the device not to interrupt.
     pub fn new(
@@ -276,19 +281,20 @@ impl<'m> DriverRing<'m> {
             *slot = desc;
             return Ok(());
         }
-        let at = self.layout.desc + usize::from(index) * VirtqDesc::SIZE;
+        self.store_desc(
+            self.layout.desc + usize::from(index) * VirtqDesc::SIZE,
+            desc.addr,
+            split_desc_tail(&desc),
+        )
+    }
+
+    /// Stores a 16-byte descriptor at offset `at`: `addr`, then `tail` (its last 8 bytes as one
+    /// little-endian word: split `len`, `flags`, `next`; packed `len`, `id`, `flags`).
+    fn store_desc(&self, at: usize, addr: u64, tail: u64) -> Result<(), PerfError> {
+        self.mem.u64_at(at)?.store(addr.to_le(), Ordering::Relaxed);
         self.mem
-            .u64_at(at)?
-            .store(desc.addr.to_le(), Ordering::Relaxed);
-        self.mem
-            .u32_at(at + 8)?
-            .store(desc.len.to_le(), Ordering::Relaxed);
-        self.mem
-            .u16_at(at + 12)?
-            .store(desc.flags.to_le(), Ordering::Relaxed);
-        self.mem
-            .u16_at(at + 14)?
-            .store(desc.next.to_le(), Ordering::Relaxed);
+            .u64_at(at + 8)?
+            .store(tail.to_le(), Ordering::Relaxed);
         Ok(())
     }
 
@@ -302,19 +308,12 @@ impl<'m> DriverRing<'m> {
         i: u16,
         desc: VirtqDesc,
     ) -> Result<(), PerfError> {
-        let at = table + usize::from(i) * VirtqDesc::SIZE;
         let tail = if self.packed.is_some() {
             u64::from(desc.len) | u64::from(desc.flags & VIRTQ_DESC_F_WRITE) << 48
         } else {
-            u64::from(desc.len) | u64::from(desc.flags) << 32 | u64::from(desc.next) << 48
+            split_desc_tail(&desc)
         };
-        self.mem
-            .u64_at(at)?
-            .store(desc.addr.to_le(), Ordering::Relaxed);
-        self.mem
-            .u64_at(at + 8)?
-            .store(tail.to_le(), Ordering::Relaxed);
-        Ok(())
+        self.store_desc(table + usize::from(i) * VirtqDesc::SIZE, desc.addr, tail)
     }
 
     /// Rewrites only the flags of entry `i` of the indirect table at `table` (as
