@@ -160,8 +160,13 @@ pub enum EventSuppress {
 impl EventSuppress {
     /// Decodes the structure's 4 wire bytes (`off_wrap`, then `flags`).
     pub fn from_bytes(b: &[u8; EVENT_SUPPRESS_SIZE as usize]) -> Self {
-        let off_wrap = wire::le_u16(b, 0..2);
-        let flags = wire::le_u16(b, 2..4);
+        Self::from_fields(wire::le_u16(b, 0..2), wire::le_u16(b, 2..4))
+    }
+
+    /// Decodes the structure from its two fields as loaded (`off_wrap` matters only in `DESC`
+    /// mode).
+    #[inline]
+    pub fn from_fields(off_wrap: u16, flags: u16) -> Self {
         match flags & RING_EVENT_FLAGS_MASK {
             RING_EVENT_FLAGS_ENABLE => EventSuppress::Enable,
             RING_EVENT_FLAGS_DISABLE => EventSuppress::Disable,
