@@ -1428,22 +1428,23 @@ impl PackedQueue {
             err,
         };
         let flags = used_bits(self.used_wrap) | if len > 0 { VIRTQ_DESC_F_WRITE } else { 0 };
-        let [l0, l1, l2, l3] = len.to_le_bytes();
-        let [i0, i1] = head.id.to_le_bytes();
         let addr = self.desc_addr(pos, LEN_OFFSET)?;
         // `len`, `id` and `flags` are adjacent (bytes 8..16): one fixed-size write, one region
         // lookup (inlined, no `memcpy`).
         if self.unpublished_head.is_none() {
             // The batch's first: its flags wait for `publish_used` (the driver polls them).
+            let [l0, l1, l2, l3] = len.to_le_bytes();
+            let [i0, i1] = head.id.to_le_bytes();
             mem.write_array(addr, &[l0, l1, l2, l3, i0, i1])
                 .map_err(memory_err)?;
             self.unpublished_head = Some((pos, flags));
         } else {
             // A later one: the driver reads it only after the batch's first flags, which
             // `publish_used` stores with Release after this write, so its flags need no
-            // ordering of their own and go with `len` and `id`.
-            let [f0, f1] = flags.to_le_bytes();
-            mem.write_array(addr, &[l0, l1, l2, l3, i0, i1, f0, f1])
+            // ordering of their own and go with `len` and `id`, composed as one little-endian
+            // word (one store; the eight single bytes cost the batch 13 instructions more).
+            let word = u64::from(len) | u64::from(head.id) << 32 | u64::from(flags) << 48;
+            mem.write_array(addr, &word.to_le_bytes())
                 .map_err(memory_err)?;
         }
         (self.next_used, self.used_wrap) = self.advance(pos, self.used_wrap, head.count);
