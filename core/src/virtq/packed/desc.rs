@@ -107,13 +107,28 @@ impl PackedDesc {
     }
 }
 
+/// The `flags` of a descriptor's 16 wire bytes.
+#[inline(always)]
+pub(super) const fn desc_flags(b: &[u8; PackedDesc::SIZE]) -> u16 {
+    u16::from_le_bytes([b[14], b[15]])
+}
+
+/// The buffer ID of a descriptor's 16 wire bytes.
+#[inline(always)]
+pub(super) const fn desc_id(b: &[u8; PackedDesc::SIZE]) -> u16 {
+    u16::from_le_bytes([b[12], b[13]])
+}
+
+/// The two wrap bits of `flags` that [`is_available`] compares.
+pub(super) const AVAIL_USED: u16 = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED;
+
 /// Whether `flags` mark a descriptor available in the ring lap whose wrap counter is `wrap`:
 /// `AVAIL` equal to the counter and `USED` its inverse (§2.8, "Driver and Device Ring Wrap
 /// Counters").
 #[inline]
 pub const fn is_available(flags: u16, wrap: bool) -> bool {
     // `AVAIL == wrap && USED != wrap` as one masked compare (the pop tests every descriptor).
-    flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) == avail_bits(wrap)
+    flags & AVAIL_USED == avail_bits(wrap)
 }
 
 /// The `AVAIL` and `USED` bits a device writes into a used descriptor in the lap whose wrap
