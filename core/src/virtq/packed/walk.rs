@@ -4,7 +4,7 @@
 use crate::mem::{Direction, GuestMemory, MemError, Segment};
 use crate::virtq::chain::{Chain, ChainError, ChainErrorKind};
 
-use super::desc::{is_available, PackedDesc};
+use super::desc::{is_available, PackedDesc, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT};
 use super::PackedHead;
 
 /// Entries of an indirect table the walk reads at most: the bound the split ring's walker puts on
@@ -32,6 +32,33 @@ struct Contents {
 }
 
 impl Contents {
+    /// [`Contents::add`] as a call: a list's direct descriptors take it out of line (inlined
+    /// into the walk of a list it cost 34 instructions a request more), an indirect table's
+    /// loop inlines it (out of line there it cost 19 more).
+    #[inline(never)]
+    fn add_call<M: GuestMemory + ?Sized, const N: usize>(
+        &mut self,
+        mem: &M,
+        chain: &mut Chain<N>,
+        desc: &PackedDesc,
+    ) {
+        self.add(mem, chain, desc);
+    }
+
+    /// The walk's result: the first content problem, reported with the list's last buffer.
+    #[inline(always)]
+    fn finish(self, head: u16) -> Result<(), ChainError> {
+        match self.first_error {
+            None => Ok(()),
+            Some(kind) => Err(ChainError {
+                head,
+                kind,
+                last_segment: self.last_segment,
+            }),
+        }
+    }
+
+    #[inline(always)]
     fn add<M: GuestMemory + ?Sized, const N: usize>(
         &mut self,
         mem: &M,
@@ -101,7 +128,7 @@ pub(super) fn walk<M: GuestMemory + ?Sized, const N: usize>(
     head: PackedHead,
     chain: &mut Chain<N>,
 ) -> Result<(), ChainError> {
-    walk_with(mem, params, head, chain, true, |pos| {
+    walk_with(mem, params, head, chain, |pos| {
         let addr = u64::from(pos)
             .checked_mul(PackedDesc::SIZE as u64)
             .and_then(|off| params.ring.checked_add(off))
@@ -139,24 +166,105 @@ pub(super) fn walk_copied<M: GuestMemory + ?Sized, const N: usize>(
     descs: &[PackedDesc],
     chain: &mut Chain<N>,
 ) -> Result<(), ChainError> {
-    let mut copies = descs.iter();
-    walk_with(mem, params, head, chain, false, |pos| {
-        copies
-            .next()
-            .copied()
-            .ok_or(ChainErrorKind::PackedDescriptorChanged { pos })
-    })
+    chain.reset(head.id);
+    let structural = |kind| ChainError {
+        head: head.id,
+        kind,
+        last_segment: None,
+    };
+    check_head(params, head).map_err(structural)?;
+    // The ring position of the list's `i`-th descriptor (for errors only).
+    let pos_of = |i: usize| {
+        let i = u32::try_from(i).unwrap_or(u32::MAX) % u32::from(params.size);
+        let pos = u32::from(head.pos) + i;
+        (pos % u32::from(params.size)) as u16
+    };
+    let count = usize::from(head.count);
+    let Some(list) = descs.get(..count) else {
+        return Err(structural(ChainErrorKind::PackedDescriptorChanged {
+            pos: pos_of(descs.len()),
+        }));
+    };
+    // `count >= 1` (checked above).
+    let Some((last, body)) = list.split_last() else {
+        return Err(structural(ChainErrorKind::ChainTooLong {
+            limit: u32::from(params.size),
+        }));
+    };
+    let mut contents = Contents {
+        total: 0,
+        first_error: None,
+        last_segment: None,
+    };
+    // The same checks, in the same order, as `walk_with` makes of each descriptor; a body
+    // descriptor is never the last, so `NEXT` is required and an indirect one is in a list.
+    for (i, desc) in body.iter().enumerate() {
+        chain.descriptors = chain.descriptors.saturating_add(1);
+        if desc.flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT) != VIRTQ_DESC_F_NEXT {
+            let kind = if !desc.is_indirect() {
+                ChainErrorKind::PackedDescriptorChanged { pos: pos_of(i) }
+            } else if desc.has_next() {
+                ChainErrorKind::IndirectWithNext
+            } else {
+                ChainErrorKind::IndirectInList
+            };
+            return Err(structural(kind));
+        }
+        contents.add_call(mem, chain, desc);
+    }
+    chain.descriptors = chain.descriptors.saturating_add(1);
+    if last.is_indirect() {
+        if last.has_next() {
+            return Err(structural(ChainErrorKind::IndirectWithNext));
+        }
+        if count != 1 {
+            return Err(structural(ChainErrorKind::IndirectInList));
+        }
+    }
+    if last.has_next() || last.id != head.id {
+        return Err(structural(ChainErrorKind::PackedDescriptorChanged {
+            pos: pos_of(count - 1),
+        }));
+    }
+    if last.is_indirect() {
+        walk_indirect(mem, params, last, chain, &mut contents).map_err(structural)?;
+    } else {
+        contents.add_call(mem, chain, last);
+    }
+    contents.finish(head.id)
 }
 
-/// The walk itself: `next_desc(pos)` gives the list's descriptors at ring positions `pos` in
-/// order, each exactly once.
+/// The checks of a head before its descriptors are looked at.
+#[inline(always)]
+fn check_head(params: WalkParams, head: PackedHead) -> Result<(), ChainErrorKind> {
+    if head.id >= params.size {
+        return Err(ChainErrorKind::HeadOutOfRange {
+            head: head.id,
+            size: params.size,
+        });
+    }
+    if head.pos >= params.size {
+        return Err(ChainErrorKind::NextOutOfRange {
+            next: head.pos,
+            table_len: u32::from(params.size),
+        });
+    }
+    if head.count == 0 || head.count > params.size {
+        return Err(ChainErrorKind::ChainTooLong {
+            limit: u32::from(params.size),
+        });
+    }
+    Ok(())
+}
+
+/// The walk from the ring: `next_desc(pos)` gives the list's descriptors at ring positions
+/// `pos` in order, each exactly once.
 #[inline(always)]
 fn walk_with<M: GuestMemory + ?Sized, const N: usize>(
     mem: &M,
     params: WalkParams,
     head: PackedHead,
     chain: &mut Chain<N>,
-    check_wrap: bool,
     mut next_desc: impl FnMut(u16) -> Result<PackedDesc, ChainErrorKind>,
 ) -> Result<(), ChainError> {
     chain.reset(head.id);
@@ -165,23 +273,7 @@ fn walk_with<M: GuestMemory + ?Sized, const N: usize>(
         kind,
         last_segment: None,
     };
-    if head.id >= params.size {
-        return Err(structural(ChainErrorKind::HeadOutOfRange {
-            head: head.id,
-            size: params.size,
-        }));
-    }
-    if head.pos >= params.size {
-        return Err(structural(ChainErrorKind::NextOutOfRange {
-            next: head.pos,
-            table_len: u32::from(params.size),
-        }));
-    }
-    if head.count == 0 || head.count > params.size {
-        return Err(structural(ChainErrorKind::ChainTooLong {
-            limit: u32::from(params.size),
-        }));
-    }
+    check_head(params, head).map_err(structural)?;
 
     let mut contents = Contents {
         total: 0,
@@ -194,7 +286,7 @@ fn walk_with<M: GuestMemory + ?Sized, const N: usize>(
         chain.descriptors = chain.descriptors.saturating_add(1);
         let desc = next_desc(pos).map_err(structural)?;
         let last = i + 1 == head.count;
-        if check_wrap && !is_available(desc.flags, wrap) {
+        if !is_available(desc.flags, wrap) {
             return Err(structural(ChainErrorKind::PackedDescriptorChanged { pos }));
         }
         if desc.is_indirect() {
@@ -211,7 +303,7 @@ fn walk_with<M: GuestMemory + ?Sized, const N: usize>(
         if desc.is_indirect() {
             walk_indirect(mem, params, &desc, chain, &mut contents).map_err(structural)?;
         } else {
-            contents.add(mem, chain, &desc);
+            contents.add_call(mem, chain, &desc);
         }
         // `pos < size`, so `pos + 1` cannot overflow.
         pos += 1;
@@ -221,14 +313,7 @@ fn walk_with<M: GuestMemory + ?Sized, const N: usize>(
         }
     }
 
-    match contents.first_error {
-        None => Ok(()),
-        Some(kind) => Err(ChainError {
-            head: head.id,
-            kind,
-            last_segment: contents.last_segment,
-        }),
-    }
+    contents.finish(head.id)
 }
 
 /// Collects the buffers of the indirect table `desc` points at. Its entries follow one another
