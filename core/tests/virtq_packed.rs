@@ -926,6 +926,50 @@ fn reavailable_descriptors_the_device_still_owns_fail_the_queue() {
 }
 
 #[test]
+fn reavailable_lists_read_ahead_fail_the_queue_when_popped_from_the_copies() {
+    let mut ram = packed_support::ram();
+    let mem = packed_support::mem(&mut ram);
+    let mut q = PackedQueue::new(config(4), 0).unwrap();
+    let mut d = Driver::new(4);
+    for k in 0..4 {
+        d.add(&mem, &[w(DATA + k, 1)]).unwrap();
+    }
+    // Two popped, the two behind them read ahead into the copies.
+    let mut heads = [PackedHead::default(); 2];
+    assert_eq!(q.pop_heads(&mem, &mut heads), Ok(2));
+    assert_eq!(q.outstanding(), 2);
+    // Nothing returned, yet positions 0 and 1 are made available again for lap 2.
+    for pos in 0..2 {
+        put_ring_desc(
+            &mem,
+            pos,
+            PackedDesc {
+                addr: DATA,
+                len: 1,
+                id: pos,
+                flags: 2 | avail_bits(false), // WRITE
+            },
+        );
+    }
+    // The two read ahead fill the ring; the batch stops before the first that overcommits it ...
+    let mut heads = [PackedHead::default(); 4];
+    assert_eq!(q.pop_heads(&mem, &mut heads), Ok(2));
+    assert_eq!((heads[0].pos, heads[1].pos), (2, 3));
+    assert_eq!(q.outstanding(), 4);
+    // ... which the next pop reports, from the copies as from the ring.
+    assert_eq!(
+        q.pop_heads(&mem, &mut heads),
+        Err(PackedQueueError::Overcommitted { pos: 0 })
+    );
+    let mut heads = [PackedHead::default(); 32];
+    assert_eq!(
+        q.pop_heads_pipelined(&mem, &mut heads),
+        Err(PackedQueueError::Overcommitted { pos: 0 })
+    );
+    assert_eq!(q.outstanding(), 4);
+}
+
+#[test]
 fn pipelined_pop_takes_half_above_sixteen() {
     let mut ram = packed_support::ram();
     let mem = packed_support::mem(&mut ram);
