@@ -166,13 +166,8 @@ pub(super) fn walk_copied<M: GuestMemory + ?Sized, const N: usize>(
     descs: &[PackedDesc],
     chain: &mut Chain<N>,
 ) -> Result<(), ChainError> {
-    chain.reset(head.id);
-    let structural = |kind| ChainError {
-        head: head.id,
-        kind,
-        last_segment: None,
-    };
-    check_head(params, head).map_err(structural)?;
+    let structural = structural_error(head.id);
+    begin_walk(params, head, chain).map_err(structural)?;
     // The ring position of the list's `i`-th descriptor (for errors only).
     let pos_of = |i: usize| {
         let i = u32::try_from(i).unwrap_or(u32::MAX) % u32::from(params.size);
@@ -234,6 +229,28 @@ pub(super) fn walk_copied<M: GuestMemory + ?Sized, const N: usize>(
     contents.finish(head.id)
 }
 
+/// A structural problem of the list `head` (its shape, not its buffers): reported without a
+/// last segment.
+#[inline(always)]
+fn structural_error(head: u16) -> impl Fn(ChainErrorKind) -> ChainError + Copy {
+    move |kind| ChainError {
+        head,
+        kind,
+        last_segment: None,
+    }
+}
+
+/// The opening of both walks: `chain` emptied for `head`, and the head checked.
+#[inline(always)]
+fn begin_walk<const N: usize>(
+    params: WalkParams,
+    head: PackedHead,
+    chain: &mut Chain<N>,
+) -> Result<(), ChainErrorKind> {
+    chain.reset(head.id);
+    check_head(params, head)
+}
+
 /// The checks of a head before its descriptors are looked at.
 #[inline(always)]
 fn check_head(params: WalkParams, head: PackedHead) -> Result<(), ChainErrorKind> {
@@ -267,13 +284,8 @@ fn walk_with<M: GuestMemory + ?Sized, const N: usize>(
     chain: &mut Chain<N>,
     mut next_desc: impl FnMut(u16) -> Result<PackedDesc, ChainErrorKind>,
 ) -> Result<(), ChainError> {
-    chain.reset(head.id);
-    let structural = |kind| ChainError {
-        head: head.id,
-        kind,
-        last_segment: None,
-    };
-    check_head(params, head).map_err(structural)?;
+    let structural = structural_error(head.id);
+    begin_walk(params, head, chain).map_err(structural)?;
 
     let mut contents = Contents {
         total: 0,
