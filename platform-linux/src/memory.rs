@@ -393,6 +393,21 @@ impl MemoryTable {
         if let Some(r) = self.regions.get(hint).filter(|r| fits(r)) {
             return Ok((r, addr - r.spec.guest_phys_addr));
         }
+        self.find_gpa_search(addr, len, end)
+    }
+
+    /// [`MemoryTable::find_gpa`] when the last region hit does not hold the range: a binary
+    /// search, out of line so that the inlined lookups stay small (the ring and header accesses
+    /// all inline `find_gpa`, and nearly all of them hit the hint).
+    #[cold]
+    #[inline(never)]
+    fn find_gpa_search(
+        &self,
+        addr: u64,
+        len: u64,
+        end: u64,
+    ) -> Result<(&MappedRegion, u64), MemError> {
+        let fits = |r: &MappedRegion| addr >= r.spec.guest_phys_addr && end <= r.gpa_end;
         // The last region starting at or below `addr`; if `addr` is the end of one region and the
         // start of the next, the next one is picked, which is right for every non-empty range.
         let index = self
