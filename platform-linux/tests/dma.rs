@@ -263,8 +263,39 @@ fn is_mapped(va: u64) -> bool {
     })
 }
 
+/// Set in the process [`run_alone`] starts.
+const ALONE_ENV: &str = "RVHOST_DMA_TEST_ALONE";
+
+/// Runs the test `name` of this binary again in a process of its own, with no other test
+/// beside it, and fails if it fails there; `false` in that process, where the caller goes on
+/// with the test itself. For tests that look at this process's mappings after a buffer is freed:
+/// a mapping made meanwhile by another thread (the stack of the harness's next test thread, a
+/// buffer of another test) can take the freed range (seen in 51 of 300 runs of this binary).
+fn run_alone(name: &str) -> bool {
+    if std::env::var_os(ALONE_ENV).is_some() {
+        return false;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = std::process::Command::new(exe)
+        .args(["--exact", name, "--test-threads=1", "--nocapture"])
+        .env(ALONE_ENV, "1")
+        .output()
+        .expect("the test binary runs again");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{name}, alone: {}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    true
+}
+
 #[test]
 fn device_buffers_are_aligned_zeroed_and_mapped_with_iova_equal_to_va() {
+    if run_alone("device_buffers_are_aligned_zeroed_and_mapped_with_iova_equal_to_va") {
+        return;
+    }
     let mapper = Arc::new(RecordingMapper::default());
     let region =
         DmaBuffer::allocate_for_device(10_000, PagePolicy::PreferHuge, mapper.clone()).unwrap();
