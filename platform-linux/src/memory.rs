@@ -141,6 +141,12 @@ struct MappedRegion {
 }
 
 impl MappedRegion {
+    /// Whether the guest range `[addr, end)` lies inside this region.
+    #[inline]
+    fn holds_gpa(&self, addr: u64, end: u64) -> bool {
+        addr >= self.spec.guest_phys_addr && end <= self.gpa_end
+    }
+
     fn map(spec: RegionSpec, fd: OwnedFd) -> Result<Self, MemoryTableError> {
         let gpa = spec.guest_phys_addr;
         let size = spec.memory_size;
@@ -388,9 +394,8 @@ impl MemoryTable {
     #[inline]
     fn find_gpa(&self, addr: u64, len: u64) -> Result<(&MappedRegion, u64), MemError> {
         let end = addr.checked_add(len).ok_or(MemError::Overflow)?;
-        let fits = |r: &MappedRegion| addr >= r.spec.guest_phys_addr && end <= r.gpa_end;
         let hint = self.last_gpa_hit.load(Ordering::Relaxed);
-        if let Some(r) = self.regions.get(hint).filter(|r| fits(r)) {
+        if let Some(r) = self.regions.get(hint).filter(|r| r.holds_gpa(addr, end)) {
             return Ok((r, addr - r.spec.guest_phys_addr));
         }
         self.find_gpa_search(addr, len, end)
@@ -407,7 +412,6 @@ impl MemoryTable {
         len: u64,
         end: u64,
     ) -> Result<(&MappedRegion, u64), MemError> {
-        let fits = |r: &MappedRegion| addr >= r.spec.guest_phys_addr && end <= r.gpa_end;
         // The last region starting at or below `addr`; if `addr` is the end of one region and the
         // start of the next, the next one is picked, which is right for every non-empty range.
         let index = self
@@ -418,7 +422,7 @@ impl MemoryTable {
         let r = self
             .regions
             .get(index)
-            .filter(|r| fits(r))
+            .filter(|r| r.holds_gpa(addr, end))
             .ok_or(MemError::Unmapped { addr, len })?;
         self.last_gpa_hit.store(index, Ordering::Relaxed);
         Ok((r, addr - r.spec.guest_phys_addr))

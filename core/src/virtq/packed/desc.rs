@@ -110,13 +110,13 @@ impl PackedDesc {
 /// The `flags` of a descriptor's 16 wire bytes.
 #[inline(always)]
 pub(super) const fn desc_flags(b: &[u8; PackedDesc::SIZE]) -> u16 {
-    u16::from_le_bytes([b[14], b[15]])
+    u16::from_le_bytes([b[FLAGS.start], b[FLAGS.start + 1]])
 }
 
 /// The buffer ID of a descriptor's 16 wire bytes.
 #[inline(always)]
 pub(super) const fn desc_id(b: &[u8; PackedDesc::SIZE]) -> u16 {
-    u16::from_le_bytes([b[12], b[13]])
+    u16::from_le_bytes([b[ID.start], b[ID.start + 1]])
 }
 
 /// The two wrap bits of `flags` that [`is_available`] compares.
